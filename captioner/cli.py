@@ -1,0 +1,122 @@
+"""The command line: `python -m captioner {fit,validate,test,predict}` through LightningCLI."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import sys
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from captioner.data.datamodule import CaptionDataModule
+from captioner.errors import CaptionerError
+from captioner.files import atomic_open
+from captioner.models.module import CaptionModel
+from captioner.runs import run_dir
+
+log = logging.getLogger("captioner")
+
+
+def wandb_has_credentials() -> bool:
+    """Whether W&B could log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _uses_wandb(logger_config) -> bool:
+    configs = logger_config if isinstance(logger_config, list) else [logger_config]
+    return any("WandbLogger" in str(getattr(c, "class_path", c)) for c in configs if c not in (None, False, True))
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config into the run's own folder and hand it to the logger.
+
+    Each run gets its own folder (see `captioner.runs.run_dir`), so a second
+    run never collides with the first one's config.yaml.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            path = run_dir(trainer) / self.config_filename
+            with atomic_open(path, "w") as handle:
+                handle.write(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": self.config.clone().as_dict()})
+        self.already_saved = True
+
+
+class CaptionerCLI(LightningCLI):
+    """LightningCLI with the data-to-model links and the project's defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for key in ("backbone", "weights", "image_size"):
+            parser.link_arguments(f"data.{key}", f"model.{key}")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run test with the best checkpoint and print the test metrics.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the model config with the checkpoint's
+        # hyperparameters, silently dropping options given for this run (beam
+        # size, length penalty). Keep the config as given; CaptionModel checks
+        # the checkpoint against it and refuses a mismatch with a clear message.
+        return
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if _uses_wandb(config.trainer.logger) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+            os.environ["WANDB_MODE"] = "offline"
+            print(
+                "W&B: no API key found, logging offline; upload later with `wandb sync <save_dir>/wandb/offline-run-*` "
+                "(or run `wandb login` first to log online).",
+                file=sys.stderr,
+            )
+
+    def after_fit(self) -> None:
+        if self.config.fit.test_after_fit and not self.trainer.fast_dev_run:
+            checkpoint = self.trainer.checkpoint_callback
+            ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def _configure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the command line with `args` (default: `sys.argv[1:]`).
+
+    Expected faults (bad data, missing files, no network) end with one
+    message and exit status 2 instead of a traceback.
+    """
+    _configure_logging()
+    try:
+        CaptionerCLI(
+            CaptionModel,
+            CaptionDataModule,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except CaptionerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+

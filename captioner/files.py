@@ -1,0 +1,110 @@
+"""Atomic writes and validated reads for every file a later run trusts.
+
+A later run must never take a half-written file for a complete one, so every
+writer goes through a temporary file in the same folder followed by
+`os.replace`, which is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from captioner.errors import CaptionerError
+
+
+def _no_space_message(path: Path) -> str:
+    return (
+        f"No space left on device while writing {path}. Nothing was replaced: the previous "
+        "version (if any) is intact. Free some space or point the run at another disk, then rerun."
+    )
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file that replaces `path` only when the block succeeds.
+
+    Args:
+        path: The final destination.
+        mode: "w" for text or "wb" for bytes.
+        encoding: Text encoding (ignored for binary mode).
+
+    Yields:
+        A writable file object. On any exception the temporary file is removed
+        and `path` is left untouched.
+
+    Raises:
+        CaptionerError: When the disk is full.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise CaptionerError(_no_space_message(path)) from error
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write `payload` as JSON to `path` atomically."""
+    with atomic_open(path, "w") as handle:
+        json.dump(payload, handle, ensure_ascii=False, indent=1)
+        handle.write("\n")
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Read a JSON file, turning a missing or malformed file into a clear error.
+
+    Args:
+        path: The file to read.
+        what: What the file is, for the message ("the vocabulary").
+
+    Raises:
+        CaptionerError: When the file is missing or not valid JSON.
+    """
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as error:
+        raise CaptionerError(f"{what} file {path} does not exist.") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CaptionerError(f"{what} file {path} is not valid JSON ({error}).") from error
+
+
+def require_keys(payload: Any, keys: tuple[str, ...], path: str | Path, what: str, where: str = "") -> None:
+    """Check that a parsed JSON object holds `keys`.
+
+    Args:
+        payload: The parsed JSON value.
+        keys: The keys it must hold.
+        path: The file it came from, for the message.
+        what: What the file is ("Caption", "Vocabulary").
+        where: The entry inside the file ("images[3]"), empty for the top level.
+
+    Raises:
+        CaptionerError: Naming the file, the entry and the first missing key.
+    """
+    place = f"{what} file {path}" + (f", entry {where}," if where else "")
+    if not isinstance(payload, dict):
+        raise CaptionerError(f"{place} should hold a JSON object, found {type(payload).__name__}.")
+    for key in keys:
+        if key not in payload:
+            raise CaptionerError(f"{place} has no key '{key}'.")

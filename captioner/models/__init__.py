@@ -1,0 +1,1 @@
+"""Models: the frozen image encoder, the LSTM decoder, search and the LightningModule."""

@@ -1,0 +1,235 @@
+"""CaptionModel: a thin LightningModule over the encoder, decoder, search and metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from captioner.data.vocab import Vocabulary
+from captioner.errors import CaptionerError
+from captioner.files import write_json
+from captioner.metrics import as_percent, bleu_collection
+from captioner.models.decoder import CaptionDecoder, caption_loss
+from captioner.models.encoder import ImageEncoder
+from captioner.models.search import SearchResult, SpecialTokens, beam_search, greedy_search
+from captioner.runs import run_dir, write_jsonl
+
+log = logging.getLogger(__name__)
+
+# Hyperparameters a checkpoint's weights depend on: a config that differs in any is refused.
+ARCHITECTURE_KEYS = ("backbone", "weights", "image_size", "embed_dim", "hidden_dim", "num_layers")
+
+
+class CaptionModel(LightningModule):
+    """Image captioning with a frozen CNN encoder and an LSTM decoder.
+
+    The encoder is part of the module so that a checkpoint alone can caption
+    new images offline; training itself reads cached features and never runs
+    it. The decoder's size depends on the vocabulary, which comes from the
+    datamodule (`configure_model`) or from a checkpoint (`on_load_checkpoint`).
+
+    Args:
+        backbone: Encoder backbone (linked from `data.backbone`).
+        weights: Encoder weights name or None (linked from `data.weights`).
+        image_size: Encoder input size (linked from `data.image_size`).
+        embed_dim: Word embedding size.
+        hidden_dim: LSTM state size.
+        num_layers: LSTM layers.
+        dropout: Decoder dropout.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        lr_schedule: "cosine" (linear warm-up, cosine decay to zero over the run) or "constant" (warm-up only).
+        warmup_steps: Optimizer steps of linear warm-up.
+        beam_size: Beams for test and predict (validation decodes greedily for speed).
+        length_penalty: GNMT length penalty for choosing among beams (0: raw log-probability).
+        blind: Zero the image features (the blind baseline: what the language prior alone achieves).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        weights: str | None = "IMAGENET1K_V2",
+        image_size: int = 224,
+        embed_dim: int = 256,
+        hidden_dim: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 200,
+        beam_size: int = 3,
+        length_penalty: float = 0.0,
+        blind: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # Architecture only: pretrained weights are loaded at fit start, or come from a checkpoint.
+        self.encoder = ImageEncoder(backbone, weights, pretrained=False)
+        self.decoder: CaptionDecoder | None = None
+        self.vocabulary: Vocabulary | None = None
+        self.val_bleu = bleu_collection()
+        self.test_bleu = bleu_collection()
+        self._test_rows: list[dict] = []
+
+    # ---------------------------------------------------------------- building
+    def build(self, vocabulary: Vocabulary) -> None:
+        """Create the decoder for `vocabulary` (once)."""
+        if self.decoder is not None:
+            return
+        hp = self.hparams
+        self.vocabulary = vocabulary
+        self.special = SpecialTokens.of(vocabulary)
+        self.decoder = CaptionDecoder(
+            len(vocabulary), self.encoder.feature_dim, hp.embed_dim, hp.hidden_dim, hp.num_layers, hp.dropout, vocabulary.pad_index
+        )
+
+    def configure_model(self) -> None:
+        vocabulary = getattr(self.trainer.datamodule, "vocabulary", None) if self._trainer is not None else None
+        if vocabulary is not None:
+            if self.vocabulary is not None and vocabulary != self.vocabulary:
+                raise CaptionerError(
+                    f"The model's vocabulary ({len(self.vocabulary)} tokens) differs from the data's ({len(vocabulary)})."
+                )
+            self.build(vocabulary)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.ckpt_path is None:
+            self.encoder.load_pretrained()  # the same weights the feature cache was computed with
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vocabulary"] = self.vocabulary.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "vocabulary" not in checkpoint or "hyper_parameters" not in checkpoint:
+            raise CaptionerError("This checkpoint was not written by captioner (it has no vocabulary).")
+        saved = checkpoint["hyper_parameters"]
+        for key in ARCHITECTURE_KEYS:
+            if saved.get(key) != self.hparams[key]:
+                raise CaptionerError(
+                    f"The checkpoint was trained with {key}={saved.get(key)!r} but this run is configured with "
+                    f"{key}={self.hparams[key]!r}. Use the config the checkpoint was trained with "
+                    "(its run folder holds config.yaml)."
+                )
+        vocabulary = Vocabulary.from_dict(checkpoint["vocabulary"], "checkpoint")
+        if self.vocabulary is not None and vocabulary != self.vocabulary:
+            raise CaptionerError(
+                f"The checkpoint's vocabulary ({len(vocabulary)} tokens) is not the one prepared from this data "
+                f"({len(self.vocabulary)} tokens): it was trained on other data or with other --data.min_word_count / "
+                "--data.max_caption_length. Use the data settings the checkpoint was trained with."
+            )
+        self.build(vocabulary)
+
+    # ---------------------------------------------------------------- steps
+    def _require_decoder(self) -> CaptionDecoder:
+        if self.decoder is None:
+            raise CaptionerError("The model has no vocabulary yet: give it a datamodule or a checkpoint.")
+        return self.decoder
+
+    def image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """What the decoder sees of the image (zeros for the blind baseline)."""
+        return torch.zeros_like(features) if self.hparams.blind else features
+
+    def teacher_forced_loss(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Masked cross-entropy of predicting each caption token from the previous ones."""
+        logits = self._require_decoder()(self.image_features(features), tokens[:, :-1])
+        return caption_loss(logits, tokens[:, 1:], self.vocabulary.pad_index)
+
+    def generate(self, features: torch.Tensor, beam_size: int | None = None) -> SearchResult:
+        """Decode captions for `(B, D)` features; beam size 1 (or 0) is greedy."""
+        decoder, beam_size = self._require_decoder(), self.hparams.beam_size if beam_size is None else beam_size
+        features = self.image_features(features)
+        max_length = self.vocabulary.max_length
+        if beam_size <= 1:
+            return greedy_search(decoder, features, max_length, self.special)
+        return beam_search(decoder, features, beam_size, max_length, self.special, self.hparams.length_penalty)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features, tokens = batch
+        loss = self.teacher_forced_loss(features, tokens)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(tokens))
+        return loss
+
+    def _evaluate(self, batch: dict, stage: str, beam_size: int) -> list[str]:
+        loss = self.teacher_forced_loss(batch["features"][batch["owners"]], batch["tokens"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["tokens"]), sync_dist=True)
+        captions = self.vocabulary.decode_batch(self.generate(batch["features"], beam_size).tokens)
+        metric = self.val_bleu if stage == "val" else self.test_bleu
+        metric.update(captions, batch["references"])
+        return captions
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", beam_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{name}": value for name, value in as_percent(self.val_bleu.compute()).items()}, prog_bar=True)
+        self.val_bleu.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        captions = self._evaluate(batch, "test", beam_size=self.hparams.beam_size)
+        self._test_rows.extend(
+            {"file_name": name, "caption": caption, "references": refs}
+            for name, caption, refs in zip(batch["file_names"], captions, batch["references"])
+        )
+
+    def on_test_epoch_start(self) -> None:
+        self._test_rows = []
+
+    def on_test_epoch_end(self) -> None:
+        scores = {f"test/{name}": value for name, value in as_percent(self.test_bleu.compute()).items()}
+        self.test_bleu.reset()
+        self.log_dict(scores)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_test_report(scores)
+
+    def _write_test_report(self, scores: dict[str, float]) -> None:
+        folder = run_dir(self.trainer)
+        datamodule = self.trainer.datamodule
+        report = {
+            "scale": "0-100",
+            "metrics": {name.removeprefix("test/"): round(value, 4) for name, value in scores.items()},
+            "metric_source": "torchmetrics BLEUScore on captions normalised like the vocabulary",
+            "decoding": {"beam_size": self.hparams.beam_size, "length_penalty": self.hparams.length_penalty,
+                         "max_length": self.vocabulary.max_length},
+            "checkpoint": self.trainer.ckpt_path,
+            "split_sizes": getattr(datamodule, "split_sizes", {}),
+            "blind": self.hparams.blind,
+        }
+        write_json(folder / "test_metrics.json", report)
+        write_jsonl(folder / "test_captions.jsonl", self._test_rows)
+        log.info("Test metrics written to %s", folder / "test_metrics.json")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        rows = [{"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
+                for position, path in zip(batch["positions"], batch["paths"])]
+        if batch["ok"]:
+            result = self.generate(self.encoder(batch["images"]))
+            captions = self.vocabulary.decode_batch(result.tokens)
+            row_of = {position: i for i, position in enumerate(batch["positions"])}
+            for position, caption, score in zip(batch["ok"], captions, result.log_probs.tolist()):
+                rows[row_of[position]].update(caption=caption, score=score)
+        return rows
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        decoder = self._require_decoder()
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(decoder.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if hp.lr_schedule == "constant":
+                return 1.0
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
