@@ -100,15 +100,18 @@ def _configure_logging() -> None:
         log.propagate = False
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> CaptionerCLI:
     """Run the command line with `args` (default: `sys.argv[1:]`).
 
     Expected faults (bad data, missing files, no network) end with one
     message and exit status 2 instead of a traceback.
+
+    Returns:
+        The CLI object, whose `trainer`, `model` and `datamodule` scripts and tests can inspect.
     """
     _configure_logging()
     try:
-        CaptionerCLI(
+        return CaptionerCLI(
             CaptionModel,
             CaptionDataModule,
             save_config_callback=RunConfigSaver,
@@ -119,4 +122,3 @@ def main(args: list[str] | None = None) -> None:
     except CaptionerError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-

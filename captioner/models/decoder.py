@@ -48,7 +48,9 @@ class CaptionDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.init_state_proj = nn.Linear(feature_dim, 2 * num_layers * hidden_dim)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_index)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_dim, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
         self.head = nn.Linear(hidden_dim, vocab_size)
 
     def init_state(self, features: torch.Tensor) -> LSTMState:

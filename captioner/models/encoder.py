@@ -43,7 +43,9 @@ class ImageEncoder(nn.Module):
             dict will overwrite the parameters anyway (no download needed).
     """
 
-    def __init__(self, backbone: str = "resnet50", weights: str | None = "IMAGENET1K_V2", pretrained: bool = True) -> None:
+    def __init__(
+        self, backbone: str = "resnet50", weights: str | None = "IMAGENET1K_V2", pretrained: bool = True
+    ) -> None:
         super().__init__()
         check_backbone(backbone, weights)
         self.backbone_name, self.weights_name = backbone, weights

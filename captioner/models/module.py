@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -19,6 +20,9 @@ from captioner.models.search import SearchResult, SpecialTokens, beam_search, gr
 from captioner.runs import run_dir, write_jsonl
 
 log = logging.getLogger(__name__)
+
+# The frozen encoder stays in eval mode on purpose (see ImageEncoder.train).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 # Hyperparameters a checkpoint's weights depend on: a config that differs in any is refused.
 ARCHITECTURE_KEYS = ("backbone", "weights", "image_size", "embed_dim", "hidden_dim", "num_layers")
@@ -85,7 +89,13 @@ class CaptionModel(LightningModule):
         self.vocabulary = vocabulary
         self.special = SpecialTokens.of(vocabulary)
         self.decoder = CaptionDecoder(
-            len(vocabulary), self.encoder.feature_dim, hp.embed_dim, hp.hidden_dim, hp.num_layers, hp.dropout, vocabulary.pad_index
+            len(vocabulary),
+            self.encoder.feature_dim,
+            hp.embed_dim,
+            hp.hidden_dim,
+            hp.num_layers,
+            hp.dropout,
+            vocabulary.pad_index,
         )
 
     def configure_model(self) -> None:
@@ -93,7 +103,8 @@ class CaptionModel(LightningModule):
         if vocabulary is not None:
             if self.vocabulary is not None and vocabulary != self.vocabulary:
                 raise CaptionerError(
-                    f"The model's vocabulary ({len(self.vocabulary)} tokens) differs from the data's ({len(vocabulary)})."
+                    f"The model's vocabulary ({len(self.vocabulary)} tokens) differs from the data's "
+                    f"({len(vocabulary)})."
                 )
             self.build(vocabulary)
 
@@ -166,7 +177,9 @@ class CaptionModel(LightningModule):
         self._evaluate(batch, "val", beam_size=1)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{name}": value for name, value in as_percent(self.val_bleu.compute()).items()}, prog_bar=True)
+        self.log_dict(
+            {f"val/{name}": value for name, value in as_percent(self.val_bleu.compute()).items()}, prog_bar=True
+        )
         self.val_bleu.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -193,8 +206,11 @@ class CaptionModel(LightningModule):
             "scale": "0-100",
             "metrics": {name.removeprefix("test/"): round(value, 4) for name, value in scores.items()},
             "metric_source": "torchmetrics BLEUScore on captions normalised like the vocabulary",
-            "decoding": {"beam_size": self.hparams.beam_size, "length_penalty": self.hparams.length_penalty,
-                         "max_length": self.vocabulary.max_length},
+            "decoding": {
+                "beam_size": self.hparams.beam_size,
+                "length_penalty": self.hparams.length_penalty,
+                "max_length": self.vocabulary.max_length,
+            },
             "checkpoint": self.trainer.ckpt_path,
             "split_sizes": getattr(datamodule, "split_sizes", {}),
             "blind": self.hparams.blind,
@@ -204,8 +220,10 @@ class CaptionModel(LightningModule):
         log.info("Test metrics written to %s", folder / "test_metrics.json")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        rows = [{"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
-                for position, path in zip(batch["positions"], batch["paths"])]
+        rows = [
+            {"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
+            for position, path in zip(batch["positions"], batch["paths"])
+        ]
         if batch["ok"]:
             result = self.generate(self.encoder(batch["images"]))
             captions = self.vocabulary.decode_batch(result.tokens)

@@ -25,8 +25,12 @@ class SpecialTokens:
     @classmethod
     def of(cls, vocabulary) -> SpecialTokens:
         """From a `Vocabulary`: `<pad>`, `<start>` and `<unk>` are never generated."""
-        return cls(vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index,
-                   (vocabulary.pad_index, vocabulary.start_index, vocabulary.unk_index))
+        return cls(
+            vocabulary.start_index,
+            vocabulary.end_index,
+            vocabulary.pad_index,
+            (vocabulary.pad_index, vocabulary.start_index, vocabulary.unk_index),
+        )
 
 
 def _next_log_probs(decoder: CaptionDecoder, previous: torch.Tensor, state, special: SpecialTokens):
@@ -59,7 +63,9 @@ def length_normalised(log_probs: torch.Tensor, lengths: torch.Tensor, length_pen
 
 
 @torch.no_grad()
-def greedy_search(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens) -> SearchResult:
+def greedy_search(
+    decoder: CaptionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
+) -> SearchResult:
     """Pick the most likely next word at every step.
 
     Args:

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny generated datasets and an offline environment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from captioner.data.synthetic import write_synthetic_dataset
+
+TESTS = Path(__file__).parent
+TINY_CONFIG = TESTS / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path_factory):
+    """No test may reach the network: W&B off, caches in temporary folders."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cache = tmp_path_factory.getbasetemp() / "offline-cache"
+    monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache / "kagglehub"))
+
+
+@pytest.fixture(scope="session")
+def scenes_source(tmp_path_factory) -> Path:
+    """120 generated scenes in the Mini-COCO layout (made once per session)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("source") / "scenes", num_images=120, seed=1)
+
+
+@pytest.fixture
+def scenes(scenes_source, tmp_path) -> Path:
+    """A private copy of the scenes that a test may modify."""
+    return Path(shutil.copytree(scenes_source, tmp_path / "scenes"))
+
+
+def tiny_args(subcommand: str, data_dir: Path, work_dir: Path, root: Path, *extra: str) -> list[str]:
+    """Arguments for `main` on the tiny config with every output under temporary folders."""
+    return [
+        subcommand,
+        "--config",
+        str(TINY_CONFIG),
+        "--data.data_dir",
+        str(data_dir),
+        "--data.work_dir",
+        str(work_dir),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root / "runs"),
+        *extra,
+    ]

@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.cli import main
+from captioner.runs import run_dir
+from tests.conftest import TESTS, TINY_CONFIG, tiny_args
+
+ROOT = TESTS.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [TINY_CONFIG]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_every_config_parses(config, subcommand, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed
+
+
+def test_unknown_key_and_wrong_type_fail_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(TINY_CONFIG), "--data.work_dir", str(tmp_path / "w"), "--model.hiden_dim", "3"])
+    assert exit_info.value.code != 0 and "hiden_dim" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(TINY_CONFIG), "--data.work_dir", str(tmp_path / "w"), "--data.batch_size", "many"])
+    assert "batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_fast_dev_run_and_a_second_run_in_the_same_folder(scenes, tmp_path):
+    for _ in range(2):
+        cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.fast_dev_run", "true"))
+        assert cli.trainer.state.finished
+    work = tmp_path / "work"
+    assert {p.name for p in work.iterdir()} >= {"splits.json", "vocab.json", "features", "source.json"}
+    splits = json.loads((work / "splits.json").read_text())["splits"]
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [80, 20, 20]
+
+
+@pytest.mark.slow
+def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_path):
+    untrained = main(tiny_args("validate", scenes, tmp_path / "work", tmp_path / "untrained"))
+    baseline = float(untrained.trainer.callback_metrics["val/bleu4"])
+    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path / "run", "--trainer.max_epochs", "8"))
+    best = cli.trainer.checkpoint_callback.best_model_path
+    trained = float(cli.trainer.checkpoint_callback.best_model_score)
+    assert trained > baseline + 10, (trained, baseline)
+
+    tested = main(tiny_args("test", scenes, tmp_path / "work", tmp_path / "test", "--ckpt_path", best))
+    report = json.loads((run_dir(tested.trainer) / "test_metrics.json").read_text())
+    assert report["scale"] == "0-100" and report["checkpoint"] == best
+    assert report["split_sizes"] == {"train": 80, "val": 20, "test": 20}
+    assert 0 < report["metrics"]["bleu4"] <= 100
+    assert report["metrics"]["bleu4"] == pytest.approx(float(tested.trainer.callback_metrics["test/bleu4"]), abs=1e-3)
+    rows = [json.loads(line) for line in (run_dir(tested.trainer) / "test_captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(row["caption"] and len(row["references"]) == 5 for row in rows)
+
+    checkpoint = torch.load(best, weights_only=False)
+    assert checkpoint["vocabulary"]["words"] and checkpoint["hyper_parameters"]["backbone"] == "resnet18"
+    assert any(key.startswith("encoder.net.") for key in checkpoint["state_dict"])
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            tiny_args(
+                "test", scenes, tmp_path / "work", tmp_path / "bad", "--ckpt_path", best, "--model.hidden_dim", "16"
+            )
+        )
+    assert exit_info.value.code == 2
+
+
+def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
+    command = [
+        sys.executable,
+        "-m",
+        "captioner",
+        *tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.limit_train_batches", "2"),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.logger.project",
+        "captioner-test",
+    ]
+    result = subprocess.run(
+        command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logging offline" in result.stderr
+    assert list(Path(tmp_path / "runs" / "wandb").glob("offline-run-*"))
