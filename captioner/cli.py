@@ -97,7 +97,6 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def main(args: list[str] | None = None) -> CaptionerCLI:
