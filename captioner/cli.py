@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import netrc
 import os
@@ -99,17 +100,53 @@ def _configure_logging() -> None:
         log.setLevel(logging.INFO)
 
 
-def main(args: list[str] | None = None) -> CaptionerCLI:
+def caption_command(argv: list[str]) -> int:
+    """`python -m captioner caption FILE... --ckpt_path CKPT`: print a caption per file.
+
+    Returns:
+        0 when every file was captioned, 1 when some could not be read.
+    """
+    from captioner.inference import Captioner
+
+    parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
+    parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`")
+    parser.add_argument("--beam_size", type=int, default=None, help="beams per image (default: the checkpoint's)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    options = parser.parse_args(argv)
+    captioner = Captioner.from_checkpoint(
+        options.ckpt_path, options.device, batch_size=options.batch_size, beam_size=options.beam_size
+    )
+    failed = 0
+    for prediction in captioner.iter_predict(options.paths):
+        if prediction.error:
+            failed += 1
+            print(f"{prediction.source}: ERROR {prediction.error}")
+        else:
+            print(f"{prediction.source}: {prediction.caption}")
+    print(f"{len(options.paths) - failed} captioned, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(args: list[str] | None = None) -> CaptionerCLI | None:
     """Run the command line with `args` (default: `sys.argv[1:]`).
 
-    Expected faults (bad data, missing files, no network) end with one
-    message and exit status 2 instead of a traceback.
+    `caption` is handled by `caption_command`; every other subcommand goes
+    to LightningCLI. Expected faults (bad data, missing files, no network)
+    end with one message and exit status 2 instead of a traceback.
 
     Returns:
         The CLI object, whose `trainer`, `model` and `datamodule` scripts and tests can inspect.
     """
     _configure_logging()
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["caption"]:
+            status = caption_command(argv[1:])
+            if status:
+                raise SystemExit(status)
+            return None
         return CaptionerCLI(
             CaptionModel,
             CaptionDataModule,

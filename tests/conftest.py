@@ -50,3 +50,13 @@ def tiny_args(subcommand: str, data_dir: Path, work_dir: Path, root: Path, *extr
         str(root / "runs"),
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def trained(scenes_source, tmp_path_factory):
+    """A tiny model trained for a few epochs: (checkpoint path, work dir)."""
+    from captioner.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    cli = main(tiny_args("fit", scenes_source, root / "work", root, "--trainer.max_epochs", "4"))
+    return Path(cli.trainer.checkpoint_callback.best_model_path), root / "work"

@@ -50,6 +50,7 @@ class CaptionModel(LightningModule):
         warmup_steps: Optimizer steps of linear warm-up.
         beam_size: Beams for test and predict (validation decodes greedily for speed).
         length_penalty: GNMT length penalty for choosing among beams (0: raw log-probability).
+        max_decode_length: Most words generated per caption (None: the vocabulary's maximum caption length).
         blind: Zero the image features (the blind baseline: what the language prior alone achieves).
     """
 
@@ -68,6 +69,7 @@ class CaptionModel(LightningModule):
         warmup_steps: int = 200,
         beam_size: int = 3,
         length_penalty: float = 0.0,
+        max_decode_length: int | None = None,
         blind: bool = False,
     ) -> None:
         super().__init__()
@@ -154,10 +156,19 @@ class CaptionModel(LightningModule):
         """Decode captions for `(B, D)` features; beam size 1 (or 0) is greedy."""
         decoder, beam_size = self._require_decoder(), self.hparams.beam_size if beam_size is None else beam_size
         features = self.image_features(features)
-        max_length = self.vocabulary.max_length
+        max_length = self.hparams.max_decode_length or self.vocabulary.max_length
         if beam_size <= 1:
             return greedy_search(decoder, features, max_length, self.special)
         return beam_search(decoder, features, beam_size, max_length, self.special, self.hparams.length_penalty)
+
+    @torch.no_grad()
+    def caption_images(self, images: torch.Tensor, beam_size: int | None = None) -> tuple[list[str], list[float]]:
+        """Captions and their log-probabilities for a `(B, 3, H, W)` uint8 batch of resized images.
+
+        The one inference path: `predict`, the `caption` command and `Captioner` all end here.
+        """
+        result = self.generate(self.encoder(images.to(self.device, non_blocking=True)), beam_size)
+        return self.vocabulary.decode_batch(result.tokens), result.log_probs.tolist()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features, tokens = batch
@@ -209,7 +220,7 @@ class CaptionModel(LightningModule):
             "decoding": {
                 "beam_size": self.hparams.beam_size,
                 "length_penalty": self.hparams.length_penalty,
-                "max_length": self.vocabulary.max_length,
+                "max_length": self.hparams.max_decode_length or self.vocabulary.max_length,
             },
             "checkpoint": self.trainer.ckpt_path,
             "split_sizes": getattr(datamodule, "split_sizes", {}),
@@ -225,10 +236,9 @@ class CaptionModel(LightningModule):
             for position, path in zip(batch["positions"], batch["paths"])
         ]
         if batch["ok"]:
-            result = self.generate(self.encoder(batch["images"]))
-            captions = self.vocabulary.decode_batch(result.tokens)
+            captions, scores = self.caption_images(batch["images"])
             row_of = {position: i for i, position in enumerate(batch["positions"])}
-            for position, caption, score in zip(batch["ok"], captions, result.log_probs.tolist()):
+            for position, caption, score in zip(batch["ok"], captions, scores):
                 rows[row_of[position]].update(caption=caption, score=score)
         return rows
 

@@ -1,0 +1,163 @@
+"""Captioner: the Python API for captioning images with a trained checkpoint.
+
+from captioner import Captioner
+cap = Captioner.from_checkpoint("best.ckpt")      # GPU when there is one
+cap.caption(["a.jpg", pil_image])                 # -> list[str]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from captioner.data.images import ImageFileDataset, collate_images, describe_error, load_any_image
+from captioner.errors import CaptionerError
+from captioner.models.module import CaptionModel
+
+ImageSource = str | Path | Image.Image | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's caption, or why it has none.
+
+    Attributes:
+        source: The path (as given) or a description of an in-memory image.
+        caption: The caption, None when the image could not be read.
+        score: The model's log-probability of the caption.
+        error: Why the image could not be read, else None.
+    """
+
+    source: str
+    caption: str | None
+    score: float | None
+    error: str | None = None
+
+
+def default_device() -> torch.device:
+    """The first GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | str | None = None) -> CaptionModel:
+    """Load a `CaptionModel` from a checkpoint file, ready for inference.
+
+    Raises:
+        CaptionerError: When the file is missing or is not a captioner checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"Checkpoint {path} does not exist.")
+    try:
+        model = CaptionModel.load_from_checkpoint(path, map_location="cpu")
+    except CaptionerError:
+        raise
+    except (KeyError, RuntimeError, TypeError, ValueError, OSError) as error:
+        raise CaptionerError(
+            f"{path} is not a usable captioner checkpoint ({type(error).__name__}: {error})."
+        ) from error
+    return model.to(device or default_device()).eval()
+
+
+class Captioner:
+    """Caption paths, PIL images or tensors with a trained `CaptionModel`, in batches.
+
+    Args:
+        model: A model with its vocabulary (from `from_checkpoint` or a finished fit).
+        batch_size: Images per forward pass.
+        beam_size: Beams per image (None: the model's setting).
+        num_workers: Worker processes decoding image files (0: in this process).
+    """
+
+    def __init__(self, model: CaptionModel, batch_size: int = 32, beam_size: int | None = None, num_workers: int = 0):
+        if model.vocabulary is None:
+            raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
+        self.model = model.eval()
+        self.batch_size, self.beam_size, self.num_workers = batch_size, beam_size, num_workers
+        self.image_size = int(model.hparams.image_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str | None = None, **kwargs) -> Captioner:
+        """Load a checkpoint (on the GPU when there is one, else the CPU); `kwargs` go to `Captioner`."""
+        return cls(load_checkpoint_model(path, device), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _autocast(self):
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def caption_tensor(self, images: torch.Tensor) -> tuple[list[str], list[float]]:
+        """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""
+        with self._autocast():
+            return self.model.caption_images(images, self.beam_size)
+
+    def predict(self, images: Iterable[ImageSource]) -> list[Prediction]:
+        """Caption every image; unreadable ones get an error instead of stopping the rest."""
+        return list(self.iter_predict(images))
+
+    def iter_predict(self, images: Iterable[ImageSource]) -> Iterator[Prediction]:
+        """Like `predict`, yielding results batch by batch (for long lists of files)."""
+        items = list(images)
+        if items and all(isinstance(item, (str, Path)) for item in items):
+            yield from self._predict_files([Path(item) for item in items])
+            return
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            tensors, results = [], []
+            for offset, item in enumerate(chunk):
+                name = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{start + offset}>"
+                try:
+                    tensors.append(load_any_image(item, self.image_size))
+                    results.append(Prediction(name, None, None))
+                except (OSError, ValueError, SyntaxError) as error:
+                    results.append(Prediction(name, None, None, describe_error(error)))
+            if tensors:
+                captions, scores = self.caption_tensor(torch.stack(tensors))
+                ready = iter(zip(captions, scores))
+                results = [r if r.error else Prediction(r.source, *next(ready)) for r in results]
+            yield from results
+
+    def _predict_files(self, paths: Sequence[Path]) -> Iterator[Prediction]:
+        loader = DataLoader(
+            ImageFileDataset(paths, self.image_size),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            captions: dict[int, tuple[str, float]] = {}
+            if batch["ok"]:
+                texts, scores = self.caption_tensor(batch["images"])
+                captions = dict(zip(batch["ok"], zip(texts, scores)))
+            for position, path in zip(batch["positions"], batch["paths"]):
+                if position in captions:
+                    yield Prediction(path, *captions[position])
+                else:
+                    yield Prediction(path, None, None, batch["errors"][position])
+
+    def caption(self, images: ImageSource | Sequence[ImageSource]) -> list[str]:
+        """Captions for one image or a list of them.
+
+        Raises:
+            CaptionerError: Naming the first image that could not be read.
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
+            images = [images]
+        predictions = self.predict(images)
+        for prediction in predictions:
+            if prediction.error:
+                raise CaptionerError(f"Cannot caption {prediction.source}: {prediction.error}.")
+        return [prediction.caption for prediction in predictions]

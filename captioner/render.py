@@ -1,0 +1,63 @@
+"""Pictures with their captions set underneath, for people to look at."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from captioner.data.images import to_rgb
+
+_FONT_CACHE: dict[int, ImageFont.ImageFont] = {}
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    if size not in _FONT_CACHE:
+        _FONT_CACHE[size] = ImageFont.load_default(size=size)
+    return _FONT_CACHE[size]
+
+
+def _wrap(lines: Sequence[str], width_px: int, font_size: int) -> list[str]:
+    chars = max(10, int(width_px / (0.55 * font_size)))
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped.extend(textwrap.wrap(line, chars) or [""])
+    return wrapped
+
+
+def captioned_image(image: Image.Image, lines: Sequence[str], width: int = 512) -> Image.Image:
+    """The image scaled to `width` with `lines` of text set on a white band under it.
+
+    Args:
+        image: Any PIL image (converted to RGB).
+        lines: Text lines, the first set in black, the rest in grey (e.g. references).
+        width: Output width in pixels.
+    """
+    image = to_rgb(image)
+    height = max(1, round(image.height * width / image.width))
+    picture = image.resize((width, height), Image.Resampling.BILINEAR)
+    font_size = max(12, width // 28)
+    text = _wrap(lines, width - 16, font_size)
+    line_height = round(font_size * 1.3)
+    band = 12 + line_height * len(text)
+    canvas = Image.new("RGB", (width, height + band), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    first_count = len(_wrap(lines[:1], width - 16, font_size))
+    for row, line in enumerate(text):
+        colour = (0, 0, 0) if row < first_count else (90, 90, 90)
+        draw.text((8, height + 6 + row * line_height), line, fill=colour, font=_font(font_size))
+    return canvas
+
+
+def image_grid(tiles: Sequence[Image.Image], columns: int = 4, background: str = "white") -> Image.Image:
+    """Tiles laid out row by row; each cell is as large as the largest tile."""
+    if not tiles:
+        raise ValueError("image_grid needs at least one tile")
+    cell_w, cell_h = max(t.width for t in tiles), max(t.height for t in tiles)
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (cell_w * min(columns, len(tiles)), cell_h * rows), background)
+    for index, tile in enumerate(tiles):
+        grid.paste(tile, ((index % columns) * cell_w, (index // columns) * cell_h))
+    return grid

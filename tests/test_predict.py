@@ -1,0 +1,194 @@
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner import Captioner, CaptionerError
+from captioner.cli import main
+from captioner.data.images import load_image
+from captioner.runs import run_dir
+from tests.conftest import TINY_CONFIG
+
+
+def write_every_kind_of_image(folder, source):
+    """Every supported format and PIL mode, plus files that cannot be read."""
+    base = Image.open(source).convert("RGB")
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    base.save(folder / "rgb.jpg")
+    base.convert("L").save(folder / "gray.jpg")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    base.convert("RGBA").save(folder / "alpha.png")
+    base.convert("LA").save(folder / "gray_alpha.png")
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    base.convert("I;16").save(folder / "nested" / "sixteen_bit.png")
+    base.save(folder / "nested" / "picture.BMP")
+    base.save(folder / "nested" / "deeper" / "picture.webp")
+    frames = [base, base.rotate(90)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    good = 10
+    (folder / "not_an_image.jpg").write_text("hello")
+    (folder / "empty.png").write_bytes(b"")
+    data = (folder / "rgb.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    return good, 3
+
+
+def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes_source, tmp_path, capsys):
+    checkpoint, _ = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good, bad = write_every_kind_of_image(photos, next((scenes_source / "Images").iterdir()))
+    cli = main(
+        [
+            "predict",
+            "--config",
+            str(TINY_CONFIG),
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.data_dir",
+            str(tmp_path / "no-dataset-here"),
+            "--data.work_dir",
+            str(tmp_path / "no-work-dir"),
+            "--data.predict_dir",
+            str(photos),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--trainer.callbacks+=callbacks.CaptionWriter",
+            "--trainer.callbacks.write_images",
+            "true",
+        ]
+    )
+    assert f"{good} captioned, {bad} failed" in capsys.readouterr().out
+    folder = run_dir(cli.trainer)
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == good + bad and len({r["path"] for r in rows}) == len(rows)
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    for name in ("not_an_image.jpg", "empty.png", "truncated.jpg"):
+        assert by_name[name]["caption"] is None and by_name[name]["error"]
+    for name in (
+        "rgb.jpg",
+        "gray.jpg",
+        "cmyk.jpg",
+        "alpha.png",
+        "gray_alpha.png",
+        "palette.png",
+        "sixteen_bit.png",
+        "picture.BMP",
+        "picture.webp",
+        "animated.gif",
+    ):
+        row = by_name[name]
+        assert row["error"] is None and row["caption"] and row["score"] < 0
+        assert not any(token in row["caption"] for token in ("<start>", "<end>", "<pad>", "<unk>"))
+    with (folder / "predictions.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["path"] for r in table] == [r["path"] for r in rows]
+    assert table[0].keys() == {"path", "caption", "score", "error"}
+    pictures = sorted((folder / "captioned").rglob("*.png"))
+    assert len(pictures) == good
+    assert (folder / "captioned" / "nested" / "deeper" / "picture.webp.png") in pictures
+    with Image.open(pictures[0]) as picture:
+        assert picture.width == 512 and picture.height > 512 * 120 / 160  # the caption band is under the image
+    assert not list(folder.glob(".predictions.*"))
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_predict_on_an_empty_or_missing_folder_is_a_clear_error(trained, tmp_path, folder, capsys):
+    checkpoint, _ = trained
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "predict",
+                "--config",
+                str(TINY_CONFIG),
+                "--ckpt_path",
+                str(checkpoint),
+                "--data.predict_dir",
+                str(tmp_path / folder),
+                "--trainer.logger",
+                "false",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "--data.predict_dir" in capsys.readouterr().err
+
+
+def test_captioner_api_takes_paths_pil_images_and_tensors(trained, scenes_source, tmp_path):
+    checkpoint, _ = trained
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=2)
+    source = sorted((scenes_source / "Images").iterdir())[:3]
+    pngs = []
+    for index, path in enumerate(source):
+        pngs.append(tmp_path / f"{index}.png")
+        Image.open(path).save(pngs[-1])
+    from_paths = captioner.caption(pngs)
+    from_pil = captioner.caption([Image.open(p) for p in pngs])
+    from_tensors = captioner.caption([load_image(p, 32) for p in pngs])
+    assert from_paths == from_pil == from_tensors
+    assert captioner.caption(pngs[0]) == from_paths[:1]
+    assert captioner.caption(torch.stack([load_image(p, 32) for p in pngs])) == from_paths
+    assert all(isinstance(c, str) and c for c in from_paths)
+    (tmp_path / "bad.png").write_text("nope")
+    with pytest.raises(CaptionerError, match="bad.png"):
+        captioner.caption([pngs[0], tmp_path / "bad.png"])
+    predictions = captioner.predict([pngs[0], tmp_path / "bad.png"])
+    assert predictions[0].caption == from_paths[0] and predictions[1].error
+
+
+def test_caption_command_prints_captions_and_counts_failures(trained, scenes_source, tmp_path, capsys):
+    checkpoint, _ = trained
+    image = next((scenes_source / "Images").iterdir())
+    (tmp_path / "bad.jpg").write_text("nope")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(image), str(tmp_path / "bad.jpg"), "--ckpt_path", str(checkpoint), "--device", "cpu"])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert lines[0].startswith(f"{image}: ") and len(lines[0]) > len(str(image)) + 4
+    assert lines[1].startswith(f"{tmp_path / 'bad.jpg'}: ERROR")
+    assert "1 captioned, 1 failed" in out.err
+
+
+def test_checkpoint_carries_the_encoder_weights(scenes_source, tmp_path, monkeypatch):
+    """Train with 'pretrained' weights from a local file, then caption with that file gone."""
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    fake = resnet18().state_dict()
+    fake["conv1.weight"].fill_(0.01)
+    torch.save(fake, hub / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(TINY_CONFIG),
+            "--data.data_dir",
+            str(scenes_source),
+            "--data.work_dir",
+            str(tmp_path / "work"),
+            "--data.weights",
+            "IMAGENET1K_V1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--trainer.max_epochs",
+            "1",
+        ]
+    )
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    shutil.rmtree(tmp_path / "torch")  # no weights file and no network from here on
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
+    assert torch.all(captioner.model.encoder.net.conv1.weight == 0.01)
+    assert captioner.caption(next((scenes_source / "Images").iterdir()))[0]
