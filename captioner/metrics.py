@@ -1,14 +1,34 @@
-"""Caption metrics: fast BLEU for validation (torchmetrics).
+"""Caption metrics: fast BLEU for validation, the COCO caption suite for test, and diversity.
 
-All scores are reported on a 0-100 scale, as captioning papers print them.
+All scores are on a 0-100 scale, as captioning papers print them (CIDEr too:
+CIDEr-D x 100, so 94.0 means 0.940).
+
+- Validation: torchmetrics' BLEUScore on greedy captions, both sides
+  normalised like the vocabulary. Fast, comparable between runs of this
+  project, not to papers.
+- Test: pycocoevalcap (the COCO caption evaluation code) on beam-search
+  captions, PTB-tokenized by Stanford CoreNLP (Java). These are the numbers
+  papers report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+
 from torchmetrics import MetricCollection
 from torchmetrics.text import BLEUScore
 
+from captioner.data.vocab import normalize
+
+log = logging.getLogger(__name__)
+
 BLEU_ORDERS = (1, 2, 3, 4)
+PTB_TOKENIZER = "PTB (Stanford CoreNLP, Java)"
+FALLBACK_TOKENIZER = "captioner.data.vocab.normalize (no Java)"
 
 
 def bleu_collection() -> MetricCollection:
@@ -22,6 +42,97 @@ def bleu_collection() -> MetricCollection:
     return MetricCollection({f"bleu{n}": BLEUScore(n_gram=n) for n in BLEU_ORDERS}, compute_groups=False)
 
 
-def as_percent(scores: dict) -> dict[str, float]:
+def as_percent(scores: Mapping) -> dict[str, float]:
     """Tensor scores in [0, 1] -> floats on the 0-100 scale."""
     return {name: 100.0 * float(value) for name, value in scores.items()}
+
+
+def java_available() -> bool:
+    """Whether a `java` executable is on the PATH (the PTB tokenizer and METEOR need it)."""
+    return shutil.which("java") is not None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pycocoevalcap's prints and its Java tools' progress lines (file descriptors 1 and 2)."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        try:
+            for fd in (1, 2):
+                os.dup2(devnull.fileno(), fd)
+            yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def _tokenize(captions: Mapping[str, Sequence[str]], use_java: bool) -> dict[str, list[str]]:
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        payload = {key: [{"caption": c} for c in values] for key, values in captions.items()}
+        return PTBTokenizer().tokenize(payload)
+    return {key: [" ".join(normalize(c)) for c in values] for key, values in captions.items()}
+
+
+def coco_caption_scores(captions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) from pycocoevalcap, on a 0-100 scale.
+
+    Args:
+        captions: One generated caption per image id.
+        references: The reference captions of every image id in `captions`.
+
+    Returns:
+        `{"scores": {"BLEU-1": ..., "METEOR": ..., "ROUGE-L": ..., "CIDEr": ...}, "tokenizer": ...}`.
+        Without Java, the text is tokenized with the vocabulary's normaliser
+        and METEOR is left out, with one warning.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    keys = sorted(captions)
+    use_java = java_available()
+    if not use_java:
+        log.warning(
+            "Java was not found: METEOR is skipped and captions are tokenized with the vocabulary's normaliser "
+            "instead of the PTB tokenizer, so these scores are close to, but not exactly, the COCO evaluation's. "
+            "Install a Java runtime (e.g. openjdk-17-jre-headless) for the full suite."
+        )
+    with _quiet():
+        gts = _tokenize({k: list(references[k]) for k in keys}, use_java)
+        res = _tokenize({k: [captions[k]] for k in keys}, use_java)
+        scores: dict[str, float] = {}
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        scores.update({f"BLEU-{n}": 100.0 * float(value) for n, value in zip(BLEU_ORDERS, bleu)})
+        if use_java:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            meteor = Meteor()
+            try:
+                scores["METEOR"] = 100.0 * float(meteor.compute_score(gts, res)[0])
+            finally:
+                with contextlib.suppress(Exception):
+                    meteor.close()
+        scores["ROUGE-L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
+        scores["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+    return {"scores": scores, "tokenizer": PTB_TOKENIZER if use_java else FALLBACK_TOKENIZER}
+
+
+def caption_diversity(captions: Sequence[str]) -> dict[str, float]:
+    """How varied the generated captions are; a model that says the same thing everywhere shows here.
+
+    Returns:
+        `distinct_captions` (% of captions that are unique strings),
+        `vocabulary_used` (distinct words over all captions) and
+        `mean_length` (words per caption).
+    """
+    if not captions:
+        return {"distinct_captions": 0.0, "vocabulary_used": 0, "mean_length": 0.0}
+    words = [normalize(caption) for caption in captions]
+    return {
+        "distinct_captions": 100.0 * len(set(captions)) / len(captions),
+        "vocabulary_used": len({w for caption in words for w in caption}),
+        "mean_length": sum(map(len, words)) / len(words),
+    }

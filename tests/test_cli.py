@@ -56,10 +56,14 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
 
     tested = main(tiny_args("test", scenes, tmp_path / "work", tmp_path / "test", "--ckpt_path", best))
     report = json.loads((run_dir(tested.trainer) / "test_metrics.json").read_text())
-    assert report["scale"] == "0-100" and report["checkpoint"] == best
-    assert report["split_sizes"] == {"train": 80, "val": 20, "test": 20}
-    assert 0 < report["metrics"]["bleu4"] <= 100
-    assert report["metrics"]["bleu4"] == pytest.approx(float(tested.trainer.callback_metrics["test/bleu4"]), abs=1e-3)
+    assert report["scale"].startswith("0-100") and report["checkpoint"] == best
+    assert report["split_sizes"] == {"train": 80, "val": 20, "test": 20} and report["images"] == 20
+    assert report["decoding"] == {"beam_size": 2, "length_penalty": 0.0, "max_length": 34}
+    coco, bleu = report["metrics"]["pycocoevalcap"], report["metrics"]["torchmetrics"]
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(coco) and 0 < coco["BLEU-4"] <= 100
+    assert bleu["BLEU-4"] == pytest.approx(float(tested.trainer.callback_metrics["test/bleu4"]), abs=1e-3)
+    assert coco["CIDEr"] == pytest.approx(float(tested.trainer.callback_metrics["test/cider"]), abs=1e-2)
+    assert 0 < report["diversity"]["distinct_captions"] <= 100 and report["diversity"]["vocabulary_used"] > 3
     rows = [json.loads(line) for line in (run_dir(tested.trainer) / "test_captions.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(row["caption"] and len(row["references"]) == 5 for row in rows)
 

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
+from captioner.evaluation import evaluate_captions, format_table, loggable, unique_by_file
 from captioner.files import write_json
 from captioner.metrics import as_percent, bleu_collection
 from captioner.models.decoder import CaptionDecoder, caption_loss
@@ -204,31 +205,50 @@ class CaptionModel(LightningModule):
         self._test_rows = []
 
     def on_test_epoch_end(self) -> None:
-        scores = {f"test/{name}": value for name, value in as_percent(self.test_bleu.compute()).items()}
+        bleu = as_percent(self.test_bleu.compute())
         self.test_bleu.reset()
-        self.log_dict(scores)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_test_report(scores)
+        rows = unique_by_file(self._gather(self._test_rows))
+        evaluation = evaluate_captions(rows) if self.trainer.is_global_zero else None
+        evaluation = self.trainer.strategy.broadcast(evaluation)
+        self.log_dict({f"test/{name}": value for name, value in bleu.items()})
+        self.log_dict(loggable(evaluation))
+        if self.trainer.is_global_zero:
+            self._write_test_report(bleu, evaluation, rows)
 
-    def _write_test_report(self, scores: dict[str, float]) -> None:
+    def _gather(self, rows: list[dict]) -> list[dict]:
+        """Every rank's rows on every rank (one Python object per rank)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return rows
+        gathered: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, rows)
+        return [row for part in gathered for row in part]
+
+    def _write_test_report(self, bleu: dict[str, float], evaluation: dict, rows: list[dict]) -> None:
         folder = run_dir(self.trainer)
-        datamodule = self.trainer.datamodule
         report = {
-            "scale": "0-100",
-            "metrics": {name.removeprefix("test/"): round(value, 4) for name, value in scores.items()},
-            "metric_source": "torchmetrics BLEUScore on captions normalised like the vocabulary",
+            "scale": "0-100 (CIDEr is CIDEr-D x 100)",
+            "images": evaluation["images"],
+            "metrics": {
+                "pycocoevalcap": {name: round(value, 4) for name, value in evaluation["scores"].items()},
+                "torchmetrics": {f"BLEU-{name[-1]}": round(value, 4) for name, value in bleu.items()},
+            },
+            "tokenizer": evaluation["tokenizer"],
+            "diversity": evaluation["diversity"],
             "decoding": {
                 "beam_size": self.hparams.beam_size,
                 "length_penalty": self.hparams.length_penalty,
                 "max_length": self.hparams.max_decode_length or self.vocabulary.max_length,
             },
             "checkpoint": self.trainer.ckpt_path,
-            "split_sizes": getattr(datamodule, "split_sizes", {}),
+            "split_sizes": getattr(self.trainer.datamodule, "split_sizes", {}),
             "blind": self.hparams.blind,
         }
         write_json(folder / "test_metrics.json", report)
-        write_jsonl(folder / "test_captions.jsonl", self._test_rows)
-        log.info("Test metrics written to %s", folder / "test_metrics.json")
+        write_jsonl(folder / "test_captions.jsonl", rows)
+        print(format_table(report))
+        log.info(
+            "Test metrics written to %s, captions to %s", folder / "test_metrics.json", folder / "test_captions.jsonl"
+        )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         rows = [

@@ -1,0 +1,60 @@
+"""The test report: COCO caption metrics, BLEU, diversity and settings, in one JSON file and one table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from captioner.metrics import caption_diversity, coco_caption_scores
+
+COCO_LOG_KEYS = {
+    "BLEU-1": "coco_bleu1",
+    "BLEU-2": "coco_bleu2",
+    "BLEU-3": "coco_bleu3",
+    "BLEU-4": "coco_bleu4",
+    "METEOR": "meteor",
+    "ROUGE-L": "rouge_l",
+    "CIDEr": "cider",
+}
+
+
+def unique_by_file(rows: Sequence[dict]) -> list[dict]:
+    """One row per image, sorted by file name (distributed samplers may repeat images to even out ranks)."""
+    return [row for _, row in sorted({row["file_name"]: row for row in rows}.items())]
+
+
+def evaluate_captions(rows: Sequence[dict]) -> dict:
+    """COCO caption metrics and diversity of `rows` (each with `file_name`, `caption`, `references`)."""
+    rows = unique_by_file(rows)
+    coco = coco_caption_scores(
+        {r["file_name"]: r["caption"] for r in rows}, {r["file_name"]: r["references"] for r in rows}
+    )
+    return {"images": len(rows), **coco, "diversity": caption_diversity([r["caption"] for r in rows])}
+
+
+def loggable(evaluation: dict, prefix: str = "test/") -> dict[str, float]:
+    """Flat metric names for the logger: `test/cider`, `test/coco_bleu4`, `test/distinct_captions`, ..."""
+    scores = {f"{prefix}{COCO_LOG_KEYS[name]}": value for name, value in evaluation["scores"].items()}
+    scores.update({f"{prefix}{name}": float(value) for name, value in evaluation["diversity"].items()})
+    return scores
+
+
+def format_table(report: dict) -> str:
+    """The test report as a table a person reads at the end of a run."""
+    coco, bleu = report["metrics"]["pycocoevalcap"], report["metrics"]["torchmetrics"]
+    decoding = report["decoding"]
+    lines = [
+        f"Test set: {report['images']} images; beam size {decoding['beam_size']}, "
+        f"length penalty {decoding['length_penalty']}; scores on a 0-100 scale",
+        f"{'metric':<22}{'score':>9}  tool",
+    ]
+    lines += [f"{name:<22}{value:>9.2f}  pycocoevalcap, {report['tokenizer']}" for name, value in coco.items()]
+    if "METEOR" not in coco:
+        lines.append(f"{'METEOR':<22}{'-':>9}  skipped: no Java")
+    lines += [f"{name:<22}{value:>9.2f}  torchmetrics (same as val/)" for name, value in bleu.items()]
+    diversity = report["diversity"]
+    lines += [
+        f"{'distinct captions':<22}{diversity['distinct_captions']:>8.1f}%  distinct strings / images (100: no two alike)",
+        f"{'vocabulary used':<22}{diversity['vocabulary_used']:>9d}  distinct words in all captions",
+        f"{'mean caption length':<22}{diversity['mean_length']:>9.2f}  words",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Metric wrappers against values worked out by hand."""
+
+import logging
+import math
+
+import pytest
+
+from captioner import metrics
+from captioner.metrics import as_percent, bleu_collection, caption_diversity, coco_caption_scores
+
+# "a red circle on the left" against "a red circle on the right": 6 words each,
+# matches 5/6 unigrams, 4/5 bigrams, 3/4 trigrams, 2/3 4-grams, no brevity penalty.
+HYPOTHESIS, REFERENCE = "a red circle on the left", "a red circle on the right"
+HAND_BLEU = {n: 100 * math.prod([5 / 6, 4 / 5, 3 / 4, 2 / 3][:n]) ** (1 / n) for n in (1, 2, 3, 4)}
+HAND_ROUGE_L = 100 * 5 / 6  # LCS 5 of 6 words on both sides: precision = recall = F = 5/6
+
+
+def test_torchmetrics_bleu_matches_the_hand_computed_example():
+    bleu = bleu_collection()
+    bleu.update([HYPOTHESIS], [[REFERENCE]])
+    scores = as_percent(bleu.compute())
+    for n in (1, 2, 3, 4):
+        assert scores[f"bleu{n}"] == pytest.approx(HAND_BLEU[n], abs=1e-3)
+    assert HAND_BLEU[4] == pytest.approx(100 * (1 / 3) ** 0.25)
+
+
+@pytest.fixture(params=["java", "no-java"])
+def java(request, monkeypatch, caplog):
+    if request.param == "no-java":
+        monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    elif not metrics.java_available():
+        pytest.skip("no Java on this machine")
+    caplog.set_level(logging.WARNING)
+    return request.param
+
+
+def test_coco_scores_hand_example_perfect_and_disjoint(java, caplog):
+    example = coco_caption_scores({"a": HYPOTHESIS}, {"a": [REFERENCE]})["scores"]
+    for n in (1, 2, 3, 4):
+        assert example[f"BLEU-{n}"] == pytest.approx(HAND_BLEU[n], abs=1e-3)
+    assert example["ROUGE-L"] == pytest.approx(HAND_ROUGE_L, abs=1e-3)
+
+    refs = {"a": ["a red circle on the right", "the red circle sits right"], "b": ["two blue squares side by side"]}
+    perfect = coco_caption_scores({"a": "a red circle on the right", "b": "two blue squares side by side"}, refs)
+    disjoint = coco_caption_scores({"a": "green triangles everywhere", "b": "nothing at all here"}, refs)
+    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
+        assert perfect["scores"][name] == pytest.approx(100.0, abs=1e-4)
+    assert set(disjoint["scores"]) == set(perfect["scores"])
+    assert all(value == pytest.approx(0.0, abs=1e-6) for value in disjoint["scores"].values())
+    assert perfect["scores"]["CIDEr"] > 100 and disjoint["scores"]["CIDEr"] == 0
+
+    if java == "java":
+        assert perfect["scores"]["METEOR"] > 99 and perfect["tokenizer"].startswith("PTB")
+        assert "Java was not found" not in caplog.text
+    else:
+        assert "METEOR" not in perfect["scores"] and "no Java" in perfect["tokenizer"]
+        assert caplog.text.count("Java was not found") == 3  # once per call, not once per scorer
+
+
+def test_diversity_makes_a_constant_model_obvious():
+    constant = caption_diversity(["a red circle"] * 10)
+    assert constant == {"distinct_captions": 10.0, "vocabulary_used": 3, "mean_length": 3.0}
+    varied = caption_diversity(["a red circle", "a blue square on the left", "A red circle."])
+    assert varied["distinct_captions"] == 100.0 and varied["vocabulary_used"] == 8
+    assert varied["mean_length"] == pytest.approx(12 / 3)
