@@ -53,7 +53,7 @@ def format_table(report: dict) -> str:
     lines += [f"{name:<22}{value:>9.2f}  torchmetrics (same as val/)" for name, value in bleu.items()]
     diversity = report["diversity"]
     lines += [
-        f"{'distinct captions':<22}{diversity['distinct_captions']:>8.1f}%  distinct strings / images (100: no two alike)",
+        f"{'distinct captions':<22}{diversity['distinct_captions']:>8.1f}%  unique / all captions (100: none alike)",
         f"{'vocabulary used':<22}{diversity['vocabulary_used']:>9d}  distinct words in all captions",
         f"{'mean caption length':<22}{diversity['mean_length']:>9.2f}  words",
     ]
