@@ -1,0 +1,70 @@
+"""W&B offline runs carry the metrics, the config and the sample table; PNG grids exist without W&B."""
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import TESTS, tiny_args
+from tests.wandb_log import history_keys, read_records
+
+ROOT = TESTS.parent
+
+
+def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    command = [
+        sys.executable,
+        "-m",
+        "captioner",
+        *tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2"),
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.logger.project",
+        "captioner-test",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+        "--trainer.callbacks+=callbacks.Throughput",
+        "--trainer.callbacks+=callbacks.CaptionSamples",
+        "--trainer.callbacks.num_images",
+        "4",
+        "--trainer.callbacks.columns",
+        "2",
+        "--trainer.callbacks.tile_width",
+        "200",
+        "--trainer.callbacks+=callbacks.RunSummary",
+    ]
+    result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Run summary" in result.stdout and "best checkpoint:" in result.stdout
+
+    (run_file,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+    keys = history_keys(run_file)
+    expected = {"train/loss", "val/loss", "train/captions_per_s", "lr-AdamW"} | {f"val/bleu{n}" for n in (1, 2, 3, 4)}
+    assert expected <= keys, expected - keys
+    config_keys = {
+        item.key
+        for record in read_records(run_file)
+        if record.WhichOneof("record_type") == "config"
+        for item in record.config.update
+    }
+    assert "config" in config_keys  # the full resolved CLI config
+
+    tables = sorted((run_file.parent / "files" / "media" / "table" / "val").glob("samples_*.table.json"))
+    assert len(tables) == 2  # one per validation epoch
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["image", "generated", "references", "epoch"] and len(table["data"]) == 4
+    assert all(row[1] and row[2] for row in table["data"])
+
+    run_folder = tmp_path / "runs" / "captioner-test" / run_file.stem.removeprefix("run-")
+    grids = sorted((run_folder / "samples").glob("epoch_*.png"))
+    assert [g.name for g in grids] == ["epoch_000.png", "epoch_001.png"]
+    with Image.open(grids[-1]) as grid:
+        assert grid.width == 400 and grid.height > 2 * 200 * 120 / 160
+        assert len(set(grid.convert("L").getdata())) > 50  # pictures and text, not a blank canvas
