@@ -8,6 +8,7 @@ import netrc
 import os
 import sys
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -92,6 +93,17 @@ class CaptionerCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
+def default_trainer_settings() -> dict:
+    """Defaults a config may override: bf16 mixed precision where the GPU supports it.
+
+    Safe for this model: the loss and the search's log-softmax are computed in
+    float32 whatever the autocast dtype.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return {"precision": "bf16-mixed"}
+    return {}
+
+
 def _configure_logging() -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -150,6 +162,7 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
         return CaptionerCLI(
             CaptionModel,
             CaptionDataModule,
+            trainer_defaults=default_trainer_settings(),
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
             args=args,

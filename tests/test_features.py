@@ -110,3 +110,59 @@ def test_undecodable_images_are_recorded_not_fatal(tmp_path, scenes):
     cache = build(tmp_path, scenes, names)
     assert list(cache.failed) == [names[3]]
     assert not np.asarray(cache.features[3]).any() and np.asarray(cache.features[4]).any()
+
+
+def test_device_decoding_path_matches_the_pil_path_and_survives_bad_files(tmp_path, scenes):
+    """The GPU path (raw JPEG bytes decoded in batches by torchvision, resized as tensors) runs on the CPU too."""
+    from PIL import Image
+
+    names = names_of(scenes, 12)
+    Image.open(scenes / "Images" / names[1]).save(scenes / "Images" / names[1], format="PNG")  # not a JPEG inside
+    Image.open(scenes / "Images" / names[2]).convert("CMYK").save(scenes / "Images" / names[2], format="JPEG")
+    data = (scenes / "Images" / names[3]).read_bytes()
+    (scenes / "Images" / names[3]).write_bytes(data[: len(data) // 3])  # truncated JPEG
+    encoder = ImageEncoder("resnet18", None)
+    key = cache_key(**SPEC, file_names=names)
+    for name, device_decode in (("pil", False), ("device", True)):
+        features_module.extract_features(
+            tmp_path / name,
+            key,
+            scenes / "Images",
+            names,
+            encoder,
+            32,
+            batch_size=4,
+            num_workers=0,
+            device="cpu",
+            device_decode=device_decode,
+        )
+    pil = features_module.open_cache(tmp_path / "pil", key)
+    device = features_module.open_cache(tmp_path / "device", key)
+    assert names[3] in pil.failed
+    ok = [i for i, name in enumerate(names) if name not in pil.failed and name not in device.failed]
+    assert len(ok) >= 10
+    a, b = (np.asarray(c.features[ok], dtype=np.float32) for c in (pil, device))
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.98  # same images, slightly different resampling
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, scenes, monkeypatch, caplog):
+    names = names_of(scenes, 16)
+    reference = build(tmp_path / "reference", scenes, names)
+    original_forward = ImageEncoder.forward
+    sizes = []
+
+    def small_device(self, images):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original_forward(self, images)
+
+    monkeypatch.setattr(ImageEncoder, "forward", small_device)
+    with caplog.at_level(logging.WARNING):
+        cache = build(tmp_path / "small", scenes, names)
+    assert caplog.text.count("Out of device memory") == 2  # 8 -> 4 -> 2, then it stays at 2
+    assert max(sizes[3:]) == 2
+    np.testing.assert_allclose(
+        np.asarray(cache.features, dtype=np.float32), np.asarray(reference.features, dtype=np.float32), atol=2e-2
+    )

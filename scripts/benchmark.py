@@ -1,0 +1,521 @@
+"""Benchmark captioner against the original approach, phase by phase, in one run.
+
+    python scripts/benchmark.py --quick          # under 2 minutes on a 2-core CPU
+    python scripts/benchmark.py                  # bigger sizes; uses the GPU when there is one
+    python scripts/benchmark.py --json out.json  # also write every figure as JSON
+
+On the same generated data (640x480 JPEG scenes, captions of COCO length over
+a 5,000-word vocabulary) it measures, for captioner and for a faithful
+re-implementation of the original approach (scripts/original_approach.py):
+
+- feature extraction, images/s, file on disk to cached feature;
+- training on cached features, captions/s (ours through Lightning's Trainer);
+- decoding, captions/s (ours batched greedy and beam-3; the original per word);
+- peak memory of each phase (each runs in its own process): resident set
+  (VmHWM) and the peak of anonymous memory (RssAnon, sampled), which leaves
+  out the page cache of memory-mapped files. Training is run on two dataset
+  sizes to show that its memory does not grow with the number of images.
+
+The last lines are `name: value`, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+VOCAB_SIZE = 5000
+MAX_LENGTH = 34
+COCO_MEAN_WORDS, COCO_SD_WORDS = 10.5, 2.4
+
+
+# ------------------------------------------------------------------ memory measurement
+def _status(pid: str) -> dict[str, int]:
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon"):
+                    values[key] = int(rest.split()[0])  # kB
+    except OSError:
+        pass
+    return values
+
+
+def _descendants(pid: str) -> list[str]:
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as handle:
+                children = handle.read().split()
+        except OSError:
+            children = []
+        found += children
+        stack += children
+    return found
+
+
+class MemorySampler(threading.Thread):
+    """Peak anonymous memory of this process and its children (DataLoader workers), sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_anon_kb = 0
+        self.peak_rss_kb = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        me = str(os.getpid())
+        while not self._done.is_set():
+            pids = [me, *_descendants(me)]
+            stats = [_status(pid) for pid in pids]
+            self.peak_anon_kb = max(self.peak_anon_kb, sum(s.get("RssAnon", 0) for s in stats))
+            self.peak_rss_kb = max(self.peak_rss_kb, sum(s.get("VmRSS", 0) for s in stats))
+            time.sleep(0.02)
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        return {"peak_anon_mb": self.peak_anon_kb / 1024, "peak_rss_mb": self.peak_rss_kb / 1024}
+
+
+def _child(queue, function, kwargs) -> None:
+    import torch
+
+    # This process was spawned (a clean memory baseline); its DataLoader workers
+    # should be forked as they are in a normal run, not spawned (seconds of start-up each).
+    multiprocessing.set_start_method("fork", force=True)
+    torch.manual_seed(0)
+    sampler = MemorySampler()
+    sampler.start()
+    try:
+        result = function(**kwargs)
+    except BaseException as error:  # report to the parent instead of leaving it waiting
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+        raise
+    result.update(sampler.stop())
+    if torch.cuda.is_available():
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    queue.put(result)
+
+
+def run_phase(name: str, function, **kwargs) -> dict:
+    """Run one phase in a fresh process so its memory peak is its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, function, kwargs))
+    started = time.perf_counter()
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise SystemExit(f"benchmark phase '{name}' failed: {result['error']}")
+    result["wall_s"] = time.perf_counter() - started
+    print(
+        f"  {name:<34} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()})}",
+        flush=True,
+    )
+    return result
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------ data
+def make_captions(count: int, seed: int = 0) -> list[list[int]]:
+    """Word ids (1-based over the regular words) with COCO's caption lengths and a Zipf-like word distribution."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, VOCAB_SIZE - 4 + 1)
+    weights = 1.0 / ranks
+    weights /= weights.sum()
+    lengths = np.clip(np.rint(rng.normal(COCO_MEAN_WORDS, COCO_SD_WORDS, count)), 5, MAX_LENGTH).astype(int)
+    return [list(rng.choice(len(ranks), size=n, p=weights)) for n in lengths]
+
+
+def make_feature_file(path: Path, source: np.ndarray, count: int) -> Path:
+    """A memory-mapped (count, D) fp16 file filled by repeating the extracted features."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, source.shape[1]))
+    for start in range(0, count, len(source)):
+        stop = min(count, start + len(source))
+        array[start:stop] = source[: stop - start]
+    array.flush()
+    return path
+
+
+# ------------------------------------------------------------------ phases: ours
+def ours_extract(
+    images_dir: str, names: list[str], work: str, device: str, batch_size: int | None, workers: int
+) -> dict:
+    import torch
+
+    from captioner.data.features import cache_key, default_batch_size, extract_features
+    from captioner.models.encoder import ImageEncoder
+
+    encoder = ImageEncoder("resnet50", None)
+    key = cache_key("resnet50", None, 224, names)
+    batch_size = batch_size or default_batch_size(torch.device(device))
+    # Warm up kernels (and cuDNN autotuning) outside the timed region, on a few images.
+    extract_features(Path(work) / "warmup", key, images_dir, names[:batch_size], encoder, 224, batch_size, 0, device)
+    _sync(device)
+    started = time.perf_counter()
+    extract_features(Path(work) / "cache", key, images_dir, names, encoder, 224, batch_size, workers, device)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": len(names) / elapsed, "images": len(names), "batch_size": batch_size}
+
+
+def _caption_tokens(captions: list[list[int]]):
+    import torch
+
+    tokens = torch.zeros(len(captions), MAX_LENGTH + 2, dtype=torch.long)
+    for row, caption in enumerate(captions):
+        ids = [1, *[word + 4 for word in caption[:MAX_LENGTH]], 2]  # <start> words <end>, words after the 4 specials
+        tokens[row, : len(ids)] = torch.tensor(ids)
+    return tokens
+
+
+def _vocabulary():
+    from captioner.data.vocab import Vocabulary
+
+    return Vocabulary([f"w{i}" for i in range(VOCAB_SIZE - 4)], max_length=MAX_LENGTH)
+
+
+def ours_train(features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int) -> dict:
+    import torch
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    from captioner.data.datasets import TrainCaptions, passthrough
+    from captioner.models.module import CaptionModel
+
+    captions = make_captions(images * 5)
+    rows = np.repeat(np.arange(images), 5)
+    dataset = TrainCaptions(features_file, rows, _caption_tokens(captions), pad_index=0)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=passthrough,
+        num_workers=2,
+        persistent_workers=True,
+        pin_memory=device.startswith("cuda"),
+    )
+    model = CaptionModel(backbone="resnet50", weights=None, image_size=224)  # the default decoder
+    model.build(_vocabulary())
+
+    class Timer(Callback):
+        def __init__(self):
+            self.start, self.end, self.captions = 0.0, 0.0, 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                _sync(device)
+                self.start = time.perf_counter()
+            if trainer.global_step >= warmup:
+                self.captions += len(batch[1])
+
+        def on_train_end(self, trainer, module):
+            _sync(device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    cuda = device.startswith("cuda")
+    trainer = Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        precision="bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true",
+        callbacks=[timer],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size}
+
+
+def ours_decode(features_file: str, count: int, device: str, beam_size: int, batch_size: int) -> dict:
+    import torch
+
+    from captioner.models.module import CaptionModel
+
+    model = CaptionModel(backbone="resnet50", weights=None, image_size=224, beam_size=beam_size)
+    model.build(_vocabulary())
+    model.to(device).eval()
+    features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
+    model.generate(features[:batch_size].to(device), beam_size)  # warm-up
+    _sync(device)
+    started, lengths = time.perf_counter(), []
+    for start in range(0, count, batch_size):
+        result = model.generate(features[start : start + batch_size].to(device, non_blocking=True), beam_size)
+        lengths.append(result.lengths)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return {"captions_per_s": count / elapsed, "mean_length": float(torch.cat(lengths).float().mean())}
+
+
+# ------------------------------------------------------------------ phases: the original approach
+def original_extract(images_dir: str, names: list[str], work: str, device: str) -> dict:
+    import torch
+    from original_approach import extract_one_by_one
+
+    paths = [Path(images_dir) / name for name in names]
+    extract_one_by_one(paths[:2], Path(work) / "warmup.pkl", torch.device(device))
+    _sync(device)
+    started = time.perf_counter()
+    extract_one_by_one(paths, Path(work) / "features.pkl", torch.device(device))
+    _sync(device)
+    return {"images_per_s": len(names) / (time.perf_counter() - started), "images": len(names)}
+
+
+def original_train(features_file: str, images: int, device: str, images_per_batch: int, steps: int) -> dict:
+    import torch
+    from original_approach import MergeCaptioner, prefix_samples, train_steps
+
+    features = np.asarray(np.load(features_file, mmap_mode="r")[:images], dtype=np.float32)
+    captions = make_captions(images * 5)
+    model = MergeCaptioner(VOCAB_SIZE).to(device)
+    optimizer = torch.optim.Adam(model.parameters())
+    per_image = [[[1, *[w + 4 for w in c[:MAX_LENGTH]], 2] for c in captions[i * 5 : i * 5 + 5]] for i in range(images)]
+
+    def batches(start_step: int, count: int):
+        for step in range(start_step, start_step + count):
+            chosen = [(step * images_per_batch + j) % images for j in range(images_per_batch)]
+            feats = np.repeat(features[chosen], 5, axis=0)
+            yield prefix_samples(feats, [c for i in chosen for c in per_image[i]], MAX_LENGTH, VOCAB_SIZE)
+
+    train_steps(model, batches(0, 1), device, optimizer)  # warm-up
+    _sync(device)
+    started = time.perf_counter()
+    train_steps(model, batches(1, steps), device, optimizer)  # the generator's work is part of the cost
+    _sync(device)
+    return {"captions_per_s": steps * images_per_batch * 5 / (time.perf_counter() - started)}
+
+
+def original_decode(features_file: str, count: int, device: str) -> dict:
+    import torch
+    from original_approach import MergeCaptioner, generate_caption
+
+    model = MergeCaptioner(VOCAB_SIZE).to(device)
+    word_index = {"startseq": 1, "endseq": 2, **{f"w{i}": i + 4 for i in range(VOCAB_SIZE - 4)}}
+    features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32)).to(device)
+    generate_caption(model, features[0], word_index, MAX_LENGTH)  # warm-up
+    started, lengths = time.perf_counter(), []
+    for feature in features:
+        lengths.append(len(generate_caption(model, feature, word_index, MAX_LENGTH).split()) - 1)
+    return {"captions_per_s": count / (time.perf_counter() - started), "mean_length": float(np.mean(lengths))}
+
+
+# ------------------------------------------------------------------ main
+SIZES = {
+    #            images orig_ext train_small train_large steps orig_steps orig_ipb decode orig_decode
+    "quick": dict(
+        images=32,
+        original_images=8,
+        train_small=400,
+        train_large=1600,
+        steps=15,
+        original_steps=2,
+        original_images_per_batch=4,
+        decode=512,
+        original_decode=3,
+    ),
+    "full": dict(
+        images=256,
+        original_images=48,
+        train_small=4000,
+        train_large=16000,
+        steps=100,
+        original_steps=8,
+        original_images_per_batch=8,
+        decode=4096,
+        original_decode=10,
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on a 2-core CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    options = parser.parse_args()
+
+    import torch
+
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    sizes = SIZES["quick" if options.quick else "full"]
+    workers = min(16, os.cpu_count() or 1)
+    # CPU: decoding images is cheap next to the ResNet, so one worker does best on few cores.
+    extract_batch, train_batch, decode_batch = (None, 256, 1024) if cuda else (None, 128, 1024)
+    workers = workers if cuda else 1
+    hardware = torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores"
+    print(f"captioner benchmark on {hardware} ({'quick' if options.quick else 'full'} sizes)", flush=True)
+
+    from captioner.data.synthetic import write_synthetic_dataset
+
+    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
+        tmp = Path(tmp)
+        root = write_synthetic_dataset(tmp / "scenes", sizes["images"], seed=0, width=640, height=480)
+        names = sorted(p.name for p in (root / "Images").iterdir())
+        images_dir = str(root / "Images")
+        r = {}
+        r["extract_half"] = run_phase(
+            "ours: extraction (half the images)",
+            ours_extract,
+            images_dir=images_dir,
+            names=names[: len(names) // 2],
+            work=str(tmp / "e1"),
+            device=device,
+            batch_size=extract_batch,
+            workers=workers,
+        )
+        r["extract"] = run_phase(
+            "ours: extraction",
+            ours_extract,
+            images_dir=images_dir,
+            names=names,
+            work=str(tmp / "e2"),
+            device=device,
+            batch_size=extract_batch,
+            workers=workers,
+        )
+        r["orig_extract"] = run_phase(
+            "original: extraction (batch 1)",
+            original_extract,
+            images_dir=images_dir,
+            names=names[: sizes["original_images"]],
+            work=str(tmp),
+            device=device,
+        )
+
+        extracted = np.load(next((tmp / "e2" / "cache").glob("features.npy")), mmap_mode="r")
+        small = make_feature_file(tmp / "small.npy", extracted, sizes["train_small"])
+        large = make_feature_file(tmp / "large.npy", extracted, sizes["train_large"])
+        train = dict(device=device, batch_size=train_batch, steps=sizes["steps"], warmup=3)
+        r["train_small"] = run_phase(
+            "ours: training (small set)", ours_train, features_file=str(small), images=sizes["train_small"], **train
+        )
+        r["train"] = run_phase(
+            "ours: training (4x the images)", ours_train, features_file=str(large), images=sizes["train_large"], **train
+        )
+        r["orig_train"] = run_phase(
+            "original: prefix-expansion training",
+            original_train,
+            features_file=str(small),
+            images=sizes["train_small"],
+            device=device,
+            images_per_batch=sizes["original_images_per_batch"],
+            steps=sizes["original_steps"],
+        )
+        r["greedy"] = run_phase(
+            "ours: greedy decoding",
+            ours_decode,
+            features_file=str(large),
+            count=sizes["decode"],
+            device=device,
+            beam_size=1,
+            batch_size=decode_batch,
+        )
+        r["beam3"] = run_phase(
+            "ours: beam-3 decoding",
+            ours_decode,
+            features_file=str(large),
+            count=sizes["decode"],
+            device=device,
+            beam_size=3,
+            batch_size=decode_batch,
+        )
+        r["orig_decode"] = run_phase(
+            "original: per-word decoding",
+            original_decode,
+            features_file=str(small),
+            count=sizes["original_decode"],
+            device=device,
+        )
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("inf")
+
+    rows = [
+        ("extraction (images/s)", r["extract"]["images_per_s"], r["orig_extract"]["images_per_s"]),
+        ("training (captions/s)", r["train"]["captions_per_s"], r["orig_train"]["captions_per_s"]),
+        ("greedy decoding (captions/s)", r["greedy"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
+        ("beam-3 decoding (captions/s)", r["beam3"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
+    ]
+    print(f"\n{'phase':<32}{'captioner':>14}{'original':>14}{'ratio':>10}")
+    for name, ours, original in rows:
+        print(f"{name:<32}{ours:>14,.1f}{original:>14,.2f}{ratio(ours, original):>9.1f}x")
+    print(f"\n{'peak memory (MB): anon / resident':<44}{'captioner':>18}{'original':>18}")
+    for name, ours, original in (
+        ("extraction", "extract", "orig_extract"),
+        ("training", "train", "orig_train"),
+        ("decoding (greedy)", "greedy", "orig_decode"),
+    ):
+        a, b = r[ours], r[original]
+        print(
+            f"{name:<44}{a['peak_anon_mb']:>9.0f} /{a['peak_rss_mb']:>6.0f}{b['peak_anon_mb']:>11.0f} /"
+            f"{b['peak_rss_mb']:>6.0f}"
+        )
+    print(
+        f"training anon memory, {sizes['train_small']:,} vs {sizes['train_large']:,} images: "
+        f"{r['train_small']['peak_anon_mb']:.0f} MB vs {r['train']['peak_anon_mb']:.0f} MB"
+    )
+    print(
+        f"extraction anon memory, {len(names) // 2} vs {len(names)} images: "
+        f"{r['extract_half']['peak_anon_mb']:.0f} MB vs {r['extract']['peak_anon_mb']:.0f} MB"
+    )
+    print(
+        f"mean caption length decoded: ours {r['greedy']['mean_length']:.1f}, original "
+        f"{r['orig_decode']['mean_length']:.1f} words (untrained decoders run to the maximum length)\n"
+    )
+
+    summary = {
+        "hardware": hardware,
+        "extraction_images_per_s": r["extract"]["images_per_s"],
+        "original_extraction_images_per_s": r["orig_extract"]["images_per_s"],
+        "extraction_ratio": ratio(r["extract"]["images_per_s"], r["orig_extract"]["images_per_s"]),
+        "training_captions_per_s": r["train"]["captions_per_s"],
+        "original_training_captions_per_s": r["orig_train"]["captions_per_s"],
+        "training_ratio": ratio(r["train"]["captions_per_s"], r["orig_train"]["captions_per_s"]),
+        "greedy_captions_per_s": r["greedy"]["captions_per_s"],
+        "beam3_captions_per_s": r["beam3"]["captions_per_s"],
+        "original_decoding_captions_per_s": r["orig_decode"]["captions_per_s"],
+        "decoding_ratio": ratio(r["greedy"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
+        "beam3_decoding_ratio": ratio(r["beam3"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
+        "training_peak_anon_mb_small": r["train_small"]["peak_anon_mb"],
+        "training_peak_anon_mb_large": r["train"]["peak_anon_mb"],
+        "extraction_peak_anon_mb_half": r["extract_half"]["peak_anon_mb"],
+        "extraction_peak_anon_mb_full": r["extract"]["peak_anon_mb"],
+    }
+    if options.json:
+        options.json.write_text(json.dumps({"summary": summary, "phases": r}, indent=1))
+    for key, value in summary.items():
+        print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    main()
