@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import netrc
 import os
 import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from captioner.data.datamodule import CaptionDataModule
 from captioner.errors import CaptionerError
@@ -35,6 +38,33 @@ def wandb_has_credentials() -> bool:
 def _uses_wandb(logger_config) -> bool:
     configs = logger_config if isinstance(logger_config, list) else [logger_config]
     return any("WandbLogger" in str(getattr(c, "class_path", c)) for c in configs if c not in (None, False, True))
+
+
+def _save_dir(trainer_config) -> Path:
+    loggers = trainer_config.logger if isinstance(trainer_config.logger, list) else [trainer_config.logger]
+    for logger in loggers:
+        save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
+        if save_dir:
+            return Path(save_dir)
+    return Path(trainer_config.default_root_dir or ".")
+
+
+def find_last_checkpoint(trainer_config) -> Path:
+    """The newest `last.ckpt` under the runs folder, for `--ckpt_path last`.
+
+    Each run writes into a folder of its own, so Lightning's own "last" (which
+    looks only in the new run's folder) would find nothing; this looks across
+    the runs of the logger's save_dir.
+
+    Raises:
+        CaptionerError: When there is none.
+    """
+    root = _save_dir(trainer_config)
+    found = sorted(root.rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise CaptionerError(f"--ckpt_path last: no last.ckpt under {root}. Pass the checkpoint's path instead.")
+    print(f"Resuming from {found[-1]}", file=sys.stderr)
+    return found[-1]
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -78,6 +108,8 @@ class CaptionerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = str(find_last_checkpoint(config.trainer))
         if _uses_wandb(config.trainer.logger) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
             os.environ["WANDB_MODE"] = "offline"
             print(
@@ -104,9 +136,28 @@ def default_trainer_settings() -> dict:
     return {}
 
 
+def _finish_wandb_runs(trainer: Trainer) -> None:
+    """End the W&B run of this command, so a later `main()` in the same process starts a run of its own."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is now (test runners and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -159,7 +210,7 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             if status:
                 raise SystemExit(status)
             return None
-        return CaptionerCLI(
+        cli = CaptionerCLI(
             CaptionModel,
             CaptionDataModule,
             trainer_defaults=default_trainer_settings(),
@@ -168,6 +219,18 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             args=args,
             auto_configure_optimizers=False,
         )
+        _finish_wandb_runs(cli.trainer)
+        return cli
     except CaptionerError as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(
+            f"error: no space left on device while writing {error.filename or 'a file'}. Files are written to a "
+            "temporary name and renamed when complete, so nothing partial is left that a later run would trust. "
+            "Free some space and rerun (`fit --ckpt_path last` resumes training).",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None

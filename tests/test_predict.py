@@ -98,6 +98,7 @@ def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes
     with Image.open(pictures[0]) as picture:
         assert picture.width == 512 and picture.height > 512 * 120 / 160  # the caption band is under the image
     assert not list(folder.glob(".predictions.*"))
+    assert not (tmp_path / "no-dataset-here").exists() and not (tmp_path / "no-work-dir").exists()
 
 
 @pytest.mark.parametrize("folder", ["empty", "missing"])

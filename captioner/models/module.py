@@ -189,9 +189,9 @@ class CaptionModel(LightningModule):
         self._evaluate(batch, "val", beam_size=1)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(
-            {f"val/{name}": value for name, value in as_percent(self.val_bleu.compute()).items()}, prog_bar=True
-        )
+        # Every rank holds the same corpus BLEU (torchmetrics reduces the n-gram counts); sync_dist only agrees on it.
+        scores = {f"val/{name}": value for name, value in as_percent(self.val_bleu.compute()).items()}
+        self.log_dict(scores, prog_bar=True, sync_dist=True)
         self.val_bleu.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -210,8 +210,8 @@ class CaptionModel(LightningModule):
         rows = unique_by_file(self._gather(self._test_rows))
         evaluation = evaluate_captions(rows) if self.trainer.is_global_zero else None
         evaluation = self.trainer.strategy.broadcast(evaluation)
-        self.log_dict({f"test/{name}": value for name, value in bleu.items()})
-        self.log_dict(loggable(evaluation))
+        self.log_dict({f"test/{name}": value for name, value in bleu.items()}, sync_dist=True)
+        self.log_dict(loggable(evaluation), sync_dist=True)
         if self.trainer.is_global_zero:
             self._write_test_report(bleu, evaluation, rows)
 
