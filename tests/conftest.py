@@ -52,6 +52,22 @@ def tiny_args(subcommand: str, data_dir: Path, work_dir: Path, root: Path, *extr
     ]
 
 
+def predict_args(checkpoint: Path, photos: Path, save_dir: Path, *extra: str) -> list[str]:
+    """Arguments for `main` to predict on `photos` with the tiny config, a CaptionWriter last."""
+    return [
+        "predict", "--config", str(TINY_CONFIG), "--ckpt_path", str(checkpoint), "--data.predict_dir", str(photos),
+        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks+=callbacks.CaptionWriter", *extra,
+    ]  # fmt: skip
+
+
+def wandb_logger_args(save_dir: Path) -> list[str]:
+    """Replace the tiny config's logger with W&B (its mode comes from the environment)."""
+    return [
+        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(save_dir),
+        "--trainer.logger.project", "captioner-test",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def trained(scenes_source, tmp_path_factory):
     """A tiny model trained for a few epochs: (checkpoint path, work dir)."""

@@ -9,7 +9,7 @@ import torch
 
 from captioner.cli import main
 from captioner.runs import run_dir
-from tests.conftest import TESTS, TINY_CONFIG, tiny_args
+from tests.conftest import TESTS, TINY_CONFIG, tiny_args, wandb_logger_args
 
 ROOT = TESTS.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [TINY_CONFIG]
@@ -88,12 +88,7 @@ def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_pa
         "-m",
         "captioner",
         *tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.limit_train_batches", "2"),
-        "--trainer.logger",
-        "lightning.pytorch.loggers.WandbLogger",
-        "--trainer.logger.save_dir",
-        str(tmp_path / "runs"),
-        "--trainer.logger.project",
-        "captioner-test",
+        *wandb_logger_args(tmp_path / "runs"),
     ]
     result = subprocess.run(
         command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240, cwd=tmp_path

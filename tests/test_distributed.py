@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TESTS, tiny_args
+from tests.conftest import TESTS, predict_args, tiny_args
 
 ROOT = TESTS.parent
 
@@ -36,15 +36,14 @@ def ddp(processes):
 def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
     work = tmp_path / "work"
     run([*tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "6"), *ddp(2)], tmp_path)
-    checkpoints = sorted((tmp_path / "fit").rglob("last.ckpt"))
-    assert len(checkpoints) == 1
+    (checkpoint,) = (tmp_path / "fit").rglob("last.ckpt")
     (cache,) = (work / "features").iterdir()
     assert (cache / "index.json").is_file() and not (cache / "parts").exists()  # shared extraction, assembled
 
     reports = {}
     for processes in (1, 2):
         root = tmp_path / f"test{processes}"
-        run([*tiny_args("test", scenes, work, root, "--ckpt_path", str(checkpoints[0])), *ddp(processes)], tmp_path)
+        run([*tiny_args("test", scenes, work, root, "--ckpt_path", str(checkpoint)), *ddp(processes)], tmp_path)
         (report,) = root.rglob("test_metrics.json")
         reports[processes] = json.loads(report.read_text())
         captions = [json.loads(line) for line in (report.parent / "test_captions.jsonl").read_text().splitlines()]
@@ -57,22 +56,7 @@ def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
     photos.mkdir()
     for image in sorted((scenes / "Images").iterdir())[:9]:  # odd: the ranks get 5 and 4
         shutil.copy(image, photos / image.name)
-    result = run(
-        [
-            "predict",
-            "--config",
-            str(TESTS / "conf" / "tiny.yaml"),
-            "--ckpt_path",
-            str(checkpoints[0]),
-            "--data.predict_dir",
-            str(photos),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "pred"),
-            "--trainer.callbacks+=callbacks.CaptionWriter",
-            *ddp(2),
-        ],
-        tmp_path,
-    )
+    result = run([*predict_args(checkpoint, photos, tmp_path / "pred"), *ddp(2)], tmp_path)
     assert "9 captioned, 0 failed" in result.stdout
     (predictions,) = (tmp_path / "pred").rglob("predictions.jsonl")
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]

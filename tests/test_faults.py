@@ -20,7 +20,7 @@ from captioner.data.images import find_images
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open, write_json
 from captioner.runs import run_dir
-from tests.conftest import TESTS, TINY_CONFIG, tiny_args
+from tests.conftest import TESTS, predict_args, tiny_args
 
 ROOT = TESTS.parent
 
@@ -191,22 +191,7 @@ def test_predict_handles_names_with_spaces_and_non_ascii(trained, scenes_source,
     source = next((scenes_source / "Images").iterdir())
     Image.open(source).save(photos / "été 2024" / "plage à Nice.jpg")
     Image.open(source).save(photos / "写真 1.png")
-    cli = main(
-        [
-            "predict",
-            "--config",
-            str(TINY_CONFIG),
-            "--ckpt_path",
-            str(checkpoint),
-            "--data.predict_dir",
-            str(photos),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--trainer.callbacks+=callbacks.CaptionWriter",
-            "--trainer.callbacks.write_images",
-            "true",
-        ]
-    )
+    cli = main(predict_args(checkpoint, photos, tmp_path / "runs", "--trainer.callbacks.write_images", "true"))
     folder = run_dir(cli.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["plage à Nice.jpg", "写真 1.png"]

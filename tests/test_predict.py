@@ -10,7 +10,7 @@ from captioner import Captioner, CaptionerError
 from captioner.cli import main
 from captioner.data.images import load_image
 from captioner.runs import run_dir
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, predict_args
 
 
 def write_every_kind_of_image(folder, source):
@@ -44,28 +44,9 @@ def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes
     photos = tmp_path / "photos"
     photos.mkdir()
     good, bad = write_every_kind_of_image(photos, next((scenes_source / "Images").iterdir()))
-    cli = main(
-        [
-            "predict",
-            "--config",
-            str(TINY_CONFIG),
-            "--ckpt_path",
-            str(checkpoint),
-            "--data.data_dir",
-            str(tmp_path / "no-dataset-here"),
-            "--data.work_dir",
-            str(tmp_path / "no-work-dir"),
-            "--data.predict_dir",
-            str(photos),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--trainer.callbacks+=callbacks.CaptionWriter",
-            "--trainer.callbacks.write_images",
-            "true",
-        ]
-    )
+    extra = ["--trainer.callbacks.write_images", "true", "--data.data_dir", str(tmp_path / "no-dataset-here"),
+             "--data.work_dir", str(tmp_path / "no-work-dir")]  # fmt: skip
+    cli = main(predict_args(checkpoint, photos, tmp_path / "runs", *extra))
     assert f"{good} captioned, {bad} failed" in capsys.readouterr().out
     folder = run_dir(cli.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
@@ -106,19 +87,7 @@ def test_predict_on_an_empty_or_missing_folder_is_a_clear_error(trained, tmp_pat
     checkpoint, _ = trained
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "predict",
-                "--config",
-                str(TINY_CONFIG),
-                "--ckpt_path",
-                str(checkpoint),
-                "--data.predict_dir",
-                str(tmp_path / folder),
-                "--trainer.logger",
-                "false",
-            ]
-        )
+        main(predict_args(checkpoint, tmp_path / folder, tmp_path / "runs"))
     assert exit_info.value.code == 2
     assert "--data.predict_dir" in capsys.readouterr().err
 

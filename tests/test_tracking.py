@@ -7,7 +7,7 @@ import sys
 
 from PIL import Image
 
-from tests.conftest import TESTS, tiny_args
+from tests.conftest import TESTS, tiny_args, wandb_logger_args
 from tests.wandb_log import history_keys, read_records
 
 ROOT = TESTS.parent
@@ -23,12 +23,7 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
         *tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2"),
         "--trainer.limit_train_batches",
         "3",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.WandbLogger",
-        "--trainer.logger.save_dir",
-        str(tmp_path / "runs"),
-        "--trainer.logger.project",
-        "captioner-test",
+        *wandb_logger_args(tmp_path / "runs"),
         "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
         "--trainer.callbacks+=callbacks.Throughput",
         "--trainer.callbacks+=callbacks.CaptionSamples",

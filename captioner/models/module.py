@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 # Hyperparameters a checkpoint's weights depend on: a config that differs in any is refused.
-ARCHITECTURE_KEYS = ("backbone", "weights", "image_size", "embed_dim", "hidden_dim", "num_layers")
+ARCHITECTURE_KEYS = ("backbone", "weights", "image_size", "embed_dim", "hidden_dim", "num_layers", "blind")
 
 
 class CaptionModel(LightningModule):
