@@ -1,0 +1,1 @@
+"""Data: source -> records -> splits -> vocabulary -> features -> loaders."""

@@ -1,0 +1,112 @@
+"""Torch datasets over the memory-mapped feature cache.
+
+Features are read row by row from the cache on demand (never all loaded);
+captions are kept as one padded int tensor. Both datasets fetch whole batches
+at once through `__getitems__`, so a batch is one fancy-indexed read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from captioner.data.vocab import Vocabulary, normalize
+
+
+class _FeatureRows:
+    """Opens the cache lazily in each process: a memmap must not be pickled to workers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._array: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_array": None}
+
+    def read(self, rows: np.ndarray) -> torch.Tensor:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        order = np.argsort(rows, kind="stable")  # sorted reads are sequential on disk
+        out = np.empty((len(rows), self._array.shape[1]), dtype=np.float16)
+        out[order] = self._array[rows[order]]
+        return torch.from_numpy(out).float()
+
+
+def _trim(tokens: torch.Tensor, pad_index: int) -> torch.Tensor:
+    """Drop padding columns that no row of the batch uses (done on the CPU side, no device sync)."""
+    used = int((tokens != pad_index).sum(dim=1).max()) if len(tokens) else 1
+    return tokens[:, :used]
+
+
+class TrainCaptions(Dataset):
+    """Every (image feature, caption) pair of the training split.
+
+    Args:
+        features_path: The cache's `features.npy`.
+        rows: `(N,)` cache row of each caption's image.
+        tokens: `(N, L)` encoded captions, `<start>` ... `<end>` then `<pad>`.
+        pad_index: The padding token.
+    """
+
+    def __init__(self, features_path: str | Path, rows: np.ndarray, tokens: torch.Tensor, pad_index: int) -> None:
+        self.features = _FeatureRows(features_path)
+        self.rows, self.tokens, self.pad_index = rows, tokens, pad_index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.asarray(indices)
+        return self.features.read(self.rows[index]), _trim(self.tokens[index], self.pad_index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        features, tokens = self.__getitems__([index])
+        return features[0], tokens[0]
+
+
+class EvalImages(Dataset):
+    """One item per image with all its reference captions (validation and test).
+
+    A batch is a dict: `features` `(B, D)`, `tokens` `(R, L)` for every
+    reference of the batch, `owners` `(R,)` the batch row each reference
+    belongs to, `references` (normalised strings per image), `file_names` and
+    `index` (dataset positions, to count each image once across ranks).
+    """
+
+    def __init__(
+        self, features_path: str | Path, rows: np.ndarray, file_names: list[str], captions: list[tuple[str, ...]], vocabulary: Vocabulary
+    ) -> None:
+        self.features = _FeatureRows(features_path)
+        self.rows, self.file_names = rows, file_names
+        self.references = [[" ".join(normalize(c)) for c in image_captions] for image_captions in captions]
+        counts = torch.tensor([len(c) for c in captions])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        self.tokens = vocabulary.encode_batch([c for image_captions in captions for c in image_captions])
+        self.pad_index = vocabulary.pad_index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        index = np.asarray(indices)
+        spans = [torch.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
+        owners = torch.cat([torch.full((len(span),), row) for row, span in enumerate(spans)])
+        return {
+            "features": self.features.read(self.rows[index]),
+            "tokens": _trim(self.tokens[torch.cat(spans)], self.pad_index),
+            "owners": owners,
+            "references": [self.references[i] for i in indices],
+            "file_names": [self.file_names[i] for i in indices],
+            "index": torch.as_tensor(index),
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])
+
+
+def passthrough(batch):
+    """Collate function for datasets that build whole batches in `__getitems__`."""
+    return batch

@@ -1,0 +1,419 @@
+"""Encoder features computed once into a resumable, memory-mapped fp16 cache.
+
+Layout of one cache folder (named after its key):
+
+    features.npy        (N, D) float16, written in place while extracting as
+                        features.partial.npy and renamed when complete
+    progress.json       rows done so far (only while incomplete)
+    index.json          the completion marker: key, version, shape, file names,
+                        files that could not be decoded
+
+The key covers the backbone, its weights, the image size and the image list,
+so changing any of them computes a new cache. A cache whose index or array do
+not check out is rebuilt with one warning, never used.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from captioner.data.images import (
+    EncodedFileDataset,
+    ImageFileDataset,
+    collate_encoded,
+    collate_images,
+    decode_on_device,
+)
+from captioner.errors import CaptionerError
+from captioner.files import read_json, write_json
+from captioner.models.encoder import ImageEncoder
+
+log = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1
+FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = "features.npy", "features.partial.npy", "index.json", "progress.json"
+SAVE_PROGRESS_EVERY_S = 20.0
+
+
+def cache_key(backbone: str, weights: str | None, image_size: int, file_names: list[str]) -> str:
+    """A digest of everything the cached features depend on."""
+    spec = {"version": FEATURES_VERSION, "backbone": backbone, "weights": weights, "image_size": image_size}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for name in file_names:
+        digest.update(name.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def cache_dir_for(root: str | Path, backbone: str, weights: str | None, image_size: int, key: str) -> Path:
+    """The folder a cache with this key lives in; readable names help people clean up."""
+    return Path(root) / f"{backbone}-{weights or 'random'}-{image_size}px-{key[:12]}"
+
+
+@dataclass
+class FeatureCache:
+    """A complete, validated cache opened read-only.
+
+    Attributes:
+        features: `(N, D)` float16 memory map; rows are read on demand.
+        file_names: Row order of `features`.
+        failed: Files whose decoding failed, with the reason (their rows are zeros).
+    """
+
+    directory: Path
+    features: np.ndarray
+    file_names: list[str]
+    failed: dict[str, str]
+
+    @property
+    def row_of(self) -> dict[str, int]:
+        """Row index of every file name."""
+        return {name: row for row, name in enumerate(self.file_names)}
+
+
+def open_cache(directory: str | Path, key: str) -> FeatureCache:
+    """Open and validate a complete cache.
+
+    Raises:
+        CaptionerError: When the index or the array is missing, truncated or does not match `key`.
+    """
+    directory = Path(directory)
+    index = read_json(directory / INDEX_FILE, "Feature index")
+    expected = {"version": FEATURES_VERSION, "key": key}
+    for name, value in expected.items():
+        if index.get(name) != value:
+            raise CaptionerError(f"feature index {directory / INDEX_FILE} has {name}={index.get(name)!r}, expected {value!r}")
+    file_names, failed = index.get("file_names"), index.get("failed")
+    count, dim = index.get("count"), index.get("dim")
+    if not isinstance(file_names, list) or len(file_names) != count or not isinstance(failed, dict):
+        raise CaptionerError(f"feature index {directory / INDEX_FILE} is inconsistent (count {count}, names {len(file_names or [])})")
+    try:
+        features = np.load(directory / FEATURES_FILE, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise CaptionerError(f"feature array {directory / FEATURES_FILE} cannot be read ({error})") from error
+    if features.shape != (count, dim) or features.dtype != np.float16:
+        raise CaptionerError(
+            f"feature array {directory / FEATURES_FILE} has shape {features.shape} {features.dtype}, "
+            f"expected ({count}, {dim}) float16"
+        )
+    return FeatureCache(directory, features, list(file_names), dict(failed))
+
+
+def _resume_point(directory: Path, key: str, count: int, dim: int) -> tuple[int, dict[str, str]]:
+    """Rows already done by an interrupted extraction with this key, and its failures so far."""
+    progress_path, partial_path = directory / PROGRESS_FILE, directory / PARTIAL_FILE
+    if not (progress_path.exists() and partial_path.exists()):
+        return 0, {}
+    try:
+        progress = read_json(progress_path, "Extraction progress")
+        partial = np.load(partial_path, mmap_mode="r")
+        if progress.get("key") != key or partial.shape != (count, dim) or partial.dtype != np.float16:
+            raise CaptionerError("progress does not match")
+        done = int(progress["done"])
+        if not 0 <= done <= count:
+            raise CaptionerError("progress out of range")
+        return done, dict(progress.get("failed", {}))
+    except (CaptionerError, OSError, ValueError, KeyError, TypeError):
+        log.warning("Discarding an unreadable partial feature extraction in %s; starting over.", directory)
+        return 0, {}
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per encoder pass: large on a GPU; small on a CPU, where bigger batches only add cache misses."""
+    return 256 if device.type == "cuda" else 8
+
+
+def _reserve_disk_space(path: Path) -> None:
+    """Allocate the whole (sparse) array file now: a full disk then fails here with a clear error,
+    not later with a bus error when a memory-mapped page cannot be written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = path.stat().st_size
+    try:
+        with path.open("r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, size)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            path.unlink(missing_ok=True)
+            raise CaptionerError(
+                f"No space left on device for the feature cache {path} ({size / 2**20:.0f} MiB needed). "
+                "Free space or move --data.work_dir to another disk, then rerun."
+            ) from error
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: carry on
+            raise
+
+
+def _encode_in_chunks(forward, images: torch.Tensor, chunk: list[int]) -> torch.Tensor:
+    """Run the encoder over `images` in chunks of `chunk[0]`, halving it (for good) on out-of-memory."""
+    while True:
+        try:
+            return torch.cat([forward(images[i : i + chunk[0]]) for i in range(0, len(images), chunk[0])])
+        except torch.OutOfMemoryError as error:
+            if chunk[0] == 1:
+                raise CaptionerError(
+                    "The encoder runs out of device memory even on one image; use a smaller --data.image_size "
+                    "or extract on the CPU (--trainer.accelerator cpu)."
+                ) from error
+            chunk[0] //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("Out of device memory while extracting features: retrying with batches of %d.", chunk[0])
+
+
+def extract_features(
+    directory: str | Path,
+    key: str,
+    images_dir: str | Path,
+    file_names: list[str],
+    encoder: ImageEncoder,
+    image_size: int,
+    batch_size: int | None = None,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    device_decode: bool | None = None,
+    compile_encoder: bool = False,
+    require_some: bool = True,
+) -> None:
+    """Run `encoder` over the images into `directory`, resuming an interrupted run.
+
+    On a GPU (or with `device_decode=True`) JPEGs are read as bytes by the
+    workers and decoded and resized in batches on the device; other formats
+    are decoded by the workers. Otherwise workers decode and resize with PIL.
+    The encoder runs in bf16 autocast on a GPU, channels-last, optionally
+    through `torch.compile`.
+
+    Rows are written into a memory-mapped partial file; progress is saved at
+    batch boundaries after the rows are flushed, so a run killed at any point
+    resumes at a batch boundary and produces the same array as an
+    uninterrupted run with the same batch size.
+
+    Raises:
+        CaptionerError: When no image at all can be decoded, or the disk is full.
+    """
+    directory, device = Path(directory), torch.device(device)
+    batch_size = batch_size or default_batch_size(device)
+    directory.mkdir(parents=True, exist_ok=True)
+    count, dim = len(file_names), encoder.feature_dim
+    done, failed = _resume_point(directory, key, count, dim)
+    partial_path = directory / PARTIAL_FILE
+    if done == 0:
+        features = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=(count, dim))
+        _reserve_disk_space(partial_path)
+    else:
+        log.info("Resuming feature extraction at image %d of %d.", done, count)
+        features = np.load(partial_path, mmap_mode="r+")
+
+    def save_progress(rows_done: int) -> None:
+        features.flush()
+        write_json(directory / PROGRESS_FILE, {"key": key, "done": rows_done, "failed": failed})
+
+    paths = [Path(images_dir) / name for name in file_names[done:]]
+    device_decode = device.type == "cuda" if device_decode is None else device_decode
+    dataset = EncodedFileDataset(paths, image_size) if device_decode else ImageFileDataset(paths, image_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_encoded if device_decode else collate_images,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    encoder = encoder.to(device)
+    forward = torch.compile(encoder) if compile_encoder else encoder
+    chunk = [batch_size]  # shrinks when the device runs out of memory
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    last_save, completed = time.monotonic(), done
+    try:
+        with (
+            # The loader draws seeds from the global RNG: fork it, so a run trains the same model
+            # whether or not the cache had to be built first.
+            torch.random.fork_rng(devices=[]),
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+            tqdm(total=count, initial=done, unit="img", desc=f"{encoder.backbone_name} features", dynamic_ncols=True) as bar,
+        ):
+            for batch in loader:
+                if device_decode:
+                    batch = decode_on_device(batch, image_size, device)
+                start = done + batch["positions"][0]
+                stop = done + batch["positions"][-1] + 1
+                rows = np.zeros((stop - start, dim), dtype=np.float16)
+                if batch["ok"]:
+                    images = batch["images"].to(device, non_blocking=True)
+                    out = _encode_in_chunks(forward, images, chunk).float().cpu().numpy().astype(np.float16)
+                    rows[[position + done - start for position in batch["ok"]]] = out
+                for position, reason in batch["errors"].items():
+                    failed[file_names[done + position]] = reason
+                features[start:stop] = rows
+                bar.update(stop - start)
+                completed = stop
+                if time.monotonic() - last_save > SAVE_PROGRESS_EVERY_S:
+                    save_progress(completed)
+                    last_save = time.monotonic()
+    except KeyboardInterrupt:
+        save_progress(completed)  # Ctrl-C keeps every finished batch; SIGKILL keeps the last save
+        raise
+    except OSError as error:
+        raise CaptionerError(f"Writing features to {partial_path} failed ({error}). Free disk space and rerun: extraction resumes.") from error
+    features.flush()
+    del features
+    if require_some and len(failed) == count:
+        raise CaptionerError(f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))}).")
+    (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
+    write_json(
+        directory / INDEX_FILE,
+        {"version": FEATURES_VERSION, "key": key, "count": count, "dim": dim, "file_names": file_names, "failed": failed},
+    )
+    (directory / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def prepare_features(
+    root: str | Path,
+    images_dir: str | Path,
+    file_names: list[str],
+    backbone: str,
+    weights: str | None,
+    image_size: int,
+    batch_size: int | None = None,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    compile_encoder: bool = False,
+) -> FeatureCache:
+    """Open the cache for these images and encoder, computing or resuming it first if needed.
+
+    Args:
+        root: Folder holding all caches (one subfolder per key).
+        images_dir: Folder the file names are relative to.
+        file_names: The images, in the row order of the cache.
+        backbone, weights, image_size: The encoder spec (see `ImageEncoder`).
+        batch_size: Images per forward pass (None: 256 on a GPU, 8 on a CPU).
+        num_workers: DataLoader workers decoding images.
+        device: Where the encoder runs.
+        compile_encoder: Run the encoder through `torch.compile` (pays off on large sets on a GPU).
+
+    Returns:
+        The validated, complete cache.
+    """
+    key = cache_key(backbone, weights, image_size, file_names)
+    directory = cache_dir_for(root, backbone, weights, image_size, key)
+    if (directory / INDEX_FILE).exists():
+        try:
+            return open_cache(directory, key)
+        except CaptionerError as error:
+            log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
+            shutil.rmtree(directory)
+    encoder = ImageEncoder(backbone, weights, pretrained=True)
+    extract_features(
+        directory, key, images_dir, file_names, encoder, image_size, batch_size, num_workers, device,
+        compile_encoder=compile_encoder,
+    )
+    return open_cache(directory, key)
+
+
+def load_features(root: str | Path, file_names: list[str], backbone: str, weights: str | None, image_size: int) -> FeatureCache:
+    """Open an existing complete cache without computing anything (for setup on every rank).
+
+    Raises:
+        CaptionerError: When the cache is missing or invalid (run prepare first).
+    """
+    key = cache_key(backbone, weights, image_size, file_names)
+    return open_cache(cache_dir_for(root, backbone, weights, image_size, key), key)
+
+
+def prepare_features_sharded(
+    root: str | Path,
+    images_dir: str | Path,
+    file_names: list[str],
+    backbone: str,
+    weights: str | None,
+    image_size: int,
+    rank: int,
+    world_size: int,
+    barrier,
+    batch_size: int | None = None,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    compile_encoder: bool = False,
+) -> FeatureCache:
+    """Build the cache with every rank of a distributed run extracting its own share.
+
+    Rank r extracts the contiguous rows `[r*N/W, (r+1)*N/W)` into a part cache
+    of its own (`parts/W-r/`, resumable like any cache), so no two processes
+    write the same file. After a barrier, rank 0 copies the parts into the
+    one cache, in row order, and writes its index; after a second barrier
+    every rank opens it. A complete cache is opened without any of this.
+
+    Args:
+        rank: This process's global rank.
+        world_size: Number of processes.
+        barrier: A callable that blocks until every rank reaches it.
+        Others: as `prepare_features`.
+    """
+    key = cache_key(backbone, weights, image_size, file_names)
+    directory = cache_dir_for(root, backbone, weights, image_size, key)
+    try:
+        complete = open_cache(directory, key) if (directory / INDEX_FILE).exists() else None
+    except CaptionerError as error:
+        complete = None
+        if rank == 0:
+            log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
+    barrier()  # every rank has decided before rank 0 may remove anything
+    if complete is not None:
+        return complete
+    if rank == 0:
+        for name in (INDEX_FILE, FEATURES_FILE):
+            (directory / name).unlink(missing_ok=True)
+    barrier()
+    count = len(file_names)
+    start, stop = rank * count // world_size, (rank + 1) * count // world_size
+    part = directory / "parts" / f"{world_size}-{rank}"
+    part_names = file_names[start:stop]
+    if part_names:
+        part_key = cache_key(backbone, weights, image_size, part_names)
+        if not (part / INDEX_FILE).exists():
+            encoder = ImageEncoder(backbone, weights, pretrained=True)
+            extract_features(part, part_key, images_dir, part_names, encoder, image_size, batch_size, num_workers,
+                             device, compile_encoder=compile_encoder, require_some=False)
+    barrier()
+    if rank == 0:
+        _assemble(directory, key, file_names, world_size, backbone, weights, image_size, images_dir)
+    barrier()
+    return open_cache(directory, key)
+
+
+def _assemble(directory: Path, key: str, file_names: list[str], world_size: int, backbone, weights, image_size,
+              images_dir) -> None:
+    count, failed, array = len(file_names), {}, None
+    for rank in range(world_size):
+        start, stop = rank * count // world_size, (rank + 1) * count // world_size
+        if start == stop:
+            continue
+        part_names = file_names[start:stop]
+        part = open_cache(directory / "parts" / f"{world_size}-{rank}", cache_key(backbone, weights, image_size, part_names))
+        if array is None:
+            array = np.lib.format.open_memmap(directory / PARTIAL_FILE, mode="w+", dtype=np.float16,
+                                              shape=(count, part.features.shape[1]))
+            _reserve_disk_space(directory / PARTIAL_FILE)
+        array[start:stop] = part.features
+        failed.update(part.failed)
+    if len(failed) == count:
+        raise CaptionerError(f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))}).")
+    dim = array.shape[1]
+    array.flush()
+    del array
+    (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
+    write_json(directory / INDEX_FILE, {"version": FEATURES_VERSION, "key": key, "count": count, "dim": dim,
+                                        "file_names": file_names, "failed": failed})
+    shutil.rmtree(directory / "parts", ignore_errors=True)

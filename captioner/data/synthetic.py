@@ -1,0 +1,181 @@
+"""Procedural scenes with true captions, written in the Mini-COCO layout.
+
+The offline demo and the tests train on these: one main object (a shape with a
+colour, a size and a position) on a plain or textured background, sometimes
+with a smaller second object. Five captions per image are drawn from varied
+templates that all describe the scene truthfully. The scene's attributes are
+stored in `images[].scene` (ignored by the parser) so evaluations can check
+what the model says against the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.22, "large": 0.42}
+POSITIONS = {
+    "left": ((0.27, 0.5), "on the left"),
+    "right": ((0.73, 0.5), "on the right"),
+    "top": ((0.5, 0.27), "at the top"),
+    "bottom": ((0.5, 0.73), "at the bottom"),
+    "middle": ((0.5, 0.5), "in the middle"),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "striped": None, "dotted": None}
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "middle": "top"}
+
+CAPTION_FILE, IMAGES_DIR = "captions.json", "Images"
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, fill: tuple) -> None:
+    x, y = centre
+    if shape == "circle":
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill)
+    elif shape == "square":
+        side = radius * 0.9
+        draw.rectangle((x - side, y - side, x + side, y + side), fill=fill)
+    else:
+        draw.polygon([(x, y - radius), (x - radius, y + radius * 0.8), (x + radius, y + radius * 0.8)], fill=fill)
+
+
+def _background(kind: str, width: int, height: int, rng: random.Random) -> Image.Image:
+    if BACKGROUNDS[kind] is not None:
+        shade = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in BACKGROUNDS[kind])
+        return Image.new("RGB", (width, height), shade)
+    image = Image.new("RGB", (width, height), (225, 225, 215))
+    draw = ImageDraw.Draw(image)
+    step = rng.randint(8, 14)
+    if kind == "striped":
+        for x in range(-height, width, step):
+            draw.line((x, 0, x + height, height), fill=(120, 120, 120), width=2)
+    else:
+        for x in range(step // 2, width, step):
+            for y in range(step // 2, height, step):
+                draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=(110, 110, 110))
+    return image
+
+
+def random_scene(rng: random.Random) -> dict:
+    """Draw the attributes of one scene."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    scene = {
+        "colour": colour,
+        "shape": shape,
+        "size": rng.choice(list(SIZES)),
+        "position": rng.choice(list(POSITIONS)),
+        "background": rng.choice(list(BACKGROUNDS)),
+        "second": None,
+    }
+    if rng.random() < 0.4:
+        scene["second"] = {
+            "colour": rng.choice([c for c in COLOURS if c != colour]),
+            "shape": rng.choice([s for s in SHAPES if s != shape]),
+        }
+    return scene
+
+
+def render_scene(scene: dict, width: int, height: int, rng: random.Random) -> Image.Image:
+    """Paint a scene; positions and sizes jitter a little so no two images are alike."""
+    image = _background(scene["background"], width, height, rng)
+    draw = ImageDraw.Draw(image)
+    scale = min(width, height)
+    if scene["second"] is not None:
+        (cx, cy), _ = POSITIONS[OPPOSITE[scene["position"]]]
+        centre = (cx * width + rng.uniform(-4, 4), cy * height + rng.uniform(-4, 4))
+        _draw_shape(draw, scene["second"]["shape"], centre, 0.12 * scale, COLOURS[scene["second"]["colour"]])
+    (cx, cy), _ = POSITIONS[scene["position"]]
+    centre = (cx * width + rng.uniform(-0.04, 0.04) * width, cy * height + rng.uniform(-0.04, 0.04) * height)
+    radius = SIZES[scene["size"]] * scale * rng.uniform(0.9, 1.1) / 2 * 1.6
+    _draw_shape(draw, scene["shape"], centre, radius, COLOURS[scene["colour"]])
+    return image
+
+
+def describe_scene(scene: dict, rng: random.Random, count: int = 5) -> list[str]:
+    """`count` different true captions of a scene, from varied templates."""
+    c, s, z, bg = scene["colour"], scene["shape"], scene["size"], scene["background"]
+    where = POSITIONS[scene["position"]][1]
+    templates = [
+        f"a {z} {c} {s} {where}",
+        f"a {c} {s} on a {bg} background",
+        f"there is a {c} {s} {where} of the picture",
+        f"a {z} {c} {s} on a {bg} background",
+        f"a picture of a {c} {s}",
+        f"the {c} {s} is {where}",
+    ]
+    if scene["second"] is not None:
+        c2, s2 = scene["second"]["colour"], scene["second"]["shape"]
+        templates += [f"a {z} {c} {s} and a small {c2} {s2}", f"a {c} {s} next to a {c2} {s2}"]
+    else:
+        templates += [f"a single {c} {s} {where}"]
+    chosen = rng.sample(templates, count)
+    return [caption[0].upper() + caption[1:] + rng.choice([".", "", " ."]) for caption in chosen]
+
+
+def write_synthetic_dataset(
+    root: str | Path, num_images: int = 1000, seed: int = 0, width: int = 160, height: int = 120
+) -> Path:
+    """Write `num_images` scenes as `root/captions.json` and `root/Images/*.jpg`.
+
+    The folder appears complete or not at all: everything is written into a
+    temporary sibling folder that is renamed into place at the end.
+
+    Args:
+        root: The dataset folder to create (must not exist).
+        num_images: How many scenes.
+        seed: Makes the set reproducible.
+        width: Image width in pixels.
+        height: Image height in pixels.
+
+    Returns:
+        `root`.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        (tmp / IMAGES_DIR).mkdir()
+        images, annotations = [], []
+        for image_id in range(1, num_images + 1):
+            scene = random_scene(rng)
+            file_name = f"SYNTH_scenes_{image_id:012d}.jpg"
+            render_scene(scene, width, height, rng).save(tmp / IMAGES_DIR / file_name, quality=90)
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "scene": scene})
+            for caption in describe_scene(scene, rng):
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
+        with (tmp / CAPTION_FILE).open("w", encoding="utf-8") as handle:
+            json.dump({"images": images, "annotations": annotations}, handle)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def scene_colours(captions_file: str | Path) -> dict[str, str]:
+    """Map each file name of a synthetic set to its main object's colour."""
+    with open(captions_file, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    return {image["file_name"]: image["scene"]["colour"] for image in payload["images"] if "scene" in image}
+
+
+def first_colour(caption: str) -> str | None:
+    """The first colour word of a caption (the main object's colour in this grammar)."""
+    for word in caption.lower().split():
+        if word in COLOURS:
+            return word
+    return None

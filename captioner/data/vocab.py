@@ -1,0 +1,141 @@
+"""Caption normalisation and the word vocabulary built from training captions."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from captioner.errors import CaptionerError
+from captioner.files import read_json, require_keys, write_json
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+VOCAB_VERSION = 1
+
+_APOSTROPHES = re.compile(r"['\u2019`]")
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+
+
+def normalize(text: str) -> list[str]:
+    """Split a caption into lowercase words with punctuation stripped.
+
+    Apostrophes are dropped inside words ("man's" -> "mans") and every other
+    punctuation mark separates words ("t-shirt" -> "t shirt"). Letters of any
+    script are kept. Validation references go through the same function, so
+    BLEU compares like with like.
+
+    Args:
+        text: A caption as written.
+
+    Returns:
+        The caption's words.
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _APOSTROPHES.sub("", text)
+    return _NOT_WORD.sub(" ", text).split()
+
+
+class Vocabulary:
+    """Words <-> ids, with `<pad>`=0, `<start>`=1, `<end>`=2, `<unk>`=3.
+
+    Args:
+        words: The regular words, most frequent first.
+        max_length: The most words a caption keeps when encoded.
+        min_count: The count threshold the words were chosen with (kept for the record).
+    """
+
+    pad_index, start_index, end_index, unk_index = 0, 1, 2, 3
+
+    def __init__(self, words: Sequence[str], max_length: int = 34, min_count: int = 1) -> None:
+        self.itos: list[str] = list(SPECIAL_TOKENS) + list(words)
+        self.stoi: dict[str, int] = {word: index for index, word in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocabulary words must be unique and must not repeat special tokens")
+        self.max_length = max_length
+        self.min_count = min_count
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos and self.max_length == other.max_length
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5, max_length: int = 34) -> Vocabulary:
+        """Count words over `captions` and keep those seen at least `min_count` times.
+
+        Words are ordered by falling count, ties broken alphabetically, so the
+        same captions always give the same ids.
+        """
+        if min_count < 1:
+            raise CaptionerError(f"--data.min_word_count must be at least 1, got {min_count}.")
+        counts = Counter(word for caption in captions for word in normalize(caption))
+        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w))
+        return cls(kept, max_length=max_length, min_count=min_count)
+
+    def encode(self, caption: str) -> list[int]:
+        """`<start>` + word ids (unknown words as `<unk>`, cut at `max_length`) + `<end>`."""
+        ids = [self.stoi.get(word, self.unk_index) for word in normalize(caption)[: self.max_length]]
+        return [self.start_index, *ids, self.end_index]
+
+    def encode_batch(self, captions: Sequence[str]) -> torch.Tensor:
+        """Encode captions into one `(N, max_length + 2)` int64 tensor padded with `<pad>`."""
+        out = torch.full((len(captions), self.max_length + 2), self.pad_index, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            ids = self.encode(caption)
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words up to the first `<end>`, with `<start>` and `<pad>` left out."""
+        words = []
+        for index in ids:
+            index = int(index)
+            if index == self.end_index:
+                break
+            if index in (self.start_index, self.pad_index):
+                continue
+            words.append(self.itos[index])
+        return " ".join(words)
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        """Decode each row of a `(B, T)` tensor of ids."""
+        return [self.decode(row) for row in ids.tolist()]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready form, stored in `vocab.json` and in checkpoints."""
+        return {
+            "version": VOCAB_VERSION,
+            "max_length": self.max_length,
+            "min_count": self.min_count,
+            "words": self.itos[len(SPECIAL_TOKENS) :],
+        }
+
+    @classmethod
+    def from_dict(cls, payload: dict, source: str = "vocabulary") -> Vocabulary:
+        """Rebuild a vocabulary from `to_dict` output, checking its structure.
+
+        Raises:
+            CaptionerError: When a key is missing or the version differs.
+        """
+        require_keys(payload, ("version", "max_length", "min_count", "words"), source, "Vocabulary")
+        if payload["version"] != VOCAB_VERSION:
+            raise CaptionerError(f"Vocabulary in {source} has version {payload['version']}, expected {VOCAB_VERSION}.")
+        try:
+            return cls(payload["words"], max_length=int(payload["max_length"]), min_count=int(payload["min_count"]))
+        except (TypeError, ValueError) as error:
+            raise CaptionerError(f"Vocabulary in {source} is malformed ({error}); delete it to rebuild.") from error
+
+    def save(self, path: str | Path) -> None:
+        """Write `vocab.json` atomically."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        """Read and validate a vocabulary written by `save`."""
+        return cls.from_dict(read_json(path, "Vocabulary"), str(path))
