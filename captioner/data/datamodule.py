@@ -131,14 +131,25 @@ class CaptionDataModule(LightningDataModule):
         """The feature cache, computed if needed: by this process alone, or shared out across the ranks."""
         hp = self.hparams
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        common = dict(batch_size=hp.extraction_batch_size, num_workers=hp.num_workers, device=device,
-                      compile_encoder=hp.compile_encoder)
+        common = dict(
+            batch_size=hp.extraction_batch_size,
+            num_workers=hp.num_workers,
+            device=device,
+            compile_encoder=hp.compile_encoder,
+        )
         spec = (hp.backbone, hp.weights, hp.image_size)
         if self._world_size() > 1:
             trainer = self.trainer
-            cache = prepare_features_sharded(self.work_dir / FEATURES_DIR, root / hp.images_folder, file_names, *spec,
-                                             rank=trainer.global_rank, world_size=trainer.world_size,
-                                             barrier=trainer.strategy.barrier, **common)
+            cache = prepare_features_sharded(
+                self.work_dir / FEATURES_DIR,
+                root / hp.images_folder,
+                file_names,
+                *spec,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                barrier=trainer.strategy.barrier,
+                **common,
+            )
         else:
             cache = prepare_features(self.work_dir / FEATURES_DIR, root / hp.images_folder, file_names, *spec, **common)
         if self._report is not None:
@@ -153,12 +164,18 @@ class CaptionDataModule(LightningDataModule):
         source = records_fingerprint(train)
         if path.exists():
             payload = read_json(path, "Vocabulary")
-            if payload.get("source") == source and payload.get("min_count") == hp.min_word_count and payload.get("max_length") == hp.max_caption_length:
+            if (
+                payload.get("source") == source
+                and payload.get("min_count") == hp.min_word_count
+                and payload.get("max_length") == hp.max_caption_length
+            ):
                 return Vocabulary.from_dict(payload, str(path))
             log.info("Vocabulary settings or training split changed: rebuilding %s.", path)
         vocabulary = Vocabulary.build((c for r in train for c in r.captions), hp.min_word_count, hp.max_caption_length)
         write_json(path, {**vocabulary.to_dict(), "source": source})
-        log.info("Vocabulary: %d tokens (words seen >= %d times in training captions).", len(vocabulary), hp.min_word_count)
+        log.info(
+            "Vocabulary: %d tokens (words seen >= %d times in training captions).", len(vocabulary), hp.min_word_count
+        )
         return vocabulary
 
     # ---------------------------------------------------------------- setup (every process)
@@ -204,13 +221,16 @@ class CaptionDataModule(LightningDataModule):
         if not folder.is_dir():
             raise CaptionerError(f"--data.predict_dir {folder} does not exist or is not a folder.")
         scan = find_images(folder)
-        for problem, items in (("folders could not be read", scan.unreadable_folders),
-                               ("symbolic links were not followed", scan.skipped_links)):
+        for problem, items in (
+            ("folders could not be read", scan.unreadable_folders),
+            ("symbolic links were not followed", scan.skipped_links),
+        ):
             if items:
                 log.warning("%d %s under %s (e.g. %s).", len(items), problem, folder, items[0])
         if not scan.images:
             raise CaptionerError(
-                f"--data.predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), searched recursively."
+                f"--data.predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
+                "searched recursively."
             )
         self.datasets["predict"] = ImageFileDataset(scan.images, self.hparams.image_size)
 
@@ -222,8 +242,9 @@ class CaptionDataModule(LightningDataModule):
         sampler = None
         if split in ("val", "test") and self._world_size() > 1:
             # Lightning's default DistributedSampler pads by repeating images; metrics must count each once.
-            sampler = UnrepeatedDistributedSampler(self.datasets[split], num_replicas=self.trainer.world_size,
-                                                   rank=self.trainer.global_rank, shuffle=False)
+            sampler = UnrepeatedDistributedSampler(
+                self.datasets[split], num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,

@@ -77,7 +77,12 @@ class EvalImages(Dataset):
     """
 
     def __init__(
-        self, features_path: str | Path, rows: np.ndarray, file_names: list[str], captions: list[tuple[str, ...]], vocabulary: Vocabulary
+        self,
+        features_path: str | Path,
+        rows: np.ndarray,
+        file_names: list[str],
+        captions: list[tuple[str, ...]],
+        vocabulary: Vocabulary,
     ) -> None:
         self.features = _FeatureRows(features_path)
         self.rows, self.file_names = rows, file_names

@@ -46,7 +46,8 @@ def download_from_kaggle(dataset: str, version: int | None, captions_file: str =
             f"Could not download the Kaggle dataset '{handle}' with kagglehub ({type(error).__name__}: {error}). "
             "Kaggle needs network access, and some datasets need credentials (KAGGLE_USERNAME and KAGGLE_KEY, or "
             "~/.kaggle/kaggle.json). If you have a copy of the data, pass its folder instead: "
-            "--data.data_dir /path/to/mini-coco (the folder holding captions.json and Images/); kagglehub is then never called."
+            "--data.data_dir /path/to/mini-coco (the folder holding captions.json and Images/); kagglehub is then "
+            "never called."
         ) from error
     folder = _folder_with(path, captions_file)
     if folder is None:

@@ -44,7 +44,12 @@ from captioner.models.encoder import ImageEncoder
 log = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1
-FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = "features.npy", "features.partial.npy", "index.json", "progress.json"
+FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = (
+    "features.npy",
+    "features.partial.npy",
+    "index.json",
+    "progress.json",
+)
 SAVE_PROGRESS_EVERY_S = 20.0
 
 
@@ -94,11 +99,15 @@ def open_cache(directory: str | Path, key: str) -> FeatureCache:
     expected = {"version": FEATURES_VERSION, "key": key}
     for name, value in expected.items():
         if index.get(name) != value:
-            raise CaptionerError(f"feature index {directory / INDEX_FILE} has {name}={index.get(name)!r}, expected {value!r}")
+            raise CaptionerError(
+                f"feature index {directory / INDEX_FILE} has {name}={index.get(name)!r}, expected {value!r}"
+            )
     file_names, failed = index.get("file_names"), index.get("failed")
     count, dim = index.get("count"), index.get("dim")
     if not isinstance(file_names, list) or len(file_names) != count or not isinstance(failed, dict):
-        raise CaptionerError(f"feature index {directory / INDEX_FILE} is inconsistent (count {count}, names {len(file_names or [])})")
+        raise CaptionerError(
+            f"feature index {directory / INDEX_FILE} is inconsistent (count {count}, names {len(file_names or [])})"
+        )
     try:
         features = np.load(directory / FEATURES_FILE, mmap_mode="r")
     except (OSError, ValueError) as error:
@@ -215,8 +224,8 @@ def extract_features(
         log.info("Resuming feature extraction at image %d of %d.", done, count)
         features = np.load(partial_path, mmap_mode="r+")
 
-    def save_progress(rows_done: int) -> None:
-        features.flush()
+    def save_progress(array: np.ndarray, rows_done: int) -> None:
+        array.flush()  # rows first, then the record that they are there
         write_json(directory / PROGRESS_FILE, {"key": key, "done": rows_done, "failed": failed})
 
     paths = [Path(images_dir) / name for name in file_names[done:]]
@@ -242,7 +251,9 @@ def extract_features(
             torch.random.fork_rng(devices=[]),
             torch.inference_mode(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
-            tqdm(total=count, initial=done, unit="img", desc=f"{encoder.backbone_name} features", dynamic_ncols=True) as bar,
+            tqdm(
+                total=count, initial=done, unit="img", desc=f"{encoder.backbone_name} features", dynamic_ncols=True
+            ) as bar,
         ):
             for batch in loader:
                 if device_decode:
@@ -260,21 +271,32 @@ def extract_features(
                 bar.update(stop - start)
                 completed = stop
                 if time.monotonic() - last_save > SAVE_PROGRESS_EVERY_S:
-                    save_progress(completed)
+                    save_progress(features, completed)
                     last_save = time.monotonic()
     except KeyboardInterrupt:
-        save_progress(completed)  # Ctrl-C keeps every finished batch; SIGKILL keeps the last save
+        save_progress(features, completed)  # Ctrl-C keeps every finished batch; SIGKILL keeps the last save
         raise
     except OSError as error:
-        raise CaptionerError(f"Writing features to {partial_path} failed ({error}). Free disk space and rerun: extraction resumes.") from error
+        raise CaptionerError(
+            f"Writing features to {partial_path} failed ({error}). Free disk space and rerun: extraction resumes."
+        ) from error
     features.flush()
     del features
     if require_some and len(failed) == count:
-        raise CaptionerError(f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))}).")
+        raise CaptionerError(
+            f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))})."
+        )
     (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
     write_json(
         directory / INDEX_FILE,
-        {"version": FEATURES_VERSION, "key": key, "count": count, "dim": dim, "file_names": file_names, "failed": failed},
+        {
+            "version": FEATURES_VERSION,
+            "key": key,
+            "count": count,
+            "dim": dim,
+            "file_names": file_names,
+            "failed": failed,
+        },
     )
     (directory / PROGRESS_FILE).unlink(missing_ok=True)
 
@@ -316,13 +338,23 @@ def prepare_features(
             shutil.rmtree(directory)
     encoder = ImageEncoder(backbone, weights, pretrained=True)
     extract_features(
-        directory, key, images_dir, file_names, encoder, image_size, batch_size, num_workers, device,
+        directory,
+        key,
+        images_dir,
+        file_names,
+        encoder,
+        image_size,
+        batch_size,
+        num_workers,
+        device,
         compile_encoder=compile_encoder,
     )
     return open_cache(directory, key)
 
 
-def load_features(root: str | Path, file_names: list[str], backbone: str, weights: str | None, image_size: int) -> FeatureCache:
+def load_features(
+    root: str | Path, file_names: list[str], backbone: str, weights: str | None, image_size: int
+) -> FeatureCache:
     """Open an existing complete cache without computing anything (for setup on every rank).
 
     Raises:
@@ -384,8 +416,19 @@ def prepare_features_sharded(
         part_key = cache_key(backbone, weights, image_size, part_names)
         if not (part / INDEX_FILE).exists():
             encoder = ImageEncoder(backbone, weights, pretrained=True)
-            extract_features(part, part_key, images_dir, part_names, encoder, image_size, batch_size, num_workers,
-                             device, compile_encoder=compile_encoder, require_some=False)
+            extract_features(
+                part,
+                part_key,
+                images_dir,
+                part_names,
+                encoder,
+                image_size,
+                batch_size,
+                num_workers,
+                device,
+                compile_encoder=compile_encoder,
+                require_some=False,
+            )
     barrier()
     if rank == 0:
         _assemble(directory, key, file_names, world_size, backbone, weights, image_size, images_dir)
@@ -393,27 +436,42 @@ def prepare_features_sharded(
     return open_cache(directory, key)
 
 
-def _assemble(directory: Path, key: str, file_names: list[str], world_size: int, backbone, weights, image_size,
-              images_dir) -> None:
+def _assemble(
+    directory: Path, key: str, file_names: list[str], world_size: int, backbone, weights, image_size, images_dir
+) -> None:
     count, failed, array = len(file_names), {}, None
     for rank in range(world_size):
         start, stop = rank * count // world_size, (rank + 1) * count // world_size
         if start == stop:
             continue
         part_names = file_names[start:stop]
-        part = open_cache(directory / "parts" / f"{world_size}-{rank}", cache_key(backbone, weights, image_size, part_names))
+        part = open_cache(
+            directory / "parts" / f"{world_size}-{rank}", cache_key(backbone, weights, image_size, part_names)
+        )
         if array is None:
-            array = np.lib.format.open_memmap(directory / PARTIAL_FILE, mode="w+", dtype=np.float16,
-                                              shape=(count, part.features.shape[1]))
+            array = np.lib.format.open_memmap(
+                directory / PARTIAL_FILE, mode="w+", dtype=np.float16, shape=(count, part.features.shape[1])
+            )
             _reserve_disk_space(directory / PARTIAL_FILE)
         array[start:stop] = part.features
         failed.update(part.failed)
     if len(failed) == count:
-        raise CaptionerError(f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))}).")
+        raise CaptionerError(
+            f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))})."
+        )
     dim = array.shape[1]
     array.flush()
     del array
     (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
-    write_json(directory / INDEX_FILE, {"version": FEATURES_VERSION, "key": key, "count": count, "dim": dim,
-                                        "file_names": file_names, "failed": failed})
+    write_json(
+        directory / INDEX_FILE,
+        {
+            "version": FEATURES_VERSION,
+            "key": key,
+            "count": count,
+            "dim": dim,
+            "file_names": file_names,
+            "failed": failed,
+        },
+    )
     shutil.rmtree(directory / "parts", ignore_errors=True)

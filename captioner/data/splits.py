@@ -101,7 +101,10 @@ def load_splits(path: str | Path) -> tuple[dict[str, list[CaptionRecord]], dict]
         raise CaptionerError(f"Splits file {path} has version {payload['version']}, expected {SPLITS_VERSION}.")
     try:
         splits = {
-            name: [CaptionRecord(str(file_name), tuple(map(str, captions))) for file_name, captions in payload["splits"][name]]
+            name: [
+                CaptionRecord(str(file_name), tuple(map(str, captions)))
+                for file_name, captions in payload["splits"][name]
+            ]
             for name in SPLITS
         }
     except (KeyError, TypeError, ValueError) as error:

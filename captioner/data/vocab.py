@@ -75,7 +75,9 @@ class Vocabulary:
         if min_count < 1:
             raise CaptionerError(f"--data.min_word_count must be at least 1, got {min_count}.")
         counts = Counter(word for caption in captions for word in normalize(caption))
-        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w)
+        )
         return cls(kept, max_length=max_length, min_count=min_count)
 
     def encode(self, caption: str) -> list[int]:
