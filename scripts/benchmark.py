@@ -255,7 +255,11 @@ def ours_train(features_file: str, images: int, device: str, batch_size: int, st
     return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size}
 
 
-def ours_decode(features_file: str, count: int, device: str, beam_size: int, batch_size: int) -> dict:
+def ours_decode(
+    features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False
+) -> dict:
+    import contextlib
+
     import torch
 
     from captioner.models.module import CaptionModel
@@ -264,13 +268,16 @@ def ours_decode(features_file: str, count: int, device: str, beam_size: int, bat
     model.build(_vocabulary())
     model.to(device).eval()
     features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
-    model.generate(features[:batch_size].to(device), beam_size)  # warm-up
-    _sync(device)
-    started, lengths = time.perf_counter(), []
-    for start in range(0, count, batch_size):
-        result = model.generate(features[start : start + batch_size].to(device, non_blocking=True), beam_size)
-        lengths.append(result.lengths)
-    _sync(device)
+    # What `--trainer.precision bf16-mixed` does around test and predict steps.
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        model.generate(features[:batch_size].to(device), beam_size)  # warm-up
+        _sync(device)
+        started, lengths = time.perf_counter(), []
+        for start in range(0, count, batch_size):
+            result = model.generate(features[start : start + batch_size].to(device, non_blocking=True), beam_size)
+            lengths.append(result.lengths)
+        _sync(device)
     elapsed = time.perf_counter() - started
     return {"captions_per_s": count / elapsed, "mean_length": float(torch.cat(lengths).float().mean())}
 
@@ -439,6 +446,16 @@ def main() -> None:
             beam_size=1,
             batch_size=decode_batch,
         )
+        r["greedy_bf16"] = run_phase(
+            "ours: greedy decoding, bf16 autocast",
+            ours_decode,
+            features_file=str(large),
+            count=sizes["decode"],
+            device=device,
+            beam_size=1,
+            batch_size=decode_batch,
+            bf16=True,
+        )
         r["beam3"] = run_phase(
             "ours: beam-3 decoding",
             ours_decode,
@@ -464,6 +481,7 @@ def main() -> None:
         ("training (captions/s)", r["train"]["captions_per_s"], r["orig_train"]["captions_per_s"]),
         ("greedy decoding (captions/s)", r["greedy"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
         ("beam-3 decoding (captions/s)", r["beam3"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
+        ("greedy, bf16 autocast (captions/s)", r["greedy_bf16"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
     ]
     print(f"\n{'phase':<32}{'captioner':>14}{'original':>14}{'ratio':>10}")
     for name, ours, original in rows:
@@ -505,6 +523,8 @@ def main() -> None:
         "original_decoding_captions_per_s": r["orig_decode"]["captions_per_s"],
         "decoding_ratio": ratio(r["greedy"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
         "beam3_decoding_ratio": ratio(r["beam3"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
+        "greedy_bf16_captions_per_s": r["greedy_bf16"]["captions_per_s"],
+        "bf16_decoding_ratio": ratio(r["greedy_bf16"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
         "training_peak_anon_mb_small": r["train_small"]["peak_anon_mb"],
         "training_peak_anon_mb_large": r["train"]["peak_anon_mb"],
         "extraction_peak_anon_mb_half": r["extract_half"]["peak_anon_mb"],
