@@ -11,9 +11,9 @@ log = logging.getLogger("captioner")
 
 
 class Throughput(Callback):
-    """Log training captions/s (`train/captions_per_s`, also in the progress bar).
+    """Rates in the progress bar: training captions/s (also logged as `train/captions_per_s`), predict images/s.
 
-    Measured as captions over wall time between batch ends, smoothed over the
+    Measured as items over wall time between batch ends, smoothed over the
     last `window` batches. No device synchronisation is added: on a GPU the
     queue of launched kernels is bounded, so the average settles on the true
     rate within a few batches.
@@ -24,16 +24,33 @@ class Throughput(Callback):
         self._times: list[float] = []
         self._sizes: list[int] = []
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _restart(self) -> None:
         self._times, self._sizes = [time.perf_counter()], []
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def _rate(self, items: int) -> float | None:
         self._times.append(time.perf_counter())
-        self._sizes.append(len(batch[1]))
+        self._sizes.append(items)
         self._times, self._sizes = self._times[-self.window - 1 :], self._sizes[-self.window :]
         elapsed = self._times[-1] - self._times[0]
-        if elapsed > 0:
-            pl_module.log("train/captions_per_s", sum(self._sizes) / elapsed, prog_bar=True, on_step=True)
+        return sum(self._sizes) / elapsed if elapsed > 0 else None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restart()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        rate = self._rate(len(batch[1]))
+        if rate is not None:
+            pl_module.log("train/captions_per_s", rate, prog_bar=True, on_step=True)
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restart()
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int,
+                             dataloader_idx: int = 0) -> None:  # fmt: skip
+        rate = self._rate(len(batch["positions"]))
+        bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)  # TQDMProgressBar's
+        if rate is not None and bar is not None:
+            bar.set_postfix({"images/s": f"{rate:.1f}"}, refresh=False)
 
 
 class RunSummary(Callback):

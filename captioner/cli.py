@@ -35,14 +35,18 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def _uses_wandb(logger_config) -> bool:
-    configs = logger_config if isinstance(logger_config, list) else [logger_config]
-    return any("WandbLogger" in str(getattr(c, "class_path", c)) for c in configs if c not in (None, False, True))
+def _logger_configs(trainer_config) -> list:
+    """The configured loggers (`trainer.logger` may be one, a list, or a bool)."""
+    loggers = trainer_config.logger if isinstance(trainer_config.logger, list) else [trainer_config.logger]
+    return [logger for logger in loggers if logger not in (None, False, True)]
+
+
+def _uses_wandb(trainer_config) -> bool:
+    return any("WandbLogger" in str(getattr(c, "class_path", c)) for c in _logger_configs(trainer_config))
 
 
 def _save_dir(trainer_config) -> Path:
-    loggers = trainer_config.logger if isinstance(trainer_config.logger, list) else [trainer_config.logger]
-    for logger in loggers:
+    for logger in _logger_configs(trainer_config):
         save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
         if save_dir:
             return Path(save_dir)
@@ -110,7 +114,7 @@ class CaptionerCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(find_last_checkpoint(config.trainer))
-        if _uses_wandb(config.trainer.logger) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        if _uses_wandb(config.trainer) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
             os.environ["WANDB_MODE"] = "offline"
             print(
                 "W&B: no API key found, logging offline; upload later with `wandb sync <save_dir>/wandb/offline-run-*` "
