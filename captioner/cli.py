@@ -71,6 +71,11 @@ def find_last_checkpoint(trainer_config) -> Path:
     return found[-1]
 
 
+def features_for_decoder(decoder: str) -> str:
+    """The attention decoder reads the grid of image regions; the LSTM decoder the pooled vector."""
+    return "grid" if decoder == "attention" else "pooled"
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Save the resolved config into the run's own folder and hand it to the logger.
 
@@ -96,6 +101,7 @@ class CaptionerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("backbone", "weights", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}")
+        parser.link_arguments("model.decoder", "data.features", compute_fn=features_for_decoder)
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from captioner import Captioner
 from captioner.cli import main
 from captioner.runs import run_dir
 from tests.conftest import TESTS, TINY_CONFIG, tiny_args, wandb_logger_args
@@ -96,3 +98,25 @@ def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "logging offline" in result.stderr
     assert list(Path(tmp_path / "runs" / "wandb").glob("offline-run-*"))
+
+
+def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_decoder(scenes, tmp_path, capsys):
+    args = ("--model.decoder", "attention", "--data.image_size", "64")
+    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1", *args))
+    assert cli.datamodule.hparams.features == "grid"
+    (cache,) = (tmp_path / "work" / "features").glob("*-grid-*")
+    assert np.load(cache / "features.npy", mmap_mode="r").shape == (120, 4, 512)  # a 2x2 grid at 64 px
+    best = cli.trainer.checkpoint_callback.best_model_path
+
+    tested = main(tiny_args("test", scenes, tmp_path / "work", tmp_path / "test", "--ckpt_path", best, *args))
+    assert tested.trainer.callback_metrics["test/bleu1"] > 0
+    captioner = Captioner.from_checkpoint(best, device="cpu")
+    assert captioner.caption(next((scenes / "Images").iterdir()))[0]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            tiny_args(
+                "test", scenes, tmp_path / "work", tmp_path / "bad", "--ckpt_path", best, "--data.image_size", "64"
+            )
+        )
+    assert exit_info.value.code == 2 and "decoder='attention'" in capsys.readouterr().err

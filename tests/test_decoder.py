@@ -1,18 +1,32 @@
+import pytest
 import torch
 
 from captioner.data.vocab import Vocabulary
-from captioner.models.decoder import CaptionDecoder, caption_loss
+from captioner.models.decoder import AttentionDecoder, CaptionDecoder, caption_loss, doubly_stochastic_penalty
 from captioner.models.search import SpecialTokens, beam_search, greedy_search
 
 VOCAB = Vocabulary([f"w{i}" for i in range(20)], max_length=8)
 SPECIAL = SpecialTokens.of(VOCAB)
 
 
-def make_decoder(seed=0):
+REGIONS = 4
+
+
+def make_decoder(seed=0, kind="lstm"):
     torch.manual_seed(seed)
-    decoder = CaptionDecoder(len(VOCAB), feature_dim=16, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.0)
+    if kind == "attention":
+        decoder = AttentionDecoder(len(VOCAB), feature_dim=16, embed_dim=8, hidden_dim=12, attention_dim=6, dropout=0.0)
+    else:
+        decoder = CaptionDecoder(len(VOCAB), feature_dim=16, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.0)
     decoder.eval()
     return decoder
+
+
+def make_features(batch, kind="lstm"):
+    return torch.randn(batch, REGIONS, 16) if kind == "attention" else torch.randn(batch, 16)
+
+
+KINDS = pytest.mark.parametrize("kind", ["lstm", "attention"])
 
 
 def test_shapes():
@@ -48,8 +62,9 @@ def sequence_log_prob(decoder, features, tokens):
     return torch.where(mask, picked, torch.zeros_like(picked)).sum(dim=1)
 
 
-def test_greedy_is_batched_consistent_and_scores_match():
-    decoder, features = make_decoder(), torch.randn(6, 16)
+@KINDS
+def test_greedy_is_batched_consistent_and_scores_match(kind):
+    decoder, features = make_decoder(kind=kind), make_features(6, kind)
     batched = greedy_search(decoder, features, VOCAB.max_length, SPECIAL)
     single = greedy_search(decoder, features[2:3], VOCAB.max_length, SPECIAL)
     width = single.tokens.shape[1]
@@ -57,9 +72,10 @@ def test_greedy_is_batched_consistent_and_scores_match():
     assert torch.allclose(sequence_log_prob(decoder, features, batched.tokens), batched.log_probs, atol=1e-4)
 
 
-def test_beam_of_one_is_greedy_and_wider_beams_never_score_lower():
+@KINDS
+def test_beam_of_one_is_greedy_and_wider_beams_never_score_lower(kind):
     for seed in range(5):
-        decoder, features = make_decoder(seed), torch.randn(16, 16)
+        decoder, features = make_decoder(seed, kind), make_features(16, kind)
         greedy = greedy_search(decoder, features, VOCAB.max_length, SPECIAL)
         one = beam_search(decoder, features, 1, VOCAB.max_length, SPECIAL)
         assert torch.equal(one.tokens, greedy.tokens)
@@ -69,8 +85,9 @@ def test_beam_of_one_is_greedy_and_wider_beams_never_score_lower():
             assert torch.allclose(sequence_log_prob(decoder, features, beam.tokens), beam.log_probs, atol=1e-4)
 
 
-def test_no_special_token_leaks_and_length_is_capped():
-    decoder, features = make_decoder(1), torch.randn(32, 16)
+@KINDS
+def test_no_special_token_leaks_and_length_is_capped(kind):
+    decoder, features = make_decoder(1, kind), make_features(32, kind)
     for result in (greedy_search(decoder, features, 5, SPECIAL), beam_search(decoder, features, 3, 5, SPECIAL)):
         assert result.tokens.shape[1] <= 6
         for row, length in zip(result.tokens.tolist(), result.lengths.tolist()):
@@ -81,3 +98,45 @@ def test_no_special_token_leaks_and_length_is_capped():
             assert all(token == SPECIAL.pad for token in row[length:])
         for caption in VOCAB.decode_batch(result.tokens):
             assert "<" not in caption
+
+
+def test_attention_weights_sum_to_one_over_regions_and_teacher_forcing_matches_steps():
+    decoder, features = make_decoder(kind="attention"), make_features(3, "attention")
+    tokens = torch.randint(4, len(VOCAB), (3, 6))
+    logits, weights = decoder(features, tokens, return_attention=True)
+    assert logits.shape == (3, 6, len(VOCAB)) and weights.shape == (3, 6, REGIONS)
+    assert torch.allclose(weights.sum(dim=-1), torch.ones(3, 6), atol=1e-5)
+    assert (weights > 0).all()  # softmax: no region is ever ignored outright
+    state, stepped = decoder.init_state(features), []
+    for t in range(tokens.shape[1]):
+        step_logits, state = decoder.step(tokens[:, t], state)
+        stepped.append(step_logits)
+    assert torch.allclose(torch.stack(stepped, dim=1), logits, atol=1e-5)
+    # Attention depends on the image: other regions give other weights.
+    _, other = decoder(make_features(3, "attention"), tokens, return_attention=True)
+    assert not torch.allclose(other, weights)
+
+
+def test_attention_decoder_refuses_pooled_features():
+    with pytest.raises(ValueError, match="grid features"):
+        make_decoder(kind="attention").init_state(torch.randn(2, 16))
+
+
+def test_doubly_stochastic_penalty_counts_real_steps_only():
+    weights = torch.full((2, 4, 4), 0.25)  # 4 real steps x 1/4: every region gets exactly 1
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    assert doubly_stochastic_penalty(weights, mask) == pytest.approx(0.0)
+    padded = torch.cat([weights, torch.rand(2, 3, 4)], dim=1)  # padding steps must not count
+    assert doubly_stochastic_penalty(
+        padded, torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    ) == pytest.approx(0)
+    focused = torch.zeros(2, 4, 4)
+    focused[..., 0] = 1.0  # all attention on one region: (1-4)^2 + 3 * 1^2 = 12
+    assert doubly_stochastic_penalty(focused, mask) == pytest.approx(12.0)
+
+
+def test_lstm_decoder_reads_grid_features_as_their_mean():
+    decoder, grid = make_decoder(), make_features(3, "attention")
+    h_grid, _ = decoder.init_state(grid)
+    h_mean, _ = decoder.init_state(grid.mean(dim=1))
+    assert torch.allclose(h_grid, h_mean)

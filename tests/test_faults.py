@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
-from captioner.data.features import INDEX_FILE, PROGRESS_FILE, cache_key, prepare_features
+from captioner.data.features import INDEX_FILE, PROGRESS_FILE, FeatureSpec, cache_key, prepare_features
 from captioner.data.images import find_images
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open, write_json
@@ -23,6 +23,7 @@ from captioner.runs import run_dir
 from tests.conftest import TESTS, predict_args, tiny_args
 
 ROOT = TESTS.parent
+SPEC = FeatureSpec("resnet18", None, 32)
 
 KILLABLE_EXTRACTION = """
 import sys, time
@@ -30,20 +31,19 @@ from captioner.data import features
 from captioner.models.encoder import ImageEncoder
 features.SAVE_PROGRESS_EVERY_S = 0.0
 forward = ImageEncoder.forward
-def slow(self, images):
+def slow(self, images, grid=False):
     time.sleep(0.3)
-    return forward(self, images)
+    return forward(self, images, grid)
 ImageEncoder.forward = slow
 names = sys.argv[3:]
-features.prepare_features(sys.argv[1], sys.argv[2], names, "resnet18", None, 32, batch_size=4, num_workers=0)
+spec = features.FeatureSpec("resnet18", None, 32)
+features.prepare_features(sys.argv[1], sys.argv[2], names, spec, batch_size=4, num_workers=0)
 """
 
 
 def test_sigkill_during_extraction_resumes_to_an_identical_cache(scenes, tmp_path):
     names = sorted(p.name for p in (scenes / "Images").iterdir())[:32]
-    reference = prepare_features(
-        tmp_path / "reference", scenes / "Images", names, "resnet18", None, 32, batch_size=4, num_workers=0
-    )
+    reference = prepare_features(tmp_path / "reference", scenes / "Images", names, SPEC, batch_size=4, num_workers=0)
     script = tmp_path / "extract.py"
     script.write_text(KILLABLE_EXTRACTION)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -67,9 +67,7 @@ def test_sigkill_during_extraction_resumes_to_an_identical_cache(scenes, tmp_pat
     assert progress is not None, "extraction never saved progress"
     done = json.loads(progress.read_text())["done"]
     assert 8 <= done < 32 and not (progress.parent / INDEX_FILE).exists()
-    resumed = prepare_features(
-        tmp_path / "killed", scenes / "Images", names, "resnet18", None, 32, batch_size=4, num_workers=0
-    )
+    resumed = prepare_features(tmp_path / "killed", scenes / "Images", names, SPEC, batch_size=4, num_workers=0)
     np.testing.assert_array_equal(np.asarray(resumed.features), np.asarray(reference.features))
 
 
@@ -223,7 +221,7 @@ def test_disk_full_for_the_feature_cache_fails_before_extracting(scenes, tmp_pat
     monkeypatch.setattr(os, "posix_fallocate", full)
     names = sorted(p.name for p in (scenes / "Images").iterdir())[:4]
     with pytest.raises(CaptionerError, match="No space left on device for the feature cache"):
-        prepare_features(tmp_path, scenes / "Images", names, "resnet18", None, 32, num_workers=0)
+        prepare_features(tmp_path, scenes / "Images", names, SPEC, num_workers=0)
     key = cache_key("resnet18", None, 32, names)
     assert not list(tmp_path.glob(f"*{key[:12]}/*.npy"))
 

@@ -10,6 +10,7 @@ from captioner.data.features import (
     INDEX_FILE,
     PARTIAL_FILE,
     PROGRESS_FILE,
+    FeatureSpec,
     cache_dir_for,
     cache_key,
     prepare_features,
@@ -25,8 +26,8 @@ def names_of(scenes, count=24):
 
 
 def build(root, scenes, names, **overrides):
-    spec = {**SPEC, **overrides}
-    return prepare_features(root, scenes / "Images", names, batch_size=8, num_workers=0, **spec)
+    spec = FeatureSpec(**{**SPEC, **overrides})
+    return prepare_features(root, scenes / "Images", names, spec, batch_size=8, num_workers=0)
 
 
 def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
@@ -68,11 +69,11 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
     seen = {"batches": 0}
     original_forward = ImageEncoder.forward
 
-    def dying_forward(self, images):
+    def dying_forward(self, images, grid=False):
         seen["batches"] += 1
         if seen["batches"] == 3:
             raise RuntimeError("killed")
-        return original_forward(self, images)
+        return original_forward(self, images, grid)
 
     monkeypatch.setattr(ImageEncoder, "forward", dying_forward)
     with pytest.raises(RuntimeError, match="killed"):
@@ -84,7 +85,9 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
     monkeypatch.setattr(ImageEncoder, "forward", original_forward)
     batches_seen = []
     monkeypatch.setattr(
-        ImageEncoder, "forward", lambda self, images: batches_seen.append(len(images)) or original_forward(self, images)
+        ImageEncoder,
+        "forward",
+        lambda self, images, grid=False: batches_seen.append(len(images)) or original_forward(self, images, grid),
     )
     resumed = build(tmp_path / "resumed", scenes, names)
     assert batches_seen == [8]  # only the missing rows were computed
@@ -152,11 +155,11 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, scenes, monkeypatc
     original_forward = ImageEncoder.forward
     sizes = []
 
-    def small_device(self, images):
+    def small_device(self, images, grid=False):
         sizes.append(len(images))
         if len(images) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original_forward(self, images)
+        return original_forward(self, images, grid)
 
     monkeypatch.setattr(ImageEncoder, "forward", small_device)
     with caplog.at_level(logging.WARNING):

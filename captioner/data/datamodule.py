@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from captioner.data.download import KAGGLE_DATASET, resolve_dataset
 from captioner.data.features import (
     FEATURES_FILE,
     FeatureCache,
+    FeatureSpec,
     load_features,
     prepare_features,
     prepare_features_sharded,
@@ -66,6 +68,8 @@ class CaptionDataModule(LightningDataModule):
         predict_dir: Folder of images to caption with `predict` (searched recursively).
         shared_filesystem: All nodes of a multi-node run see `work_dir` on one shared file system, so data
             is prepared once in all (False: once per node, each into its own `work_dir`).
+        features: "pooled" (one vector per image) or "grid" (the last convolutional map as regions, for the
+            attention decoder; set from `--model.decoder`).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class CaptionDataModule(LightningDataModule):
         num_workers: int = 2,
         predict_dir: str | None = None,
         shared_filesystem: bool = True,
+        features: Literal["pooled", "grid"] = "pooled",
     ) -> None:
         super().__init__()
         self.prepare_data_per_node = not shared_filesystem
@@ -124,6 +129,12 @@ class CaptionDataModule(LightningDataModule):
         if self._world_size() == 1:  # distributed runs share the extraction out in setup()
             self._features(sorted(r.file_name for r in records), root)
 
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        """The encoder and kind of features the cache holds."""
+        hp = self.hparams
+        return FeatureSpec(hp.backbone, hp.weights, hp.image_size, grid=hp.features == "grid")
+
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
@@ -137,21 +148,21 @@ class CaptionDataModule(LightningDataModule):
             device=device,
             compile_encoder=hp.compile_encoder,
         )
-        spec = (hp.backbone, hp.weights, hp.image_size)
+        spec = self.feature_spec
         if self._world_size() > 1:
             trainer = self.trainer
             cache = prepare_features_sharded(
                 self.work_dir / FEATURES_DIR,
                 root / hp.images_folder,
                 file_names,
-                *spec,
+                spec,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 barrier=trainer.strategy.barrier,
                 **common,
             )
         else:
-            cache = prepare_features(self.work_dir / FEATURES_DIR, root / hp.images_folder, file_names, *spec, **common)
+            cache = prepare_features(self.work_dir / FEATURES_DIR, root / hp.images_folder, file_names, spec, **common)
         if self._report is not None:
             self._report.undecodable = cache.failed
             # One summary of everything preparation kept and skipped, at the end.
@@ -194,7 +205,7 @@ class CaptionDataModule(LightningDataModule):
         if self._world_size() > 1:
             cache = self._features(all_names, root)
         else:
-            cache = load_features(self.work_dir / FEATURES_DIR, all_names, hp.backbone, hp.weights, hp.image_size)
+            cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec)
         self.images_dir = root / hp.images_folder
         self.split_sizes = {}
         for name in SPLITS:

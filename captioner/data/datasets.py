@@ -30,7 +30,7 @@ class _FeatureRows:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")
         order = np.argsort(rows, kind="stable")  # sorted reads are sequential on disk
-        out = np.empty((len(rows), self._array.shape[1]), dtype=np.float16)
+        out = np.empty((len(rows), *self._array.shape[1:]), dtype=np.float16)
         out[order] = self._array[rows[order]]
         return torch.from_numpy(out).float()
 

@@ -43,7 +43,7 @@ from captioner.models.encoder import ImageEncoder
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = (
     "features.npy",
     "features.partial.npy",
@@ -53,18 +53,22 @@ FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = (
 SAVE_PROGRESS_EVERY_S = 20.0
 
 
-def cache_key(backbone: str, weights: str | None, image_size: int, file_names: list[str]) -> str:
+def cache_key(backbone: str, weights: str | None, image_size: int, file_names: list[str], grid: bool = False) -> str:
     """A digest of everything the cached features depend on."""
     spec = {"version": FEATURES_VERSION, "backbone": backbone, "weights": weights, "image_size": image_size}
+    spec["grid"] = grid
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for name in file_names:
         digest.update(name.encode() + b"\0")
     return digest.hexdigest()
 
 
-def cache_dir_for(root: str | Path, backbone: str, weights: str | None, image_size: int, key: str) -> Path:
+def cache_dir_for(
+    root: str | Path, backbone: str, weights: str | None, image_size: int, key: str, grid: bool = False
+) -> Path:
     """The folder a cache with this key lives in; readable names help people clean up."""
-    return Path(root) / f"{backbone}-{weights or 'random'}-{image_size}px-{key[:12]}"
+    kind = "grid-" if grid else ""
+    return Path(root) / f"{backbone}-{weights or 'random'}-{image_size}px-{kind}{key[:12]}"
 
 
 @dataclass
@@ -72,7 +76,7 @@ class FeatureCache:
     """A complete, validated cache opened read-only.
 
     Attributes:
-        features: `(N, D)` float16 memory map; rows are read on demand.
+        features: `(N, D)` (pooled) or `(N, regions, D)` (grid) float16 memory map; rows are read on demand.
         file_names: Row order of `features`.
         failed: Files whose decoding failed, with the reason (their rows are zeros).
     """
@@ -103,7 +107,7 @@ def open_cache(directory: str | Path, key: str) -> FeatureCache:
                 f"feature index {directory / INDEX_FILE} has {name}={index.get(name)!r}, expected {value!r}"
             )
     file_names, failed = index.get("file_names"), index.get("failed")
-    count, dim = index.get("count"), index.get("dim")
+    count, shape = index.get("count"), tuple(index.get("shape") or ())
     if not isinstance(file_names, list) or len(file_names) != count or not isinstance(failed, dict):
         raise CaptionerError(
             f"feature index {directory / INDEX_FILE} is inconsistent (count {count}, names {len(file_names or [])})"
@@ -112,15 +116,15 @@ def open_cache(directory: str | Path, key: str) -> FeatureCache:
         features = np.load(directory / FEATURES_FILE, mmap_mode="r")
     except (OSError, ValueError) as error:
         raise CaptionerError(f"feature array {directory / FEATURES_FILE} cannot be read ({error})") from error
-    if features.shape != (count, dim) or features.dtype != np.float16:
+    if features.shape != (count, *shape) or features.dtype != np.float16:
         raise CaptionerError(
             f"feature array {directory / FEATURES_FILE} has shape {features.shape} {features.dtype}, "
-            f"expected ({count}, {dim}) float16"
+            f"expected {(count, *shape)} float16"
         )
     return FeatureCache(directory, features, list(file_names), dict(failed))
 
 
-def _resume_point(directory: Path, key: str, count: int, dim: int) -> tuple[int, dict[str, str]]:
+def _resume_point(directory: Path, key: str, count: int, row_shape: tuple) -> tuple[int, dict[str, str]]:
     """Rows already done by an interrupted extraction with this key, and its failures so far."""
     progress_path, partial_path = directory / PROGRESS_FILE, directory / PARTIAL_FILE
     if not (progress_path.exists() and partial_path.exists()):
@@ -128,7 +132,7 @@ def _resume_point(directory: Path, key: str, count: int, dim: int) -> tuple[int,
     try:
         progress = read_json(progress_path, "Extraction progress")
         partial = np.load(partial_path, mmap_mode="r")
-        if progress.get("key") != key or partial.shape != (count, dim) or partial.dtype != np.float16:
+        if progress.get("key") != key or partial.shape != (count, *row_shape) or partial.dtype != np.float16:
             raise CaptionerError("progress does not match")
         done = int(progress["done"])
         if not 0 <= done <= count:
@@ -137,6 +141,15 @@ def _resume_point(directory: Path, key: str, count: int, dim: int) -> tuple[int,
     except (CaptionerError, OSError, ValueError, KeyError, TypeError):
         log.warning("Discarding an unreadable partial feature extraction in %s; starting over.", directory)
         return 0, {}
+
+
+def _row_shape(encoder: ImageEncoder, image_size: int, grid: bool) -> tuple[int, ...]:
+    """One image's feature shape: `(D,)` pooled, `(regions, D)` grid (from a forward pass on a blank image)."""
+    if not grid:
+        return (encoder.feature_dim,)
+    with torch.inference_mode():
+        blank = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+        return tuple(encoder.cpu()(blank, grid=True).shape[1:])
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -194,8 +207,12 @@ def extract_features(
     device_decode: bool | None = None,
     compile_encoder: bool = False,
     require_some: bool = True,
+    grid: bool = False,
 ) -> None:
     """Run `encoder` over the images into `directory`, resuming an interrupted run.
+
+    With `grid`, each row is the encoder's last convolutional map as
+    `(regions, feature_dim)` (for attention) instead of its average.
 
     On a GPU (or with `device_decode=True`) JPEGs are read as bytes by the
     workers and decoded and resized in batches on the device; other formats
@@ -214,11 +231,11 @@ def extract_features(
     directory, device = Path(directory), torch.device(device)
     batch_size = batch_size or default_batch_size(device)
     directory.mkdir(parents=True, exist_ok=True)
-    count, dim = len(file_names), encoder.feature_dim
-    done, failed = _resume_point(directory, key, count, dim)
+    count, row_shape = len(file_names), _row_shape(encoder, image_size, grid)
+    done, failed = _resume_point(directory, key, count, row_shape)
     partial_path = directory / PARTIAL_FILE
     if done == 0:
-        features = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=(count, dim))
+        features = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float16, shape=(count, *row_shape))
         _reserve_disk_space(partial_path)
     else:
         log.info("Resuming feature extraction at image %d of %d.", done, count)
@@ -240,7 +257,11 @@ def extract_features(
         persistent_workers=False,
     )
     encoder = encoder.to(device)
-    forward = torch.compile(encoder) if compile_encoder else encoder
+    compiled = torch.compile(encoder) if compile_encoder else encoder
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return compiled(images, grid=grid)
+
     chunk = [batch_size]  # shrinks when the device runs out of memory
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     last_save, completed = time.monotonic(), done
@@ -260,7 +281,7 @@ def extract_features(
                     batch = decode_on_device(batch, image_size, device)
                 start = done + batch["positions"][0]
                 stop = done + batch["positions"][-1] + 1
-                rows = np.zeros((stop - start, dim), dtype=np.float16)
+                rows = np.zeros((stop - start, *row_shape), dtype=np.float16)
                 if batch["ok"]:
                     images = batch["images"].to(device, non_blocking=True)
                     out = _encode_in_chunks(forward, images, chunk).float().cpu().numpy().astype(np.float16)
@@ -293,7 +314,7 @@ def extract_features(
             "version": FEATURES_VERSION,
             "key": key,
             "count": count,
-            "dim": dim,
+            "shape": list(row_shape),
             "file_names": file_names,
             "failed": failed,
         },
@@ -301,13 +322,35 @@ def extract_features(
     (directory / PROGRESS_FILE).unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a cache's features depend on besides the image list.
+
+    Attributes:
+        backbone, weights, image_size: The encoder (see `ImageEncoder`).
+        grid: Cache the last convolutional map as regions (for attention) instead of its average.
+    """
+
+    backbone: str
+    weights: str | None
+    image_size: int
+    grid: bool = False
+
+    def key(self, file_names: list[str]) -> str:
+        return cache_key(self.backbone, self.weights, self.image_size, file_names, self.grid)
+
+    def directory(self, root: str | Path, key: str) -> Path:
+        return cache_dir_for(root, self.backbone, self.weights, self.image_size, key, self.grid)
+
+    def encoder(self) -> ImageEncoder:
+        return ImageEncoder(self.backbone, self.weights, pretrained=True)
+
+
 def prepare_features(
     root: str | Path,
     images_dir: str | Path,
     file_names: list[str],
-    backbone: str,
-    weights: str | None,
-    image_size: int,
+    spec: FeatureSpec,
     batch_size: int | None = None,
     num_workers: int = 2,
     device: torch.device | str = "cpu",
@@ -319,7 +362,7 @@ def prepare_features(
         root: Folder holding all caches (one subfolder per key).
         images_dir: Folder the file names are relative to.
         file_names: The images, in the row order of the cache.
-        backbone, weights, image_size: The encoder spec (see `ImageEncoder`).
+        spec: The encoder and the kind of features.
         batch_size: Images per forward pass (None: 256 on a GPU, 8 on a CPU).
         num_workers: DataLoader workers decoding images.
         device: Where the encoder runs.
@@ -328,49 +371,38 @@ def prepare_features(
     Returns:
         The validated, complete cache.
     """
-    key = cache_key(backbone, weights, image_size, file_names)
-    directory = cache_dir_for(root, backbone, weights, image_size, key)
+    key = spec.key(file_names)
+    directory = spec.directory(root, key)
     if (directory / INDEX_FILE).exists():
         try:
             return open_cache(directory, key)
         except CaptionerError as error:
             log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
             shutil.rmtree(directory)
-    encoder = ImageEncoder(backbone, weights, pretrained=True)
-    extract_features(
-        directory,
-        key,
-        images_dir,
-        file_names,
-        encoder,
-        image_size,
-        batch_size,
-        num_workers,
-        device,
-        compile_encoder=compile_encoder,
-    )
+    extract_features(directory, key, images_dir, file_names, spec.encoder(), spec.image_size, batch_size,
+                     num_workers, device, compile_encoder=compile_encoder, grid=spec.grid)  # fmt: skip
     return open_cache(directory, key)
 
 
-def load_features(
-    root: str | Path, file_names: list[str], backbone: str, weights: str | None, image_size: int
-) -> FeatureCache:
+def load_features(root: str | Path, file_names: list[str], spec: FeatureSpec) -> FeatureCache:
     """Open an existing complete cache without computing anything (for setup on every rank).
 
     Raises:
         CaptionerError: When the cache is missing or invalid (run prepare first).
     """
-    key = cache_key(backbone, weights, image_size, file_names)
-    return open_cache(cache_dir_for(root, backbone, weights, image_size, key), key)
+    key = spec.key(file_names)
+    return open_cache(spec.directory(root, key), key)
+
+
+def _shard(count: int, rank: int, world_size: int) -> slice:
+    return slice(rank * count // world_size, (rank + 1) * count // world_size)
 
 
 def prepare_features_sharded(
     root: str | Path,
     images_dir: str | Path,
     file_names: list[str],
-    backbone: str,
-    weights: str | None,
-    image_size: int,
+    spec: FeatureSpec,
     rank: int,
     world_size: int,
     barrier,
@@ -393,8 +425,8 @@ def prepare_features_sharded(
         barrier: A callable that blocks until every rank reaches it.
         Others: as `prepare_features`.
     """
-    key = cache_key(backbone, weights, image_size, file_names)
-    directory = cache_dir_for(root, backbone, weights, image_size, key)
+    key = spec.key(file_names)
+    directory = spec.directory(root, key)
     try:
         complete = open_cache(directory, key) if (directory / INDEX_FILE).exists() else None
     except CaptionerError as error:
@@ -408,70 +440,43 @@ def prepare_features_sharded(
         for name in (INDEX_FILE, FEATURES_FILE):
             (directory / name).unlink(missing_ok=True)
     barrier()
-    count = len(file_names)
-    start, stop = rank * count // world_size, (rank + 1) * count // world_size
+    part_names = file_names[_shard(len(file_names), rank, world_size)]
     part = directory / "parts" / f"{world_size}-{rank}"
-    part_names = file_names[start:stop]
-    if part_names:
-        part_key = cache_key(backbone, weights, image_size, part_names)
-        if not (part / INDEX_FILE).exists():
-            encoder = ImageEncoder(backbone, weights, pretrained=True)
-            extract_features(
-                part,
-                part_key,
-                images_dir,
-                part_names,
-                encoder,
-                image_size,
-                batch_size,
-                num_workers,
-                device,
-                compile_encoder=compile_encoder,
-                require_some=False,
-            )
+    if part_names and not (part / INDEX_FILE).exists():
+        extract_features(part, spec.key(part_names), images_dir, part_names, spec.encoder(), spec.image_size,
+                         batch_size, num_workers, device, compile_encoder=compile_encoder, require_some=False,
+                         grid=spec.grid)  # fmt: skip
     barrier()
     if rank == 0:
-        _assemble(directory, key, file_names, world_size, backbone, weights, image_size, images_dir)
+        _assemble(directory, key, file_names, world_size, spec, images_dir)
     barrier()
     return open_cache(directory, key)
 
 
-def _assemble(
-    directory: Path, key: str, file_names: list[str], world_size: int, backbone, weights, image_size, images_dir
-) -> None:
+def _assemble(directory: Path, key: str, file_names: list[str], world_size: int, spec: FeatureSpec, images_dir) -> None:
+    """Copy the ranks' part caches into the one cache, in row order, and write its index."""
     count, failed, array = len(file_names), {}, None
     for rank in range(world_size):
-        start, stop = rank * count // world_size, (rank + 1) * count // world_size
-        if start == stop:
+        rows = _shard(count, rank, world_size)
+        part_names = file_names[rows]
+        if not part_names:
             continue
-        part_names = file_names[start:stop]
-        part = open_cache(
-            directory / "parts" / f"{world_size}-{rank}", cache_key(backbone, weights, image_size, part_names)
-        )
+        part = open_cache(directory / "parts" / f"{world_size}-{rank}", spec.key(part_names))
         if array is None:
-            array = np.lib.format.open_memmap(
-                directory / PARTIAL_FILE, mode="w+", dtype=np.float16, shape=(count, part.features.shape[1])
-            )
+            shape = (count, *part.features.shape[1:])
+            array = np.lib.format.open_memmap(directory / PARTIAL_FILE, mode="w+", dtype=np.float16, shape=shape)
             _reserve_disk_space(directory / PARTIAL_FILE)
-        array[start:stop] = part.features
+        array[rows] = part.features
         failed.update(part.failed)
     if len(failed) == count:
         raise CaptionerError(
             f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))})."
         )
-    dim = array.shape[1]
+    row_shape = array.shape[1:]
     array.flush()
     del array
     (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
-    write_json(
-        directory / INDEX_FILE,
-        {
-            "version": FEATURES_VERSION,
-            "key": key,
-            "count": count,
-            "dim": dim,
-            "file_names": file_names,
-            "failed": failed,
-        },
-    )
+    index = {"version": FEATURES_VERSION, "key": key, "count": count, "shape": list(row_shape),
+             "file_names": file_names, "failed": failed}  # fmt: skip
+    write_json(directory / INDEX_FILE, index)
     shutil.rmtree(directory / "parts", ignore_errors=True)

@@ -166,11 +166,25 @@ def write_synthetic_dataset(
     return root
 
 
-def scene_colours(captions_file: str | Path) -> dict[str, str]:
-    """Map each file name of a synthetic set to its main object's colour."""
+def scenes_of(captions_file: str | Path) -> dict[str, dict]:
+    """Map each file name of a synthetic set to the scene that was drawn."""
     with open(captions_file, encoding="utf-8") as handle:
         payload = json.load(handle)
-    return {image["file_name"]: image["scene"]["colour"] for image in payload["images"] if "scene" in image}
+    return {image["file_name"]: image["scene"] for image in payload["images"] if "scene" in image}
+
+
+def scene_colours(captions_file: str | Path) -> dict[str, str]:
+    """Map each file name of a synthetic set to its main object's colour."""
+    return {name: scene["colour"] for name, scene in scenes_of(captions_file).items()}
+
+
+def mentioned_position(caption: str) -> str | None:
+    """The main object's position a caption states ("on the left" -> "left"), if it states one."""
+    text = " ".join(caption.lower().split())
+    for position, (_, phrase) in POSITIONS.items():
+        if phrase in text:
+            return position
+    return None
 
 
 def first_colour(caption: str) -> str | None:

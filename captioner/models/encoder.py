@@ -92,16 +92,21 @@ class ImageEncoder(nn.Module):
         """What a feature cache and a checkpoint must agree on."""
         return {"backbone": self.backbone_name, "weights": self.weights_name}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features for a batch of RGB images.
+    def forward(self, images: torch.Tensor, grid: bool = False) -> torch.Tensor:
+        """Features for a batch of RGB images.
 
         Args:
             images: `(B, 3, H, W)` uint8 in [0, 255] or float in [0, 1].
+            grid: Return the last convolutional map as regions instead of its average.
 
         Returns:
-            `(B, feature_dim)` float features.
+            `(B, feature_dim)` pooled features, or `(B, regions, feature_dim)` with
+            `regions = h * w` of the last map (7 x 7 = 49 at 224 px).
         """
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
-        images = (images - self.mean) / self.std
-        return self.net(images.contiguous(memory_format=torch.channels_last))
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        net = self.net
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return x.flatten(2).transpose(1, 2) if grid else x.mean(dim=(2, 3))  # the mean is ResNet's avgpool

@@ -15,7 +15,7 @@ from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_captions, format_table, loggable, unique_by_file
 from captioner.files import write_json
 from captioner.metrics import as_percent, bleu_collection
-from captioner.models.decoder import CaptionDecoder, caption_loss
+from captioner.models.decoder import AttentionDecoder, CaptionDecoder, caption_loss, doubly_stochastic_penalty
 from captioner.models.encoder import ImageEncoder
 from captioner.models.search import SearchResult, SpecialTokens, beam_search, greedy_search
 from captioner.runs import run_dir, write_jsonl
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 # Hyperparameters a checkpoint's weights depend on: a config that differs in any is refused.
-ARCHITECTURE_KEYS = ("backbone", "weights", "image_size", "embed_dim", "hidden_dim", "num_layers", "blind")
+ARCHITECTURE_KEYS = (
+    "backbone", "weights", "image_size", "decoder", "embed_dim", "hidden_dim", "num_layers", "attention_dim", "blind",
+)  # fmt: skip
 
 
 class CaptionModel(LightningModule):
@@ -41,9 +43,13 @@ class CaptionModel(LightningModule):
         backbone: Encoder backbone (linked from `data.backbone`).
         weights: Encoder weights name or None (linked from `data.weights`).
         image_size: Encoder input size (linked from `data.image_size`).
+        decoder: "lstm" (the pooled image feature sets the LSTM's initial state) or "attention" (Show,
+            Attend and Tell soft attention over the grid of image regions; sets `data.features` to "grid").
         embed_dim: Word embedding size.
         hidden_dim: LSTM state size.
-        num_layers: LSTM layers.
+        num_layers: LSTM layers (the attention decoder has one).
+        attention_dim: Size of the attention layer.
+        attention_regularization: Weight of the doubly stochastic attention penalty.
         dropout: Decoder dropout.
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
@@ -60,9 +66,12 @@ class CaptionModel(LightningModule):
         backbone: str = "resnet50",
         weights: str | None = "IMAGENET1K_V2",
         image_size: int = 224,
+        decoder: Literal["lstm", "attention"] = "lstm",
         embed_dim: int = 256,
         hidden_dim: int = 512,
         num_layers: int = 1,
+        attention_dim: int = 256,
+        attention_regularization: float = 1.0,
         dropout: float = 0.5,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -77,7 +86,7 @@ class CaptionModel(LightningModule):
         self.save_hyperparameters()
         # Architecture only: pretrained weights are loaded at fit start, or come from a checkpoint.
         self.encoder = ImageEncoder(backbone, weights, pretrained=False)
-        self.decoder: CaptionDecoder | None = None
+        self.decoder: CaptionDecoder | AttentionDecoder | None = None
         self.vocabulary: Vocabulary | None = None
         self.val_bleu = bleu_collection()
         self.test_bleu = bleu_collection()
@@ -91,15 +100,12 @@ class CaptionModel(LightningModule):
         hp = self.hparams
         self.vocabulary = vocabulary
         self.special = SpecialTokens.of(vocabulary)
-        self.decoder = CaptionDecoder(
-            len(vocabulary),
-            self.encoder.feature_dim,
-            hp.embed_dim,
-            hp.hidden_dim,
-            hp.num_layers,
-            hp.dropout,
-            vocabulary.pad_index,
-        )
+        if hp.decoder == "attention":
+            self.decoder = AttentionDecoder(len(vocabulary), self.encoder.feature_dim, hp.embed_dim, hp.hidden_dim,
+                                            hp.attention_dim, hp.dropout, vocabulary.pad_index)  # fmt: skip
+        else:
+            self.decoder = CaptionDecoder(len(vocabulary), self.encoder.feature_dim, hp.embed_dim, hp.hidden_dim,
+                                          hp.num_layers, hp.dropout, vocabulary.pad_index)  # fmt: skip
 
     def configure_model(self) -> None:
         vocabulary = getattr(self.trainer.datamodule, "vocabulary", None) if self._trainer is not None else None
@@ -150,8 +156,14 @@ class CaptionModel(LightningModule):
 
     def teacher_forced_loss(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Masked cross-entropy of predicting each caption token from the previous ones."""
-        logits = self._require_decoder()(self.image_features(features), tokens[:, :-1])
-        return caption_loss(logits, tokens[:, 1:], self.vocabulary.pad_index)
+        decoder, inputs, targets = self._require_decoder(), tokens[:, :-1], tokens[:, 1:]
+        if isinstance(decoder, AttentionDecoder):
+            logits, weights = decoder(self.image_features(features), inputs, return_attention=True)
+            penalty = doubly_stochastic_penalty(weights, targets != self.vocabulary.pad_index)
+            loss = caption_loss(logits, targets, self.vocabulary.pad_index)
+            return loss + self.hparams.attention_regularization * penalty
+        logits = decoder(self.image_features(features), inputs)
+        return caption_loss(logits, targets, self.vocabulary.pad_index)
 
     def generate(self, features: torch.Tensor, beam_size: int | None = None) -> SearchResult:
         """Decode captions for `(B, D)` features; beam size 1 (or 0) is greedy."""
@@ -168,7 +180,8 @@ class CaptionModel(LightningModule):
 
         The one inference path: `predict`, the `caption` command and `Captioner` all end here.
         """
-        result = self.generate(self.encoder(images.to(self.device, non_blocking=True)), beam_size)
+        grid = self.hparams.decoder == "attention"
+        result = self.generate(self.encoder(images.to(self.device, non_blocking=True), grid=grid), beam_size)
         return self.vocabulary.decode_batch(result.tokens), result.log_probs.tolist()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from captioner.models.decoder import CaptionDecoder
+from captioner.models.decoder import AttentionDecoder, CaptionDecoder
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class SpecialTokens:
         )
 
 
-def _next_log_probs(decoder: CaptionDecoder, previous: torch.Tensor, state, special: SpecialTokens):
+def _next_log_probs(decoder: CaptionDecoder | AttentionDecoder, previous: torch.Tensor, state, special: SpecialTokens):
     logits, state = decoder.step(previous, state)
     logits = logits.float()
     logits[:, list(special.banned)] = float("-inf")
@@ -64,7 +64,7 @@ def length_normalised(log_probs: torch.Tensor, lengths: torch.Tensor, length_pen
 
 @torch.no_grad()
 def greedy_search(
-    decoder: CaptionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
+    decoder: CaptionDecoder | AttentionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
 ) -> SearchResult:
     """Pick the most likely next word at every step.
 
@@ -97,7 +97,7 @@ def greedy_search(
 
 @torch.no_grad()
 def beam_search(
-    decoder: CaptionDecoder,
+    decoder: CaptionDecoder | AttentionDecoder,
     features: torch.Tensor,
     beam_size: int,
     max_length: int,
@@ -123,8 +123,7 @@ def beam_search(
         return greedy
     batch, device = features.shape[0], features.device
     k = beam_size
-    h, c = decoder.init_state(features)
-    state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))
+    state = decoder.expand_state(decoder.init_state(features), k)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     previous = torch.full((batch * k,), special.start, dtype=torch.long, device=device)
@@ -148,7 +147,7 @@ def beam_search(
         lengths = lengths.gather(1, beam) + (~was_finished).long()
         finished = was_finished | (token == special.end)
         order = (beam + batch_offsets).view(-1)
-        state = (state[0][:, order], state[1][:, order])
+        state = decoder.select_state(state, order)
         previous = token.view(-1)
         if bool(finished.all()):
             break
