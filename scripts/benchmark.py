@@ -437,34 +437,14 @@ def main() -> None:
             images_per_batch=sizes["original_images_per_batch"],
             steps=sizes["original_steps"],
         )
-        r["greedy"] = run_phase(
-            "ours: greedy decoding",
-            ours_decode,
-            features_file=str(large),
-            count=sizes["decode"],
-            device=device,
-            beam_size=1,
-            batch_size=decode_batch,
+        decoding = (
+            ("greedy", "ours: greedy decoding", 1, False),
+            ("greedy_bf16", "ours: greedy decoding, bf16 autocast", 1, True),
+            ("beam3", "ours: beam-3 decoding", 3, False),
         )
-        r["greedy_bf16"] = run_phase(
-            "ours: greedy decoding, bf16 autocast",
-            ours_decode,
-            features_file=str(large),
-            count=sizes["decode"],
-            device=device,
-            beam_size=1,
-            batch_size=decode_batch,
-            bf16=True,
-        )
-        r["beam3"] = run_phase(
-            "ours: beam-3 decoding",
-            ours_decode,
-            features_file=str(large),
-            count=sizes["decode"],
-            device=device,
-            beam_size=3,
-            batch_size=decode_batch,
-        )
+        for key, label, beam_size, bf16 in decoding:
+            r[key] = run_phase(label, ours_decode, features_file=str(large), count=sizes["decode"], device=device,
+                               beam_size=beam_size, batch_size=decode_batch, bf16=bf16)  # fmt: skip
         r["orig_decode"] = run_phase(
             "original: per-word decoding",
             original_decode,
