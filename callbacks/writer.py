@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from captioner.files import atomic_open
-from captioner.render import captioned_image
+from captioner.render import attention_figure, captioned_image
 from captioner.runs import run_dir
 
 log = logging.getLogger("captioner")
@@ -36,11 +36,17 @@ class CaptionWriter(BasePredictionWriter):
         write_images: Also save each image with its caption set under it, as
             PNG files under `captioned/`, mirroring the input folder's tree.
         image_width: Width of the captioned pictures in pixels.
+        attention_maps: With the attention decoder, also save for each image a
+            picture of the region it attended to for each word, under `attention/`.
     """
 
-    def __init__(self, output_dir: str | None = None, write_images: bool = False, image_width: int = 512) -> None:
+    def __init__(
+        self, output_dir: str | None = None, write_images: bool = False, image_width: int = 512,
+        attention_maps: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__(write_interval="batch")
         self.output_dir, self.write_images, self.image_width = output_dir, write_images, image_width
+        self.attention_maps = attention_maps
         self._folder: Path | None = None
         self._part: Any = None
 
@@ -70,28 +76,33 @@ class CaptionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         for row in prediction:
+            attention = row.pop("attention", None)
             self._part.write(json.dumps(row, ensure_ascii=False) + "\n")
             if self.write_images and row["caption"] is not None:
-                self._write_picture(row)
+                self._write_picture(row, "captioned", captioned_image, [row["caption"]], self.image_width)
+            if self.attention_maps and attention is not None:
+                words = [*row["caption"].split(), "<end>"][: len(attention)]
+                self._write_picture(row, "attention", attention_figure, words, attention)
         self._part.flush()
 
-    def _picture_path(self, source: Path) -> Path:
+    def _picture_path(self, source: Path, folder: str) -> Path:
         try:
             relative = source.relative_to(self._root) if self._root is not None else Path(source.name)
         except ValueError:
             relative = Path(source.name)
-        return self._folder / "captioned" / relative.with_suffix(relative.suffix + ".png")
+        return self._folder / folder / relative.with_suffix(relative.suffix + ".png")
 
-    def _write_picture(self, row: dict) -> None:
+    def _write_picture(self, row: dict, folder: str, draw, *args) -> None:
+        """Draw `draw(image, *args)` for the row's image into `folder`, mirroring the input tree."""
         source = Path(row["path"])
         try:
             with Image.open(source) as image:
                 image.seek(0)
-                picture = captioned_image(image, [row["caption"]], self.image_width)
+                picture = draw(image, *args)
         except OSError as error:  # it was readable a moment ago; report, do not stop
-            log.warning("Could not draw the captioned picture of %s: %s", source, error)
+            log.warning("Could not draw the %s picture of %s: %s", folder, source, error)
             return
-        target = self._picture_path(source)
+        target = self._picture_path(source, folder)
         with atomic_open(target, "wb") as handle:
             picture.save(handle, format="PNG")
 
@@ -122,6 +133,6 @@ class CaptionWriter(BasePredictionWriter):
         log.info(
             "Predictions written to %s (predictions.jsonl, predictions.csv%s)",
             self._folder,
-            ", captioned/" if self.write_images else "",
+            (", captioned/" if self.write_images else "") + (", attention/" if self.attention_maps else ""),
         )
         print(f"{len(ordered) - failed} captioned, {failed} failed")

@@ -61,3 +61,28 @@ def image_grid(tiles: Sequence[Image.Image], columns: int = 4, background: str =
     for index, tile in enumerate(tiles):
         grid.paste(tile, ((index % columns) * cell_w, (index // columns) * cell_h))
     return grid
+
+
+def attention_figure(
+    image: Image.Image, words: Sequence[str], weights, tile: int = 160, columns: int = 5
+) -> Image.Image:
+    """The image, then one panel per word with the regions it attended to lit up.
+
+    Args:
+        image: The input picture.
+        words: The caption's words (and "<end>"), one per row of `weights`.
+        weights: `(len(words), grid_h, grid_w)` attention weights (each panel scaled to its own maximum).
+        tile: Panel width in pixels.
+        columns: Panels per row.
+    """
+    import numpy as np
+
+    base = to_rgb(image).resize((tile, round(image.height * tile / image.width)), Image.Resampling.BILINEAR)
+    panels = [captioned_image(base, ["(input)"], tile)]
+    for word, grid in zip(words, weights):
+        heat = np.asarray(grid, dtype=np.float32)
+        heat = (255 * heat / max(float(heat.max()), 1e-8)).astype(np.uint8)
+        mask = Image.fromarray(heat).resize(base.size, Image.Resampling.BILINEAR)
+        lit = Image.composite(base, Image.blend(base, Image.new("RGB", base.size, "black"), 0.75), mask)
+        panels.append(captioned_image(lit, [word], tile))
+    return image_grid(panels, columns)

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
 from captioner.runs import run_dir
-from tests.conftest import TESTS, TINY_CONFIG, tiny_args, wandb_logger_args
+from tests.conftest import TESTS, TINY_CONFIG, predict_args, tiny_args, wandb_logger_args
 
 ROOT = TESTS.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [TINY_CONFIG]
@@ -112,6 +113,19 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
     assert tested.trainer.callback_metrics["test/bleu1"] > 0
     captioner = Captioner.from_checkpoint(best, device="cpu")
     assert captioner.caption(next((scenes / "Images").iterdir()))[0]
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((scenes / "Images").iterdir())[:3]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    predicted = main(predict_args(best, photos, tmp_path / "pred", "--trainer.callbacks.attention_maps", "true", *args))
+    folder = run_dir(predicted.trainer)
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(set(row) == {"path", "caption", "score", "error"} for row in rows)
+    for row in rows:
+        with Image.open(folder / "attention" / (Path(row["path"]).name + ".png")) as figure:
+            panels = 1 + len(row["caption"].split()) + 1  # the input, each word, <end>
+            assert figure.width == 160 * min(5, panels) and figure.height >= 160 * 0.75 * ((panels + 4) // 5)
 
     with pytest.raises(SystemExit) as exit_info:
         main(

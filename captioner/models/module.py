@@ -180,9 +180,33 @@ class CaptionModel(LightningModule):
 
         The one inference path: `predict`, the `caption` command and `Captioner` all end here.
         """
-        grid = self.hparams.decoder == "attention"
-        result = self.generate(self.encoder(images.to(self.device, non_blocking=True), grid=grid), beam_size)
-        return self.vocabulary.decode_batch(result.tokens), result.log_probs.tolist()
+        captions, scores, _ = self.caption_images_with_attention(images, beam_size)
+        return captions, scores
+
+    @torch.no_grad()
+    def caption_images_with_attention(
+        self, images: torch.Tensor, beam_size: int | None = None
+    ) -> tuple[list[str], list[float], list[torch.Tensor] | None]:
+        """Like `caption_images`, plus, for the attention decoder, where it looked for each word.
+
+        Returns:
+            Captions, log-probabilities and (attention decoder only, else None) one
+            `(words, grid_h, grid_w)` tensor of attention weights per image, for the
+            words of its caption and the final `<end>`.
+        """
+        attention = self.hparams.decoder == "attention"
+        features = self.encoder(images.to(self.device, non_blocking=True), grid=attention)
+        result = self.generate(features, beam_size)
+        captions = self.vocabulary.decode_batch(result.tokens)
+        if not attention:
+            return captions, result.log_probs.tolist(), None
+        # Replaying the chosen words with teacher forcing gives exactly the weights the search used on that path.
+        start = torch.full_like(result.tokens[:, :1], self.vocabulary.start_index)
+        inputs = torch.cat([start, result.tokens[:, :-1]], dim=1)
+        _, weights = self.decoder(self.image_features(features), inputs, return_attention=True)
+        side = round(weights.shape[-1] ** 0.5)
+        maps = [w[:length].float().view(-1, side, side).cpu() for w, length in zip(weights, result.lengths.tolist())]
+        return captions, result.log_probs.tolist(), maps
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features, tokens = batch
@@ -269,10 +293,12 @@ class CaptionModel(LightningModule):
             for position, path in zip(batch["positions"], batch["paths"])
         ]
         if batch["ok"]:
-            captions, scores = self.caption_images(batch["images"])
+            captions, scores, maps = self.caption_images_with_attention(batch["images"])
             row_of = {position: i for i, position in enumerate(batch["positions"])}
-            for position, caption, score in zip(batch["ok"], captions, scores):
+            for index, (position, caption, score) in enumerate(zip(batch["ok"], captions, scores)):
                 rows[row_of[position]].update(caption=caption, score=score)
+                if maps is not None:  # for CaptionWriter's attention pictures; never written to the tables
+                    rows[row_of[position]]["attention"] = maps[index]
         return rows
 
     # ---------------------------------------------------------------- optimisation
