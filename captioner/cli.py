@@ -76,6 +76,11 @@ def features_for_decoder(decoder: str) -> str:
     return "grid" if decoder == "attention" else "pooled"
 
 
+def train_items_for(scst: bool) -> str:
+    """Self-critical training scores whole captions against all references of an image."""
+    return "images" if scst else "captions"
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Save the resolved config into the run's own folder and hand it to the logger.
 
@@ -102,6 +107,7 @@ class CaptionerCLI(LightningCLI):
         for key in ("backbone", "weights", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}")
         parser.link_arguments("model.decoder", "data.features", compute_fn=features_for_decoder)
+        parser.link_arguments("model.scst", "data.train_items", compute_fn=train_items_for)
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -63,3 +63,24 @@ def test_diversity_makes_a_constant_model_obvious():
     varied = caption_diversity(["a red circle", "a blue square on the left", "A red circle."])
     assert varied["distinct_captions"] == 100.0 and varied["vocabulary_used"] == 8
     assert varied["mean_length"] == pytest.approx(12 / 3)
+
+
+def test_cider_d_on_token_ids_matches_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+
+    from captioner.cider import CiderD
+
+    refs = {"a": ["a red circle on the left", "the red circle is on the left side"],
+            "b": ["two blue squares side by side", "blue squares"], "c": ["a green triangle at the top"]}  # fmt: skip
+    hyps = {"a": "a red circle on the right", "b": "two blue squares", "c": "a green circle at the top"}
+    words: dict[str, int] = {}
+
+    def ids(text):
+        return [words.setdefault(word, len(words)) for word in text.split()]
+
+    expected, per_image = Cider().compute_score(refs, {k: [v] for k, v in hyps.items()})
+    scorer = CiderD([[ids(r) for r in refs[k]] for k in refs])  # document frequencies from the same references
+    ours = [scorer.score(ids(hyps[k]), [ids(r) for r in refs[k]]) for k in refs]
+    assert ours == pytest.approx(list(per_image), abs=1e-9)
+    assert sum(ours) / 3 == pytest.approx(expected, abs=1e-9)
+    assert scorer.score(ids("purple hexagons"), [ids(r) for r in refs["a"]]) == 0.0

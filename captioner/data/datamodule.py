@@ -70,6 +70,8 @@ class CaptionDataModule(LightningDataModule):
             is prepared once in all (False: once per node, each into its own `work_dir`).
         features: "pooled" (one vector per image) or "grid" (the last convolutional map as regions, for the
             attention decoder; set from `--model.decoder`).
+        train_items: "captions" (one training item per caption, for cross-entropy) or "images" (one per
+            image with all its references, for self-critical training; set from `--model.scst`).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class CaptionDataModule(LightningDataModule):
         predict_dir: str | None = None,
         shared_filesystem: bool = True,
         features: Literal["pooled", "grid"] = "pooled",
+        train_items: Literal["captions", "images"] = "captions",
     ) -> None:
         super().__init__()
         self.prepare_data_per_node = not shared_filesystem
@@ -218,7 +221,7 @@ class CaptionDataModule(LightningDataModule):
     def _dataset(self, name: str, records: list[CaptionRecord], cache: FeatureCache) -> torch.utils.data.Dataset:
         row_of = cache.row_of
         path = cache.directory / FEATURES_FILE
-        if name == "train":
+        if name == "train" and self.hparams.train_items == "captions":
             captions = [c for r in records for c in r.captions]
             rows = np.array([row_of[r.file_name] for r in records for _ in r.captions], dtype=np.int64)
             return TrainCaptions(path, rows, self.vocabulary.encode_batch(captions), self.vocabulary.pad_index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
@@ -10,6 +11,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 
+from captioner.cider import CiderD
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_captions, format_table, loggable, unique_by_file
@@ -17,7 +19,7 @@ from captioner.files import write_json
 from captioner.metrics import as_percent, bleu_collection
 from captioner.models.decoder import AttentionDecoder, CaptionDecoder, caption_loss, doubly_stochastic_penalty
 from captioner.models.encoder import ImageEncoder
-from captioner.models.search import SearchResult, SpecialTokens, beam_search, greedy_search
+from captioner.models.search import SearchResult, SpecialTokens, beam_search, greedy_search, sample_captions
 from captioner.runs import run_dir, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,13 @@ class CaptionModel(LightningModule):
         length_penalty: GNMT length penalty for choosing among beams (0: raw log-probability).
         max_decode_length: Most words generated per caption (None: the vocabulary's maximum caption length).
         blind: Zero the image features (the blind baseline: what the language prior alone achieves).
+        scst: Self-critical sequence training (Rennie et al. 2017): reward sampled captions with CIDEr-D
+            (document frequencies from the training split), baseline each with the greedy caption's reward.
+            A second stage: start it from a cross-entropy model with `init_checkpoint`. Sets
+            `data.train_items` to "images" (one item per image with all its references).
+        scst_samples: Captions sampled per image per step in self-critical training.
+        init_checkpoint: Start from the weights of this checkpoint (not its optimizer or epoch): the way
+            to begin a second training stage such as SCST.
     """
 
     def __init__(
@@ -81,6 +90,9 @@ class CaptionModel(LightningModule):
         length_penalty: float = 0.0,
         max_decode_length: int | None = None,
         blind: bool = False,
+        scst: bool = False,
+        scst_samples: int = 5,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -91,6 +103,7 @@ class CaptionModel(LightningModule):
         self.val_bleu = bleu_collection()
         self.test_bleu = bleu_collection()
         self._test_rows: list[dict] = []
+        self._cider: CiderD | None = None
 
     # ---------------------------------------------------------------- building
     def build(self, vocabulary: Vocabulary) -> None:
@@ -116,6 +129,18 @@ class CaptionModel(LightningModule):
                     f"({len(vocabulary)})."
                 )
             self.build(vocabulary)
+            if self.hparams.init_checkpoint and self._trainer is not None and self.trainer.ckpt_path is None:
+                self._load_initial_weights(self.hparams.init_checkpoint)
+
+    def _load_initial_weights(self, path: str) -> None:
+        """Weights (and nothing else) from a checkpoint, checked like any checkpoint."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as error:
+            raise CaptionerError(f"--model.init_checkpoint {path} cannot be read ({error}).") from error
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
+        log.info("Starting from the weights of %s", path)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.ckpt_path is None:
@@ -128,8 +153,9 @@ class CaptionModel(LightningModule):
         if "vocabulary" not in checkpoint or "hyper_parameters" not in checkpoint:
             raise CaptionerError("This checkpoint was not written by captioner (it has no vocabulary).")
         saved = checkpoint["hyper_parameters"]
+        defaults = inspect.signature(CaptionModel.__init__).parameters  # keys older checkpoints lack
         for key in ARCHITECTURE_KEYS:
-            if saved.get(key) != self.hparams[key]:
+            if saved.get(key, defaults[key].default) != self.hparams[key]:
                 raise CaptionerError(
                     f"The checkpoint was trained with {key}={saved.get(key)!r} but this run is configured with "
                     f"{key}={self.hparams[key]!r}. Use the config the checkpoint was trained with "
@@ -208,10 +234,60 @@ class CaptionModel(LightningModule):
         maps = [w[:length].float().view(-1, side, side).cpu() for w, length in zip(weights, result.lengths.tolist())]
         return captions, result.log_probs.tolist(), maps
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.hparams.scst:
+            return self.self_critical_step(batch)
         features, tokens = batch
         loss = self.teacher_forced_loss(features, tokens)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(tokens))
+        return loss
+
+    def on_fit_start(self) -> None:
+        if self.hparams.scst:
+            if not self.hparams.init_checkpoint and self.trainer.ckpt_path is None:
+                raise CaptionerError(
+                    "Self-critical training is a second stage: start it from a cross-entropy model with "
+                    "--model.init_checkpoint path/to/best.ckpt."
+                )
+            train = self.trainer.datamodule.datasets["train"]
+            if not hasattr(train, "references"):
+                raise CaptionerError("SCST needs one training item per image: set --data.train_items images.")
+            # Document frequencies from the training split only.
+            self._cider = CiderD([[self._word_ids(ref) for ref in refs] for refs in train.references])
+
+    def _word_ids(self, caption) -> list[int]:
+        """A caption (text, or ids with specials) as word ids without `<start>`, `<end>` and `<pad>`."""
+        ids = self.vocabulary.encode(caption)[1:-1] if isinstance(caption, str) else caption
+        words = []
+        for token in ids:
+            if token == self.vocabulary.end_index:
+                break
+            if token not in (self.vocabulary.start_index, self.vocabulary.pad_index):
+                words.append(int(token))
+        return words
+
+    def self_critical_step(self, batch: dict) -> torch.Tensor:
+        """Policy gradient with reward CIDEr-D(sample) - CIDEr-D(greedy) for `scst_samples` samples per image."""
+        k, decoder = self.hparams.scst_samples, self._require_decoder()
+        features = self.image_features(batch["features"])
+        references = [[self._word_ids(ref) for ref in refs] for refs in batch["references"]]
+        max_length = self.hparams.max_decode_length or self.vocabulary.max_length
+        decoder.eval()  # the baseline is the test-time greedy caption
+        with torch.no_grad():
+            greedy = greedy_search(decoder, features, max_length, self.special)
+        decoder.train()
+        samples = sample_captions(decoder, features.repeat_interleave(k, dim=0), max_length, self.special)
+        baseline = self._cider.batch([self._word_ids(t) for t in greedy.tokens.tolist()], references)
+        rewards = self._cider.batch(
+            [self._word_ids(t) for t in samples.tokens.tolist()], [refs for refs in references for _ in range(k)]
+        )
+        reward = torch.tensor(rewards, device=self.device)
+        advantage = reward - torch.tensor(baseline, device=self.device).repeat_interleave(k)
+        loss = -(advantage * samples.log_probs).mean()
+        size = len(references)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/reward_cider", reward.mean(), prog_bar=True, batch_size=size)
+        self.log("train/baseline_cider", float(sum(baseline) / size), batch_size=size)
         return loss
 
     def _evaluate(self, batch: dict, stage: str, beam_size: int) -> list[str]:

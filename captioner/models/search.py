@@ -165,3 +165,33 @@ def beam_search(
         torch.where(greedy_wins, greedy.log_probs, log_probs),
         torch.where(greedy_wins, greedy.lengths, best_lengths),
     )
+
+
+def sample_captions(
+    decoder: CaptionDecoder | AttentionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
+) -> SearchResult:
+    """Draw one caption per image from the model's distribution, keeping the graph.
+
+    Used by self-critical training: `log_probs` is differentiable, so the
+    policy gradient flows through it.
+    """
+    batch = features.shape[0]
+    state = decoder.init_state(features)
+    previous = torch.full((batch,), special.start, dtype=torch.long, device=features.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
+    log_probs = torch.zeros(batch, device=features.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=features.device)
+    steps = []
+    for _ in range(max_length + 1):
+        step_log_probs, state = _next_log_probs(decoder, previous, state, special)
+        token = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
+        picked = step_log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
+        token = token.masked_fill(finished, special.pad)
+        log_probs = log_probs + picked.masked_fill(finished, 0.0)
+        lengths += (~finished).long()
+        steps.append(token)
+        finished = finished | (token == special.end)
+        previous = token
+        if bool(finished.all()):
+            break
+    return SearchResult(torch.stack(steps, dim=1), log_probs, lengths)
