@@ -70,29 +70,11 @@ def greedy_search(
 
     Args:
         decoder: The trained decoder.
-        features: `(B, feature_dim)` image features.
+        features: `(B, feature_dim)` pooled or `(B, regions, feature_dim)` grid features, as the decoder reads.
         max_length: Most words per caption; a caption without `<end>` stops there.
         special: Start, end, padding and never-generated tokens.
     """
-    batch = features.shape[0]
-    state = decoder.init_state(features)
-    previous = torch.full((batch,), special.start, dtype=torch.long, device=features.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
-    log_probs = torch.zeros(batch, device=features.device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=features.device)
-    steps = []
-    for _ in range(max_length + 1):
-        step_log_probs, state = _next_log_probs(decoder, previous, state, special)
-        best_log_prob, token = step_log_probs.max(dim=-1)
-        token = token.masked_fill(finished, special.pad)
-        log_probs += best_log_prob.masked_fill(finished, 0.0)
-        lengths += (~finished).long()
-        steps.append(token)
-        finished |= token == special.end
-        previous = token
-        if bool(finished.all()):
-            break
-    return SearchResult(torch.stack(steps, dim=1), log_probs, lengths)
+    return _unroll(decoder, features, max_length, special, pick=lambda log_probs: log_probs.argmax(dim=-1))
 
 
 @torch.no_grad()
@@ -112,7 +94,7 @@ def beam_search(
 
     Args:
         decoder: The trained decoder.
-        features: `(B, feature_dim)` image features.
+        features: `(B, feature_dim)` pooled or `(B, regions, feature_dim)` grid features, as the decoder reads.
         beam_size: Beams per image; 1 is greedy decoding.
         max_length: Most words per caption; beams without `<end>` stop there.
         special: Start, end, padding and never-generated tokens.
@@ -175,6 +157,15 @@ def sample_captions(
     Used by self-critical training: `log_probs` is differentiable, so the
     policy gradient flows through it.
     """
+
+    def draw(log_probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
+
+    return _unroll(decoder, features, max_length, special, pick=draw)
+
+
+def _unroll(decoder, features: torch.Tensor, max_length: int, special: SpecialTokens, pick) -> SearchResult:
+    """One caption per image, choosing each next token with `pick(log_probs) -> tokens`, until all end."""
     batch = features.shape[0]
     state = decoder.init_state(features)
     previous = torch.full((batch,), special.start, dtype=torch.long, device=features.device)
@@ -184,11 +175,11 @@ def sample_captions(
     steps = []
     for _ in range(max_length + 1):
         step_log_probs, state = _next_log_probs(decoder, previous, state, special)
-        token = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
+        token = pick(step_log_probs)
         picked = step_log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
         token = token.masked_fill(finished, special.pad)
         log_probs = log_probs + picked.masked_fill(finished, 0.0)
-        lengths += (~finished).long()
+        lengths = lengths + (~finished).long()
         steps.append(token)
         finished = finished | (token == special.end)
         previous = token
