@@ -336,7 +336,7 @@ def original_decode(features_file: str, count: int, device: str) -> dict:
 
 # ------------------------------------------------------------------ main
 SIZES = {
-    #            images orig_ext train_small train_large steps orig_steps orig_ipb decode orig_decode
+    # images generated and extracted; original_* the (slower) original side; train_* feature rows per training set
     "quick": dict(
         images=32,
         original_images=8,

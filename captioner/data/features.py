@@ -303,22 +303,7 @@ def extract_features(
         ) from error
     features.flush()
     del features
-    if require_some and len(failed) == count:
-        raise CaptionerError(
-            f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))})."
-        )
-    (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
-    write_json(
-        directory / INDEX_FILE,
-        {
-            "version": FEATURES_VERSION,
-            "key": key,
-            "count": count,
-            "shape": list(row_shape),
-            "file_names": file_names,
-            "failed": failed,
-        },
-    )
+    _complete_cache(directory, key, file_names, row_shape, failed, images_dir, require_some)
     (directory / PROGRESS_FILE).unlink(missing_ok=True)
 
 
@@ -453,6 +438,26 @@ def prepare_features_sharded(
     return open_cache(directory, key)
 
 
+def _complete_cache(
+    directory: Path, key: str, file_names: list[str], row_shape: tuple, failed: dict[str, str], images_dir,
+    require_some: bool = True,
+) -> None:  # fmt: skip
+    """Promote the flushed partial array to the cache and write the index that marks it complete.
+
+    Raises:
+        CaptionerError: When `require_some` and no image at all could be decoded (nothing is promoted).
+    """
+    if require_some and len(failed) == len(file_names):
+        raise CaptionerError(
+            f"None of the {len(file_names)} images in {images_dir} could be decoded "
+            f"(e.g. {next(iter(failed.items()))})."
+        )
+    (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
+    index = {"version": FEATURES_VERSION, "key": key, "count": len(file_names), "shape": list(row_shape),
+             "file_names": file_names, "failed": failed}  # fmt: skip
+    write_json(directory / INDEX_FILE, index)
+
+
 def _assemble(directory: Path, key: str, file_names: list[str], world_size: int, spec: FeatureSpec, images_dir) -> None:
     """Copy the ranks' part caches into the one cache, in row order, and write its index."""
     count, failed, array = len(file_names), {}, None
@@ -468,15 +473,8 @@ def _assemble(directory: Path, key: str, file_names: list[str], world_size: int,
             _reserve_disk_space(directory / PARTIAL_FILE)
         array[rows] = part.features
         failed.update(part.failed)
-    if len(failed) == count:
-        raise CaptionerError(
-            f"None of the {count} images in {images_dir} could be decoded (e.g. {next(iter(failed.items()))})."
-        )
     row_shape = array.shape[1:]
     array.flush()
     del array
-    (directory / PARTIAL_FILE).replace(directory / FEATURES_FILE)
-    index = {"version": FEATURES_VERSION, "key": key, "count": count, "shape": list(row_shape),
-             "file_names": file_names, "failed": failed}  # fmt: skip
-    write_json(directory / INDEX_FILE, index)
+    _complete_cache(directory, key, file_names, row_shape, failed, images_dir)
     shutil.rmtree(directory / "parts", ignore_errors=True)
