@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -18,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from captioner.data.datamodule import CaptionDataModule
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
+from captioner.hardware import checked_precision
 from captioner.models.module import CaptionModel
 from captioner.runs import run_dir
 
@@ -124,6 +124,9 @@ class CaptionerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        # Chosen for the accelerator this run uses, without initialising CUDA here (fork-based strategies refuse
+        # a launcher that did); bf16 on a CPU only where the CPU has it.
+        config.trainer.precision = checked_precision(config.trainer.precision, config.trainer.accelerator)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(find_last_checkpoint(config.trainer))
         if _uses_wandb(config.trainer) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
@@ -139,17 +142,6 @@ class CaptionerCLI(LightningCLI):
             checkpoint = self.trainer.checkpoint_callback
             ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
-
-
-def default_trainer_settings() -> dict:
-    """Defaults a config may override: bf16 mixed precision where the GPU supports it.
-
-    Safe for this model: the loss and the search's log-softmax are computed in
-    float32 whatever the autocast dtype.
-    """
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return {"precision": "bf16-mixed"}
-    return {}
 
 
 def _finish_wandb_runs(trainer: Trainer) -> None:
@@ -229,7 +221,6 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
         cli = CaptionerCLI(
             CaptionModel,
             CaptionDataModule,
-            trainer_defaults=default_trainer_settings(),
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
             args=args,

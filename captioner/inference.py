@@ -17,7 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.data.images import ImageFileDataset, collate_images, describe_error, load_any_image
+from captioner.data.preprocessing import DECODE_ERRORS
 from captioner.errors import CaptionerError
+from captioner.hardware import bf16_autocast_available
 from captioner.models.module import CaptionModel
 
 ImageSource = str | Path | Image.Image | torch.Tensor
@@ -80,7 +82,7 @@ class Captioner:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
         self.model = model.eval()
         self.batch_size, self.beam_size, self.num_workers = batch_size, beam_size, num_workers
-        self.image_size = int(model.hparams.image_size)
+        self.preprocessing = model.preprocessing
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device | str | None = None, **kwargs) -> Captioner:
@@ -92,7 +94,7 @@ class Captioner:
         return self.model.device
 
     def _autocast(self):
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if self.device.type == "cuda" and bf16_autocast_available(self.device):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -117,9 +119,9 @@ class Captioner:
             for offset, item in enumerate(chunk):
                 name = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{start + offset}>"
                 try:
-                    tensors.append(load_any_image(item, self.image_size))
+                    tensors.append(load_any_image(item, self.preprocessing))
                     results.append(Prediction(name, None, None))
-                except (OSError, ValueError, SyntaxError) as error:
+                except DECODE_ERRORS as error:
                     results.append(Prediction(name, None, None, describe_error(error)))
             if tensors:
                 captions, scores = self.caption_tensor(torch.stack(tensors))
@@ -129,7 +131,7 @@ class Captioner:
 
     def _predict_files(self, paths: Sequence[Path]) -> Iterator[Prediction]:
         loader = DataLoader(
-            ImageFileDataset(paths, self.image_size),
+            ImageFileDataset(paths, self.preprocessing),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_images,

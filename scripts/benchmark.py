@@ -123,8 +123,9 @@ def run_phase(name: str, function, **kwargs) -> dict:
     process.start()
     result = queue.get()
     process.join()
-    if "error" in result:
-        raise SystemExit(f"benchmark phase '{name}' failed: {result['error']}")
+    if "error" in result:  # report it in the table and go on with the other phases
+        print(f"  {name:<34} FAILED: {result['error']}", flush=True)
+        return {"unsupported": f"failed: {result['error'][:60]}"}
     result["wall_s"] = time.perf_counter() - started
     print(
         f"  {name:<34} {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()})}",
@@ -167,20 +168,24 @@ def ours_extract(
 ) -> dict:
     import torch
 
-    from captioner.data.features import cache_key, default_batch_size, extract_features
+    from captioner.data.features import default_batch_size, extract_features, extraction_method
+    from captioner.data.preprocessing import Preprocessing
     from captioner.models.encoder import ImageEncoder
 
-    encoder = ImageEncoder("resnet50", None)
-    key = cache_key("resnet50", None, 224, names)
+    encoder, preprocessing = ImageEncoder("resnet50", None), Preprocessing(224)
+    key = "benchmark"  # one cache per folder; the key only guards resuming
     batch_size = batch_size or default_batch_size(torch.device(device))
     # Warm up kernels (and cuDNN autotuning) outside the timed region, on a few images.
-    extract_features(Path(work) / "warmup", key, images_dir, names[:batch_size], encoder, 224, batch_size, 0, device)
+    extract_features(Path(work) / "warmup", key, images_dir, names[:batch_size], encoder, preprocessing, batch_size, 0,
+                     device)  # fmt: skip
     _sync(device)
     started = time.perf_counter()
-    extract_features(Path(work) / "cache", key, images_dir, names, encoder, 224, batch_size, workers, device)
+    extract_features(Path(work) / "cache", key, images_dir, names, encoder, preprocessing, batch_size, workers, device)
     _sync(device)
     elapsed = time.perf_counter() - started
-    return {"images_per_s": len(names) / elapsed, "images": len(names), "batch_size": batch_size}
+    decode, precision = extraction_method(device)
+    return {"images_per_s": len(names) / elapsed, "images": len(names), "batch_size": batch_size, "decode": decode,
+            "precision": precision}  # fmt: skip
 
 
 def _caption_tokens(captions: list[list[int]]):
@@ -200,11 +205,11 @@ def _vocabulary():
 
 
 def ours_train(features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int) -> dict:
-    import torch
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
     from captioner.data.datasets import TrainCaptions, passthrough
+    from captioner.hardware import default_precision
     from captioner.models.module import CaptionModel
 
     captions = make_captions(images * 5)
@@ -248,7 +253,7 @@ def ours_train(features_file: str, images: int, device: str, batch_size: int, st
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        precision="bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true",
+        precision=default_precision("gpu" if cuda else "cpu"),  # what `fit` picks on this device
         callbacks=[timer],
     )
     trainer.fit(model, train_dataloaders=loader)
@@ -262,8 +267,12 @@ def ours_decode(
 
     import torch
 
+    from captioner.hardware import CPU_BF16_REQUIREMENT, bf16_autocast_available
     from captioner.models.module import CaptionModel
 
+    if bf16 and not bf16_autocast_available(device):
+        where = "GPU" if device.startswith("cuda") else f"CPU (bf16 needs {CPU_BF16_REQUIREMENT})"
+        return {"unsupported": f"not supported on this {where}"}
     model = CaptionModel(backbone="resnet50", weights=None, image_size=224, beam_size=beam_size)
     model.build(_vocabulary())
     model.to(device).eval()
@@ -378,7 +387,9 @@ def main() -> None:
     # CPU: decoding images is cheap next to the ResNet, so one worker does best on few cores.
     extract_batch, train_batch, decode_batch = (None, 256, 1024) if cuda else (None, 128, 1024)
     workers = workers if cuda else 1
-    hardware = torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores"
+    from captioner.hardware import describe_cpu
+
+    hardware = torch.cuda.get_device_name(0) if cuda else describe_cpu()
     print(f"captioner benchmark on {hardware} ({'quick' if options.quick else 'full'} sizes)", flush=True)
 
     from captioner.data.synthetic import write_synthetic_dataset
@@ -453,65 +464,61 @@ def main() -> None:
             device=device,
         )
 
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("inf")
+    print_report(r, sizes, len(names), hardware, options.json)
 
-    rows = [
-        ("extraction (images/s)", r["extract"]["images_per_s"], r["orig_extract"]["images_per_s"]),
-        ("training (captions/s)", r["train"]["captions_per_s"], r["orig_train"]["captions_per_s"]),
-        ("greedy decoding (captions/s)", r["greedy"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
-        ("beam-3 decoding (captions/s)", r["beam3"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
-        ("greedy, bf16 autocast (captions/s)", r["greedy_bf16"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
-    ]
-    print(f"\n{'phase':<32}{'captioner':>14}{'original':>14}{'ratio':>10}")
-    for name, ours, original in rows:
-        print(f"{name:<32}{ours:>14,.1f}{original:>14,.2f}{ratio(ours, original):>9.1f}x")
+
+def _figure(r: dict, phase: str, metric: str) -> float | None:
+    """A phase's figure, or None when the phase could not run here."""
+    return r.get(phase, {}).get(metric)
+
+
+def _why_missing(r: dict, phase: str) -> str:
+    return r.get(phase, {}).get("unsupported", "not run")
+
+
+# (row label, our phase, the original's phase, metric)
+TABLE = (
+    ("extraction (images/s)", "extract", "orig_extract", "images_per_s"),
+    ("training (captions/s)", "train", "orig_train", "captions_per_s"),
+    ("greedy decoding (captions/s)", "greedy", "orig_decode", "captions_per_s"),
+    ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
+    ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
+)
+
+
+def print_report(r: dict, sizes: dict, images: int, hardware: str, json_path: Path | None) -> None:
+    """The table, memory lines and `name: value` summary; a phase that could not run says why, the rest print."""
+    print(f"\n{'phase':<36}{'captioner':>14}{'original':>14}{'ratio':>10}")
+    summary: dict[str, object] = {"hardware": hardware}
+    for label, ours, original, metric in TABLE:
+        mine, theirs = _figure(r, ours, metric), _figure(r, original, metric)
+        summary[f"{ours}_{metric}"] = mine
+        if mine is None:
+            print(f"{label:<36}  {_why_missing(r, ours)}")
+            continue
+        ratio = mine / theirs if theirs else None
+        summary[f"{ours}_ratio"] = ratio
+        shown = f"{theirs:>14,.2f}{ratio:>9.1f}x" if ratio is not None else f"{'-':>14}"
+        print(f"{label:<36}{mine:>14,.1f}{shown}")
     print(f"\n{'peak memory (MB): anon / resident':<44}{'captioner':>18}{'original':>18}")
-    for name, ours, original in (
-        ("extraction", "extract", "orig_extract"),
-        ("training", "train", "orig_train"),
-        ("decoding (greedy)", "greedy", "orig_decode"),
+    for label, ours, original in (("extraction", "extract", "orig_extract"), ("training", "train", "orig_train"),
+                                  ("decoding (greedy)", "greedy", "orig_decode")):  # fmt: skip
+        cells = []
+        for phase in (ours, original):
+            anon, rss = _figure(r, phase, "peak_anon_mb"), _figure(r, phase, "peak_rss_mb")
+            cells.append(f"{anon:>9.0f} /{rss:>6.0f}" if anon is not None else f"{'-':>16}")
+        print(f"{label:<44}{cells[0]:>18}{cells[1]:>18}")
+    for label, small, large, counts in (
+        ("training anon memory", "train_small", "train", (sizes["train_small"], sizes["train_large"])),
+        ("extraction anon memory", "extract_half", "extract", (images // 2, images)),
     ):
-        a, b = r[ours], r[original]
-        print(
-            f"{name:<44}{a['peak_anon_mb']:>9.0f} /{a['peak_rss_mb']:>6.0f}{b['peak_anon_mb']:>11.0f} /"
-            f"{b['peak_rss_mb']:>6.0f}"
-        )
-    print(
-        f"training anon memory, {sizes['train_small']:,} vs {sizes['train_large']:,} images: "
-        f"{r['train_small']['peak_anon_mb']:.0f} MB vs {r['train']['peak_anon_mb']:.0f} MB"
-    )
-    print(
-        f"extraction anon memory, {len(names) // 2} vs {len(names)} images: "
-        f"{r['extract_half']['peak_anon_mb']:.0f} MB vs {r['extract']['peak_anon_mb']:.0f} MB"
-    )
-    print(
-        f"mean caption length decoded: ours {r['greedy']['mean_length']:.1f}, original "
-        f"{r['orig_decode']['mean_length']:.1f} words (untrained decoders run to the maximum length)\n"
-    )
-
-    summary = {
-        "hardware": hardware,
-        "extraction_images_per_s": r["extract"]["images_per_s"],
-        "original_extraction_images_per_s": r["orig_extract"]["images_per_s"],
-        "extraction_ratio": ratio(r["extract"]["images_per_s"], r["orig_extract"]["images_per_s"]),
-        "training_captions_per_s": r["train"]["captions_per_s"],
-        "original_training_captions_per_s": r["orig_train"]["captions_per_s"],
-        "training_ratio": ratio(r["train"]["captions_per_s"], r["orig_train"]["captions_per_s"]),
-        "greedy_captions_per_s": r["greedy"]["captions_per_s"],
-        "beam3_captions_per_s": r["beam3"]["captions_per_s"],
-        "original_decoding_captions_per_s": r["orig_decode"]["captions_per_s"],
-        "decoding_ratio": ratio(r["greedy"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
-        "beam3_decoding_ratio": ratio(r["beam3"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
-        "greedy_bf16_captions_per_s": r["greedy_bf16"]["captions_per_s"],
-        "bf16_decoding_ratio": ratio(r["greedy_bf16"]["captions_per_s"], r["orig_decode"]["captions_per_s"]),
-        "training_peak_anon_mb_small": r["train_small"]["peak_anon_mb"],
-        "training_peak_anon_mb_large": r["train"]["peak_anon_mb"],
-        "extraction_peak_anon_mb_half": r["extract_half"]["peak_anon_mb"],
-        "extraction_peak_anon_mb_full": r["extract"]["peak_anon_mb"],
-    }
-    if options.json:
-        options.json.write_text(json.dumps({"summary": summary, "phases": r}, indent=1))
+        a, b = _figure(r, small, "peak_anon_mb"), _figure(r, large, "peak_anon_mb")
+        if a is not None and b is not None:
+            print(f"{label}, {counts[0]:,} vs {counts[1]:,} images: {a:.0f} MB vs {b:.0f} MB")
+            summary[f"{large}_peak_anon_mb_small"], summary[f"{large}_peak_anon_mb_large"] = a, b
+    if json_path:
+        json_path.write_text(json.dumps({"summary": summary, "phases": r}, indent=1))
+    print()
     for key, value in summary.items():
         print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
 

@@ -61,3 +61,29 @@ def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
     (predictions,) = (tmp_path / "pred").rglob("predictions.jsonl")
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows) == sorted(p.name for p in photos.iterdir())
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_file_system_each_build_their_own_cache(scenes, tmp_path):
+    """Two 'nodes' (one process each, launched as torchrun/SLURM would) whose work_dirs are different folders."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for node in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TORCHELASTIC_RUN_ID": "test",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(node),
+               "GROUP_RANK": str(node), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}  # fmt: skip
+        args = tiny_args("fit", scenes, tmp_path / f"node{node}" / "work", tmp_path / f"node{node}",
+                         "--trainer.max_epochs", "1", "--data.shared_filesystem", "false", "--trainer.num_nodes", "2",
+                         *ddp(1))  # fmt: skip
+        processes.append(subprocess.Popen([sys.executable, "-m", "captioner", *args], env=env, cwd=tmp_path,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))  # fmt: skip
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    for node in (0, 1):
+        (cache,) = (tmp_path / f"node{node}" / "work" / "features").iterdir()
+        assert (cache / "index.json").is_file() and not (cache / "parts").exists()

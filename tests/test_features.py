@@ -11,14 +11,13 @@ from captioner.data.features import (
     PARTIAL_FILE,
     PROGRESS_FILE,
     FeatureSpec,
-    cache_dir_for,
     cache_key,
     prepare_features,
 )
-from captioner.data.images import load_image
+from captioner.data.preprocessing import Preprocessing
 from captioner.models.encoder import ImageEncoder
 
-SPEC = {"backbone": "resnet18", "weights": None, "image_size": 32}
+SPEC = {"backbone": "resnet18", "weights": None, "preprocessing": Preprocessing(32)}
 
 
 def names_of(scenes, count=24):
@@ -36,7 +35,7 @@ def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
     assert isinstance(cache.features, np.memmap)
     assert cache.features.dtype == np.float16 and cache.features.shape == (24, 512)
     encoder = ImageEncoder("resnet18", None)
-    images = torch.stack([load_image(scenes / "Images" / name, 32) for name in names[:4]])
+    images = torch.stack([Preprocessing(32).from_file(scenes / "Images" / name) for name in names[:4]])
     with torch.inference_mode():
         expected = encoder(images).numpy()
     np.testing.assert_allclose(np.asarray(cache.features[:4], dtype=np.float32), expected, rtol=1e-2, atol=1e-2)
@@ -51,12 +50,16 @@ def test_reused_when_nothing_changed_and_recomputed_when_the_key_changes(tmp_pat
     monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(a) or original(*a, **k))
     assert build(tmp_path, scenes, names).directory == first.directory
     assert calls == []
-    for change in ({"image_size": 48}, {"backbone": "resnet34"}, {"weights": "IMAGENET1K_V1"}):
-        key = cache_key(**{**SPEC, **change}, file_names=names)
-        assert cache_dir_for(tmp_path, **{**SPEC, **change}, key=key) != first.directory
+    for change in ({"preprocessing": Preprocessing(48)}, {"backbone": "resnet34"}, {"weights": "IMAGENET1K_V1"}):
+        spec = FeatureSpec(**{**SPEC, **change})
+        assert spec.directory(tmp_path, spec.key(names)) != first.directory
+    # The decode path and the precision are part of the key: a CPU-built cache is not what a GPU would compute.
+    keys = {cache_key(**SPEC, file_names=names, decode=decode, precision=precision)
+            for decode in ("pil", "nvjpeg+pil") for precision in ("fp32", "bf16")}  # fmt: skip
+    assert len(keys) == 4 and FeatureSpec(**SPEC).key(names, "cpu") in keys
     other = build(tmp_path, scenes, names[:-1])  # a different image list
     assert other.directory != first.directory and len(calls) == 1
-    other = build(tmp_path, scenes, names, image_size=40)
+    other = build(tmp_path, scenes, names, preprocessing=Preprocessing(40))
     assert other.directory != first.directory and len(calls) == 2
 
 
@@ -133,7 +136,7 @@ def test_device_decoding_path_matches_the_pil_path_and_survives_bad_files(tmp_pa
             scenes / "Images",
             names,
             encoder,
-            32,
+            Preprocessing(32),
             batch_size=4,
             num_workers=0,
             device="cpu",

@@ -8,7 +8,7 @@ from PIL import Image
 
 from captioner import Captioner, CaptionerError
 from captioner.cli import main
-from captioner.data.images import load_image
+from captioner.data.preprocessing import Preprocessing
 from captioner.runs import run_dir
 from tests.conftest import TINY_CONFIG, predict_args
 
@@ -102,10 +102,10 @@ def test_captioner_api_takes_paths_pil_images_and_tensors(trained, scenes_source
         Image.open(path).save(pngs[-1])
     from_paths = captioner.caption(pngs)
     from_pil = captioner.caption([Image.open(p) for p in pngs])
-    from_tensors = captioner.caption([load_image(p, 32) for p in pngs])
+    from_tensors = captioner.caption([Preprocessing(32).from_file(p) for p in pngs])
     assert from_paths == from_pil == from_tensors
     assert captioner.caption(pngs[0]) == from_paths[:1]
-    assert captioner.caption(torch.stack([load_image(p, 32) for p in pngs])) == from_paths
+    assert captioner.caption(torch.stack([Preprocessing(32).from_file(p) for p in pngs])) == from_paths
     assert all(isinstance(c, str) and c for c in from_paths)
     (tmp_path / "bad.png").write_text("nope")
     with pytest.raises(CaptionerError, match="bad.png"):

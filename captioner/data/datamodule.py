@@ -24,6 +24,7 @@ from captioner.data.features import (
     prepare_features_sharded,
 )
 from captioner.data.images import IMAGE_EXTENSIONS, ImageFileDataset, collate_images, find_images
+from captioner.data.preprocessing import Preprocessing
 from captioner.data.splits import SPLITS, load_splits, prepare_splits, records_fingerprint
 from captioner.data.vocab import Vocabulary, normalize
 from captioner.errors import CaptionerError
@@ -133,34 +134,47 @@ class CaptionDataModule(LightningDataModule):
             self._features(sorted(r.file_name for r in records), root)
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """How pixels reach the encoder, for extraction and predict alike."""
+        return Preprocessing(self.hparams.image_size)
+
+    @property
     def feature_spec(self) -> FeatureSpec:
         """The encoder and kind of features the cache holds."""
         hp = self.hparams
-        return FeatureSpec(hp.backbone, hp.weights, hp.image_size, grid=hp.features == "grid")
+        return FeatureSpec(hp.backbone, hp.weights, self.preprocessing, grid=hp.features == "grid")
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
     def _features(self, file_names: list[str], root: Path) -> FeatureCache:
         """The feature cache, computed if needed: by this process alone, or shared out across the ranks."""
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         common = dict(
             batch_size=hp.extraction_batch_size,
             num_workers=hp.num_workers,
-            device=device,
+            device=self._device(),
             compile_encoder=hp.compile_encoder,
         )
         spec = self.feature_spec
         if self._world_size() > 1:
             trainer = self.trainer
+            # Without a shared file system each node builds its own cache on its own disk, its ranks sharing
+            # the work; rank 0 could not read the parts other nodes wrote.
+            rank, world_size = (
+                (trainer.global_rank, trainer.world_size) if hp.shared_filesystem
+                else (trainer.local_rank, trainer.num_devices)
+            )  # fmt: skip
             cache = prepare_features_sharded(
                 self.work_dir / FEATURES_DIR,
                 root / hp.images_folder,
                 file_names,
                 spec,
-                rank=trainer.global_rank,
-                world_size=trainer.world_size,
+                rank=rank,
+                world_size=world_size,
                 barrier=trainer.strategy.barrier,
                 **common,
             )
@@ -208,7 +222,7 @@ class CaptionDataModule(LightningDataModule):
         if self._world_size() > 1:
             cache = self._features(all_names, root)
         else:
-            cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec)
+            cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec, self._device())
         self.images_dir = root / hp.images_folder
         self.split_sizes = {}
         for name in SPLITS:
@@ -246,7 +260,7 @@ class CaptionDataModule(LightningDataModule):
                 f"--data.predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
                 "searched recursively."
             )
-        self.datasets["predict"] = ImageFileDataset(scan.images, self.hparams.image_size)
+        self.datasets["predict"] = ImageFileDataset(scan.images, self.preprocessing)
 
     # ---------------------------------------------------------------- loaders
     def _loader(self, split: str, batch_size: int, shuffle: bool, collate=passthrough) -> DataLoader:

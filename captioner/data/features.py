@@ -8,8 +8,9 @@ Layout of one cache folder (named after its key):
     index.json          the completion marker: key, version, shape, file names,
                         files that could not be decoded
 
-The key covers the backbone, its weights, the image size and the image list,
-so changing any of them computes a new cache. A cache whose index or array do
+The key covers the backbone, its weights, the preprocessing definition, the
+decode path (PIL, or nvJPEG on a GPU), the encoder's precision and the image
+list, so changing any of them computes a new cache. A cache whose index or array do
 not check out is rebuilt with one warning, never used.
 """
 
@@ -31,19 +32,23 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captioner.data.images import (
+    CPU_DECODE,
+    DEVICE_DECODE,
     EncodedFileDataset,
     ImageFileDataset,
     collate_encoded,
     collate_images,
     decode_on_device,
 )
+from captioner.data.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.files import read_json, write_json
+from captioner.hardware import bf16_autocast_available
 from captioner.models.encoder import ImageEncoder
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = (
     "features.npy",
     "features.partial.npy",
@@ -53,10 +58,31 @@ FEATURES_FILE, PARTIAL_FILE, INDEX_FILE, PROGRESS_FILE = (
 SAVE_PROGRESS_EVERY_S = 20.0
 
 
-def cache_key(backbone: str, weights: str | None, image_size: int, file_names: list[str], grid: bool = False) -> str:
+def extraction_method(device: torch.device | str, device_decode: bool | None = None) -> tuple[str, str]:
+    """How features are computed on `device`: the decode path and the encoder's precision.
+
+    A GPU decodes JPEGs with nvJPEG (other files with PIL) and runs the encoder
+    in bf16 autocast where bf16 is native; a CPU decodes with PIL and runs in fp32.
+    Both are part of the cache key: a cache computed one way is never reused the other.
+    """
+    device = torch.device(device)
+    decode = DEVICE_DECODE if (device.type == "cuda" if device_decode is None else device_decode) else CPU_DECODE
+    precision = "bf16" if device.type == "cuda" and bf16_autocast_available(device) else "fp32"
+    return decode, precision
+
+
+def cache_key(
+    backbone: str,
+    weights: str | None,
+    preprocessing: Preprocessing,
+    file_names: list[str],
+    grid: bool = False,
+    decode: str = CPU_DECODE,
+    precision: str = "fp32",
+) -> str:
     """A digest of everything the cached features depend on."""
-    spec = {"version": FEATURES_VERSION, "backbone": backbone, "weights": weights, "image_size": image_size}
-    spec["grid"] = grid
+    spec = {"version": FEATURES_VERSION, "backbone": backbone, "weights": weights, "grid": grid,
+            "preprocessing": preprocessing.to_dict(), "decode": decode, "precision": precision}  # fmt: skip
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for name in file_names:
         digest.update(name.encode() + b"\0")
@@ -177,21 +203,27 @@ def _reserve_disk_space(path: Path) -> None:
             raise
 
 
+def free_device_memory(device: torch.device) -> None:
+    """Return the caching allocator's free blocks to the device (after the failed chunk's tensors are gone)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _encode_in_chunks(forward, images: torch.Tensor, chunk: list[int]) -> torch.Tensor:
     """Run the encoder over `images` in chunks of `chunk[0]`, halving it (for good) on out-of-memory."""
     while True:
         try:
             return torch.cat([forward(images[i : i + chunk[0]]) for i in range(0, len(images), chunk[0])])
-        except torch.OutOfMemoryError as error:
-            if chunk[0] == 1:
-                raise CaptionerError(
-                    "The encoder runs out of device memory even on one image; use a smaller --data.image_size "
-                    "or extract on the CPU (--trainer.accelerator cpu)."
-                ) from error
-            chunk[0] //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.warning("Out of device memory while extracting features: retrying with batches of %d.", chunk[0])
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: its traceback holds the failed chunk's activations
+        if chunk[0] == 1:
+            raise CaptionerError(
+                "The encoder runs out of device memory even on one image; use a smaller --data.image_size "
+                "or extract on the CPU (--trainer.accelerator cpu)."
+            )
+        chunk[0] //= 2
+        free_device_memory(images.device)
+        log.warning("Out of device memory while extracting features: retrying with batches of %d.", chunk[0])
 
 
 def extract_features(
@@ -200,7 +232,7 @@ def extract_features(
     images_dir: str | Path,
     file_names: list[str],
     encoder: ImageEncoder,
-    image_size: int,
+    preprocessing: Preprocessing,
     batch_size: int | None = None,
     num_workers: int = 2,
     device: torch.device | str = "cpu",
@@ -214,11 +246,12 @@ def extract_features(
     With `grid`, each row is the encoder's last convolutional map as
     `(regions, feature_dim)` (for attention) instead of its average.
 
-    On a GPU (or with `device_decode=True`) JPEGs are read as bytes by the
-    workers and decoded and resized in batches on the device; other formats
-    are decoded by the workers. Otherwise workers decode and resize with PIL.
-    The encoder runs in bf16 autocast on a GPU, channels-last, optionally
-    through `torch.compile`.
+    Images follow `preprocessing` on every path. On a GPU (or with
+    `device_decode=True`) JPEGs are read as bytes by the workers and decoded and
+    resized in batches on the device; other files are decoded by the workers.
+    Otherwise workers decode and resize. The encoder runs channels-last, in
+    bf16 autocast on a GPU with native bf16 (see `extraction_method`), and
+    optionally through `torch.compile`.
 
     Rows are written into a memory-mapped partial file; progress is saved at
     batch boundaries after the rows are flushed, so a run killed at any point
@@ -231,7 +264,7 @@ def extract_features(
     directory, device = Path(directory), torch.device(device)
     batch_size = batch_size or default_batch_size(device)
     directory.mkdir(parents=True, exist_ok=True)
-    count, row_shape = len(file_names), _row_shape(encoder, image_size, grid)
+    count, row_shape = len(file_names), _row_shape(encoder, preprocessing.image_size, grid)
     done, failed = _resume_point(directory, key, count, row_shape)
     partial_path = directory / PARTIAL_FILE
     if done == 0:
@@ -246,8 +279,9 @@ def extract_features(
         write_json(directory / PROGRESS_FILE, {"key": key, "done": rows_done, "failed": failed})
 
     paths = [Path(images_dir) / name for name in file_names[done:]]
-    device_decode = device.type == "cuda" if device_decode is None else device_decode
-    dataset = EncodedFileDataset(paths, image_size) if device_decode else ImageFileDataset(paths, image_size)
+    decode, precision = extraction_method(device, device_decode)
+    device_decode = decode == DEVICE_DECODE
+    dataset = (EncodedFileDataset if device_decode else ImageFileDataset)(paths, preprocessing)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -263,7 +297,6 @@ def extract_features(
         return compiled(images, grid=grid)
 
     chunk = [batch_size]  # shrinks when the device runs out of memory
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     last_save, completed = time.monotonic(), done
     try:
         with (
@@ -271,14 +304,14 @@ def extract_features(
             # whether or not the cache had to be built first.
             torch.random.fork_rng(devices=[]),
             torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
             tqdm(
                 total=count, initial=done, unit="img", desc=f"{encoder.backbone_name} features", dynamic_ncols=True
             ) as bar,
         ):
             for batch in loader:
                 if device_decode:
-                    batch = decode_on_device(batch, image_size, device)
+                    batch = decode_on_device(batch, preprocessing, device)
                 start = done + batch["positions"][0]
                 stop = done + batch["positions"][-1] + 1
                 rows = np.zeros((stop - start, *row_shape), dtype=np.float16)
@@ -309,26 +342,30 @@ def extract_features(
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What a cache's features depend on besides the image list.
+    """What a cache's features depend on besides the image list and the device that computes them.
 
     Attributes:
-        backbone, weights, image_size: The encoder (see `ImageEncoder`).
+        backbone, weights: The encoder (see `ImageEncoder`).
+        preprocessing: How pixels reach the encoder.
         grid: Cache the last convolutional map as regions (for attention) instead of its average.
     """
 
     backbone: str
     weights: str | None
-    image_size: int
+    preprocessing: Preprocessing
     grid: bool = False
 
-    def key(self, file_names: list[str]) -> str:
-        return cache_key(self.backbone, self.weights, self.image_size, file_names, self.grid)
+    def key(self, file_names: list[str], device: torch.device | str = "cpu") -> str:
+        """The cache key of these images when extracted on `device`."""
+        decode, precision = extraction_method(device)
+        return cache_key(self.backbone, self.weights, self.preprocessing, file_names, self.grid, decode, precision)
 
     def directory(self, root: str | Path, key: str) -> Path:
-        return cache_dir_for(root, self.backbone, self.weights, self.image_size, key, self.grid)
+        return cache_dir_for(root, self.backbone, self.weights, self.preprocessing.image_size, key, self.grid)
 
     def encoder(self) -> ImageEncoder:
-        return ImageEncoder(self.backbone, self.weights, pretrained=True)
+        mean, std = self.preprocessing.mean, self.preprocessing.std
+        return ImageEncoder(self.backbone, self.weights, pretrained=True, mean=mean, std=std)
 
 
 def prepare_features(
@@ -356,7 +393,7 @@ def prepare_features(
     Returns:
         The validated, complete cache.
     """
-    key = spec.key(file_names)
+    key = spec.key(file_names, device)
     directory = spec.directory(root, key)
     if (directory / INDEX_FILE).exists():
         try:
@@ -364,18 +401,20 @@ def prepare_features(
         except CaptionerError as error:
             log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
             shutil.rmtree(directory)
-    extract_features(directory, key, images_dir, file_names, spec.encoder(), spec.image_size, batch_size,
+    extract_features(directory, key, images_dir, file_names, spec.encoder(), spec.preprocessing, batch_size,
                      num_workers, device, compile_encoder=compile_encoder, grid=spec.grid)  # fmt: skip
     return open_cache(directory, key)
 
 
-def load_features(root: str | Path, file_names: list[str], spec: FeatureSpec) -> FeatureCache:
-    """Open an existing complete cache without computing anything (for setup on every rank).
+def load_features(
+    root: str | Path, file_names: list[str], spec: FeatureSpec, device: torch.device | str = "cpu"
+) -> FeatureCache:
+    """Open an existing complete cache, as extracted on `device`, without computing anything (setup on every rank).
 
     Raises:
         CaptionerError: When the cache is missing or invalid (run prepare first).
     """
-    key = spec.key(file_names)
+    key = spec.key(file_names, device)
     return open_cache(spec.directory(root, key), key)
 
 
@@ -410,7 +449,7 @@ def prepare_features_sharded(
         barrier: A callable that blocks until every rank reaches it.
         Others: as `prepare_features`.
     """
-    key = spec.key(file_names)
+    key = spec.key(file_names, device)
     directory = spec.directory(root, key)
     try:
         complete = open_cache(directory, key) if (directory / INDEX_FILE).exists() else None
@@ -428,12 +467,12 @@ def prepare_features_sharded(
     part_names = file_names[_shard(len(file_names), rank, world_size)]
     part = directory / "parts" / f"{world_size}-{rank}"
     if part_names and not (part / INDEX_FILE).exists():
-        extract_features(part, spec.key(part_names), images_dir, part_names, spec.encoder(), spec.image_size,
+        extract_features(part, spec.key(part_names, device), images_dir, part_names, spec.encoder(), spec.preprocessing,
                          batch_size, num_workers, device, compile_encoder=compile_encoder, require_some=False,
                          grid=spec.grid)  # fmt: skip
     barrier()
     if rank == 0:
-        _assemble(directory, key, file_names, world_size, spec, images_dir)
+        _assemble(directory, key, file_names, world_size, spec, images_dir, device)
     barrier()
     return open_cache(directory, key)
 
@@ -458,7 +497,9 @@ def _complete_cache(
     write_json(directory / INDEX_FILE, index)
 
 
-def _assemble(directory: Path, key: str, file_names: list[str], world_size: int, spec: FeatureSpec, images_dir) -> None:
+def _assemble(
+    directory: Path, key: str, file_names: list[str], world_size: int, spec: FeatureSpec, images_dir, device
+) -> None:
     """Copy the ranks' part caches into the one cache, in row order, and write its index."""
     count, failed, array = len(file_names), {}, None
     for rank in range(world_size):
@@ -466,7 +507,7 @@ def _assemble(directory: Path, key: str, file_names: list[str], world_size: int,
         part_names = file_names[rows]
         if not part_names:
             continue
-        part = open_cache(directory / "parts" / f"{world_size}-{rank}", spec.key(part_names))
+        part = open_cache(directory / "parts" / f"{world_size}-{rank}", spec.key(part_names, device))
         if array is None:
             shape = (count, *part.features.shape[1:])
             array = np.lib.format.open_memmap(directory / PARTIAL_FILE, mode="w+", dtype=np.float16, shape=shape)

@@ -1,8 +1,10 @@
-"""Image decoding and resizing shared by feature extraction, predict and the Python API.
+"""Reading image files for the encoder: folders, datasets of files, and batched decoding on a GPU.
 
-Every source (JPEG, PNG, BMP, WebP, the first frame of a GIF; grayscale, CMYK,
-palette, alpha) becomes a `(3, size, size)` uint8 RGB tensor. Normalisation to
-the backbone's statistics happens inside the encoder, on the device that runs it.
+Every path follows `captioner.data.preprocessing.Preprocessing`: the CPU path
+decodes with PIL in DataLoader workers; the device path sends JPEG bytes to
+the GPU (nvJPEG) and resizes them there with the same torch resize. Files the
+device cannot decode (other formats, CMYK JPEGs, truncated files) take the CPU
+path, so a bad file fails alone, the same way on both paths.
 """
 
 from __future__ import annotations
@@ -14,49 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
+
+from captioner.data.preprocessing import DECODE_ERRORS, Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+DEVICE_DECODABLE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK and others go through PIL
 
-# A truncated JPEG must fail loudly, not come back half grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels become white, not black."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
-
-
-def resize_image(image: Image.Image, size: int) -> torch.Tensor:
-    """Squash a PIL image to `size` x `size` (captions describe the whole frame, so no crop)."""
-    image = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return TF.pil_to_tensor(image)
-
-
-def load_image(path: str | Path | io.BytesIO, size: int) -> torch.Tensor:
-    """Decode an image file (or its bytes) into a `(3, size, size)` uint8 RGB tensor.
-
-    JPEGs are decoded at reduced scale when they are much larger than `size`
-    (libjpeg's DCT scaling), which is several times faster than full decoding.
-
-    Raises:
-        OSError: When the file cannot be read or is not a decodable image.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # only JPEG honours this; a no-op for other formats
-        image.seek(0)  # the first frame of an animation
-        image.load()
-        return resize_image(image, size)
+# Names the decode path in cache keys and checkpoints.
+CPU_DECODE = "pil"
+DEVICE_DECODE = "nvjpeg+pil"
 
 
 @dataclass
@@ -95,24 +67,17 @@ def find_images(folder: str | Path) -> FolderScan:
     return scan
 
 
-def load_any_image(source: str | Path | Image.Image | torch.Tensor, size: int) -> torch.Tensor:
-    """A path, a PIL image or an image tensor as a `(3, size, size)` uint8 tensor.
-
-    Tensors may be `(3, H, W)` or `(1, H, W)`, uint8 in [0, 255] or float in [0, 1].
+def load_any_image(source: str | Path | Image.Image | torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """A path, a PIL image or an image tensor (on any device) as a `(3, S, S)` uint8 CPU tensor.
 
     Raises:
-        OSError: When a file cannot be read.
-        ValueError: When a tensor has another shape.
+        One of `DECODE_ERRORS` when a file cannot be read or a tensor has the wrong shape.
     """
     if isinstance(source, Image.Image):
-        return resize_image(source, size)
+        return preprocessing.from_pil(source)
     if isinstance(source, torch.Tensor):
-        if source.ndim != 3 or source.shape[0] not in (1, 3):
-            raise ValueError(f"an image tensor must be (3, H, W) or (1, H, W), got {tuple(source.shape)}")
-        image = source if source.dtype == torch.uint8 else (source.clamp(0, 1) * 255).round().to(torch.uint8)
-        image = image.expand(3, -1, -1)
-        return TF.resize(image, [size, size], antialias=True)
-    return load_image(source, size)
+        return preprocessing.from_tensor(source)
+    return preprocessing.from_file(source)
 
 
 def describe_error(error: BaseException) -> str:
@@ -135,9 +100,9 @@ class ImageFileDataset(Dataset):
     file fails alone and the batch goes on.
     """
 
-    def __init__(self, paths: Sequence[str | Path], size: int) -> None:
+    def __init__(self, paths: Sequence[str | Path], preprocessing: Preprocessing) -> None:
         self.paths = list(paths)
-        self.size = size
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -145,8 +110,8 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, position: int) -> tuple[int, str, torch.Tensor | None, str | None]:
         path = str(self.paths[position])
         try:
-            return position, path, load_image(path, self.size), None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            return position, path, self.preprocessing.from_file(path), None
+        except DECODE_ERRORS as error:
             return position, path, None, describe_error(error)
 
 
@@ -168,20 +133,34 @@ def collate_images(items: list[tuple[int, str, torch.Tensor | None, str | None]]
     }
 
 
-JPEG_MAGIC = b"\xff\xd8\xff"
+def device_decodable(data: bytes) -> bool:
+    """Whether the device should decode these bytes: a complete RGB or greyscale JPEG within PIL's pixel limit.
+
+    Reads only the header. A decompression bomb raises here, exactly as it
+    would on the CPU path (`PIL.Image.open` checks the pixel count). A JPEG
+    without its end marker is truncated: it goes to PIL, which refuses it,
+    where nvJPEG might return a half-grey picture.
+
+    Raises:
+        One of `DECODE_ERRORS` when the header cannot be read or the image is too large.
+    """
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0 \r\n").endswith(JPEG_END):
+        return False
+    with Image.open(io.BytesIO(data)) as image:
+        return image.format == "JPEG" and image.mode in DEVICE_DECODABLE_MODES
 
 
 class EncodedFileDataset(Dataset):
     """Image files for decoding on the device that runs the encoder (GPU JPEG decoding).
 
-    JPEG files come back as their raw bytes, to be decoded in batches by
-    `decode_on_device`; any other format is decoded here, on the CPU, as a
-    fallback. Items: `(position, path, jpeg bytes or None, image or None, error or None)`.
+    Complete RGB and greyscale JPEGs come back as their raw bytes, to be decoded
+    in batches by `decode_on_device`; anything else is decoded here, on the CPU.
+    Items: `(position, path, jpeg bytes or None, image or None, error or None)`.
     """
 
-    def __init__(self, paths: Sequence[str | Path], size: int) -> None:
+    def __init__(self, paths: Sequence[str | Path], preprocessing: Preprocessing) -> None:
         self.paths = list(paths)
-        self.size = size
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -190,10 +169,10 @@ class EncodedFileDataset(Dataset):
         path = str(self.paths[position])
         try:
             data = Path(path).read_bytes()
-            if data.startswith(JPEG_MAGIC):
+            if device_decodable(data):
                 return position, path, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None
-            return position, path, None, load_image(io.BytesIO(data), self.size), None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            return position, path, None, self.preprocessing.from_file(io.BytesIO(data)), None
+        except DECODE_ERRORS as error:
             return position, path, None, None, describe_error(error)
 
 
@@ -208,42 +187,49 @@ def collate_encoded(items: list) -> dict:
     }
 
 
-def decode_on_device(batch: dict, size: int, device: torch.device) -> dict:
+def _wait_for_device(device: torch.device) -> None:
+    """Let queued work on the decoded buffers finish before they can be freed and reused.
+
+    torchvision decodes on a private CUDA stream while the resize runs on the
+    current one; without this, a buffer freed after the resize was queued (not
+    run) could be handed to the next decode.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_on_device(batch: dict, preprocessing: Preprocessing, device: torch.device | str) -> dict:
     """Decode a `collate_encoded` batch's JPEGs on `device` (nvJPEG on CUDA), resize there, and stack.
 
-    The JPEGs of a batch are decoded in one call; if that fails (a corrupt
-    file, a mode the decoder lacks such as CMYK) each is retried alone, and
-    then on the CPU with PIL, so one bad file never costs the others.
+    The JPEGs of a batch are decoded in one call; if that fails each is
+    retried alone, and then on the CPU with PIL, so one bad file never costs
+    the others and fails the way it would on the CPU path.
 
     Returns:
         The same dict as `collate_images`, with `images` on `device`.
     """
-    images: dict[int, torch.Tensor] = {p: image.to(device, non_blocking=True) for p, image in batch["decoded"].items()}
+    device = torch.device(device)
+    images = {p: image.to(device, non_blocking=True) for p, image in batch["decoded"].items()}
     errors = dict(batch["errors"])
     positions, raws = list(batch["jpegs"]), list(batch["jpegs"].values())
-
-    def finish(position: int, decoded: torch.Tensor) -> None:
-        images[position] = TF.resize(decoded, [size, size], antialias=True)
-
     if raws:
         try:
-            for position, decoded in zip(positions, decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)):
-                finish(position, decoded)
+            decoded = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
+            images.update((p, preprocessing.resize_tensor(image)) for p, image in zip(positions, decoded))
         except RuntimeError:
+            _wait_for_device(device)
             for position, raw in zip(positions, raws):
                 try:
-                    finish(position, decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+                    images[position] = preprocessing.resize_tensor(decode_jpeg(raw, ImageReadMode.RGB, device=device))
+                    _wait_for_device(device)
                 except RuntimeError:
                     try:
-                        images[position] = load_image(io.BytesIO(raw.numpy().tobytes()), size).to(device)
-                    except (OSError, ValueError, SyntaxError) as error:
+                        images[position] = preprocessing.from_file(io.BytesIO(raw.numpy().tobytes())).to(device)
+                    except DECODE_ERRORS as error:
                         errors[position] = describe_error(error)
     ok = [p for p in batch["positions"] if p in images]
-    empty = torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
-    return {
-        "positions": batch["positions"],
-        "paths": batch["paths"],
-        "ok": ok,
-        "images": torch.stack([images[p] for p in ok]) if ok else empty,
-        "errors": errors,
-    }
+    size = preprocessing.image_size
+    stacked = torch.stack([images[p] for p in ok]) if ok else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    _wait_for_device(device)
+    return {"positions": batch["positions"], "paths": batch["paths"], "ok": ok, "images": stacked.to(device),
+            "errors": errors}  # fmt: skip

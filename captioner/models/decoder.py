@@ -7,6 +7,25 @@ import torch.nn.functional as F
 from torch import nn
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]
+
+# Device types whose autocast runs cuDNN RNNs in float16 whatever dtype it was asked for (torch's autocast
+# rule for `lstm` on CUDA casts weights, inputs and states to half). bf16-mixed has no gradient scaler, so
+# small LSTM gradients would underflow float16: there the LSTM runs in float32 instead.
+RNN_AUTOCAST_FORCES_HALF = {"cuda"}
+
+
+def run_lstm(lstm: nn.LSTM, inputs: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+    """`lstm(inputs, state)` in float32 where autocast would force it to float16; as autocast says elsewhere.
+
+    On CPUs autocast runs the LSTM in bf16 for real (oneDNN), which is kept.
+    """
+    device_type = inputs.device.type
+    if device_type in RNN_AUTOCAST_FORCES_HALF and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return lstm(inputs.float(), tuple(part.float() for part in state))
+    return lstm(inputs, state)
+
+
 AttentionState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -75,12 +94,12 @@ class CaptionDecoder(nn.Module):
         Returns:
             `(B, T, vocab_size)` logits for the next token at every position.
         """
-        out, _ = self.lstm(self.embed(tokens), self.init_state(features))
+        out, _ = run_lstm(self.lstm, self.embed(tokens), self.init_state(features))
         return self.head(self.dropout(out))
 
     def step(self, tokens: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
         """One decoding step: `(B,)` previous tokens -> `(B, vocab_size)` logits and the new state."""
-        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        out, state = run_lstm(self.lstm, self.embed(tokens).unsqueeze(1), state)
         return self.head(out.squeeze(1)), state
 
     @staticmethod

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torchvision import models
 
+from captioner.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from captioner.errors import CaptionerError
 
 BACKBONES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Random initialisation is seeded so that `weights: null` gives the same network
 # in extraction, in training and when a checkpoint is loaded for predict.
 RANDOM_INIT_SEED = 0
@@ -32,8 +33,9 @@ class ImageEncoder(nn.Module):
     """A torchvision ResNet without its classifier, frozen and always in eval mode.
 
     Takes uint8 `(B, 3, H, W)` RGB batches (or floats in [0, 1]) and returns
-    globally average-pooled features `(B, feature_dim)`; normalisation happens
-    here so every caller feeds the same thing.
+    globally average-pooled features `(B, feature_dim)`; normalisation (the
+    last step of `captioner.data.preprocessing.Preprocessing`) happens here, on
+    the encoder's device, so every caller feeds the same thing.
 
     Args:
         backbone: resnet18, resnet34, resnet50 or resnet101.
@@ -41,10 +43,17 @@ class ImageEncoder(nn.Module):
             seeded random initialisation.
         pretrained: Load `weights` now. Pass False when a checkpoint's state
             dict will overwrite the parameters anyway (no download needed).
+        mean: Per-channel mean of the normalisation (`Preprocessing.mean`).
+        std: Per-channel standard deviation of the normalisation (`Preprocessing.std`).
     """
 
     def __init__(
-        self, backbone: str = "resnet50", weights: str | None = "IMAGENET1K_V2", pretrained: bool = True
+        self,
+        backbone: str = "resnet50",
+        weights: str | None = "IMAGENET1K_V2",
+        pretrained: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         check_backbone(backbone, weights)
@@ -55,8 +64,8 @@ class ImageEncoder(nn.Module):
             self.net = models.get_model(backbone, weights=None)
         self.net.fc = nn.Identity()
         self.net = self.net.to(memory_format=torch.channels_last)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(tuple(mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(tuple(std)).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
         if pretrained and weights is not None:

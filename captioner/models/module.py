@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from captioner.cider import CiderD
+from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_captions, format_table, loggable, unique_by_file
@@ -146,8 +147,14 @@ class CaptionModel(LightningModule):
         if stage == "fit" and self.trainer.ckpt_path is None:
             self.encoder.load_pretrained()  # the same weights the feature cache was computed with
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How pixels reach the encoder: the definition the features were extracted with, kept in checkpoints."""
+        return Preprocessing(self.hparams.image_size)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vocabulary"] = self.vocabulary.to_dict()
+        checkpoint["preprocessing"] = self.preprocessing.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "vocabulary" not in checkpoint or "hyper_parameters" not in checkpoint:
@@ -160,6 +167,13 @@ class CaptionModel(LightningModule):
                     f"The checkpoint was trained with {key}={saved.get(key)!r} but this run is configured with "
                     f"{key}={self.hparams[key]!r}. Use the config the checkpoint was trained with "
                     "(its run folder holds config.yaml)."
+                )
+        if "preprocessing" in checkpoint:  # older checkpoints were all made with today's definition
+            saved_preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"], "the checkpoint")
+            if saved_preprocessing != self.preprocessing:
+                raise CaptionerError(
+                    f"The checkpoint's images were prepared as {saved_preprocessing} but this run is configured "
+                    f"for {self.preprocessing}. Use the config the checkpoint was trained with."
                 )
         vocabulary = Vocabulary.from_dict(checkpoint["vocabulary"], "checkpoint")
         if self.vocabulary is not None and vocabulary != self.vocabulary:
@@ -381,7 +395,9 @@ class CaptionModel(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         decoder = self._require_decoder()
-        fused = self.device.type == "cuda"
+        # A fused AdamW unscales gradients inside its step, so Lightning's mixed-precision plugins refuse to clip
+        # gradients for it: fused only when nothing is clipped (the foreach kernels are nearly as fast).
+        fused = not self.trainer.gradient_clip_val
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 2)

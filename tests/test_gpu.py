@@ -1,0 +1,137 @@
+"""GPU paths for real: skipped without CUDA (CI has none); run with `pytest -m gpu` on a GPU machine.
+
+Each test also runs the path's CPU-side reproduction's subject on the device:
+the default configs train under the precision `fit` picks, nvJPEG extraction
+matches PIL extraction on real photographs, the encoder compiles.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.data.features import cache_key, extract_features, open_cache
+from captioner.data.preprocessing import Preprocessing
+from captioner.models.encoder import ImageEncoder
+from captioner.runs import run_dir
+from tests.conftest import TESTS
+from tests.test_preprocessing import _bad_files, centred_cosine, photographs  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ROOT = TESTS.parent
+SMALL = ["--data.weights", "null", "--data.backbone", "resnet18", "--data.image_size", "64", "--data.val_size", "20",
+         "--data.test_size", "20", "--data.min_word_count", "1", "--data.num_workers", "2",
+         "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def config_args(subcommand, configs, scenes, tmp_path, *extra):
+    args = [subcommand]
+    for config in configs:
+        args += ["--config", str(ROOT / "configs" / config)]
+    return [*args, "--data.data_dir", str(scenes), "--data.work_dir", str(tmp_path / "work"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *SMALL, *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("configs", [["default.yaml"], ["default.yaml", "decoders/attention.yaml"],
+                                     ["default.yaml", "decoders/transformer.yaml"]], ids=lambda c: c[-1])  # fmt: skip
+def test_default_configs_train_two_steps_then_test_and_predict_on_the_gpu(configs, scenes, tmp_path):
+    cli = main(config_args("fit", configs, scenes, tmp_path, "--trainer.max_steps", "2",
+                           "--trainer.limit_val_batches", "1"))  # fmt: skip
+    assert cli.trainer.global_step == 2 and cli.trainer.strategy.root_device.type == "cuda"
+    assert cli.trainer.precision in ("bf16-mixed", "16-mixed")  # chosen for the GPU, clipping accepted
+    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    tested = main(config_args("test", configs, scenes, tmp_path, "--ckpt_path", checkpoint))
+    assert (run_dir(tested.trainer) / "test_metrics.json").is_file()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((scenes / "Images").iterdir())[:5]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    predicted = main(config_args("predict", configs, scenes, tmp_path, "--ckpt_path", checkpoint,
+                                 "--data.predict_dir", str(photos)))  # fmt: skip
+    rows = (run_dir(predicted.trainer) / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 5 and all(json.loads(row)["caption"] for row in rows)
+    assert Captioner.from_checkpoint(checkpoint).caption(sorted(photos.iterdir())[0])[0]
+
+
+def test_self_critical_stage_on_the_gpu(scenes, tmp_path):
+    cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "2",
+                           "--trainer.limit_val_batches", "1"))  # fmt: skip
+    start = cli.trainer.checkpoint_callback.last_model_path
+    scst = main(config_args("fit", ["default.yaml", "objectives/scst.yaml"], scenes, tmp_path / "scst",
+                            "--model.init_checkpoint", start, "--trainer.max_steps", "2",
+                            "--trainer.limit_val_batches", "1"))  # fmt: skip
+    assert scst.trainer.global_step == 2 and "train/reward_cider" in scst.trainer.logged_metrics
+
+
+def test_nvjpeg_extraction_matches_pil_extraction_on_real_photographs(photographs, tmp_path):  # noqa: F811
+    (tmp_path / "bad").mkdir()
+    expected = _bad_files(tmp_path / "bad", photographs[0])
+    folder = tmp_path / "all"
+    folder.mkdir()
+    for path in [*photographs, *(tmp_path / "bad").iterdir()]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    names = sorted(p.name for p in folder.iterdir())
+    preprocessing, encoder = Preprocessing(224), ImageEncoder("resnet50", None)
+    caches = {}
+    for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
+        key = cache_key("resnet50", None, preprocessing, names, decode=path_name)
+        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=8,
+                         num_workers=2, device=device, device_decode=device_decode)  # fmt: skip
+        caches[path_name] = open_cache(tmp_path / path_name, key)
+    bad = {name for name, ok in expected.items() if not ok}
+    assert set(caches["pil"].failed) == set(caches["nvjpeg"].failed) == bad
+    rows = [i for i, name in enumerate(names) if name not in bad]
+    a, b = (torch.from_numpy(np.asarray(c.features[rows], dtype=np.float32)) for c in caches.values())
+    similarity = centred_cosine(a, b, a.mean(dim=0))  # bf16 on the GPU, fp32 on the CPU: close, not equal
+    assert similarity.min() >= 0.99, similarity
+
+
+def test_compiled_encoder_extracts_what_the_eager_one_does(scenes, tmp_path):
+    names = sorted(p.name for p in (scenes / "Images").iterdir())[:32]
+    preprocessing, encoder = Preprocessing(64), ImageEncoder("resnet18", None)
+    results = []
+    for compile_encoder in (False, True):
+        key = f"compiled-{compile_encoder}"
+        extract_features(tmp_path / key, key, scenes / "Images", names, encoder, preprocessing, batch_size=16,
+                         num_workers=0, device="cuda", compile_encoder=compile_encoder)  # fmt: skip
+        results.append(np.asarray(open_cache(tmp_path / key, key).features, dtype=np.float32))
+    np.testing.assert_allclose(results[0], results[1], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpu_ddp_fit(scenes, tmp_path):
+    args = config_args(
+        "fit",
+        ["default.yaml"],
+        scenes,
+        tmp_path,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+    )
+    result = subprocess.run([sys.executable, "-m", "captioner", *args], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
+    cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "1",
+                           "--trainer.limit_val_batches", "1"))  # fmt: skip
+    captioner = Captioner.from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
+    path = sorted((scenes / "Images").iterdir())[0]
+    on_gpu = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
+    captions = captioner.caption([path, Image.open(path), on_gpu])
+    assert captions[0] == captions[1] == captions[2]
