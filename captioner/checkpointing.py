@@ -1,4 +1,20 @@
-"""Checkpoints written like every other file a later run trusts: temporary name, then rename."""
+"""Checkpoints: what captioner adds to Lightning's, how they are written, read and upgraded.
+
+Besides Lightning's state (weights, optimizer, loops), every checkpoint holds,
+under the key `captioner`, everything captioning new images needs without the
+dataset, the config or the network:
+
+    {"version": 2,
+     "decoder": {"class_path": ..., "init_args": {...}},     # CaptionDecoder.spec()
+     "encoder": {"backbone": ..., "weights": ...},
+     "preprocessing": {...},                                  # Preprocessing.to_dict()
+     "vocabulary": {...},                                     # Vocabulary.to_dict()
+     "blind": false,
+     "decoding": {"beam_size": 3, "length_penalty": 0.0, "max_decode_length": null}}
+
+Checkpoints of captioner 0.1 (the decoder named by a string in the
+hyperparameters) are read through `upgrade`, so they keep working.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +24,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from captioner.data.preprocessing import Preprocessing
+from captioner.errors import CaptionerError
 from captioner.files import atomic_open
+
+CHECKPOINT_VERSION = 2
+CAPTIONER_KEY = "captioner"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -24,3 +45,61 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         with atomic_open(path, "wb") as handle:
             torch.save(checkpoint, handle)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (tensors and plain data only: nothing in it is executed).
+
+    Raises:
+        CaptionerError: When the file is missing or cannot be read as a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"Checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        raise CaptionerError(
+            f"{path} is not a usable captioner checkpoint ({type(error).__name__}: {error})."
+        ) from error
+
+
+def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's `captioner` entry, made from a captioner 0.1 checkpoint's hyperparameters if need be.
+
+    Raises:
+        CaptionerError: When the checkpoint was not written by captioner.
+    """
+    if CAPTIONER_KEY in checkpoint:
+        meta = checkpoint[CAPTIONER_KEY]
+        if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
+            raise CaptionerError(
+                f"This checkpoint's format (version {meta.get('version') if isinstance(meta, dict) else '?'}) is "
+                f"not the one this captioner reads ({CHECKPOINT_VERSION}): upgrade captioner."
+            )
+        return meta
+    if "vocabulary" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CaptionerError("This checkpoint was not written by captioner (it has no vocabulary).")
+    hp = checkpoint["hyper_parameters"]
+    if hp.get("decoder", "lstm") == "attention":
+        decoder = {"class_path": "captioner.models.decoders.attention.AttentionDecoder",
+                   "init_args": {"embed_dim": hp.get("embed_dim", 256), "hidden_dim": hp.get("hidden_dim", 512),
+                                 "attention_dim": hp.get("attention_dim", 256), "dropout": hp.get("dropout", 0.5),
+                                 "regularization": hp.get("attention_regularization", 1.0)}}  # fmt: skip
+    else:
+        decoder = {"class_path": "captioner.models.decoders.lstm.LSTMDecoder",
+                   "init_args": {"embed_dim": hp.get("embed_dim", 256), "hidden_dim": hp.get("hidden_dim", 512),
+                                 "num_layers": hp.get("num_layers", 1), "dropout": hp.get("dropout", 0.5)}}  # fmt: skip
+    preprocessing = checkpoint.get("preprocessing") or Preprocessing(hp.get("image_size", 224)).to_dict()
+    return {
+        "version": CHECKPOINT_VERSION,
+        "decoder": decoder,
+        "encoder": {"backbone": hp.get("backbone", "resnet50"), "weights": hp.get("weights", "IMAGENET1K_V2")},
+        "preprocessing": preprocessing,
+        "vocabulary": checkpoint["vocabulary"],
+        "blind": bool(hp.get("blind", False)),
+        "decoding": {
+            key: hp.get(key, default)
+            for key, default in (("beam_size", 3), ("length_penalty", 0.0), ("max_decode_length", None))
+        },  # fmt: skip
+    }

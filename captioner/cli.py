@@ -14,11 +14,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.reports import TestReport
 from captioner.data.datamodule import CaptionDataModule
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
 from captioner.hardware import checked_precision
+from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
+from captioner.models.objectives.base import train_items_of
 from captioner.runs import run_dir
 
 log = logging.getLogger("captioner")
@@ -71,16 +74,6 @@ def find_last_checkpoint(trainer_config) -> Path:
     return found[-1]
 
 
-def features_for_decoder(decoder: str) -> str:
-    """The attention decoder reads the grid of image regions; the LSTM decoder the pooled vector."""
-    return "grid" if decoder == "attention" else "pooled"
-
-
-def train_items_for(scst: bool) -> str:
-    """Self-critical training scores whole captions against all references of an image."""
-    return "images" if scst else "captions"
-
-
 class RunConfigSaver(SaveConfigCallback):
     """Save the resolved config into the run's own folder and hand it to the logger.
 
@@ -106,8 +99,9 @@ class CaptionerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("backbone", "weights", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}")
-        parser.link_arguments("model.decoder", "data.features", compute_fn=features_for_decoder)
-        parser.link_arguments("model.scst", "data.train_items", compute_fn=train_items_for)
+        # What the parts need from the data, declared by their classes (`features`, `train_items`).
+        parser.link_arguments("model.decoder", "data.features", compute_fn=decoder_features)
+        parser.link_arguments("model.objective", "data.train_items", compute_fn=train_items_of)
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -223,6 +217,7 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             CaptionDataModule,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [TestReport()]},  # every run writes its test report
             args=args,
             auto_configure_optimizers=False,
         )

@@ -38,6 +38,35 @@ def loggable(evaluation: dict, prefix: str = "test/") -> dict[str, float]:
     return scores
 
 
+def test_report(
+    bleu: dict[str, float], evaluation: dict, decoding: dict, checkpoint: str | None, split_sizes: dict, blind: bool
+) -> dict:
+    """Everything `test` measured and how, as written to `test_metrics.json`.
+
+    Args:
+        bleu: torchmetrics BLEU-1..4 (0-100), keyed `bleu1`..`bleu4`.
+        evaluation: `evaluate_captions` output.
+        decoding: Beam size, length penalty and maximum length used.
+        checkpoint: The checkpoint tested.
+        split_sizes: Images per split.
+        blind: Whether the model is the blind baseline.
+    """
+    return {
+        "scale": "0-100 (CIDEr is CIDEr-D x 100)",
+        "images": evaluation["images"],
+        "metrics": {
+            "pycocoevalcap": {name: round(value, 4) for name, value in evaluation["scores"].items()},
+            "torchmetrics": {f"BLEU-{name[-1]}": round(value, 4) for name, value in bleu.items()},
+        },
+        "tokenizer": evaluation["tokenizer"],
+        "diversity": evaluation["diversity"],
+        "decoding": decoding,
+        "checkpoint": checkpoint,
+        "split_sizes": split_sizes,
+        "blind": blind,
+    }
+
+
 def format_table(report: dict) -> str:
     """The test report as a table a person reads at the end of a run."""
     coco, bleu = report["metrics"]["pycocoevalcap"], report["metrics"]["torchmetrics"]

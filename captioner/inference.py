@@ -47,24 +47,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device | str | None = None) -> CaptionModel:
-    """Load a `CaptionModel` from a checkpoint file, ready for inference.
+def load_checkpoint_model(path: str | Path, device: torch.device | str | None = None, **overrides) -> CaptionModel:
+    """Load a `CaptionModel` from a checkpoint file, ready for inference on `device` (default: a GPU if any).
+
+    Args:
+        path: A checkpoint written by `fit`.
+        device: Where to run.
+        overrides: Decoding options replacing the checkpoint's (`beam_size`, `length_penalty`, `max_decode_length`).
 
     Raises:
         CaptionerError: When the file is missing or is not a captioner checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionerError(f"Checkpoint {path} does not exist.")
-    try:
-        model = CaptionModel.load_from_checkpoint(path, map_location="cpu")
-    except CaptionerError:
-        raise
-    except (KeyError, RuntimeError, TypeError, ValueError, OSError) as error:
-        raise CaptionerError(
-            f"{path} is not a usable captioner checkpoint ({type(error).__name__}: {error})."
-        ) from error
-    return model.to(device or default_device()).eval()
+    return CaptionModel.from_checkpoint(str(path), **overrides).to(device or default_device()).eval()
 
 
 class Captioner:

@@ -76,3 +76,11 @@ def trained(scenes_source, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     cli = main(tiny_args("fit", scenes_source, root / "work", root, "--trainer.max_epochs", "4"))
     return Path(cli.trainer.checkpoint_callback.best_model_path), root / "work"
+
+
+def last_checkpoint(trainer) -> str:
+    """The run's `last.ckpt` (written by callbacks.LastCheckpoint)."""
+    from callbacks import LastCheckpoint
+
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
+    return callback.best_model_path

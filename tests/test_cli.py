@@ -16,6 +16,8 @@ from tests.conftest import TESTS, TINY_CONFIG, predict_args, tiny_args, wandb_lo
 
 ROOT = TESTS.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [TINY_CONFIG]
+OVERLAYS = sorted((ROOT / "configs").glob("*/*.yaml"))
+ATTENTION = ("--model.decoder", "captioner.models.decoders.AttentionDecoder")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -26,6 +28,18 @@ def test_every_config_parses(config, subcommand, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("base", [c for c in CONFIGS if c.name in ("default.yaml", "demo.yaml")], ids=lambda p: p.name)
+def test_every_overlay_layers_on_the_base_configs(base, overlay, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(base), "--config", str(overlay), "--print_config"])
+    printed = capsys.readouterr().out
+    overlay_text = overlay.read_text()
+    for class_path in [line.split(":", 1)[1].strip() for line in overlay_text.splitlines() if "class_path:" in line]:
+        assert f"class_path: {class_path}" in printed  # the overlay's parts replace the base's
+    assert "lr_schedule: cosine" in printed  # and the rest of the base stays
 
 
 def test_unknown_key_and_wrong_type_fail_before_any_work(tmp_path, capsys):
@@ -70,14 +84,24 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
     rows = [json.loads(line) for line in (run_dir(tested.trainer) / "test_captions.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(row["caption"] and len(row["references"]) == 5 for row in rows)
 
-    checkpoint = torch.load(best, weights_only=False)
-    assert checkpoint["vocabulary"]["words"] and checkpoint["hyper_parameters"]["backbone"] == "resnet18"
+    checkpoint = torch.load(best, weights_only=True)  # plain data and tensors only
+    assert (
+        checkpoint["captioner"]["vocabulary"]["words"] and checkpoint["captioner"]["encoder"]["backbone"] == "resnet18"
+    )
+    assert checkpoint["captioner"]["decoder"]["class_path"] == "captioner.models.decoders.lstm.LSTMDecoder"
     assert any(key.startswith("encoder.net.") for key in checkpoint["state_dict"])
 
     with pytest.raises(SystemExit) as exit_info:
         main(
             tiny_args(
-                "test", scenes, tmp_path / "work", tmp_path / "bad", "--ckpt_path", best, "--model.hidden_dim", "16"
+                "test",
+                scenes,
+                tmp_path / "work",
+                tmp_path / "bad",
+                "--ckpt_path",
+                best,
+                "--model.decoder.hidden_dim",
+                "16",
             )
         )
     assert exit_info.value.code == 2
@@ -102,7 +126,7 @@ def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_pa
 
 
 def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_decoder(scenes, tmp_path, capsys):
-    args = ("--model.decoder", "attention", "--data.image_size", "64")
+    args = (*ATTENTION, "--model.decoder.attention_dim", "16", "--data.image_size", "64")
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1", *args))
     assert cli.datamodule.hparams.features == "grid"
     (cache,) = (tmp_path / "work" / "features").glob("*-grid-*")
@@ -133,4 +157,6 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
                 "test", scenes, tmp_path / "work", tmp_path / "bad", "--ckpt_path", best, "--data.image_size", "64"
             )
         )
-    assert exit_info.value.code == 2 and "decoder='attention'" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds a captioner.models.decoders.attention.AttentionDecoder decoder" in (
+        capsys.readouterr().err
+    )

@@ -21,7 +21,7 @@ from captioner.data.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open, write_json
 from captioner.runs import run_dir
-from tests.conftest import TESTS, predict_args, tiny_args
+from tests.conftest import TESTS, last_checkpoint, predict_args, tiny_args
 
 ROOT = TESTS.parent
 SPEC = FeatureSpec("resnet18", None, Preprocessing(32))
@@ -74,7 +74,7 @@ def test_sigkill_during_extraction_resumes_to_an_identical_cache(scenes, tmp_pat
 
 def test_fit_resumes_from_last_with_epoch_optimizer_and_schedule(scenes, tmp_path, capsys):
     first = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2"))
-    last = first.trainer.checkpoint_callback.last_model_path
+    last = last_checkpoint(first.trainer)
     saved = torch.load(last, weights_only=False)
     assert saved["epoch"] == 1 and saved["optimizer_states"][0]["state"]
 

@@ -20,7 +20,7 @@ from captioner.data.features import cache_key, extract_features, open_cache
 from captioner.data.preprocessing import Preprocessing
 from captioner.models.encoder import ImageEncoder
 from captioner.runs import run_dir
-from tests.conftest import TESTS
+from tests.conftest import TESTS, last_checkpoint
 from tests.test_preprocessing import _bad_files, centred_cosine, photographs  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -45,7 +45,7 @@ def test_default_configs_train_two_steps_then_test_and_predict_on_the_gpu(config
                            "--trainer.limit_val_batches", "1"))  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.trainer.strategy.root_device.type == "cuda"
     assert cli.trainer.precision in ("bf16-mixed", "16-mixed")  # chosen for the GPU, clipping accepted
-    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    checkpoint = last_checkpoint(cli.trainer)
     tested = main(config_args("test", configs, scenes, tmp_path, "--ckpt_path", checkpoint))
     assert (run_dir(tested.trainer) / "test_metrics.json").is_file()
     photos = tmp_path / "photos"
@@ -62,7 +62,7 @@ def test_default_configs_train_two_steps_then_test_and_predict_on_the_gpu(config
 def test_self_critical_stage_on_the_gpu(scenes, tmp_path):
     cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "2",
                            "--trainer.limit_val_batches", "1"))  # fmt: skip
-    start = cli.trainer.checkpoint_callback.last_model_path
+    start = last_checkpoint(cli.trainer)
     scst = main(config_args("fit", ["default.yaml", "objectives/scst.yaml"], scenes, tmp_path / "scst",
                             "--model.init_checkpoint", start, "--trainer.max_steps", "2",
                             "--trainer.limit_val_batches", "1"))  # fmt: skip
@@ -130,7 +130,7 @@ def test_two_gpu_ddp_fit(scenes, tmp_path):
 def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
     cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "1",
                            "--trainer.limit_val_batches", "1"))  # fmt: skip
-    captioner = Captioner.from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
+    captioner = Captioner.from_checkpoint(last_checkpoint(cli.trainer))
     path = sorted((scenes / "Images").iterdir())[0]
     on_gpu = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
     captions = captioner.caption([path, Image.open(path), on_gpu])

@@ -5,6 +5,7 @@ device-specific rule simulated; tests/test_gpu.py runs the real thing on a GPU.
 """
 
 import ctypes
+import functools
 import logging
 import weakref
 
@@ -18,8 +19,8 @@ from captioner.cli import main
 from captioner.data import features as features_module
 from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
-from captioner.models import decoder as decoder_module
-from captioner.models.decoder import AttentionDecoder, CaptionDecoder
+from captioner.models.decoders import AttentionDecoder, LSTMDecoder
+from captioner.models.decoders import lstm as decoder_module
 from tests.conftest import tiny_args
 
 NATIVE_BF16 = hardware.cpu_bf16_support() == "native"
@@ -38,7 +39,8 @@ def test_lightning_refuses_clipping_a_fused_optimizer_under_mixed_precision_and_
 
     from captioner.models.module import CaptionModel
 
-    model = CaptionModel(backbone="resnet18", weights=None, image_size=32, embed_dim=8, hidden_dim=8)
+    model = CaptionModel(functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=8), backbone="resnet18", weights=None,
+                         image_size=32)  # fmt: skip
     model.build(Vocabulary(["a", "b"], max_length=4))
 
     class TrainerStub:
@@ -85,7 +87,7 @@ def _dtypes_under_autocast(decoder: nn.Module, features: torch.Tensor) -> dict[s
 
 @needs_cpu_bf16
 def test_the_lstm_runs_in_float32_where_autocast_would_force_float16_and_in_bf16_on_a_cpu(monkeypatch):
-    lstm = CaptionDecoder(24, feature_dim=16, embed_dim=8, hidden_dim=12).eval()
+    lstm = LSTMDecoder(24, feature_dim=16, embed_dim=8, hidden_dim=12).eval()
     features = torch.randn(2, 16)
     assert _dtypes_under_autocast(lstm, features) == {"init_state_proj": torch.bfloat16, "lstm": torch.bfloat16,
                                                       "head": torch.bfloat16}  # fmt: skip

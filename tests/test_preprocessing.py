@@ -4,6 +4,7 @@ Real photographs (the sample images scikit-image ships), not flat shapes: JPEG
 decoding shortcuts show up on photographic detail.
 """
 
+import functools
 import importlib.util
 import io
 from pathlib import Path
@@ -19,6 +20,7 @@ from captioner.data.features import cache_key, extract_features, open_cache
 from captioner.data.images import EncodedFileDataset, collate_encoded, decode_on_device
 from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
+from captioner.models.decoders import LSTMDecoder
 from captioner.models.encoder import ImageEncoder
 from captioner.models.module import CaptionModel
 
@@ -60,7 +62,8 @@ def test_extraction_and_captioning_give_the_same_features_for_the_same_photograp
         assert not cache.failed
         cached[path_name] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
 
-    model = CaptionModel(backbone="resnet50", weights=None, image_size=224, embed_dim=8, hidden_dim=8)
+    decoder = functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=8)
+    model = CaptionModel(decoder, backbone="resnet50", weights=None, image_size=224)
     model.build(Vocabulary(["a"], max_length=3))
     captioned = []
     model.encoder.register_forward_hook(lambda module, inputs, output: captioned.append(output.float()))

@@ -263,7 +263,9 @@ class CaptionDataModule(LightningDataModule):
         self.datasets["predict"] = ImageFileDataset(scan.images, self.preprocessing)
 
     # ---------------------------------------------------------------- loaders
-    def _loader(self, split: str, batch_size: int, shuffle: bool, collate=passthrough) -> DataLoader:
+    def _loader(
+        self, split: str, batch_size: int, shuffle: bool, collate=passthrough, drop_last: bool = False
+    ) -> DataLoader:
         if split not in self.datasets:
             raise CaptionerError(f"The {split} data is not set up; call setup() first.")
         workers = self.hparams.num_workers
@@ -280,12 +282,15 @@ class CaptionDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
+            drop_last=drop_last,
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        # A last batch of one item would break the decoders' batch norm in training mode (and is noise anyway).
+        drop_last = len(self.datasets.get("train", ())) > self.hparams.batch_size
+        return self._loader("train", self.hparams.batch_size, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)

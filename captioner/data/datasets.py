@@ -91,6 +91,10 @@ class EvalImages(Dataset):
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         self.tokens = vocabulary.encode_batch([c for image_captions in captions for c in image_captions])
         self.pad_index = vocabulary.pad_index
+        # Word ids of every reference, specials left out: CIDEr-D (self-critical rewards, val/cider) scores these.
+        words = [[t for t in row if t not in (vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index)]
+                 for row in self.tokens.tolist()]  # fmt: skip
+        self.reference_ids = [words[self.offsets[i] : self.offsets[i + 1]] for i in range(len(captions))]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -1,88 +1,81 @@
-"""CaptionModel: a thin LightningModule over the encoder, decoder, search and metrics."""
+"""CaptionModel: a thin LightningModule that orchestrates encoder, decoder, objective, search and metrics.
+
+The decoder and the objective are parts given by the config (see
+`captioner.models.decoders.base` and `captioner.models.objectives.base`);
+this module builds the decoder once the vocabulary is known, feeds the
+objective its batches, decodes with the search functions and updates the
+metrics. It implements no loss and writes no file.
+"""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import warnings
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
-from captioner.cider import CiderD
+from captioner.checkpointing import CAPTIONER_KEY, CHECKPOINT_VERSION, read_checkpoint, upgrade
 from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
-from captioner.evaluation import evaluate_captions, format_table, loggable, unique_by_file
-from captioner.files import write_json
+from captioner.evaluation import evaluate_captions, loggable, test_report, unique_by_file
 from captioner.metrics import as_percent, bleu_collection
-from captioner.models.decoder import AttentionDecoder, CaptionDecoder, caption_loss, doubly_stochastic_penalty
+from captioner.models.decoders.base import CaptionDecoder, decoder_factory
+from captioner.models.decoders.lstm import LSTMDecoder
 from captioner.models.encoder import ImageEncoder
-from captioner.models.search import SearchResult, SpecialTokens, beam_search, greedy_search, sample_captions
-from captioner.runs import run_dir, write_jsonl
+from captioner.models.objectives.base import Decoding, Objective
+from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cross_entropy
+from captioner.models.search import SearchResult, SpecialTokens, beam_search, best_beams, greedy_search
 
 log = logging.getLogger(__name__)
 
 # The frozen encoder stays in eval mode on purpose (see ImageEncoder.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
-# Hyperparameters a checkpoint's weights depend on: a config that differs in any is refused.
-ARCHITECTURE_KEYS = (
-    "backbone", "weights", "image_size", "decoder", "embed_dim", "hidden_dim", "num_layers", "attention_dim", "blind",
-)  # fmt: skip
+DecoderFactory = Callable[[int, int], CaptionDecoder]
 
 
 class CaptionModel(LightningModule):
-    """Image captioning with a frozen CNN encoder and an LSTM decoder.
+    """Image captioning with a frozen CNN encoder and a decoder chosen in the config.
 
     The encoder is part of the module so that a checkpoint alone can caption
     new images offline; training itself reads cached features and never runs
-    it. The decoder's size depends on the vocabulary, which comes from the
+    it. The decoder's sizes depend on the vocabulary, which comes from the
     datamodule (`configure_model`) or from a checkpoint (`on_load_checkpoint`).
 
     Args:
+        decoder: A callable `(vocab_size, feature_dim) -> CaptionDecoder`: in YAML, a `class_path` with its
+            `init_args` (`captioner.models.decoders.LSTMDecoder`, `AttentionDecoder`, `TransformerDecoder`,
+            or your own). Sets `data.features` to what the decoder reads.
+        objective: The training objective (default: cross-entropy): `captioner.models.objectives.CrossEntropy`
+            or `SelfCritical`, or your own. Sets `data.train_items` to what the objective trains on.
         backbone: Encoder backbone (linked from `data.backbone`).
         weights: Encoder weights name or None (linked from `data.weights`).
         image_size: Encoder input size (linked from `data.image_size`).
-        decoder: "lstm" (the pooled image feature sets the LSTM's initial state) or "attention" (Show,
-            Attend and Tell soft attention over the grid of image regions; sets `data.features` to "grid").
-        embed_dim: Word embedding size.
-        hidden_dim: LSTM state size.
-        num_layers: LSTM layers (the attention decoder has one).
-        attention_dim: Size of the attention layer.
-        attention_regularization: Weight of the doubly stochastic attention penalty.
-        dropout: Decoder dropout.
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         lr_schedule: "cosine" (linear warm-up, cosine decay to zero over the run) or "constant" (warm-up only).
         warmup_steps: Optimizer steps of linear warm-up.
         beam_size: Beams for test and predict (validation decodes greedily for speed).
-        length_penalty: GNMT length penalty for choosing among beams (0: raw log-probability).
+        length_penalty: GNMT length penalty for choosing among beams (0: raw log-probability; > 0 favours
+            longer captions).
         max_decode_length: Most words generated per caption (None: the vocabulary's maximum caption length).
         blind: Zero the image features (the blind baseline: what the language prior alone achieves).
-        scst: Self-critical sequence training (Rennie et al. 2017): reward sampled captions with CIDEr-D
-            (document frequencies from the training split), baseline each with the greedy caption's reward.
-            A second stage: start it from a cross-entropy model with `init_checkpoint`. Sets
-            `data.train_items` to "images" (one item per image with all its references).
-        scst_samples: Captions sampled per image per step in self-critical training.
         init_checkpoint: Start from the weights of this checkpoint (not its optimizer or epoch): the way
-            to begin a second training stage such as SCST.
+            to begin a second training stage such as self-critical training.
     """
 
     def __init__(
         self,
+        decoder: DecoderFactory = LSTMDecoder,
+        objective: Objective | None = None,
         backbone: str = "resnet50",
         weights: str | None = "IMAGENET1K_V2",
         image_size: int = 224,
-        decoder: Literal["lstm", "attention"] = "lstm",
-        embed_dim: int = 256,
-        hidden_dim: int = 512,
-        num_layers: int = 1,
-        attention_dim: int = 256,
-        attention_regularization: float = 1.0,
-        dropout: float = 0.5,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -91,35 +84,44 @@ class CaptionModel(LightningModule):
         length_penalty: float = 0.0,
         max_decode_length: int | None = None,
         blind: bool = False,
-        scst: bool = False,
-        scst_samples: int = 5,
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["decoder", "objective"])  # parts are recorded by their own spec
+        self.decoder_factory = decoder
+        self.objective = objective if objective is not None else CrossEntropy()
         # Architecture only: pretrained weights are loaded at fit start, or come from a checkpoint.
         self.encoder = ImageEncoder(backbone, weights, pretrained=False)
-        self.decoder: CaptionDecoder | AttentionDecoder | None = None
+        self.decoder: CaptionDecoder | None = None
         self.vocabulary: Vocabulary | None = None
         self.val_bleu = bleu_collection()
         self.test_bleu = bleu_collection()
         self._test_rows: list[dict] = []
-        self._cider: CiderD | None = None
+        self.test_results: dict[str, Any] | None = None  # the last test's report and rows, for TestReport
 
     # ---------------------------------------------------------------- building
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How pixels reach the encoder: the definition the features were extracted with, kept in checkpoints."""
+        return Preprocessing(self.hparams.image_size)
+
+    @property
+    def decoding(self) -> Decoding:
+        """Special tokens and the longest caption, for search and objectives."""
+        return Decoding(SpecialTokens.of(self.vocabulary), self.hparams.max_decode_length or self.vocabulary.max_length)
+
     def build(self, vocabulary: Vocabulary) -> None:
         """Create the decoder for `vocabulary` (once)."""
         if self.decoder is not None:
             return
-        hp = self.hparams
-        self.vocabulary = vocabulary
-        self.special = SpecialTokens.of(vocabulary)
-        if hp.decoder == "attention":
-            self.decoder = AttentionDecoder(len(vocabulary), self.encoder.feature_dim, hp.embed_dim, hp.hidden_dim,
-                                            hp.attention_dim, hp.dropout, vocabulary.pad_index)  # fmt: skip
-        else:
-            self.decoder = CaptionDecoder(len(vocabulary), self.encoder.feature_dim, hp.embed_dim, hp.hidden_dim,
-                                          hp.num_layers, hp.dropout, vocabulary.pad_index)  # fmt: skip
+        decoder = self.decoder_factory(len(vocabulary), self.encoder.feature_dim)
+        if not isinstance(decoder, CaptionDecoder):
+            raise CaptionerError(
+                f"--model.decoder built a {type(decoder).__name__}, not a CaptionDecoder: see "
+                "captioner/models/decoders/base.py for the protocol."
+            )
+        decoder.spec()  # fails early, naming the class, if it did not record its options
+        self.vocabulary, self.decoder = vocabulary, decoder
 
     def configure_model(self) -> None:
         vocabulary = getattr(self.trainer.datamodule, "vocabulary", None) if self._trainer is not None else None
@@ -135,10 +137,7 @@ class CaptionModel(LightningModule):
 
     def _load_initial_weights(self, path: str) -> None:
         """Weights (and nothing else) from a checkpoint, checked like any checkpoint."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as error:
-            raise CaptionerError(f"--model.init_checkpoint {path} cannot be read ({error}).") from error
+        checkpoint = read_checkpoint(path)
         self.on_load_checkpoint(checkpoint)
         self.load_state_dict(checkpoint["state_dict"])
         log.info("Starting from the weights of %s", path)
@@ -147,35 +146,44 @@ class CaptionModel(LightningModule):
         if stage == "fit" and self.trainer.ckpt_path is None:
             self.encoder.load_pretrained()  # the same weights the feature cache was computed with
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """How pixels reach the encoder: the definition the features were extracted with, kept in checkpoints."""
-        return Preprocessing(self.hparams.image_size)
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What captioning with this model needs besides the weights (see `captioner.checkpointing`)."""
+        hp = self.hparams
+        return {
+            "version": CHECKPOINT_VERSION,
+            "decoder": self._require_decoder().spec(),
+            "encoder": {"backbone": hp.backbone, "weights": hp.weights},
+            "preprocessing": self.preprocessing.to_dict(),
+            "vocabulary": self.vocabulary.to_dict(),
+            "blind": hp.blind,
+            "decoding": {
+                "beam_size": hp.beam_size,
+                "length_penalty": hp.length_penalty,
+                "max_decode_length": hp.max_decode_length,
+            },  # fmt: skip
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["vocabulary"] = self.vocabulary.to_dict()
-        checkpoint["preprocessing"] = self.preprocessing.to_dict()
+        checkpoint[CAPTIONER_KEY] = self.checkpoint_meta()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "vocabulary" not in checkpoint or "hyper_parameters" not in checkpoint:
-            raise CaptionerError("This checkpoint was not written by captioner (it has no vocabulary).")
-        saved = checkpoint["hyper_parameters"]
-        defaults = inspect.signature(CaptionModel.__init__).parameters  # keys older checkpoints lack
-        for key in ARCHITECTURE_KEYS:
-            if saved.get(key, defaults[key].default) != self.hparams[key]:
-                raise CaptionerError(
-                    f"The checkpoint was trained with {key}={saved.get(key)!r} but this run is configured with "
-                    f"{key}={self.hparams[key]!r}. Use the config the checkpoint was trained with "
-                    "(its run folder holds config.yaml)."
-                )
-        if "preprocessing" in checkpoint:  # older checkpoints were all made with today's definition
-            saved_preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"], "the checkpoint")
-            if saved_preprocessing != self.preprocessing:
-                raise CaptionerError(
-                    f"The checkpoint's images were prepared as {saved_preprocessing} but this run is configured "
-                    f"for {self.preprocessing}. Use the config the checkpoint was trained with."
-                )
-        vocabulary = Vocabulary.from_dict(checkpoint["vocabulary"], "checkpoint")
+        meta = upgrade(checkpoint)
+        use = "Use the config the checkpoint was trained with (its run folder holds config.yaml)."
+        hp = self.hparams
+        for key, saved, configured in (
+            ("backbone", meta["encoder"]["backbone"], hp.backbone),
+            ("weights", meta["encoder"]["weights"], hp.weights),
+            ("blind", meta["blind"], hp.blind),
+        ):
+            if saved != configured:
+                raise CaptionerError(f"The checkpoint was trained with {key}={saved!r} but this run is configured "
+                                     f"with {key}={configured!r}. {use}")  # fmt: skip
+        saved_preprocessing = Preprocessing.from_dict(meta["preprocessing"], "the checkpoint")
+        if saved_preprocessing != self.preprocessing:
+            raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
+                                 f"configured for {self.preprocessing}. {use}")  # fmt: skip
+        vocabulary = Vocabulary.from_dict(meta["vocabulary"], "checkpoint")
         if self.vocabulary is not None and vocabulary != self.vocabulary:
             raise CaptionerError(
                 f"The checkpoint's vocabulary ({len(vocabulary)} tokens) is not the one prepared from this data "
@@ -183,8 +191,32 @@ class CaptionModel(LightningModule):
                 "--data.max_caption_length. Use the data settings the checkpoint was trained with."
             )
         self.build(vocabulary)
+        check_same_decoder(meta["decoder"], self.decoder, use)
 
-    # ---------------------------------------------------------------- steps
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides: Any) -> CaptionModel:
+        """A model rebuilt from a checkpoint alone (its decoder class, options, encoder, vocabulary, weights).
+
+        Args:
+            path: The checkpoint.
+            overrides: Decoding options to use instead of the checkpoint's (`beam_size`, `length_penalty`,
+                `max_decode_length`).
+
+        Raises:
+            CaptionerError: When the file is missing or not a captioner checkpoint, or its decoder class cannot be
+                imported.
+        """
+        checkpoint = read_checkpoint(path)
+        meta = upgrade(checkpoint)
+        decoding = {**meta["decoding"], **{k: v for k, v in overrides.items() if v is not None}}
+        model = cls(decoder=decoder_factory(meta["decoder"]), backbone=meta["encoder"]["backbone"],
+                    weights=meta["encoder"]["weights"], image_size=meta["preprocessing"]["image_size"],
+                    blind=meta["blind"], **decoding)  # fmt: skip
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
+
+    # ---------------------------------------------------------------- decoding
     def _require_decoder(self) -> CaptionDecoder:
         if self.decoder is None:
             raise CaptionerError("The model has no vocabulary yet: give it a datamodule or a checkpoint.")
@@ -194,119 +226,106 @@ class CaptionModel(LightningModule):
         """What the decoder sees of the image (zeros for the blind baseline)."""
         return torch.zeros_like(features) if self.hparams.blind else features
 
-    def teacher_forced_loss(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Masked cross-entropy of predicting each caption token from the previous ones."""
-        decoder, inputs, targets = self._require_decoder(), tokens[:, :-1], tokens[:, 1:]
-        if isinstance(decoder, AttentionDecoder):
-            logits, weights = decoder(self.image_features(features), inputs, return_attention=True)
-            penalty = doubly_stochastic_penalty(weights, targets != self.vocabulary.pad_index)
-            loss = caption_loss(logits, targets, self.vocabulary.pad_index)
-            return loss + self.hparams.attention_regularization * penalty
-        logits = decoder(self.image_features(features), inputs)
-        return caption_loss(logits, targets, self.vocabulary.pad_index)
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder features of `(B, 3, S, S)` uint8 images, pooled or grid as the decoder reads."""
+        grid = self._require_decoder().features == "grid"
+        return self.encoder(images.to(self.device, non_blocking=True), grid=grid)
 
     def generate(self, features: torch.Tensor, beam_size: int | None = None) -> SearchResult:
-        """Decode captions for `(B, D)` features; beam size 1 (or 0) is greedy."""
-        decoder, beam_size = self._require_decoder(), self.hparams.beam_size if beam_size is None else beam_size
+        """Decode captions for a batch of features; beam size 1 (or 0) is greedy."""
+        decoder, decoding = self._require_decoder(), self.decoding
+        beam_size = self.hparams.beam_size if beam_size is None else beam_size
         features = self.image_features(features)
-        max_length = self.hparams.max_decode_length or self.vocabulary.max_length
         if beam_size <= 1:
-            return greedy_search(decoder, features, max_length, self.special)
-        return beam_search(decoder, features, beam_size, max_length, self.special, self.hparams.length_penalty)
+            return greedy_search(decoder, features, decoding.max_length, decoding.special)
+        return beam_search(decoder, features, beam_size, decoding.max_length, decoding.special,
+                           self.hparams.length_penalty)  # fmt: skip
 
     @torch.no_grad()
     def caption_images(self, images: torch.Tensor, beam_size: int | None = None) -> tuple[list[str], list[float]]:
-        """Captions and their log-probabilities for a `(B, 3, H, W)` uint8 batch of resized images.
+        """Captions and their log-probabilities for a `(B, 3, H, W)` uint8 batch of preprocessed images.
 
-        The one inference path: `predict`, the `caption` command and `Captioner` all end here.
+        The one inference path: `predict`, the `caption` command, `Captioner` and the server all end here.
         """
-        captions, scores, _ = self.caption_images_with_attention(images, beam_size)
-        return captions, scores
+        result = self.generate(self.encode_images(images), beam_size)
+        return self.vocabulary.decode_batch(result.tokens), result.log_probs.tolist()
 
     @torch.no_grad()
-    def caption_images_with_attention(
-        self, images: torch.Tensor, beam_size: int | None = None
-    ) -> tuple[list[str], list[float], list[torch.Tensor] | None]:
-        """Like `caption_images`, plus, for the attention decoder, where it looked for each word.
+    def attention_maps(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
+        """Where the decoder looked for each word of given captions, for decoders that attend over a grid.
+
+        Replaying the chosen words with teacher forcing gives the weights the search used on that path.
 
         Returns:
-            Captions, log-probabilities and (attention decoder only, else None) one
-            `(words, grid_h, grid_w)` tensor of attention weights per image, for the
-            words of its caption and the final `<end>`.
+            One `(words, grid_h, grid_w)` tensor per caption (its words and the final `<end>`), or None when
+            the decoder does not attend or the features are pooled.
         """
-        attention = self.hparams.decoder == "attention"
-        features = self.encoder(images.to(self.device, non_blocking=True), grid=attention)
-        result = self.generate(features, beam_size)
+        if features.ndim != 3:
+            return None
+        start = torch.full_like(tokens[:, :1], self.vocabulary.start_index)
+        output = self.decoder(self.image_features(features), torch.cat([start, tokens[:, :-1]], dim=1),
+                              return_attention=True)  # fmt: skip
+        if output.attention is None:
+            return None
+        side = round(features.shape[1] ** 0.5)
+        return [w[:n].float().view(-1, side, side).cpu() for w, n in zip(output.attention, lengths.tolist())]
+
+    @torch.no_grad()
+    def describe_images(self, images: torch.Tensor, beam_size: int | None = None, beams: int = 0) -> list[dict]:
+        """Everything inference can tell about a batch of preprocessed images, one dict per image.
+
+        Keys: `caption`, `score` (log-probability), `attention` (per-word maps or None), and with `beams` > 0,
+        `beams`: up to that many alternatives `[{"caption", "score"}]`, best first.
+        """
+        features = self.encode_images(images)
+        beam_size = self.hparams.beam_size if beam_size is None else beam_size
+        decoding = self.decoding
+        if beams and beam_size > 1:
+            decoder, penalty = self._require_decoder(), self.hparams.length_penalty
+            result, all_beams = best_beams(decoder, self.image_features(features), beam_size, decoding.max_length,
+                                           decoding.special, penalty)  # fmt: skip
+        else:
+            result, all_beams = self.generate(features, beam_size), None
         captions = self.vocabulary.decode_batch(result.tokens)
-        if not attention:
-            return captions, result.log_probs.tolist(), None
-        # Replaying the chosen words with teacher forcing gives exactly the weights the search used on that path.
-        start = torch.full_like(result.tokens[:, :1], self.vocabulary.start_index)
-        inputs = torch.cat([start, result.tokens[:, :-1]], dim=1)
-        _, weights = self.decoder(self.image_features(features), inputs, return_attention=True)
-        side = round(weights.shape[-1] ** 0.5)
-        maps = [w[:length].float().view(-1, side, side).cpu() for w, length in zip(weights, result.lengths.tolist())]
-        return captions, result.log_probs.tolist(), maps
+        maps = self.attention_maps(features, result.tokens, result.lengths)
+        rows = []
+        for index, (caption, score) in enumerate(zip(captions, result.log_probs.tolist())):
+            row = {"caption": caption, "score": score, "attention": maps[index] if maps is not None else None}
+            if beams:
+                if all_beams is None:
+                    row["beams"] = [{"caption": caption, "score": score}]
+                else:
+                    texts = self.vocabulary.decode_batch(all_beams.tokens[index])
+                    scores = all_beams.log_probs[index].tolist()
+                    row["beams"] = [{"caption": t, "score": v} for t, v in zip(texts, scores)][:beams]
+            rows.append(row)
+        return rows
+
+    # ---------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if self.objective.needs_initial_weights and not self.hparams.init_checkpoint and self.trainer.ckpt_path is None:
+            raise CaptionerError(
+                f"{type(self.objective).__name__} is a second training stage: start it from a cross-entropy model "
+                "with --model.init_checkpoint path/to/best.ckpt."
+            )
+        train = self.trainer.datamodule.datasets["train"]
+        self.objective.prepare(getattr(train, "reference_ids", None), self.decoding.special)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.hparams.scst:
-            return self.self_critical_step(batch)
-        features, tokens = batch
-        loss = self.teacher_forced_loss(features, tokens)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(tokens))
-        return loss
+        features = batch[0] if isinstance(batch, (tuple, list)) else batch["features"]
+        output = self.objective(self._require_decoder(), self.image_features(features), batch, self.decoding)
+        self.log("train/loss", output.loss, prog_bar=True, batch_size=output.batch_size)
+        for name, value in output.logs.items():
+            self.log(f"train/{name}", value, prog_bar=name == "reward_cider", batch_size=output.batch_size)
+        return output.loss
 
-    def on_fit_start(self) -> None:
-        if self.hparams.scst:
-            if not self.hparams.init_checkpoint and self.trainer.ckpt_path is None:
-                raise CaptionerError(
-                    "Self-critical training is a second stage: start it from a cross-entropy model with "
-                    "--model.init_checkpoint path/to/best.ckpt."
-                )
-            train = self.trainer.datamodule.datasets["train"]
-            if not hasattr(train, "references"):
-                raise CaptionerError("SCST needs one training item per image: set --data.train_items images.")
-            # Document frequencies from the training split only.
-            self._cider = CiderD([[self._word_ids(ref) for ref in refs] for refs in train.references])
-
-    def _word_ids(self, caption) -> list[int]:
-        """A caption (text, or ids with specials) as word ids without `<start>`, `<end>` and `<pad>`."""
-        ids = self.vocabulary.encode(caption)[1:-1] if isinstance(caption, str) else caption
-        words = []
-        for token in ids:
-            if token == self.vocabulary.end_index:
-                break
-            if token not in (self.vocabulary.start_index, self.vocabulary.pad_index):
-                words.append(int(token))
-        return words
-
-    def self_critical_step(self, batch: dict) -> torch.Tensor:
-        """Policy gradient with reward CIDEr-D(sample) - CIDEr-D(greedy) for `scst_samples` samples per image."""
-        k, decoder = self.hparams.scst_samples, self._require_decoder()
-        features = self.image_features(batch["features"])
-        references = [[self._word_ids(ref) for ref in refs] for refs in batch["references"]]
-        max_length = self.hparams.max_decode_length or self.vocabulary.max_length
-        decoder.eval()  # the baseline is the test-time greedy caption
-        with torch.no_grad():
-            greedy = greedy_search(decoder, features, max_length, self.special)
-        decoder.train()
-        samples = sample_captions(decoder, features.repeat_interleave(k, dim=0), max_length, self.special)
-        baseline = self._cider.batch([self._word_ids(t) for t in greedy.tokens.tolist()], references)
-        rewards = self._cider.batch(
-            [self._word_ids(t) for t in samples.tokens.tolist()], [refs for refs in references for _ in range(k)]
-        )
-        reward = torch.tensor(rewards, device=self.device)
-        advantage = reward - torch.tensor(baseline, device=self.device).repeat_interleave(k)
-        loss = -(advantage * samples.log_probs).mean()
-        size = len(references)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/reward_cider", reward.mean(), prog_bar=True, batch_size=size)
-        self.log("train/baseline_cider", float(sum(baseline) / size), batch_size=size)
-        return loss
-
+    # ---------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, stage: str, beam_size: int) -> list[str]:
-        loss = self.teacher_forced_loss(batch["features"][batch["owners"]], batch["tokens"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(batch["tokens"]), sync_dist=True)
+        features = self.image_features(batch["features"])
+        tokens = batch["tokens"]
+        output = self._require_decoder()(features[batch["owners"]], tokens[:, :-1])
+        loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
         captions = self.vocabulary.decode_batch(self.generate(batch["features"], beam_size).tokens)
         metric = self.val_bleu if stage == "val" else self.test_bleu
         metric.update(captions, batch["references"])
@@ -321,15 +340,15 @@ class CaptionModel(LightningModule):
         self.log_dict(scores, prog_bar=True, sync_dist=True)
         self.val_bleu.reset()
 
+    def on_test_epoch_start(self) -> None:
+        self._test_rows, self.test_results = [], None
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         captions = self._evaluate(batch, "test", beam_size=self.hparams.beam_size)
         self._test_rows.extend(
             {"file_name": name, "caption": caption, "references": refs}
             for name, caption, refs in zip(batch["file_names"], captions, batch["references"])
         )
-
-    def on_test_epoch_start(self) -> None:
-        self._test_rows = []
 
     def on_test_epoch_end(self) -> None:
         bleu = as_percent(self.test_bleu.compute())
@@ -339,8 +358,12 @@ class CaptionModel(LightningModule):
         evaluation = self.trainer.strategy.broadcast(evaluation)
         self.log_dict({f"test/{name}": value for name, value in bleu.items()}, sync_dist=True)
         self.log_dict(loggable(evaluation), sync_dist=True)
-        if self.trainer.is_global_zero:
-            self._write_test_report(bleu, evaluation, rows)
+        decoding = {"beam_size": self.hparams.beam_size, "length_penalty": self.hparams.length_penalty,
+                    "max_length": self.decoding.max_length}  # fmt: skip
+        report = test_report(bleu, evaluation, decoding, checkpoint=self.trainer.ckpt_path,
+                             split_sizes=getattr(self.trainer.datamodule, "split_sizes", {}),
+                             blind=self.hparams.blind)  # fmt: skip
+        self.test_results = {"report": report, "rows": rows}
 
     def _gather(self, rows: list[dict]) -> list[dict]:
         """Every rank's rows on every rank (one Python object per rank)."""
@@ -350,45 +373,18 @@ class CaptionModel(LightningModule):
         torch.distributed.all_gather_object(gathered, rows)
         return [row for part in gathered for row in part]
 
-    def _write_test_report(self, bleu: dict[str, float], evaluation: dict, rows: list[dict]) -> None:
-        folder = run_dir(self.trainer)
-        report = {
-            "scale": "0-100 (CIDEr is CIDEr-D x 100)",
-            "images": evaluation["images"],
-            "metrics": {
-                "pycocoevalcap": {name: round(value, 4) for name, value in evaluation["scores"].items()},
-                "torchmetrics": {f"BLEU-{name[-1]}": round(value, 4) for name, value in bleu.items()},
-            },
-            "tokenizer": evaluation["tokenizer"],
-            "diversity": evaluation["diversity"],
-            "decoding": {
-                "beam_size": self.hparams.beam_size,
-                "length_penalty": self.hparams.length_penalty,
-                "max_length": self.hparams.max_decode_length or self.vocabulary.max_length,
-            },
-            "checkpoint": self.trainer.ckpt_path,
-            "split_sizes": getattr(self.trainer.datamodule, "split_sizes", {}),
-            "blind": self.hparams.blind,
-        }
-        write_json(folder / "test_metrics.json", report)
-        write_jsonl(folder / "test_captions.jsonl", rows)
-        print(format_table(report))
-        log.info(
-            "Test metrics written to %s, captions to %s", folder / "test_metrics.json", folder / "test_captions.jsonl"
-        )
-
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         rows = [
             {"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
             for position, path in zip(batch["positions"], batch["paths"])
         ]
         if batch["ok"]:
-            captions, scores, maps = self.caption_images_with_attention(batch["images"])
+            described = self.describe_images(batch["images"])
             row_of = {position: i for i, position in enumerate(batch["positions"])}
-            for index, (position, caption, score) in enumerate(zip(batch["ok"], captions, scores)):
-                rows[row_of[position]].update(caption=caption, score=score)
-                if maps is not None:  # for CaptionWriter's attention pictures; never written to the tables
-                    rows[row_of[position]]["attention"] = maps[index]
+            for position, result in zip(batch["ok"], described):
+                rows[row_of[position]].update(caption=result["caption"], score=result["score"])
+                if result["attention"] is not None:  # for CaptionWriter's attention pictures, not the tables
+                    rows[row_of[position]]["attention"] = result["attention"]
         return rows
 
     # ---------------------------------------------------------------- optimisation
@@ -412,3 +408,23 @@ class CaptionModel(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_same_decoder(saved: dict[str, Any], decoder: CaptionDecoder, use: str) -> None:
+    """Refuse a checkpoint whose decoder is another class or has other options than the configured one.
+
+    Options a decoder lists in `training_only_options` (dropout, loss weights) may differ: they do not change
+    what the weights mean.
+    """
+    configured = decoder.spec()
+    if saved["class_path"] != configured["class_path"]:
+        raise CaptionerError(f"The checkpoint holds a {saved['class_path']} decoder but this run is configured with "
+                             f"{configured['class_path']}. {use}")  # fmt: skip
+    ignored = set(getattr(decoder, "training_only_options", ()))
+    saved_args, configured_args = saved.get("init_args", {}), configured["init_args"]
+    differences = [f"{name}={saved_args.get(name)!r} (configured: {configured_args.get(name)!r})"
+                   for name in sorted(set(saved_args) | set(configured_args))
+                   if name not in ignored and saved_args.get(name) != configured_args.get(name)]  # fmt: skip
+    if differences:
+        raise CaptionerError(f"The checkpoint's {saved['class_path'].rsplit('.', 1)[-1]} was trained with "
+                             f"{', '.join(differences)}. {use}")  # fmt: skip

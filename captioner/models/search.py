@@ -1,16 +1,19 @@
-"""Batched greedy and beam search over a `CaptionDecoder`.
+"""Batched greedy search, beam search and sampling over any `CaptionDecoder`, through its protocol alone.
 
-Both run every image (and every beam) of a batch in one decoder call per
-step; no Python loop over images, beams or the vocabulary.
+Every image (and every beam or sample) of a batch advances in one decoder
+call per step; no Python loop over images, beams or the vocabulary. The
+per-image context is prepared once and, for beams and samples, expanded once;
+only the per-caption state is reordered.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from captioner.models.decoder import AttentionDecoder, CaptionDecoder
+from captioner.models.decoders.base import CaptionDecoder, Context, State
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,6 @@ class SpecialTokens:
         )
 
 
-def _next_log_probs(decoder: CaptionDecoder | AttentionDecoder, previous: torch.Tensor, state, special: SpecialTokens):
-    logits, state = decoder.step(previous, state)
-    logits = logits.float()
-    logits[:, list(special.banned)] = float("-inf")
-    return torch.log_softmax(logits, dim=-1), state
-
-
 @dataclass
 class SearchResult:
     """Decoded captions for a batch.
@@ -48,24 +44,70 @@ class SearchResult:
         tokens: `(B, T)` generated tokens without `<start>`; after `<end>` only `<pad>`.
         log_probs: `(B,)` the model's total log-probability of each sequence, `<end>` included.
         lengths: `(B,)` generated tokens, `<end>` included.
+        token_log_probs: `(B, T)` the log-probability of each generated token (0 after the end); sampling keeps
+            its graph for policy gradients. None for beam search.
     """
 
     tokens: torch.Tensor
     log_probs: torch.Tensor
     lengths: torch.Tensor
+    token_log_probs: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """`(B, T)` True for generated tokens, `<end>` included."""
+        return torch.arange(self.tokens.shape[1], device=self.tokens.device) < self.lengths.unsqueeze(1)
+
+
+def _next_log_probs(decoder: CaptionDecoder, previous: torch.Tensor, state: State, context: Context,
+                    special: SpecialTokens) -> tuple[torch.Tensor, State]:  # fmt: skip
+    logits, state = decoder.step(previous, state, context)
+    logits = logits.float()
+    logits[:, list(special.banned)] = float("-inf")
+    return torch.log_softmax(logits, dim=-1), state
 
 
 def length_normalised(log_probs: torch.Tensor, lengths: torch.Tensor, length_penalty: float) -> torch.Tensor:
-    """GNMT length normalisation: `log_prob / ((5 + length) / 6) ** length_penalty`; 0 keeps raw scores."""
+    """GNMT length normalisation: `log_prob / ((5 + length) / 6) ** length_penalty`; 0 keeps raw scores.
+
+    With `length_penalty` > 0 a longer caption's (more negative) total is divided
+    by more, so longer captions are favoured over short ones of similar per-word
+    probability.
+    """
     if length_penalty == 0:
         return log_probs
     return log_probs / ((5.0 + lengths.to(log_probs.dtype)) / 6.0) ** length_penalty
 
 
+def _unroll(
+    decoder: CaptionDecoder, context: Context, batch: int, max_length: int, special: SpecialTokens,
+    pick: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+) -> SearchResult:  # fmt: skip
+    """One caption per row of `context`, choosing each next token with `pick(log_probs) -> tokens`, until all end."""
+    state = decoder.initial_state(context)
+    previous = torch.full((batch,), special.start, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    steps, picked_log_probs = [], []
+    for _ in range(max_length + 1):
+        step_log_probs, state = _next_log_probs(decoder, previous, state, context, special)
+        token = pick(step_log_probs)
+        picked = step_log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
+        token = token.masked_fill(finished, special.pad)
+        picked_log_probs.append(picked.masked_fill(finished, 0.0))
+        lengths = lengths + (~finished).long()
+        steps.append(token)
+        finished = finished | (token == special.end)
+        previous = token
+        if bool(finished.all()):
+            break
+    token_log_probs = torch.stack(picked_log_probs, dim=1)
+    return SearchResult(torch.stack(steps, dim=1), token_log_probs.sum(dim=1), lengths, token_log_probs)
+
+
 @torch.no_grad()
-def greedy_search(
-    decoder: CaptionDecoder | AttentionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
-) -> SearchResult:
+def greedy_search(decoder: CaptionDecoder, features: torch.Tensor, max_length: int,
+                  special: SpecialTokens) -> SearchResult:  # fmt: skip
     """Pick the most likely next word at every step.
 
     Args:
@@ -74,12 +116,29 @@ def greedy_search(
         max_length: Most words per caption; a caption without `<end>` stops there.
         special: Start, end, padding and never-generated tokens.
     """
-    return _unroll(decoder, features, max_length, special, pick=lambda log_probs: log_probs.argmax(dim=-1))
+    context = decoder.prepare(features)
+    return _unroll(decoder, context, features.shape[0], max_length, special, lambda lp: lp.argmax(dim=-1),
+                   features.device)  # fmt: skip
+
+
+def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens,
+                    samples: int = 1) -> SearchResult:  # fmt: skip
+    """Draw `samples` captions per image from the model's distribution, keeping the graph.
+
+    Rows are image-major (image 0's samples first). Used by self-critical
+    training: `log_probs` and `token_log_probs` are differentiable.
+    """
+    context = decoder.expand(decoder.prepare(features), samples) if samples > 1 else decoder.prepare(features)
+
+    def draw(log_probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
+
+    return _unroll(decoder, context, features.shape[0] * samples, max_length, special, draw, features.device)
 
 
 @torch.no_grad()
 def beam_search(
-    decoder: CaptionDecoder | AttentionDecoder,
+    decoder: CaptionDecoder,
     features: torch.Tensor,
     beam_size: int,
     max_length: int,
@@ -91,6 +150,8 @@ def beam_search(
     Beams are pruned on raw log-probability; the final choice among them uses
     the length penalty. The greedy caption is kept as one more candidate, so
     the result never scores below greedy decoding under the same criterion.
+    With a beam wide enough to keep every partial caption, this is an
+    exhaustive search (tested).
 
     Args:
         decoder: The trained decoder.
@@ -103,9 +164,28 @@ def beam_search(
     greedy = greedy_search(decoder, features, max_length, special)
     if beam_size <= 1:
         return greedy
-    batch, device = features.shape[0], features.device
-    k = beam_size
-    state = decoder.expand_state(decoder.init_state(features), k)
+    return best_beams(decoder, features, beam_size, max_length, special, length_penalty, greedy)[0]
+
+
+@torch.no_grad()
+def best_beams(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    beam_size: int,
+    max_length: int,
+    special: SpecialTokens,
+    length_penalty: float = 0.0,
+    greedy: SearchResult | None = None,
+) -> tuple[SearchResult, SearchResult]:
+    """Beam search returning the best caption per image and all final beams.
+
+    Returns:
+        The best caption per image (as `beam_search`), and every beam: `tokens` `(B, beams, T)`, `log_probs` and
+        `lengths` `(B, beams)`, ranked best first by the length-penalised score.
+    """
+    batch, device, k = features.shape[0], features.device, beam_size
+    context = decoder.expand(decoder.prepare(features), k)  # once: beams of an image share its constants
+    state = decoder.initial_state(context)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     previous = torch.full((batch * k,), special.start, dtype=torch.long, device=device)
@@ -114,7 +194,7 @@ def beam_search(
     history = torch.empty(batch, k, 0, dtype=torch.long, device=device)
     batch_offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
     for _ in range(max_length + 1):
-        step_log_probs, state = _next_log_probs(decoder, previous, state, special)
+        step_log_probs, state = _next_log_probs(decoder, previous, state, context, special)
         step_log_probs = step_log_probs.view(batch, k, -1)
         # A finished beam may only continue with <pad>, at no cost, so it keeps its score.
         done_row = torch.full_like(step_log_probs[0, 0], float("-inf"))
@@ -128,61 +208,26 @@ def beam_search(
         was_finished = finished.gather(1, beam)
         lengths = lengths.gather(1, beam) + (~was_finished).long()
         finished = was_finished | (token == special.end)
-        order = (beam + batch_offsets).view(-1)
-        state = decoder.select_state(state, order)
+        state = decoder.reorder(state, (beam + batch_offsets).view(-1))
         previous = token.view(-1)
         if bool(finished.all()):
             break
     ranked = length_normalised(scores, lengths, length_penalty)
-    best = ranked.argmax(dim=-1)
+    order = ranked.argsort(dim=-1, descending=True)
+    beams = SearchResult(history.gather(1, order.unsqueeze(-1).expand_as(history)), scores.gather(1, order),
+                         lengths.gather(1, order))  # fmt: skip
     rows = torch.arange(batch, device=device)
-    tokens, log_probs, best_lengths = history[rows, best], scores[rows, best], lengths[rows, best]
+    tokens, log_probs, best_lengths = beams.tokens[:, 0], beams.log_probs[:, 0], beams.lengths[:, 0]
+    if greedy is None:
+        greedy = greedy_search(decoder, features, max_length, special)
     # Prefer greedy where it scores higher (pruning can drop the greedy path).
-    greedy_wins = length_normalised(greedy.log_probs, greedy.lengths, length_penalty) > ranked[rows, best]
+    greedy_wins = length_normalised(greedy.log_probs, greedy.lengths, length_penalty) > ranked[rows, order[:, 0]]
     width = max(tokens.shape[1], greedy.tokens.shape[1])
     tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=special.pad)
     greedy_tokens = torch.nn.functional.pad(greedy.tokens, (0, width - greedy.tokens.shape[1]), value=special.pad)
-    return SearchResult(
+    best = SearchResult(
         torch.where(greedy_wins.unsqueeze(-1), greedy_tokens, tokens),
         torch.where(greedy_wins, greedy.log_probs, log_probs),
         torch.where(greedy_wins, greedy.lengths, best_lengths),
     )
-
-
-def sample_captions(
-    decoder: CaptionDecoder | AttentionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
-) -> SearchResult:
-    """Draw one caption per image from the model's distribution, keeping the graph.
-
-    Used by self-critical training: `log_probs` is differentiable, so the
-    policy gradient flows through it.
-    """
-
-    def draw(log_probs: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
-
-    return _unroll(decoder, features, max_length, special, pick=draw)
-
-
-def _unroll(decoder, features: torch.Tensor, max_length: int, special: SpecialTokens, pick) -> SearchResult:
-    """One caption per image, choosing each next token with `pick(log_probs) -> tokens`, until all end."""
-    batch = features.shape[0]
-    state = decoder.init_state(features)
-    previous = torch.full((batch,), special.start, dtype=torch.long, device=features.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
-    log_probs = torch.zeros(batch, device=features.device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=features.device)
-    steps = []
-    for _ in range(max_length + 1):
-        step_log_probs, state = _next_log_probs(decoder, previous, state, special)
-        token = pick(step_log_probs)
-        picked = step_log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
-        token = token.masked_fill(finished, special.pad)
-        log_probs = log_probs + picked.masked_fill(finished, 0.0)
-        lengths = lengths + (~finished).long()
-        steps.append(token)
-        finished = finished | (token == special.end)
-        previous = token
-        if bool(finished.all()):
-            break
-    return SearchResult(torch.stack(steps, dim=1), log_probs, lengths)
+    return best, beams

@@ -1,0 +1,34 @@
+"""TestReport: the test metrics and captions written into the run folder, and a table for people."""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from captioner.evaluation import format_table
+from captioner.files import write_json
+from captioner.runs import run_dir, write_jsonl
+
+log = logging.getLogger("captioner")
+
+
+class TestReport(Callback):
+    """After `test`, write `test_metrics.json` and `test_captions.jsonl` to the run folder and print the table.
+
+    The model measures (`CaptionModel.test_results`); this callback only writes, on the first process.
+    `python -m captioner` adds it to every run.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name says
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results = getattr(pl_module, "test_results", None)
+        if not trainer.is_global_zero or results is None:
+            return
+        folder = run_dir(trainer)
+        write_json(folder / "test_metrics.json", results["report"])
+        write_jsonl(folder / "test_captions.jsonl", results["rows"])
+        print(format_table(results["report"]))
+        log.info("Test metrics written to %s, captions to %s", folder / "test_metrics.json",
+                 folder / "test_captions.jsonl")  # fmt: skip

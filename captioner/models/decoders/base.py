@@ -1,0 +1,186 @@
+"""The decoder protocol: what every caption decoder provides, and all that search and training rely on.
+
+A decoder is an `nn.Module` subclass of `CaptionDecoder`, built from two sizes
+the data decides (the vocabulary size and the image feature size) plus its
+own options, which it records with `self.save_hyperparameters()`:
+
+    class MyDecoder(CaptionDecoder):
+        features = "grid"                      # or "pooled": what the feature cache holds for it
+
+        def __init__(self, vocab_size: int, feature_dim: int, hidden_dim: int = 512, dropout: float = 0.3):
+            super().__init__()
+            self.save_hyperparameters()        # recorded in checkpoints, compared when one is loaded
+            ...
+
+        def forward(self, features, tokens, return_attention=False) -> DecoderOutput: ...   # teacher forcing
+        def prepare(self, features) -> Context: ...                 # per-image constants, computed once
+        def initial_state(self, context) -> State: ...              # per-caption state before the first word
+        def step(self, tokens, state, context) -> tuple[Tensor, State]: ...   # one word for every caption
+
+Conventions that let one search serve every decoder:
+
+- Every tensor in a context or a state has the batch on dimension 0.
+  Contexts and states are tuples (or nested tuples, lists, dicts) of tensors.
+- `expand` repeats every row `beams` times (row i becomes rows i*beams ...
+  (i+1)*beams-1); `reorder` keeps the rows at an index. The defaults do that
+  for any tensor tree; override them only to save memory.
+- Beam search expands the context once and never reorders it: the beams of
+  one image share its constants (region features, cross-attention keys), so
+  they are never copied again during the search. Only the state is reordered.
+- `step` with the state after the words `w_1..w_t` must give the logits
+  `forward` gives at position t for the same words (tested for every decoder).
+
+Choose a decoder in the config by `class_path` (any importable class,
+including one outside this package):
+
+    model:
+      decoder:
+        class_path: my_package.decoders.MyDecoder
+        init_args: {hidden_dim: 256}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch.core.mixins import HyperparametersMixin
+from torch import nn
+
+from captioner.errors import CaptionerError
+
+Context = Any  # a tensor tree, batch on dimension 0 (per-image constants)
+State = Any  # a tensor tree, batch on dimension 0 (per-caption state)
+# The two sizes that come from the data: vocabulary size, image feature size.
+SIZE_ARGUMENTS = ("vocab_size", "feature_dim")
+
+
+@dataclass
+class DecoderOutput:
+    """Teacher-forced output.
+
+    Attributes:
+        logits: `(B, T, vocab)` next-token logits at every position.
+        attention: `(B, T, regions)` where each word looked in the image, for decoders that attend (else None);
+            filled when asked for (`return_attention`) or when the decoder computes it anyway.
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+def map_tensors(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    """Apply `function` to every tensor of a nested tuple, list or dict, keeping its structure."""
+    if isinstance(tree, torch.Tensor):
+        return function(tree)
+    if isinstance(tree, dict):
+        return {key: map_tensors(function, value) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_tensors(function, value) for value in tree)
+    return tree
+
+
+class CaptionDecoder(nn.Module, HyperparametersMixin):
+    """Base class and written protocol of caption decoders (see the module docstring).
+
+    Attributes:
+        features: "pooled" (one `(B, D)` vector per image) or "grid" (`(B, regions, D)` from the last
+            convolutional map): which features the cache must hold. A decoder reading "grid" may also be
+            given pooled features, read as one region.
+        training_only_options: Init arguments that may differ between a checkpoint and the config using it.
+    """
+
+    features: ClassVar[Literal["pooled", "grid"]] = "pooled"
+    # Options that change training but not what the weights mean: a checkpoint may be used with other values.
+    training_only_options: ClassVar[tuple[str, ...]] = ("dropout",)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
+        """Teacher-forced logits for `(B, T)` input tokens (starting with `<start>`) given the image features."""
+        raise NotImplementedError
+
+    def prepare(self, features: torch.Tensor) -> Context:
+        """Per-image constants for step-by-step decoding (computed once per search)."""
+        raise NotImplementedError
+
+    def initial_state(self, context: Context) -> State:
+        """The state before the first word."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State, context: Context) -> tuple[torch.Tensor, State]:
+        """`(B,)` previous tokens -> `(B, vocab)` logits of the next one, and the new state."""
+        raise NotImplementedError
+
+    def regularization(self, output: DecoderOutput, mask: torch.Tensor) -> torch.Tensor | float:
+        """A term added to the training loss (0 by default); `mask` is True where the target is a real token."""
+        return 0.0
+
+    def expand(self, tree: Any, beams: int) -> Any:
+        """Repeat every row `beams` times (a context or a state, for beam search)."""
+        return map_tensors(lambda tensor: tensor.repeat_interleave(beams, dim=0), tree)
+
+    def reorder(self, state: State, index: torch.Tensor) -> State:
+        """Keep the state rows at `index` (the surviving beams)."""
+        return map_tensors(lambda tensor: tensor.index_select(0, index), state)
+
+    # ------------------------------------------------------------ identity
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this decoder: its class path and options (without the sizes the data decides)."""
+        if not hasattr(self, "_hparams"):
+            raise CaptionerError(
+                f"{type(self).__qualname__} did not record its options: call self.save_hyperparameters() in its "
+                "__init__ (see captioner/models/decoders/base.py)."
+            )
+        init_args = {key: value for key, value in self.hparams.items() if key not in SIZE_ARGUMENTS}
+        return {"class_path": class_path(type(self)), "init_args": init_args}
+
+
+def class_path(cls: type) -> str:
+    """The import path of a class, as configs write it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_class(path: str, base: type, what: str) -> type:
+    """Import `path` (module.Class) and check it is a subclass of `base`.
+
+    Raises:
+        CaptionerError: When it cannot be imported or is not a `base`.
+    """
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise CaptionerError(
+            f"The {what} class {path!r} cannot be imported ({error}). Make its module importable (installed, or "
+            "on PYTHONPATH) before loading."
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CaptionerError(f"{path!r} is not a {base.__name__} subclass.")
+    return cls
+
+
+def decoder_factory(spec: dict[str, Any]) -> Callable[[int, int], CaptionDecoder]:
+    """A callable `(vocab_size, feature_dim) -> decoder` from a `CaptionDecoder.spec()` (as checkpoints hold it)."""
+    cls = import_class(spec["class_path"], CaptionDecoder, "decoder")
+    init_args = dict(spec.get("init_args") or {})
+    return lambda vocab_size, feature_dim: cls(vocab_size, feature_dim, **init_args)
+
+
+def decoder_features(decoder: Any) -> str:
+    """Which features a configured decoder reads ("pooled" or "grid"), from its class; for config links.
+
+    Args:
+        decoder: A decoder class, a `functools.partial` of one, or a config value (`class_path` string,
+            dict or namespace with `class_path`).
+    """
+    cls = decoder
+    if isinstance(decoder, str):
+        cls = import_class(decoder, CaptionDecoder, "decoder")
+    elif isinstance(decoder, dict) or hasattr(decoder, "class_path"):
+        path = decoder["class_path"] if isinstance(decoder, dict) else decoder.class_path
+        cls = import_class(path, CaptionDecoder, "decoder")
+    elif hasattr(decoder, "func"):  # functools.partial(cls, ...)
+        cls = next((a for a in (decoder.func, *decoder.args) if isinstance(a, type)), decoder.func)
+    return getattr(cls, "features", "pooled")

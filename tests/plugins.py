@@ -1,0 +1,50 @@
+"""A decoder defined outside the package, as a user would write one: the protocol alone makes it work.
+
+Chosen in a config with `--model.decoder tests.plugins.GRUDecoder` (and `--model.decoder.hidden_dim 32`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
+
+
+class GRUDecoder(CaptionDecoder):
+    """A one-layer GRU whose first hidden state is the projected pooled image feature.
+
+    Args:
+        vocab_size: Number of tokens (from the vocabulary).
+        feature_dim: Image feature size (from the encoder).
+        hidden_dim: GRU state size.
+        dropout: Dropout before the output layer.
+    """
+
+    features = "pooled"
+
+    def __init__(self, vocab_size: int, feature_dim: int, hidden_dim: int = 64, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.norm = nn.BatchNorm1d(feature_dim)
+        self.image = nn.Linear(feature_dim, hidden_dim)
+        self.embed = nn.Embedding(vocab_size, hidden_dim, padding_idx=0)
+        self.gru = nn.GRU(hidden_dim, hidden_dim, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, vocab_size)
+
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim == 3:
+            features = features.mean(dim=1)
+        return torch.tanh(self.image(self.norm(features)))
+
+    def initial_state(self, context: torch.Tensor) -> torch.Tensor:
+        return context
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
+        out, _ = self.gru(self.embed(tokens), self.prepare(features).unsqueeze(0))
+        return DecoderOutput(self.head(self.dropout(out)))
+
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, context: torch.Tensor):
+        out, hidden = self.gru(self.embed(tokens).unsqueeze(1), state.unsqueeze(0))
+        return self.head(out.squeeze(1)), hidden.squeeze(0)
