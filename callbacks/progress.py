@@ -11,8 +11,8 @@ log = logging.getLogger("captioner")
 
 
 class Throughput(Callback):
-    """Rates in the progress bar: training captions/s (also logged as `train/captions_per_s`; images/s in
-    self-critical training), predict images/s.
+    """Rates in the progress bar: training captions/s (the images' reference captions; also logged as
+    `train/captions_per_s`), predict images/s.
 
     Measured as items over wall time between batch ends, smoothed over the
     last `window` batches. No device synchronisation is added: on a GPU the
@@ -39,7 +39,7 @@ class Throughput(Callback):
         self._restart()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        rate = self._rate(len(batch[1]) if isinstance(batch, (tuple, list)) else len(batch["references"]))
+        rate = self._rate(len(batch["tokens"]))  # every reference caption of the batch's images
         if rate is not None:
             pl_module.log("train/captions_per_s", rate, prog_bar=True, on_step=True)
 

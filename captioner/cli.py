@@ -99,7 +99,7 @@ class CaptionerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("backbone", "weights", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}")
-        # What the parts need from the data, declared by their classes (`features`, `train_items`).
+        # What the parts need from the data, declared by them (`features`, `train_items`).
         parser.link_arguments("model.decoder", "data.features", compute_fn=decoder_features)
         parser.link_arguments("model.objective", "data.train_items", compute_fn=train_items_of)
         parser.add_argument(

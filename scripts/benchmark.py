@@ -37,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-VOCAB_SIZE = 5000
+# Spawned phases read the vocabulary size from the environment `main` sets (--vocab).
+VOCAB_SIZE = int(os.environ.get("CAPTIONER_BENCHMARK_VOCAB", "5000"))
 MAX_LENGTH = 34
 COCO_MEAN_WORDS, COCO_SD_WORDS = 10.5, 2.4
 
@@ -152,12 +153,19 @@ def make_captions(count: int, seed: int = 0) -> list[list[int]]:
     return [list(rng.choice(len(ranks), size=n, p=weights)) for n in lengths]
 
 
-def make_feature_file(path: Path, source: np.ndarray, count: int) -> Path:
-    """A memory-mapped (count, D) fp16 file filled by repeating the extracted features."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, source.shape[1]))
+def make_feature_file(path: Path, source: np.ndarray, count: int, regions: int = 0) -> Path:
+    """A memory-mapped fp16 file of `count` rows filled by repeating the extracted pooled features.
+
+    With `regions`, each row is a `(regions, D)` grid: the pooled feature plus a fixed per-region perturbation
+    (timings do not depend on the values: the untrained decoders run to the maximum length either way).
+    """
+    shape = (count, regions, source.shape[1]) if regions else (count, source.shape[1])
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    offsets = np.random.default_rng(0).standard_normal((regions, source.shape[1])).astype(np.float16) if regions else 0
     for start in range(0, count, len(source)):
         stop = min(count, start + len(source))
-        array[start:stop] = source[: stop - start]
+        rows = source[: stop - start]
+        array[start:stop] = rows[:, None, :] + offsets if regions else rows
     array.flush()
     return path
 
@@ -204,17 +212,51 @@ def _vocabulary():
     return Vocabulary([f"w{i}" for i in range(VOCAB_SIZE - 4)], max_length=MAX_LENGTH)
 
 
-def ours_train(features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int) -> dict:
+# The decoders compared: the LSTM at the original's size, and a Transformer doing about the same arithmetic per
+# word (width 256, 3 layers, feed-forward 1,024: 4.1 M multiply-adds per word against the LSTM's 4.0 M), reading
+# the 7x7 grid of regions. "transformer-512" is configs/decoders/transformer.yaml's size (3 times the arithmetic).
+DECODERS = {
+    "lstm": ("pooled", "LSTMDecoder", {"embed_dim": 256, "hidden_dim": 512}),
+    "transformer": ("grid", "TransformerDecoder", {"width": 256, "layers": 3, "heads": 8, "ffn_dim": 1024}),
+    "transformer-512": ("grid", "TransformerDecoder", {"width": 512, "layers": 3, "heads": 8, "ffn_dim": 2048}),
+}
+GRID_REGIONS = 49
+
+
+def _model(decoder: str, beam_size: int = 3):
+    import functools
+
+    from captioner.models import decoders
+    from captioner.models.module import CaptionModel
+
+    _, class_name, options = DECODERS[decoder]
+    model = CaptionModel(functools.partial(getattr(decoders, class_name), **options), backbone="resnet50",
+                         weights=None, image_size=224, beam_size=beam_size)  # fmt: skip
+    model.build(_vocabulary())
+    return model
+
+
+def ours_train(
+    features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int, decoder: str = "lstm",
+    per_image: bool = False,
+) -> dict:  # fmt: skip
+    """Cross-entropy training steps; items are captions, or with `per_image` images with their 5 captions."""
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    from captioner.data.datasets import TrainCaptions, passthrough
+    from captioner.data.datasets import ImageCaptions, TrainCaptions, passthrough
     from captioner.hardware import default_precision
-    from captioner.models.module import CaptionModel
 
-    captions = make_captions(images * 5)
-    rows = np.repeat(np.arange(images), 5)
-    dataset = TrainCaptions(features_file, rows, _caption_tokens(captions), pad_index=0)
+    vocabulary = _vocabulary()
+    if per_image:
+        words = [" ".join(f"w{word}" for word in caption) for caption in make_captions(images * 5)]
+        captions = [words[5 * i : 5 * i + 5] for i in range(images)]
+        dataset = ImageCaptions(features_file, np.arange(images), [f"{i}.jpg" for i in range(images)], captions,
+                                vocabulary)  # fmt: skip
+        batch_size = max(1, batch_size // 5)  # about the same number of captions per step
+    else:
+        rows = np.repeat(np.arange(images), 5)
+        dataset = TrainCaptions(features_file, rows, _caption_tokens(make_captions(images * 5)), pad_index=0)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -224,8 +266,7 @@ def ours_train(features_file: str, images: int, device: str, batch_size: int, st
         persistent_workers=True,
         pin_memory=device.startswith("cuda"),
     )
-    model = CaptionModel(backbone="resnet50", weights=None, image_size=224)  # the default decoder
-    model.build(_vocabulary())
+    model = _model(decoder)
 
     class Timer(Callback):
         def __init__(self):
@@ -236,7 +277,7 @@ def ours_train(features_file: str, images: int, device: str, batch_size: int, st
                 _sync(device)
                 self.start = time.perf_counter()
             if trainer.global_step >= warmup:
-                self.captions += len(batch[1])
+                self.captions += len(batch["tokens"])
 
         def on_train_end(self, trainer, module):
             _sync(device)
@@ -256,26 +297,25 @@ def ours_train(features_file: str, images: int, device: str, batch_size: int, st
         precision=default_precision("gpu" if cuda else "cpu"),  # what `fit` picks on this device
         callbacks=[timer],
     )
+    model.on_fit_start = lambda: None  # no datamodule here; cross-entropy needs no preparation
     trainer.fit(model, train_dataloaders=loader)
     return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size}
 
 
 def ours_decode(
-    features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False
-) -> dict:
+    features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False,
+    decoder: str = "lstm",
+) -> dict:  # fmt: skip
     import contextlib
 
     import torch
 
     from captioner.hardware import CPU_BF16_REQUIREMENT, bf16_autocast_available
-    from captioner.models.module import CaptionModel
 
     if bf16 and not bf16_autocast_available(device):
         where = "GPU" if device.startswith("cuda") else f"CPU (bf16 needs {CPU_BF16_REQUIREMENT})"
         return {"unsupported": f"not supported on this {where}"}
-    model = CaptionModel(backbone="resnet50", weights=None, image_size=224, beam_size=beam_size)
-    model.build(_vocabulary())
-    model.to(device).eval()
+    model = _model(decoder, beam_size).to(device).eval()
     features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
     # What `--trainer.precision bf16-mixed` does around test and predict steps.
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -289,6 +329,37 @@ def ours_decode(
         _sync(device)
     elapsed = time.perf_counter() - started
     return {"captions_per_s": count / elapsed, "mean_length": float(torch.cat(lengths).float().mean())}
+
+
+def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: int, words: int,
+                       cached: bool) -> dict:  # fmt: skip
+    """Transformer greedy decoding of `words` words, with the key/value cache or recomputing the whole prefix."""
+    import torch
+
+    from captioner.models.search import greedy_search
+
+    model = _model("transformer").to(device).eval()
+    decoder, special = model.decoder, model.decoding.special
+    features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
+
+    def decode(batch: torch.Tensor) -> torch.Tensor:
+        if cached:
+            return greedy_search(decoder, batch, words - 1, special).tokens
+        prefix = torch.full((len(batch), 1), special.start, device=batch.device)
+        for _ in range(words):  # the whole prefix through the model at every step
+            logits = decoder(batch, prefix).logits[:, -1].float()
+            logits[:, list(special.banned)] = float("-inf")
+            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], dim=1)
+        return prefix[:, 1:]
+
+    with torch.no_grad():
+        decode(features[:batch_size].to(device))  # warm-up
+        _sync(device)
+        started = time.perf_counter()
+        for start in range(0, count, batch_size):
+            tokens = decode(features[start : start + batch_size].to(device))
+        _sync(device)
+    return {"captions_per_s": count / (time.perf_counter() - started), "words": int(tokens.shape[1])}
 
 
 # ------------------------------------------------------------------ phases: the original approach
@@ -376,6 +447,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on a 2-core CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: 5,000 on a CPU, 10,000 "
+                        "on a GPU, as the GPU targets are stated)")  # fmt: skip
     options = parser.parse_args()
 
     import torch
@@ -385,12 +458,14 @@ def main() -> None:
     sizes = SIZES["quick" if options.quick else "full"]
     workers = min(16, os.cpu_count() or 1)
     # CPU: decoding images is cheap next to the ResNet, so one worker does best on few cores.
-    extract_batch, train_batch, decode_batch = (None, 256, 1024) if cuda else (None, 128, 1024)
+    extract_batch, train_batch, decode_batch = (None, 1024, 1024) if cuda else (None, 128, 1024)
     workers = workers if cuda else 1
+    os.environ["CAPTIONER_BENCHMARK_VOCAB"] = str(options.vocab or (10_000 if cuda else 5_000))
     from captioner.hardware import describe_cpu
 
     hardware = torch.cuda.get_device_name(0) if cuda else describe_cpu()
-    print(f"captioner benchmark on {hardware} ({'quick' if options.quick else 'full'} sizes)", flush=True)
+    print(f"captioner benchmark on {hardware} ({'quick' if options.quick else 'full'} sizes, "
+          f"{os.environ['CAPTIONER_BENCHMARK_VOCAB']}-word vocabulary)", flush=True)  # fmt: skip
 
     from captioner.data.synthetic import write_synthetic_dataset
 
@@ -464,6 +539,31 @@ def main() -> None:
             device=device,
         )
 
+        # The Transformer on the grid of regions, against the LSTM on the same images.
+        grid = make_feature_file(tmp / "grid.npy", extracted, sizes["train_small"], regions=GRID_REGIONS)
+        count = min(sizes["decode"], sizes["train_small"])
+        for name in ("transformer", "transformer-512"):
+            r[f"train_{name}"] = run_phase(f"ours: training, {name}", ours_train, features_file=str(grid),
+                                           images=sizes["train_small"], decoder=name, **train)  # fmt: skip
+            r[f"beam3_{name}"] = run_phase(f"ours: beam-3 decoding, {name}", ours_decode, features_file=str(grid),
+                                           count=count, device=device, beam_size=3, batch_size=decode_batch // 4,
+                                           decoder=name)  # fmt: skip
+        r["train_transformer_per_image"] = run_phase("ours: training, transformer, per-image items", ours_train,
+                                                     features_file=str(grid), images=sizes["train_small"],
+                                                     decoder="transformer", per_image=True, **train)  # fmt: skip
+        r["train_small_per_image"] = run_phase("ours: training, lstm, per-image items", ours_train,
+                                               features_file=str(small), images=sizes["train_small"],
+                                               per_image=True, **train)  # fmt: skip
+        r["beam3_lstm_same"] = run_phase("ours: beam-3 decoding, lstm (same batches)", ours_decode,
+                                         features_file=str(small), count=count, device=device, beam_size=3,
+                                         batch_size=decode_batch // 4)  # fmt: skip
+        for cached in (True, False):
+            r[f"prefix_{'cached' if cached else 'recomputed'}"] = run_phase(
+                f"ours: transformer greedy, 20 words, {'cached' if cached else 'recomputed'}", ours_prefix_decode,
+                features_file=str(grid), count=min(256, count), device=device, batch_size=decode_batch // 4,
+                words=20, cached=cached,
+            )  # fmt: skip
+
     print_report(r, sizes, len(names), hardware, options.json)
 
 
@@ -476,30 +576,45 @@ def _why_missing(r: dict, phase: str) -> str:
     return r.get(phase, {}).get("unsupported", "not run")
 
 
-# (row label, our phase, the original's phase, metric)
-TABLE = (
-    ("extraction (images/s)", "extract", "orig_extract", "images_per_s"),
-    ("training (captions/s)", "train", "orig_train", "captions_per_s"),
-    ("greedy decoding (captions/s)", "greedy", "orig_decode", "captions_per_s"),
-    ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
-    ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
-)
+# (title, left column, right column, rows of (label, left phase, right phase, metric))
+SECTIONS = (
+    ("against the original approach", "captioner", "original", (
+        ("extraction (images/s)", "extract", "orig_extract", "images_per_s"),
+        ("training (captions/s)", "train", "orig_train", "captions_per_s"),
+        ("greedy decoding (captions/s)", "greedy", "orig_decode", "captions_per_s"),
+        ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
+        ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
+    )),
+    ("Transformer (grid) against the LSTM (pooled), same images", "Transformer", "LSTM", (
+        ("training (captions/s)", "train_transformer", "train_small", "captions_per_s"),
+        ("training, per-image items (capt./s)", "train_transformer_per_image", "train_small_per_image",
+         "captions_per_s"),
+        ("beam-3 decoding (captions/s)", "beam3_transformer", "beam3_lstm_same", "captions_per_s"),
+        ("training, 512 wide (captions/s)", "train_transformer-512", "train_small", "captions_per_s"),
+        ("beam-3, 512 wide (captions/s)", "beam3_transformer-512", "beam3_lstm_same", "captions_per_s"),
+    )),
+    ("Transformer greedy decoding of 20 words", "kv cache", "recomputed", (
+        ("captions/s", "prefix_cached", "prefix_recomputed", "captions_per_s"),
+    )),
+)  # fmt: skip
+TABLE = SECTIONS[0][3]
 
 
 def print_report(r: dict, sizes: dict, images: int, hardware: str, json_path: Path | None) -> None:
     """The table, memory lines and `name: value` summary; a phase that could not run says why, the rest print."""
-    print(f"\n{'phase':<36}{'captioner':>14}{'original':>14}{'ratio':>10}")
     summary: dict[str, object] = {"hardware": hardware}
-    for label, ours, original, metric in TABLE:
-        mine, theirs = _figure(r, ours, metric), _figure(r, original, metric)
-        summary[f"{ours}_{metric}"] = mine
-        if mine is None:
-            print(f"{label:<36}  {_why_missing(r, ours)}")
-            continue
-        ratio = mine / theirs if theirs else None
-        summary[f"{ours}_ratio"] = ratio
-        shown = f"{theirs:>14,.2f}{ratio:>9.1f}x" if ratio is not None else f"{'-':>14}"
-        print(f"{label:<36}{mine:>14,.1f}{shown}")
+    for title, left, right, rows in SECTIONS:
+        print(f"\n{title}\n{'phase':<36}{left:>14}{right:>14}{'ratio':>10}")
+        for label, ours, other, metric in rows:
+            mine, theirs = _figure(r, ours, metric), _figure(r, other, metric)
+            summary[f"{ours}_{metric}"] = mine
+            if mine is None:
+                print(f"{label:<36}  {_why_missing(r, ours)}")
+                continue
+            ratio = mine / theirs if theirs else None
+            summary[f"{ours}_ratio"] = ratio
+            shown = f"{theirs:>14,.2f}{ratio:>9.2f}x" if ratio is not None else f"{'-':>14}"
+            print(f"{label:<36}{mine:>14,.1f}{shown}")
     print(f"\n{'peak memory (MB): anon / resident':<44}{'captioner':>18}{'original':>18}")
     for label, ours, original in (("extraction", "extract", "orig_extract"), ("training", "train", "orig_train"),
                                   ("decoding (greedy)", "greedy", "orig_decode")):  # fmt: skip

@@ -41,8 +41,11 @@ class GRUDecoder(CaptionDecoder):
     def initial_state(self, context: torch.Tensor) -> torch.Tensor:
         return context
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
-        out, _ = self.gru(self.embed(tokens), self.prepare(features).unsqueeze(0))
+    def forward(self, features, tokens, return_attention=False, owners=None) -> DecoderOutput:
+        context = self.prepare(features)
+        if owners is not None:
+            context = context[owners]
+        out, _ = self.gru(self.embed(tokens), context.unsqueeze(0))
         return DecoderOutput(self.head(self.dropout(out)))
 
     def step(self, tokens: torch.Tensor, state: torch.Tensor, context: torch.Tensor):

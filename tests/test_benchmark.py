@@ -26,5 +26,5 @@ def test_a_phase_this_cpu_cannot_run_is_reported_and_the_rest_still_print(tmp_pa
     out = capsys.readouterr().out
     assert "greedy, bf16 autocast (captions/s)    not supported on this CPU" in out
     for label, *_ in benchmark.TABLE[:4]:
-        assert f"{label:<36}" in out and "1.0x" in out.split(label)[1].splitlines()[0]
+        assert f"{label:<36}" in out and "1.00x" in out.split(label)[1].splitlines()[0]
     assert "greedy_bf16_captions_per_s: None" in out and (tmp_path / "out.json").is_file()

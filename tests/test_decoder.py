@@ -104,6 +104,23 @@ def test_no_special_token_leaks_and_length_is_capped(kind):
             assert all(token == SPECIAL.pad for token in row[length:])
 
 
+@KINDS
+def test_per_image_work_done_once_gives_what_repeating_the_image_gives(kind):
+    """`owners` in teacher forcing, and a context that serves an image's beams unrepeated in search."""
+    decoder, features = make_decoder(kind), make_features(3, kind)
+    owners = torch.tensor([0, 0, 1, 2, 2, 2])
+    tokens = torch.randint(4, len(VOCAB), (6, 5))
+    torch.testing.assert_close(
+        decoder(features, tokens, owners=owners).logits, decoder(features[owners], tokens).logits
+    )
+    shared = best_beams(decoder, features, 3, VOCAB.max_length, SPECIAL)[1]
+    repeated_decoder = make_decoder(kind)
+    repeated_decoder.expand_context = lambda context, beams: CaptionDecoder.expand(repeated_decoder, context, beams)
+    repeated = best_beams(repeated_decoder, features, 3, VOCAB.max_length, SPECIAL)[1]
+    assert torch.equal(shared.tokens, repeated.tokens)
+    torch.testing.assert_close(shared.log_probs, repeated.log_probs)
+
+
 # ---------------------------------------------------------------- beam search is exact when wide enough
 TINY = Vocabulary(["a", "b"], max_length=3)  # words 4 and 5; <end> is 2
 TINY_SPECIAL = SpecialTokens.of(TINY)

@@ -13,7 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from captioner.data.coco import CaptionRecord, ParseReport, parse_coco_captions
-from captioner.data.datasets import EvalImages, TrainCaptions, passthrough
+from captioner.data.datasets import ImageCaptions, TrainCaptions, passthrough
 from captioner.data.download import KAGGLE_DATASET, resolve_dataset
 from captioner.data.features import (
     FEATURES_FILE,
@@ -63,16 +63,16 @@ class CaptionDataModule(LightningDataModule):
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
             CPU; halved on out-of-memory).
         compile_encoder: Run the encoder through `torch.compile` while caching features (worth it on a GPU).
-        batch_size: Captions per training batch.
+        batch_size: Training items per batch: captions, or images with all their captions (see `train_items`).
         eval_batch_size: Images per validation/test/predict batch.
         num_workers: DataLoader worker processes (image decoding and feature reads).
         predict_dir: Folder of images to caption with `predict` (searched recursively).
         shared_filesystem: All nodes of a multi-node run see `work_dir` on one shared file system, so data
             is prepared once in all (False: once per node, each into its own `work_dir`).
-        features: "pooled" (one vector per image) or "grid" (the last convolutional map as regions, for the
-            attention decoder; set from `--model.decoder`).
-        train_items: "captions" (one training item per caption, for cross-entropy) or "images" (one per
-            image with all its references, for self-critical training; set from `--model.scst`).
+        features: "pooled" (one vector per image) or "grid" (the last convolutional map as regions, for
+            decoders that attend; set from `--model.decoder`).
+        train_items: "captions" (one training item per caption) or "images" (one per image with all its
+            captions); set from `--model.objective`.
     """
 
     def __init__(
@@ -233,14 +233,14 @@ class CaptionDataModule(LightningDataModule):
             self.datasets[name] = self._dataset(name, records, cache)
 
     def _dataset(self, name: str, records: list[CaptionRecord], cache: FeatureCache) -> torch.utils.data.Dataset:
-        row_of = cache.row_of
-        path = cache.directory / FEATURES_FILE
         if name == "train" and self.hparams.train_items == "captions":
             captions = [c for r in records for c in r.captions]
-            rows = np.array([row_of[r.file_name] for r in records for _ in r.captions], dtype=np.int64)
-            return TrainCaptions(path, rows, self.vocabulary.encode_batch(captions), self.vocabulary.pad_index)
-        rows = np.array([row_of[r.file_name] for r in records], dtype=np.int64)
-        return EvalImages(path, rows, [r.file_name for r in records], [r.captions for r in records], self.vocabulary)
+            rows = np.array([cache.row_of[r.file_name] for r in records for _ in r.captions], dtype=np.int64)
+            return TrainCaptions(cache.directory / FEATURES_FILE, rows, self.vocabulary.encode_batch(captions),
+                                 self.vocabulary.pad_index)  # fmt: skip
+        rows = np.array([cache.row_of[r.file_name] for r in records], dtype=np.int64)
+        return ImageCaptions(cache.directory / FEATURES_FILE, rows, [r.file_name for r in records],
+                             [r.captions for r in records], self.vocabulary)  # fmt: skip
 
     def _setup_predict(self) -> None:
         if self.hparams.predict_dir is None:

@@ -1,8 +1,8 @@
-"""Torch datasets over the memory-mapped feature cache.
+"""Torch datasets over the memory-mapped feature cache: captions, or images with all their captions.
 
 Features are read row by row from the cache on demand (never all loaded);
-captions are kept as one padded int tensor. Both datasets fetch whole batches
-at once through `__getitems__`, so a batch is one fancy-indexed read.
+captions are kept as one padded int tensor. Whole batches are fetched at once
+through `__getitems__`, so a batch is one fancy-indexed read.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def _trim(tokens: torch.Tensor, pad_index: int) -> torch.Tensor:
 
 
 class TrainCaptions(Dataset):
-    """Every (image feature, caption) pair of the training split.
+    """Every (image, caption) pair of the training split, one item each (cross-entropy's default).
+
+    A batch is a dict like `ImageCaptions`': `features` `(B, ...)` one row per
+    caption, `tokens` `(B, L)`, `owners` (`arange(B)`: each caption its own row).
 
     Args:
         features_path: The cache's `features.npy`.
@@ -58,17 +61,24 @@ class TrainCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> dict:
         index = np.asarray(indices)
-        return self.features.read(self.rows[index]), _trim(self.tokens[index], self.pad_index)
+        return {
+            "features": self.features.read(self.rows[index]),
+            "tokens": _trim(self.tokens[index], self.pad_index),
+            "owners": torch.arange(len(index)),
+        }
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        features, tokens = self.__getitems__([index])
-        return features[0], tokens[0]
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])
 
 
-class EvalImages(Dataset):
-    """One item per image with all its reference captions (validation and test).
+class ImageCaptions(Dataset):
+    """One item per image with all its reference captions (validation, test, and training for objectives that
+    score whole images or ask for it).
+
+    Decoders do their per-image work (projecting region features,
+    cross-attention keys) once for all of an image's captions (`owners`).
 
     A batch is a dict: `features` `(B, D)`, `tokens` `(R, L)` for every
     reference of the batch, `owners` `(R,)` the batch row each reference

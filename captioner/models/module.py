@@ -52,7 +52,7 @@ class CaptionModel(LightningModule):
             `init_args` (`captioner.models.decoders.LSTMDecoder`, `AttentionDecoder`, `TransformerDecoder`,
             or your own). Sets `data.features` to what the decoder reads.
         objective: The training objective (default: cross-entropy): `captioner.models.objectives.CrossEntropy`
-            or `SelfCritical`, or your own. Sets `data.train_items` to what the objective trains on.
+            or `SelfCritical`, or your own. Sets `data.train_items` to what it trains on.
         backbone: Encoder backbone (linked from `data.backbone`).
         weights: Encoder weights name or None (linked from `data.weights`).
         image_size: Encoder input size (linked from `data.image_size`).
@@ -309,11 +309,16 @@ class CaptionModel(LightningModule):
                 "with --model.init_checkpoint path/to/best.ckpt."
             )
         train = self.trainer.datamodule.datasets["train"]
-        self.objective.prepare(getattr(train, "reference_ids", None), self.decoding.special)
+        if self.objective.train_items == "images" and not hasattr(train, "reference_ids"):
+            raise CaptionerError(
+                f"{type(self.objective).__name__} trains on whole images: set --data.train_items images "
+                "(the config link does this from --model.objective)."
+            )
+        self.objective.prepare(getattr(train, "reference_ids", []), self.decoding.special)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        features = batch[0] if isinstance(batch, (tuple, list)) else batch["features"]
-        output = self.objective(self._require_decoder(), self.image_features(features), batch, self.decoding)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        features = self.image_features(batch["features"])
+        output = self.objective(self._require_decoder(), features, batch, self.decoding)
         self.log("train/loss", output.loss, prog_bar=True, batch_size=output.batch_size)
         for name, value in output.logs.items():
             self.log(f"train/{name}", value, prog_bar=name == "reward_cider", batch_size=output.batch_size)
@@ -323,7 +328,7 @@ class CaptionModel(LightningModule):
     def _evaluate(self, batch: dict, stage: str, beam_size: int) -> list[str]:
         features = self.image_features(batch["features"])
         tokens = batch["tokens"]
-        output = self._require_decoder()(features[batch["owners"]], tokens[:, :-1])
+        output = self._require_decoder()(features, tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
         captions = self.vocabulary.decode_batch(self.generate(batch["features"], beam_size).tokens)

@@ -80,11 +80,10 @@ def length_normalised(log_probs: torch.Tensor, lengths: torch.Tensor, length_pen
 
 
 def _unroll(
-    decoder: CaptionDecoder, context: Context, batch: int, max_length: int, special: SpecialTokens,
+    decoder: CaptionDecoder, context: Context, state: State, batch: int, max_length: int, special: SpecialTokens,
     pick: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
 ) -> SearchResult:  # fmt: skip
-    """One caption per row of `context`, choosing each next token with `pick(log_probs) -> tokens`, until all end."""
-    state = decoder.initial_state(context)
+    """One caption per row of `state`, choosing each next token with `pick(log_probs) -> tokens`, until all end."""
     previous = torch.full((batch,), special.start, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -117,8 +116,8 @@ def greedy_search(decoder: CaptionDecoder, features: torch.Tensor, max_length: i
         special: Start, end, padding and never-generated tokens.
     """
     context = decoder.prepare(features)
-    return _unroll(decoder, context, features.shape[0], max_length, special, lambda lp: lp.argmax(dim=-1),
-                   features.device)  # fmt: skip
+    return _unroll(decoder, context, decoder.initial_state(context), features.shape[0], max_length, special,
+                   lambda lp: lp.argmax(dim=-1), features.device)  # fmt: skip
 
 
 def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens,
@@ -128,12 +127,14 @@ def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length:
     Rows are image-major (image 0's samples first). Used by self-critical
     training: `log_probs` and `token_log_probs` are differentiable.
     """
-    context = decoder.expand(decoder.prepare(features), samples) if samples > 1 else decoder.prepare(features)
+    context = decoder.prepare(features)
+    state = decoder.expand(decoder.initial_state(context), samples)
+    context = decoder.expand_context(context, samples)  # once: the samples of an image share its constants
 
     def draw(log_probs: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
 
-    return _unroll(decoder, context, features.shape[0] * samples, max_length, special, draw, features.device)
+    return _unroll(decoder, context, state, features.shape[0] * samples, max_length, special, draw, features.device)
 
 
 @torch.no_grad()
@@ -184,8 +185,9 @@ def best_beams(
         `lengths` `(B, beams)`, ranked best first by the length-penalised score.
     """
     batch, device, k = features.shape[0], features.device, beam_size
-    context = decoder.expand(decoder.prepare(features), k)  # once: beams of an image share its constants
-    state = decoder.initial_state(context)
+    context = decoder.prepare(features)
+    state = decoder.expand(decoder.initial_state(context), k)
+    context = decoder.expand_context(context, k)  # once: the beams of an image share its constants
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     previous = torch.full((batch * k,), special.start, dtype=torch.long, device=device)

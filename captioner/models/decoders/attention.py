@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
+from captioner.models.decoders.base import CaptionDecoder, DecoderOutput, rows_per_context
 
 AttentionState = tuple[torch.Tensor, torch.Tensor]  # h, c: (B, hidden_dim) each
 AttentionContext = tuple[torch.Tensor, torch.Tensor]  # regions (B, R, D), projected regions (B, R, A)
@@ -84,20 +84,32 @@ class AttentionDecoder(CaptionDecoder):
         mean = context[0].mean(dim=1)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
+    def expand_context(self, context: AttentionContext, beams: int) -> AttentionContext:
+        return context  # one row per image; `_step` lets it serve the image's beams
+
     def _step(self, tokens: torch.Tensor, state: AttentionState, context: AttentionContext):
+        """One word; each context row serves `rows // images` consecutive state rows (beams of one image)."""
         (h, c), (regions, projected) = state, context
-        scores = self.attend_score(torch.tanh(projected + self.attend_hidden(h).unsqueeze(1))).squeeze(-1)
+        images, group = regions.shape[0], rows_per_context(h.shape[0], regions.shape[0])
+        hidden = self.attend_hidden(h).view(images, group, 1, -1)
+        scores = self.attend_score(torch.tanh(projected.unsqueeze(1) + hidden)).squeeze(-1)  # (images, group, R)
         weights = torch.softmax(scores.float(), dim=-1).to(regions.dtype)
-        attended = torch.sigmoid(self.gate(h)) * (weights.unsqueeze(-1) * regions).sum(dim=1)
+        looked = torch.bmm(weights, regions).view(h.shape[0], -1)  # each image's regions read once, for all beams
+        attended = torch.sigmoid(self.gate(h)) * looked
         h, c = self.cell(torch.cat([self.embed(tokens), attended.to(h.dtype)], dim=-1), (h, c))
-        return self.head(self.dropout(h)), (h, c), weights
+        return self.head(self.dropout(h)), (h, c), weights.view(h.shape[0], -1)
 
     def step(self, tokens: torch.Tensor, state: AttentionState, context: AttentionContext):
         logits, state, _ = self._step(tokens, state, context)
         return logits, state
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
+    def forward(
+        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        owners: torch.Tensor | None = None,
+    ) -> DecoderOutput:  # fmt: skip
         context = self.prepare(features)
+        if owners is not None:
+            context = tuple(part[owners] for part in context)
         state, logits, weights = self.initial_state(context), [], []
         for t in range(tokens.shape[1]):
             step_logits, state, step_weights = self._step(tokens[:, t], state, context)

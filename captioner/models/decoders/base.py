@@ -12,7 +12,7 @@ own options, which it records with `self.save_hyperparameters()`:
             self.save_hyperparameters()        # recorded in checkpoints, compared when one is loaded
             ...
 
-        def forward(self, features, tokens, return_attention=False) -> DecoderOutput: ...   # teacher forcing
+        def forward(self, features, tokens, return_attention=False, owners=None) -> DecoderOutput: ...  # teaching
         def prepare(self, features) -> Context: ...                 # per-image constants, computed once
         def initial_state(self, context) -> State: ...              # per-caption state before the first word
         def step(self, tokens, state, context) -> tuple[Tensor, State]: ...   # one word for every caption
@@ -21,12 +21,18 @@ Conventions that let one search serve every decoder:
 
 - Every tensor in a context or a state has the batch on dimension 0.
   Contexts and states are tuples (or nested tuples, lists, dicts) of tensors.
-- `expand` repeats every row `beams` times (row i becomes rows i*beams ...
-  (i+1)*beams-1); `reorder` keeps the rows at an index. The defaults do that
-  for any tensor tree; override them only to save memory.
-- Beam search expands the context once and never reorders it: the beams of
-  one image share its constants (region features, cross-attention keys), so
-  they are never copied again during the search. Only the state is reordered.
+- `expand` repeats every row of a state `beams` times (row i becomes rows
+  i*beams ... (i+1)*beams-1); `reorder` keeps the rows at an index. The
+  defaults do that for any tensor tree.
+- Beam search and sampling call `expand_context` once and never reorder the
+  context: the beams of one image share its constants (region features,
+  cross-attention keys). By default it repeats rows like `expand`; a decoder
+  may instead keep one context row per image and, in `step`, let each context
+  row serve `rows // context_rows` consecutive state rows (the beams or samples
+  of one image), which reads each image's constants once per step instead of
+  once per beam (the attention and Transformer decoders do).
+- `forward` may get `owners`, the image row of each caption, when an image's
+  captions share one feature row: do the per-image work once, then index.
 - `step` with the state after the words `w_1..w_t` must give the logits
   `forward` gives at position t for the same words (tested for every decoder).
 
@@ -72,6 +78,13 @@ class DecoderOutput:
     attention: torch.Tensor | None = None
 
 
+def rows_per_context(rows: int, context_rows: int) -> int:
+    """How many consecutive state rows each context row serves (1 when the context was repeated)."""
+    if rows % context_rows:
+        raise ValueError(f"{rows} state rows cannot share {context_rows} context rows")
+    return rows // context_rows
+
+
 def map_tensors(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
     """Apply `function` to every tensor of a nested tuple, list or dict, keeping its structure."""
     if isinstance(tree, torch.Tensor):
@@ -97,8 +110,18 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
     # Options that change training but not what the weights mean: a checkpoint may be used with other values.
     training_only_options: ClassVar[tuple[str, ...]] = ("dropout",)
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
-        """Teacher-forced logits for `(B, T)` input tokens (starting with `<start>`) given the image features."""
+    def forward(
+        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        owners: torch.Tensor | None = None,
+    ) -> DecoderOutput:  # fmt: skip
+        """Teacher-forced logits for `(R, T)` input tokens (starting with `<start>`).
+
+        Args:
+            features: `(R, ...)` image features, or `(B, ...)` with `owners`.
+            tokens: `(R, T)` input tokens.
+            return_attention: Also return where each word looked, for decoders that attend.
+            owners: `(R,)` the row of `features` each caption belongs to (None: row i for caption i).
+        """
         raise NotImplementedError
 
     def prepare(self, features: torch.Tensor) -> Context:
@@ -118,8 +141,12 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
         return 0.0
 
     def expand(self, tree: Any, beams: int) -> Any:
-        """Repeat every row `beams` times (a context or a state, for beam search)."""
+        """Repeat every row `beams` times (a state, for beams or samples)."""
         return map_tensors(lambda tensor: tensor.repeat_interleave(beams, dim=0), tree)
+
+    def expand_context(self, context: Context, beams: int) -> Context:
+        """The context for `beams` state rows per image; by default repeated like a state (see the protocol)."""
+        return self.expand(context, beams)
 
     def reorder(self, state: State, index: torch.Tensor) -> State:
         """Keep the state rows at `index` (the surviving beams)."""

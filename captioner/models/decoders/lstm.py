@@ -80,6 +80,9 @@ class LSTMDecoder(CaptionDecoder):
             features = features.mean(dim=1)
         return torch.tanh(self.init_state_proj(self.dropout(self.feature_norm(features))))
 
+    def expand_context(self, context: torch.Tensor, beams: int) -> torch.Tensor:
+        return context  # `step` never reads it: the image lives in the state
+
     def initial_state(self, context: torch.Tensor) -> LSTMState:
         """`(h0, c0)`, each `(B, num_layers, hidden_dim)` (batch first, as the protocol wants)."""
         h0, c0 = context.view(context.shape[0], 2, self.num_layers, self.hidden_dim).unbind(dim=1)
@@ -90,8 +93,14 @@ class LSTMDecoder(CaptionDecoder):
         out, (h, c) = run_lstm(self.lstm, embedded, (h, c))
         return out, (h.transpose(0, 1), c.transpose(0, 1))
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
-        out, _ = self._run(self.embed(tokens), self.initial_state(self.prepare(features)))
+    def forward(
+        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        owners: torch.Tensor | None = None,
+    ) -> DecoderOutput:  # fmt: skip
+        context = self.prepare(features)
+        if owners is not None:
+            context = context[owners]
+        out, _ = self._run(self.embed(tokens), self.initial_state(context))
         return DecoderOutput(self.head(self.dropout(out)))
 
     def step(self, tokens: torch.Tensor, state: LSTMState, context: torch.Tensor) -> tuple[torch.Tensor, LSTMState]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
+from captioner.models.decoders.base import CaptionDecoder, DecoderOutput, rows_per_context
 
 
 def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
@@ -79,11 +79,14 @@ class Block(nn.Module):
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, cross_keys: torch.Tensor,
         cross_values: torch.Tensor, return_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-        """One block over `x` `(B, T, W)`.
+        """One block over `x` `(rows, T, W)`.
 
         Without `past` (teacher forcing) the words attend causally to each
         other; with `past` (the cached keys and values of earlier positions)
-        the new positions attend to those and to themselves.
+        the new positions attend to those and to themselves. When the cross
+        keys have fewer rows than `x` (one per image, several beams per image),
+        each image's beams attend to its regions as one group of queries, so the
+        regions' keys and values are read once per image.
 
         Returns:
             The output, the cross-attention weights (on request) and this block's self-attention keys and values
@@ -95,9 +98,12 @@ class Block(nn.Module):
             keys, values = torch.cat([past[0], keys], dim=2), torch.cat([past[1], values], dim=2)
         attended, _ = self.self_attention(normed, keys, values, causal=past is None)
         x = x + self.dropout(attended)
-        attended, weights = self.cross_attention(self.norm_cross(x), cross_keys, cross_values,
-                                                 return_weights=return_weights)  # fmt: skip
-        x = x + self.dropout(attended)
+        rows, length, width = x.shape
+        images = cross_keys.shape[0]
+        queries = self.norm_cross(x).reshape(images, rows_per_context(rows, images) * length, width)
+        attended, weights = self.cross_attention(queries, cross_keys, cross_values, return_weights=return_weights)
+        x = x + self.dropout(attended.reshape(rows, length, width))
+        weights = weights.reshape(rows, length, -1) if weights is not None else None
         return x + self.dropout(self.ffn(self.norm_ffn(x))), weights, (keys, values)
 
 
@@ -177,10 +183,15 @@ class TransformerDecoder(CaptionDecoder):
         return self.dropout(self.embed(tokens) + self.word_positions[start : start + tokens.shape[1]])
 
     # ------------------------------------------------------------ teacher forcing
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False) -> DecoderOutput:
+    def forward(
+        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        owners: torch.Tensor | None = None,
+    ) -> DecoderOutput:  # fmt: skip
         memory, x, weights = self._memory(features), self._words(tokens, 0), None
         for index, block in enumerate(self.blocks):
-            cross_keys, cross_values = block.cross_attention.keys_values(memory)
+            cross_keys, cross_values = block.cross_attention.keys_values(memory)  # once per image
+            if owners is not None:
+                cross_keys, cross_values = cross_keys[owners], cross_values[owners]
             last = return_attention and index == len(self.blocks) - 1
             x, weights, _ = block(x, None, cross_keys, cross_values, return_weights=last)
         return DecoderOutput(self.head(self.norm(x)), weights)
@@ -190,6 +201,9 @@ class TransformerDecoder(CaptionDecoder):
         """Every layer's cross-attention keys and values, `(B, heads, regions, width / heads)` each, in order."""
         memory = self._memory(features)
         return tuple(part for block in self.blocks for part in block.cross_attention.keys_values(memory))
+
+    def expand_context(self, context: tuple[torch.Tensor, ...], beams: int) -> tuple[torch.Tensor, ...]:
+        return context  # one row per image: the blocks let it serve the image's beams
 
     def initial_state(self, context: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Empty self-attention caches (keys and values per layer, 0 positions long)."""

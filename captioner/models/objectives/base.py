@@ -7,13 +7,18 @@ An objective is a plain object chosen in the config by `class_path`:
         class_path: captioner.models.objectives.CrossEntropy
         init_args: {label_smoothing: 0.1}
 
-It declares what one training item is (`train_items`: "captions", one item
-per caption with its tokens; or "images", one per image with all its
-references, which the config link passes on to `data.train_items`), whether it
+An objective says what one training item is (`train_items`): "captions", one
+item per caption (a batch's `features` then have one row per caption), or
+"images", one item per image with all its references (one `features` row per
+image, and `index`, each image's position in the training set). Either way a
+batch holds `features`, `tokens` (one row per caption, `<start>` ... `<end>`
+then `<pad>`) and `owners` (the `features` row of each caption); the config
+link passes `train_items` on to `data.train_items`. It also declares whether it
 is a second stage that must start from trained weights
-(`needs_initial_weights`), and computes the loss with `__call__`. It never
-logs or writes files: it returns the loss and the figures to log, and the
-LightningModule does the rest.
+(`needs_initial_weights`), may look at the training references once
+(`prepare`), and computes the loss with `__call__`. It never logs or writes
+files: it returns the loss and the figures to log, and the LightningModule does
+the rest.
 """
 
 from __future__ import annotations
@@ -48,12 +53,15 @@ class ObjectiveOutput:
 class Objective:
     """Base class of training objectives (see the module docstring)."""
 
-    train_items: ClassVar[Literal["captions", "images"]] = "captions"
     needs_initial_weights: ClassVar[bool] = False
 
-    def prepare(self, references: Sequence[Sequence[Sequence[int]]] | None, special: SpecialTokens) -> None:
-        """Called once at the start of fit with every training image's references as word ids (None when the
-        training items are captions)."""
+    @property
+    def train_items(self) -> Literal["captions", "images"]:
+        """What one training item is: "captions" or "images" (each with all its references)."""
+        return "captions"
+
+    def prepare(self, references: Sequence[Sequence[Sequence[int]]], special: SpecialTokens) -> None:
+        """Called once at the start of fit with every training image's references as word ids."""
 
     def __call__(
         self, decoder: CaptionDecoder, features: torch.Tensor, batch: Any, decoding: Decoding
@@ -62,15 +70,17 @@ class Objective:
 
 
 def train_items_of(objective: Any) -> str:
-    """What one training item is for a configured objective (a class, instance or config value); for config links."""
+    """What one training item is for a configured objective (an instance, or a config value with `class_path` and
+    `init_args`); for the config link to `data.train_items`."""
     from captioner.models.decoders.base import import_class
 
-    cls = objective
     if objective is None:
         return "captions"
+    if isinstance(objective, Objective):
+        return objective.train_items
     if isinstance(objective, str):
-        cls = import_class(objective, Objective, "objective")
-    elif isinstance(objective, dict) or hasattr(objective, "class_path"):
-        path = objective["class_path"] if isinstance(objective, dict) else objective.class_path
-        cls = import_class(path, Objective, "objective")
-    return getattr(cls, "train_items", "captions")
+        return import_class(objective, Objective, "objective")().train_items
+    path = objective["class_path"] if isinstance(objective, dict) else objective.class_path
+    init_args = objective.get("init_args") if isinstance(objective, dict) else getattr(objective, "init_args", None)
+    options = dict(init_args or {}) if not hasattr(init_args, "as_dict") else init_args.as_dict()
+    return import_class(path, Objective, "objective")(**options).train_items

@@ -30,19 +30,28 @@ class CrossEntropy(Objective):
     Args:
         label_smoothing: Spread this share of each target's probability over the vocabulary (0: none; 0.1 is
             common for Transformers).
+        per_image: Train on images, each item with all its captions, instead of on single captions: decoders
+            then do their per-image work once for all of an image's captions (for the Transformer, projecting the
+            regions and the cross-attention keys: 1.7 times the training speed on a CPU). Batches then hold
+            fewer distinct images: on the demo scenes the pooled LSTM trained this way reached a test CIDEr of
+            256 against 295 (same number of epochs).
     """
 
-    train_items = "captions"
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, per_image: bool = False) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.per_image = label_smoothing, per_image
 
-    def __call__(self, decoder: CaptionDecoder, features: torch.Tensor, batch, decoding: Decoding) -> ObjectiveOutput:
-        tokens = batch[1] if isinstance(batch, (tuple, list)) else batch["tokens"]
+    @property
+    def train_items(self) -> str:
+        return "images" if self.per_image else "captions"
+
+    def __call__(
+        self, decoder: CaptionDecoder, features: torch.Tensor, batch: dict, decoding: Decoding
+    ) -> ObjectiveOutput:
+        tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        output = decoder(features, inputs)
+        output = decoder(features, inputs, owners=batch["owners"])  # per-image work once for all its captions
         loss = caption_cross_entropy(output.logits, targets, decoding.special.pad, self.label_smoothing)
         loss = loss + decoder.regularization(output, targets != decoding.special.pad)
         return ObjectiveOutput(loss, batch_size=len(tokens))

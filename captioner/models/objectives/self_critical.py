@@ -54,8 +54,11 @@ class SelfCritical(Objective):
         baseline: "greedy" or "mean".
     """
 
-    train_items = "images"
     needs_initial_weights = True
+
+    @property
+    def train_items(self) -> str:
+        return "images"  # whole images: their references score the samples
 
     def __init__(self, samples: int = 5, baseline: Literal["greedy", "mean"] = "greedy") -> None:
         if samples < 1 or (baseline == "mean" and samples < 2):
@@ -66,10 +69,7 @@ class SelfCritical(Objective):
         self.cider: CiderD | None = None
         self.reference_vectors: list[list[NgramVector]] = []
 
-    def prepare(self, references: Sequence[Sequence[Sequence[int]]] | None, special: SpecialTokens) -> None:
-        if references is None:
-            raise CaptionerError("Self-critical training needs one training item per image: set "
-                                 "--data.train_items images (the config link does this for you).")  # fmt: skip
+    def prepare(self, references: Sequence[Sequence[Sequence[int]]], special: SpecialTokens) -> None:
         scored = [[with_end([*ref, special.end], special) for ref in refs] for refs in references]
         self.cider = CiderD(scored)
         self.reference_vectors = [self.cider.vectors(refs) for refs in scored]
