@@ -55,9 +55,22 @@ class Throughput(Callback):
 
 
 class RunSummary(Callback):
-    """Print where the results are when `fit` ends: best val BLEU-4, best checkpoint, sample pictures."""
+    """Print where the results are when `fit` ends: the best monitored score (and the other validation scores of
+    that epoch), the best checkpoint, the sample pictures and how long training took.
+
+    Attributes:
+        fit_seconds: Wall time of the last `fit`, data preparation left out.
+    """
+
+    def __init__(self) -> None:
+        self.fit_seconds: float | None = None
+        self._started = 0.0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.fit_seconds = time.perf_counter() - self._started
         if not trainer.is_global_zero:
             return
         lines = ["Run summary:"]
@@ -71,4 +84,6 @@ class RunSummary(Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, CaptionSamples) and callback.last_grid is not None:
                 lines.append(f"  sample captions: {callback.last_grid.parent}/")
+        minutes, seconds = divmod(round(self.fit_seconds), 60)
+        lines.append(f"  training took {minutes} min {seconds:02d} s ({trainer.current_epoch} epochs)")
         print("\n".join(line for line in lines if line))

@@ -6,7 +6,7 @@ import logging
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from captioner.evaluation import format_table
+from captioner.evaluation import coco_references, coco_results, format_table
 from captioner.files import write_json
 from captioner.runs import run_dir, write_jsonl
 
@@ -14,7 +14,14 @@ log = logging.getLogger("captioner")
 
 
 class TestReport(Callback):
-    """After `test`, write `test_metrics.json` and `test_captions.jsonl` to the run folder and print the table.
+    """After `test`, write the report to the run folder and print the table.
+
+    Files: `test_metrics.json` (every score and how it was measured),
+    `test_captions.jsonl` (each caption with its raw references),
+    `captions_test_results.json` (the captions in the COCO results format the
+    evaluation server and `COCOEvalCap.loadRes` take) and
+    `captions_test_references.json` (the raw references as a COCO caption
+    annotation file), so `COCOEvalCap` can check the numbers independently.
 
     The model measures (`CaptionModel.test_results`); this callback only writes, on the first process.
     `python -m captioner` adds it to every run.
@@ -29,6 +36,8 @@ class TestReport(Callback):
         folder = run_dir(trainer)
         write_json(folder / "test_metrics.json", results["report"])
         write_jsonl(folder / "test_captions.jsonl", results["rows"])
+        write_json(folder / "captions_test_results.json", coco_results(results["rows"]))
+        write_json(folder / "captions_test_references.json", coco_references(results["rows"]))
         print(format_table(results["report"]))
         log.info("Test metrics written to %s, captions to %s", folder / "test_metrics.json",
                  folder / "test_captions.jsonl")  # fmt: skip

@@ -23,12 +23,29 @@ def unique_by_file(rows: Sequence[dict]) -> list[dict]:
 
 
 def evaluate_captions(rows: Sequence[dict]) -> dict:
-    """COCO caption metrics and diversity of `rows` (each with `file_name`, `caption`, `references`)."""
+    """COCO caption metrics and diversity of `rows` (each with `file_name`, `caption` and its raw `references`)."""
     rows = unique_by_file(rows)
     coco = coco_caption_scores(
         {r["file_name"]: r["caption"] for r in rows}, {r["file_name"]: r["references"] for r in rows}
     )
     return {"images": len(rows), **coco, "diversity": caption_diversity([r["caption"] for r in rows])}
+
+
+def coco_results(rows: Sequence[dict]) -> list[dict]:
+    """The generated captions as the COCO caption evaluation server and `COCOEvalCap.loadRes` take them."""
+    return [{"image_id": row["image_id"], "caption": row["caption"]} for row in unique_by_file(rows)]
+
+
+def coco_references(rows: Sequence[dict]) -> dict:
+    """The raw reference captions as a COCO caption annotation file, for `pycocotools.coco.COCO`."""
+    rows = unique_by_file(rows)
+    annotations = [{"image_id": row["image_id"], "id": 0, "caption": caption}
+                   for row in rows for caption in row["references"]]  # fmt: skip
+    for number, annotation in enumerate(annotations, 1):
+        annotation["id"] = number
+    return {"info": {"description": "captioner test references"}, "licenses": [], "type": "captions",
+            "images": [{"id": row["image_id"], "file_name": row["file_name"]} for row in rows],
+            "annotations": annotations}  # fmt: skip
 
 
 def loggable(evaluation: dict, prefix: str = "test/") -> dict[str, float]:

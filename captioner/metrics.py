@@ -3,12 +3,14 @@
 All scores are on a 0-100 scale, as captioning papers print them (CIDEr too:
 CIDEr-D x 100, so 94.0 means 0.940).
 
-- Validation: torchmetrics' BLEUScore on greedy captions, both sides
+- Validation: torchmetrics' BLEUScore and CIDEr-D on token ids (document
+  frequencies from the validation references) on greedy captions, both sides
   normalised like the vocabulary. Fast, comparable between runs of this
   project, not to papers.
 - Test: pycocoevalcap (the COCO caption evaluation code) on beam-search
-  captions, PTB-tokenized by Stanford CoreNLP (Java). These are the numbers
-  papers report.
+  captions against the raw reference captions, both PTB-tokenized by Stanford
+  CoreNLP (Java), exactly as the COCO caption evaluation does. These are the
+  numbers papers report.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 
-from torchmetrics import MetricCollection
+import torch
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import BLEUScore
 
+from captioner.cider import CiderD, NgramVector
 from captioner.data.vocab import normalize
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,40 @@ def bleu_collection() -> MetricCollection:
     BLEU over every image, not a mean of per-batch scores.
     """
     return MetricCollection({f"bleu{n}": BLEUScore(n_gram=n) for n in BLEU_ORDERS}, compute_groups=False)
+
+
+class CorpusCider(Metric):
+    """Mean CIDEr-D (x 100) of generated captions, as token ids, against a fixed reference corpus.
+
+    Document frequencies come from the corpus given to `set_references` (the
+    validation references), so every rank holding the same corpus scores an
+    image the same way and the mean reduces over ranks as a sum and a count.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.scorer: CiderD | None = None
+        self.reference_vectors: list[list[NgramVector]] = []
+
+    def set_references(self, references: Sequence[Sequence[Sequence[int]]]) -> None:
+        """The corpus: every image's references as word ids; their n-gram vectors are computed once here."""
+        self.scorer = CiderD(references)
+        self.reference_vectors = [self.scorer.vectors(refs) for refs in references]
+
+    def update(self, candidates: Sequence[Sequence[int]], images: Sequence[int]) -> None:
+        """Score each candidate (word ids) against the references of corpus image `images[i]`."""
+        if self.scorer is None:
+            raise RuntimeError("CorpusCider.set_references() must be called first")
+        for candidate, image in zip(candidates, images):
+            self.total += self.scorer.score_vectors(candidate, self.reference_vectors[int(image)])
+        self.count += len(candidates)
+
+    def compute(self) -> torch.Tensor:
+        return 100.0 * self.total / self.count.clamp(min=1)
 
 
 def as_percent(scores: Mapping) -> dict[str, float]:

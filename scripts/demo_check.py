@@ -1,14 +1,19 @@
-"""Train the offline demo with and without image features (and with attention) and compare on held-out images.
+"""Train the offline demo with every decoder and the blind baseline, and compare them on held-out images.
 
-    python scripts/demo_check.py                   # pooled LSTM vs blind baseline, about 2 minutes on 2 CPU cores
-    python scripts/demo_check.py --attention       # adds the attention decoder, about 2 minutes more
+    python scripts/demo_check.py                        # pooled LSTM vs blind baseline, about 3 minutes on 2 CPU cores
+    python scripts/demo_check.py --all                  # adds attention and the Transformer, about 10 minutes
+    python scripts/demo_check.py --all --json out.json  # also every figure as JSON
+    python scripts/demo_check.py --scst                 # adds self-critical stages (both baselines) on the LSTM
 
-Prints the test metrics (pycocoevalcap) of each model: the captioning model,
-the blind baseline (the same decoder trained with the image features zeroed)
-and, with --attention, the Show-Attend-Tell decoder over the grid of regions.
-Also how often the generated caption names the main object's colour
-correctly, and how often the position it states (left, right, top, bottom,
-middle) is right, among captions that state one. Other arguments go to every
+Prints the test metrics (pycocoevalcap) of each model, how often the
+generated caption names the main object's colour correctly, how often the
+position it states (left, right, top, bottom, middle) is right among captions
+that state one, the share of distinct captions, the share of captions that end
+on a dangling word (a, an, the, of, on, with, and, in) and the training time.
+The blind baseline is the pooled LSTM trained with the image features zeroed:
+what the language prior alone achieves. With --scst, two self-critical stages
+start from the pooled LSTM's best checkpoint, one per baseline (the greedy
+caption, or the mean reward of the other samples). Other arguments go to every
 run, e.g. `--trainer.max_epochs 20`.
 """
 
@@ -16,38 +21,73 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from callbacks.progress import RunSummary
 from captioner.cli import main
 from captioner.data.synthetic import first_colour, mentioned_position, scenes_of
 from captioner.runs import run_dir
 
+# The demo's decoders at the demo's size (configs/demo.yaml holds the pooled LSTM).
+ATTENTION = ["--model.decoder", "captioner.models.decoders.AttentionDecoder", "--model.decoder.embed_dim", "128",
+             "--model.decoder.hidden_dim", "256", "--model.decoder.attention_dim", "256",
+             "--model.decoder.dropout", "0.3"]  # fmt: skip
+TRANSFORMER = ["--model.decoder", "captioner.models.decoders.TransformerDecoder", "--model.decoder.width", "128",
+               "--model.decoder.layers", "2", "--model.decoder.heads", "4", "--model.decoder.ffn_dim", "512",
+               "--model.decoder.dropout", "0.1", "--model.lr", "0.001", "--model.warmup_steps", "100"]  # fmt: skip
+DANGLING = {"a", "an", "the", "of", "on", "with", "and", "in"}
+SCST = ["--model.objective", "captioner.models.objectives.SelfCritical", "--model.lr", "0.00005",
+        "--model.warmup_steps", "0", "--trainer.max_epochs", "4", "--data.batch_size", "64"]  # fmt: skip
+RUNS = {
+    "pooled LSTM": [],
+    "blind baseline": ["--model.blind", "true"],
+    "attention": ATTENTION,
+    "Transformer": TRANSFORMER,
+}
 
-def run(extra: list[str]) -> dict:
+
+def run(extra: list[str], keep: dict | None = None) -> dict:
     cli = main(["fit", "--config", "configs/demo.yaml", "--trainer.enable_progress_bar", "false", *extra])
     folder = run_dir(cli.trainer)
-    metrics = json.loads((folder / "test_metrics.json").read_text())["metrics"]["pycocoevalcap"]
-    truth = scenes_of(cli.datamodule.images_dir.parent / cli.datamodule.hparams.captions_file)
+    report = json.loads((folder / "test_metrics.json").read_text())
+    truth = scenes_of(cli.datamodule.images_dir.parent / "captions.json")
     rows = [json.loads(line) for line in (folder / "test_captions.jsonl").read_text().splitlines()]
     colour = sum(first_colour(r["caption"]) == truth[r["file_name"]]["colour"] for r in rows) / len(rows)
     stated = [(mentioned_position(r["caption"]), truth[r["file_name"]]["position"]) for r in rows]
     stated = [(said, true) for said, true in stated if said is not None]
     position = sum(said == true for said, true in stated) / len(stated) if stated else 0.0
-    return {**metrics, "colour correct (%)": 100 * colour, "position correct (%)": 100 * position,
-            "captions stating a position (%)": 100 * len(stated) / len(rows)}  # fmt: skip
+    (summary,) = [c for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
+    if keep is not None:
+        keep["checkpoint"] = cli.trainer.checkpoint_callback.best_model_path
+    dangling = sum(r["caption"].split()[-1:] in [[word] for word in DANGLING] for r in rows) / len(rows)
+    return {**report["metrics"]["pycocoevalcap"], "colour correct (%)": 100 * colour,
+            "position correct (%)": 100 * position, "captions stating a position (%)": 100 * len(stated) / len(rows),
+            "distinct captions (%)": report["diversity"]["distinct_captions"],
+            "dangling last word (%)": 100 * dangling,
+            "training time (s)": summary.fit_seconds}  # fmt: skip
 
 
 if __name__ == "__main__":
-    attention = "--attention" in sys.argv
-    extra = [arg for arg in sys.argv[1:] if arg != "--attention"]
-    results = {"model": run(extra), "blind": run([*extra, "--model.blind", "true"])}
-    if attention:
-        results["attention"] = run([*extra, "--model.decoder", "attention"])
-    print(f"\n{'held-out test (0-100)':<32}" + "".join(f"{name:>11}" for name in results))
-    for metric in results["model"]:
-        print(f"{metric:<32}" + "".join(f"{r[metric]:>11.2f}" for r in results.values()))
-    print(f"bleu4_gain: {results['model']['BLEU-4'] - results['blind']['BLEU-4']:.2f}")
-    print(f"colour_accuracy: {results['model']['colour correct (%)']:.1f}")
-    if attention:
-        print(f"attention_bleu4_gain: {results['attention']['BLEU-4'] - results['model']['BLEU-4']:.2f}")
-        position_gain = results["attention"]["position correct (%)"] - results["model"]["position correct (%)"]
-        print(f"attention_position_gain: {position_gain:.1f}")
+    everything, scst = "--all" in sys.argv, "--scst" in sys.argv
+    json_path = Path(sys.argv[sys.argv.index("--json") + 1]) if "--json" in sys.argv else None
+    flags = ("--all", "--scst", "--json")
+    extra = [a for i, a in enumerate(sys.argv[1:], 1) if a not in flags and sys.argv[i - 1] != "--json"]
+    chosen = RUNS if everything else {name: RUNS[name] for name in ("pooled LSTM", "blind baseline")}
+    start: dict = {}
+    results = {name: run([*extra, *args], start if name == "pooled LSTM" else None) for name, args in chosen.items()}
+    if scst:
+        for baseline in ("greedy", "mean"):
+            results[f"SCST, {baseline}"] = run([*extra, *SCST, "--model.objective.baseline", baseline,
+                                                "--model.init_checkpoint", start["checkpoint"]])  # fmt: skip
+    print(f"\n{'held-out test (0-100)':<32}" + "".join(f"{name:>16}" for name in results))
+    for metric in results["pooled LSTM"]:
+        print(f"{metric:<32}" + "".join(f"{r[metric]:>16.2f}" for r in results.values()))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=1))
+    blind = results["blind baseline"]
+    for name, result in results.items():
+        if name != "blind baseline":
+            print(f"{name} BLEU-4 gain over the blind baseline: {result['BLEU-4'] - blind['BLEU-4']:.2f}")
+    if "Transformer" in results:
+        print(f"Transformer CIDEr minus pooled LSTM CIDEr: "
+              f"{results['Transformer']['CIDEr'] - results['pooled LSTM']['CIDEr']:.2f}")  # fmt: skip

@@ -57,8 +57,9 @@ def test_fast_dev_run_and_a_second_run_in_the_same_folder(scenes, tmp_path):
         cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.fast_dev_run", "true"))
         assert cli.trainer.state.finished
     work = tmp_path / "work"
-    assert {p.name for p in work.iterdir()} >= {"splits.json", "vocab.json", "features", "source.json"}
-    splits = json.loads((work / "splits.json").read_text())["splits"]
+    (prepared,) = (work / "prepared").iterdir()  # one preparation: the second run found it
+    assert {p.name for p in prepared.iterdir()} == {"settings.json", "splits.json", "vocab.json", "dataset.json"}
+    splits = json.loads((prepared / "splits.json").read_text())["splits"]
     assert [len(splits[name]) for name in ("train", "val", "test")] == [80, 20, 20]
 
 

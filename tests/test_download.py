@@ -3,7 +3,7 @@ import shutil
 import kagglehub
 import pytest
 
-from captioner.data.download import KAGGLE_DATASET, resolve_dataset
+from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
 from captioner.errors import CaptionerError
 
 
@@ -20,6 +20,14 @@ def test_pinned_version_is_found_in_kagglehubs_cache_without_network(scenes_sour
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kh"))
     expected = seed_kagglehub_cache(tmp_path / "kh", scenes_source)
     assert resolve_dataset(None, KAGGLE_DATASET, 1) == expected
+    records, images_dir, _, _ = read_caption_set(expected)
+    assert len(records) == 120 and images_dir == expected / "Images"
+
+
+def test_a_caption_set_nested_one_folder_down_is_found(scenes_source, tmp_path):
+    shutil.copytree(scenes_source, tmp_path / "archive" / "mini-coco")
+    _, images_dir, found, _ = read_caption_set(tmp_path / "archive")
+    assert type(found).__name__ == "Coco" and images_dir == tmp_path / "archive" / "mini-coco" / "Images"
 
 
 def test_failed_download_says_how_to_use_a_local_copy(monkeypatch):
@@ -45,8 +53,19 @@ def test_synthetic_set_is_generated_once_when_missing(tmp_path):
     resolve_dataset(str(tmp_path / "demo"), KAGGLE_DATASET, 1, synthetic_images=12)
     assert (root / "captions.json").stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    (tmp_path / "empty").mkdir()
+    assert (
+        resolve_dataset(str(tmp_path / "empty"), KAGGLE_DATASET, 1, synthetic_images=12) / "captions.json"
+    ).is_file()
 
 
-def test_data_dir_without_captions_is_a_clear_error(tmp_path):
-    with pytest.raises(CaptionerError, match="holds no captions.json"):
-        resolve_dataset(str(tmp_path), KAGGLE_DATASET, 1)
+def test_generated_scenes_never_touch_a_folder_that_holds_anything(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "captions.csv").write_text("image,caption\nx.jpg,a caption\n")
+    root = resolve_dataset(str(tmp_path / "mine"), KAGGLE_DATASET, 1, synthetic_images=12)
+    assert sorted(p.name for p in root.iterdir()) == ["captions.csv"]  # untouched
+
+
+def test_data_dir_that_is_not_a_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(CaptionerError, match="is not a folder"):
+        resolve_dataset(str(tmp_path / "nowhere"), KAGGLE_DATASET, 1)

@@ -1,10 +1,10 @@
-import json
-
 import pytest
 
-from captioner.data.coco import CaptionRecord
-from captioner.data.splits import SPLITS, prepare_splits, split_records
+from captioner.data.formats.karpathy import Karpathy
+from captioner.data.records import CaptionRecord, DataReport
+from captioner.data.splits import SPLITS, label_from_split_file, make_splits, split_by_labels, split_records
 from captioner.errors import CaptionerError
+from tests.test_formats import karpathy_file
 
 
 def make_records(n):
@@ -34,14 +34,31 @@ def test_sizes_that_leave_no_training_data_are_refused():
         split_records(make_records(10), 5, 5, seed=0)
 
 
-def test_persisted_split_is_reused_and_a_changed_one_refused(tmp_path):
-    path = tmp_path / "splits.json"
-    records = make_records(50)
-    made = prepare_splits(path, records, 5, 5, seed=0)
-    saved = json.loads(path.read_text())
-    assert saved["settings"]["seed"] == 0
-    assert prepare_splits(path, records, 5, 5, seed=0) == made
-    with pytest.raises(CaptionerError, match="seed"):
-        prepare_splits(path, records, 5, 5, seed=1)
-    with pytest.raises(CaptionerError, match="records"):
-        prepare_splits(path, records[:-1], 5, 5, seed=0)
+def labelled(labels):
+    return [CaptionRecord(f"{i}.jpg", ("x",), i, label) for i, label in enumerate(labels)]
+
+
+def test_labels_decide_the_splits_and_restval_joins_train_or_is_dropped():
+    records = labelled(["train", "val", "test", "restval", "restval", "train"])
+    splits = make_splits(records, 0.5, 0.5, seed=0)  # sizes and seed are ignored when every record has a label
+    assert [[r.file_name for r in splits[n]] for n in SPLITS] == [["0.jpg", "3.jpg", "4.jpg", "5.jpg"], ["1.jpg"],
+                                                                   ["2.jpg"]]  # fmt: skip
+    dropped = split_by_labels(records, restval="drop")
+    assert [r.file_name for r in dropped["train"]] == ["0.jpg", "5.jpg"]
+    with pytest.raises(CaptionerError, match="leave the val split empty"):
+        split_by_labels(labelled(["train", "test"]))
+
+
+def test_a_split_file_labels_the_data_by_file_name_and_counts_both_kinds_of_mismatch(tmp_path):
+    records = [CaptionRecord(name, ("x",)) for name in ("Images/a.jpg", "Images/b.jpg", "Images/c.jpg",
+                                                         "Images/d.jpg", "Images/extra.jpg")]  # fmt: skip
+    report = DataReport()
+    out = label_from_split_file(records, karpathy_file(tmp_path), report)
+    expected = [("Images/a.jpg", "train"), ("Images/b.jpg", "val"), ("Images/c.jpg", "test"),
+                ("Images/d.jpg", "restval")]  # fmt: skip
+    assert [(r.file_name, r.split) for r in out] == expected
+    assert report.skipped["images the split file does not name (left out)"] == 1
+    assert report.skipped["images the split file names that the data lacks"] == 2  # e.jpg and gone.jpg
+    with pytest.raises(CaptionerError, match="names none of the data's images"):
+        label_from_split_file([CaptionRecord("zzz.jpg", ("x",))], tmp_path / "dataset_coco.json", DataReport())
+    assert Karpathy().locate(tmp_path) == tmp_path / "dataset_coco.json"

@@ -1,10 +1,11 @@
-"""CaptionDataModule: prepares Mini-COCO (or any COCO-format set) once and serves cached features."""
+"""CaptionDataModule: prepares a caption set once (in any supported format) and serves cached features."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -12,9 +13,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from captioner.data.coco import CaptionRecord, ParseReport, parse_coco_captions
 from captioner.data.datasets import ImageCaptions, TrainCaptions, passthrough
-from captioner.data.download import KAGGLE_DATASET, resolve_dataset
+from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
 from captioner.data.features import (
     FEATURES_FILE,
     FeatureCache,
@@ -23,38 +23,50 @@ from captioner.data.features import (
     prepare_features,
     prepare_features_sharded,
 )
+from captioner.data.formats import CaptionFormat
 from captioner.data.images import IMAGE_EXTENSIONS, ImageFileDataset, collate_images, find_images
+from captioner.data.prepared import PreparedData
 from captioner.data.preprocessing import Preprocessing
-from captioner.data.splits import SPLITS, load_splits, prepare_splits, records_fingerprint
+from captioner.data.records import CaptionRecord, DataReport
+from captioner.data.splits import (
+    SPLITS,
+    label_from_split_file,
+    load_splits,
+    make_splits,
+    records_fingerprint,
+    save_splits,
+)
 from captioner.data.vocab import Vocabulary, normalize
 from captioner.errors import CaptionerError
-from captioner.files import read_json, write_json
 from captioner.models.encoder import check_backbone
 
 log = logging.getLogger(__name__)
 
-SOURCE_FILE, SPLITS_FILE, VOCAB_FILE, FEATURES_DIR = "source.json", "splits.json", "vocab.json", "features"
+FEATURES_DIR = "features"
 
 
 class CaptionDataModule(LightningDataModule):
-    """Mini-COCO (or any COCO-format caption set) as cached encoder features and captions.
+    """A caption set (Mini-COCO by default) as cached encoder features and captions.
 
-    `prepare_data` (once per node) fetches the data, parses it, splits it,
+    `prepare_data` (once per node) fetches the data, reads it, splits it,
     builds the vocabulary and the feature cache, all under `work_dir`.
     `setup` (every process) opens them read-only.
 
     Args:
-        data_dir: A local COCO-format copy (folder with `captions.json` and
-            `Images/`). When set, kagglehub is never called.
+        data_dir: The folder holding the captions and images. When set, kagglehub is never called.
+        format: How the captions are written (`captioner.data.formats`: Coco, Karpathy, Csv, Jsonl,
+            TextFolder, or your own), with its options. None: the first format found in `data_dir`.
         kaggle_dataset: Kaggle dataset fetched with kagglehub when `data_dir` is unset.
         kaggle_version: Pinned dataset version (null: latest, which needs the network on every run).
-        synthetic_images: Generate this many synthetic scenes into `data_dir` if it holds no data (the offline demo).
-        captions_file: Name of the caption file inside the dataset folder.
-        images_folder: Name of the image folder inside the dataset folder.
-        work_dir: Where splits, vocabulary and feature cache are kept for every later run.
-        val_size: Validation images, as a count or a fraction.
-        test_size: Test images, as a count or a fraction.
-        split_seed: Seed of the image-level shuffle.
+        synthetic_images: Generate this many synthetic scenes into `data_dir` when it is missing or empty (the
+            offline demo); a folder that holds anything is never written to.
+        split_file: A Karpathy split file (`dataset_coco.json`, `dataset_flickr8k.json`, ...): take the
+            train/val/test splits from it, matching images by file name, instead of drawing them.
+        restval: Where Karpathy's "restval" images go: "train" (as papers do) or "drop".
+        work_dir: Where prepared data and feature caches are kept for every later run.
+        val_size: Validation images, as a count or a fraction (drawn splits only).
+        test_size: Test images, as a count or a fraction (drawn splits only).
+        split_seed: Seed of the image-level shuffle (drawn splits only).
         min_word_count: Words seen fewer times in training captions become `<unk>`.
         max_caption_length: Most words kept per caption (and generated).
         backbone: resnet18, resnet34, resnet50 or resnet101.
@@ -78,11 +90,12 @@ class CaptionDataModule(LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
+        format: CaptionFormat | None = None,
         kaggle_dataset: str = KAGGLE_DATASET,
         kaggle_version: int | None = 1,
         synthetic_images: int = 0,
-        captions_file: str = "captions.json",
-        images_folder: str = "Images",
+        split_file: str | None = None,
+        restval: Literal["train", "drop"] = "train",
         work_dir: str = "data/mini-coco",
         val_size: int | float = 0.05,
         test_size: int | float = 0.05,
@@ -107,31 +120,75 @@ class CaptionDataModule(LightningDataModule):
         check_backbone(backbone, weights)
         if max_caption_length < 1 or image_size < 32:
             raise CaptionerError("--data.max_caption_length must be >= 1 and --data.image_size >= 32.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["format"])
+        self.caption_format = format
         self.work_dir = Path(work_dir)
         self.vocabulary: Vocabulary | None = None
-        self._report: ParseReport | None = None  # kept by the process that prepared, for the summary
+        self.images_dir: Path | None = None
+        self._report: DataReport | None = None  # kept by the process that prepared, for the summary
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self.split_sizes: dict[str, int] = {}
 
     # ---------------------------------------------------------------- preparation (one process per node)
+    def preparation_settings(self) -> dict[str, Any]:
+        """Everything that shapes the prepared splits and vocabulary (see `captioner.data.prepared`)."""
+        hp = self.hparams
+        source = (str(Path(hp.data_dir).expanduser().resolve()) if hp.data_dir is not None
+                  else f"kaggle:{hp.kaggle_dataset}/{hp.kaggle_version}")  # fmt: skip
+        split_file = None
+        if hp.split_file is not None:
+            path = Path(hp.split_file).expanduser()
+            if not path.is_file():
+                raise CaptionerError(f"--data.split_file {path} does not exist.")
+            split_file = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return {
+            "source": source,
+            "format": self.caption_format.describe() if self.caption_format is not None else None,
+            "synthetic_images": hp.synthetic_images,
+            "split_file": split_file,
+            "restval": hp.restval,
+            "val_size": hp.val_size,
+            "test_size": hp.test_size,
+            "split_seed": hp.split_seed,
+            "min_word_count": hp.min_word_count,
+            "max_caption_length": hp.max_caption_length,
+        }
+
     def prepare_data(self) -> None:
-        """Fetch, parse, split, build the vocabulary and cache the features (each step skipped if done).
+        """Fetch, read, split, build the vocabulary and cache the features (each step skipped if done).
 
         Nothing at all for `predict`: a checkpoint and a folder of images are all it needs.
         """
         if self.trainer is not None and self.trainer.predicting:
             return
-        hp = self.hparams
-        root = resolve_dataset(hp.data_dir, hp.kaggle_dataset, hp.kaggle_version, hp.synthetic_images, hp.captions_file)
-        records, report = parse_coco_captions(root / hp.captions_file, root / hp.images_folder)
+        hp, settings = self.hparams, self.preparation_settings()
+        prepared = PreparedData.for_settings(self.work_dir, settings)
+        root = resolve_dataset(hp.data_dir, hp.kaggle_dataset, hp.kaggle_version, hp.synthetic_images)
+        records, images_dir, caption_format, report = read_caption_set(root, self.caption_format)
+        if hp.split_file is not None:
+            records = label_from_split_file(records, hp.split_file, report)
+        fingerprint = records_fingerprint(records)
+        prepared.check_records(fingerprint, str(root))
+        if not prepared.complete:
+            prepared.write_settings(settings)
+            splits = make_splits(records, hp.val_size, hp.test_size, hp.split_seed, hp.restval)
+            save_splits(prepared.splits_file, splits, settings)
+            train_captions = [c for r in splits["train"] for c in r.captions]
+            Vocabulary.build(train_captions, hp.min_word_count, hp.max_caption_length).save(prepared.vocab_file)
+            prepared.write_dataset(root, images_dir, caption_format.describe(), fingerprint)  # marks it complete
+        splits, _ = load_splits(prepared.splits_file)
+        vocabulary = Vocabulary.load(prepared.vocab_file)
+        log.info("Prepared data in %s: %s; vocabulary of %d tokens (words seen >= %d times in training captions).",
+                 prepared.folder, ", ".join(f"{len(splits[n])} {n}" for n in SPLITS), len(vocabulary),
+                 hp.min_word_count)  # fmt: skip
         report.long_captions = sum(len(normalize(c)) > hp.max_caption_length for r in records for c in r.captions)
-        splits = prepare_splits(self.work_dir / SPLITS_FILE, records, hp.val_size, hp.test_size, hp.split_seed)
-        self._prepare_vocabulary(splits["train"])
-        write_json(self.work_dir / SOURCE_FILE, {"root": str(root.resolve())})
         self._report = report
         if self._world_size() == 1:  # distributed runs share the extraction out in setup()
-            self._features(sorted(r.file_name for r in records), root)
+            self._features(self._image_names(splits), images_dir, root)
+
+    @staticmethod
+    def _image_names(splits: dict[str, list[CaptionRecord]]) -> list[str]:
+        return sorted(r.file_name for part in splits.values() for r in part)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -150,7 +207,7 @@ class CaptionDataModule(LightningDataModule):
     def _device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
-    def _features(self, file_names: list[str], root: Path) -> FeatureCache:
+    def _features(self, file_names: list[str], images_dir: Path, root: Path) -> FeatureCache:
         """The feature cache, computed if needed: by this process alone, or shared out across the ranks."""
         hp = self.hparams
         common = dict(
@@ -170,7 +227,7 @@ class CaptionDataModule(LightningDataModule):
             )  # fmt: skip
             cache = prepare_features_sharded(
                 self.work_dir / FEATURES_DIR,
-                root / hp.images_folder,
+                images_dir,
                 file_names,
                 spec,
                 rank=rank,
@@ -179,32 +236,14 @@ class CaptionDataModule(LightningDataModule):
                 **common,
             )
         else:
-            cache = prepare_features(self.work_dir / FEATURES_DIR, root / hp.images_folder, file_names, spec, **common)
+            cache = prepare_features(self.work_dir / FEATURES_DIR, images_dir, file_names, spec, **common)
         if self._report is not None:
             self._report.undecodable = cache.failed
             # One summary of everything preparation kept and skipped, at the end.
-            (log.warning if self._report.skipped else log.info)("Dataset %s: %s", root, self._report.summary())
+            noisy = self._report.skipped or cache.failed
+            (log.warning if noisy else log.info)("Dataset %s: %s", root, self._report.summary())
             self._report = None
         return cache
-
-    def _prepare_vocabulary(self, train: list[CaptionRecord]) -> Vocabulary:
-        hp, path = self.hparams, self.work_dir / VOCAB_FILE
-        source = records_fingerprint(train)
-        if path.exists():
-            payload = read_json(path, "Vocabulary")
-            if (
-                payload.get("source") == source
-                and payload.get("min_count") == hp.min_word_count
-                and payload.get("max_length") == hp.max_caption_length
-            ):
-                return Vocabulary.from_dict(payload, str(path))
-            log.info("Vocabulary settings or training split changed: rebuilding %s.", path)
-        vocabulary = Vocabulary.build((c for r in train for c in r.captions), hp.min_word_count, hp.max_caption_length)
-        write_json(path, {**vocabulary.to_dict(), "source": source})
-        log.info(
-            "Vocabulary: %d tokens (words seen >= %d times in training captions).", len(vocabulary), hp.min_word_count
-        )
-        return vocabulary
 
     # ---------------------------------------------------------------- setup (every process)
     def setup(self, stage: str) -> None:
@@ -212,18 +251,16 @@ class CaptionDataModule(LightningDataModule):
         if stage == "predict":
             self._setup_predict()
             return
-        hp = self.hparams
-        if not (self.work_dir / SOURCE_FILE).exists():
-            raise CaptionerError(f"{self.work_dir} holds no prepared data; run `fit` (or call prepare_data()) first.")
-        root = Path(read_json(self.work_dir / SOURCE_FILE, "Dataset source")["root"])
-        splits, _ = load_splits(self.work_dir / SPLITS_FILE)
-        self.vocabulary = Vocabulary.load(self.work_dir / VOCAB_FILE)
-        all_names = sorted(r.file_name for part in splits.values() for r in part)
+        prepared = PreparedData.for_settings(self.work_dir, self.preparation_settings())
+        dataset = prepared.read_dataset()
+        root, self.images_dir = Path(dataset["root"]), Path(dataset["images_dir"])
+        splits, _ = load_splits(prepared.splits_file)
+        self.vocabulary = Vocabulary.load(prepared.vocab_file)
+        all_names = self._image_names(splits)
         if self._world_size() > 1:
-            cache = self._features(all_names, root)
+            cache = self._features(all_names, self.images_dir, root)
         else:
             cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec, self._device())
-        self.images_dir = root / hp.images_folder
         self.split_sizes = {}
         for name in SPLITS:
             records = [r for r in splits[name] if r.file_name not in cache.failed]
@@ -240,7 +277,7 @@ class CaptionDataModule(LightningDataModule):
                                  self.vocabulary.pad_index)  # fmt: skip
         rows = np.array([cache.row_of[r.file_name] for r in records], dtype=np.int64)
         return ImageCaptions(cache.directory / FEATURES_FILE, rows, [r.file_name for r in records],
-                             [r.captions for r in records], self.vocabulary)  # fmt: skip
+                             [r.captions for r in records], self.vocabulary, [r.key for r in records])  # fmt: skip
 
     def _setup_predict(self) -> None:
         if self.hparams.predict_dir is None:

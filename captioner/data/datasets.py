@@ -82,8 +82,11 @@ class ImageCaptions(Dataset):
 
     A batch is a dict: `features` `(B, D)`, `tokens` `(R, L)` for every
     reference of the batch, `owners` `(R,)` the batch row each reference
-    belongs to, `references` (normalised strings per image), `file_names` and
-    `index` (dataset positions, to count each image once across ranks).
+    belongs to, `references` (normalised like the vocabulary, for BLEU during
+    training), `raw_references` (as written, for the COCO caption evaluation,
+    which tokenises them itself), `file_names`, `image_ids` (the source's ids,
+    else the file names) and `index` (dataset positions, to count each image once
+    across ranks).
     """
 
     def __init__(
@@ -93,9 +96,12 @@ class ImageCaptions(Dataset):
         file_names: list[str],
         captions: list[tuple[str, ...]],
         vocabulary: Vocabulary,
+        image_ids: list[int | str] | None = None,
     ) -> None:
         self.features = _FeatureRows(features_path)
         self.rows, self.file_names = rows, file_names
+        self.image_ids = list(image_ids) if image_ids is not None else list(file_names)
+        self.raw_references = [list(image_captions) for image_captions in captions]
         self.references = [[" ".join(normalize(c)) for c in image_captions] for image_captions in captions]
         counts = torch.tensor([len(c) for c in captions])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
@@ -118,7 +124,9 @@ class ImageCaptions(Dataset):
             "tokens": _trim(self.tokens[torch.cat(spans)], self.pad_index),
             "owners": owners,
             "references": [self.references[i] for i in indices],
+            "raw_references": [self.raw_references[i] for i in indices],
             "file_names": [self.file_names[i] for i in indices],
+            "image_ids": [self.image_ids[i] for i in indices],
             "index": torch.as_tensor(index),
         }
 

@@ -1,10 +1,12 @@
-"""Where the dataset comes from: a local folder, generated scenes, or Kaggle through kagglehub."""
+"""Where the dataset comes from (a local folder, generated scenes, or Kaggle through kagglehub) and reading it."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from captioner.data.formats import CaptionFormat, find_format, known_formats
+from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.synthetic import write_synthetic_dataset
 from captioner.errors import CaptionerError
 
@@ -18,16 +20,8 @@ def kaggle_handle(dataset: str, version: int | None) -> str:
     return f"{dataset}/versions/{version}" if version is not None else dataset
 
 
-def _folder_with(root: Path, captions_file: str) -> Path | None:
-    """`root` or the one subfolder of it (Kaggle archives sometimes nest) holding `captions_file`."""
-    if (root / captions_file).is_file():
-        return root
-    nested = sorted(path.parent for path in root.glob(f"*/{captions_file}"))
-    return nested[0] if nested else None
-
-
-def download_from_kaggle(dataset: str, version: int | None, captions_file: str = "captions.json") -> Path:
-    """Fetch (or find in kagglehub's cache) the dataset and return the folder holding `captions_file`.
+def download_from_kaggle(dataset: str, version: int | None) -> Path:
+    """Fetch (or find in kagglehub's cache) the dataset and return the folder kagglehub gives.
 
     kagglehub writes into its own cache and marks a version complete only
     after the whole archive is in place, so a failed download leaves nothing
@@ -40,7 +34,7 @@ def download_from_kaggle(dataset: str, version: int | None, captions_file: str =
     try:
         import kagglehub
 
-        path = Path(kagglehub.dataset_download(handle))
+        return Path(kagglehub.dataset_download(handle))
     except Exception as error:  # kagglehub raises many types (HTTP, auth, OS); all mean the same to the user
         raise CaptionerError(
             f"Could not download the Kaggle dataset '{handle}' with kagglehub ({type(error).__name__}: {error}). "
@@ -49,38 +43,55 @@ def download_from_kaggle(dataset: str, version: int | None, captions_file: str =
             "--data.data_dir /path/to/mini-coco (the folder holding captions.json and Images/); kagglehub is then "
             "never called."
         ) from error
-    folder = _folder_with(path, captions_file)
-    if folder is None:
-        raise CaptionerError(f"kagglehub returned {path}, which holds no {captions_file}; check --data.kaggle_dataset.")
-    return folder
 
 
 def resolve_dataset(
-    data_dir: str | None,
-    kaggle_dataset: str,
-    kaggle_version: int | None,
-    synthetic_images: int = 0,
-    captions_file: str = "captions.json",
+    data_dir: str | None, kaggle_dataset: str, kaggle_version: int | None, synthetic_images: int = 0
 ) -> Path:
-    """The folder holding `captions_file` and the images, fetching or generating it if needed.
+    """The folder holding the captions and the images, fetched or generated if need be.
 
     Args:
-        data_dir: A local copy; when given, kagglehub is never called.
+        data_dir: A local folder; when given, kagglehub is never called.
         kaggle_dataset: Kaggle dataset (owner/slug) used when `data_dir` is None.
         kaggle_version: Pinned dataset version, or None for the latest (needs the network every time).
-        synthetic_images: When > 0 and `data_dir` holds no data yet, generate that many scenes there.
-        captions_file: Name of the COCO-format caption file.
+        synthetic_images: When > 0 and `data_dir` is missing or empty, generate that many scenes there. A folder
+            that already holds anything is never written to.
+
+    Raises:
+        CaptionerError: When `data_dir` is not a folder.
     """
     if data_dir is None:
-        return download_from_kaggle(kaggle_dataset, kaggle_version, captions_file)
+        return download_from_kaggle(kaggle_dataset, kaggle_version)
     root = Path(data_dir).expanduser()
-    if synthetic_images > 0 and not (root / captions_file).exists():
+    if synthetic_images > 0 and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
         log.info("Generating %d synthetic scenes in %s", synthetic_images, root)
         write_synthetic_dataset(root, synthetic_images)
-    folder = _folder_with(root, captions_file) if root.is_dir() else None
-    if folder is None:
-        raise CaptionerError(
-            f"--data.data_dir {root} holds no {captions_file}. Point it at the folder with {captions_file} and the "
-            "images, or leave it unset to download Mini-COCO with kagglehub."
-        )
-    return folder
+    if not root.is_dir():
+        raise CaptionerError(f"--data.data_dir {root} is not a folder. Point it at the folder holding the captions.")
+    return root
+
+
+def read_caption_set(
+    root: Path, caption_format: CaptionFormat | None = None
+) -> tuple[list[CaptionRecord], Path, CaptionFormat, DataReport]:
+    """Find the captions under `root` (or its one subfolder: Kaggle archives sometimes nest) and read them.
+
+    Args:
+        root: The data folder.
+        caption_format: The format to read (None: the first known format the folder holds).
+
+    Returns:
+        The records, the folder their file names are relative to, the format and what reading skipped.
+    """
+    formats = [caption_format] if caption_format is not None else known_formats()
+    subfolders = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
+    try:
+        found_format, source = find_format(root, formats)
+    except CaptionerError:
+        if len(subfolders) != 1:
+            raise
+        found_format, source = find_format(subfolders[0], formats)
+    report = DataReport()
+    records, images_dir = found_format.read(source, report)
+    log.info("Reading %s as %s", source, found_format.describe())
+    return records, images_dir, found_format, report

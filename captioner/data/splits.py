@@ -1,10 +1,11 @@
-"""Deterministic image-level train/val/test splits, persisted beside the prepared data.
+"""Image-level train/val/test splits: drawn with a seed, or taken from the data's own split labels.
 
 Splitting by image (not by caption) keeps every caption of a test image out of
-training. The split is saved once and reused by every later run and
-subcommand; if the records or the split settings change, the saved split is
-refused rather than silently replaced, because a checkpoint evaluated on a
-different test split gives numbers that mean something else.
+training. Karpathy split files (as a caption format, or `--data.split_file`)
+label each image train, val, test or restval; restval goes to training unless
+`restval` says to drop it. Otherwise images are shuffled with the seed and cut.
+The split is saved with the prepared data (`captioner.data.prepared`) and reused
+by every later run with the same settings.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
-from captioner.data.coco import CaptionRecord
+from captioner.data.formats.karpathy import read_karpathy_entries
+from captioner.data.records import CaptionRecord, DataReport
 from captioner.errors import CaptionerError
 from captioner.files import read_json, require_keys, write_json
 
 SPLITS = ("train", "val", "test")
-SPLITS_VERSION = 1
+SPLITS_VERSION = 2
 
 
 def records_fingerprint(records: list[CaptionRecord]) -> str:
-    """A digest of the file names and captions, to tell whether a saved split still fits."""
+    """A digest of the file names, captions, ids and split labels, to tell whether the data changed."""
     digest = hashlib.sha256()
     for record in sorted(records, key=lambda r: r.file_name):
-        digest.update(json.dumps([record.file_name, list(record.captions)], ensure_ascii=False).encode())
+        entry = [record.file_name, list(record.captions), record.image_id, record.split]
+        digest.update(json.dumps(entry, ensure_ascii=False, default=str).encode())
     return digest.hexdigest()
 
 
@@ -74,14 +78,58 @@ def split_records(
     return {name: sorted(part, key=lambda r: r.file_name) for name, part in zip(SPLITS, (train, val, test))}
 
 
+def label_from_split_file(records: list[CaptionRecord], path: str | Path, report: DataReport) -> list[CaptionRecord]:
+    """The records with the split labels of a Karpathy split file, matched by file name (without folders).
+
+    Images of the data that the file does not name are dropped; images the file
+    names that the data lacks are counted. Both go into the summary.
+
+    Raises:
+        CaptionerError: When the file is unreadable or shares no image with the data.
+    """
+    path = Path(path)
+    label_of = {Path(str(entry["filename"])).name: entry["split"] for entry in read_karpathy_entries(path)}
+    labelled, seen = [], set()
+    for record in records:
+        name = Path(record.file_name).name
+        if name not in label_of:
+            report.count("images the split file does not name (left out)", record.file_name)
+            continue
+        seen.add(name)
+        labelled.append(CaptionRecord(record.file_name, record.captions, record.image_id, label_of[name]))
+    missing = [name for name in label_of if name not in seen]
+    if missing:
+        report.count("images the split file names that the data lacks", missing[0], times=len(missing))
+    if not labelled:
+        raise CaptionerError(f"--data.split_file {path} names none of the data's images: is it the file for this data?")
+    return labelled
+
+
+def split_by_labels(records: list[CaptionRecord], restval: Literal["train", "drop"] = "train") -> dict[str, list]:
+    """Train, val and test from the records' own split labels; restval joins train or is dropped.
+
+    Raises:
+        CaptionerError: When a split would be empty.
+    """
+    splits: dict[str, list[CaptionRecord]] = {name: [] for name in SPLITS}
+    for record in records:
+        label = "train" if record.split == "restval" and restval == "train" else record.split
+        if label in splits:
+            splits[label].append(record)
+    for name, part in splits.items():
+        if not part:
+            raise CaptionerError(f"The split labels leave the {name} split empty ({len(records)} labelled images).")
+    return {name: sorted(part, key=lambda r: r.file_name) for name, part in splits.items()}
+
+
 def save_splits(path: str | Path, splits: dict[str, list[CaptionRecord]], settings: dict) -> None:
-    """Write the splits (file names and captions) and the settings that made them, atomically."""
+    """Write the splits (file names, captions, ids) and the settings that made them, atomically."""
     write_json(
         path,
         {
             "version": SPLITS_VERSION,
             "settings": settings,
-            "splits": {name: [[r.file_name, list(r.captions)] for r in splits[name]] for name in SPLITS},
+            "splits": {name: [[r.file_name, list(r.captions), r.image_id] for r in splits[name]] for name in SPLITS},
         },
     )
 
@@ -102,41 +150,21 @@ def load_splits(path: str | Path) -> tuple[dict[str, list[CaptionRecord]], dict]
     try:
         splits = {
             name: [
-                CaptionRecord(str(file_name), tuple(map(str, captions)))
-                for file_name, captions in payload["splits"][name]
-            ]
+                CaptionRecord(str(entry[0]), tuple(map(str, entry[1])), entry[2], name)
+                for entry in payload["splits"][name]
+            ]  # fmt: skip
             for name in SPLITS
         }
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, IndexError) as error:
         raise CaptionerError(f"Splits file {path} is malformed ({error!r}); delete it to make it again.") from error
     return splits, payload["settings"]
 
 
-def prepare_splits(
-    path: str | Path, records: list[CaptionRecord], val_size: int | float, test_size: int | float, seed: int
-) -> dict[str, list[CaptionRecord]]:
-    """Load the saved splits if they were made from these records and settings, else make and save them.
-
-    Raises:
-        CaptionerError: When a saved split was made from other records or settings.
-    """
-    path = Path(path)
-    settings = {
-        "val_size": val_size,
-        "test_size": test_size,
-        "seed": seed,
-        "records": records_fingerprint(records),
-    }
-    if path.exists():
-        splits, saved = load_splits(path)
-        if saved == settings:
-            return splits
-        changed = sorted(key for key in settings if saved.get(key) != settings[key])
-        raise CaptionerError(
-            f"{path} was made with other {', '.join(changed)} than this run's. Reusing it would mix "
-            "images across splits, replacing it would move the test set under existing checkpoints. "
-            f"Use another --data.work_dir, or delete {path} (and vocab.json beside it) to split anew."
-        )
-    splits = split_records(records, val_size, test_size, seed)
-    save_splits(path, splits, settings)
-    return splits
+def make_splits(
+    records: list[CaptionRecord], val_size: int | float, test_size: int | float, seed: int,
+    restval: Literal["train", "drop"] = "train",
+) -> dict[str, list[CaptionRecord]]:  # fmt: skip
+    """The splits for these records: from their labels when they all have one, else drawn with the seed."""
+    if records and all(record.split is not None for record in records):
+        return split_by_labels(records, restval)
+    return split_records(records, val_size, test_size, seed)

@@ -105,6 +105,19 @@ class Vocabulary:
             words.append(self.itos[index])
         return " ".join(words)
 
+    def words_of(self, ids: torch.Tensor) -> list[list[int]]:
+        """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials left out."""
+        words = []
+        for row in ids.tolist():
+            kept = []
+            for index in row:
+                if index == self.end_index:
+                    break
+                if index not in (self.start_index, self.pad_index):
+                    kept.append(index)
+            words.append(kept)
+        return words
+
     def decode_batch(self, ids: torch.Tensor) -> list[str]:
         """Decode each row of a `(B, T)` tensor of ids."""
         return [self.decode(row) for row in ids.tolist()]

@@ -23,7 +23,7 @@ from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_captions, loggable, test_report, unique_by_file
-from captioner.metrics import as_percent, bleu_collection
+from captioner.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.models.decoders.base import CaptionDecoder, decoder_factory
 from captioner.models.decoders.lstm import LSTMDecoder
 from captioner.models.encoder import ImageEncoder
@@ -95,6 +95,7 @@ class CaptionModel(LightningModule):
         self.decoder: CaptionDecoder | None = None
         self.vocabulary: Vocabulary | None = None
         self.val_bleu = bleu_collection()
+        self.val_cider = CorpusCider()  # CIDEr-D on token ids, document frequencies from the val references
         self.test_bleu = bleu_collection()
         self._test_rows: list[dict] = []
         self.test_results: dict[str, Any] | None = None  # the last test's report and rows, for TestReport
@@ -325,35 +326,43 @@ class CaptionModel(LightningModule):
         return output.loss
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict, stage: str, beam_size: int) -> list[str]:
+    def _evaluate(self, batch: dict, stage: str, beam_size: int) -> SearchResult:
         features = self.image_features(batch["features"])
         tokens = batch["tokens"]
         output = self._require_decoder()(features, tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
-        captions = self.vocabulary.decode_batch(self.generate(batch["features"], beam_size).tokens)
+        result = self.generate(batch["features"], beam_size)
         metric = self.val_bleu if stage == "val" else self.test_bleu
-        metric.update(captions, batch["references"])
-        return captions
+        metric.update(self.vocabulary.decode_batch(result.tokens), batch["references"])
+        return result
+
+    def on_validation_start(self) -> None:
+        if self.val_cider.scorer is None:  # the validation references are fixed for the whole run
+            self.val_cider.set_references(self.trainer.datamodule.datasets["val"].reference_ids)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val", beam_size=1)
+        result = self._evaluate(batch, "val", beam_size=1)
+        self.val_cider.update(self.vocabulary.words_of(result.tokens), batch["index"].tolist())
 
     def on_validation_epoch_end(self) -> None:
-        # Every rank holds the same corpus BLEU (torchmetrics reduces the n-gram counts); sync_dist only agrees on it.
+        # Every rank holds the same corpus scores (torchmetrics reduces counts and sums); sync_dist only agrees on it.
         scores = {f"val/{name}": value for name, value in as_percent(self.val_bleu.compute()).items()}
+        scores["val/cider"] = float(self.val_cider.compute())
         self.log_dict(scores, prog_bar=True, sync_dist=True)
         self.val_bleu.reset()
+        self.val_cider.reset()
 
     def on_test_epoch_start(self) -> None:
         self._test_rows, self.test_results = [], None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        captions = self._evaluate(batch, "test", beam_size=self.hparams.beam_size)
-        self._test_rows.extend(
-            {"file_name": name, "caption": caption, "references": refs}
-            for name, caption, refs in zip(batch["file_names"], captions, batch["references"])
-        )
+        captions = self.vocabulary.decode_batch(self._evaluate(batch, "test", self.hparams.beam_size).tokens)
+        self._test_rows.extend(  # raw references: the COCO evaluation tokenises them itself
+            {"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
+            for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
+                                                     batch["raw_references"])
+        )  # fmt: skip
 
     def on_test_epoch_end(self) -> None:
         bleu = as_percent(self.test_bleu.compute())
