@@ -237,3 +237,56 @@ def test_the_format_is_found_from_what_the_folder_holds_and_nothing_known_is_one
     (tmp_path / "other.csv").write_text("image,caption\n", encoding="utf-8")
     with pytest.raises(CaptionerError, match="several CSV/TSV files"):
         read_caption_set(tmp_path)
+
+
+# ---------------------------------------------------------------- the same scenes in every format train the same
+def write_in_format(scenes: Path, folder: Path, kind: str) -> Path:
+    """The scenes' images and captions written as `kind`, images in `folder/Images` (or beside their .txt)."""
+    payload = json.loads((scenes / "captions.json").read_text())
+    name_of = {image["id"]: image["file_name"] for image in payload["images"]}
+    pairs = [(name_of[a["image_id"]], a["caption"]) for a in payload["annotations"]]
+    folder.mkdir()
+    if kind == "folder":
+        for name in name_of.values():
+            (folder / name).write_bytes((scenes / "Images" / name).read_bytes())
+        for name in name_of.values():
+            lines = [caption for image, caption in pairs if image == name]
+            (folder / name).with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return folder
+    (folder / "Images").symlink_to(scenes / "Images")
+    if kind == "csv":
+        with (folder / "captions.csv").open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([["image", "caption"], *[[f"Images/{n}", c] for n, c in pairs]])
+    else:
+        lines = [json.dumps({"image": f"Images/{n}", "caption": c}) for n, c in pairs]
+        (folder / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+def test_each_format_trains_the_model_the_coco_file_trains(scenes_source, tmp_path):
+    from captioner.cli import main
+    from tests.conftest import tiny_args
+
+    scores = {}
+    for kind in ("coco", "csv", "jsonl", "folder"):
+        data = scenes_source if kind == "coco" else write_in_format(scenes_source, tmp_path / kind, kind)
+        cli = main(tiny_args("fit", data, tmp_path / f"work-{kind}", tmp_path / kind / "runs",
+                             "--trainer.max_epochs", "3", "--test_after_fit", "true"))  # fmt: skip
+        scores[kind] = float(cli.trainer.callback_metrics["test/coco_bleu4"])
+        assert cli.datamodule.split_sizes == {"train": 80, "val": 20, "test": 20}
+    assert scores["coco"] > 0
+    assert all(abs(score - scores["coco"]) <= 1.0 for score in scores.values()), scores
+
+
+def test_a_folder_without_a_caption_set_is_one_clear_error_even_with_scene_generation_on(tmp_path, capsys):
+    from captioner.cli import main
+    from tests.conftest import tiny_args
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_args("fit", tmp_path / "mine", tmp_path / "work", tmp_path, "--data.synthetic_images", "50"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds no caption set" in err and "captions.json" in err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
