@@ -8,12 +8,15 @@ import logging
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.checkpoints import ResumableRun
 from callbacks.reports import TestReport
 from captioner.data.datamodule import CaptionDataModule
 from captioner.errors import CaptionerError
@@ -22,7 +25,7 @@ from captioner.hardware import checked_precision
 from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
-from captioner.runs import run_dir
+from captioner.runs import run_dir, run_to_continue
 
 log = logging.getLogger("captioner")
 
@@ -86,6 +89,8 @@ class RunConfigSaver(SaveConfigCallback):
             return
         if trainer.is_global_zero:
             path = run_dir(trainer) / self.config_filename
+            if path.exists() and self.config.get("ckpt_path"):  # a resumed run keeps its config.yaml
+                path = path.with_name(f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
             with atomic_open(path, "w") as handle:
                 handle.write(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
             for logger in trainer.loggers:
@@ -123,6 +128,8 @@ class CaptionerCLI(LightningCLI):
         config.trainer.precision = checked_precision(config.trainer.precision, config.trainer.accelerator)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(find_last_checkpoint(config.trainer))
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            self._continue_run(config)
         if _uses_wandb(config.trainer) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
             os.environ["WANDB_MODE"] = "offline"
             print(
@@ -130,6 +137,18 @@ class CaptionerCLI(LightningCLI):
                 "(or run `wandb login` first to log online).",
                 file=sys.stderr,
             )
+
+    def _continue_run(self, config) -> None:
+        """Resume into the run the checkpoint came from: the same folder, the same logger version (W&B run id)."""
+        run = run_to_continue(config.ckpt_path)
+        loggers = _logger_configs(config.trainer)
+        if run is None or run.get("version") is None or not loggers:
+            print(f"{config.ckpt_path} is not inside the run folder that wrote it (a copied file, or an older "
+                  "checkpoint): resuming its training state in a new run.", file=sys.stderr)  # fmt: skip
+            return
+        for logger in loggers:
+            logger.init_args.version = run["version"]  # W&B: the run id, resumed ("allow"); CSV: the folder
+        print(f"Resuming run {run['version']} in {run['folder']}", file=sys.stderr)
 
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit and not self.trainer.fast_dev_run:
@@ -217,7 +236,7 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             CaptionDataModule,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [TestReport()]},  # every run writes its test report
+            trainer_defaults={"callbacks": [TestReport(), ResumableRun()]},  # in every run, whatever the config lists
             args=args,
             auto_configure_optimizers=False,
         )
@@ -226,6 +245,10 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
     except CaptionerError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        print("Stopped on request (SIGTERM, or Ctrl-C) after the current training step; last.ckpt holds it: "
+              "continue with `fit --ckpt_path last` (same config).", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143) from None
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise

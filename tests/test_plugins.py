@@ -45,9 +45,11 @@ def test_a_decoder_from_a_test_file_trains_tests_and_predicts_by_class_path_alon
     photos = photos_of(scenes, tmp_path / "photos")
     predicted = main(predict_args(best, photos, tmp_path / "pred", *PLUGIN))
     rows = (run_dir(predicted.trainer) / "predictions.jsonl").read_text().splitlines()
-    assert len(rows) == 3 and all(json.loads(row)["caption"] for row in rows)
-    # The checkpoint alone rebuilds the plugin decoder (its class path is importable).
-    assert Captioner.from_checkpoint(best, device="cpu").caption(sorted(photos.iterdir()))[0]
+    rows = [json.loads(row) for row in rows]
+    assert len(rows) == 3 and all(row["error"] is None and isinstance(row["caption"], str) for row in rows)
+    # The checkpoint alone rebuilds the plugin decoder (its class path is importable), and captions the same way.
+    captions = Captioner.from_checkpoint(best, device="cpu").caption(sorted(photos.iterdir()))
+    assert captions == [row["caption"] for row in sorted(rows, key=lambda row: row["path"])]
 
 
 def test_a_checkpoint_of_another_decoder_size_is_refused_naming_the_difference(scenes, tmp_path, capsys):

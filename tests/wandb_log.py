@@ -46,3 +46,16 @@ def history_keys(path: str | Path) -> set[str]:
         if record.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
     return keys
+
+
+def history_rows(path: str | Path) -> list[dict]:
+    """Each history row of the run, as `{key: value}`."""
+    import json
+
+    rows = []
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from captioner.data.datasets import ImageCaptions, TrainCaptions, passthrough
 from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
@@ -307,7 +308,14 @@ class CaptionDataModule(LightningDataModule):
             raise CaptionerError(f"The {split} data is not set up; call setup() first.")
         workers = self.hparams.num_workers
         sampler = None
-        if split in ("val", "test") and self._world_size() > 1:
+        if shuffle:
+            # The order is a function of the seed and the epoch alone (Lightning calls set_epoch), so a run resumed
+            # at an epoch boundary sees the batches the uninterrupted run would have seen.
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+            sampler = DistributedSampler(self.datasets[split], num_replicas=world, rank=rank, shuffle=True,
+                                         seed=self.shuffle_seed)  # fmt: skip
+            shuffle = False
+        elif split in ("val", "test") and self._world_size() > 1:
             # Lightning's default DistributedSampler pads by repeating images; metrics must count each once.
             sampler = UnrepeatedDistributedSampler(
                 self.datasets[split], num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
@@ -320,9 +328,17 @@ class CaptionDataModule(LightningDataModule):
             num_workers=workers,
             collate_fn=collate,
             drop_last=drop_last,
+            # Worker seeds come from this generator, not the global one the model's dropout draws from: how many
+            # loaders were opened (a sanity check, a resume) never changes the training's random numbers.
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=workers > 0,
         )
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the training order: `seed_everything`'s (Lightning's PL_GLOBAL_SEED), else 0."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def train_dataloader(self) -> DataLoader:
         # A last batch of one item would break the decoders' batch norm in training mode (and is noise anyway).
