@@ -1,7 +1,18 @@
-"""captioner: image captioning experiments on PyTorch Lightning."""
+"""captioner: image captioning experiments on PyTorch Lightning.
+
+`Captioner` (torch) is imported on first use, so `captioner.runtime` (ONNX
+Runtime, numpy and pillow only) imports on machines without torch.
+"""
 
 from captioner.errors import CaptionerError
-from captioner.inference import Captioner, Prediction
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Captioner", "CaptionerError", "Prediction", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("Captioner", "Prediction"):
+        from captioner import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'captioner' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The command line: `python -m captioner {fit,validate,test,predict}` through LightningCLI."""
+"""The command line: `python -m captioner {fit,validate,test,predict}` through LightningCLI; `caption`, `serve`
+and `export` beside it."""
 
 from __future__ import annotations
 
@@ -230,6 +231,11 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             status = caption_command(argv[1:])
             if status:
                 raise SystemExit(status)
+            return None
+        if argv[:1] == ["serve"]:
+            from captioner.serve import serve_command
+
+            serve_command(argv[1:])
             return None
         cli = CaptionerCLI(
             CaptionModel,

@@ -42,6 +42,17 @@ class Prediction:
     error: str | None = None
 
 
+def attention_as_lists(row: dict, attention: bool) -> dict:
+    """A `describe` row with its attention maps as plain lists (JSON-ready), or None when not asked for."""
+    maps = row.pop("attention", None)
+    row["attention"] = None
+    if attention and maps is not None:
+        words = [*row["caption"].split(), "<end>"][: len(maps)]
+        row["attention"] = {"words": words, "grid": list(maps.shape[1:]),
+                            "weights": [[round(float(v), 5) for v in word.flatten()] for word in maps]}  # fmt: skip
+    return row
+
+
 def default_device() -> torch.device:
     """The first GPU if there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +107,23 @@ class Captioner:
         """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""
         with self._autocast():
             return self.model.caption_images(images, self.beam_size)
+
+    def describe(self, images: Sequence[Image.Image], beams: int = 0, attention: bool = False) -> list[dict]:
+        """Everything the model can say about decoded images, one dict per image (what the server returns).
+
+        Args:
+            images: Decoded PIL images (any mode).
+            beams: Also return up to this many alternative captions with their scores (best first).
+            attention: Also return, for decoders that attend over a grid of regions, where each word looked.
+
+        Returns:
+            Dicts with `caption`, `score` (log-probability), `beams` (with `beams` > 0) and `attention`
+            (`{"words", "grid": [rows, columns], "weights": one list of rows*columns per word}` or None).
+        """
+        batch = torch.stack([self.preprocessing.from_pil(image) for image in images])
+        with torch.no_grad(), self._autocast():
+            rows = self.model.describe_images(batch, self.beam_size, beams=beams)
+        return [attention_as_lists(row, attention) for row in rows]
 
     def predict(self, images: Iterable[ImageSource]) -> list[Prediction]:
         """Caption every image; unreadable ones get an error instead of stopping the rest."""

@@ -10,7 +10,9 @@ Feature extraction (on the CPU with PIL, on a GPU with nvJPEG), `predict`,
 3. squash to `image_size` x `image_size` (captions describe the whole frame, so
    no crop) with antialiased bilinear interpolation, rounded to uint8; the
    resize is torch's (`torchvision.transforms.v2.functional.resize`) on every
-   path, on whatever device holds the pixels;
+   torch path, on whatever device holds the pixels, and the same weights in
+   numpy in the torch-free runtime (`captioner.pixels.resize_array`, within one
+   grey level of torch's);
 4. scale to [0, 1] and normalise with `mean` and `std` (inside the encoder, on
    its device).
 
@@ -26,33 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from captioner.errors import CaptionerError
+from captioner.pixels import DECODE_ERRORS, to_rgb
 
-# A truncated JPEG must fail loudly, not come back half grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+__all__ = ["DECODE_ERRORS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "to_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSING_VERSION = 1
-
-# Every way decoding a file can fail, on every path: one bad file must fail alone.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels become white, not black."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""Pixels without torch: opening image bytes safely, RGB conversion, and the resize, in numpy.
+
+Shared by every captioning path: the torch paths (`captioner.data.preprocessing`)
+and the torch-free ONNX runtime (`captioner.runtime`), which must import without
+torch. The numpy resize uses the same antialiased bilinear weights as torch's
+(`torchvision.transforms.v2.functional.resize(..., antialias=True)`): a triangle
+filter widened by the scale factor when shrinking, each output pixel a
+normalised weighted sum, rounded to uint8.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated JPEG must fail loudly, not come back half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Every way decoding a file can fail: one bad file must fail alone.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class TooManyPixelsError(ValueError):
+    """An image whose header declares more pixels than allowed (a decompression bomb, or just too large)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels become white, not black."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes fully into an RGB PIL image, first frame of an animation.
+
+    Args:
+        data: The file's bytes.
+        max_pixels: Refuse images whose header declares more pixels than this, before decoding them.
+
+    Raises:
+        TooManyPixelsError: Over `max_pixels`.
+        One of `DECODE_ERRORS`: Empty, not an image, truncated or corrupt.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            pixels = width * height
+            raise TooManyPixelsError(f"{width} x {height} = {pixels:,} pixels, over the limit of {max_pixels:,}")
+        image.seek(0)
+        image.load()
+        return to_rgb(image)
+
+
+def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """`(size_out, size_in)` weights of antialiased bilinear interpolation, as torch computes them."""
+    scale = size_in / size_out
+    support = max(scale, 1.0)  # bilinear's support of 1, widened when shrinking
+    matrix = np.zeros((size_out, size_in), dtype=np.float64)
+    for out in range(size_out):
+        centre = scale * (out + 0.5)
+        start = max(int(centre - support + 0.5), 0)
+        stop = min(int(centre + support + 0.5), size_in)
+        taps = np.arange(start, stop)
+        weights = np.maximum(0.0, 1.0 - np.abs((taps - centre + 0.5) / support))
+        total = weights.sum()
+        matrix[out, start:stop] = weights / total if total > 0 else 0.0
+    return matrix
+
+
+def resize_array(image: np.ndarray, size: int) -> np.ndarray:
+    """Squash an `(H, W, 3)` uint8 array to `(3, size, size)` uint8 with antialiased bilinear interpolation."""
+    rows, columns = _resize_matrix(image.shape[0], size), _resize_matrix(image.shape[1], size)
+    pixels = image.astype(np.float64).transpose(2, 0, 1)  # (3, H, W)
+    resized = rows @ pixels @ columns.T
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)

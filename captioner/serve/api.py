@@ -1,0 +1,139 @@
+"""CaptionAPI: the LitServe API that captions uploaded images in dynamic batches.
+
+One request: one image, as a multipart upload (field `image`) or base64 in
+JSON (`{"image": "..."}`), with optional `beams` (how many alternative captions
+to return) and `attention` (per-word attention weights, for decoders that
+attend). Requests that arrive within `batch_timeout` of each other, up to
+`max_batch_size`, are captioned in one batch. Every bad request gets a 4xx JSON
+answer saying what was wrong; the server keeps serving.
+"""
+
+# No `from __future__ import annotations` here: LitServe reads `decode_request`'s annotation as a class to decide
+# to parse forms and JSON for it.
+import base64
+import binascii
+import time
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import HTTPException, Request
+
+from captioner.pixels import DECODE_ERRORS, TooManyPixelsError, open_image
+
+MAX_BEAMS = 10
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if str(value).strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise HTTPException(400, f"'{name}' must be true or false, got {value!r}.")
+
+
+def _count(value: Any, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"'{name}' must be a whole number, got {value!r}.") from None
+    if not 0 <= number <= MAX_BEAMS:
+        raise HTTPException(400, f"'{name}' must be between 0 and {MAX_BEAMS}, got {number}.")
+    return number
+
+
+def image_bytes(request: Any) -> bytes:
+    """The image's bytes from a multipart form (field `image`) or a JSON object (`image`, base64).
+
+    Raises:
+        HTTPException: 400 when the field is missing, empty or not base64.
+    """
+    field = request.get("image") if hasattr(request, "get") else None
+    if field is None:
+        raise HTTPException(400, 'No image: send a multipart field \'image\' (a file) or JSON {"image": "<base64>"}.')
+    if hasattr(field, "file"):  # an uploaded file, kept in memory by RequestGuard
+        data = field.file.read()
+    elif isinstance(field, str):
+        text = field.split(",", 1)[1] if field.startswith("data:") else field  # a data URL is fine too
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, "'image' is not valid base64.") from None
+    else:
+        raise HTTPException(400, "'image' must be a file upload or a base64 string.")
+    if not data:
+        raise HTTPException(400, "The image is empty (0 bytes).")
+    return data
+
+
+class CaptionAPI(ls.LitAPI):
+    """Caption images with a checkpoint or an exported folder (see `captioner.serve.load_model`).
+
+    Args:
+        model_path: A checkpoint (`.ckpt`) or a folder written by `python -m captioner export`.
+        beam_size: Beams searched per image (None: the model's own setting).
+        beams: Alternatives returned when a request does not say (`beams` field).
+        max_pixels: Refuse images whose header declares more pixels (decompression bombs).
+        max_batch_size: Most requests captioned together.
+        batch_timeout: Seconds to wait for more requests to fill a batch.
+    """
+
+    def __init__(
+        self, model_path: str | Path, beam_size: int | None = None, beams: int = 3, max_pixels: int = 40_000_000,
+        max_batch_size: int = 16, batch_timeout: float = 0.01,
+    ) -> None:  # fmt: skip
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
+        self.model_path, self.beam_size, self.beams, self.max_pixels = str(model_path), beam_size, beams, max_pixels
+
+    def setup(self, device: str) -> None:
+        from captioner.serve import load_model
+
+        self.captioner = load_model(self.model_path, device, beam_size=self.beam_size)
+
+    def decode_request(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        data = image_bytes(request)
+        try:
+            image = open_image(data, self.max_pixels)
+        except TooManyPixelsError as error:
+            raise HTTPException(413, f"The image is too large to decode safely: {error} (--max_pixels).") from None
+        except DECODE_ERRORS as error:
+            message = str(error)
+            if "cannot identify image file" in message:
+                raise HTTPException(415, "Not an image, or a format this server cannot read (JPEG, PNG, BMP, "
+                                         "WebP, GIF).") from None  # fmt: skip
+            raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({message}).") from None
+        return {"image": image, "beams": _count(request.get("beams"), "beams", self.beams),
+                "attention": _flag(request.get("attention"), "attention"), "started": started,
+                "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
+
+    def batch(self, inputs: list[dict]) -> list[dict]:
+        return inputs
+
+    def predict(self, inputs: list[dict]) -> list[dict]:
+        started = time.perf_counter()
+        rows = self.captioner.describe([item["image"] for item in inputs], beams=max(i["beams"] for i in inputs),
+                                       attention=any(item["attention"] for item in inputs))  # fmt: skip
+        model_ms = 1000 * (time.perf_counter() - started)
+        return [{**row, "request": item, "model_ms": model_ms, "batch_size": len(inputs)}
+                for row, item in zip(rows, inputs)]  # fmt: skip
+
+    def unbatch(self, output: list[dict]) -> list[dict]:
+        return output
+
+    def encode_response(self, output: dict) -> dict[str, Any]:
+        request = output["request"]
+        response = {"caption": output["caption"], "score": round(output["score"], 5)}
+        if request["beams"]:
+            response["beams"] = [{"caption": b["caption"], "score": round(b["score"], 5)}
+                                 for b in output.get("beams", [])[: request["beams"]]]  # fmt: skip
+        if request["attention"]:
+            response["attention"] = output["attention"]
+        response["time_ms"] = {"decode": round(request["decode_ms"], 2), "model": round(output["model_ms"], 2),
+                               "total": round(1000 * (time.perf_counter() - request["started"]), 2),
+                               "batch_size": output["batch_size"]}  # fmt: skip
+        return response
