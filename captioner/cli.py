@@ -191,18 +191,17 @@ def caption_command(argv: list[str]) -> int:
     Returns:
         0 when every file was captioned, 1 when some could not be read.
     """
-    from captioner.inference import Captioner
+    from captioner.serve import load_model
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, or an exported folder")
     parser.add_argument("--beam_size", type=int, default=None, help="beams per image (default: the checkpoint's)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     options = parser.parse_args(argv)
-    captioner = Captioner.from_checkpoint(
-        options.ckpt_path, options.device, batch_size=options.batch_size, beam_size=options.beam_size
-    )
+    captioner = load_model(options.ckpt_path, options.device, beam_size=options.beam_size)
+    captioner.batch_size = options.batch_size
     failed = 0
     for prediction in captioner.iter_predict(options.paths):
         if prediction.error:
@@ -236,6 +235,11 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             from captioner.serve import serve_command
 
             serve_command(argv[1:])
+            return None
+        if argv[:1] == ["export"]:
+            from captioner.export import export_command
+
+            export_command(argv[1:])
             return None
         cli = CaptionerCLI(
             CaptionModel,

@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner.data.images import ImageFileDataset, collate_images, describe_error, load_any_image
+from captioner.data.images import ImageFileDataset, collate_images, load_any_image
 from captioner.data.preprocessing import DECODE_ERRORS
 from captioner.errors import CaptionerError
 from captioner.hardware import bf16_autocast_available
 from captioner.models.module import CaptionModel
+from captioner.pixels import describe_error
 
 ImageSource = str | Path | Image.Image | torch.Tensor
 

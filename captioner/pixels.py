@@ -13,13 +13,26 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # A truncated JPEG must fail loudly, not come back half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # Every way decoding a file can fail: one bad file must fail alone.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def describe_error(error: BaseException) -> str:
+    """A short, user-facing reason for an image that could not be read."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image (or an unsupported format)"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, (Image.DecompressionBombError, TooManyPixelsError)):
+        return f"too large to decode safely ({error})"
+    return f"unreadable image ({type(error).__name__}: {error})"
 
 
 class TooManyPixelsError(ValueError):
@@ -75,9 +88,31 @@ def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
     return matrix
 
 
+def _fixed_point(matrix: np.ndarray) -> tuple[np.ndarray, int]:
+    """The weights as integers with as many fractional bits as fit an int16, as torch's uint8 kernel keeps them."""
+    largest, precision = float(matrix.max()), 0
+    while precision < 15 and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = matrix * (1 << precision)
+    return np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64), precision
+
+
+def _resample(pixels: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """One pass of the separable resize along `axis` (2: width, 1: height) of `(C, H, W)` uint8, rounded to uint8."""
+    weights, precision = _fixed_point(_resize_matrix(pixels.shape[axis], size))
+    values = pixels.astype(np.int64)
+    summed = np.einsum("chw,ow->cho", values, weights) if axis == 2 else np.einsum("chw,oh->cow", values, weights)
+    return np.clip((summed + (1 << (precision - 1))) >> precision, 0, 255).astype(np.uint8)
+
+
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
-    """Squash an `(H, W, 3)` uint8 array to `(3, size, size)` uint8 with antialiased bilinear interpolation."""
-    rows, columns = _resize_matrix(image.shape[0], size), _resize_matrix(image.shape[1], size)
-    pixels = image.astype(np.float64).transpose(2, 0, 1)  # (3, H, W)
-    resized = rows @ pixels @ columns.T
-    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+    """Squash an `(H, W, 3)` uint8 array to `(3, size, size)` uint8 with antialiased bilinear interpolation.
+
+    As torch does it for uint8 images: fixed-point weights, the width first, rounded to uint8, then the height.
+    """
+    pixels = np.ascontiguousarray(image.transpose(2, 0, 1))
+    if pixels.shape[2] != size:
+        pixels = _resample(pixels, size, axis=2)
+    if pixels.shape[1] != size:
+        pixels = _resample(pixels, size, axis=1)
+    return pixels

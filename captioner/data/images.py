@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from captioner.data.preprocessing import DECODE_ERRORS, Preprocessing
+from captioner.pixels import describe_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -78,19 +79,6 @@ def load_any_image(source: str | Path | Image.Image | torch.Tensor, preprocessin
     if isinstance(source, torch.Tensor):
         return preprocessing.from_tensor(source)
     return preprocessing.from_file(source)
-
-
-def describe_error(error: BaseException) -> str:
-    """A short, user-facing reason for an image that could not be read."""
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image (or an unsupported format)"
-    if isinstance(error, PermissionError):
-        return "permission denied"
-    if isinstance(error, FileNotFoundError):
-        return "file not found"
-    if isinstance(error, Image.DecompressionBombError):
-        return f"too large to decode safely ({error})"
-    return f"unreadable image ({type(error).__name__}: {error})"
 
 
 class ImageFileDataset(Dataset):

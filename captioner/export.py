@@ -1,0 +1,215 @@
+"""Export a checkpoint to a self-describing ONNX folder that `captioner.runtime` captions with, torch-free.
+
+    python -m captioner export --ckpt_path best.ckpt --output captioner-onnx/ [--quantize int8] [--quantize_encoder]
+
+The folder holds three graphs with a dynamic batch: the encoder (uint8 images
+in, features out, normalisation inside), the decoder's `prepare` (features to
+the per-image context and the initial state) and its `step` (previous tokens,
+state and context in; log-probabilities and the new state out), so search
+runs outside the graphs. The manifest records the vocabulary, the
+preprocessing, the decoding settings, how the state and context are laid out,
+and each file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from captioner.errors import CaptionerError
+from captioner.files import write_json
+from captioner.models.module import CaptionModel
+from captioner.runtime import EXPORT_VERSION, MANIFEST
+
+log = logging.getLogger("captioner")
+OPSET = 17
+GRAPHS = {"encoder": "encoder.onnx", "prepare": "decoder_prepare.onnx", "step": "decoder_step.onnx"}
+
+
+def _tensors(tree, what: str) -> list[torch.Tensor]:
+    """A context or state as a flat list: one tensor, or a flat tuple of tensors (what export supports)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)) and all(isinstance(part, torch.Tensor) for part in tree):
+        return list(tree)
+    raise CaptionerError(
+        f"This decoder's {what} is not a tensor or a flat tuple of tensors, which ONNX export needs: flatten it "
+        "in the decoder (see captioner/models/decoders/base.py)."
+    )
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: CaptionModel) -> None:
+        super().__init__()
+        self.encoder, self.grid = model.encoder, model.decoder.features == "grid"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images, grid=self.grid)
+
+
+class _Prepare(nn.Module):
+    def __init__(self, model: CaptionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor):
+        decoder = self.model.decoder
+        context = decoder.prepare(self.model.image_features(features))  # zeros for the blind baseline
+        return (*_tensors(context, "context"), *_tensors(decoder.initial_state(context), "state"))
+
+
+class _Step(nn.Module):
+    def __init__(self, model: CaptionModel, states: int, contexts: int, context_is_tensor: bool,
+                 state_is_tensor: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.decoder, self.states, self.contexts = model.decoder, states, contexts
+        self.context_is_tensor, self.state_is_tensor = context_is_tensor, state_is_tensor
+        banned = torch.zeros(len(model.vocabulary), dtype=torch.bool)
+        banned[list(model.decoding.special.banned)] = True  # never generated, as in captioner.models.search
+        self.register_buffer("banned", banned)
+
+    def forward(self, tokens: torch.Tensor, *flat: torch.Tensor):
+        state, context = flat[: self.states], flat[self.states :]
+        state = state[0] if self.state_is_tensor else tuple(state)
+        context = context[0] if self.context_is_tensor else tuple(context)
+        logits, new_state = self.decoder.step(tokens, state, context)
+        logits = logits.float().masked_fill(self.banned, float("-inf"))
+        return (torch.log_softmax(logits, dim=-1), *_tensors(new_state, "state"))
+
+
+def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = None,
+                quantize_encoder: bool = False) -> Path:  # fmt: skip
+    """Write `model` as an ONNX folder (see the module docstring); the folder is complete or absent.
+
+    Args:
+        model: A model with its vocabulary (from a checkpoint).
+        output: The folder to create (must not exist, or be empty).
+        quantize: "int8": dynamic int8 quantisation (ONNX Runtime's) of the decoder graphs.
+        quantize_encoder: Quantise the encoder too (with `quantize`).
+
+    Raises:
+        CaptionerError: When the output folder holds anything, or the decoder cannot be exported.
+    """
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise CaptionerError(f"--output {output} already holds files: choose a new folder.")
+    model = model.cpu().eval()
+    decoder = model._require_decoder()
+    size = model.preprocessing.image_size
+    images = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    with torch.no_grad():
+        features = model.encoder(images, grid=decoder.features == "grid")
+        context = decoder.prepare(features)
+        state = decoder.initial_state(context)
+        tokens = torch.full((2,), model.vocabulary.start_index, dtype=torch.long)
+        _, state = decoder.step(tokens, state, context)  # one step: caches that grow are not empty when traced
+        contexts, states = _tensors(context, "context"), _tensors(state, "state")
+        expanded = decoder.expand_context(context, 3)
+    context_per_image = all(a.shape[0] == b.shape[0] for a, b in zip(_tensors(expanded, "context"), contexts))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    try:
+        names_state = [f"state{i}" for i in range(len(states))]
+        names_context = [f"context{i}" for i in range(len(contexts))]
+        # Every dimension that can vary is dynamic: rows, images, and (for growing caches) time.
+        dynamic = {name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_state, states)}
+        dynamic.update({f"new_{n}": {d: f"new_{n}_d{d}" for d in range(t.dim())} for n, t in zip(names_state, states)})
+        dynamic.update({name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_context, contexts)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(_Encoder(model).eval(), (images,), tmp / GRAPHS["encoder"], dynamo=False,
+                              input_names=["images"], output_names=["features"], opset_version=OPSET,
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})  # fmt: skip
+            torch.onnx.export(_Prepare(model).eval(), (features,), tmp / GRAPHS["prepare"], dynamo=False,
+                              input_names=["features"], output_names=[*names_context, *names_state],
+                              opset_version=OPSET,
+                              dynamic_axes={"features": {0: "images"}, **{n: {0: "images"} for n in
+                                                                          [*names_context, *names_state]}})  # fmt: skip
+            step = _Step(model, len(states), len(contexts), isinstance(context, torch.Tensor),
+                         isinstance(state, torch.Tensor)).eval()  # fmt: skip
+            torch.onnx.export(step, (tokens, *states, *contexts), tmp / GRAPHS["step"], dynamo=False,
+                              input_names=["tokens", *names_state, *names_context],
+                              output_names=["log_probs", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
+                              dynamic_axes={"tokens": {0: "rows"}, "log_probs": {0: "rows"}, **dynamic})  # fmt: skip
+        if quantize == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            for name in ("prepare", "step", *(("encoder",) if quantize_encoder else ())):
+                path = tmp / GRAPHS[name]
+                quantize_dynamic(path, path.with_suffix(".int8.onnx"), weight_type=QuantType.QInt8)
+                path.with_suffix(".int8.onnx").replace(path)
+        elif quantize is not None:
+            raise CaptionerError(f"--quantize {quantize!r}: only int8 is supported.")
+        meta = model.checkpoint_meta()
+        manifest = {
+            "version": EXPORT_VERSION,
+            "graphs": GRAPHS,
+            "decoder": meta["decoder"],
+            "encoder": meta["encoder"],
+            "features": decoder.features,
+            "preprocessing": meta["preprocessing"],
+            "vocabulary": meta["vocabulary"],
+            "decoding": meta["decoding"],
+            "blind": meta["blind"],
+            "state_count": len(states),
+            "context_count": len(contexts),
+            "context_per_image": context_per_image,
+            "quantized": {"int8": quantize == "int8", "encoder": bool(quantize == "int8" and quantize_encoder)},
+            "opset": OPSET,
+            "files": {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in GRAPHS.values()},
+        }
+        (tmp / "README.md").write_text(_readme(manifest), encoding="utf-8")
+        write_json(tmp / MANIFEST, manifest)
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _readme(manifest: dict) -> str:
+    decoder = manifest["decoder"]["class_path"].rsplit(".", 1)[-1]
+    size = manifest["preprocessing"]["image_size"]
+    quantized = "int8 (dynamic) decoder" + (" and encoder" if manifest["quantized"]["encoder"] else "")
+    return f"""# An exported captioner
+
+A {decoder} over {manifest["encoder"]["backbone"]} features, exported by `python -m captioner export`.
+Precision: {quantized if manifest["quantized"]["int8"] else "fp32"}.
+
+Caption with ONNX Runtime, NumPy and Pillow only (no torch):
+
+    pip install --no-deps captioner onnxruntime numpy pillow
+    python -c "from captioner.runtime import OnnxCaptioner; print(OnnxCaptioner('.').caption(['photo.jpg']))"
+
+or serve it: `python -m captioner serve --ckpt_path <this folder>`.
+
+Files: `encoder.onnx` (uint8 images `(B, 3, {size}, {size})` to features), `decoder_prepare.onnx` (features to
+the context and the initial state), `decoder_step.onnx` (previous tokens, state and context to log-probabilities
+and the next state), `manifest.json` (vocabulary, preprocessing, decoding settings, the SHA-256 of each file,
+checked on load). Preprocessing: decode the whole image, RGB (transparency on white), squash to {size} x {size}
+with antialiased bilinear interpolation; the encoder graph normalises.
+"""
+
+
+def export_command(argv: list[str]) -> int:
+    """`python -m captioner export --ckpt_path CKPT --output FOLDER [--quantize int8] [--quantize_encoder]`."""
+    parser = argparse.ArgumentParser(prog="python -m captioner export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
+    parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 quantisation of the decoder")
+    parser.add_argument("--quantize_encoder", action="store_true", help="with --quantize, the encoder too")
+    options = parser.parse_args(argv)
+    model = CaptionModel.from_checkpoint(options.ckpt_path)
+    folder = export_onnx(model, options.output, options.quantize, options.quantize_encoder)
+    print(f"Exported to {folder} ({', '.join(sorted(json.loads((folder / MANIFEST).read_text())['files']))})")
+    return 0

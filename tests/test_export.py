@@ -1,0 +1,140 @@
+"""ONNX export and the torch-free runtime: same captions as PyTorch, checked folders, no torch imported."""
+
+import functools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.data.vocab import Vocabulary
+from captioner.errors import CaptionerError
+from captioner.export import export_onnx
+from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
+from captioner.models.module import CaptionModel
+from captioner.runtime import OnnxCaptioner
+from tests.conftest import TESTS
+from tests.plugins import GRUDecoder
+
+ROOT = TESTS.parent
+DECODERS = {
+    "lstm": functools.partial(LSTMDecoder, embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0),
+    "attention": functools.partial(AttentionDecoder, embed_dim=16, hidden_dim=24, attention_dim=12, dropout=0.0),
+    "transformer": functools.partial(TransformerDecoder, width=16, layers=2, heads=2, dropout=0.0),
+}
+
+
+def untrained(kind: str, scenes) -> CaptionModel:
+    """A model with random weights over the scenes' words: parity does not need a trained one."""
+    torch.manual_seed(0)
+    payload = json.loads((scenes / "captions.json").read_text())
+    vocabulary = Vocabulary.build([a["caption"] for a in payload["annotations"]], min_count=1, max_length=12)
+    model = CaptionModel(DECODERS[kind], backbone="resnet18", weights=None, image_size=64, beam_size=3)
+    model.build(vocabulary)
+    with torch.no_grad():
+        model.decoder.head.weight.mul_(4)  # peaked, varied distributions: captions that differ between images
+        if kind == "transformer":
+            model.decoder.project_regions.weight.mul_(20)  # a random Transformer barely looks at the image
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_source, tmp_path):
+    model = untrained(kind, scenes_source)
+    folder = export_onnx(model, tmp_path / "onnx")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "decoder_prepare.onnx", "decoder_step.onnx",
+                                                        "encoder.onnx", "manifest.json"]  # fmt: skip
+    images = sorted((scenes_source / "Images").iterdir())[:40]
+    runtime, reference = OnnxCaptioner(folder), Captioner(model, batch_size=16)
+    pixels = torch.stack([model.preprocessing.from_file(p) for p in images])
+    for beam_size in (1, 3):
+        runtime.beam_size = reference.beam_size = beam_size
+        # End to end (each side decoding and resizing the files itself): the same captions.
+        ours, theirs = runtime.predict(images), reference.predict(images)
+        assert np.mean([a.caption == b.caption for a, b in zip(ours, theirs)]) >= 0.99, (kind, beam_size)
+        assert len({b.caption for b in theirs}) > 3  # captions that differ between images, not one for all
+        # The graphs and the search alone, on the same pixels: the same captions and log-probabilities.
+        captions, scores = runtime.caption_pixels(pixels.numpy())
+        expected, expected_scores = reference.model.caption_images(pixels, beam_size)
+        assert captions == expected, (kind, beam_size)
+        assert np.abs(np.array(scores) - np.array(expected_scores)).max() < 1e-3, (kind, beam_size)
+    with torch.no_grad():
+        features = model.encode_images(pixels[:8]).numpy()
+    np.testing.assert_allclose(runtime.features(pixels[:8].numpy()), features, atol=1e-4, rtol=1e-4)
+
+
+def test_the_runtime_imports_and_captions_without_torch(trained, scenes_source, tmp_path):
+    checkpoint, _ = trained
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "onnx")])
+    image = sorted((scenes_source / "Images").iterdir())[0]
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'torchmetrics'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "from captioner.runtime import OnnxCaptioner\n"
+        f"captioner = OnnxCaptioner({str(tmp_path / 'onnx')!r})\n"
+        f"print(captioner.caption({str(image)!r})[0])\n"
+        "loaded = [n for n, m in sys.modules.items() if m is not None and n.split('.')[0] in ('torch', 'lightning')]\n"
+        "print(sorted(loaded))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    caption, imported = result.stdout.strip().splitlines()
+    assert caption == Captioner.from_checkpoint(checkpoint, device="cpu").caption(image)[0]
+    assert imported == "[]"
+
+
+def test_caption_command_takes_an_exported_folder(trained, scenes_source, tmp_path, capsys):
+    checkpoint, _ = trained
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "onnx"), "--quantize", "int8"])
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["quantized"] == {"int8": True, "encoder": False}
+    image = sorted((scenes_source / "Images").iterdir())[0]
+    (tmp_path / "bad.jpg").write_text("not a picture")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(image), str(tmp_path / "bad.jpg"), "--ckpt_path", str(tmp_path / "onnx")])
+    out = capsys.readouterr()
+    lines = out.out.splitlines()[1:]  # after the export's own line
+    assert exit_info.value.code == 1 and lines[0].startswith(f"{image}: ") and "bad.jpg: ERROR not an image" in lines[1]
+
+
+def test_a_folder_is_checked_when_loaded(trained, tmp_path):
+    checkpoint, _ = trained
+    folder = export_onnx(CaptionModel.from_checkpoint(str(checkpoint)), tmp_path / "onnx")
+    data = bytearray((folder / "decoder_step.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "decoder_step.onnx").write_bytes(bytes(data))
+    with pytest.raises(CaptionerError, match=r"decoder_step.onnx was altered"):
+        OnnxCaptioner(folder)
+    (folder / "decoder_step.onnx").unlink()
+    with pytest.raises(CaptionerError, match="lacks decoder_step.onnx"):
+        OnnxCaptioner(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(CaptionerError, match="has no manifest.json"):
+        OnnxCaptioner(folder)
+    with pytest.raises(CaptionerError, match="already holds files"):
+        export_onnx(CaptionModel.from_checkpoint(str(checkpoint)), folder)
+
+
+class NestedStateDecoder(GRUDecoder):
+    """A decoder whose state is a dict: fine for search in PyTorch, not a flat list of tensors for ONNX."""
+
+    def initial_state(self, context):
+        return {"hidden": context}
+
+    def step(self, tokens, state, context):
+        logits, hidden = super().step(tokens, state["hidden"], context)
+        return logits, {"hidden": hidden}
+
+
+def test_a_model_that_cannot_be_exported_says_why(scenes_source, tmp_path):
+    model = CaptionModel(NestedStateDecoder, backbone="resnet18", weights=None, image_size=32)
+    model.build(Vocabulary(["a", "b"], max_length=4))
+    with pytest.raises(CaptionerError, match="state is not a tensor or a flat tuple of tensors"):
+        export_onnx(model.eval(), tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx*"))  # nothing half-written left
