@@ -5,14 +5,15 @@ Runtime, numpy and pillow only) imports on machines without torch.
 """
 
 from captioner.errors import CaptionerError
+from captioner.predictions import Prediction
 
 __version__ = "0.2.0"
 __all__ = ["Captioner", "CaptionerError", "Prediction", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("Captioner", "Prediction"):
-        from captioner import inference
+    if name == "Captioner":
+        from captioner.inference import Captioner
 
-        return getattr(inference, name)
+        return Captioner
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")

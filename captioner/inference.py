@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,30 +16,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.data.images import ImageFileDataset, collate_images, load_any_image
-from captioner.data.preprocessing import DECODE_ERRORS
 from captioner.errors import CaptionerError
 from captioner.hardware import bf16_autocast_available
 from captioner.models.module import CaptionModel
-from captioner.pixels import describe_error
+from captioner.predictions import Prediction, predict_in_batches
 
 ImageSource = str | Path | Image.Image | torch.Tensor
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's caption, or why it has none.
-
-    Attributes:
-        source: The path (as given) or a description of an in-memory image.
-        caption: The caption, None when the image could not be read.
-        score: The model's log-probability of the caption.
-        error: Why the image could not be read, else None.
-    """
-
-    source: str
-    caption: str | None
-    score: float | None
-    error: str | None = None
 
 
 def attention_as_lists(row: dict, attention: bool) -> dict:
@@ -136,21 +117,8 @@ class Captioner:
         if items and all(isinstance(item, (str, Path)) for item in items):
             yield from self._predict_files([Path(item) for item in items])
             return
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            tensors, results = [], []
-            for offset, item in enumerate(chunk):
-                name = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{start + offset}>"
-                try:
-                    tensors.append(load_any_image(item, self.preprocessing))
-                    results.append(Prediction(name, None, None))
-                except DECODE_ERRORS as error:
-                    results.append(Prediction(name, None, None, describe_error(error)))
-            if tensors:
-                captions, scores = self.caption_tensor(torch.stack(tensors))
-                ready = iter(zip(captions, scores))
-                results = [r if r.error else Prediction(r.source, *next(ready)) for r in results]
-            yield from results
+        yield from predict_in_batches(items, self.batch_size, lambda item: load_any_image(item, self.preprocessing),
+                                      lambda tensors: self.caption_tensor(torch.stack(tensors)))  # fmt: skip
 
     def _predict_files(self, paths: Sequence[Path]) -> Iterator[Prediction]:
         loader = DataLoader(

@@ -17,27 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from captioner.errors import CaptionerError
-from captioner.pixels import DECODE_ERRORS, describe_error, open_image, resize_array, to_rgb
+from captioner.pixels import open_image, resize_array, to_rgb
+from captioner.predictions import Prediction, predict_in_batches
 
 EXPORT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's caption, or why it has none (the same fields as `captioner.Prediction`)."""
-
-    source: str
-    caption: str | None
-    score: float | None
-    error: str | None = None
 
 
 def _digest(path: Path) -> str:
@@ -232,21 +222,8 @@ class OnnxCaptioner:
     # ------------------------------------------------------------ the Captioner interface
     def iter_predict(self, images: Iterable) -> Iterator[Prediction]:
         """Caption paths, bytes or PIL images batch by batch; an unreadable one gets an error, the rest go on."""
-        items = list(images)
-        for start in range(0, len(items), self.batch_size):
-            chunk, pixels, results = items[start : start + self.batch_size], [], []
-            for offset, item in enumerate(chunk):
-                name = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{start + offset}>"
-                try:
-                    pixels.append(self._pixels(item))
-                    results.append(Prediction(name, None, None))
-                except DECODE_ERRORS as error:
-                    results.append(Prediction(name, None, None, describe_error(error)))
-            if pixels:
-                captions, scores = self.caption_pixels(np.stack(pixels))
-                ready = iter(zip(captions, scores))
-                results = [r if r.error else Prediction(r.source, *next(ready)) for r in results]
-            yield from results
+        yield from predict_in_batches(list(images), self.batch_size, self._pixels,
+                                      lambda pixels: self.caption_pixels(np.stack(pixels)))  # fmt: skip
 
     def predict(self, images: Iterable) -> list[Prediction]:
         """Caption every image; unreadable ones get an error instead of stopping the rest."""

@@ -362,6 +362,117 @@ def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: 
     return {"captions_per_s": count / (time.perf_counter() - started), "words": int(tokens.shape[1])}
 
 
+def write_checkpoint(path: str) -> dict:
+    """The benchmark's LSTM model as a checkpoint file (what `serve` and `export` take)."""
+    import torch
+
+    model = _model("lstm")
+    torch.save({"state_dict": model.state_dict(), "captioner": model.checkpoint_meta()}, path)
+    return {"written": path}
+
+
+def export_models(checkpoint: str, folder: str) -> dict:
+    """Export the checkpoint three ways: fp32, int8 decoder, int8 decoder and encoder."""
+    from captioner.export import export_onnx
+    from captioner.models.module import CaptionModel
+
+    for name, quantize, encoder in (("fp32", None, False), ("int8", "int8", False), ("int8-all", "int8", True)):
+        export_onnx(CaptionModel.from_checkpoint(checkpoint), Path(folder) / name, quantize, encoder)
+    return {"exported": folder}
+
+
+def onnx_extract(folder: str, images_dir: str, names: list[str], batch_size: int) -> dict:
+    """ONNX Runtime extraction, file to features: decode and resize (NumPy), then the encoder graph."""
+    from captioner.runtime import OnnxCaptioner
+
+    runtime = OnnxCaptioner(folder)
+    paths = [Path(images_dir) / name for name in names]
+    runtime.features(np.stack([runtime._pixels(p) for p in paths[:2]]))  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        runtime.features(np.stack([runtime._pixels(p) for p in paths[start : start + batch_size]]))
+    return {"images_per_s": len(paths) / (time.perf_counter() - started), "images": len(paths)}
+
+
+def onnx_decode(folder: str, features_file: str, count: int, beam_size: int, batch_size: int) -> dict:
+    """ONNX Runtime decoding of cached features, search in NumPy."""
+    from captioner.runtime import OnnxCaptioner
+
+    runtime = OnnxCaptioner(folder)
+    features = np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32)
+    runtime.beam(features[:batch_size], beam_size)  # warm-up
+    started, lengths = time.perf_counter(), []
+    for start in range(0, count, batch_size):
+        lengths.append(runtime.beam(features[start : start + batch_size], beam_size)[2])
+    return {"captions_per_s": count / (time.perf_counter() - started),
+            "mean_length": float(np.concatenate(lengths).mean())}  # fmt: skip
+
+
+def api_throughput(checkpoint: str, images_dir: str, names: list[str], batch_size: int) -> dict:
+    """The Captioner API's own batch throughput and its time for one image, on the files the server gets."""
+    from captioner import Captioner
+
+    captioner = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=batch_size)
+    paths = [Path(images_dir) / name for name in names]
+    captioner.predict(paths[:2])  # warm-up
+    started = time.perf_counter()
+    captioner.predict(paths)
+    batch_rate = len(paths) / (time.perf_counter() - started)
+    singles = []
+    for path in paths[:20]:
+        started = time.perf_counter()
+        captioner.predict([path])
+        singles.append(time.perf_counter() - started)
+    return {"images_per_s": batch_rate, "single_ms": 1000 * float(np.median(singles))}
+
+
+def server_throughput(checkpoint: str, images_dir: str, names: list[str], clients: int, batch_size: int) -> dict:
+    """`python -m captioner serve` on 127.0.0.1: images/s with `clients` concurrent clients, and one-request latency."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "captioner", "serve", "--ckpt_path", checkpoint, "--port", str(port), "--device",
+               "cpu", "--max_batch_size", str(batch_size), "--batch_timeout", "0.005", "--beams", "0"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).text == "ok":
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        bodies = [(Path(images_dir) / name).read_bytes() for name in names]
+        with httpx.Client(timeout=300) as client:
+
+            def ask(data: bytes) -> float:
+                started = time.perf_counter()
+                response = client.post(f"{url}/predict", files={"image": ("image.jpg", data)}, data={"beams": "0"})
+                response.raise_for_status()
+                return time.perf_counter() - started
+
+            for data in bodies[:3]:
+                ask(data)  # warm-up
+            latencies = [ask(data) for data in bodies[:20]]
+            with ThreadPoolExecutor(clients) as pool:
+                started = time.perf_counter()
+                list(pool.map(ask, bodies))
+                rate = len(bodies) / (time.perf_counter() - started)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    return {"images_per_s": rate, "single_ms": 1000 * float(np.median(latencies)), "clients": clients}
+
+
 # ------------------------------------------------------------------ phases: the original approach
 def original_extract(images_dir: str, names: list[str], work: str, device: str) -> dict:
     import torch
@@ -427,6 +538,7 @@ SIZES = {
         original_images_per_batch=4,
         decode=512,
         original_decode=3,
+        serve=48,
     ),
     "full": dict(
         images=256,
@@ -438,6 +550,7 @@ SIZES = {
         original_images_per_batch=8,
         decode=4096,
         original_decode=10,
+        serve=128,
     ),
 }
 
@@ -564,6 +677,30 @@ def main() -> None:
                 words=20, cached=cached,
             )  # fmt: skip
 
+        # Exported: ONNX Runtime on the CPU, fp32 and dynamic int8, against PyTorch and the original.
+        if not cuda:
+            checkpoint, exported = str(tmp / "model.ckpt"), tmp / "onnx"
+            run_phase("write a checkpoint", write_checkpoint, path=checkpoint)
+            run_phase("export to ONNX (fp32, int8)", export_models, checkpoint=checkpoint, folder=str(exported))
+            for precision in ("fp32", "int8", "int8-all"):
+                r[f"onnx_extract_{precision}"] = run_phase(
+                    f"onnx: extraction, {precision}", onnx_extract, folder=str(exported / precision),
+                    images_dir=images_dir, names=names, batch_size=8)  # fmt: skip
+            for precision in ("fp32", "int8"):
+                for key, beam_size in (("greedy", 1), ("beam3", 3)):
+                    r[f"onnx_{key}_{precision}"] = run_phase(
+                        f"onnx: {key} decoding, {precision}", onnx_decode, folder=str(exported / precision),
+                        features_file=str(large), count=sizes["decode"], beam_size=beam_size,
+                        batch_size=decode_batch,
+                    )  # fmt: skip
+            # Serving: the server under 32 concurrent clients against the Python API's batches, same files.
+            served = (names * ((sizes["serve"] + len(names) - 1) // len(names)))[: sizes["serve"]]
+            r["api"] = run_phase("api: Captioner batches", api_throughput, checkpoint=checkpoint,
+                                 images_dir=images_dir, names=served, batch_size=16)  # fmt: skip
+            r["server"] = run_phase("server: 32 concurrent clients", server_throughput, checkpoint=checkpoint,
+                                    images_dir=images_dir, names=served, clients=32, batch_size=16)  # fmt: skip
+            r["server"]["overhead_ms"] = r["server"]["single_ms"] - r["api"]["single_ms"]
+
     print_report(r, sizes, len(names), hardware, options.json)
 
 
@@ -595,6 +732,24 @@ SECTIONS = (
     )),
     ("Transformer greedy decoding of 20 words", "kv cache", "recomputed", (
         ("captions/s", "prefix_cached", "prefix_recomputed", "captions_per_s"),
+    )),
+    ("exported, ONNX Runtime (CPU), against the original approach", "ONNX", "original", (
+        ("extraction fp32 (images/s)", "onnx_extract_fp32", "orig_extract", "images_per_s"),
+        ("extraction int8 (images/s)", "onnx_extract_int8-all", "orig_extract", "images_per_s"),
+        ("greedy fp32 (captions/s)", "onnx_greedy_fp32", "orig_decode", "captions_per_s"),
+        ("greedy int8 (captions/s)", "onnx_greedy_int8", "orig_decode", "captions_per_s"),
+        ("beam-3 fp32 (captions/s)", "onnx_beam3_fp32", "orig_decode", "captions_per_s"),
+        ("beam-3 int8 (captions/s)", "onnx_beam3_int8", "orig_decode", "captions_per_s"),
+    )),
+    ("exported, ONNX Runtime, against PyTorch", "ONNX", "PyTorch", (
+        ("extraction fp32 (images/s)", "onnx_extract_fp32", "extract", "images_per_s"),
+        ("extraction int8 (images/s)", "onnx_extract_int8-all", "extract", "images_per_s"),
+        ("greedy int8 (captions/s)", "onnx_greedy_int8", "greedy", "captions_per_s"),
+        ("beam-3 int8 (captions/s)", "onnx_beam3_int8", "beam3", "captions_per_s"),
+    )),
+    ("serving, same images", "server", "API", (
+        ("32 clients vs batches (images/s)", "server", "api", "images_per_s"),
+        ("one request vs the model (ms)", "server", "api", "single_ms"),
     )),
 )  # fmt: skip
 TABLE = SECTIONS[0][3]

@@ -36,7 +36,7 @@ TRANSFORMER = ["--model.decoder", "captioner.models.decoders.TransformerDecoder"
                "--model.decoder.layers", "2", "--model.decoder.heads", "4", "--model.decoder.ffn_dim", "512",
                "--model.decoder.dropout", "0.1", "--model.lr", "0.001", "--model.warmup_steps", "100"]  # fmt: skip
 DANGLING = {"a", "an", "the", "of", "on", "with", "and", "in"}
-SCST = ["--model.objective", "captioner.models.objectives.SelfCritical", "--model.lr", "0.00005",
+SCST = ["--model.objective", "captioner.models.objectives.SelfCritical", "--model.lr", "0.0005",
         "--model.warmup_steps", "0", "--trainer.max_epochs", "4", "--data.batch_size", "64"]  # fmt: skip
 RUNS = {
     "pooled LSTM": [],

@@ -1,0 +1,79 @@
+"""Compare a demo checkpoint with its ONNX exports on the demo's held-out test images.
+
+    python scripts/export_check.py runs/demo/captioner-demo/<run>/checkpoints/<best>.ckpt
+
+Exports the checkpoint three ways (fp32; int8 decoder; int8 decoder and
+encoder), captions the 200 held-out test images of `configs/demo.yaml` with
+PyTorch and with ONNX Runtime (beam 3, and greedy), and prints the COCO
+caption metrics (pycocoevalcap, raw references) of each side by side, with
+the share of captions identical to PyTorch's.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from captioner import Captioner  # noqa: E402
+from captioner.data.datamodule import CaptionDataModule  # noqa: E402
+from captioner.data.prepared import PreparedData  # noqa: E402
+from captioner.data.splits import load_splits  # noqa: E402
+from captioner.evaluation import evaluate_captions  # noqa: E402
+from captioner.export import export_onnx  # noqa: E402
+from captioner.models.module import CaptionModel  # noqa: E402
+from captioner.runtime import OnnxCaptioner  # noqa: E402
+
+
+def demo_test_set() -> tuple[list[Path], list[list[str]]]:
+    """The demo's held-out test images and their raw references, from its prepared data."""
+    settings = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["data"]
+    keys = ("data_dir", "synthetic_images", "work_dir", "val_size", "test_size", "min_word_count", "backbone",
+            "weights", "image_size")  # fmt: skip
+    datamodule = CaptionDataModule(**{key: settings[key] for key in keys if key in settings})
+    prepared = PreparedData.for_settings(datamodule.work_dir, datamodule.preparation_settings())
+    images_dir = Path(prepared.read_dataset()["images_dir"])
+    test = load_splits(prepared.splits_file)[0]["test"]
+    return [images_dir / record.file_name for record in test], [list(record.captions) for record in test]
+
+
+def main(checkpoint: str) -> None:
+    paths, references = demo_test_set()
+    torch_side = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=50)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runtimes = {}
+        for name, quantize, encoder in (("ONNX fp32", None, False), ("ONNX int8 decoder", "int8", False),
+                                        ("ONNX int8 all", "int8", True)):  # fmt: skip
+            folder = export_onnx(CaptionModel.from_checkpoint(checkpoint), Path(tmp) / name.replace(" ", "_"),
+                                 quantize, encoder)  # fmt: skip
+            runtimes[name] = OnnxCaptioner(folder, batch_size=50)
+        for beam_size in (3, 1):
+            torch_side.beam_size = beam_size
+            reference = [p.caption for p in torch_side.predict(paths)]
+            sides = {"PyTorch fp32": reference}
+            for name, runtime in runtimes.items():
+                runtime.beam_size = beam_size
+                sides[name] = [p.caption for p in runtime.predict(paths)]
+            for name, captions in sides.items():
+                rows = [{"file_name": str(p), "caption": c, "references": refs}
+                        for p, c, refs in zip(paths, captions, references)]  # fmt: skip
+                scores = evaluate_captions(rows)["scores"]
+                identical = 100 * sum(a == b for a, b in zip(captions, reference)) / len(paths)
+                results[(beam_size, name)] = {"CIDEr": scores["CIDEr"], "BLEU-4": scores["BLEU-4"],
+                                              "identical to PyTorch (%)": identical}  # fmt: skip
+    print(f"\n{'held-out demo test (200 images)':<34}{'CIDEr':>9}{'BLEU-4':>9}{'same as PyTorch':>17}")
+    for (beam_size, name), row in results.items():
+        label = f"{name}, {'greedy' if beam_size == 1 else f'beam {beam_size}'}"
+        print(f"{label:<34}{row['CIDEr']:>9.2f}{row['BLEU-4']:>9.2f}{row['identical to PyTorch (%)']:>16.1f}%")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    main(sys.argv[1])
