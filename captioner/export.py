@@ -115,7 +115,8 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         contexts, states = _tensors(context, "context"), _tensors(state, "state")
         expanded = decoder.expand_context(context, 3)
     context_per_image = all(a.shape[0] == b.shape[0] for a, b in zip(_tensors(expanded, "context"), contexts))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))  # renamed into place when complete
     try:
         names_state = [f"state{i}" for i in range(len(states))]
         names_context = [f"context{i}" for i in range(len(contexts))]

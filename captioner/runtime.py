@@ -158,9 +158,14 @@ class OnnxCaptioner:
 
     def beam(self, features: np.ndarray, beam_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Beam search, the greedy caption kept as a candidate (as in `captioner.models.search.beam_search`)."""
+        return self.beams(features, beam_size)[0]
+
+    def beams(self, features: np.ndarray, beam_size: int):
+        """Beam search: the best caption per image (tokens, log-probabilities, lengths), and every final beam ranked
+        best first (tokens `(B, beams, T)` and log-probabilities `(B, beams)`; None for greedy decoding)."""
         greedy = self.greedy(features)
         if beam_size <= 1:
-            return greedy
+            return greedy, None
         batch, k = features.shape[0], beam_size
         state, context = self._start(features, k)
         scores = np.full((batch, k), -np.inf, dtype=np.float32)
@@ -191,6 +196,8 @@ class OnnxCaptioner:
             if finished.all():
                 break
         ranked = self._normalised(scores, lengths)
+        order = np.argsort(-ranked, axis=1, kind="stable")
+        all_beams = (np.take_along_axis(history, order[..., None], axis=1), np.take_along_axis(scores, order, axis=1))
         best = ranked.argmax(axis=1)
         rows = np.arange(batch)
         tokens, best_scores, best_lengths = history[rows, best], scores[rows, best], lengths[rows, best]
@@ -198,8 +205,9 @@ class OnnxCaptioner:
         wins = self._normalised(greedy_scores, greedy_lengths) > ranked[rows, best]
         width = max(tokens.shape[1], greedy_tokens.shape[1])
         pad = lambda t: np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=self.pad)  # noqa: E731
-        return (np.where(wins[:, None], pad(greedy_tokens), pad(tokens)), np.where(wins, greedy_scores, best_scores),
-                np.where(wins, greedy_lengths, best_lengths))  # fmt: skip
+        best_result = (np.where(wins[:, None], pad(greedy_tokens), pad(tokens)), np.where(wins, greedy_scores,
+                       best_scores), np.where(wins, greedy_lengths, best_lengths))  # fmt: skip
+        return best_result, all_beams
 
     def decode(self, tokens: np.ndarray) -> list[str]:
         """Words up to the first `<end>`, specials left out."""
@@ -244,13 +252,18 @@ class OnnxCaptioner:
         return [prediction.caption for prediction in predictions]
 
     def describe(self, images: Sequence[Image.Image], beams: int = 0, attention: bool = False) -> list[dict]:
-        """What the server returns for decoded images (attention maps need the checkpoint: None here)."""
-        pixels = np.stack([self._pixels(image) for image in images])
-        captions, scores = self.caption_pixels(pixels)
+        """What the server returns for decoded images: caption, score and, with `beams`, the ranked beams
+        (attention maps need the checkpoint: None here)."""
+        features = self.features(np.stack([self._pixels(image) for image in images]))
+        (tokens, scores, _), ranked = self.beams(features, self.beam_size)
         rows = []
-        for caption, score in zip(captions, scores):
+        for index, (caption, score) in enumerate(zip(self.decode(tokens), scores.tolist())):
             row = {"caption": caption, "score": score, "attention": None}
             if beams:
-                row["beams"] = [{"caption": caption, "score": score}]
+                if ranked is None:
+                    row["beams"] = [{"caption": caption, "score": score}]
+                else:
+                    texts, values = self.decode(ranked[0][index]), ranked[1][index].tolist()
+                    row["beams"] = [{"caption": t, "score": v} for t, v in zip(texts, values)][:beams]
             rows.append(row)
         return rows

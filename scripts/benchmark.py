@@ -655,12 +655,13 @@ def main() -> None:
         # The Transformer on the grid of regions, against the LSTM on the same images.
         grid = make_feature_file(tmp / "grid.npy", extracted, sizes["train_small"], regions=GRID_REGIONS)
         count = min(sizes["decode"], sizes["train_small"])
-        for name in ("transformer", "transformer-512"):
+        for name, share in (("transformer", 1), ("transformer-512", 4)):  # the large one on a quarter: rates only
+            steps = {**train, "steps": max(5, train["steps"] // share)}
             r[f"train_{name}"] = run_phase(f"ours: training, {name}", ours_train, features_file=str(grid),
-                                           images=sizes["train_small"], decoder=name, **train)  # fmt: skip
+                                           images=sizes["train_small"], decoder=name, **steps)  # fmt: skip
             r[f"beam3_{name}"] = run_phase(f"ours: beam-3 decoding, {name}", ours_decode, features_file=str(grid),
-                                           count=count, device=device, beam_size=3, batch_size=decode_batch // 4,
-                                           decoder=name)  # fmt: skip
+                                           count=count // share, device=device, beam_size=3,
+                                           batch_size=decode_batch // 4, decoder=name)  # fmt: skip
         r["train_transformer_per_image"] = run_phase("ours: training, transformer, per-image items", ours_train,
                                                      features_file=str(grid), images=sizes["train_small"],
                                                      decoder="transformer", per_image=True, **train)  # fmt: skip

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
@@ -65,6 +66,12 @@ def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_sou
     with torch.no_grad():
         features = model.encode_images(pixels[:8]).numpy()
     np.testing.assert_allclose(runtime.features(pixels[:8].numpy()), features, atol=1e-4, rtol=1e-4)
+    # What the server returns: the same caption and the same ranked beams.
+    pictures = [Image.open(path) for path in images[:4]]
+    for ours, theirs in zip(runtime.describe(pictures, beams=3), reference.describe(pictures, beams=3)):
+        assert ours["caption"] == theirs["caption"]
+        assert [b["caption"] for b in ours["beams"]] == [b["caption"] for b in theirs["beams"]]
+        assert ours["attention"] is None  # attention maps need the checkpoint
 
 
 def test_the_runtime_imports_and_captions_without_torch(trained, scenes_source, tmp_path):
