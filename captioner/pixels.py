@@ -98,10 +98,22 @@ def _fixed_point(matrix: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _resample(pixels: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """One pass of the separable resize along `axis` (2: width, 1: height) of `(C, H, W)` uint8, rounded to uint8."""
+    """One pass of the separable resize along `axis` (2: width, 1: height) of `(C, H, W)` uint8, rounded to uint8.
+
+    Each output pixel reads only its few taps (a window about twice the scale wide), gathered at once.
+    """
     weights, precision = _fixed_point(_resize_matrix(pixels.shape[axis], size))
-    values = pixels.astype(np.int64)
-    summed = np.einsum("chw,ow->cho", values, weights) if axis == 2 else np.einsum("chw,oh->cow", values, weights)
+    nonzero = weights != 0
+    starts = nonzero.argmax(axis=1)
+    taps = int((nonzero.shape[1] - nonzero[:, ::-1].argmax(axis=1) - starts).max())
+    wanted = starts[:, None] + np.arange(taps)  # (size, taps); past the edge only where the window is cut short
+    index = np.minimum(wanted, pixels.shape[axis] - 1)
+    tap_weights = (np.take_along_axis(weights, index, axis=1) * (wanted < pixels.shape[axis])).astype(np.int32)
+    values = np.take(pixels, index, axis=axis).astype(np.int32)  # (C, size, taps, W) or (C, H, size, taps)
+    if axis == 2:
+        summed = (values * tap_weights).sum(axis=-1)
+    else:
+        summed = (values * tap_weights[:, :, None]).sum(axis=2)
     return np.clip((summed + (1 << (precision - 1))) >> precision, 0, 255).astype(np.uint8)
 
 

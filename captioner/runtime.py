@@ -183,8 +183,10 @@ class OnnxCaptioner:
             done_row[self.pad] = 0.0
             log_probs = np.where(finished[..., None], done_row, log_probs)
             candidates = (scores[..., None] + log_probs).reshape(batch, k * vocab)
-            flat = np.argsort(-candidates, axis=1, kind="stable")[:, :k]
-            scores = np.take_along_axis(candidates, flat, axis=1)
+            top = np.argpartition(-candidates, k - 1, axis=1)[:, :k]  # the k best, unordered: no full sort
+            top_scores = np.take_along_axis(candidates, top, axis=1)
+            ranking = np.argsort(-top_scores, axis=1, kind="stable")
+            flat, scores = np.take_along_axis(top, ranking, axis=1), np.take_along_axis(top_scores, ranking, axis=1)
             beam, token = flat // vocab, flat % vocab
             history = np.concatenate([np.take_along_axis(history, beam[..., None], axis=1), token[..., None]], 2)
             was_finished = np.take_along_axis(finished, beam, axis=1)
