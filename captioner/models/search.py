@@ -59,12 +59,37 @@ class SearchResult:
         return torch.arange(self.tokens.shape[1], device=self.tokens.device) < self.lengths.unsqueeze(1)
 
 
-def _next_log_probs(decoder: CaptionDecoder, previous: torch.Tensor, state: State, context: Context,
-                    special: SpecialTokens) -> tuple[torch.Tensor, State]:  # fmt: skip
+# Checking whether every caption has ended makes the host wait for the device; on a GPU,
+# doing it every step leaves the device idle while the next step is launched. Steps taken
+# after the last caption ended only add padding, which `_trimmed` removes.
+CHECK_FINISHED_EVERY = 4
+
+
+def _first_step(decoder: CaptionDecoder, previous: torch.Tensor, state: State, context: Context,
+                 special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor, State]:  # fmt: skip
+    """The first step's logits and state, and a `(V,)` boolean mask of the never-generated tokens on their device.
+
+    Built once per search: indexing with a Python list every step would copy the
+    indices to the device, and wait for it, at each step.
+    """
     logits, state = decoder.step(previous, state, context)
-    logits = logits.float()
-    logits[:, list(special.banned)] = float("-inf")
-    return torch.log_softmax(logits, dim=-1), state
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[list(special.banned)] = True
+    return logits, banned, state
+
+
+def _log_probs(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float().masked_fill(banned, float("-inf")), dim=-1)
+
+
+def _all_finished(finished: torch.Tensor, step: int, last_step: int, every: int = CHECK_FINISHED_EVERY) -> bool:
+    return step == last_step or (step % every == every - 1 and bool(finished.all()))
+
+
+def _trimmed(tokens: torch.Tensor, lengths: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the trailing columns that only padding reached (steps run after every caption ended)."""
+    width = max(int(lengths.max()), 1) if lengths.numel() else tokens.shape[-1]
+    return tuple(tensor[..., :width] for tensor in (tokens, *others))
 
 
 def length_normalised(log_probs: torch.Tensor, lengths: torch.Tensor, length_penalty: float) -> torch.Tensor:
@@ -81,15 +106,18 @@ def length_normalised(log_probs: torch.Tensor, lengths: torch.Tensor, length_pen
 
 def _unroll(
     decoder: CaptionDecoder, context: Context, state: State, batch: int, max_length: int, special: SpecialTokens,
-    pick: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+    pick: Callable[[torch.Tensor], torch.Tensor], device: torch.device, check_every: int = CHECK_FINISHED_EVERY,
 ) -> SearchResult:  # fmt: skip
     """One caption per row of `state`, choosing each next token with `pick(log_probs) -> tokens`, until all end."""
     previous = torch.full((batch,), special.start, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     steps, picked_log_probs = [], []
-    for _ in range(max_length + 1):
-        step_log_probs, state = _next_log_probs(decoder, previous, state, context, special)
+    logits, banned, state = _first_step(decoder, previous, state, context, special)
+    for step in range(max_length + 1):
+        if step:
+            logits, state = decoder.step(previous, state, context)
+        step_log_probs = _log_probs(logits, banned)
         token = pick(step_log_probs)
         picked = step_log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
         token = token.masked_fill(finished, special.pad)
@@ -98,10 +126,10 @@ def _unroll(
         steps.append(token)
         finished = finished | (token == special.end)
         previous = token
-        if bool(finished.all()):
+        if _all_finished(finished, step, max_length, check_every):
             break
-    token_log_probs = torch.stack(picked_log_probs, dim=1)
-    return SearchResult(torch.stack(steps, dim=1), token_log_probs.sum(dim=1), lengths, token_log_probs)
+    tokens, token_log_probs = _trimmed(torch.stack(steps, dim=1), lengths, torch.stack(picked_log_probs, dim=1))
+    return SearchResult(tokens, token_log_probs.sum(dim=1), lengths, token_log_probs)
 
 
 @torch.no_grad()
@@ -134,7 +162,9 @@ def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length:
     def draw(log_probs: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
 
-    return _unroll(decoder, context, state, features.shape[0] * samples, max_length, special, draw, features.device)
+    # Checked every step: no draws after the last caption ends, so a seed gives the same samples as ever.
+    return _unroll(decoder, context, state, features.shape[0] * samples, max_length, special, draw, features.device,
+                   check_every=1)  # fmt: skip
 
 
 @torch.no_grad()
@@ -195,12 +225,14 @@ def best_beams(
     lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
     history = torch.empty(batch, k, 0, dtype=torch.long, device=device)
     batch_offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
-    for _ in range(max_length + 1):
-        step_log_probs, state = _next_log_probs(decoder, previous, state, context, special)
-        step_log_probs = step_log_probs.view(batch, k, -1)
-        # A finished beam may only continue with <pad>, at no cost, so it keeps its score.
-        done_row = torch.full_like(step_log_probs[0, 0], float("-inf"))
-        done_row[special.pad] = 0.0
+    logits, banned, state = _first_step(decoder, previous, state, context, special)
+    # A finished beam may only continue with <pad>, at no cost, so it keeps its score.
+    done_row = torch.full(banned.shape, float("-inf"), device=device)
+    done_row[special.pad] = 0.0
+    for step in range(max_length + 1):
+        if step:
+            logits, state = decoder.step(previous, state, context)
+        step_log_probs = _log_probs(logits, banned).view(batch, k, -1)
         step_log_probs = torch.where(finished.unsqueeze(-1), done_row, step_log_probs)
         vocab = step_log_probs.shape[-1]
         candidates = (scores.unsqueeze(-1) + step_log_probs).view(batch, k * vocab)
@@ -212,8 +244,9 @@ def best_beams(
         finished = was_finished | (token == special.end)
         state = decoder.reorder(state, (beam + batch_offsets).view(-1))
         previous = token.view(-1)
-        if bool(finished.all()):
+        if _all_finished(finished, step, max_length):
             break
+    (history,) = _trimmed(history, lengths)
     ranked = length_normalised(scores, lengths, length_penalty)
     order = ranked.argsort(dim=-1, descending=True)
     beams = SearchResult(history.gather(1, order.unsqueeze(-1).expand_as(history)), scores.gather(1, order),
