@@ -140,3 +140,14 @@ def test_a_failed_device_decode_falls_back_per_file_and_survives_a_bomb(photogra
     assert out["ok"] == [0] and out["images"].shape == (1, 3, 64, 64)
     assert "too large" in out["errors"][1]
     assert torch.equal(out["images"][0], Preprocessing(64).from_file(io.BytesIO(raws[0])))
+
+
+def test_images_of_one_size_are_resized_together_exactly_as_one_by_one():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 120, 160), (3, 90, 70), (3, 120, 160), (3, 90, 70), (3, 120, 160)]
+    images = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator) for shape in shapes]
+    preprocessing = Preprocessing(64)
+    resized = images_module._resized_by_shape([10, 11, 12, 13, 14], images, preprocessing)
+    assert sorted(resized) == [10, 11, 12, 13, 14]
+    for position, image in zip([10, 11, 12, 13, 14], images):
+        assert torch.equal(resized[position], preprocessing.resize_tensor(image))

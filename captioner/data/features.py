@@ -38,7 +38,7 @@ from captioner.data.images import (
     ImageFileDataset,
     collate_encoded,
     collate_images,
-    decode_on_device,
+    decoded_ahead,
 )
 from captioner.data.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
@@ -309,9 +309,7 @@ def extract_features(
                 total=count, initial=done, unit="img", desc=f"{encoder.backbone_name} features", dynamic_ncols=True
             ) as bar,
         ):
-            for batch in loader:
-                if device_decode:
-                    batch = decode_on_device(batch, preprocessing, device)
+            for batch in decoded_ahead(loader, preprocessing, device) if device_decode else loader:
                 start = done + batch["positions"][0]
                 stop = done + batch["positions"][-1] + 1
                 rows = np.zeros((stop - start, *row_shape), dtype=np.float16)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,18 @@ def _wait_for_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _resized_by_shape(positions: list[int], images: list[torch.Tensor], preprocessing: Preprocessing) -> dict:
+    """Resize images of the same size in one call each: one kernel launch per size, not per image."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(index)
+    resized = {}
+    for indices in by_shape.values():
+        batch = preprocessing.resize_tensor(torch.stack([images[i] for i in indices]))
+        resized.update((positions[i], image) for i, image in zip(indices, batch))
+    return resized
+
+
 def decode_on_device(batch: dict, preprocessing: Preprocessing, device: torch.device | str) -> dict:
     """Decode a `collate_encoded` batch's JPEGs on `device` (nvJPEG on CUDA), resize there, and stack.
 
@@ -203,7 +216,7 @@ def decode_on_device(batch: dict, preprocessing: Preprocessing, device: torch.de
     if raws:
         try:
             decoded = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
-            images.update((p, preprocessing.resize_tensor(image)) for p, image in zip(positions, decoded))
+            images.update(_resized_by_shape(positions, decoded, preprocessing))
         except RuntimeError:
             _wait_for_device(device)
             for position, raw in zip(positions, raws):
@@ -221,3 +234,21 @@ def decode_on_device(batch: dict, preprocessing: Preprocessing, device: torch.de
     _wait_for_device(device)
     return {"positions": batch["positions"], "paths": batch["paths"], "ok": ok, "images": stacked.to(device),
             "errors": errors}  # fmt: skip
+
+
+def decoded_ahead(batches: Iterable[dict], preprocessing: Preprocessing, device: torch.device | str) -> Iterator[dict]:
+    """`decode_on_device` over `collate_encoded` batches, one batch ahead in a thread.
+
+    The device decodes (and the decoder's host side runs, without the GIL) the
+    next batch while the caller encodes this one; decoding inline leaves the
+    encoder idle for every decode. Batches come back in order.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as pool:
+        pending = None
+        for batch in batches:
+            future = pool.submit(decode_on_device, batch, preprocessing, device)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
