@@ -69,7 +69,8 @@ def test_self_critical_stage_on_the_gpu(scenes, tmp_path):
     assert scst.trainer.global_step == 2 and "train/reward_cider" in scst.trainer.logged_metrics
 
 
-def test_nvjpeg_extraction_matches_pil_extraction_on_real_photographs(photographs, tmp_path):  # noqa: F811
+def test_nvjpeg_extraction_matches_pil_extraction_on_real_photographs(photographs, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # bomb.jpg (9 Mpx) is over twice the limit
     (tmp_path / "bad").mkdir()
     expected = _bad_files(tmp_path / "bad", photographs[0])
     folder = tmp_path / "all"
@@ -85,11 +86,28 @@ def test_nvjpeg_extraction_matches_pil_extraction_on_real_photographs(photograph
                          num_workers=2, device=device, device_decode=device_decode)  # fmt: skip
         caches[path_name] = open_cache(tmp_path / path_name, key)
     bad = {name for name, ok in expected.items() if not ok}
-    assert set(caches["pil"].failed) == set(caches["nvjpeg"].failed) == bad
+    assert set(caches["pil"].failed) == set(caches["nvjpeg"].failed) == bad, {k: c.failed for k, c in caches.items()}
     rows = [i for i, name in enumerate(names) if name not in bad]
     a, b = (torch.from_numpy(np.asarray(c.features[rows], dtype=np.float32)) for c in caches.values())
     similarity = centred_cosine(a, b, a.mean(dim=0))  # bf16 on the GPU, fp32 on the CPU: close, not equal
     assert similarity.min() >= 0.99, similarity
+
+
+def test_a_large_photograph_under_the_pixel_limit_decodes_on_the_device_as_with_pil(photographs, tmp_path):  # noqa: F811
+    """Phone photographs are 12 Mpx: nvJPEG must take them (or hand them to PIL), never fail them."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    Image.open(photographs[0]).convert("RGB").resize((4000, 3000)).save(folder / "large.jpg", quality=90)
+    Image.new("RGB", (3000, 3000), "white").save(folder / "white.jpg")
+    names = ["large.jpg", "white.jpg"]
+    preprocessing, encoder = Preprocessing(224), ImageEncoder("resnet18", None)
+    caches = {}
+    for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
+        key = cache_key("resnet18", None, preprocessing, names, decode=path_name)
+        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=2,
+                         num_workers=0, device=device, device_decode=device_decode)  # fmt: skip
+        caches[path_name] = open_cache(tmp_path / path_name, key)
+    assert not caches["pil"].failed and not caches["nvjpeg"].failed, {k: c.failed for k, c in caches.items()}
 
 
 def test_compiled_encoder_extracts_what_the_eager_one_does(scenes, tmp_path):
