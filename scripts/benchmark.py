@@ -11,9 +11,10 @@ re-implementation of the original approach (scripts/original_approach.py):
 - feature extraction, images/s, file on disk to cached feature;
 - training on cached features, captions/s (ours through Lightning's Trainer);
 - decoding, captions/s (ours batched greedy and beam-3; the original per word);
-- peak memory of each phase (each runs in its own process): resident set
-  (VmHWM) and the peak of anonymous memory (RssAnon, sampled), which leaves
-  out the page cache of memory-mapped files. Training is run on two dataset
+- peak memory of each phase (each runs in its own process, its loader
+  workers counted with it): resident and anonymous memory, the latter leaving
+  out the page cache of memory-mapped files, both proportional (a page shared
+  by forked workers counts once), sampled every 50 ms. Training is run on two dataset
   sizes to show that its memory does not grow with the number of images.
 
 The last lines are `name: value`, for scripts.
@@ -44,14 +45,19 @@ COCO_MEAN_WORDS, COCO_SD_WORDS = 10.5, 2.4
 
 
 # ------------------------------------------------------------------ memory measurement
-def _status(pid: str) -> dict[str, int]:
+def _memory(pid: str) -> dict[str, int]:
+    """Proportional set sizes (kB): a page shared by N processes counts 1/N in each.
+
+    Forked DataLoader workers share most of their parent's pages; resident
+    sizes would count those once per worker.
+    """
     values = {}
     try:
-        with open(f"/proc/{pid}/status") as handle:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
                 key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssAnon"):
-                    values[key] = int(rest.split()[0])  # kB
+                if key in ("Pss", "Pss_Anon"):
+                    values[key] = int(rest.split()[0])
     except OSError:
         pass
     return values
@@ -72,7 +78,12 @@ def _descendants(pid: str) -> list[str]:
 
 
 class MemorySampler(threading.Thread):
-    """Peak anonymous memory of this process and its children (DataLoader workers), sampled every 20 ms."""
+    """Peak memory of this process and its children (DataLoader workers) together, sampled every 50 ms.
+
+    `anon`: anonymous memory (the heap, tensors), which leaves out the page
+    cache of memory-mapped files; `resident`: everything resident. Both
+    proportional, so the sum over processes counts shared pages once.
+    """
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -84,10 +95,10 @@ class MemorySampler(threading.Thread):
         me = str(os.getpid())
         while not self._done.is_set():
             pids = [me, *_descendants(me)]
-            stats = [_status(pid) for pid in pids]
-            self.peak_anon_kb = max(self.peak_anon_kb, sum(s.get("RssAnon", 0) for s in stats))
-            self.peak_rss_kb = max(self.peak_rss_kb, sum(s.get("VmRSS", 0) for s in stats))
-            time.sleep(0.02)
+            stats = [_memory(pid) for pid in pids]
+            self.peak_anon_kb = max(self.peak_anon_kb, sum(s.get("Pss_Anon", 0) for s in stats))
+            self.peak_rss_kb = max(self.peak_rss_kb, sum(s.get("Pss", 0) for s in stats))
+            time.sleep(0.05)
 
     def stop(self) -> dict[str, float]:
         self._done.set()
@@ -135,6 +146,18 @@ def run_phase(name: str, function, **kwargs) -> dict:
     return result
 
 
+# Phases to run (`--only`); None runs all. Extraction always runs: every later phase reads its features.
+ONLY: tuple[str, ...] | None = None
+ALWAYS = ("extract",)
+
+
+def measure(results: dict, key: str, name: str, function, **kwargs) -> None:
+    """`run_phase` into `results[key]`, unless `--only` leaves this phase out."""
+    wanted = ONLY is None or any(key == name or (name.endswith("*") and key.startswith(name[:-1])) for name in ONLY)
+    if wanted or key in ALWAYS:
+        results[key] = run_phase(name, function, **kwargs)
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -150,7 +173,8 @@ def make_captions(count: int, seed: int = 0) -> list[list[int]]:
     weights = 1.0 / ranks
     weights /= weights.sum()
     lengths = np.clip(np.rint(rng.normal(COCO_MEAN_WORDS, COCO_SD_WORDS, count)), 5, MAX_LENGTH).astype(int)
-    return [list(rng.choice(len(ranks), size=n, p=weights)) for n in lengths]
+    words = rng.choice(len(ranks), size=int(lengths.sum()), p=weights)  # one draw: fast at GPU sizes
+    return [list(caption) for caption in np.split(words, np.cumsum(lengths)[:-1])]
 
 
 def make_feature_file(path: Path, source: np.ndarray, count: int, regions: int = 0) -> Path:
@@ -238,7 +262,7 @@ def _model(decoder: str, beam_size: int = 3):
 
 def ours_train(
     features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int, decoder: str = "lstm",
-    per_image: bool = False,
+    per_image: bool = False, workers: int = 2,
 ) -> dict:  # fmt: skip
     """Cross-entropy training steps; items are captions, or with `per_image` images with their 5 captions."""
     from lightning.pytorch import Callback, Trainer
@@ -262,7 +286,7 @@ def ours_train(
         batch_size=batch_size,
         shuffle=True,
         collate_fn=passthrough,
-        num_workers=2,
+        num_workers=workers,
         persistent_workers=True,
         pin_memory=device.startswith("cuda"),
     )
@@ -552,6 +576,19 @@ SIZES = {
         original_decode=10,
         serve=128,
     ),
+    # A GPU finishes the full sizes in fractions of a second: rates need more work to be steady.
+    "gpu": dict(
+        images=8192,
+        original_images=128,
+        train_small=16000,
+        train_large=64000,
+        steps=200,
+        original_steps=8,
+        original_images_per_batch=8,
+        decode=16384,
+        original_decode=20,
+        serve=128,
+    ),
 }
 
 
@@ -562,13 +599,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: 5,000 on a CPU, 10,000 "
                         "on a GPU, as the GPU targets are stated)")  # fmt: skip
+    parser.add_argument("--only", default=None, help="comma-separated phases to run, `name*` for all starting "
+                        "so (e.g. 'greedy,beam3,orig_decode,prefix_*'); extraction always runs")  # fmt: skip
     options = parser.parse_args()
+    global ONLY
+    ONLY = tuple(options.only.split(",")) if options.only else None
 
     import torch
 
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    sizes = SIZES["quick" if options.quick else "full"]
+    profile = "quick" if options.quick else "gpu" if cuda else "full"
+    sizes = SIZES[profile]
     workers = min(16, os.cpu_count() or 1)
     # CPU: decoding images is cheap next to the ResNet, so one worker does best on few cores.
     extract_batch, train_batch, decode_batch = (None, 1024, 1024) if cuda else (None, 128, 1024)
@@ -577,7 +619,7 @@ def main() -> None:
     from captioner.hardware import describe_cpu
 
     hardware = torch.cuda.get_device_name(0) if cuda else describe_cpu()
-    print(f"captioner benchmark on {hardware} ({'quick' if options.quick else 'full'} sizes, "
+    print(f"captioner benchmark on {hardware} ({profile} sizes, "
           f"{os.environ['CAPTIONER_BENCHMARK_VOCAB']}-word vocabulary)", flush=True)  # fmt: skip
 
     from captioner.data.synthetic import write_synthetic_dataset
@@ -588,7 +630,9 @@ def main() -> None:
         names = sorted(p.name for p in (root / "Images").iterdir())
         images_dir = str(root / "Images")
         r = {}
-        r["extract_half"] = run_phase(
+        measure(
+            r,
+            "extract_half",
             "ours: extraction (half the images)",
             ours_extract,
             images_dir=images_dir,
@@ -598,7 +642,9 @@ def main() -> None:
             batch_size=extract_batch,
             workers=workers,
         )
-        r["extract"] = run_phase(
+        measure(
+            r,
+            "extract",
             "ours: extraction",
             ours_extract,
             images_dir=images_dir,
@@ -608,7 +654,9 @@ def main() -> None:
             batch_size=extract_batch,
             workers=workers,
         )
-        r["orig_extract"] = run_phase(
+        measure(
+            r,
+            "orig_extract",
             "original: extraction (batch 1)",
             original_extract,
             images_dir=images_dir,
@@ -620,14 +668,29 @@ def main() -> None:
         extracted = np.load(next((tmp / "e2" / "cache").glob("features.npy")), mmap_mode="r")
         small = make_feature_file(tmp / "small.npy", extracted, sizes["train_small"])
         large = make_feature_file(tmp / "large.npy", extracted, sizes["train_large"])
-        train = dict(device=device, batch_size=train_batch, steps=sizes["steps"], warmup=3)
-        r["train_small"] = run_phase(
-            "ours: training (small set)", ours_train, features_file=str(small), images=sizes["train_small"], **train
+        # CPU: two loader workers leave the cores to the model; a GPU needs more to keep it fed.
+        train = dict(device=device, batch_size=train_batch, steps=sizes["steps"], warmup=3, workers=8 if cuda else 2)
+        measure(
+            r,
+            "train_small",
+            "ours: training (small set)",
+            ours_train,
+            features_file=str(small),
+            images=sizes["train_small"],
+            **train,
         )
-        r["train"] = run_phase(
-            "ours: training (4x the images)", ours_train, features_file=str(large), images=sizes["train_large"], **train
+        measure(
+            r,
+            "train",
+            "ours: training (4x the images)",
+            ours_train,
+            features_file=str(large),
+            images=sizes["train_large"],
+            **train,
         )
-        r["orig_train"] = run_phase(
+        measure(
+            r,
+            "orig_train",
             "original: prefix-expansion training",
             original_train,
             features_file=str(small),
@@ -642,9 +705,16 @@ def main() -> None:
             ("beam3", "ours: beam-3 decoding", 3, False),
         )
         for key, label, beam_size, bf16 in decoding:
-            r[key] = run_phase(label, ours_decode, features_file=str(large), count=sizes["decode"], device=device,
-                               beam_size=beam_size, batch_size=decode_batch, bf16=bf16)  # fmt: skip
-        r["orig_decode"] = run_phase(
+            measure(r, key, label, ours_decode, features_file=str(large), count=sizes["decode"], device=device,
+                    beam_size=beam_size, batch_size=decode_batch, bf16=bf16)  # fmt: skip
+        if cuda:  # launch-bound on a GPU: a wider batch shows what the device itself sustains
+            measure(r, "beam3_wide", "ours: beam-3 decoding, 4x batch", ours_decode, features_file=str(large),
+                    count=sizes["decode"], device=device, beam_size=3, batch_size=4 * decode_batch)  # fmt: skip
+        else:
+            r["beam3_wide"] = {"unsupported": "measured on a GPU only"}
+        measure(
+            r,
+            "orig_decode",
             "original: per-word decoding",
             original_decode,
             features_file=str(small),
@@ -657,22 +727,22 @@ def main() -> None:
         count = min(sizes["decode"], sizes["train_small"])
         for name, share in (("transformer", 1), ("transformer-512", 4)):  # the large one on a quarter: rates only
             steps = {**train, "steps": max(5, train["steps"] // share)}
-            r[f"train_{name}"] = run_phase(f"ours: training, {name}", ours_train, features_file=str(grid),
+            measure(r, f"train_{name}", f"ours: training, {name}", ours_train, features_file=str(grid),
                                            images=sizes["train_small"], decoder=name, **steps)  # fmt: skip
-            r[f"beam3_{name}"] = run_phase(f"ours: beam-3 decoding, {name}", ours_decode, features_file=str(grid),
+            measure(r, f"beam3_{name}", f"ours: beam-3 decoding, {name}", ours_decode, features_file=str(grid),
                                            count=count // share, device=device, beam_size=3,
                                            batch_size=decode_batch // 4, decoder=name)  # fmt: skip
-        r["train_transformer_per_image"] = run_phase("ours: training, transformer, per-image items", ours_train,
+        measure(r, "train_transformer_per_image", "ours: training, transformer, per-image items", ours_train,
                                                      features_file=str(grid), images=sizes["train_small"],
                                                      decoder="transformer", per_image=True, **train)  # fmt: skip
-        r["train_small_per_image"] = run_phase("ours: training, lstm, per-image items", ours_train,
+        measure(r, "train_small_per_image", "ours: training, lstm, per-image items", ours_train,
                                                features_file=str(small), images=sizes["train_small"],
                                                per_image=True, **train)  # fmt: skip
-        r["beam3_lstm_same"] = run_phase("ours: beam-3 decoding, lstm (same batches)", ours_decode,
+        measure(r, "beam3_lstm_same", "ours: beam-3 decoding, lstm (same batches)", ours_decode,
                                          features_file=str(small), count=count, device=device, beam_size=3,
                                          batch_size=decode_batch // 4)  # fmt: skip
         for cached in (True, False):
-            r[f"prefix_{'cached' if cached else 'recomputed'}"] = run_phase(
+            measure(r, f"prefix_{'cached' if cached else 'recomputed'}",
                 f"ours: transformer greedy, 20 words, {'cached' if cached else 'recomputed'}", ours_prefix_decode,
                 features_file=str(grid), count=min(256, count), device=device, batch_size=decode_batch // 4,
                 words=20, cached=cached,
@@ -684,23 +754,24 @@ def main() -> None:
             run_phase("write a checkpoint", write_checkpoint, path=checkpoint)
             run_phase("export to ONNX (fp32, int8)", export_models, checkpoint=checkpoint, folder=str(exported))
             for precision in ("fp32", "int8", "int8-all"):
-                r[f"onnx_extract_{precision}"] = run_phase(
+                measure(r, f"onnx_extract_{precision}",
                     f"onnx: extraction, {precision}", onnx_extract, folder=str(exported / precision),
                     images_dir=images_dir, names=names, batch_size=8)  # fmt: skip
             for precision in ("fp32", "int8"):
                 for key, beam_size in (("greedy", 1), ("beam3", 3)):
-                    r[f"onnx_{key}_{precision}"] = run_phase(
+                    measure(r, f"onnx_{key}_{precision}",
                         f"onnx: {key} decoding, {precision}", onnx_decode, folder=str(exported / precision),
                         features_file=str(large), count=sizes["decode"], beam_size=beam_size,
                         batch_size=decode_batch,
                     )  # fmt: skip
             # Serving: the server under 32 concurrent clients against the Python API's batches, same files.
             served = (names * ((sizes["serve"] + len(names) - 1) // len(names)))[: sizes["serve"]]
-            r["api"] = run_phase("api: Captioner batches", api_throughput, checkpoint=checkpoint,
+            measure(r, "api", "api: Captioner batches", api_throughput, checkpoint=checkpoint,
                                  images_dir=images_dir, names=served, batch_size=16)  # fmt: skip
-            r["server"] = run_phase("server: 32 concurrent clients", server_throughput, checkpoint=checkpoint,
+            measure(r, "server", "server: 32 concurrent clients", server_throughput, checkpoint=checkpoint,
                                     images_dir=images_dir, names=served, clients=32, batch_size=16)  # fmt: skip
-            r["server"]["overhead_ms"] = r["server"]["single_ms"] - r["api"]["single_ms"]
+            if "single_ms" in r.get("server", {}) and "single_ms" in r.get("api", {}):
+                r["server"]["overhead_ms"] = r["server"]["single_ms"] - r["api"]["single_ms"]
 
     print_report(r, sizes, len(names), hardware, options.json)
 
@@ -721,6 +792,7 @@ SECTIONS = (
         ("training (captions/s)", "train", "orig_train", "captions_per_s"),
         ("greedy decoding (captions/s)", "greedy", "orig_decode", "captions_per_s"),
         ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
+        ("beam-3, 4x batch (captions/s)", "beam3_wide", "orig_decode", "captions_per_s"),
         ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
     )),
     ("Transformer (grid) against the LSTM (pooled), same images", "Transformer", "LSTM", (
