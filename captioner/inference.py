@@ -19,7 +19,7 @@ from captioner.data.images import ImageFileDataset, collate_images, load_any_ima
 from captioner.errors import CaptionerError
 from captioner.hardware import bf16_autocast_available
 from captioner.models.module import CaptionModel
-from captioner.predictions import Prediction, predict_in_batches
+from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 
 ImageSource = str | Path | Image.Image | torch.Tensor
 
@@ -149,8 +149,4 @@ class Captioner:
             images = list(images)
         elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             images = [images]
-        predictions = self.predict(images)
-        for prediction in predictions:
-            if prediction.error:
-                raise CaptionerError(f"Cannot caption {prediction.source}: {prediction.error}.")
-        return [prediction.caption for prediction in predictions]
+        return captions_or_error(self.predict(images))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captioner.errors import CaptionerError
 from captioner.pixels import DECODE_ERRORS, describe_error
 
 
@@ -53,3 +54,15 @@ def predict_in_batches(
             ready = iter(zip(*caption(loaded)))
             results = [r if r.error else Prediction(r.source, *next(ready)) for r in results]
         yield from results
+
+
+def captions_or_error(predictions: Sequence[Prediction]) -> list[str]:
+    """The captions of `predictions`, in order.
+
+    Raises:
+        CaptionerError: Naming the first image that could not be read.
+    """
+    for prediction in predictions:
+        if prediction.error:
+            raise CaptionerError(f"Cannot caption {prediction.source}: {prediction.error}.")
+    return [prediction.caption for prediction in predictions]

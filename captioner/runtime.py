@@ -24,7 +24,7 @@ from PIL import Image
 
 from captioner.errors import CaptionerError
 from captioner.pixels import open_image, resize_array, to_rgb
-from captioner.predictions import Prediction, predict_in_batches
+from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 
 EXPORT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -247,11 +247,7 @@ class OnnxCaptioner:
         """
         if isinstance(images, (str, Path, Image.Image, bytes)):
             images = [images]
-        predictions = self.predict(images)
-        for prediction in predictions:
-            if prediction.error:
-                raise CaptionerError(f"Cannot caption {prediction.source}: {prediction.error}.")
-        return [prediction.caption for prediction in predictions]
+        return captions_or_error(self.predict(images))
 
     def describe(self, images: Sequence[Image.Image], beams: int = 0, attention: bool = False) -> list[dict]:
         """What the server returns for decoded images: caption, score and, with `beams`, the ranked beams
