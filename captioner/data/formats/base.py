@@ -57,12 +57,15 @@ class CaptionFormat:
         return f"{type(self).__name__}({options})"
 
 
-def single_file(folder: Path, patterns: Sequence[str], what: str) -> Path | None:
-    """The one file in `folder` matching `patterns`; None when there is none.
+def single_file(folder: Path, named: str | None, patterns: Sequence[str], what: str) -> Path | None:
+    """The file `named` in `folder` if a name is given, else the one file matching `patterns`; None when absent.
 
     Raises:
-        CaptionerError: When several match (the user must name one).
+        CaptionerError: When nothing is named and several files match (the user must name one).
     """
+    if named:
+        path = folder / named
+        return path if path.is_file() else None
     found = sorted({path for pattern in patterns for path in folder.glob(pattern) if path.is_file()})
     if len(found) > 1:
         raise CaptionerError(

@@ -29,10 +29,7 @@ class Jsonl(CaptionFormat):
         self.file, self.image_key, self.caption_key = file, image_key, caption_key
 
     def locate(self, folder: Path) -> Path | None:
-        if self.file:
-            path = folder / self.file
-            return path if path.is_file() else None
-        return single_file(folder, ["*.jsonl"], "JSON Lines")
+        return single_file(folder, self.file, ["*.jsonl"], "JSON Lines")
 
     def read(self, source: Path, report: DataReport) -> tuple[list[CaptionRecord], Path]:
         builder = RecordBuilder(source.parent, report)

@@ -61,10 +61,7 @@ class Karpathy(CaptionFormat):
         self.file, self.images_folder = file, images_folder
 
     def locate(self, folder: Path) -> Path | None:
-        if self.file:
-            path = folder / self.file
-            return path if path.is_file() else None
-        return single_file(folder, ["dataset_*.json"], "Karpathy split")
+        return single_file(folder, self.file, ["dataset_*.json"], "Karpathy split")
 
     def read(self, source: Path, report: DataReport) -> tuple[list[CaptionRecord], Path]:
         entries = read_karpathy_entries(source)

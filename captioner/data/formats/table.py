@@ -38,10 +38,7 @@ class Csv(CaptionFormat):
         )
 
     def locate(self, folder: Path) -> Path | None:
-        if self.file:
-            path = folder / self.file
-            return path if path.is_file() else None
-        return single_file(folder, ["*.csv", "*.tsv"], "CSV/TSV")
+        return single_file(folder, self.file, ["*.csv", "*.tsv"], "CSV/TSV")
 
     def read(self, source: Path, report: DataReport) -> tuple[list[CaptionRecord], Path]:
         delimiter = self.delimiter or ("\t" if source.suffix.lower() == ".tsv" else ",")
