@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
 from captioner.pixels import open_image, resize_array, to_rgb
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
@@ -87,13 +88,12 @@ class OnnxCaptioner:
 
         self.encoder, self.prepare, self.step = session("encoder"), session("prepare"), session("step")
         self.step_inputs = {item.name for item in self.step.get_inputs()}
-        words = manifest["vocabulary"]["words"]
-        self.itos = ["<pad>", "<start>", "<end>", "<unk>", *words]
-        self.pad, self.start, self.end, self.unk = 0, 1, 2, 3
+        self.vocabulary = Vocabulary.from_dict(manifest["vocabulary"], str(self.folder / MANIFEST))
+        self.pad, self.start, self.end = Vocabulary.pad_index, Vocabulary.start_index, Vocabulary.end_index
         decoding = manifest["decoding"]
         self.beam_size = decoding["beam_size"] if beam_size is None else beam_size
         self.length_penalty = float(decoding["length_penalty"])
-        self.max_length = int(decoding["max_decode_length"] or manifest["vocabulary"]["max_length"])
+        self.max_length = int(decoding["max_decode_length"] or self.vocabulary.max_length)
         self.image_size = int(manifest["preprocessing"]["image_size"])
         self.batch_size = batch_size
         self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
@@ -211,23 +211,10 @@ class OnnxCaptioner:
                        best_scores), np.where(wins, greedy_lengths, best_lengths))  # fmt: skip
         return best_result, all_beams
 
-    def decode(self, tokens: np.ndarray) -> list[str]:
-        """Words up to the first `<end>`, specials left out."""
-        captions = []
-        for row in tokens.tolist():
-            words = []
-            for index in row:
-                if index == self.end:
-                    break
-                if index not in (self.start, self.pad):
-                    words.append(self.itos[index])
-            captions.append(" ".join(words))
-        return captions
-
     def caption_pixels(self, pixels: np.ndarray, beam_size: int | None = None) -> tuple[list[str], list[float]]:
         """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch."""
         tokens, scores, _ = self.beam(self.features(pixels), self.beam_size if beam_size is None else beam_size)
-        return self.decode(tokens), [float(s) for s in scores]
+        return self.vocabulary.decode_batch(tokens), [float(s) for s in scores]
 
     # ------------------------------------------------------------ the Captioner interface
     def iter_predict(self, images: Iterable) -> Iterator[Prediction]:
@@ -255,13 +242,13 @@ class OnnxCaptioner:
         features = self.features(np.stack([self._pixels(image) for image in images]))
         (tokens, scores, _), ranked = self.beams(features, self.beam_size)
         rows = []
-        for index, (caption, score) in enumerate(zip(self.decode(tokens), scores.tolist())):
+        for index, (caption, score) in enumerate(zip(self.vocabulary.decode_batch(tokens), scores.tolist())):
             row = {"caption": caption, "score": score, "attention": None}
             if beams:
                 if ranked is None:
                     row["beams"] = [{"caption": caption, "score": score}]
                 else:
-                    texts, values = self.decode(ranked[0][index]), ranked[1][index].tolist()
+                    texts, values = self.vocabulary.decode_batch(ranked[0][index]), ranked[1][index].tolist()
                     row["beams"] = [{"caption": t, "score": v} for t, v in zip(texts, values)][:beams]
             rows.append(row)
         return rows

@@ -7,8 +7,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from captioner.errors import CaptionerError
 from captioner.files import read_json, require_keys, write_json
@@ -16,6 +15,10 @@ from captioner.files import read_json, require_keys, write_json
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 VOCAB_VERSION = 1
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 _APOSTROPHES = re.compile(r"['\u2019`]")
 _NOT_WORD = re.compile(r"[^\w\s]|_")
@@ -87,6 +90,8 @@ class Vocabulary:
 
     def encode_batch(self, captions: Sequence[str]) -> torch.Tensor:
         """Encode captions into one `(N, max_length + 2)` int64 tensor padded with `<pad>`."""
+        import torch  # here only: the exported runtime decodes with this class where torch is not installed
+
         out = torch.full((len(captions), self.max_length + 2), self.pad_index, dtype=torch.long)
         for row, caption in enumerate(captions):
             ids = self.encode(caption)
@@ -95,31 +100,23 @@ class Vocabulary:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words up to the first `<end>`, with `<start>` and `<pad>` left out."""
-        words = []
-        for index in ids:
-            index = int(index)
+        return " ".join(self.itos[index] for index in self._caption_ids(ids))
+
+    def _caption_ids(self, ids: Iterable[int]) -> list[int]:
+        kept = []
+        for index in map(int, ids):
             if index == self.end_index:
                 break
-            if index in (self.start_index, self.pad_index):
-                continue
-            words.append(self.itos[index])
-        return " ".join(words)
+            if index not in (self.start_index, self.pad_index):
+                kept.append(index)
+        return kept
 
     def words_of(self, ids: torch.Tensor) -> list[list[int]]:
         """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials left out."""
-        words = []
-        for row in ids.tolist():
-            kept = []
-            for index in row:
-                if index == self.end_index:
-                    break
-                if index not in (self.start_index, self.pad_index):
-                    kept.append(index)
-            words.append(kept)
-        return words
+        return [self._caption_ids(row) for row in ids.tolist()]
 
-    def decode_batch(self, ids: torch.Tensor) -> list[str]:
-        """Decode each row of a `(B, T)` tensor of ids."""
+    def decode_batch(self, ids: torch.Tensor | np.ndarray) -> list[str]:
+        """Decode each row of a `(B, T)` tensor or array of ids."""
         return [self.decode(row) for row in ids.tolist()]
 
     def to_dict(self) -> dict:
