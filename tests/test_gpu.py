@@ -69,6 +69,18 @@ def test_self_critical_stage_on_the_gpu(scenes, tmp_path):
     assert scst.trainer.global_step == 2 and "train/reward_cider" in scst.trainer.logged_metrics
 
 
+def _extract_with_pil_and_nvjpeg(folder, names, backbone, tmp_path, batch_size, num_workers) -> dict:
+    """The feature caches of `names` at 224 px from the CPU path (PIL) and the GPU path (nvJPEG), by path name."""
+    preprocessing, encoder = Preprocessing(224), ImageEncoder(backbone, None)
+    caches = {}
+    for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
+        key = cache_key(backbone, None, preprocessing, names, decode=path_name)
+        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=batch_size,
+                         num_workers=num_workers, device=device, device_decode=device_decode)  # fmt: skip
+        caches[path_name] = open_cache(tmp_path / path_name, key)
+    return caches
+
+
 def test_nvjpeg_extraction_matches_pil_extraction_on_real_photographs(photographs, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # bomb.jpg (9 Mpx) is over twice the limit
     (tmp_path / "bad").mkdir()
@@ -78,13 +90,7 @@ def test_nvjpeg_extraction_matches_pil_extraction_on_real_photographs(photograph
     for path in [*photographs, *(tmp_path / "bad").iterdir()]:
         (folder / path.name).write_bytes(path.read_bytes())
     names = sorted(p.name for p in folder.iterdir())
-    preprocessing, encoder = Preprocessing(224), ImageEncoder("resnet50", None)
-    caches = {}
-    for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
-        key = cache_key("resnet50", None, preprocessing, names, decode=path_name)
-        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=8,
-                         num_workers=2, device=device, device_decode=device_decode)  # fmt: skip
-        caches[path_name] = open_cache(tmp_path / path_name, key)
+    caches = _extract_with_pil_and_nvjpeg(folder, names, "resnet50", tmp_path, batch_size=8, num_workers=2)
     bad = {name for name, ok in expected.items() if not ok}
     assert set(caches["pil"].failed) == set(caches["nvjpeg"].failed) == bad, {k: c.failed for k, c in caches.items()}
     rows = [i for i, name in enumerate(names) if name not in bad]
@@ -100,13 +106,7 @@ def test_a_large_photograph_under_the_pixel_limit_decodes_on_the_device_as_with_
     Image.open(photographs[0]).convert("RGB").resize((4000, 3000)).save(folder / "large.jpg", quality=90)
     Image.new("RGB", (3000, 3000), "white").save(folder / "white.jpg")
     names = ["large.jpg", "white.jpg"]
-    preprocessing, encoder = Preprocessing(224), ImageEncoder("resnet18", None)
-    caches = {}
-    for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
-        key = cache_key("resnet18", None, preprocessing, names, decode=path_name)
-        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=2,
-                         num_workers=0, device=device, device_decode=device_decode)  # fmt: skip
-        caches[path_name] = open_cache(tmp_path / path_name, key)
+    caches = _extract_with_pil_and_nvjpeg(folder, names, "resnet18", tmp_path, batch_size=2, num_workers=0)
     assert not caches["pil"].failed and not caches["nvjpeg"].failed, {k: c.failed for k, c in caches.items()}
 
 
