@@ -4,16 +4,18 @@ Besides Lightning's state (weights, optimizer, loops), every checkpoint holds,
 under the key `captioner`, everything captioning new images needs without the
 dataset, the config or the network:
 
-    {"version": 2,
+    {"version": 3,
      "decoder": {"class_path": ..., "init_args": {...}},     # CaptionDecoder.spec()
-     "encoder": {"backbone": ..., "weights": ...},
-     "preprocessing": {...},                                  # Preprocessing.to_dict()
+     "encoder": {"class_path": ..., "init_args": {...}},     # ImageEncoder.spec()
+     "trainable_encoder_blocks": 0,                           # how the encoder was trained
+     "preprocessing": {...},                                  # Preprocessing.to_dict(), the encoder's
      "vocabulary": {...},                                     # Vocabulary.to_dict()
      "blind": false,
      "decoding": {"beam_size": 3, "length_penalty": 0.0, "max_decode_length": null}}
 
 Checkpoints of captioner 0.1 (the decoder named by a string in the
-hyperparameters) are read through `upgrade`, so they keep working.
+hyperparameters) and 0.2 (a torchvision ResNet named by `backbone` and
+`weights`) are read through `upgrade`, so they keep working.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from captioner.data.preprocessing import Preprocessing
+from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
+TORCHVISION_ENCODER = "captioner.encoders.torchvision_models.TorchvisionEncoder"
 CAPTIONER_KEY = "captioner"
 
 
@@ -65,13 +68,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's `captioner` entry, made from a captioner 0.1 checkpoint's hyperparameters if need be.
+    """The checkpoint's `captioner` entry, made from an older checkpoint's if need be.
 
     Raises:
         CaptionerError: When the checkpoint was not written by captioner.
     """
     if CAPTIONER_KEY in checkpoint:
         meta = checkpoint[CAPTIONER_KEY]
+        if isinstance(meta, dict) and meta.get("version") == 2:
+            return _from_version_2(meta)
         if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
             raise CaptionerError(
                 f"This checkpoint's format (version {meta.get('version') if isinstance(meta, dict) else '?'}) is "
@@ -91,15 +96,52 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
                    "init_args": {"embed_dim": hp.get("embed_dim", 256), "hidden_dim": hp.get("hidden_dim", 512),
                                  "num_layers": hp.get("num_layers", 1), "dropout": hp.get("dropout", 0.5)}}  # fmt: skip
     preprocessing = checkpoint.get("preprocessing") or Preprocessing(hp.get("image_size", 224)).to_dict()
-    return {
-        "version": CHECKPOINT_VERSION,
-        "decoder": decoder,
-        "encoder": {"backbone": hp.get("backbone", "resnet50"), "weights": hp.get("weights", "IMAGENET1K_V2")},
-        "preprocessing": preprocessing,
-        "vocabulary": checkpoint["vocabulary"],
-        "blind": bool(hp.get("blind", False)),
-        "decoding": {
-            key: hp.get(key, default)
-            for key, default in (("beam_size", 3), ("length_penalty", 0.0), ("max_decode_length", None))
-        },  # fmt: skip
-    }
+    return _from_version_2(
+        {
+            "version": 2,
+            "decoder": decoder,
+            "encoder": {"backbone": hp.get("backbone", "resnet50"), "weights": hp.get("weights", "IMAGENET1K_V2")},
+            "preprocessing": preprocessing,
+            "vocabulary": checkpoint["vocabulary"],
+            "blind": bool(hp.get("blind", False)),
+            "decoding": {
+                key: hp.get(key, default)
+                for key, default in (("beam_size", 3), ("length_penalty", 0.0), ("max_decode_length", None))
+            },  # fmt: skip
+        }
+    )
+
+
+def _from_version_2(meta: dict[str, Any]) -> dict[str, Any]:
+    """A captioner 0.2 entry (a torchvision ResNet by `backbone` and `weights`, squashed images) in this version."""
+    encoder = meta["encoder"]
+    size = int(meta["preprocessing"]["image_size"])
+    spec = {"class_path": TORCHVISION_ENCODER, "init_args": {"model": encoder["backbone"],
+            "weights": encoder["weights"], "image_size": size, "resize": "squash"}}  # fmt: skip
+    return {**meta, "version": CHECKPOINT_VERSION, "encoder": spec, "trainable_encoder_blocks": 0}
+
+
+def check_same_part(saved: dict[str, Any], configured: dict[str, Any], what: str, use: str,
+                    ignored: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Refuse a checkpoint whose encoder or decoder is another class or has other options than the configured one.
+
+    Args:
+        saved: The part's spec in the checkpoint (`{"class_path", "init_args"}`).
+        configured: The configured part's spec.
+        what: "encoder" or "decoder", for the message.
+        use: What to do instead, appended to the message.
+        ignored: Options that may differ (they change training, not what the weights mean: dropout, loss weights).
+
+    Raises:
+        CaptionerError: Naming every option that differs.
+    """
+    if saved["class_path"] != configured["class_path"]:
+        raise CaptionerError(f"The checkpoint holds a {saved['class_path']} {what} but this run is configured with "
+                             f"{configured['class_path']}. {use}")  # fmt: skip
+    saved_args, configured_args = saved.get("init_args") or {}, configured.get("init_args") or {}
+    differences = [f"{name}={saved_args.get(name)!r} (configured: {configured_args.get(name)!r})"
+                   for name in sorted(set(saved_args) | set(configured_args))
+                   if name not in ignored and saved_args.get(name) != configured_args.get(name)]  # fmt: skip
+    if differences:
+        raise CaptionerError(f"The checkpoint's {saved['class_path'].rsplit('.', 1)[-1]} was trained with "
+                             f"{', '.join(differences)}. {use}")  # fmt: skip

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.checkpoints import ResumableRun
 from callbacks.reports import TestReport
 from captioner.data.datamodule import CaptionDataModule
+from captioner.encoders.base import encoder_trains
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
 from captioner.hardware import checked_precision
@@ -103,8 +104,9 @@ class CaptionerCLI(LightningCLI):
     """LightningCLI with the data-to-model links and the project's defaults."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for key in ("backbone", "weights", "image_size"):
-            parser.link_arguments(f"data.{key}", f"model.{key}")
+        # One encoder: the model's instance is the one the data side extracts features with.
+        parser.link_arguments("model.encoder", "data.encoder", apply_on="instantiate")
+        parser.link_arguments("model.trainable_encoder_blocks", "data.online_features", compute_fn=encoder_trains)
         # What the parts need from the data, declared by them (`features`, `train_items`).
         parser.link_arguments("model.decoder", "data.features", compute_fn=decoder_features)
         parser.link_arguments("model.objective", "data.train_items", compute_fn=train_items_of)

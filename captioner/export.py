@@ -14,17 +14,20 @@ and each file's SHA-256.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.files import write_json
 from captioner.models.module import CaptionModel
@@ -86,6 +89,18 @@ class _Step(nn.Module):
         return (torch.log_softmax(logits, dim=-1), *_tensors(new_state, "state"))
 
 
+@contextlib.contextmanager
+def _without_fused_attention() -> Iterator[None]:
+    """`nn.MultiheadAttention` (OpenCLIP's towers use it) takes a fused kernel in inference that ONNX cannot export;
+    trace the plain path instead (the same arithmetic)."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = None,
                 quantize_encoder: bool = False) -> Path:  # fmt: skip
     """Write `model` as an ONNX folder (see the module docstring); the folder is complete or absent.
@@ -124,7 +139,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         dynamic = {name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_state, states)}
         dynamic.update({f"new_{n}": {d: f"new_{n}_d{d}" for d in range(t.dim())} for n, t in zip(names_state, states)})
         dynamic.update({name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_context, contexts)})
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_fused_attention():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(_Encoder(model).eval(), (images,), tmp / GRAPHS["encoder"], dynamo=False,
                               input_names=["images"], output_names=["features"], opset_version=OPSET,
@@ -155,7 +170,9 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
             "graphs": GRAPHS,
             "decoder": meta["decoder"],
             "encoder": meta["encoder"],
+            "encoder_name": model.encoder.name,
             "features": decoder.features,
+            "grid_shape": list(model.encoder.grid_shape) if model.encoder.grid_shape else None,
             "preprocessing": meta["preprocessing"],
             "vocabulary": meta["vocabulary"],
             "decoding": meta["decoding"],
@@ -181,10 +198,11 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
 def _readme(manifest: dict) -> str:
     decoder = manifest["decoder"]["class_path"].rsplit(".", 1)[-1]
     size = manifest["preprocessing"]["image_size"]
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"]).describe()
     quantized = "int8 (dynamic) decoder" + (" and encoder" if manifest["quantized"]["encoder"] else "")
     return f"""# An exported captioner
 
-A {decoder} over {manifest["encoder"]["backbone"]} features, exported by `python -m captioner export`.
+A {decoder} over {manifest["encoder_name"]} features, exported by `python -m captioner export`.
 Precision: {quantized if manifest["quantized"]["int8"] else "fp32"}.
 
 Caption with ONNX Runtime, NumPy and Pillow only (no torch):
@@ -197,8 +215,8 @@ or serve it: `python -m captioner serve --ckpt_path <this folder>`.
 Files: `encoder.onnx` (uint8 images `(B, 3, {size}, {size})` to features), `decoder_prepare.onnx` (features to
 the context and the initial state), `decoder_step.onnx` (previous tokens, state and context to log-probabilities
 and the next state), `manifest.json` (vocabulary, preprocessing, decoding settings, the SHA-256 of each file,
-checked on load). Preprocessing: decode the whole image, RGB (transparency on white), squash to {size} x {size}
-with antialiased bilinear interpolation; the encoder graph normalises.
+checked on load). Preprocessing: decode the whole image (JPEG, PNG, BMP, WebP or GIF), RGB (transparency on
+white), then {preprocessing} (`captioner.pixels.preprocess_array`); the encoder graph normalises.
 """
 
 

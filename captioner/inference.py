@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner.data.images import ImageFileDataset, collate_images, load_any_image
+from captioner.encoders.decoding import ImageFileDataset, collate_images, load_any_image
 from captioner.errors import CaptionerError
 from captioner.hardware import bf16_autocast_available
 from captioner.models.module import CaptionModel

@@ -1,16 +1,25 @@
-"""Pixels without torch: opening image bytes safely, RGB conversion, and the resize, in numpy.
+"""Pixels without torch: opening image bytes safely, RGB conversion, and the resize and crop, in numpy.
 
-Shared by every captioning path: the torch paths (`captioner.data.preprocessing`)
+Shared by every captioning path: the torch paths (`captioner.encoders.preprocessing`)
 and the torch-free ONNX runtime (`captioner.runtime`), which must import without
-torch. The numpy resize uses the same antialiased bilinear weights as torch's
-(`torchvision.transforms.v2.functional.resize(..., antialias=True)`): a triangle
-filter widened by the scale factor when shrinking, each output pixel a
-normalised weighted sum, rounded to uint8.
+torch.
+
+Only the formats in `ACCEPTED_FORMATS` are ever opened: Pillow is told to try
+those plugins and no others, so an upload never reaches a plugin that runs an
+external program (EPS runs Ghostscript) or a rarely used parser.
+
+The numpy resize uses the same antialiased weights as torch's uint8 resize
+(`torchvision.transforms.v2.functional.resize(..., antialias=True)`): a
+triangle (bilinear) or Keys cubic with a = -0.5 (bicubic) filter, widened by
+the scale factor when shrinking, each output pixel a normalised weighted sum
+in fixed point, rounded to uint8, the width first and then the height.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -18,14 +27,27 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # A truncated JPEG must fail loudly, not come back half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# The one list of image formats captioner reads (Pillow's format names), everywhere: the server, `caption`,
+# `predict`, `Captioner`, feature extraction and the exported runtime.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF")
+ACCEPTED_NAMES = "JPEG, PNG, BMP, WebP, GIF"
+
 # Every way decoding a file can fail: one bad file must fail alone.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class TooManyPixelsError(ValueError):
+    """An image whose header declares more pixels than allowed (a decompression bomb, or just too large)."""
+
+
+class UnsupportedFormatError(UnidentifiedImageError):
+    """Bytes that are not one of `ACCEPTED_FORMATS` (another image format, or not an image at all)."""
 
 
 def describe_error(error: BaseException) -> str:
     """A short, user-facing reason for an image that could not be read."""
     if isinstance(error, UnidentifiedImageError):
-        return "not an image (or an unsupported format)"
+        return f"not an image in an accepted format ({ACCEPTED_NAMES})"
     if isinstance(error, PermissionError):
         return "permission denied"
     if isinstance(error, FileNotFoundError):
@@ -35,8 +57,19 @@ def describe_error(error: BaseException) -> str:
     return f"unreadable image ({type(error).__name__}: {error})"
 
 
-class TooManyPixelsError(ValueError):
-    """An image whose header declares more pixels than allowed (a decompression bomb, or just too large)."""
+def open_accepted(source: str | Path | io.BytesIO | bytes) -> Image.Image:
+    """`PIL.Image.open` restricted to `ACCEPTED_FORMATS` (lazy: only the header is read).
+
+    Raises:
+        UnsupportedFormatError: For any other format, without handing the bytes to its plugin.
+        OSError: When the file cannot be read.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        return Image.open(source, formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as error:
+        raise UnsupportedFormatError(str(error)) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -51,6 +84,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    """Refuse an opened (not yet decoded) image whose header declares more than `max_pixels` pixels.
+
+    Raises:
+        TooManyPixelsError: Over the limit.
+    """
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixelsError(f"{width} x {height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+
+
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode image bytes fully into an RGB PIL image, first frame of an animation.
 
@@ -60,56 +104,76 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
     Raises:
         TooManyPixelsError: Over `max_pixels`.
-        One of `DECODE_ERRORS`: Empty, not an image, truncated or corrupt.
+        UnsupportedFormatError: Not one of `ACCEPTED_FORMATS`.
+        One of `DECODE_ERRORS`: Empty, truncated or corrupt.
     """
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            pixels = width * height
-            raise TooManyPixelsError(f"{width} x {height} = {pixels:,} pixels, over the limit of {max_pixels:,}")
+    with open_accepted(data) as image:
+        check_pixels(image, max_pixels)
         image.seek(0)
         image.load()
         return to_rgb(image)
 
 
-def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """`(size_out, size_in)` weights of antialiased bilinear interpolation, as torch computes them."""
+# ------------------------------------------------------------------ the resize, as torch computes it
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """The cubic convolution kernel torch's antialiased bicubic resize (and PIL's) uses."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+# interpolation -> (half the filter's support at scale 1, the filter)
+FILTERS: dict[str, tuple[float, Callable[[np.ndarray], np.ndarray]]] = {
+    "bilinear": (1.0, _triangle),
+    "bicubic": (2.0, _keys_cubic),
+}
+
+
+def _resize_matrix(size_in: int, size_out: int, interpolation: str = "bilinear") -> np.ndarray:
+    """`(size_out, size_in)` weights of the antialiased interpolation, as torch computes them."""
+    half_support, kernel = FILTERS[interpolation]
     scale = size_in / size_out
-    support = max(scale, 1.0)  # bilinear's support of 1, widened when shrinking
+    stretch = max(scale, 1.0)  # the filter widens when shrinking (antialiasing)
+    support = half_support * stretch
     matrix = np.zeros((size_out, size_in), dtype=np.float64)
     for out in range(size_out):
         centre = scale * (out + 0.5)
         start = max(int(centre - support + 0.5), 0)
         stop = min(int(centre + support + 0.5), size_in)
         taps = np.arange(start, stop)
-        weights = np.maximum(0.0, 1.0 - np.abs((taps - centre + 0.5) / support))
+        weights = kernel((taps - centre + 0.5) / stretch)
         total = weights.sum()
-        matrix[out, start:stop] = weights / total if total > 0 else 0.0
+        matrix[out, start:stop] = weights / total if total != 0 else 0.0
     return matrix
 
 
 def _fixed_point(matrix: np.ndarray) -> tuple[np.ndarray, int]:
     """The weights as integers with as many fractional bits as fit an int16, as torch's uint8 kernel keeps them."""
     largest, precision = float(matrix.max()), 0
-    while precision < 15 and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
+    while precision < 22 and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
         precision += 1
     scaled = matrix * (1 << precision)
     return np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64), precision
 
 
-def _resample(pixels: np.ndarray, size: int, axis: int) -> np.ndarray:
+def _resample(pixels: np.ndarray, size: int, axis: int, interpolation: str) -> np.ndarray:
     """One pass of the separable resize along `axis` (2: width, 1: height) of `(C, H, W)` uint8, rounded to uint8.
 
     Each output pixel reads only its few taps (a window about twice the scale wide), gathered at once.
     """
-    weights, precision = _fixed_point(_resize_matrix(pixels.shape[axis], size))
+    weights, precision = _fixed_point(_resize_matrix(pixels.shape[axis], size, interpolation))
     nonzero = weights != 0
     starts = nonzero.argmax(axis=1)
     taps = int((nonzero.shape[1] - nonzero[:, ::-1].argmax(axis=1) - starts).max())
     wanted = starts[:, None] + np.arange(taps)  # (size, taps); past the edge only where the window is cut short
     index = np.minimum(wanted, pixels.shape[axis] - 1)
-    tap_weights = (np.take_along_axis(weights, index, axis=1) * (wanted < pixels.shape[axis])).astype(np.int32)
-    values = np.take(pixels, index, axis=axis).astype(np.int32)  # (C, size, taps, W) or (C, H, size, taps)
+    tap_weights = (np.take_along_axis(weights, index, axis=1) * (wanted < pixels.shape[axis])).astype(np.int64)
+    values = np.take(pixels, index, axis=axis).astype(np.int64)  # (C, size, taps, W) or (C, H, size, taps)
     if axis == 2:
         summed = (values * tap_weights).sum(axis=-1)
     else:
@@ -117,14 +181,44 @@ def _resample(pixels: np.ndarray, size: int, axis: int) -> np.ndarray:
     return np.clip((summed + (1 << (precision - 1))) >> precision, 0, 255).astype(np.uint8)
 
 
-def resize_array(image: np.ndarray, size: int) -> np.ndarray:
-    """Squash an `(H, W, 3)` uint8 array to `(3, size, size)` uint8 with antialiased bilinear interpolation.
-
-    As torch does it for uint8 images: fixed-point weights, the width first, rounded to uint8, then the height.
-    """
-    pixels = np.ascontiguousarray(image.transpose(2, 0, 1))
-    if pixels.shape[2] != size:
-        pixels = _resample(pixels, size, axis=2)
-    if pixels.shape[1] != size:
-        pixels = _resample(pixels, size, axis=1)
+def resize_chw(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize a `(3, H, W)` uint8 array to `(3, height, width)` as torch's uint8 antialiased resize does."""
+    if pixels.shape[2] != width:
+        pixels = _resample(pixels, width, axis=2, interpolation=interpolation)
+    if pixels.shape[1] != height:
+        pixels = _resample(pixels, height, axis=1, interpolation=interpolation)
     return pixels
+
+
+def shorter_side_size(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """The `(height, width)` that brings the shorter side to `shorter`, keeping the aspect ratio (torchvision's)."""
+    if width <= height:
+        return int(shorter * height / width), shorter
+    return shorter, int(shorter * width / height)
+
+
+def centre_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
+    """The top-left corner of torchvision's centre crop of `size` x `size`."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def preprocess_array(image: np.ndarray, definition: dict) -> np.ndarray:
+    """An `(H, W, 3)` uint8 RGB array as the encoder's `(3, S, S)` uint8 input, following a preprocessing definition.
+
+    Args:
+        image: The decoded picture.
+        definition: `Preprocessing.to_dict()` (from a checkpoint or an export manifest).
+    """
+    size, interpolation = int(definition["image_size"]), definition.get("interpolation", "bilinear")
+    pixels = np.ascontiguousarray(image.transpose(2, 0, 1))
+    if definition.get("resize", "squash") == "squash":
+        return resize_chw(pixels, size, size, interpolation)
+    shorter = int(definition.get("resize_size") or size)
+    pixels = resize_chw(pixels, *shorter_side_size(pixels.shape[1], pixels.shape[2], shorter), interpolation)
+    top, left = centre_crop_box(pixels.shape[1], pixels.shape[2], size)
+    return np.ascontiguousarray(pixels[:, top : top + size, left : left + size])
+
+
+def resize_array(image: np.ndarray, size: int) -> np.ndarray:
+    """Squash an `(H, W, 3)` uint8 array to `(3, size, size)` uint8 with antialiased bilinear interpolation."""
+    return preprocess_array(image, {"image_size": size, "resize": "squash", "interpolation": "bilinear"})

@@ -24,10 +24,11 @@ from PIL import Image
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import CaptionerError
-from captioner.pixels import open_image, resize_array, to_rgb
+from captioner.pixels import open_image, preprocess_array, to_rgb
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+READABLE_VERSIONS = (1, EXPORT_VERSION)  # version 1: ResNet exports of captioner 0.2, squashed images
 MANIFEST = "manifest.json"
 
 
@@ -49,7 +50,7 @@ def read_manifest(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise CaptionerError(f"{path} is not valid JSON ({error}); export the model again.") from error
-    if not isinstance(manifest, dict) or manifest.get("version") != EXPORT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:
         raise CaptionerError(f"{path} is of another export version; export the model again with this captioner.")
     for name, digest in manifest.get("files", {}).items():
         file = folder / name
@@ -94,7 +95,7 @@ class OnnxCaptioner:
         self.beam_size = decoding["beam_size"] if beam_size is None else beam_size
         self.length_penalty = float(decoding["length_penalty"])
         self.max_length = int(decoding["max_decode_length"] or self.vocabulary.max_length)
-        self.image_size = int(manifest["preprocessing"]["image_size"])
+        self.preprocessing = manifest["preprocessing"]  # the encoder's definition, computed in numpy
         self.batch_size = batch_size
         self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
         self.context_per_image = manifest["context_per_image"]
@@ -108,7 +109,7 @@ class OnnxCaptioner:
             image = open_image(bytes(source))
         else:
             image = open_image(Path(source).read_bytes())
-        return resize_array(np.asarray(image), self.image_size)
+        return preprocess_array(np.asarray(image), self.preprocessing)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """Encoder features of a `(B, 3, S, S)` uint8 batch."""

@@ -195,29 +195,50 @@ def make_feature_file(path: Path, source: np.ndarray, count: int, regions: int =
 
 
 # ------------------------------------------------------------------ phases: ours
+# One encoder of each family, random weights (no download), at its own input definition, for extraction speed.
+# The Hugging Face one is facebook/dinov2-small's architecture, written out (its config would come from the hub).
+DINOV2_SMALL = {"model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                "intermediate_size": 1536, "patch_size": 14, "image_size": 518}  # fmt: skip
+ENCODERS = {
+    "resnet50": {"class_path": "captioner.encoders.TorchvisionEncoder",
+                 "init_args": {"model": "resnet50", "weights": None, "image_size": 224}},
+    "timm_convnext_tiny": {"class_path": "captioner.encoders.TimmEncoder",
+                           "init_args": {"model_name": "convnext_tiny", "pretrained": False}},
+    "open_clip_vit_b32": {"class_path": "captioner.encoders.OpenClipEncoder",
+                          "init_args": {"model_name": "ViT-B-32", "pretrained": None}},
+    "hf_dinov2_small": {"class_path": "captioner.encoders.HuggingFaceEncoder",
+                        "init_args": {"config": DINOV2_SMALL, "pretrained": False, "image_processor": {
+                            "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+                            "do_center_crop": True, "resample": 3, "image_mean": [0.485, 0.456, 0.406],
+                            "image_std": [0.229, 0.224, 0.225]}}},
+}  # fmt: skip
+
+
 def ours_extract(
-    images_dir: str, names: list[str], work: str, device: str, batch_size: int | None, workers: int
-) -> dict:
+    images_dir: str, names: list[str], work: str, device: str, batch_size: int | None, workers: int,
+    encoder: str = "resnet50",
+) -> dict:  # fmt: skip
     import torch
 
-    from captioner.data.features import default_batch_size, extract_features, extraction_method
-    from captioner.data.preprocessing import Preprocessing
-    from captioner.models.encoder import ImageEncoder
+    from captioner.encoders.base import encoder_from_spec
+    from captioner.encoders.extraction import FeatureSpec, default_batch_size, extract_features
+    from captioner.encoders.store import extraction_method
 
-    encoder, preprocessing = ImageEncoder("resnet50", None), Preprocessing(224)
+    spec = FeatureSpec(encoder_from_spec(ENCODERS[encoder]))
     key = "benchmark"  # one cache per folder; the key only guards resuming
     batch_size = batch_size or default_batch_size(torch.device(device))
     # Warm up kernels (and cuDNN autotuning) outside the timed region, on a few images.
-    extract_features(Path(work) / "warmup", key, images_dir, names[:batch_size], encoder, preprocessing, batch_size, 0,
-                     device)  # fmt: skip
+    extract_features(Path(work) / "warmup", key, images_dir, names[:batch_size], spec, batch_size, 0, device)
     _sync(device)
     started = time.perf_counter()
-    extract_features(Path(work) / "cache", key, images_dir, names, encoder, preprocessing, batch_size, workers, device)
+    extract_features(Path(work) / "cache", key, images_dir, names, spec, batch_size, workers, device)
     _sync(device)
     elapsed = time.perf_counter() - started
     decode, precision = extraction_method(device)
+    grid = list(spec.encoder.grid_shape or ())
     return {"images_per_s": len(names) / elapsed, "images": len(names), "batch_size": batch_size, "decode": decode,
-            "precision": precision}  # fmt: skip
+            "precision": precision, "feature_dim": spec.encoder.feature_dim, "grid": grid,
+            "preprocessing": spec.encoder.preprocessing.describe()}  # fmt: skip
 
 
 def _caption_tokens(captions: list[list[int]]):
@@ -250,12 +271,13 @@ GRID_REGIONS = 49
 def _model(decoder: str, beam_size: int = 3):
     import functools
 
+    from captioner.encoders import TorchvisionEncoder
     from captioner.models import decoders
     from captioner.models.module import CaptionModel
 
     _, class_name, options = DECODERS[decoder]
-    model = CaptionModel(functools.partial(getattr(decoders, class_name), **options), backbone="resnet50",
-                         weights=None, image_size=224, beam_size=beam_size)  # fmt: skip
+    model = CaptionModel(functools.partial(getattr(decoders, class_name), **options),
+                         encoder=TorchvisionEncoder("resnet50", None, 224), beam_size=beam_size)  # fmt: skip
     model.build(_vocabulary())
     return model
 
@@ -268,19 +290,20 @@ def ours_train(
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    from captioner.data.datasets import ImageCaptions, TrainCaptions, passthrough
+    from captioner.data.datasets import FeatureRows, ImageCaptions, TrainCaptions, passthrough
     from captioner.hardware import default_precision
 
     vocabulary = _vocabulary()
     if per_image:
         words = [" ".join(f"w{word}" for word in caption) for caption in make_captions(images * 5)]
         captions = [words[5 * i : 5 * i + 5] for i in range(images)]
-        dataset = ImageCaptions(features_file, np.arange(images), [f"{i}.jpg" for i in range(images)], captions,
-                                vocabulary)  # fmt: skip
+        dataset = ImageCaptions(FeatureRows(features_file), np.arange(images), [f"{i}.jpg" for i in range(images)],
+                                captions, vocabulary)  # fmt: skip
         batch_size = max(1, batch_size // 5)  # about the same number of captions per step
     else:
         rows = np.repeat(np.arange(images), 5)
-        dataset = TrainCaptions(features_file, rows, _caption_tokens(make_captions(images * 5)), pad_index=0)
+        dataset = TrainCaptions(FeatureRows(features_file), rows, _caption_tokens(make_captions(images * 5)),
+                                pad_index=0)  # fmt: skip
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -324,6 +347,69 @@ def ours_train(
     model.on_fit_start = lambda: None  # no datamodule here; cross-entropy needs no preparation
     trainer.fit(model, train_dataloaders=loader)
     return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size}
+
+
+def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str, batch_size: int, steps: int,
+                       warmup: int, trainable: str = "0", workers: int = 2) -> dict:  # fmt: skip
+    """LSTM training with a ResNet18 at 112 px: frozen on its cached features, or fine-tuned from the images (online
+    features, the training transform), per-image items either way."""
+    import functools
+
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    from captioner.data.datasets import EpochTaggedSampler, FeatureRows, ImageCaptions, PixelRows, passthrough
+    from captioner.encoders import TorchvisionEncoder
+    from captioner.encoders.extraction import FeatureSpec, extract_features
+    from captioner.hardware import default_precision
+    from captioner.models.decoders import LSTMDecoder
+    from captioner.models.module import CaptionModel
+
+    blocks = trainable if trainable == "all" else int(trainable)
+    encoder = TorchvisionEncoder("resnet18", None, 112)
+    model = CaptionModel(functools.partial(LSTMDecoder, embed_dim=256, hidden_dim=512), encoder=encoder,
+                         trainable_encoder_blocks=blocks)  # fmt: skip
+    vocabulary = _vocabulary()
+    model.build(vocabulary)
+    words = [" ".join(f"w{word}" for word in caption) for caption in make_captions(len(names) * 5)]
+    captions = [words[5 * i : 5 * i + 5] for i in range(len(names))]
+    if blocks:
+        reader = PixelRows([Path(images_dir) / name for name in names], encoder.preprocessing, augment=True)
+    else:
+        extract_features(Path(work) / "cache", "finetune", images_dir, names, FeatureSpec(encoder), 16, workers, device)
+        reader = FeatureRows(next((Path(work) / "cache").glob("features.npy")))
+    dataset = ImageCaptions(reader, np.arange(len(names)), names, captions, vocabulary)
+    per_step = max(1, batch_size // 5)
+    sampler = EpochTaggedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(dataset, batch_size=per_step, sampler=sampler, collate_fn=passthrough, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=device.startswith("cuda"))  # fmt: skip
+
+    class Timer(Callback):
+        def __init__(self):
+            self.start, self.end, self.captions = 0.0, 0.0, 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                _sync(device)
+                self.start = time.perf_counter()
+            if trainer.global_step >= warmup:
+                self.captions += len(batch["tokens"])
+
+        def on_train_end(self, trainer, module):
+            _sync(device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    cuda = device.startswith("cuda")
+    trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, precision=default_precision("gpu" if cuda else "cpu"),
+                      callbacks=[timer])  # fmt: skip
+    model.on_fit_start = lambda: None
+    model.setup = lambda stage: None  # random weights: nothing to fetch
+    trainer.fit(model, train_dataloaders=loader)
+    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images_per_step": per_step,
+            "trainable_blocks": trainable}  # fmt: skip
 
 
 def ours_decode(
@@ -661,6 +747,11 @@ def main() -> None:
             batch_size=extract_batch,
             workers=workers,
         )
+        for name in ENCODERS:
+            if name != "resnet50":  # one encoder of each family beside the default, on the same images
+                measure(r, f"extract_{name}", f"ours: extraction, {name}", ours_extract, images_dir=images_dir,
+                        names=names[: max(8, len(names) // 4)], work=str(tmp / f"e-{name}"), device=device,
+                        batch_size=extract_batch, workers=workers, encoder=name)  # fmt: skip
         measure(
             r,
             "orig_extract",
@@ -745,6 +836,13 @@ def main() -> None:
         measure(r, "train_small_per_image", "ours: training, lstm, per-image items", ours_train,
                                                features_file=str(small), images=sizes["train_small"],
                                                per_image=True, **train)  # fmt: skip
+        # The encoder fine-tuned from the images (online features) against the same encoder frozen on its cache.
+        tuning = dict(images_dir=images_dir, names=names, device=device, batch_size=train_batch,
+                      steps=max(5, sizes["steps"] // 3), warmup=2, workers=2)  # fmt: skip
+        measure(r, "train_encoder_frozen", "ours: training, resnet18 112 px frozen", ours_train_encoder,
+                work=str(tmp / "tune-frozen"), trainable="0", **tuning)  # fmt: skip
+        measure(r, "train_encoder_tuned", "ours: training, resnet18 fine-tuned", ours_train_encoder,
+                work=str(tmp / "tune"), trainable="all", **tuning)  # fmt: skip
         measure(r, "beam3_lstm_same", "ours: beam-3 decoding, lstm (same batches)", ours_decode,
                                          features_file=str(small), count=count, device=device, beam_size=3,
                                          batch_size=decode_batch // 4)  # fmt: skip
@@ -807,6 +905,14 @@ SECTIONS = (
         ("beam-3 decoding (captions/s)", "beam3_transformer", "beam3_lstm_same", "captions_per_s"),
         ("training, 512 wide (captions/s)", "train_transformer-512", "train_small", "captions_per_s"),
         ("beam-3, 512 wide (captions/s)", "beam3_transformer-512", "beam3_lstm_same", "captions_per_s"),
+    )),
+    ("image encoders, extraction against the ResNet50 default", "encoder", "ResNet50", (
+        ("timm convnext_tiny (images/s)", "extract_timm_convnext_tiny", "extract", "images_per_s"),
+        ("OpenCLIP ViT-B-32 (images/s)", "extract_open_clip_vit_b32", "extract", "images_per_s"),
+        ("HF DINOv2-small (images/s)", "extract_hf_dinov2_small", "extract", "images_per_s"),
+    )),
+    ("encoder fine-tuned from images, against frozen on cached features", "tuned", "frozen", (
+        ("ResNet18 112 px + LSTM (captions/s)", "train_encoder_tuned", "train_encoder_frozen", "captions_per_s"),
     )),
     ("Transformer greedy decoding of 20 words", "kv cache", "recomputed", (
         ("captions/s", "prefix_cached", "prefix_recomputed", "captions_per_s"),

@@ -33,8 +33,7 @@ from captioner.runtime import OnnxCaptioner  # noqa: E402
 def demo_test_set() -> tuple[list[Path], list[list[str]]]:
     """The demo's held-out test images and their raw references, from its prepared data."""
     settings = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["data"]
-    keys = ("data_dir", "synthetic_images", "work_dir", "val_size", "test_size", "min_word_count", "backbone",
-            "weights", "image_size")  # fmt: skip
+    keys = ("data_dir", "synthetic_images", "work_dir", "val_size", "test_size", "min_word_count")
     datamodule = CaptionDataModule(**{key: settings[key] for key in keys if key in settings})
     prepared = PreparedData.for_settings(datamodule.work_dir, datamodule.preparation_settings())
     images_dir = Path(prepared.read_dataset()["images_dir"])

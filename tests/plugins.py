@@ -1,6 +1,8 @@
-"""Parts defined outside the package, as a user would write them: a decoder, and a callback for resume tests.
+"""Parts defined outside the package, as a user would write them: a decoder, an encoder, and a callback for resume
+tests.
 
-Chosen in a config with `--model.decoder tests.plugins.GRUDecoder` (and `--model.decoder.hidden_dim 32`).
+Chosen in a config with `--model.decoder tests.plugins.GRUDecoder` (and `--model.decoder.hidden_dim 32`), or
+`--model.encoder tests.plugins.TinyConvEncoder`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,40 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
+from captioner.encoders.base import GridUnavailableError, ImageEncoder
+from captioner.encoders.preprocessing import Preprocessing
 from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
+
+
+class TinyConvEncoder(ImageEncoder):
+    """Three strided convolutions: a grid of (image_size / 8)^2 regions, or their mean.
+
+    Args:
+        width: Channels of every convolution (the feature size).
+        image_size: Input side.
+        pooled_only: Give no grid (as some encoders cannot), to test what a decoder that attends says then.
+    """
+
+    def __init__(self, width: int = 24, image_size: int = 32, pooled_only: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.stages = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU()),
+        )
+        self.use_preprocessing(Preprocessing(image_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+
+    def encode(self, pixels: torch.Tensor, grid: bool) -> torch.Tensor:
+        feature_map = self.stages(pixels)
+        if grid:
+            if self.hparams.pooled_only:
+                raise GridUnavailableError("TinyConvEncoder(pooled_only=True) gives no grid")
+            return feature_map.flatten(2).transpose(1, 2)
+        return feature_map.mean(dim=(2, 3))
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.stages)
 
 
 class GRUDecoder(CaptionDecoder):

@@ -86,9 +86,8 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
     assert len(rows) == 20 and all(row["caption"] and len(row["references"]) == 5 for row in rows)
 
     checkpoint = torch.load(best, weights_only=True)  # plain data and tensors only
-    assert (
-        checkpoint["captioner"]["vocabulary"]["words"] and checkpoint["captioner"]["encoder"]["backbone"] == "resnet18"
-    )
+    assert checkpoint["captioner"]["vocabulary"]["words"]
+    assert checkpoint["captioner"]["encoder"]["init_args"]["model"] == "resnet18"
     assert checkpoint["captioner"]["decoder"]["class_path"] == "captioner.models.decoders.lstm.LSTMDecoder"
     assert any(key.startswith("encoder.net.") for key in checkpoint["state_dict"])
 
@@ -127,7 +126,7 @@ def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_pa
 
 
 def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_decoder(scenes, tmp_path, capsys):
-    args = (*ATTENTION, "--model.decoder.attention_dim", "16", "--data.image_size", "64")
+    args = (*ATTENTION, "--model.decoder.attention_dim", "16", "--model.encoder.image_size", "64")
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1", *args))
     assert cli.datamodule.hparams.features == "grid"
     (cache,) = (tmp_path / "work" / "features").glob("*-grid-*")
@@ -155,7 +154,14 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
     with pytest.raises(SystemExit) as exit_info:
         main(
             tiny_args(
-                "test", scenes, tmp_path / "work", tmp_path / "bad", "--ckpt_path", best, "--data.image_size", "64"
+                "test",
+                scenes,
+                tmp_path / "work",
+                tmp_path / "bad",
+                "--ckpt_path",
+                best,
+                "--model.encoder.image_size",
+                "64",
             )
         )
     assert exit_info.value.code == 2 and "holds a captioner.models.decoders.attention.AttentionDecoder decoder" in (

@@ -13,6 +13,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.cli import main
 from captioner.data.vocab import Vocabulary
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 from captioner.export import export_onnx
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
@@ -34,7 +35,7 @@ def untrained(kind: str, scenes) -> CaptionModel:
     torch.manual_seed(0)
     payload = json.loads((scenes / "captions.json").read_text())
     vocabulary = Vocabulary.build([a["caption"] for a in payload["annotations"]], min_count=1, max_length=12)
-    model = CaptionModel(DECODERS[kind], backbone="resnet18", weights=None, image_size=64, beam_size=3)
+    model = CaptionModel(DECODERS[kind], encoder=TorchvisionEncoder("resnet18", None, 64), beam_size=3)
     model.build(vocabulary)
     with torch.no_grad():
         model.decoder.head.weight.mul_(4)  # peaked, varied distributions: captions that differ between images
@@ -140,7 +141,7 @@ class NestedStateDecoder(GRUDecoder):
 
 
 def test_a_model_that_cannot_be_exported_says_why(scenes_source, tmp_path):
-    model = CaptionModel(NestedStateDecoder, backbone="resnet18", weights=None, image_size=32)
+    model = CaptionModel(NestedStateDecoder, encoder=TorchvisionEncoder("resnet18", None, 32))
     model.build(Vocabulary(["a", "b"], max_length=4))
     with pytest.raises(CaptionerError, match="state is not a tensor or a flat tuple of tensors"):
         export_onnx(model.eval(), tmp_path / "onnx")

@@ -15,21 +15,23 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
-from captioner.data.features import INDEX_FILE, PROGRESS_FILE, FeatureSpec, cache_key, prepare_features
 from captioner.data.images import find_images
-from captioner.data.preprocessing import Preprocessing
+from captioner.encoders.extraction import FeatureSpec, prepare_features
+from captioner.encoders.store import INDEX_FILE, PROGRESS_FILE
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open, write_json
 from captioner.runs import run_dir
 from tests.conftest import TESTS, last_checkpoint, predict_args, tiny_args
 
 ROOT = TESTS.parent
-SPEC = FeatureSpec("resnet18", None, Preprocessing(32))
+SPEC = FeatureSpec(TorchvisionEncoder("resnet18", None, 32))
 
 KILLABLE_EXTRACTION = """
 import sys, time
-from captioner.data import features
-from captioner.models.encoder import ImageEncoder
+from captioner.encoders import extraction as features
+from captioner.encoders.base import ImageEncoder
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 features.SAVE_PROGRESS_EVERY_S = 0.0
 forward = ImageEncoder.forward
 def slow(self, images, grid=False):
@@ -37,7 +39,7 @@ def slow(self, images, grid=False):
     return forward(self, images, grid)
 ImageEncoder.forward = slow
 names = sys.argv[3:]
-spec = features.FeatureSpec("resnet18", None, features.Preprocessing(32))
+spec = features.FeatureSpec(TorchvisionEncoder("resnet18", None, 32))
 features.prepare_features(sys.argv[1], sys.argv[2], names, spec, batch_size=4, num_workers=0)
 """
 
@@ -223,7 +225,7 @@ def test_disk_full_for_the_feature_cache_fails_before_extracting(scenes, tmp_pat
     names = sorted(p.name for p in (scenes / "Images").iterdir())[:4]
     with pytest.raises(CaptionerError, match="No space left on device for the feature cache"):
         prepare_features(tmp_path, scenes / "Images", names, SPEC, num_workers=0)
-    key = cache_key("resnet18", None, Preprocessing(32), names)
+    key = SPEC.key(names)
     assert not list(tmp_path.glob(f"*{key[:12]}/*.npy"))
 
 

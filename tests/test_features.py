@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.data import features as features_module
-from captioner.data.features import (
-    INDEX_FILE,
-    PARTIAL_FILE,
-    PROGRESS_FILE,
-    FeatureSpec,
-    cache_key,
-    prepare_features,
-)
-from captioner.data.preprocessing import Preprocessing
-from captioner.models.encoder import ImageEncoder
+from captioner.encoders import extraction as features_module
+from captioner.encoders.base import ImageEncoder
+from captioner.encoders.extraction import FeatureSpec, prepare_features
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.store import INDEX_FILE, PARTIAL_FILE, PROGRESS_FILE, cache_key, open_cache
+from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.errors import CaptionerError
 
-SPEC = {"backbone": "resnet18", "weights": None, "preprocessing": Preprocessing(32)}
+ENCODER = {"model": "resnet18", "weights": None, "image_size": 32}
+
+
+def spec_of(**overrides) -> FeatureSpec:
+    return FeatureSpec(TorchvisionEncoder(**{**ENCODER, **overrides}))
 
 
 def names_of(scenes, count=24):
@@ -25,8 +25,7 @@ def names_of(scenes, count=24):
 
 
 def build(root, scenes, names, **overrides):
-    spec = FeatureSpec(**{**SPEC, **overrides})
-    return prepare_features(root, scenes / "Images", names, spec, batch_size=8, num_workers=0)
+    return prepare_features(root, scenes / "Images", names, spec_of(**overrides), batch_size=8, num_workers=0)
 
 
 def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
@@ -34,7 +33,7 @@ def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
     cache = build(tmp_path, scenes, names)
     assert isinstance(cache.features, np.memmap)
     assert cache.features.dtype == np.float16 and cache.features.shape == (24, 512)
-    encoder = ImageEncoder("resnet18", None)
+    encoder = TorchvisionEncoder("resnet18", None, 32)
     images = torch.stack([Preprocessing(32).from_file(scenes / "Images" / name) for name in names[:4]])
     with torch.inference_mode():
         expected = encoder(images).numpy()
@@ -50,17 +49,27 @@ def test_reused_when_nothing_changed_and_recomputed_when_the_key_changes(tmp_pat
     monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(a) or original(*a, **k))
     assert build(tmp_path, scenes, names).directory == first.directory
     assert calls == []
-    for change in ({"preprocessing": Preprocessing(48)}, {"backbone": "resnet34"}, {"weights": "IMAGENET1K_V1"}):
-        spec = FeatureSpec(**{**SPEC, **change})
+    for change in ({"image_size": 48}, {"model": "resnet34"}, {"weights": "IMAGENET1K_V1"}, {"resize": "library"}):
+        spec = spec_of(**change)
         assert spec.directory(tmp_path, spec.key(names)) != first.directory
     # The decode path and the precision are part of the key: a CPU-built cache is not what a GPU would compute.
-    keys = {cache_key(**SPEC, file_names=names, decode=decode, precision=precision)
+    encoder = TorchvisionEncoder(**ENCODER)
+    keys = {cache_key(encoder.spec(), encoder.preprocessing, names, decode=decode, precision=precision)
             for decode in ("pil", "nvjpeg+pil") for precision in ("fp32", "bf16")}  # fmt: skip
-    assert len(keys) == 4 and FeatureSpec(**SPEC).key(names, "cpu") in keys
+    assert len(keys) == 4 and spec_of().key(names, "cpu") in keys
     other = build(tmp_path, scenes, names[:-1])  # a different image list
     assert other.directory != first.directory and len(calls) == 1
-    other = build(tmp_path, scenes, names, preprocessing=Preprocessing(40))
+    other = build(tmp_path, scenes, names, image_size=40)
     assert other.directory != first.directory and len(calls) == 2
+
+
+def test_a_cache_made_by_another_encoder_is_refused_naming_both(tmp_path, scenes):
+    names = names_of(scenes, 8)
+    cache = build(tmp_path, scenes, names)
+    other = spec_of(model="resnet34")
+    with pytest.raises(CaptionerError, match=r"made by the encoder TorchvisionEncoder\(model='resnet18'.*not by the "
+                                             r"configured TorchvisionEncoder\(model='resnet34'"):  # fmt: skip
+        open_cache(cache.directory, other.key(names), other.encoder_spec)
 
 
 def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, monkeypatch):
@@ -73,7 +82,7 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
     original_forward = ImageEncoder.forward
 
     def dying_forward(self, images, grid=False):
-        seen["batches"] += 1
+        seen["batches"] += len(images) > 1  # not the one-image pass that measures the feature size
         if seen["batches"] == 3:
             raise RuntimeError("killed")
         return original_forward(self, images, grid)
@@ -90,7 +99,9 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
     monkeypatch.setattr(
         ImageEncoder,
         "forward",
-        lambda self, images, grid=False: batches_seen.append(len(images)) or original_forward(self, images, grid),
+        lambda self, images, grid=False: (
+            (len(images) > 1 and batches_seen.append(len(images))) or original_forward(self, images, grid)
+        ),
     )
     resumed = build(tmp_path / "resumed", scenes, names)
     assert batches_seen == [8]  # only the missing rows were computed
@@ -127,23 +138,22 @@ def test_device_decoding_path_matches_the_pil_path_and_survives_bad_files(tmp_pa
     Image.open(scenes / "Images" / names[2]).convert("CMYK").save(scenes / "Images" / names[2], format="JPEG")
     data = (scenes / "Images" / names[3]).read_bytes()
     (scenes / "Images" / names[3]).write_bytes(data[: len(data) // 3])  # truncated JPEG
-    encoder = ImageEncoder("resnet18", None)
-    key = cache_key(**SPEC, file_names=names)
+    spec = spec_of()
+    key = spec.key(names)
     for name, device_decode in (("pil", False), ("device", True)):
         features_module.extract_features(
             tmp_path / name,
             key,
             scenes / "Images",
             names,
-            encoder,
-            Preprocessing(32),
+            spec,
             batch_size=4,
             num_workers=0,
             device="cpu",
             device_decode=device_decode,
         )
-    pil = features_module.open_cache(tmp_path / "pil", key)
-    device = features_module.open_cache(tmp_path / "device", key)
+    pil = open_cache(tmp_path / "pil", key)
+    device = open_cache(tmp_path / "device", key)
     assert names[3] in pil.failed
     ok = [i for i, name in enumerate(names) if name not in pil.failed and name not in device.failed]
     assert len(ok) >= 10
@@ -159,7 +169,7 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, scenes, monkeypatc
     sizes = []
 
     def small_device(self, images, grid=False):
-        sizes.append(len(images))
+        sizes.append(len(images)) if len(images) > 1 else None
         if len(images) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original_forward(self, images, grid)

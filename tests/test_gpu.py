@@ -16,16 +16,17 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.data.features import cache_key, extract_features, open_cache
-from captioner.data.preprocessing import Preprocessing
-from captioner.models.encoder import ImageEncoder
+from captioner.encoders.extraction import FeatureSpec, extract_features
+from captioner.encoders.store import open_cache
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.runs import run_dir
 from tests.conftest import TESTS, last_checkpoint
 from tests.test_preprocessing import _bad_files, centred_cosine, photographs  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ROOT = TESTS.parent
-SMALL = ["--data.weights", "null", "--data.backbone", "resnet18", "--data.image_size", "64", "--data.val_size", "20",
+SMALL = ["--model.encoder.weights", "null", "--model.encoder.model", "resnet18", "--model.encoder.image_size", "64",
+         "--data.val_size", "20",
          "--data.test_size", "20", "--data.min_word_count", "1", "--data.num_workers", "2",
          "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
@@ -71,11 +72,11 @@ def test_self_critical_stage_on_the_gpu(scenes, tmp_path):
 
 def _extract_with_pil_and_nvjpeg(folder, names, backbone, tmp_path, batch_size, num_workers) -> dict:
     """The feature caches of `names` at 224 px from the CPU path (PIL) and the GPU path (nvJPEG), by path name."""
-    preprocessing, encoder = Preprocessing(224), ImageEncoder(backbone, None)
+    spec = FeatureSpec(TorchvisionEncoder(backbone, None, 224))
     caches = {}
     for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
-        key = cache_key(backbone, None, preprocessing, names, decode=path_name)
-        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=batch_size,
+        key = f"{path_name}-key"
+        extract_features(tmp_path / path_name, key, folder, names, spec, batch_size=batch_size,
                          num_workers=num_workers, device=device, device_decode=device_decode)  # fmt: skip
         caches[path_name] = open_cache(tmp_path / path_name, key)
     return caches
@@ -112,11 +113,11 @@ def test_a_large_photograph_under_the_pixel_limit_decodes_on_the_device_as_with_
 
 def test_compiled_encoder_extracts_what_the_eager_one_does(scenes, tmp_path):
     names = sorted(p.name for p in (scenes / "Images").iterdir())[:32]
-    preprocessing, encoder = Preprocessing(64), ImageEncoder("resnet18", None)
+    spec = FeatureSpec(TorchvisionEncoder("resnet18", None, 64))
     results = []
     for compile_encoder in (False, True):
         key = f"compiled-{compile_encoder}"
-        extract_features(tmp_path / key, key, scenes / "Images", names, encoder, preprocessing, batch_size=16,
+        extract_features(tmp_path / key, key, scenes / "Images", names, spec, batch_size=16,
                          num_workers=0, device="cuda", compile_encoder=compile_encoder)  # fmt: skip
         results.append(np.asarray(open_cache(tmp_path / key, key).features, dtype=np.float32))
     np.testing.assert_allclose(results[0], results[1], atol=5e-2, rtol=5e-2)

@@ -16,9 +16,10 @@ from torch import nn
 
 from captioner import hardware
 from captioner.cli import main
-from captioner.data import features as features_module
-from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
+from captioner.encoders import extraction as features_module
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder
 from captioner.models.decoders import lstm as decoder_module
 from tests.conftest import tiny_args
@@ -39,8 +40,9 @@ def test_lightning_refuses_clipping_a_fused_optimizer_under_mixed_precision_and_
 
     from captioner.models.module import CaptionModel
 
-    model = CaptionModel(functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=8), backbone="resnet18", weights=None,
-                         image_size=32)  # fmt: skip
+    model = CaptionModel(
+        functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=8), encoder=TorchvisionEncoder("resnet18", None, 32)
+    )
     model.build(Vocabulary(["a", "b"], max_length=4))
 
     class TrainerStub:

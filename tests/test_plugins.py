@@ -11,14 +11,25 @@ from PIL import Image
 from captioner import Captioner
 from captioner.cli import main
 from captioner.data.vocab import Vocabulary
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models.decoders import LSTMDecoder
 from captioner.models.module import CaptionModel
 from captioner.runs import run_dir
 from tests.conftest import predict_args, tiny_args
 
 PLUGIN = ("--model.decoder", "tests.plugins.GRUDecoder", "--model.decoder.hidden_dim", "32")
-TRANSFORMER = ("--model.decoder", "captioner.models.decoders.TransformerDecoder", "--model.decoder.width", "32",
-               "--model.decoder.layers", "1", "--model.decoder.heads", "2", "--data.image_size", "64")  # fmt: skip
+TRANSFORMER = (
+    "--model.decoder",
+    "captioner.models.decoders.TransformerDecoder",
+    "--model.decoder.width",
+    "32",
+    "--model.decoder.layers",
+    "1",
+    "--model.decoder.heads",
+    "2",
+    "--model.encoder.image_size",
+    "64",
+)
 
 
 def photos_of(scenes: Path, folder: Path, count: int = 3) -> Path:
@@ -83,8 +94,11 @@ def test_blind_hides_the_image():
     vocabulary = Vocabulary([f"w{i}" for i in range(30)], max_length=8)
     models = {}
     for blind in (False, True):
-        model = CaptionModel(functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=16), backbone="resnet18",
-                             weights=None, image_size=32, blind=blind)  # fmt: skip
+        model = CaptionModel(
+            functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=16),
+            encoder=TorchvisionEncoder("resnet18", None, 32),
+            blind=blind,
+        )
         model.build(vocabulary)
         models[blind] = model.eval()
     models[True].load_state_dict(models[False].state_dict())  # the same weights; only the flag differs

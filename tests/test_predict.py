@@ -8,7 +8,7 @@ from PIL import Image
 
 from captioner import Captioner, CaptionerError
 from captioner.cli import main
-from captioner.data.preprocessing import Preprocessing
+from captioner.encoders.preprocessing import Preprocessing
 from captioner.runs import run_dir
 from tests.conftest import TINY_CONFIG, predict_args
 
@@ -147,7 +147,7 @@ def test_checkpoint_carries_the_encoder_weights(scenes_source, tmp_path, monkeyp
             str(scenes_source),
             "--data.work_dir",
             str(tmp_path / "work"),
-            "--data.weights",
+            "--model.encoder.weights",
             "IMAGENET1K_V1",
             "--trainer.default_root_dir",
             str(tmp_path),

@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 
 from captioner import Captioner
-from captioner.data import images as images_module
-from captioner.data.features import cache_key, extract_features, open_cache
-from captioner.data.images import EncodedFileDataset, collate_encoded, decode_on_device
-from captioner.data.preprocessing import Preprocessing
 from captioner.data.vocab import Vocabulary
+from captioner.encoders import decoding as images_module
+from captioner.encoders.decoding import EncodedFileDataset, collate_encoded, decode_on_device
+from captioner.encoders.extraction import FeatureSpec, extract_features
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.store import open_cache
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models.decoders import LSTMDecoder
-from captioner.models.encoder import ImageEncoder
 from captioner.models.module import CaptionModel
 
 SAMPLE_DATA = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
@@ -49,21 +50,20 @@ def centred_cosine(a: torch.Tensor, b: torch.Tensor, centre: torch.Tensor) -> to
 
 
 def test_extraction_and_captioning_give_the_same_features_for_the_same_photograph(photographs, tmp_path):
-    preprocessing = Preprocessing(224)
     names = [path.name for path in photographs]
     folder = photographs[0].parent
-    encoder = ImageEncoder("resnet50", None)
+    encoder = TorchvisionEncoder("resnet50", None, 224)
     cached = {}
     for path_name, device_decode in (("cpu", False), ("device", True)):  # the GPU's path, on the CPU
-        key = cache_key("resnet50", None, preprocessing, names, decode=path_name)
-        extract_features(tmp_path / path_name, key, folder, names, encoder, preprocessing, batch_size=4,
+        key = f"{path_name}-key"
+        extract_features(tmp_path / path_name, key, folder, names, FeatureSpec(encoder), batch_size=4,
                          num_workers=0, device="cpu", device_decode=device_decode)  # fmt: skip
         cache = open_cache(tmp_path / path_name, key)
         assert not cache.failed
         cached[path_name] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
 
     decoder = functools.partial(LSTMDecoder, embed_dim=8, hidden_dim=8)
-    model = CaptionModel(decoder, backbone="resnet50", weights=None, image_size=224)
+    model = CaptionModel(decoder, encoder=TorchvisionEncoder("resnet50", None, 224))
     model.build(Vocabulary(["a"], max_length=3))
     captioned = []
     model.encoder.register_forward_hook(lambda module, inputs, output: captioned.append(output.float()))
@@ -108,12 +108,11 @@ def test_the_device_path_fails_bad_files_alone_like_the_cpu_path(photographs, tm
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # bomb.jpg (9 Mpx) is over twice the limit
     expected = _bad_files(tmp_path, photographs[0])
     names = sorted(expected)
-    preprocessing = Preprocessing(64)
-    encoder = ImageEncoder("resnet18", None)
+    encoder = TorchvisionEncoder("resnet18", None, 64)
     failures = {}
     for path_name, device_decode in (("cpu", False), ("device", True)):
-        key = cache_key("resnet18", None, preprocessing, names, decode=path_name)
-        extract_features(tmp_path / path_name, key, tmp_path, names, encoder, preprocessing, batch_size=4,
+        key = f"{path_name}-key"
+        extract_features(tmp_path / path_name, key, tmp_path, names, FeatureSpec(encoder), batch_size=4,
                          num_workers=0, device="cpu", device_decode=device_decode)  # fmt: skip
         failures[path_name] = open_cache(tmp_path / path_name, key).failed
     assert set(failures["cpu"]) == set(failures["device"]) == {name for name, ok in expected.items() if not ok}

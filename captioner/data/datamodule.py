@@ -14,20 +14,18 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
-from captioner.data.datasets import ImageCaptions, TrainCaptions, passthrough
-from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
-from captioner.data.features import (
-    FEATURES_FILE,
-    FeatureCache,
-    FeatureSpec,
-    load_features,
-    prepare_features,
-    prepare_features_sharded,
+from captioner.data.datasets import (
+    EpochTaggedSampler,
+    FeatureRows,
+    ImageCaptions,
+    PixelRows,
+    TrainCaptions,
+    passthrough,
 )
+from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
 from captioner.data.formats import CaptionFormat
-from captioner.data.images import IMAGE_EXTENSIONS, ImageFileDataset, collate_images, find_images
+from captioner.data.images import IMAGE_EXTENSIONS, find_images
 from captioner.data.prepared import PreparedData
-from captioner.data.preprocessing import Preprocessing
 from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.splits import (
     SPLITS,
@@ -38,8 +36,13 @@ from captioner.data.splits import (
     save_splits,
 )
 from captioner.data.vocab import Vocabulary, normalize
+from captioner.encoders.base import ImageEncoder
+from captioner.encoders.decoding import ImageFileDataset, collate_images
+from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.store import FEATURES_FILE, FeatureCache
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
-from captioner.models.encoder import check_backbone
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +50,13 @@ FEATURES_DIR = "features"
 
 
 class CaptionDataModule(LightningDataModule):
-    """A caption set (Mini-COCO by default) as cached encoder features and captions.
+    """A caption set (Mini-COCO by default) as cached encoder features (or images) and captions.
 
     `prepare_data` (once per node) fetches the data, reads it, splits it,
     builds the vocabulary and the feature cache, all under `work_dir`.
-    `setup` (every process) opens them read-only.
+    `setup` (every process) opens them read-only. With `online_features` (an
+    encoder that trains) there is no cache: batches carry the images, decoded
+    and preprocessed by the loader workers.
 
     Args:
         data_dir: The folder holding the captions and images. When set, kagglehub is never called.
@@ -70,9 +75,12 @@ class CaptionDataModule(LightningDataModule):
         split_seed: Seed of the image-level shuffle (drawn splits only).
         min_word_count: Words seen fewer times in training captions become `<unk>`.
         max_caption_length: Most words kept per caption (and generated).
-        backbone: resnet18, resnet34, resnet50 or resnet101.
-        weights: torchvision weights name, or null for a seeded random frozen backbone.
-        image_size: Images are resized to this square size before the encoder.
+        encoder: The image encoder features are extracted with (set from `--model.encoder`: the model's own
+            instance, so one config entry chooses it). None: an ImageNet ResNet50.
+        online_features: Deliver images instead of cached features (set from `--model.trainable_encoder_blocks`:
+            a trained encoder's features change every step). Training images get the encoder's training transform.
+        backbone, weights, image_size: Removed in captioner 0.3 (the encoder is `--model.encoder`); setting them
+            stops with the config to write instead.
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
             CPU; halved on out-of-memory).
         compile_encoder: Run the encoder through `torch.compile` while caching features (worth it on a GPU).
@@ -103,9 +111,11 @@ class CaptionDataModule(LightningDataModule):
         split_seed: int = 0,
         min_word_count: int = 5,
         max_caption_length: int = 34,
-        backbone: str = "resnet50",
-        weights: str | None = "IMAGENET1K_V2",
-        image_size: int = 224,
+        encoder: ImageEncoder | None = None,
+        online_features: bool = False,
+        backbone: str | None = None,
+        weights: str | None = None,
+        image_size: int | None = None,
         extraction_batch_size: int | None = None,
         compile_encoder: bool = False,
         batch_size: int = 128,
@@ -118,10 +128,11 @@ class CaptionDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.prepare_data_per_node = not shared_filesystem
-        check_backbone(backbone, weights)
-        if max_caption_length < 1 or image_size < 32:
-            raise CaptionerError("--data.max_caption_length must be >= 1 and --data.image_size >= 32.")
-        self.save_hyperparameters(ignore=["format"])
+        _refuse_removed_options(backbone, weights, image_size)
+        if max_caption_length < 1:
+            raise CaptionerError("--data.max_caption_length must be >= 1.")
+        self.save_hyperparameters(ignore=["format", "encoder", "backbone", "weights", "image_size"])
+        self.encoder = encoder if encoder is not None else TorchvisionEncoder()
         self.caption_format = format
         self.work_dir = Path(work_dir)
         self.vocabulary: Vocabulary | None = None
@@ -184,7 +195,9 @@ class CaptionDataModule(LightningDataModule):
                  hp.min_word_count)  # fmt: skip
         report.long_captions = sum(len(normalize(c)) > hp.max_caption_length for r in records for c in r.captions)
         self._report = report
-        if self._world_size() == 1:  # distributed runs share the extraction out in setup()
+        if hp.online_features:
+            self._report_once(root, {})
+        elif self._world_size() == 1:  # distributed runs share the extraction out in setup()
             self._features(self._image_names(splits), images_dir, root)
 
     @staticmethod
@@ -193,14 +206,13 @@ class CaptionDataModule(LightningDataModule):
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """How pixels reach the encoder, for extraction and predict alike."""
-        return Preprocessing(self.hparams.image_size)
+        """How pixels reach the encoder (the encoder's definition), for extraction and predict alike."""
+        return self.encoder.preprocessing
 
     @property
     def feature_spec(self) -> FeatureSpec:
         """The encoder and kind of features the cache holds."""
-        hp = self.hparams
-        return FeatureSpec(hp.backbone, hp.weights, self.preprocessing, grid=hp.features == "grid")
+        return FeatureSpec(self.encoder, grid=self.hparams.features == "grid")
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -238,13 +250,16 @@ class CaptionDataModule(LightningDataModule):
             )
         else:
             cache = prepare_features(self.work_dir / FEATURES_DIR, images_dir, file_names, spec, **common)
+        self._report_once(root, cache.failed)
+        return cache
+
+    def _report_once(self, root: Path, undecodable: dict[str, str]) -> None:
+        """One summary of everything preparation kept and skipped, at the end."""
         if self._report is not None:
-            self._report.undecodable = cache.failed
-            # One summary of everything preparation kept and skipped, at the end.
-            noisy = self._report.skipped or cache.failed
+            self._report.undecodable = undecodable
+            noisy = self._report.skipped or undecodable
             (log.warning if noisy else log.info)("Dataset %s: %s", root, self._report.summary())
             self._report = None
-        return cache
 
     # ---------------------------------------------------------------- setup (every process)
     def setup(self, stage: str) -> None:
@@ -258,27 +273,36 @@ class CaptionDataModule(LightningDataModule):
         splits, _ = load_splits(prepared.splits_file)
         self.vocabulary = Vocabulary.load(prepared.vocab_file)
         all_names = self._image_names(splits)
-        if self._world_size() > 1:
-            cache = self._features(all_names, self.images_dir, root)
+        cache = None
+        if self.hparams.online_features:
+            row_of, failed = {name: row for row, name in enumerate(all_names)}, {}
         else:
-            cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec, self._device())
+            if self._world_size() > 1:
+                cache = self._features(all_names, self.images_dir, root)
+            else:
+                cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec, self._device())
+            row_of, failed = cache.row_of, cache.failed
         self.split_sizes = {}
         for name in SPLITS:
-            records = [r for r in splits[name] if r.file_name not in cache.failed]
+            records = [r for r in splits[name] if r.file_name not in failed]
             self.split_sizes[name] = len(records)
             if not records:
                 raise CaptionerError(f"The {name} split has no usable image; adjust --data.{name}_size or the data.")
-            self.datasets[name] = self._dataset(name, records, cache)
+            if cache is not None:
+                reader = FeatureRows(cache.directory / FEATURES_FILE)
+            else:
+                reader = PixelRows([self.images_dir / n for n in all_names], self.preprocessing,
+                                   augment=name == "train", seed=self.shuffle_seed)  # fmt: skip
+            self.datasets[name] = self._dataset(name, records, reader, row_of)
 
-    def _dataset(self, name: str, records: list[CaptionRecord], cache: FeatureCache) -> torch.utils.data.Dataset:
+    def _dataset(self, name: str, records: list[CaptionRecord], reader, row_of: dict[str, int]):
         if name == "train" and self.hparams.train_items == "captions":
             captions = [c for r in records for c in r.captions]
-            rows = np.array([cache.row_of[r.file_name] for r in records for _ in r.captions], dtype=np.int64)
-            return TrainCaptions(cache.directory / FEATURES_FILE, rows, self.vocabulary.encode_batch(captions),
-                                 self.vocabulary.pad_index)  # fmt: skip
-        rows = np.array([cache.row_of[r.file_name] for r in records], dtype=np.int64)
-        return ImageCaptions(cache.directory / FEATURES_FILE, rows, [r.file_name for r in records],
-                             [r.captions for r in records], self.vocabulary, [r.key for r in records])  # fmt: skip
+            rows = np.array([row_of[r.file_name] for r in records for _ in r.captions], dtype=np.int64)
+            return TrainCaptions(reader, rows, self.vocabulary.encode_batch(captions), self.vocabulary.pad_index)
+        rows = np.array([row_of[r.file_name] for r in records], dtype=np.int64)
+        return ImageCaptions(reader, rows, [r.file_name for r in records], [r.captions for r in records],
+                             self.vocabulary, [r.key for r in records])  # fmt: skip
 
     def _setup_predict(self) -> None:
         if self.hparams.predict_dir is None:
@@ -312,8 +336,10 @@ class CaptionDataModule(LightningDataModule):
             # The order is a function of the seed and the epoch alone (Lightning calls set_epoch), so a run resumed
             # at an epoch boundary sees the batches the uninterrupted run would have seen.
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-            sampler = DistributedSampler(self.datasets[split], num_replicas=world, rank=rank, shuffle=True,
-                                         seed=self.shuffle_seed)  # fmt: skip
+            # Augmented images need the epoch with each index (their random crop is a function of both).
+            kind = EpochTaggedSampler if getattr(self.datasets[split], "augmented", False) else DistributedSampler
+            sampler = kind(self.datasets[split], num_replicas=world, rank=rank, shuffle=True,
+                           seed=self.shuffle_seed)  # fmt: skip
             shuffle = False
         elif split in ("val", "test") and self._world_size() > 1:
             # Lightning's default DistributedSampler pads by repeating images; metrics must count each once.
@@ -353,3 +379,24 @@ class CaptionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.hparams.eval_batch_size, shuffle=False, collate=collate_images)
+
+
+def _refuse_removed_options(backbone: str | None, weights: str | None, image_size: int | None) -> None:
+    """Stop on captioner 0.2's `data.backbone` / `data.weights` / `data.image_size`, with the config to write instead.
+
+    Raises:
+        CaptionerError: When any of them is set.
+    """
+    if backbone is None and weights is None and image_size is None:
+        return
+    weights_text = "null" if weights is None else weights
+    raise CaptionerError(
+        "--data.backbone, --data.weights and --data.image_size were removed in captioner 0.3: the encoder is a part "
+        "of the model now. Write instead:\n"
+        "  model:\n    encoder:\n      class_path: captioner.encoders.TorchvisionEncoder\n"
+        f"      init_args: {{model: {backbone or 'resnet50'}, weights: {weights_text}, "
+        f"image_size: {image_size or 224}}}\n"
+        "(or on the command line: --model.encoder captioner.encoders.TorchvisionEncoder "
+        f"--model.encoder.model {backbone or 'resnet50'} --model.encoder.weights {weights_text} "
+        f"--model.encoder.image_size {image_size or 224})."
+    )

@@ -1,4 +1,5 @@
-"""Torch datasets over the memory-mapped feature cache: captions, or images with all their captions.
+"""Torch datasets over the memory-mapped feature cache (or the images, for an encoder that trains): captions, or
+images with all their captions.
 
 Features are read row by row from the cache on demand (never all loaded);
 captions are kept as one padded int tensor. Whole batches are fetched at once
@@ -7,17 +8,25 @@ through `__getitems__`, so a batch is one fancy-indexed read.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from captioner.data.vocab import Vocabulary, normalize
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.pixels import DECODE_ERRORS, describe_error
+
+log = logging.getLogger(__name__)
 
 
-class _FeatureRows:
-    """Opens the cache lazily in each process: a memmap must not be pickled to workers."""
+class FeatureRows:
+    """Rows of the feature cache; opened lazily in each process (a memmap must not be pickled to workers)."""
+
+    key = "features"
+    augmented = False
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -26,13 +35,61 @@ class _FeatureRows:
     def __getstate__(self) -> dict:
         return {"path": self.path, "_array": None}
 
-    def read(self, rows: np.ndarray) -> torch.Tensor:
+    def read(self, rows: np.ndarray, epochs: np.ndarray | None = None) -> torch.Tensor:
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")
         order = np.argsort(rows, kind="stable")  # sorted reads are sequential on disk
         out = np.empty((len(rows), *self._array.shape[1:]), dtype=np.float16)
         out[order] = self._array[rows[order]]
         return torch.from_numpy(out).float()
+
+
+class PixelRows:
+    """Images instead of cached features, for an encoder that trains: row r is `paths[r]`, decoded and preprocessed.
+
+    With `augment`, each image gets the encoder's training transform, drawn from a generator seeded by the run's
+    seed, the epoch and the row: the same crops whatever the loader workers and however often the run resumed.
+    An image that cannot be decoded comes back black, with one warning per file.
+    """
+
+    key = "images"
+
+    def __init__(self, paths: list[Path], preprocessing: Preprocessing, augment: bool = False, seed: int = 0) -> None:
+        self.paths, self.preprocessing, self.augmented, self.seed = list(paths), preprocessing, augment, seed
+        self._warned: set[int] = set()
+
+    def _one(self, row: int, epoch: int) -> torch.Tensor:
+        path = self.paths[row]
+        try:
+            if not self.augmented:
+                return self.preprocessing.from_file(path)
+            generator = torch.Generator().manual_seed(hash((self.seed, epoch, row)) & (2**63 - 1))
+            return self.preprocessing.augmented_file(path, generator)
+        except DECODE_ERRORS as error:
+            if row not in self._warned:
+                self._warned.add(row)
+                log.warning("%s cannot be decoded (%s); training on a black image in its place.", path,
+                            describe_error(error))  # fmt: skip
+            size = self.preprocessing.image_size
+            return torch.zeros(3, size, size, dtype=torch.uint8)
+
+    def read(self, rows: np.ndarray, epochs: np.ndarray | None = None) -> torch.Tensor:
+        epochs = np.zeros(len(rows), dtype=np.int64) if epochs is None else epochs
+        return torch.stack([self._one(int(row), int(epoch)) for row, epoch in zip(rows, epochs)])
+
+
+class EpochTaggedSampler(DistributedSampler):
+    """A `DistributedSampler` whose indices carry the epoch, `(epoch, index)`, for datasets that augment."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+def _indices(items: list) -> tuple[np.ndarray, np.ndarray | None]:
+    """Dataset positions, and epochs when the sampler tags them (`EpochTaggedSampler`)."""
+    if items and isinstance(items[0], tuple):
+        return np.asarray([i for _, i in items]), np.asarray([e for e, _ in items])
+    return np.asarray(items), None
 
 
 def _trim(tokens: torch.Tensor, pad_index: int) -> torch.Tensor:
@@ -54,17 +111,18 @@ class TrainCaptions(Dataset):
         pad_index: The padding token.
     """
 
-    def __init__(self, features_path: str | Path, rows: np.ndarray, tokens: torch.Tensor, pad_index: int) -> None:
-        self.features = _FeatureRows(features_path)
+    def __init__(self, reader: FeatureRows | PixelRows, rows: np.ndarray, tokens: torch.Tensor, pad_index: int) -> None:
+        self.features = reader
         self.rows, self.tokens, self.pad_index = rows, tokens, pad_index
+        self.augmented = reader.augmented
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> dict:
-        index = np.asarray(indices)
+    def __getitems__(self, indices: list) -> dict:
+        index, epochs = _indices(indices)
         return {
-            "features": self.features.read(self.rows[index]),
+            self.features.key: self.features.read(self.rows[index], epochs),
             "tokens": _trim(self.tokens[index], self.pad_index),
             "owners": torch.arange(len(index)),
         }
@@ -91,14 +149,15 @@ class ImageCaptions(Dataset):
 
     def __init__(
         self,
-        features_path: str | Path,
+        reader: FeatureRows | PixelRows,
         rows: np.ndarray,
         file_names: list[str],
         captions: list[tuple[str, ...]],
         vocabulary: Vocabulary,
         image_ids: list[int | str] | None = None,
     ) -> None:
-        self.features = _FeatureRows(features_path)
+        self.features = reader
+        self.augmented = reader.augmented
         self.rows, self.file_names = rows, file_names
         self.image_ids = list(image_ids) if image_ids is not None else list(file_names)
         self.raw_references = [list(image_captions) for image_captions in captions]
@@ -115,12 +174,13 @@ class ImageCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: list[int]) -> dict:
-        index = np.asarray(indices)
+    def __getitems__(self, indices: list) -> dict:
+        index, epochs = _indices(indices)
+        indices = index.tolist()
         spans = [torch.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
         owners = torch.cat([torch.full((len(span),), row) for row, span in enumerate(spans)])
         return {
-            "features": self.features.read(self.rows[index]),
+            self.features.key: self.features.read(self.rows[index], epochs),
             "tokens": _trim(self.tokens[torch.cat(spans)], self.pad_index),
             "owners": owners,
             "references": [self.references[i] for i in indices],

@@ -18,44 +18,52 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 
-from captioner.checkpointing import CAPTIONER_KEY, CHECKPOINT_VERSION, read_checkpoint, upgrade
-from captioner.data.preprocessing import Preprocessing
+from captioner.checkpointing import CAPTIONER_KEY, CHECKPOINT_VERSION, check_same_part, read_checkpoint, upgrade
 from captioner.data.vocab import Vocabulary
+from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid, encoder_from_spec
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.store import jsonable
+from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 from captioner.evaluation import evaluate_captions, loggable, test_report, unique_by_file
 from captioner.metrics import CorpusCider, as_percent, bleu_collection
-from captioner.models.decoders.base import CaptionDecoder, decoder_factory
+from captioner.models.decoders.base import CaptionDecoder, decoder_factory, decoder_features
 from captioner.models.decoders.lstm import LSTMDecoder
-from captioner.models.encoder import ImageEncoder
 from captioner.models.objectives.base import Decoding, Objective
 from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cross_entropy
 from captioner.models.search import SearchResult, SpecialTokens, beam_search, best_beams, greedy_search
+from captioner.parts import config_class
 
 log = logging.getLogger(__name__)
 
-# The frozen encoder stays in eval mode on purpose (see ImageEncoder.train).
+# Frozen encoder parts stay in eval mode on purpose (see ImageEncoder.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 DecoderFactory = Callable[[int, int], CaptionDecoder]
 
 
 class CaptionModel(LightningModule):
-    """Image captioning with a frozen CNN encoder and a decoder chosen in the config.
+    """Image captioning with an image encoder and a decoder chosen in the config.
 
     The encoder is part of the module so that a checkpoint alone can caption
-    new images offline; training itself reads cached features and never runs
-    it. The decoder's sizes depend on the vocabulary, which comes from the
-    datamodule (`configure_model`) or from a checkpoint (`on_load_checkpoint`).
+    new images offline. Frozen (the default), training reads its features from
+    the cache and never runs it; with `trainable_encoder_blocks` it computes
+    features from the images and learns with the decoder. The decoder's sizes
+    depend on the vocabulary, which comes from the datamodule
+    (`configure_model`) or from a checkpoint (`on_load_checkpoint`).
 
     Args:
         decoder: A callable `(vocab_size, feature_dim) -> CaptionDecoder`: in YAML, a `class_path` with its
             `init_args` (`captioner.models.decoders.LSTMDecoder`, `AttentionDecoder`, `TransformerDecoder`,
             or your own). Sets `data.features` to what the decoder reads.
+        encoder: The image encoder (`captioner.encoders.TorchvisionEncoder`, `TimmEncoder`, `OpenClipEncoder`,
+            `HuggingFaceEncoder`, or your own; default: an ImageNet ResNet50). The data side extracts features with
+            this same instance.
         objective: The training objective (default: cross-entropy): `captioner.models.objectives.CrossEntropy`
             or `SelfCritical`, or your own. Sets `data.train_items` to what it trains on.
-        backbone: Encoder backbone (linked from `data.backbone`).
-        weights: Encoder weights name or None (linked from `data.weights`).
-        image_size: Encoder input size (linked from `data.image_size`).
+        trainable_encoder_blocks: Fine-tune the encoder's last this many blocks ("all": the whole encoder; 0: frozen,
+            features cached once). Anything but 0 makes the data side deliver images (`data.online_features`).
+        encoder_lr: Peak learning rate of the trained encoder blocks (None: `lr` / 10).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         lr_schedule: "cosine" (linear warm-up, cosine decay to zero over the run) or "constant" (warm-up only).
@@ -72,10 +80,10 @@ class CaptionModel(LightningModule):
     def __init__(
         self,
         decoder: DecoderFactory = LSTMDecoder,
+        encoder: ImageEncoder | None = None,
         objective: Objective | None = None,
-        backbone: str = "resnet50",
-        weights: str | None = "IMAGENET1K_V2",
-        image_size: int = 224,
+        trainable_encoder_blocks: TrainableBlocks = 0,
+        encoder_lr: float | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -87,11 +95,14 @@ class CaptionModel(LightningModule):
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["decoder", "objective"])  # parts are recorded by their own spec
+        self.save_hyperparameters(ignore=["decoder", "encoder", "objective"])  # parts are recorded by their own spec
         self.decoder_factory = decoder
         self.objective = objective if objective is not None else CrossEntropy()
         # Architecture only: pretrained weights are loaded at fit start, or come from a checkpoint.
-        self.encoder = ImageEncoder(backbone, weights, pretrained=False)
+        self.encoder = encoder if encoder is not None else TorchvisionEncoder()
+        self.encoder.set_trainable(trainable_encoder_blocks)
+        # Before any data is prepared: a decoder that attends needs an encoder with a grid.
+        check_grid(self.encoder, decoder_features(decoder), config_class(decoder, CaptionDecoder, "decoder").__name__)
         self.decoder: CaptionDecoder | None = None
         self.vocabulary: Vocabulary | None = None
         self.val_bleu = bleu_collection()
@@ -103,8 +114,8 @@ class CaptionModel(LightningModule):
     # ---------------------------------------------------------------- building
     @property
     def preprocessing(self) -> Preprocessing:
-        """How pixels reach the encoder: the definition the features were extracted with, kept in checkpoints."""
-        return Preprocessing(self.hparams.image_size)
+        """How pixels reach the encoder: the encoder's definition, the one its features were extracted with."""
+        return self.encoder.preprocessing
 
     @property
     def decoding(self) -> Decoding:
@@ -144,7 +155,7 @@ class CaptionModel(LightningModule):
         log.info("Starting from the weights of %s", path)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.trainer.ckpt_path is None:
+        if stage == "fit" and self.trainer.ckpt_path is None and not self.hparams.init_checkpoint:
             self.encoder.load_pretrained()  # the same weights the feature cache was computed with
 
     # ---------------------------------------------------------------- checkpoints
@@ -154,7 +165,8 @@ class CaptionModel(LightningModule):
         return {
             "version": CHECKPOINT_VERSION,
             "decoder": self._require_decoder().spec(),
-            "encoder": {"backbone": hp.backbone, "weights": hp.weights},
+            "encoder": jsonable(self.encoder.spec()),
+            "trainable_encoder_blocks": hp.trainable_encoder_blocks,
             "preprocessing": self.preprocessing.to_dict(),
             "vocabulary": self.vocabulary.to_dict(),
             "blind": hp.blind,
@@ -171,15 +183,10 @@ class CaptionModel(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = upgrade(checkpoint)
         use = "Use the config the checkpoint was trained with (its run folder holds config.yaml)."
-        hp = self.hparams
-        for key, saved, configured in (
-            ("backbone", meta["encoder"]["backbone"], hp.backbone),
-            ("weights", meta["encoder"]["weights"], hp.weights),
-            ("blind", meta["blind"], hp.blind),
-        ):
-            if saved != configured:
-                raise CaptionerError(f"The checkpoint was trained with {key}={saved!r} but this run is configured "
-                                     f"with {key}={configured!r}. {use}")  # fmt: skip
+        if meta["blind"] != self.hparams.blind:
+            raise CaptionerError(f"The checkpoint was trained with blind={meta['blind']!r} but this run is configured "
+                                 f"with blind={self.hparams.blind!r}. {use}")  # fmt: skip
+        check_same_part(meta["encoder"], jsonable(self.encoder.spec()), "encoder", use)
         saved_preprocessing = Preprocessing.from_dict(meta["preprocessing"], "the checkpoint")
         if saved_preprocessing != self.preprocessing:
             raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
@@ -192,11 +199,14 @@ class CaptionModel(LightningModule):
                 "--data.max_caption_length. Use the data settings the checkpoint was trained with."
             )
         self.build(vocabulary)
-        check_same_decoder(meta["decoder"], self.decoder, use)
+        check_same_part(meta["decoder"], self.decoder.spec(), "decoder", use,
+                        ignored=getattr(self.decoder, "training_only_options", ()))  # fmt: skip
+        self.encoder.mark_weights_loaded()  # the checkpoint's weights replace whatever the encoder would fetch
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> CaptionModel:
-        """A model rebuilt from a checkpoint alone (its decoder class, options, encoder, vocabulary, weights).
+        """A model rebuilt from a checkpoint alone (its encoder, decoder, vocabulary, preprocessing and weights),
+        with no network access.
 
         Args:
             path: The checkpoint.
@@ -204,15 +214,16 @@ class CaptionModel(LightningModule):
                 `max_decode_length`).
 
         Raises:
-            CaptionerError: When the file is missing or not a captioner checkpoint, or its decoder class cannot be
-                imported.
+            CaptionerError: When the file is missing or not a captioner checkpoint, or its encoder or decoder class
+                cannot be imported.
         """
         checkpoint = read_checkpoint(path)
         meta = upgrade(checkpoint)
         decoding = {**meta["decoding"], **{k: v for k, v in overrides.items() if v is not None}}
-        model = cls(decoder=decoder_factory(meta["decoder"]), backbone=meta["encoder"]["backbone"],
-                    weights=meta["encoder"]["weights"], image_size=meta["preprocessing"]["image_size"],
-                    blind=meta["blind"], **decoding)  # fmt: skip
+        encoder = encoder_from_spec(meta["encoder"])
+        # The definition the weights were trained with, even if the encoder's library now resolves another one.
+        encoder.use_preprocessing(Preprocessing.from_dict(meta["preprocessing"], str(path)))
+        model = cls(decoder=decoder_factory(meta["decoder"]), encoder=encoder, blind=meta["blind"], **decoding)
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
@@ -231,6 +242,14 @@ class CaptionModel(LightningModule):
         """Encoder features of `(B, 3, S, S)` uint8 images, pooled or grid as the decoder reads."""
         grid = self._require_decoder().features == "grid"
         return self.encoder(images.to(self.device, non_blocking=True), grid=grid)
+
+    def batch_features(self, batch: dict) -> torch.Tensor:
+        """A batch's image features: read from the cache, or computed from its `images` (a fine-tuned encoder;
+        with gradients where the encoder trains)."""
+        if "features" in batch:
+            return batch["features"]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.encoder.trainable_blocks)):
+            return self.encode_images(batch["images"])
 
     def generate(self, features: torch.Tensor, beam_size: int | None = None) -> SearchResult:
         """Decode captions for a batch of features; beam size 1 (or 0) is greedy."""
@@ -268,8 +287,8 @@ class CaptionModel(LightningModule):
                               return_attention=True)  # fmt: skip
         if output.attention is None:
             return None
-        side = round(features.shape[1] ** 0.5)
-        return [w[:n].float().view(-1, side, side).cpu() for w, n in zip(output.attention, lengths.tolist())]
+        rows, columns = self.encoder.grid_shape
+        return [w[:n].float().view(-1, rows, columns).cpu() for w, n in zip(output.attention, lengths.tolist())]
 
     @torch.no_grad()
     def describe_images(self, images: torch.Tensor, beam_size: int | None = None, beams: int = 0) -> list[dict]:
@@ -318,7 +337,7 @@ class CaptionModel(LightningModule):
         self.objective.prepare(getattr(train, "reference_ids", []), self.decoding.special)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        features = self.image_features(batch["features"])
+        features = self.image_features(self.batch_features(batch))
         output = self.objective(self._require_decoder(), features, batch, self.decoding)
         self.log("train/loss", output.loss, prog_bar=True, batch_size=output.batch_size)
         for name, value in output.logs.items():
@@ -327,12 +346,12 @@ class CaptionModel(LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, stage: str, beam_size: int) -> SearchResult:
-        features = self.image_features(batch["features"])
+        raw_features = self.batch_features(batch)
         tokens = batch["tokens"]
-        output = self._require_decoder()(features, tokens[:, :-1], owners=batch["owners"])
+        output = self._require_decoder()(self.image_features(raw_features), tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
-        result = self.generate(batch["features"], beam_size)
+        result = self.generate(raw_features, beam_size)
         metric = self.val_bleu if stage == "val" else self.test_bleu
         metric.update(self.vocabulary.decode_batch(result.tokens), batch["references"])
         return result
@@ -408,7 +427,11 @@ class CaptionModel(LightningModule):
         # A fused AdamW unscales gradients inside its step, so Lightning's mixed-precision plugins refuse to clip
         # gradients for it: fused only when nothing is clipped (the foreach kernels are nearly as fast).
         fused = not self.trainer.gradient_clip_val
-        optimizer = torch.optim.AdamW(decoder.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+        groups = [{"params": list(decoder.parameters()), "lr": hp.lr}]
+        encoder_parameters = self.encoder.trainable_parameters()
+        if encoder_parameters:  # a fine-tuned encoder learns more gently than the decoder it feeds
+            groups.append({"params": encoder_parameters, "lr": hp.encoder_lr or hp.lr / 10})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 2)
 
@@ -422,23 +445,3 @@ class CaptionModel(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def check_same_decoder(saved: dict[str, Any], decoder: CaptionDecoder, use: str) -> None:
-    """Refuse a checkpoint whose decoder is another class or has other options than the configured one.
-
-    Options a decoder lists in `training_only_options` (dropout, loss weights) may differ: they do not change
-    what the weights mean.
-    """
-    configured = decoder.spec()
-    if saved["class_path"] != configured["class_path"]:
-        raise CaptionerError(f"The checkpoint holds a {saved['class_path']} decoder but this run is configured with "
-                             f"{configured['class_path']}. {use}")  # fmt: skip
-    ignored = set(getattr(decoder, "training_only_options", ()))
-    saved_args, configured_args = saved.get("init_args", {}), configured["init_args"]
-    differences = [f"{name}={saved_args.get(name)!r} (configured: {configured_args.get(name)!r})"
-                   for name in sorted(set(saved_args) | set(configured_args))
-                   if name not in ignored and saved_args.get(name) != configured_args.get(name)]  # fmt: skip
-    if differences:
-        raise CaptionerError(f"The checkpoint's {saved['class_path'].rsplit('.', 1)[-1]} was trained with "
-                             f"{', '.join(differences)}. {use}")  # fmt: skip

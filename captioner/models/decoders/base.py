@@ -47,7 +47,6 @@ including one outside this package):
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -57,6 +56,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
 from captioner.errors import CaptionerError
+from captioner.parts import class_path, config_class, import_class
 
 Context = Any  # a tensor tree, batch on dimension 0 (per-image constants)
 State = Any  # a tensor tree, batch on dimension 0 (per-caption state)
@@ -164,30 +164,6 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
         return {"class_path": class_path(type(self)), "init_args": init_args}
 
 
-def class_path(cls: type) -> str:
-    """The import path of a class, as configs write it."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def import_class(path: str, base: type, what: str) -> type:
-    """Import `path` (module.Class) and check it is a subclass of `base`.
-
-    Raises:
-        CaptionerError: When it cannot be imported or is not a `base`.
-    """
-    module_name, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise CaptionerError(
-            f"The {what} class {path!r} cannot be imported ({error}). Make its module importable (installed, or "
-            "on PYTHONPATH) before loading."
-        ) from error
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise CaptionerError(f"{path!r} is not a {base.__name__} subclass.")
-    return cls
-
-
 def decoder_factory(spec: dict[str, Any]) -> Callable[[int, int], CaptionDecoder]:
     """A callable `(vocab_size, feature_dim) -> decoder` from a `CaptionDecoder.spec()` (as checkpoints hold it)."""
     cls = import_class(spec["class_path"], CaptionDecoder, "decoder")
@@ -202,12 +178,4 @@ def decoder_features(decoder: Any) -> str:
         decoder: A decoder class, a `functools.partial` of one, or a config value (`class_path` string,
             dict or namespace with `class_path`).
     """
-    cls = decoder
-    if isinstance(decoder, str):
-        cls = import_class(decoder, CaptionDecoder, "decoder")
-    elif isinstance(decoder, dict) or hasattr(decoder, "class_path"):
-        path = decoder["class_path"] if isinstance(decoder, dict) else decoder.class_path
-        cls = import_class(path, CaptionDecoder, "decoder")
-    elif hasattr(decoder, "func"):  # functools.partial(cls, ...)
-        cls = next((a for a in (decoder.func, *decoder.args) if isinstance(a, type)), decoder.func)
-    return getattr(cls, "features", "pooled")
+    return getattr(config_class(decoder, CaptionDecoder, "decoder"), "features", "pooled")

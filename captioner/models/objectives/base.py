@@ -31,6 +31,7 @@ import torch
 
 from captioner.models.decoders.base import CaptionDecoder
 from captioner.models.search import SpecialTokens
+from captioner.parts import config_class, config_init_args
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,8 @@ class Objective:
 def train_items_of(objective: Any) -> str:
     """What one training item is for a configured objective (an instance, or a config value with `class_path` and
     `init_args`); for the config link to `data.train_items`."""
-    from captioner.models.decoders.base import import_class
-
     if objective is None:
         return "captions"
     if isinstance(objective, Objective):
         return objective.train_items
-    if isinstance(objective, str):
-        return import_class(objective, Objective, "objective")().train_items
-    path = objective["class_path"] if isinstance(objective, dict) else objective.class_path
-    init_args = objective.get("init_args") if isinstance(objective, dict) else getattr(objective, "init_args", None)
-    options = dict(init_args or {}) if not hasattr(init_args, "as_dict") else init_args.as_dict()
-    return import_class(path, Objective, "objective")(**options).train_items
+    return config_class(objective, Objective, "objective")(**config_init_args(objective)).train_items
