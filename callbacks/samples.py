@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
 
 from captioner.files import atomic_open
+from captioner.pixels import open_accepted
 from captioner.render import captioned_image, image_grid
 from captioner.runs import run_dir
 
@@ -50,7 +50,7 @@ class CaptionSamples(Callback):
         epoch = trainer.current_epoch
         tiles, rows = [], []
         for name, caption, refs in zip(batch["file_names"], generated, batch["references"]):
-            with Image.open(Path(datamodule.images_dir) / name) as image:
+            with open_accepted(Path(datamodule.images_dir) / name) as image:
                 image.seek(0)
                 image = image.convert("RGB")
             tiles.append(captioned_image(image, [caption, *refs[: self.references]], self.tile_width))

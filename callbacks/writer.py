@@ -12,9 +12,9 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from PIL import Image
 
 from captioner.files import atomic_open
+from captioner.pixels import open_accepted
 from captioner.render import attention_figure, captioned_image
 from captioner.runs import run_dir
 
@@ -96,7 +96,7 @@ class CaptionWriter(BasePredictionWriter):
         """Draw `draw(image, *args)` for the row's image into `folder`, mirroring the input tree."""
         source = Path(row["path"])
         try:
-            with Image.open(source) as image:
+            with open_accepted(source) as image:
                 image.seek(0)
                 picture = draw(image, *args)
         except OSError as error:  # it was readable a moment ago; report, do not stop

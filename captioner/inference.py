@@ -90,11 +90,22 @@ class Captioner:
         with self._autocast():
             return self.model.caption_images(images, self.beam_size)
 
-    def describe(self, images: Sequence[Image.Image], beams: int = 0, attention: bool = False) -> list[dict]:
-        """Everything the model can say about decoded images, one dict per image (what the server returns).
+    def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
+        """An image file's bytes as the encoder's `(3, S, S)` uint8 input (the full-size picture is not kept).
+
+        Raises:
+            One of `captioner.pixels.DECODE_ERRORS` (`TooManyPixelsError` over `max_pixels`,
+            `UnsupportedFormatError` for formats outside `ACCEPTED_FORMATS`).
+        """
+        return self.preprocessing.from_file(data, max_pixels)
+
+    def describe(
+        self, images: Sequence[Image.Image | torch.Tensor], beams: int = 0, attention: bool = False
+    ) -> list[dict]:
+        """Everything the model can say about images, one dict per image (what the server returns).
 
         Args:
-            images: Decoded PIL images (any mode).
+            images: Decoded PIL images (any mode), or their `pixels_from_bytes` tensors.
             beams: Also return up to this many alternative captions with their scores (best first).
             attention: Also return, for decoders that attend over a grid of regions, where each word looked.
 
@@ -102,7 +113,8 @@ class Captioner:
             Dicts with `caption`, `score` (log-probability), `beams` (with `beams` > 0) and `attention`
             (`{"words", "grid": [rows, columns], "weights": one list of rows*columns per word}` or None).
         """
-        batch = torch.stack([self.preprocessing.from_pil(image) for image in images])
+        batch = torch.stack([self.preprocessing.from_pil(image) if isinstance(image, Image.Image) else image
+                             for image in images])  # fmt: skip
         with torch.no_grad(), self._autocast():
             rows = self.model.describe_images(batch, self.beam_size, beams=beams)
         return [attention_as_lists(row, attention) for row in rows]

@@ -30,6 +30,7 @@ from captioner.predictions import Prediction, captions_or_error, predict_in_batc
 EXPORT_VERSION = 2
 READABLE_VERSIONS = (1, EXPORT_VERSION)  # version 1: ResNet exports of captioner 0.2, squashed images
 MANIFEST = "manifest.json"
+README = "README.md"
 
 
 def _digest(path: Path) -> str:
@@ -37,10 +38,14 @@ def _digest(path: Path) -> str:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The folder's manifest, with every file it lists present and unaltered.
+    """The folder's manifest, with the folder checked as a whole against it.
+
+    Every graph the runtime opens is listed with its SHA-256, every file in the
+    folder besides the manifest and its README is listed, every listed file is
+    there, unaltered, and no name leads out of the folder.
 
     Raises:
-        CaptionerError: Naming the missing or altered file, or the unreadable manifest.
+        CaptionerError: Naming the missing, extra, altered or escaping file, or the unreadable manifest.
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -52,7 +57,20 @@ def read_manifest(folder: str | Path) -> dict:
         raise CaptionerError(f"{path} is not valid JSON ({error}); export the model again.") from error
     if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:
         raise CaptionerError(f"{path} is of another export version; export the model again with this captioner.")
-    for name, digest in manifest.get("files", {}).items():
+    files, graphs = manifest.get("files"), manifest.get("graphs")
+    if not isinstance(files, dict) or not isinstance(graphs, dict):
+        raise CaptionerError(f"{path} lists no files or graphs; export the model again.")
+    for name in [*files, *graphs.values()]:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CaptionerError(f"{path} names {name!r}, which is not a file inside the folder: refused.")
+    for graph, name in graphs.items():
+        if name not in files:
+            raise CaptionerError(f"The {graph} graph {name} is not listed with a digest in {path}: refused.")
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, README) and p.name not in files)
+    if extra:
+        raise CaptionerError(f"{folder} holds {', '.join(extra)}, which its manifest does not list: refused. "
+                             "Export the model again into an empty folder.")  # fmt: skip
+    for name, digest in files.items():
         file = folder / name
         if not file.is_file():
             raise CaptionerError(f"{folder} lacks {name}, which its manifest lists; export the model again.")
@@ -110,6 +128,14 @@ class OnnxCaptioner:
         else:
             image = open_image(Path(source).read_bytes())
         return preprocess_array(np.asarray(image), self.preprocessing)
+
+    def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        """An image file's bytes as the encoder's `(3, S, S)` uint8 input (the full-size picture is not kept).
+
+        Raises:
+            One of `captioner.pixels.DECODE_ERRORS` (`TooManyPixelsError`, `UnsupportedFormatError`, ...).
+        """
+        return preprocess_array(np.asarray(open_image(data, max_pixels)), self.preprocessing)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """Encoder features of a `(B, 3, S, S)` uint8 batch."""
@@ -237,10 +263,13 @@ class OnnxCaptioner:
             images = [images]
         return captions_or_error(self.predict(images))
 
-    def describe(self, images: Sequence[Image.Image], beams: int = 0, attention: bool = False) -> list[dict]:
-        """What the server returns for decoded images: caption, score and, with `beams`, the ranked beams
-        (attention maps need the checkpoint: None here)."""
-        features = self.features(np.stack([self._pixels(image) for image in images]))
+    def describe(
+        self, images: Sequence[Image.Image | np.ndarray], beams: int = 0, attention: bool = False
+    ) -> list[dict]:
+        """What the server returns for decoded images (or their `pixels_from_bytes` arrays): caption, score and,
+        with `beams`, the ranked beams (attention maps need the checkpoint: None here)."""
+        features = self.features(np.stack([self._pixels(image) if isinstance(image, Image.Image) else image
+                                           for image in images]))  # fmt: skip
         (tokens, scores, _), ranked = self.beams(features, self.beam_size)
         rows = []
         for index, (caption, score) in enumerate(zip(self.vocabulary.decode_batch(tokens), scores.tolist())):

@@ -4,6 +4,7 @@
     python scripts/demo_check.py --all                  # adds attention and the Transformer, about 10 minutes
     python scripts/demo_check.py --all --json out.json  # also every figure as JSON
     python scripts/demo_check.py --scst                 # adds self-critical stages (both baselines) on the LSTM
+    python scripts/demo_check.py --finetune             # a random ResNet18 frozen vs fine-tuned end to end
 
 Prints the test metrics (pycocoevalcap) of each model, how often the
 generated caption names the main object's colour correctly, how often the
@@ -14,7 +15,10 @@ The blind baseline is the pooled LSTM trained with the image features zeroed:
 what the language prior alone achieves. With --scst, two self-critical stages
 start from the pooled LSTM's best checkpoint, one per baseline (the greedy
 caption, or the mean reward of the other samples). Other arguments go to every
-run, e.g. `--trainer.max_epochs 20`.
+run, e.g. `--trainer.max_epochs 20`. With --finetune, the same small random
+ResNet18 (64 px) is trained once frozen (features cached once) and once
+fine-tuned end to end from the images (every block, its own learning rate),
+both with per-image items and the pooled LSTM, so only the encoder differs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ TRANSFORMER = ["--model.decoder", "captioner.models.decoders.TransformerDecoder"
 DANGLING = {"a", "an", "the", "of", "on", "with", "and", "in"}
 SCST = ["--model.objective", "captioner.models.objectives.SelfCritical", "--model.lr", "0.0005",
         "--model.warmup_steps", "0", "--trainer.max_epochs", "4", "--data.batch_size", "64"]  # fmt: skip
+RESNET18 = ["--model.encoder.model", "resnet18", "--model.objective.per_image", "true", "--data.batch_size", "32"]
+FINETUNE = {
+    "ResNet18 frozen": RESNET18,
+    "ResNet18 fine-tuned": [*RESNET18, "--model.trainable_encoder_blocks", "all", "--model.encoder_lr", "0.0003"],
+}
 RUNS = {
     "pooled LSTM": [],
     "blind baseline": ["--model.blind", "true"],
@@ -68,20 +77,22 @@ def run(extra: list[str], keep: dict | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    everything, scst = "--all" in sys.argv, "--scst" in sys.argv
+    everything, scst, finetune = "--all" in sys.argv, "--scst" in sys.argv, "--finetune" in sys.argv
     json_path = Path(sys.argv[sys.argv.index("--json") + 1]) if "--json" in sys.argv else None
-    flags = ("--all", "--scst", "--json")
+    flags = ("--all", "--scst", "--json", "--finetune")
     extra = [a for i, a in enumerate(sys.argv[1:], 1) if a not in flags and sys.argv[i - 1] != "--json"]
     chosen = RUNS if everything else {name: RUNS[name] for name in ("pooled LSTM", "blind baseline")}
+    if finetune:
+        chosen = {"blind baseline": RUNS["blind baseline"], **FINETUNE}
     start: dict = {}
     results = {name: run([*extra, *args], start if name == "pooled LSTM" else None) for name, args in chosen.items()}
     if scst:
         for baseline in ("greedy", "mean"):
             results[f"SCST, {baseline}"] = run([*extra, *SCST, "--model.objective.baseline", baseline,
                                                 "--model.init_checkpoint", start["checkpoint"]])  # fmt: skip
-    print(f"\n{'held-out test (0-100)':<32}" + "".join(f"{name:>16}" for name in results))
-    for metric in results["pooled LSTM"]:
-        print(f"{metric:<32}" + "".join(f"{r[metric]:>16.2f}" for r in results.values()))
+    print(f"\n{'held-out test (0-100)':<32}" + "".join(f"{name:>20}" for name in results))
+    for metric in next(iter(results.values())):
+        print(f"{metric:<32}" + "".join(f"{r[metric]:>20.2f}" for r in results.values()))
     if json_path:
         json_path.write_text(json.dumps(results, indent=1))
     blind = results["blind baseline"]

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,15 @@ def test_caption_command_takes_an_exported_folder(trained, scenes_source, tmp_pa
     out = capsys.readouterr()
     lines = out.out.splitlines()[1:]  # after the export's own line
     assert exit_info.value.code == 1 and lines[0].startswith(f"{image}: ") and "bad.jpg: ERROR not an image" in lines[1]
+    # A real picture in a format outside the accepted list is a per-file error, by the torch and ONNX paths alike.
+    Image.open(image).save(tmp_path / "scene.tiff")
+    for model in (str(checkpoint), str(tmp_path / "onnx")):
+        with pytest.raises(SystemExit):
+            main(["caption", str(image), str(tmp_path / "scene.tiff"), "--ckpt_path", model])
+        tiff = capsys.readouterr().out.splitlines()[-1]
+        assert (
+            tiff == f"{tmp_path / 'scene.tiff'}: ERROR not an image in an accepted format (JPEG, PNG, BMP, WebP, GIF)"
+        )
 
 
 def test_a_folder_is_checked_when_loaded(trained, tmp_path):
@@ -127,6 +137,26 @@ def test_a_folder_is_checked_when_loaded(trained, tmp_path):
         OnnxCaptioner(folder)
     with pytest.raises(CaptionerError, match="already holds files"):
         export_onnx(CaptionModel.from_checkpoint(str(checkpoint)), folder)
+
+
+def test_every_graph_is_listed_with_its_digest_and_nothing_leaves_the_folder(trained, tmp_path):
+    """The folder is checked as a whole: an extra graph, a graph named without a digest, a path out of the folder."""
+    checkpoint, _ = trained
+    folder = export_onnx(CaptionModel.from_checkpoint(str(checkpoint)), tmp_path / "onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    OnnxCaptioner(folder)  # as exported: accepted
+    shutil.copy(folder / "encoder.onnx", folder / "encoder_v2.onnx")  # dropped in by someone else
+    with pytest.raises(CaptionerError, match="holds encoder_v2.onnx, which its manifest does not list"):
+        OnnxCaptioner(folder)
+    for graphs, files, says in (
+        ({**manifest["graphs"], "encoder": "encoder_v2.onnx"}, manifest["files"], "encoder graph encoder_v2.onnx is "
+                                                                                  "not listed with a digest"),
+        ({**manifest["graphs"], "step": "../elsewhere/decoder_step.onnx"}, manifest["files"], "not a file inside"),
+        (manifest["graphs"], {**manifest["files"], "/etc/passwd": "0" * 64}, "not a file inside"),
+    ):  # fmt: skip
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "graphs": graphs, "files": files}))
+        with pytest.raises(CaptionerError, match=says):
+            OnnxCaptioner(folder)
 
 
 class NestedStateDecoder(GRUDecoder):

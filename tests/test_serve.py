@@ -1,13 +1,16 @@
 """The server, started for real on 127.0.0.1: concurrent requests, every bad request, and the page in a browser."""
 
 import base64
+import contextlib
 import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,18 +31,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
-    """`python -m captioner serve` on the tiny trained model, with small limits the tests can reach."""
-    checkpoint, _ = trained
+@contextlib.contextmanager
+def running_server(checkpoint: Path, folder: Path, *options: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m captioner serve` in its own process group, until the block ends; yields its URL and process."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    log = folder / "server.log"
     command = [sys.executable, "-m", "captioner", "serve", "--ckpt_path", str(checkpoint), "--port", str(port),
-               "--device", "cpu", "--max_batch_size", "8", "--batch_timeout", "0.05", "--max_upload_mb", "1",
-               "--max_pixels", "1000000"]  # fmt: skip
+               "--device", "cpu", *options]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CAPTIONER_API_KEY", None)
     with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=log.parent,
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=folder,
                                    start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -54,10 +56,19 @@ def server(trained, tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail(f"the server did not become healthy:\n{log.read_text()[-3000:]}")
-        yield url
+        yield url, process
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """The server on the tiny trained model, with small limits the tests can reach."""
+    with running_server(trained[0], tmp_path_factory.mktemp("serve"), "--max_batch_size", "8", "--batch_timeout",
+                        "0.05", "--max_upload_mb", "1", "--max_pixels", "1000000", "--body_timeout", "3",
+                        "--max_bodies", "55") as (url, _):  # fmt: skip
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +114,18 @@ def test_health_and_the_page_are_served(server):
     assert 'fetch("/predict"' in httpx.get(f"{server}/static/app.js").text
 
 
-def image_bytes(size, kind="PNG") -> bytes:
+def image_bytes(size, kind="PNG", mode="RGB") -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, "red").save(buffer, format=kind)
+    Image.new(mode, size, "red").save(buffer, format=kind)
     return buffer.getvalue()
+
+
+def refused_formats() -> dict[str, bytes]:
+    """Real files of formats Pillow can read but the README does not promise (PSD written by hand: Pillow cannot)."""
+    files = {kind.lower(): image_bytes((16, 16), kind) for kind in ("TIFF", "PPM", "ICO", "TGA", "EPS", "PDF")}
+    header = b"8BPS" + (1).to_bytes(2, "big") + bytes(6) + (3).to_bytes(2, "big") + (16).to_bytes(4, "big") * 2
+    files["psd"] = header + (8).to_bytes(2, "big") + (3).to_bytes(2, "big") + bytes(12) + bytes(2) + bytes(16 * 16 * 3)
+    return files
 
 
 def test_every_bad_request_gets_a_4xx_that_says_why_and_the_server_keeps_serving(server, pictures, expected,
@@ -114,6 +133,8 @@ def test_every_bad_request_gets_a_4xx_that_says_why_and_the_server_keeps_serving
     good = pictures[0].read_bytes()
     bad = {
         "not an image": (415, "Not an image", {"files": {"image": ("notes.jpg", b"hello, not a picture")}}),
+        **{f"a {kind} file": (415, "not a format this server accepts", {"files": {"image": (f"x.{kind}", data)}})
+           for kind, data in refused_formats().items()},
         "truncated": (422, "truncated or corrupt", {"files": {"image": ("cut.jpg", good[: len(good) // 2])}}),
         "empty": (400, "empty", {"files": {"image": ("empty.jpg", b"")}}),
         "over the upload limit": (413, "limit", {"files": {"image": ("big.png", os.urandom(1_200_000))}}),
@@ -170,3 +191,181 @@ def test_the_page_captions_an_uploaded_picture_in_a_real_browser(server, picture
         browser.quit()
     with Image.open(tmp_path / "page.png") as screenshot:
         assert screenshot.size[0] >= 1000 and len(set(screenshot.convert("L").getdata())) > 20  # drawn, not blank
+
+
+def slow_client(url: str, declared: int = 900_000) -> socket.socket:
+    """A connection that declares a body and then sends it one byte at a time (call `trickle` to send more)."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    connection.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {declared}\r\n\r\n{{".encode())  # fmt: skip
+    return connection
+
+
+def answer_of(connection: socket.socket) -> tuple[bytes, bool]:
+    """What the server sent on a connection, and whether it then closed it (without waiting forever)."""
+    received = b""
+    connection.settimeout(15)
+    try:
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received, True
+    except (TimeoutError, ConnectionResetError):
+        return received, False
+
+
+def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(server, pictures, expected):
+    slow = [slow_client(server) for _ in range(50)]
+    started = time.monotonic()
+
+    def trickle():  # one byte every half second on every slow connection, for as long as they stay open
+        while time.monotonic() - started < 12:
+            for connection in slow:
+                with contextlib.suppress(OSError):
+                    connection.send(b" ")
+            time.sleep(0.5)
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    time.sleep(0.5)
+    response = post(server, pictures[1])  # served while 50 uploads crawl in
+    assert response.status_code == 200 and response.json()["caption"] == expected[pictures[1]]
+    extra = [slow_client(server) for _ in range(10)]  # 5 fit under --max_bodies 55; the last 5 are turned away
+    turned_away = [answer_of(connection) for connection in extra[5:]]
+    assert all(b" 503 " in answer.split(b"\r\n")[0] and b"retry-after: 1" in answer.lower() and closed
+               for answer, closed in turned_away), turned_away[:1]  # fmt: skip
+    answers = [answer_of(connection) for connection in [*slow, *extra[:5]]]
+    assert all(b" 408 " in answer.split(b"\r\n")[0] and b"--body_timeout" in answer and closed
+               for answer, closed in answers), answers[:1]  # fmt: skip
+    assert time.monotonic() - started < 10  # cut off by the 3 s deadline, not by the client giving up
+    for connection in [*slow, *extra]:
+        connection.close()
+    response = post(server, pictures[2])
+    assert response.status_code == 200 and response.json()["caption"] == expected[pictures[2]]
+
+
+def test_no_format_outside_the_list_reaches_pillow_even_eps(monkeypatch):
+    """Pillow's EPS plugin runs Ghostscript: with the list of accepted formats it is never even asked."""
+    from PIL import EpsImagePlugin
+
+    from captioner.pixels import UnsupportedFormatError, open_image
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("the EPS plugin was run on an upload")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", ghostscript)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    for data in refused_formats().values():
+        with pytest.raises(UnsupportedFormatError):
+            open_image(data)
+    assert open_image(image_bytes((8, 8), "WEBP")).size == (8, 8)  # the promised ones open
+
+
+def server_memory_mb(process: subprocess.Popen) -> float:
+    """Resident memory of the server and every process it started (API server, inference workers), from /proc."""
+    total, pids = 0, {process.pid}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if os.getpgid(int(entry.name)) == process.pid:
+                    pids.add(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+@pytest.mark.slow
+def test_64_uploads_at_the_pixel_limit_stay_within_the_memory_bound_and_a_key_is_required(trained, tmp_path):
+    side = 2800  # 7.8 Mpx each, under the limit below: 64 decoded at once would take about 6 GB
+    big = image_bytes((side, side), "PNG", "RGBA")
+    with running_server(trained[0], tmp_path, "--max_pixels", str(8_000_000), "--api_key", "s3cret",
+                        "--max_batch_size", "16") as (url, process):  # fmt: skip
+        assert httpx.get(f"{url}/info").json()["api_key_required"] is True
+        unauthorised = httpx.post(f"{url}/predict", files={"image": ("a.png", big)}, timeout=60)
+        assert unauthorised.status_code == 401 and "X-API-Key" in unauthorised.json()["detail"]
+        wrong = httpx.post(f"{url}/predict", files={"image": ("a.png", big)}, headers={"X-API-Key": "guess"})
+        assert wrong.status_code == 401
+        key = {"X-API-Key": "s3cret"}
+        assert httpx.post(f"{url}/predict", files={"image": ("a.png", big)}, headers=key, timeout=60).status_code == 200
+        time.sleep(1)
+        idle = server_memory_mb(process)
+        peak, done = [idle], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak.append(server_memory_mb(process))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        with ThreadPoolExecutor(64) as pool:
+            statuses = list(
+                pool.map(
+                    lambda _: (
+                        httpx.post(
+                            f"{url}/predict", files={"image": ("a.png", big)}, headers=key, timeout=120
+                        ).status_code
+                    ),
+                    range(64),
+                )
+            )
+        done.set()
+        sampler.join()
+        time.sleep(1)
+        after = server_memory_mb(process)
+    assert statuses == [200] * 64
+    assert max(peak) - idle < 1024, (idle, max(peak))
+    assert after - idle < 200, (idle, after)
+
+
+def test_fuzzed_bodies_get_4xx_never_500_and_the_server_lives(server, pictures, expected):
+    """A few hundred generated requests over HTTP (the request parser), after thousands in-process (the opener)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = image_bytes((8, 8), "PNG")
+    bodies = st.one_of(
+        st.binary(max_size=2048),
+        st.binary(min_size=1, max_size=64).map(lambda noise: good[:24] + noise + good[24:]),  # a damaged PNG
+        st.integers(0, len(good)).map(lambda cut: good[:cut]),
+    )
+    fields = st.dictionaries(st.sampled_from(["beams", "attention", "image", "x"]),
+                             st.one_of(st.text(max_size=12), st.integers(-5, 50).map(str)), max_size=3)  # fmt: skip
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(body=bodies, data=fields, as_json=st.booleans())
+    def request(body, data, as_json):
+        if as_json:
+            payload = {**data, "image": base64.b64encode(body).decode()} if "image" not in data else data
+            response = httpx.post(f"{server}/predict", json=payload, timeout=60)
+        else:
+            response = httpx.post(f"{server}/predict", files={"image": ("f", body)}, data=data, timeout=60)
+        assert response.status_code < 500, (response.status_code, response.text)
+
+    request()
+    response = post(server, pictures[3])
+    assert response.status_code == 200 and response.json()["caption"] == expected[pictures[3]]
+
+
+def test_thousands_of_fuzzed_files_are_refused_with_a_decode_error_only():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from captioner.pixels import DECODE_ERRORS, open_image
+
+    seeds = [image_bytes((12, 9), kind) for kind in ("PNG", "JPEG", "BMP", "GIF", "WEBP")]
+
+    @settings(max_examples=3000, deadline=None, derandomize=True)
+    @given(seed=st.sampled_from(seeds), at=st.integers(0, 200), noise=st.binary(max_size=32), cut=st.integers(0, 400))
+    def open_damaged(seed, at, noise, cut):
+        data = (seed[:at] + noise + seed[at + len(noise) :])[: cut or None]
+        try:
+            image = open_image(data, max_pixels=1_000_000)
+        except DECODE_ERRORS:
+            return
+        assert image.mode == "RGB"
+
+    open_damaged()

@@ -3,19 +3,27 @@
     python -m captioner serve --ckpt_path best.ckpt --port 8000
 
 `POST /predict` captions one image (see `captioner.serve.api`), `GET /health`
-answers once the model is loaded, `GET /` is a page to try pictures on.
+answers once the model is loaded, `GET /info` says what the server accepts
+(formats, limits, whether it needs an API key), `GET /` is a page to try
+pictures on. What a hostile client can do is bounded: see
+`captioner.serve.guard` (key, body deadline, bodies in flight, size, content
+type) and `captioner.serve.api` (formats, pixels, decodes in flight).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from captioner.errors import CaptionerError
+from captioner.pixels import ACCEPTED_FORMATS
 
 log = logging.getLogger("captioner")
 STATIC = Path(__file__).parent / "static"
+API_KEY_VARIABLE = "CAPTIONER_API_KEY"
+BYTES_PER_DECODED_PIXEL = 12  # RGBA while decoding, the RGB copy, the tensor copy: what one decode holds at its peak
 
 
 def load_model(path: str | Path, device: str | None = None, beam_size: int | None = None):
@@ -36,9 +44,16 @@ def load_model(path: str | Path, device: str | None = None, beam_size: int | Non
     return Captioner.from_checkpoint(path, None if device in (None, "auto") else device, beam_size=beam_size)
 
 
+def decodes_within(memory_mb: float, max_pixels: int) -> int:
+    """How many full-size decodes fit a memory budget (at least one)."""
+    return max(1, int(memory_mb * 2**20 // (max_pixels * BYTES_PER_DECODED_PIXEL)))
+
+
 def build_server(model_path: str | Path, accelerator: str = "auto", devices: int | str = "auto", workers: int = 1,
                  beam_size: int | None = None, beams: int = 3, max_batch_size: int = 16, batch_timeout: float = 0.01,
-                 max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, timeout: float = 60.0):  # fmt: skip
+                 max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, timeout: float = 60.0,
+                 body_timeout: float = 30.0, max_bodies: int = 64, api_key: str | None = None,
+                 decode_memory_mb: float = 1024.0):  # fmt: skip
     """The LitServer for a model, with the request guard, the page and its files.
 
     Args:
@@ -53,6 +68,10 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
         max_upload_mb: The largest request body accepted.
         max_pixels: The largest image (width x height) decoded.
         timeout: Seconds a request may wait for its caption.
+        body_timeout: Seconds a client has to send its whole body (408 after).
+        max_bodies: Bodies received at once per server process (503 with Retry-After beyond).
+        api_key: Required in the X-API-Key header of POST /predict (None: open).
+        decode_memory_mb: Memory for full-size decodes at once in a worker; sets how many run together.
     """
     import litserve as ls
     from fastapi.responses import FileResponse
@@ -61,12 +80,20 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
     from captioner.serve.api import CaptionAPI
     from captioner.serve.guard import RequestGuard
 
-    api = CaptionAPI(model_path, beam_size, beams, max_pixels, max_batch_size, batch_timeout)
+    api = CaptionAPI(model_path, beam_size, beams, max_pixels, max_batch_size, batch_timeout,
+                     decodes_within(decode_memory_mb, max_pixels))  # fmt: skip
+    guard = {"max_bytes": int(max_upload_mb * 2**20), "body_timeout": body_timeout, "max_bodies": max_bodies,
+             "api_key": api_key}  # fmt: skip
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers, timeout=timeout,
-                          middlewares=[(RequestGuard, {"max_bytes": int(max_upload_mb * 2**20)})])  # fmt: skip
-    # The page replaces LitServe's own "litserve running" answer at "/".
-    server.app.router.routes = [route for route in server.app.router.routes if getattr(route, "path", None) != "/"]
+                          middlewares=[(RequestGuard, guard)])  # fmt: skip
+    info = {"api_key_required": api_key is not None, "formats": list(ACCEPTED_FORMATS), "max_upload_mb": max_upload_mb,
+            "max_pixels": max_pixels, "body_timeout_s": body_timeout}  # fmt: skip
+
+    # The page replaces LitServe's own "litserve running" answer at "/", and /info says what this server accepts.
+    server.app.router.routes = [route for route in server.app.router.routes
+                                if getattr(route, "path", None) not in ("/", "/info")]  # fmt: skip
     server.app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
+    server.app.add_api_route("/info", lambda: info, methods=["GET"], include_in_schema=False)
     server.app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return server
 
@@ -86,14 +113,34 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--batch_timeout", type=float, default=0.01, help="seconds a batch waits to fill up")
     parser.add_argument("--max_upload_mb", type=float, default=20.0, help="largest request body accepted")
     parser.add_argument("--max_pixels", type=int, default=40_000_000, help="largest image (width x height) decoded")
+    parser.add_argument(
+        "--decode_memory_mb",
+        type=float,
+        default=1024.0,
+        help="memory for full-size decodes at once per worker (each takes max_pixels x 12 bytes)",
+    )
+    parser.add_argument("--body_timeout", type=float, default=30.0, help="seconds a client has to send its body")
+    parser.add_argument("--max_bodies", type=int, default=64, help="uploads received at once (503 beyond)")
+    parser.add_argument("--max_connections", type=int, default=256, help="open connections (503 beyond)")
+    parser.add_argument("--keep_alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    parser.add_argument("--api_key", default=None,
+                        help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
+                             "use one on any host other than 127.0.0.1")  # fmt: skip
     options = parser.parse_args(argv)
+    api_key = options.api_key or os.environ.get(API_KEY_VARIABLE) or None
     path = Path(options.ckpt_path)
     if not path.exists():
         raise CaptionerError(f"--ckpt_path {path} does not exist.")
     devices = options.devices if options.devices == "auto" else int(options.devices)
     server = build_server(path, options.device, devices, options.workers, options.beam_size, options.beams,
-                          options.max_batch_size, options.batch_timeout, options.max_upload_mb,
-                          options.max_pixels)  # fmt: skip
-    log.info("Serving %s on http://%s:%d (page at /, API at POST /predict)", path, options.host, options.port)
-    server.run(host=options.host, port=options.port, generate_client_file=False, pretty_logs=False)
+                          options.max_batch_size, options.batch_timeout, options.max_upload_mb, options.max_pixels,
+                          body_timeout=options.body_timeout, max_bodies=options.max_bodies, api_key=api_key,
+                          decode_memory_mb=options.decode_memory_mb)  # fmt: skip
+    if api_key is None and options.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("Serving on %s without an API key: anyone who can reach it can use it (--api_key, or $%s).",
+                    options.host, API_KEY_VARIABLE)  # fmt: skip
+    log.info("Serving %s on http://%s:%d (page at /, API at POST /predict%s)", path, options.host, options.port,
+             ", X-API-Key required" if api_key else "")  # fmt: skip
+    server.run(host=options.host, port=options.port, generate_client_file=False, pretty_logs=False,
+               limit_concurrency=options.max_connections, timeout_keep_alive=options.keep_alive)  # fmt: skip
     return 0

@@ -6,12 +6,21 @@ to return) and `attention` (per-word attention weights, for decoders that
 attend). Requests that arrive within `batch_timeout` of each other, up to
 `max_batch_size`, are captioned in one batch. Every bad request gets a 4xx JSON
 answer saying what was wrong; the server keeps serving.
+
+Memory: an image is brought to the encoder's input size as soon as it is
+decoded (the encoder's one preprocessing definition), so a request waiting for
+its batch holds kilobytes of pixels, not its full-size bitmap; at most
+`max_decodes` full-size decodes run at once in a worker, and the worker's
+allocator hands large blocks back to the system when they are freed.
 """
 
 # No `from __future__ import annotations` here: LitServe reads `decode_request`'s annotation as a class to decide
 # to parse forms and JSON for it.
 import base64
 import binascii
+import ctypes
+import ctypes.util
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +28,25 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException, Request
 
-from captioner.pixels import DECODE_ERRORS, TooManyPixelsError, open_image
+from captioner.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
 
 MAX_BEAMS = 10
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_blocks_to_the_system(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation over `threshold` with its own mapping, returned to the system when freed.
+
+    By default glibc raises this threshold (up to 32 MB) after large blocks are freed, and later blocks of a
+    decoded picture then come from its heap, which it keeps: a server that decoded a few large uploads would hold
+    their memory for good. Returns False where the C library is not glibc (nothing is changed).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -80,34 +105,38 @@ class CaptionAPI(ls.LitAPI):
         max_pixels: Refuse images whose header declares more pixels (decompression bombs).
         max_batch_size: Most requests captioned together.
         batch_timeout: Seconds to wait for more requests to fill a batch.
+        max_decodes: Full-size decodes at once in a worker (each up to `max_pixels` x 12 bytes with its copies).
     """
 
     def __init__(
         self, model_path: str | Path, beam_size: int | None = None, beams: int = 3, max_pixels: int = 40_000_000,
-        max_batch_size: int = 16, batch_timeout: float = 0.01,
+        max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2,
     ) -> None:  # fmt: skip
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
         self.model_path, self.beam_size, self.beams, self.max_pixels = str(model_path), beam_size, beams, max_pixels
+        self.max_decodes = max(1, max_decodes)
 
     def setup(self, device: str) -> None:
         from captioner.serve import load_model
 
+        return_large_blocks_to_the_system()
+        self.decoding = threading.BoundedSemaphore(self.max_decodes)
         self.captioner = load_model(self.model_path, device, beam_size=self.beam_size)
 
     def decode_request(self, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         data = image_bytes(request)
         try:
-            image = open_image(data, self.max_pixels)
+            with self.decoding:  # the full-size picture exists only inside this block
+                pixels = self.captioner.pixels_from_bytes(data, self.max_pixels)
         except TooManyPixelsError as error:
             raise HTTPException(413, f"The image is too large to decode safely: {error} (--max_pixels).") from None
+        except UnsupportedFormatError:
+            raise HTTPException(415, f"Not an image, or not a format this server accepts ({ACCEPTED_NAMES})."
+                                ) from None  # fmt: skip
         except DECODE_ERRORS as error:
-            message = str(error)
-            if "cannot identify image file" in message:
-                raise HTTPException(415, "Not an image, or a format this server cannot read (JPEG, PNG, BMP, "
-                                         "WebP, GIF).") from None  # fmt: skip
-            raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({message}).") from None
-        return {"image": image, "beams": _count(request.get("beams"), "beams", self.beams),
+            raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({error}).") from None
+        return {"image": pixels, "beams": _count(request.get("beams"), "beams", self.beams),
                 "attention": _flag(request.get("attention"), "attention"), "started": started,
                 "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
 

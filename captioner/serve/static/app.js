@@ -7,6 +7,12 @@ const drop = document.getElementById("drop");
 const input = document.getElementById("files");
 const results = document.getElementById("results");
 const template = document.getElementById("card");
+const key = document.getElementById("key");
+
+// The server says what it accepts; when it needs an API key, the page asks for one and sends it.
+fetch("/info").then((response) => response.json()).then((info) => {
+  document.getElementById("key-row").hidden = !info.api_key_required;
+}).catch(() => {});
 
 input.addEventListener("change", () => { caption(input.files); input.value = ""; });
 for (const name of ["dragenter", "dragover"]) {
@@ -28,7 +34,8 @@ function caption(files) {
     form.append("image", file);
     form.append("beams", "3");
     form.append("attention", "true");
-    fetch("/predict", { method: "POST", body: form })
+    const headers = key.value ? { "X-API-Key": key.value } : {};
+    fetch("/predict", { method: "POST", body: form, headers })
       .then(async (response) => {
         const body = await response.json().catch(() => ({ detail: response.statusText }));
         if (!response.ok) throw new Error(body.detail || response.statusText);
