@@ -3,17 +3,33 @@
 - `LastCheckpoint` rewrites `last.ckpt` at every validation (and every N
   training steps on request), and when training stops on an exception, on
   SIGTERM (what SLURM and other schedulers send before a kill) or on Ctrl-C.
-- `ResumableRun` records in every checkpoint which run wrote it and the state
-  of the random number generators, restores that state when a run resumes (so
-  the resumed run draws the same dropout masks the uninterrupted one would),
-  notes each resume in the run folder's `resumes.jsonl` and in the W&B run, and
-  turns a first Ctrl-C into Lightning's graceful stop after the current batch.
+- `ResumableRun` records in every checkpoint which run wrote it, seeds every
+  random generator a training step draws from (torch on every device, NumPy,
+  Python) at the start of each step from the run's seed, the epoch, the batch and
+  the rank, notes each resume in the run folder's `resumes.jsonl` and in the W&B
+  run, and turns a first Ctrl-C into Lightning's graceful stop after the current
+  batch.
+
+What a training step depends on, and where it is kept, so that a resumed run
+trains the model the uninterrupted one would have, bit for bit, whether it
+stopped at an epoch boundary or mid-epoch:
+
+- its random numbers: a function of (seed, epoch, batch, rank), set here before
+  every step, so nothing that draws between steps (a callback, a loader, a
+  sanity check, a validation) can shift them, and there is no generator state
+  to save;
+- its batch: the order is a function of (seed, epoch), and the position in it
+  is the datamodule's state in the checkpoint (`captioner.data.sampling`);
+  augmented images are a function of (seed, epoch, image);
+- the weights, the optimizer, the learning-rate schedule and the loops'
+  counters: Lightning's own checkpoint.
 
 `python -m captioner` adds `ResumableRun` to every run; the configs list `LastCheckpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -57,25 +73,24 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         return self._generate_state_key(role="last")  # its own entry in a checkpoint's callback states
 
-
-def random_state() -> dict[str, Any]:
-    """Every generator training draws from: torch (CPU and CUDA), NumPy, Python (as tensors and plain data, which
-    checkpoints loaded with `weights_only=True` accept)."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # ModelCheckpoint saves either every N steps or at epoch ends, never both; last.ckpt needs both, or it would
+        # lag behind the finished epoch (and its validation) by up to N - 1 steps.
+        if self._every_n_train_steps and not self._should_skip_saving_checkpoint(trainer):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def set_random_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The seed of one training step: distinct for every step and rank, the same in every run with `seed`."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{batch}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
+def seed_step(seed: int) -> None:
+    """Seed every generator a training step may draw from: torch (CPU and every GPU), NumPy, Python."""
+    torch.manual_seed(seed)  # every device's generator too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class ResumableRun(Callback):
@@ -88,19 +103,19 @@ class ResumableRun(Callback):
     # ------------------------------------------------------------ what a checkpoint records
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         version = trainer.logger.version if trainer.logger is not None else None
-        checkpoint[RUN_KEY] = {"folder": str(run_dir(trainer).resolve()), "version": version,
-                               "random_state": random_state()}  # fmt: skip
+        checkpoint[RUN_KEY] = {"folder": str(run_dir(trainer).resolve()), "version": version}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored = checkpoint.get(RUN_KEY)
 
+    # ------------------------------------------------------------ every step's random numbers
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        seed_step(step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), trainer.current_epoch, batch_idx,
+                            trainer.global_rank))  # fmt: skip
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # After the sanity check (whose data loaders draw from the generators), before the first resumed batch:
-        # where the uninterrupted run stood when it saved the checkpoint.
         if self._restored is None or trainer.ckpt_path is None:
             return
-        if "random_state" in self._restored:
-            set_random_state(self._restored["random_state"])
         if trainer.is_global_zero:
             row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(trainer.ckpt_path),
                    "epoch": trainer.current_epoch, "global_step": trainer.global_step,

@@ -358,7 +358,8 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    from captioner.data.datasets import EpochTaggedSampler, FeatureRows, ImageCaptions, PixelRows, passthrough
+    from captioner.data.datasets import FeatureRows, ImageCaptions, PixelRows, passthrough
+    from captioner.data.sampling import ResumableSampler
     from captioner.encoders import TorchvisionEncoder
     from captioner.encoders.extraction import FeatureSpec, extract_features
     from captioner.hardware import default_precision
@@ -380,7 +381,7 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
         reader = FeatureRows(next((Path(work) / "cache").glob("features.npy")))
     dataset = ImageCaptions(reader, np.arange(len(names)), names, captions, vocabulary)
     per_step = max(1, batch_size // 5)
-    sampler = EpochTaggedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=0, tag_epoch=True)
     loader = DataLoader(dataset, batch_size=per_step, sampler=sampler, collate_fn=passthrough, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.startswith("cuda"))  # fmt: skip
 

@@ -42,7 +42,16 @@ TRANSFORMER = ["--model.decoder", "captioner.models.decoders.TransformerDecoder"
 DANGLING = {"a", "an", "the", "of", "on", "with", "and", "in"}
 SCST = ["--model.objective", "captioner.models.objectives.SelfCritical", "--model.lr", "0.0005",
         "--model.warmup_steps", "0", "--trainer.max_epochs", "4", "--data.batch_size", "64"]  # fmt: skip
-RESNET18 = ["--model.encoder.model", "resnet18", "--model.objective.per_image", "true", "--data.batch_size", "32"]
+RESNET18 = [
+    "--model.encoder.model",
+    "resnet18",
+    "--model.objective",
+    "captioner.models.objectives.CrossEntropy",
+    "--model.objective.per_image",
+    "true",
+    "--data.batch_size",
+    "32",
+]
 FINETUNE = {
     "ResNet18 frozen": RESNET18,
     "ResNet18 fine-tuned": [*RESNET18, "--model.trainable_encoder_blocks", "all", "--model.encoder_lr", "0.0003"],

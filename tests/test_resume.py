@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -41,32 +42,107 @@ def history_steps(save_dir: Path) -> tuple[set[str], list[int]]:
     return ids, steps
 
 
-@pytest.mark.slow
-def test_a_run_killed_after_its_second_epoch_resumes_into_the_same_run_and_model(scenes, tmp_path):
-    whole = tmp_path / "whole"
-    run(fit_args(scenes, whole), tmp_path)
+# The shipped demo config as users run it (every callback, 2 loader workers, the W&B logger), at small sizes: fewer
+# scenes and epochs, smaller decoders, no test at the end. Each variant is killed with SIGKILL at a point the test
+# draws, resumed with `--ckpt_path last`, and compared with the uninterrupted run.
+DEMO = ["--data.synthetic_images", "100", "--data.val_size", "20",
+        "--data.test_size", "20", "--data.batch_size", "32", "--trainer.max_epochs", "3", "--test_after_fit", "false",
+        "--trainer.enable_progress_bar", "false", "--model.warmup_steps", "5"]  # fmt: skip
+SMALL_DECODERS = {
+    "lstm": ["--model.decoder.embed_dim", "32", "--model.decoder.hidden_dim", "48"],
+    "attention": ["--config", str(ROOT / "configs" / "decoders" / "attention.yaml"), "--model.decoder.embed_dim", "32",
+                  "--model.decoder.hidden_dim", "48", "--model.decoder.attention_dim", "32"],
+    "transformer": ["--config", str(ROOT / "configs" / "decoders" / "transformer.yaml"), "--model.decoder.width", "32",
+                    "--model.decoder.layers", "1", "--model.decoder.heads", "2", "--model.decoder.ffn_dim", "64",
+                    "--model.warmup_steps", "5"],
+}  # fmt: skip
+EVERY_4_STEPS = "every_n_train_steps: 4  # e.g. 500"
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
-    broken = tmp_path / "broken"
-    kill = ["--trainer.callbacks+=tests.plugins.SignalAt", "--trainer.callbacks.init_args.epoch_start", "2",
-            "--trainer.callbacks.init_args.delay_s", "2"]  # fmt: skip
-    run(fit_args(scenes, broken, *kill), tmp_path, expect=-9)  # SIGKILL: nothing ran after it
-    result = run(fit_args(scenes, broken, "--ckpt_path", "last"), tmp_path)
+
+def demo_args(scenes: Path, root: Path, decoder: str, *extra: str, config: Path = DEMO_CONFIG) -> list[str]:
+    return ["fit", "--config", str(config), *DEMO, *SMALL_DECODERS[decoder], "--data.data_dir", str(scenes),
+            "--data.work_dir", str(root.parent / "work"), "--trainer.logger.init_args.save_dir", str(root / "runs"),
+            *extra]  # fmt: skip
+
+
+def every_4_steps(tmp_path: Path) -> Path:
+    """The shipped demo config with `LastCheckpoint(every_n_train_steps=4)`, as its comment suggests for long epochs."""
+    config = tmp_path / "demo-every-4-steps.yaml"
+    config.write_text(DEMO_CONFIG.read_text().replace("every_n_train_steps: null  # e.g. 500", EVERY_4_STEPS))
+    assert EVERY_4_STEPS in config.read_text()
+    return config
+
+
+def killed_and_resumed(scenes: Path, tmp_path: Path, decoder: str, kill: list[str], *extra: str,
+                       config: Path = DEMO_CONFIG) -> tuple[Path, Path]:  # fmt: skip
+    """The uninterrupted run's folder, and the folder of the run killed by `kill` and resumed."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(demo_args(scenes, whole, decoder, *extra, config=config), tmp_path)
+    killer = ["--trainer.callbacks+=tests.plugins.SignalAt", *kill, "--trainer.callbacks.init_args.delay_s", "1"]
+    run(demo_args(scenes, broken, decoder, *extra, *killer, config=config), tmp_path, expect=-9)  # SIGKILL
+    result = run(demo_args(scenes, broken, decoder, *extra, "--ckpt_path", "last", config=config), tmp_path)
     assert "Resuming run" in result.stderr
+    (whole_run,) = (whole / "runs" / "captioner-demo").iterdir()
+    (broken_run,) = (broken / "runs" / "captioner-demo").iterdir()  # one run folder, not two
+    return whole_run, broken_run
 
-    (whole_run,) = (whole / "runs" / "captioner-test").iterdir()
-    (broken_run,) = (broken / "runs" / "captioner-test").iterdir()  # one run folder, not two
+
+def assert_same_model(whole_run: Path, broken_run: Path) -> None:
     finals = [torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (whole_run, broken_run)]
     assert finals[0]["global_step"] == finals[1]["global_step"] > 0
     for key, value in finals[0]["state_dict"].items():
         assert torch.equal(value, finals[1]["state_dict"][key]), key  # bit-identical weights
-    assert (broken_run / "config.yaml").is_file() and list(broken_run.glob("config.resumed-*.yaml"))
     (resume,) = [json.loads(line) for line in (broken_run / "resumes.jsonl").read_text().splitlines()]
-    assert resume["same_run"] and resume["epoch"] == 2 and resume["checkpoint"].endswith("last.ckpt")
+    assert resume["same_run"] and resume["checkpoint"].endswith("last.ckpt")
 
-    ids, steps = history_steps(broken / "runs")
+
+@pytest.fixture(scope="module")
+def demo_scenes(tmp_path_factory) -> Path:
+    from captioner.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("demo") / "scenes", num_images=100, seed=3)
+
+
+@pytest.mark.slow
+def test_the_demo_config_killed_at_an_epoch_boundary_resumes_into_the_same_run_and_model(demo_scenes, tmp_path):
+    epoch = random.Random("boundary").choice([1, 2])  # drawn, but the same in every run of the suite
+    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm",
+                                               ["--trainer.callbacks.init_args.epoch_start", str(epoch)])  # fmt: skip
+    assert_same_model(whole_run, broken_run)
+    assert (broken_run / "config.yaml").is_file() and list(broken_run.glob("config.resumed-*.yaml"))
+    ids, steps = history_steps(tmp_path / "broken" / "runs")
     assert ids == {broken_run.name}  # W&B writes each offline session to its own folder, under the one run id
     assert len(steps) == len(set(steps))  # each step once
-    assert sorted(steps) == sorted(history_steps(whole / "runs")[1])  # and the same steps as the whole run
+    assert sorted(steps) == sorted(history_steps(tmp_path / "whole" / "runs")[1])  # and the same steps as the whole run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+def test_each_decoder_killed_mid_epoch_resumes_from_the_next_batch_to_the_same_model(decoder, demo_scenes, tmp_path):
+    """`LastCheckpoint(every_n_train_steps)` set: the resume continues from the batch after the last save."""
+    # 60 training images x 5 captions in batches of 32: 9 steps an epoch, saves at steps 4, 8, 9 (epoch end), 12, ...
+    # Killed a step or two after a mid-epoch save, so the resume starts mid-epoch.
+    step = random.Random(decoder).choice([5, 6, 13, 14, 17, 21, 22])
+    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, decoder,
+                                               ["--trainer.callbacks.init_args.step", str(step)],
+                                               config=every_4_steps(tmp_path))  # fmt: skip
+    assert_same_model(whole_run, broken_run)
+    (resume,) = [json.loads(line) for line in (broken_run / "resumes.jsonl").read_text().splitlines()]
+    assert resume["global_step"] == step - step % 4 and resume["global_step"] % 9  # the last save, mid-epoch
+
+
+@pytest.mark.slow
+def test_self_critical_training_killed_mid_epoch_resumes_to_the_same_model(demo_scenes, tmp_path):
+    start = tmp_path / "start"
+    run(demo_args(demo_scenes, start, "lstm", "--trainer.max_epochs", "1"), tmp_path)
+    (checkpoint,) = start.rglob("last.ckpt")
+    scst = ["--config", str(ROOT / "configs" / "objectives" / "scst.yaml"),
+            "--model.init_checkpoint", str(checkpoint), "--model.objective.samples", "2", "--data.batch_size", "8",
+            "--trainer.max_epochs", "2"]  # fmt: skip
+    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm", ["--trainer.callbacks.init_args.step",
+                                               "10"], *scst, config=every_4_steps(tmp_path))  # fmt: skip
+    assert_same_model(whole_run, broken_run)
 
 
 @pytest.mark.slow

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from captioner.data.datasets import (
-    EpochTaggedSampler,
     FeatureRows,
     ImageCaptions,
     PixelRows,
@@ -27,6 +26,7 @@ from captioner.data.formats import CaptionFormat
 from captioner.data.images import IMAGE_EXTENSIONS, find_images
 from captioner.data.prepared import PreparedData
 from captioner.data.records import CaptionRecord, DataReport
+from captioner.data.sampling import ResumableLoader, ResumableSampler, TrainingPosition
 from captioner.data.splits import (
     SPLITS,
     label_from_split_file,
@@ -139,6 +139,7 @@ class CaptionDataModule(LightningDataModule):
         self.images_dir: Path | None = None
         self._report: DataReport | None = None  # kept by the process that prepared, for the summary
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
+        self._resume_at: TrainingPosition | None = None  # set from a checkpoint, used by the next training loader
         self.split_sizes: dict[str, int] = {}
 
     # ---------------------------------------------------------------- preparation (one process per node)
@@ -331,22 +332,21 @@ class CaptionDataModule(LightningDataModule):
         if split not in self.datasets:
             raise CaptionerError(f"The {split} data is not set up; call setup() first.")
         workers = self.hparams.num_workers
-        sampler = None
+        sampler, loader = None, DataLoader
         if shuffle:
-            # The order is a function of the seed and the epoch alone (Lightning calls set_epoch), so a run resumed
-            # at an epoch boundary sees the batches the uninterrupted run would have seen.
+            # The order is a function of the seed and the epoch alone; a resumed run starts where the checkpoint
+            # stood (see captioner.data.sampling), so it sees the batches the uninterrupted run would have seen.
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
             # Augmented images need the epoch with each index (their random crop is a function of both).
-            kind = EpochTaggedSampler if getattr(self.datasets[split], "augmented", False) else DistributedSampler
-            sampler = kind(self.datasets[split], num_replicas=world, rank=rank, shuffle=True,
-                           seed=self.shuffle_seed)  # fmt: skip
-            shuffle = False
+            sampler = ResumableSampler(self.datasets[split], world, rank, self.shuffle_seed, self._resume_at,
+                                       tag_epoch=getattr(self.datasets[split], "augmented", False))  # fmt: skip
+            self._resume_at, loader, shuffle = None, ResumableLoader, False
         elif split in ("val", "test") and self._world_size() > 1:
             # Lightning's default DistributedSampler pads by repeating images; metrics must count each once.
             sampler = UnrepeatedDistributedSampler(
                 self.datasets[split], num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
-        return DataLoader(
+        return loader(
             self.datasets[split],
             batch_size=batch_size,
             shuffle=shuffle,
@@ -360,6 +360,20 @@ class CaptionDataModule(LightningDataModule):
             pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             persistent_workers=workers > 0,
         )
+
+    # ---------------------------------------------------------------- where training stands (in checkpoints)
+    def state_dict(self) -> dict[str, Any]:
+        """The training position, which Lightning writes into every checkpoint taken while fitting."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not isinstance(trainer.train_dataloader, ResumableLoader):
+            return {}
+        position = TrainingPosition.of_trainer(trainer, trainer.train_dataloader.batch_size)
+        return {"training_position": position.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start the next training loader where the checkpoint stood (Lightning calls this before building it)."""
+        position = state.get("training_position")
+        self._resume_at = TrainingPosition(**position) if position else None
 
     @property
     def shuffle_seed(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from captioner.data.vocab import Vocabulary, normalize
 from captioner.encoders.preprocessing import Preprocessing
@@ -78,15 +78,8 @@ class PixelRows:
         return torch.stack([self._one(int(row), int(epoch)) for row, epoch in zip(rows, epochs)])
 
 
-class EpochTaggedSampler(DistributedSampler):
-    """A `DistributedSampler` whose indices carry the epoch, `(epoch, index)`, for datasets that augment."""
-
-    def __iter__(self):
-        return ((self.epoch, index) for index in super().__iter__())
-
-
 def _indices(items: list) -> tuple[np.ndarray, np.ndarray | None]:
-    """Dataset positions, and epochs when the sampler tags them (`EpochTaggedSampler`)."""
+    """Dataset positions, and epochs when the sampler tags them (`ResumableSampler(tag_epoch=True)`)."""
     if items and isinstance(items[0], tuple):
         return np.asarray([i for _, i in items]), np.asarray([e for e, _ in items])
     return np.asarray(items), None
