@@ -1,10 +1,10 @@
 """Lightning callbacks named from the YAML configs."""
 
-from callbacks.checkpoints import LastCheckpoint, ResumableRun
-from callbacks.progress import RunSummary, Throughput
-from callbacks.reports import TestReport
-from callbacks.samples import CaptionSamples
-from callbacks.writer import CaptionWriter
+from captioner.callbacks.checkpoints import LastCheckpoint, ResumableRun
+from captioner.callbacks.progress import RunSummary, Throughput
+from captioner.callbacks.reports import TestReport
+from captioner.callbacks.samples import CaptionSamples
+from captioner.callbacks.writer import CaptionWriter
 
 __all__ = [
     "CaptionSamples",

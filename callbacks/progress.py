@@ -79,7 +79,7 @@ class RunSummary(Callback):
             score = checkpoint.best_model_score
             lines.append(f"  best {checkpoint.monitor}: {float(score):.2f}" if score is not None else "")
             lines.append(f"  best checkpoint: {checkpoint.best_model_path}")
-        from callbacks.samples import CaptionSamples
+        from captioner.callbacks.samples import CaptionSamples
 
         for callback in trainer.callbacks:
             if isinstance(callback, CaptionSamples) and callback.last_grid is not None:

@@ -1,5 +1,6 @@
-"""The command line: `python -m captioner {fit,validate,test,predict}` through LightningCLI; `caption`, `serve`
-and `export` beside it."""
+"""The command line: `python -m captioner {fit,validate,test,predict}` through LightningCLI; `caption`, `serve`,
+`export` and `configs` beside it. `--config` takes a path or the name of a shipped config (`demo`,
+`decoders/transformer`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.checkpoints import ResumableRun
-from callbacks.reports import TestReport
+from captioner import compat
+from captioner.callbacks.checkpoints import ResumableRun
+from captioner.callbacks.reports import TestReport
 from captioner.data.datamodule import CaptionDataModule
 from captioner.encoders.base import encoder_trains
 from captioner.errors import CaptionerError
@@ -28,6 +30,7 @@ from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
 from captioner.runs import run_dir, run_to_continue
+from captioner.shipped import configs_command, with_shipped_configs
 
 log = logging.getLogger("captioner")
 
@@ -226,8 +229,12 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
         The CLI object, whose `trainer`, `model` and `datamodule` scripts and tests can inspect.
     """
     _configure_logging()
+    compat.install()
     argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["configs"]:
+            configs_command(argv[1:])
+            return None
         if argv[:1] == ["caption"]:
             status = caption_command(argv[1:])
             if status:
@@ -243,13 +250,16 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
 
             export_command(argv[1:])
             return None
+        argv = with_shipped_configs(argv)  # `--config demo` means the shipped demo config
+        if args is None:
+            sys.argv[1:] = argv  # LightningCLI reads the command line itself (and warns when given both)
         cli = CaptionerCLI(
             CaptionModel,
             CaptionDataModule,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [TestReport(), ResumableRun()]},  # in every run, whatever the config lists
-            args=args,
+            args=None if args is None else argv,
             auto_configure_optimizers=False,
         )
         _finish_wandb_runs(cli.trainer)

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from callbacks.progress import RunSummary
+from captioner.callbacks.progress import RunSummary
 from captioner.cli import main
 from captioner.data.synthetic import first_colour, mentioned_position, scenes_of
 from captioner.runs import run_dir

@@ -56,7 +56,8 @@ def predict_args(checkpoint: Path, photos: Path, save_dir: Path, *extra: str) ->
     """Arguments for `main` to predict on `photos` with the tiny config, a CaptionWriter last."""
     return [
         "predict", "--config", str(TINY_CONFIG), "--ckpt_path", str(checkpoint), "--data.predict_dir", str(photos),
-        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks+=callbacks.CaptionWriter", *extra,
+        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks+=captioner.callbacks.CaptionWriter",
+        *extra,
     ]  # fmt: skip
 
 
@@ -79,8 +80,8 @@ def trained(scenes_source, tmp_path_factory):
 
 
 def last_checkpoint(trainer) -> str:
-    """The run's `last.ckpt` (written by callbacks.LastCheckpoint)."""
-    from callbacks import LastCheckpoint
+    """The run's `last.ckpt` (written by captioner.callbacks.LastCheckpoint)."""
+    from captioner.callbacks import LastCheckpoint
 
     (callback,) = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
     return callback.best_model_path

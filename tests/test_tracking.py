@@ -25,15 +25,15 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
         "3",
         *wandb_logger_args(tmp_path / "runs"),
         "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
-        "--trainer.callbacks+=callbacks.Throughput",
-        "--trainer.callbacks+=callbacks.CaptionSamples",
+        "--trainer.callbacks+=captioner.callbacks.Throughput",
+        "--trainer.callbacks+=captioner.callbacks.CaptionSamples",
         "--trainer.callbacks.num_images",
         "4",
         "--trainer.callbacks.columns",
         "2",
         "--trainer.callbacks.tile_width",
         "200",
-        "--trainer.callbacks+=callbacks.RunSummary",
+        "--trainer.callbacks+=captioner.callbacks.RunSummary",
     ]
     result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,91 @@
+"""What a plain install gets: one top-level package with the configs inside, shipped configs by name, old names."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from captioner.errors import CaptionerError
+from captioner.shipped import resolve_config, shipped_configs, with_shipped_configs
+from tests.conftest import TESTS, TINY_CONFIG
+
+ROOT = TESTS.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    folder = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                             str(folder), str(ROOT)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = folder.glob("captioner-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_holds_one_top_level_package_with_every_module_config_and_page(wheel):
+    names = set(wheel.namelist())
+    distribution, version = Path(wheel.filename).name.split("-")[:2]
+    assert {name.split("/")[0] for name in names} == {"captioner", f"{distribution}-{version}.dist-info"}
+    assert not any(name.startswith("callbacks/") for name in names)  # no clash with PyPI's unrelated `callbacks`
+    packages = {path.parent.relative_to(ROOT).as_posix() for path in (ROOT / "captioner").rglob("__init__.py")}
+    for package in packages:  # every subpackage of the source tree is installed
+        assert f"{package}/__init__.py" in names, package
+    for path in (ROOT / "callbacks").glob("*.py"):
+        assert f"captioner/callbacks/{path.name}" in names, path.name
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        assert f"captioner/configs/{path.relative_to(ROOT / 'configs').as_posix()}" in names, path
+    for path in (ROOT / "captioner" / "serve" / "static").iterdir():
+        assert f"captioner/serve/static/{path.name}" in names, path.name
+
+
+def test_a_shipped_config_is_found_by_name_a_path_wins_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
+    available = shipped_configs()
+    assert {"demo", "default", "decoders/transformer", "decoders/attention", "objectives/scst",
+            "encoders/clip_vit_b32"} <= set(available)  # fmt: skip
+    assert Path(resolve_config("demo")) == ROOT / "configs" / "demo.yaml"
+    assert Path(resolve_config("decoders/transformer.yaml")) == ROOT / "configs" / "decoders" / "transformer.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("seed_everything: 1\n")  # a file of that name beside the user: it wins
+    assert resolve_config("demo") == "demo"
+    assert with_shipped_configs(["fit", "--config", "default", "--config=decoders/attention", "--model.lr", "1"]) == [
+        "fit",
+        "--config",
+        str(available["default"]),
+        f"--config={available['decoders/attention']}",
+        "--model.lr",
+        "1",
+    ]
+    with pytest.raises(CaptionerError, match=r"no shipped config of that name\. Shipped: decoders/attention, .*demo"):
+        resolve_config("demoo")
+
+
+def test_the_configs_command_lists_what_each_is_for(capsys):
+    from captioner.cli import main
+
+    main(["configs"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "Offline demo" in out and "decoders/transformer" in out
+
+
+def test_an_old_config_naming_callbacks_still_runs_with_one_deprecation_line(trained, scenes_source, tmp_path):
+    """Outside the checkout (no `callbacks/` folder on the path), as an installed captioner runs."""
+    checkpoint, _ = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((scenes_source / "Images").iterdir())[:2]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    old = tmp_path / "old.yaml"
+    old.write_text(TINY_CONFIG.read_text().replace("captioner.callbacks.LastCheckpoint", "callbacks.LastCheckpoint"))
+    args = ["predict", "--config", str(old), "--ckpt_path", str(checkpoint), "--data.predict_dir", str(photos),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.callbacks+=callbacks.CaptionWriter"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "captioner", *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("'callbacks.…' in a config is deprecated; write 'captioner.callbacks.…'") == 1
+    assert "2 captioned, 0 failed" in result.stdout
+    assert len(list(tmp_path.rglob("predictions.jsonl"))) == 1
