@@ -45,7 +45,8 @@ class CaptionSamples(Callback):
         count = min(self.num_images, len(dataset))
         batch = dataset.__getitems__(list(range(count)))
         with torch.no_grad():
-            tokens = pl_module.generate(batch["features"].to(pl_module.device), beam_size=1).tokens
+            features = pl_module.batch_features(batch).to(pl_module.device)  # cached, or from the images
+            tokens = pl_module.generate(features, beam_size=1).tokens
         generated = pl_module.vocabulary.decode_batch(tokens)
         epoch = trainer.current_epoch
         tiles, rows = [], []
