@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from captioner.files import atomic_open
+from captioner.models import captioning
 from captioner.pixels import open_accepted
 from captioner.render import captioned_image, image_grid
 from captioner.runs import run_dir
@@ -46,7 +47,8 @@ class CaptionSamples(Callback):
         batch = dataset.__getitems__(list(range(count)))
         with torch.no_grad():
             features = pl_module.batch_features(batch).to(pl_module.device)  # cached, or from the images
-            tokens = pl_module.generate(features, beam_size=1).tokens
+            greedy = pl_module.decoding.greedy()
+            tokens = captioning.search(pl_module, features, greedy).best_tokens
         generated = pl_module.vocabulary.decode_batch(tokens)
         epoch = trainer.current_epoch
         tiles, rows = [], []

@@ -11,7 +11,12 @@ dataset, the config or the network:
      "preprocessing": {...},                                  # Preprocessing.to_dict(), the encoder's
      "vocabulary": {...},                                     # Vocabulary.to_dict()
      "blind": false,
-     "decoding": {"beam_size": 3, "length_penalty": 0.0, "max_decode_length": null}}
+     "decoding": {...}}                                       # DecodingConfig.to_dict()
+
+It also checks a checkpoint against the model configured to use it
+(`check_and_build`: the same encoder, preprocessing, vocabulary and decoder,
+or a message naming the difference) and rebuilds a model from a checkpoint
+alone (`model_from_checkpoint`).
 
 Checkpoints of captioner 0.1 (the decoder named by a string in the
 hyperparameters) and 0.2 (a torchvision ResNet named by `backbone` and
@@ -20,17 +25,30 @@ hyperparameters) and 0.2 (a torchvision ResNet named by `backbone` and
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from captioner.data.vocab import Vocabulary
+from captioner.decoding.config import DecodingConfig
+from captioner.encoders.base import ImageEncoder, encoder_from_spec
 from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.store import jsonable
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
+from captioner.models.decoders.base import CaptionDecoder, decoder_factory
 
-CHECKPOINT_VERSION = 3
+if TYPE_CHECKING:
+    from captioner.models.module import CaptionModel
+
+log = logging.getLogger(__name__)
+USE_THE_RUN_CONFIG = "Use the config the checkpoint was trained with (its run folder holds config.yaml)."
+
+CHECKPOINT_VERSION = 4
 TORCHVISION_ENCODER = "captioner.encoders.torchvision_models.TorchvisionEncoder"
 CAPTIONER_KEY = "captioner"
 
@@ -77,6 +95,8 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
         meta = checkpoint[CAPTIONER_KEY]
         if isinstance(meta, dict) and meta.get("version") == 2:
             return _from_version_2(meta)
+        if isinstance(meta, dict) and meta.get("version") == 3:  # decoding settings under their 0.2 names
+            return {**meta, "version": CHECKPOINT_VERSION, "decoding": _decoding_of(meta["decoding"])}
         if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
             raise CaptionerError(
                 f"This checkpoint's format (version {meta.get('version') if isinstance(meta, dict) else '?'}) is "
@@ -118,7 +138,117 @@ def _from_version_2(meta: dict[str, Any]) -> dict[str, Any]:
     size = int(meta["preprocessing"]["image_size"])
     spec = {"class_path": TORCHVISION_ENCODER, "init_args": {"model": encoder["backbone"],
             "weights": encoder["weights"], "image_size": size, "resize": "squash"}}  # fmt: skip
-    return {**meta, "version": CHECKPOINT_VERSION, "encoder": spec, "trainable_encoder_blocks": 0}
+    return {
+        **meta,
+        "version": CHECKPOINT_VERSION,
+        "encoder": spec,
+        "trainable_encoder_blocks": 0,
+        "decoding": _decoding_of(meta["decoding"]),
+    }
+
+
+def _decoding_of(old: dict[str, Any]) -> dict[str, Any]:
+    return DecodingConfig.from_dict(old, "the checkpoint's decoding settings").to_dict()
+
+
+# ---------------------------------------------------------------- a model and its checkpoints
+def moved(name: str, value: Any) -> dict[str, Any]:
+    """A model option that moved into `decoding` (the 0.2 `--model.length_penalty`): the override, with a note."""
+    if value is None:
+        return {}
+    print(f"captioner: --model.{name} is deprecated; it is --model.decoding.{name} now (it works for now).",
+          file=sys.stderr)  # fmt: skip
+    return {name: value}
+
+
+def built_decoder(factory: Any, vocabulary: Vocabulary, encoder: ImageEncoder) -> CaptionDecoder:
+    """The decoder a factory builds for a vocabulary and an encoder's feature size, checked.
+
+    Raises:
+        CaptionerError: When it is not a `CaptionDecoder` or did not record its options.
+    """
+    decoder = factory(len(vocabulary), encoder.feature_dim)
+    if not isinstance(decoder, CaptionDecoder):
+        raise CaptionerError(f"--model.decoder built a {type(decoder).__name__}, not a CaptionDecoder: see "
+                             "captioner/models/decoders/base.py for the protocol.")  # fmt: skip
+    decoder.spec()  # fails early, naming the class, if it did not record its options
+    return decoder
+
+
+def meta_of(model: CaptionModel) -> dict[str, Any]:
+    """What captioning with `model` needs besides the weights (the checkpoint's `captioner` entry)."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "decoder": model.require_decoder().spec(),
+        "encoder": jsonable(model.encoder.spec()),
+        "trainable_encoder_blocks": model.hparams.trainable_encoder_blocks,
+        "preprocessing": model.preprocessing.to_dict(),
+        "vocabulary": model.vocabulary.to_dict(),
+        "blind": model.hparams.blind,
+        "decoding": model.decoding.to_dict(),
+    }
+
+
+def check_and_build(model: CaptionModel, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint that does not fit the configured model (naming the difference), else build its decoder.
+
+    Raises:
+        CaptionerError: On another encoder, preprocessing, vocabulary, decoder, or blind setting.
+    """
+    meta = upgrade(checkpoint)
+    if meta["blind"] != model.hparams.blind:
+        raise CaptionerError(f"The checkpoint was trained with blind={meta['blind']!r} but this run is configured "
+                             f"with blind={model.hparams.blind!r}. {USE_THE_RUN_CONFIG}")  # fmt: skip
+    check_same_part(meta["encoder"], jsonable(model.encoder.spec()), "encoder", USE_THE_RUN_CONFIG)
+    saved_preprocessing = Preprocessing.from_dict(meta["preprocessing"], "the checkpoint")
+    if saved_preprocessing != model.preprocessing:
+        raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
+                             f"configured for {model.preprocessing}. {USE_THE_RUN_CONFIG}")  # fmt: skip
+    vocabulary = Vocabulary.from_dict(meta["vocabulary"], "checkpoint")
+    if model.vocabulary is not None and vocabulary != model.vocabulary:
+        raise CaptionerError(
+            f"The checkpoint's vocabulary ({len(vocabulary)} tokens) is not the one prepared from this data "
+            f"({len(model.vocabulary)} tokens): it was trained on other data or with other --data.min_word_count / "
+            "--data.max_caption_length. Use the data settings the checkpoint was trained with."
+        )
+    model.build(vocabulary)
+    check_same_part(meta["decoder"], model.decoder.spec(), "decoder", USE_THE_RUN_CONFIG,
+                    ignored=getattr(model.decoder, "training_only_options", ()))  # fmt: skip
+    model.encoder.mark_weights_loaded()  # the checkpoint's weights replace whatever the encoder would fetch
+
+
+def load_weights(model: CaptionModel, path: str) -> None:
+    """Weights (and nothing else) from a checkpoint into `model`, checked like any checkpoint (`init_checkpoint`)."""
+    checkpoint = read_checkpoint(path)
+    check_and_build(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    log.info("Starting from the weights of %s", path)
+
+
+def model_from_checkpoint(cls: type, path: str | Path, **overrides: Any) -> CaptionModel:
+    """A model rebuilt from a checkpoint alone (its encoder, decoder, vocabulary, preprocessing, decoding settings
+    and weights), with no network access.
+
+    Args:
+        cls: `CaptionModel`.
+        path: The checkpoint.
+        overrides: Decoding settings to use instead of the checkpoint's (`num_beams`, `length_penalty`, ...; the
+            0.2 names `beam_size` and `max_decode_length` too).
+
+    Raises:
+        CaptionerError: When the file is missing or not a captioner checkpoint, or its encoder or decoder class
+            cannot be imported.
+    """
+    checkpoint = read_checkpoint(path)
+    meta = upgrade(checkpoint)
+    decoding = DecodingConfig.from_dict(meta["decoding"], str(path)).with_overrides(**overrides)
+    encoder = encoder_from_spec(meta["encoder"])
+    # The definition the weights were trained with, even if the encoder's library now resolves another one.
+    encoder.use_preprocessing(Preprocessing.from_dict(meta["preprocessing"], str(path)))
+    model = cls(decoder=decoder_factory(meta["decoder"]), encoder=encoder, blind=meta["blind"], decoding=decoding)
+    check_and_build(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
 
 
 def check_same_part(saved: dict[str, Any], configured: dict[str, Any], what: str, use: str,

@@ -22,6 +22,7 @@ from captioner import compat
 from captioner.callbacks.checkpoints import ResumableRun
 from captioner.callbacks.reports import TestReport
 from captioner.data.datamodule import CaptionDataModule
+from captioner.decoding import config as decoding
 from captioner.encoders.base import encoder_trains
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
@@ -201,11 +202,11 @@ def caption_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, or an exported folder")
-    parser.add_argument("--beam_size", type=int, default=None, help="beams per image (default: the checkpoint's)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    decoding.add_arguments(parser)
     options = parser.parse_args(argv)
-    captioner = load_model(options.ckpt_path, options.device, beam_size=options.beam_size)
+    captioner = load_model(options.ckpt_path, options.device, **decoding.overrides_from(options))
     captioner.batch_size = options.batch_size
     failed = 0
     for prediction in captioner.iter_predict(options.paths):

@@ -63,7 +63,7 @@ def test_report(
     Args:
         bleu: torchmetrics BLEU-1..4 (0-100), keyed `bleu1`..`bleu4`.
         evaluation: `evaluate_captions` output.
-        decoding: Beam size, length penalty and maximum length used.
+        decoding: The decoding settings used (`DecodingConfig.to_dict()`, `max_length` resolved).
         checkpoint: The checkpoint tested.
         split_sizes: Images per split.
         blind: Whether the model is the blind baseline.
@@ -89,7 +89,7 @@ def format_table(report: dict) -> str:
     coco, bleu = report["metrics"]["pycocoevalcap"], report["metrics"]["torchmetrics"]
     decoding = report["decoding"]
     lines = [
-        f"Test set: {report['images']} images; beam size {decoding['beam_size']}, "
+        f"Test set: {report['images']} images; {decoding['num_beams']} beams, "
         f"length penalty {decoding['length_penalty']}; scores on a 0-100 scale",
         f"{'metric':<22}{'score':>9}  tool",
     ]

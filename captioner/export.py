@@ -5,7 +5,7 @@
 The folder holds three graphs with a dynamic batch: the encoder (uint8 images
 in, features out, normalisation inside), the decoder's `prepare` (features to
 the per-image context and the initial state) and its `step` (previous tokens,
-state and context in; log-probabilities and the new state out), so search
+state and context in; the next token's logits and the new state out), so search
 runs outside the graphs. The manifest records the vocabulary, the
 preprocessing, the decoding settings, how the state and context are laid out,
 and each file's SHA-256.
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioner import checkpointing
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.files import write_json
@@ -71,22 +72,21 @@ class _Prepare(nn.Module):
 
 
 class _Step(nn.Module):
+    """One decoder step: the logits of the next token (the search applies the decoding rules and normalises, in
+    NumPy as in PyTorch) and the new state."""
+
     def __init__(self, model: CaptionModel, states: int, contexts: int, context_is_tensor: bool,
                  state_is_tensor: bool) -> None:  # fmt: skip
         super().__init__()
         self.decoder, self.states, self.contexts = model.decoder, states, contexts
         self.context_is_tensor, self.state_is_tensor = context_is_tensor, state_is_tensor
-        banned = torch.zeros(len(model.vocabulary), dtype=torch.bool)
-        banned[list(model.decoding.special.banned)] = True  # never generated, as in captioner.models.search
-        self.register_buffer("banned", banned)
 
     def forward(self, tokens: torch.Tensor, *flat: torch.Tensor):
         state, context = flat[: self.states], flat[self.states :]
         state = state[0] if self.state_is_tensor else tuple(state)
         context = context[0] if self.context_is_tensor else tuple(context)
         logits, new_state = self.decoder.step(tokens, state, context)
-        logits = logits.float().masked_fill(self.banned, float("-inf"))
-        return (torch.log_softmax(logits, dim=-1), *_tensors(new_state, "state"))
+        return (logits.float(), *_tensors(new_state, "state"))
 
 
 @contextlib.contextmanager
@@ -118,7 +118,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
     if output.exists() and any(output.iterdir()):
         raise CaptionerError(f"--output {output} already holds files: choose a new folder.")
     model = model.cpu().eval()
-    decoder = model._require_decoder()
+    decoder = model.require_decoder()
     size = model.preprocessing.image_size
     images = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with torch.no_grad():
@@ -153,8 +153,8 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
                          isinstance(state, torch.Tensor)).eval()  # fmt: skip
             torch.onnx.export(step, (tokens, *states, *contexts), tmp / GRAPHS["step"], dynamo=False,
                               input_names=["tokens", *names_state, *names_context],
-                              output_names=["log_probs", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
-                              dynamic_axes={"tokens": {0: "rows"}, "log_probs": {0: "rows"}, **dynamic})  # fmt: skip
+                              output_names=["logits", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
+                              dynamic_axes={"tokens": {0: "rows"}, "logits": {0: "rows"}, **dynamic})  # fmt: skip
         if quantize == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -164,7 +164,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
                 path.with_suffix(".int8.onnx").replace(path)
         elif quantize is not None:
             raise CaptionerError(f"--quantize {quantize!r}: only int8 is supported.")
-        meta = model.checkpoint_meta()
+        meta = checkpointing.meta_of(model)
         manifest = {
             "version": EXPORT_VERSION,
             "graphs": GRAPHS,
@@ -213,7 +213,7 @@ Caption with ONNX Runtime, NumPy and Pillow only (no torch):
 or serve it: `python -m captioner serve --ckpt_path <this folder>`.
 
 Files: `encoder.onnx` (uint8 images `(B, 3, {size}, {size})` to features), `decoder_prepare.onnx` (features to
-the context and the initial state), `decoder_step.onnx` (previous tokens, state and context to log-probabilities
+the context and the initial state), `decoder_step.onnx` (previous tokens, state and context to the next token's logits
 and the next state), `manifest.json` (vocabulary, preprocessing, decoding settings, the SHA-256 of each file,
 checked on load). Preprocessing: decode the whole image (JPEG, PNG, BMP, WebP or GIF), RGB (transparency on
 white), then {preprocessing} (`captioner.pixels.preprocess_array`); the encoder graph normalises.

@@ -15,20 +15,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioner.encoders.decoding import ImageFileDataset, collate_images, load_any_image
+from captioner.decoding.config import DecodingConfig
+from captioner.encoders.image_files import ImageFileDataset, collate_images, load_any_image
 from captioner.errors import CaptionerError
 from captioner.hardware import bf16_autocast_available
+from captioner.models import captioning
 from captioner.models.module import CaptionModel
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 
 ImageSource = str | Path | Image.Image | torch.Tensor
 
 
-def attention_as_lists(row: dict, attention: bool) -> dict:
-    """A `describe` row with its attention maps as plain lists (JSON-ready), or None when not asked for."""
+def attention_as_lists(row: dict) -> dict:
+    """A `describe` row with its attention maps as plain lists (JSON-ready), or None."""
     maps = row.pop("attention", None)
     row["attention"] = None
-    if attention and maps is not None:
+    if maps is not None:
         words = [*row["caption"].split(), "<end>"][: len(maps)]
         row["attention"] = {"words": words, "grid": list(maps.shape[1:]),
                             "weights": [[round(float(v), 5) for v in word.flatten()] for word in maps]}  # fmt: skip
@@ -46,7 +48,8 @@ def load_checkpoint_model(path: str | Path, device: torch.device | str | None = 
     Args:
         path: A checkpoint written by `fit`.
         device: Where to run.
-        overrides: Decoding options replacing the checkpoint's (`beam_size`, `length_penalty`, `max_decode_length`).
+        overrides: Decoding settings replacing the checkpoint's (`num_beams`, `length_penalty`, ...; see
+            `captioner.decoding.DecodingConfig`).
 
     Raises:
         CaptionerError: When the file is missing or is not a captioner checkpoint.
@@ -60,15 +63,18 @@ class Captioner:
     Args:
         model: A model with its vocabulary (from `from_checkpoint` or a finished fit).
         batch_size: Images per forward pass.
-        beam_size: Beams per image (None: the model's setting).
+        decoding: How to decode (None: the model's settings, which came from its checkpoint).
         num_workers: Worker processes decoding image files (0: in this process).
+        overrides: Decoding settings changed from `decoding` (`num_beams=5`, `length_penalty=0.6`, ...).
     """
 
-    def __init__(self, model: CaptionModel, batch_size: int = 32, beam_size: int | None = None, num_workers: int = 0):
+    def __init__(self, model: CaptionModel, batch_size: int = 32, decoding: DecodingConfig | None = None,
+                 num_workers: int = 0, **overrides) -> None:  # fmt: skip
         if model.vocabulary is None:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
         self.model = model.eval()
-        self.batch_size, self.beam_size, self.num_workers = batch_size, beam_size, num_workers
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.decoding = (decoding or model.decoding).with_overrides(**overrides)
         self.preprocessing = model.preprocessing
 
     @classmethod
@@ -85,10 +91,11 @@ class Captioner:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def caption_tensor(self, images: torch.Tensor) -> tuple[list[str], list[float]]:
+    def caption_tensor(self, images: torch.Tensor, **overrides) -> tuple[list[str], list[float]]:
         """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""
-        with self._autocast():
-            return self.model.caption_images(images, self.beam_size)
+        with torch.no_grad(), self._autocast():
+            rows = captioning.describe(self.model, images, self.decoding.with_overrides(**overrides))
+        return [row["caption"] for row in rows], [row["score"] for row in rows]
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
         """An image file's bytes as the encoder's `(3, S, S)` uint8 input (the full-size picture is not kept).
@@ -99,40 +106,45 @@ class Captioner:
         """
         return self.preprocessing.from_file(data, max_pixels)
 
-    def describe(
-        self, images: Sequence[Image.Image | torch.Tensor], beams: int = 0, attention: bool = False
-    ) -> list[dict]:
+    def describe(self, images: Sequence[Image.Image | torch.Tensor], attention: bool = False,
+                 **overrides) -> list[dict]:  # fmt: skip
         """Everything the model can say about images, one dict per image (what the server returns).
 
         Args:
             images: Decoded PIL images (any mode), or their `pixels_from_bytes` tensors.
-            beams: Also return up to this many alternative captions with their scores (best first).
             attention: Also return, for decoders that attend over a grid of regions, where each word looked.
+            overrides: Decoding settings for this call (`num_return=3` for ranked alternatives, ...).
 
         Returns:
-            Dicts with `caption`, `score` (log-probability), `beams` (with `beams` > 0) and `attention`
+            Dicts with `caption`, `score` (log-probability), `alternatives` (with `num_return` > 1:
+            `[{"caption", "score"}]`, best first) and `attention`
             (`{"words", "grid": [rows, columns], "weights": one list of rows*columns per word}` or None).
         """
         batch = torch.stack([self.preprocessing.from_pil(image) if isinstance(image, Image.Image) else image
                              for image in images])  # fmt: skip
         with torch.no_grad(), self._autocast():
-            rows = self.model.describe_images(batch, self.beam_size, beams=beams)
-        return [attention_as_lists(row, attention) for row in rows]
+            rows = captioning.describe(self.model, batch, self.decoding.with_overrides(**overrides), attention)
+        return [attention_as_lists(row) for row in rows]
 
-    def predict(self, images: Iterable[ImageSource]) -> list[Prediction]:
-        """Caption every image; unreadable ones get an error instead of stopping the rest."""
-        return list(self.iter_predict(images))
+    def predict(self, images: Iterable[ImageSource], **overrides) -> list[Prediction]:
+        """Caption every image; unreadable ones get an error instead of stopping the rest (`overrides`: decoding
+        settings for this call)."""
+        return list(self.iter_predict(images, **overrides))
 
-    def iter_predict(self, images: Iterable[ImageSource]) -> Iterator[Prediction]:
+    def iter_predict(self, images: Iterable[ImageSource], **overrides) -> Iterator[Prediction]:
         """Like `predict`, yielding results batch by batch (for long lists of files)."""
         items = list(images)
         if items and all(isinstance(item, (str, Path)) for item in items):
-            yield from self._predict_files([Path(item) for item in items])
+            yield from self._predict_files([Path(item) for item in items], overrides)
             return
-        yield from predict_in_batches(items, self.batch_size, lambda item: load_any_image(item, self.preprocessing),
-                                      lambda tensors: self.caption_tensor(torch.stack(tensors)))  # fmt: skip
+        yield from predict_in_batches(
+            items,
+            self.batch_size,
+            lambda item: load_any_image(item, self.preprocessing),
+            lambda tensors: self.caption_tensor(torch.stack(tensors), **overrides),
+        )
 
-    def _predict_files(self, paths: Sequence[Path]) -> Iterator[Prediction]:
+    def _predict_files(self, paths: Sequence[Path], overrides: dict) -> Iterator[Prediction]:
         loader = DataLoader(
             ImageFileDataset(paths, self.preprocessing),
             batch_size=self.batch_size,
@@ -143,7 +155,7 @@ class Captioner:
         for batch in loader:
             captions: dict[int, tuple[str, float]] = {}
             if batch["ok"]:
-                texts, scores = self.caption_tensor(batch["images"])
+                texts, scores = self.caption_tensor(batch["images"], **overrides)
                 captions = dict(zip(batch["ok"], zip(texts, scores)))
             for position, path in zip(batch["positions"], batch["paths"]):
                 if position in captions:
@@ -151,8 +163,9 @@ class Captioner:
                 else:
                     yield Prediction(path, None, None, batch["errors"][position])
 
-    def caption(self, images: ImageSource | Sequence[ImageSource]) -> list[str]:
-        """Captions for one image or a list of them.
+    def caption(self, images: ImageSource | Sequence[ImageSource], **overrides) -> list[str]:
+        """Captions for one image or a list of them (`overrides`: decoding settings for this call, e.g.
+        `num_beams=5`).
 
         Raises:
             CaptionerError: Naming the first image that could not be read.
@@ -161,4 +174,4 @@ class Captioner:
             images = list(images)
         elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             images = [images]
-        return captions_or_error(self.predict(images))
+        return captions_or_error(self.predict(images, **overrides))

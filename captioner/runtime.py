@@ -8,8 +8,8 @@
 The folder (written by `python -m captioner export`) holds the encoder, the
 decoder's `prepare` and `step` graphs, the vocabulary, the preprocessing and
 the decoding settings, each file checked against the manifest's digest when it
-is loaded. Search (greedy and beam, batched over images and beams) runs here in
-NumPy, the same algorithm as `captioner.models.search`.
+is loaded. Search runs here in NumPy through the same code as the PyTorch
+captioner's (`captioner.decoding.search`, with `captioner.decoding.ops.NumpyOps`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ import numpy as np
 from PIL import Image
 
 from captioner.data.vocab import Vocabulary
+from captioner.decoding.answers import answer_rows
+from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.ops import NumpyOps
+from captioner.decoding.search import Decoded, decode
 from captioner.errors import CaptionerError
 from captioner.pixels import open_image, preprocess_array, to_rgb
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 
-EXPORT_VERSION = 2
-READABLE_VERSIONS = (1, EXPORT_VERSION)  # version 1: ResNet exports of captioner 0.2, squashed images
+EXPORT_VERSION = 3
+# Version 1: ResNet exports of captioner 0.2, squashed images; 1 and 2: the step graph gives log-probabilities with
+# the special tokens masked (version 3 gives logits; the search's rules and normalisation treat both alike).
+READABLE_VERSIONS = (1, 2, EXPORT_VERSION)
 MANIFEST = "manifest.json"
 README = "README.md"
 
@@ -79,19 +85,51 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+class OnnxStepper:
+    """An exported decoder's `prepare` and `step` graphs as the step function search runs (see
+    `captioner.decoding.search`): the same algorithm and rules as the PyTorch captioner, on NumPy arrays."""
+
+    def __init__(self, captioner: OnnxCaptioner, features: np.ndarray) -> None:
+        self.captioner, self.features = captioner, features
+        self.context: list[np.ndarray] = []
+
+    def start(self, copies: int) -> list[np.ndarray]:
+        runtime = self.captioner
+        outputs = runtime.prepare.run(None, {"features": self.features})
+        context, state = outputs[: runtime.context_count], outputs[runtime.context_count :]
+        if copies > 1:
+            state = [np.repeat(part, copies, axis=0) for part in state]
+            if not runtime.context_per_image:
+                context = [np.repeat(part, copies, axis=0) for part in context]
+        self.context = context
+        return state
+
+    def step(self, tokens: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        runtime = self.captioner
+        feeds = {"tokens": tokens.astype(np.int64)}
+        feeds.update({f"state{i}": part for i, part in enumerate(state)})
+        feeds.update({f"context{i}": part for i, part in enumerate(self.context)})
+        outputs = runtime.step.run(None, {name: value for name, value in feeds.items() if name in runtime.step_inputs})
+        return outputs[0], outputs[1:]  # logits (version 3), or log-probabilities of older exports: rules apply alike
+
+    def reorder(self, state: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+        return [part[rows] for part in state]
+
+
 class OnnxCaptioner:
     """Caption images with an exported folder, on the CPU (or another ONNX Runtime provider).
 
     Args:
         folder: Written by `python -m captioner export`.
-        beam_size: Beams per image (None: the export's setting; 1: greedy).
         batch_size: Images per encoder and decoder run.
         providers: ONNX Runtime execution providers (None: the CPU).
         threads: Threads per session (None: ONNX Runtime's choice).
+        decoding: How to decode (None: the export's settings).
+        overrides: Decoding settings changed from those (`num_beams=5`, ...; the 0.2 name `beam_size` works too).
     """
 
-    def __init__(self, folder: str | Path, beam_size: int | None = None, batch_size: int = 32,
-                 providers: Sequence[str] | None = None, threads: int | None = None) -> None:  # fmt: skip
+    def __init__(self, folder: str | Path, batch_size: int = 32, providers: Sequence[str] | None = None,
+                 threads: int | None = None, decoding: DecodingConfig | None = None, **overrides) -> None:  # fmt: skip
         import onnxruntime
 
         self.folder = Path(folder)
@@ -108,11 +146,9 @@ class OnnxCaptioner:
         self.encoder, self.prepare, self.step = session("encoder"), session("prepare"), session("step")
         self.step_inputs = {item.name for item in self.step.get_inputs()}
         self.vocabulary = Vocabulary.from_dict(manifest["vocabulary"], str(self.folder / MANIFEST))
-        self.pad, self.start, self.end = Vocabulary.pad_index, Vocabulary.start_index, Vocabulary.end_index
-        decoding = manifest["decoding"]
-        self.beam_size = decoding["beam_size"] if beam_size is None else beam_size
-        self.length_penalty = float(decoding["length_penalty"])
-        self.max_length = int(decoding["max_decode_length"] or self.vocabulary.max_length)
+        self.special = SpecialTokens.of(self.vocabulary)
+        saved = DecodingConfig.from_dict(manifest["decoding"], str(self.folder / MANIFEST))
+        self.decoding = (decoding or saved).with_overrides(**overrides)
         self.preprocessing = manifest["preprocessing"]  # the encoder's definition, computed in numpy
         self.batch_size = batch_size
         self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
@@ -142,143 +178,42 @@ class OnnxCaptioner:
         return self.encoder.run(None, {"images": pixels})[0]
 
     # ------------------------------------------------------------ search
-    def _log_probs(self, tokens: np.ndarray, state: list, context: list) -> tuple[np.ndarray, list]:
-        feeds = {"tokens": tokens.astype(np.int64)}
-        feeds.update({f"state{i}": part for i, part in enumerate(state)})
-        feeds.update({f"context{i}": part for i, part in enumerate(context)})
-        outputs = self.step.run(None, {name: value for name, value in feeds.items() if name in self.step_inputs})
-        return outputs[0], outputs[1:]  # `<pad>`, `<start>` and `<unk>` are masked inside the graph
+    def search(self, features: np.ndarray, config: DecodingConfig | None = None) -> Decoded:
+        """Ranked captions for a batch of features (`captioner.decoding.search.decode`, in NumPy)."""
+        config = config or self.decoding
+        return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(config.seed),
+                      config.max_words(self.vocabulary.max_length), self.vocabulary.stoi)  # fmt: skip
 
-    def _start(self, features: np.ndarray, rows_per_image: int) -> tuple[list, list]:
-        outputs = self.prepare.run(None, {"features": features})
-        context, state = outputs[: self.context_count], outputs[self.context_count :]
-        state = [np.repeat(part, rows_per_image, axis=0) for part in state]
-        if not self.context_per_image:
-            context = [np.repeat(part, rows_per_image, axis=0) for part in context]
-        return state, context
-
-    def greedy(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Greedy captions: tokens `(B, T)`, total log-probabilities `(B,)` and lengths `(B,)` (with `<end>`)."""
-        batch = features.shape[0]
-        state, context = self._start(features, 1)
-        previous = np.full(batch, self.start, dtype=np.int64)
-        finished = np.zeros(batch, dtype=bool)
-        scores, lengths, steps = np.zeros(batch, dtype=np.float32), np.zeros(batch, dtype=np.int64), []
-        for _ in range(self.max_length + 1):
-            log_probs, state = self._log_probs(previous, state, context)
-            token = log_probs.argmax(axis=1)
-            picked = log_probs[np.arange(batch), token]
-            token = np.where(finished, self.pad, token)
-            scores += np.where(finished, np.float32(0.0), picked)  # float32 sums, as torch's search
-            lengths += ~finished
-            steps.append(token)
-            finished |= token == self.end
-            previous = token
-            if finished.all():
-                break
-        return np.stack(steps, axis=1), scores, lengths
-
-    def _normalised(self, scores: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        if self.length_penalty == 0:
-            return scores
-        return scores / ((5.0 + lengths) / 6.0) ** self.length_penalty
-
-    def beam(self, features: np.ndarray, beam_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Beam search, the greedy caption kept as a candidate (as in `captioner.models.search.beam_search`)."""
-        return self.beams(features, beam_size)[0]
-
-    def beams(self, features: np.ndarray, beam_size: int):
-        """Beam search: the best caption per image (tokens, log-probabilities, lengths), and every final beam ranked
-        best first (tokens `(B, beams, T)` and log-probabilities `(B, beams)`; None for greedy decoding)."""
-        greedy = self.greedy(features)
-        if beam_size <= 1:
-            return greedy, None
-        batch, k = features.shape[0], beam_size
-        state, context = self._start(features, k)
-        scores = np.full((batch, k), -np.inf, dtype=np.float32)
-        scores[:, 0] = 0.0
-        previous = np.full(batch * k, self.start, dtype=np.int64)
-        finished = np.zeros((batch, k), dtype=bool)
-        lengths = np.zeros((batch, k), dtype=np.int64)
-        history = np.zeros((batch, k, 0), dtype=np.int64)
-        offsets = (np.arange(batch) * k)[:, None]
-        for _ in range(self.max_length + 1):
-            log_probs, state = self._log_probs(previous, state, context)
-            vocab = log_probs.shape[-1]
-            log_probs = log_probs.reshape(batch, k, vocab)
-            done_row = np.full(vocab, -np.inf, dtype=np.float32)
-            done_row[self.pad] = 0.0
-            log_probs = np.where(finished[..., None], done_row, log_probs)
-            candidates = (scores[..., None] + log_probs).reshape(batch, k * vocab)
-            top = np.argpartition(-candidates, k - 1, axis=1)[:, :k]  # the k best, unordered: no full sort
-            top_scores = np.take_along_axis(candidates, top, axis=1)
-            ranking = np.argsort(-top_scores, axis=1, kind="stable")
-            flat, scores = np.take_along_axis(top, ranking, axis=1), np.take_along_axis(top_scores, ranking, axis=1)
-            beam, token = flat // vocab, flat % vocab
-            history = np.concatenate([np.take_along_axis(history, beam[..., None], axis=1), token[..., None]], 2)
-            was_finished = np.take_along_axis(finished, beam, axis=1)
-            lengths = np.take_along_axis(lengths, beam, axis=1) + ~was_finished
-            finished = was_finished | (token == self.end)
-            order = (beam + offsets).reshape(-1)
-            state = [part[order] for part in state]
-            previous = token.reshape(-1)
-            if finished.all():
-                break
-        ranked = self._normalised(scores, lengths)
-        order = np.argsort(-ranked, axis=1, kind="stable")
-        all_beams = (np.take_along_axis(history, order[..., None], axis=1), np.take_along_axis(scores, order, axis=1))
-        best = ranked.argmax(axis=1)
-        rows = np.arange(batch)
-        tokens, best_scores, best_lengths = history[rows, best], scores[rows, best], lengths[rows, best]
-        greedy_tokens, greedy_scores, greedy_lengths = greedy
-        wins = self._normalised(greedy_scores, greedy_lengths) > ranked[rows, best]
-        width = max(tokens.shape[1], greedy_tokens.shape[1])
-        pad = lambda t: np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=self.pad)  # noqa: E731
-        best_result = (np.where(wins[:, None], pad(greedy_tokens), pad(tokens)), np.where(wins, greedy_scores,
-                       best_scores), np.where(wins, greedy_lengths, best_lengths))  # fmt: skip
-        return best_result, all_beams
-
-    def caption_pixels(self, pixels: np.ndarray, beam_size: int | None = None) -> tuple[list[str], list[float]]:
+    def caption_pixels(self, pixels: np.ndarray, **overrides) -> tuple[list[str], list[float]]:
         """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch."""
-        tokens, scores, _ = self.beam(self.features(pixels), self.beam_size if beam_size is None else beam_size)
-        return self.vocabulary.decode_batch(tokens), [float(s) for s in scores]
+        decoded = self.search(self.features(pixels), self.decoding.with_overrides(**overrides))
+        return self.vocabulary.decode_batch(decoded.best_tokens), [float(s) for s in decoded.best_scores]
 
     # ------------------------------------------------------------ the Captioner interface
-    def iter_predict(self, images: Iterable) -> Iterator[Prediction]:
+    def iter_predict(self, images: Iterable, **overrides) -> Iterator[Prediction]:
         """Caption paths, bytes or PIL images batch by batch; an unreadable one gets an error, the rest go on."""
         yield from predict_in_batches(list(images), self.batch_size, self._pixels,
-                                      lambda pixels: self.caption_pixels(np.stack(pixels)))  # fmt: skip
+                                      lambda pixels: self.caption_pixels(np.stack(pixels), **overrides))  # fmt: skip
 
-    def predict(self, images: Iterable) -> list[Prediction]:
+    def predict(self, images: Iterable, **overrides) -> list[Prediction]:
         """Caption every image; unreadable ones get an error instead of stopping the rest."""
-        return list(self.iter_predict(images))
+        return list(self.iter_predict(images, **overrides))
 
-    def caption(self, images) -> list[str]:
-        """Captions for one image or a list of them.
+    def caption(self, images, **overrides) -> list[str]:
+        """Captions for one image or a list of them (`overrides`: decoding settings for this call).
 
         Raises:
             CaptionerError: Naming the first image that could not be read.
         """
         if isinstance(images, (str, Path, Image.Image, bytes)):
             images = [images]
-        return captions_or_error(self.predict(images))
+        return captions_or_error(self.predict(images, **overrides))
 
-    def describe(
-        self, images: Sequence[Image.Image | np.ndarray], beams: int = 0, attention: bool = False
-    ) -> list[dict]:
+    def describe(self, images: Sequence[Image.Image | np.ndarray], attention: bool = False, **overrides) -> list[dict]:
         """What the server returns for decoded images (or their `pixels_from_bytes` arrays): caption, score and,
-        with `beams`, the ranked beams (attention maps need the checkpoint: None here)."""
+        with `num_return` > 1, the ranked alternatives (attention maps need the checkpoint: None here)."""
+        config = self.decoding.with_overrides(**overrides)
         features = self.features(np.stack([self._pixels(image) if isinstance(image, Image.Image) else image
                                            for image in images]))  # fmt: skip
-        (tokens, scores, _), ranked = self.beams(features, self.beam_size)
-        rows = []
-        for index, (caption, score) in enumerate(zip(self.vocabulary.decode_batch(tokens), scores.tolist())):
-            row = {"caption": caption, "score": score, "attention": None}
-            if beams:
-                if ranked is None:
-                    row["beams"] = [{"caption": caption, "score": score}]
-                else:
-                    texts, values = self.vocabulary.decode_batch(ranked[0][index]), ranked[1][index].tolist()
-                    row["beams"] = [{"caption": t, "score": v} for t, v in zip(texts, values)][:beams]
-            rows.append(row)
-        return rows
+        rows = answer_rows(self.search(features, config), self.vocabulary, config.num_return)
+        return [{**row, "attention": None} for row in rows]

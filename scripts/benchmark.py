@@ -271,13 +271,17 @@ GRID_REGIONS = 49
 def _model(decoder: str, beam_size: int = 3):
     import functools
 
+    from captioner.decoding import DecodingConfig
     from captioner.encoders import TorchvisionEncoder
     from captioner.models import decoders
     from captioner.models.module import CaptionModel
 
     _, class_name, options = DECODERS[decoder]
-    model = CaptionModel(functools.partial(getattr(decoders, class_name), **options),
-                         encoder=TorchvisionEncoder("resnet50", None, 224), beam_size=beam_size)  # fmt: skip
+    model = CaptionModel(
+        functools.partial(getattr(decoders, class_name), **options),
+        encoder=TorchvisionEncoder("resnet50", None, 224),
+        decoding=DecodingConfig(num_beams=beam_size),
+    )
     model.build(_vocabulary())
     return model
 
@@ -426,17 +430,21 @@ def ours_decode(
     if bf16 and not bf16_autocast_available(device):
         where = "GPU" if device.startswith("cuda") else f"CPU (bf16 needs {CPU_BF16_REQUIREMENT})"
         return {"unsupported": f"not supported on this {where}"}
+    from captioner.models import captioning
+
     model = _model(decoder, beam_size).to(device).eval()
+    config = model.decoding
     features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
     # What `--trainer.precision bf16-mixed` does around test and predict steps.
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
-        model.generate(features[:batch_size].to(device), beam_size)  # warm-up
+        captioning.search(model, features[:batch_size].to(device), config)  # warm-up
         _sync(device)
         started, lengths = time.perf_counter(), []
         for start in range(0, count, batch_size):
-            result = model.generate(features[start : start + batch_size].to(device, non_blocking=True), beam_size)
-            lengths.append(result.lengths)
+            result = captioning.search(model, features[start : start + batch_size].to(device, non_blocking=True),
+                                       config)  # fmt: skip
+            lengths.append(result.best_lengths)
         _sync(device)
     elapsed = time.perf_counter() - started
     return {"captions_per_s": count / elapsed, "mean_length": float(torch.cat(lengths).float().mean())}
@@ -447,15 +455,16 @@ def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: 
     """Transformer greedy decoding of `words` words, with the key/value cache or recomputing the whole prefix."""
     import torch
 
-    from captioner.models.search import greedy_search
+    from captioner.decoding import DecodingConfig, SpecialTokens
+    from captioner.models.search import generate
 
     model = _model("transformer").to(device).eval()
-    decoder, special = model.decoder, model.decoding.special
+    decoder, special = model.decoder, SpecialTokens.of(model.vocabulary)
     features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
 
     def decode(batch: torch.Tensor) -> torch.Tensor:
         if cached:
-            return greedy_search(decoder, batch, words - 1, special).tokens
+            return generate(decoder, batch, DecodingConfig(num_beams=1), special, words - 1).best_tokens
         prefix = torch.full((len(batch), 1), special.start, device=batch.device)
         for _ in range(words):  # the whole prefix through the model at every step
             logits = decoder(batch, prefix).logits[:, -1].float()
@@ -509,12 +518,12 @@ def onnx_decode(folder: str, features_file: str, count: int, beam_size: int, bat
     """ONNX Runtime decoding of cached features, search in NumPy."""
     from captioner.runtime import OnnxCaptioner
 
-    runtime = OnnxCaptioner(folder)
+    runtime = OnnxCaptioner(folder, num_beams=beam_size)
     features = np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32)
-    runtime.beam(features[:batch_size], beam_size)  # warm-up
+    runtime.search(features[:batch_size])  # warm-up
     started, lengths = time.perf_counter(), []
     for start in range(0, count, batch_size):
-        lengths.append(runtime.beam(features[start : start + batch_size], beam_size)[2])
+        lengths.append(runtime.search(features[start : start + batch_size]).best_lengths)
     return {"captions_per_s": count / (time.perf_counter() - started),
             "mean_length": float(np.concatenate(lengths).mean())}  # fmt: skip
 
@@ -802,6 +811,7 @@ def main() -> None:
             ("greedy", "ours: greedy decoding", 1, False),
             ("greedy_bf16", "ours: greedy decoding, bf16 autocast", 1, True),
             ("beam3", "ours: beam-3 decoding", 3, False),
+            ("beam5", "ours: beam-5 decoding", 5, False),
         )
         for key, label, beam_size, bf16 in decoding:
             measure(r, key, label, ours_decode, features_file=str(large), count=sizes["decode"], device=device,
@@ -896,6 +906,7 @@ SECTIONS = (
         ("training (captions/s)", "train", "orig_train", "captions_per_s"),
         ("greedy decoding (captions/s)", "greedy", "orig_decode", "captions_per_s"),
         ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
+        ("beam-5 decoding (captions/s)", "beam5", "orig_decode", "captions_per_s"),
         ("beam-3, 4x batch (captions/s)", "beam3_wide", "orig_decode", "captions_per_s"),
         ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
     )),

@@ -20,6 +20,12 @@ def offline(monkeypatch, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "offline-cache"
     monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache / "kagglehub"))
+    monkeypatch.setenv("HF_HOME", str(cache / "huggingface"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache / "huggingface" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for subprocesses; the hub client reads it when first imported:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # so this process is offline too
 
 
 @pytest.fixture(scope="session")

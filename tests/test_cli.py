@@ -11,6 +11,7 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.decoding import DecodingConfig
 from captioner.runs import run_dir
 from tests.conftest import TESTS, TINY_CONFIG, predict_args, tiny_args, wandb_logger_args
 
@@ -76,7 +77,7 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
     report = json.loads((run_dir(tested.trainer) / "test_metrics.json").read_text())
     assert report["scale"].startswith("0-100") and report["checkpoint"] == best
     assert report["split_sizes"] == {"train": 80, "val": 20, "test": 20} and report["images"] == 20
-    assert report["decoding"] == {"beam_size": 2, "length_penalty": 0.0, "max_length": 34}
+    assert report["decoding"] == {**DecodingConfig(num_beams=2).to_dict(), "max_length": 34}  # the config's, saved
     coco, bleu = report["metrics"]["pycocoevalcap"], report["metrics"]["torchmetrics"]
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(coco) and 0 < coco["BLEU-4"] <= 100
     assert bleu["BLEU-4"] == pytest.approx(float(tested.trainer.callback_metrics["test/bleu4"]), abs=1e-3)

@@ -1,17 +1,17 @@
-"""Every decoder through the protocol: teacher forcing equals stepping, search behaves, beams are exact when wide."""
-
-import itertools
-import math
+"""Every decoder through the protocol: teacher forcing equals stepping, search scores what the model says, an
+image's constants serve all its beams. (The search itself has its own suite: tests/test_search.py.)"""
 
 import pytest
 import torch
 
 from captioner.data.vocab import Vocabulary
+from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.search import length_normalised
 from captioner.models.decoders import AttentionDecoder, CaptionDecoder, LSTMDecoder, TransformerDecoder
 from captioner.models.decoders.attention import doubly_stochastic_penalty
 from captioner.models.decoders.base import decoder_factory
 from captioner.models.objectives import caption_cross_entropy
-from captioner.models.search import SpecialTokens, beam_search, best_beams, greedy_search, length_normalised
+from captioner.models.search import generate
 from tests.plugins import GRUDecoder
 
 VOCAB = Vocabulary([f"w{i}" for i in range(20)], max_length=8)
@@ -69,35 +69,37 @@ def test_step_by_step_logits_equal_teacher_forced_logits(kind):
     torch.testing.assert_close(torch.stack(stepped, dim=1), forced, atol=1e-5, rtol=1e-4)
 
 
+def search(decoder, features, max_words=VOCAB.max_length, special=SPECIAL, **settings):
+    return generate(decoder, features, DecodingConfig(**settings), special, max_words)
+
+
 @KINDS
 def test_greedy_is_batched_consistent_and_scores_match(kind):
     decoder, features = make_decoder(kind), make_features(6, kind)
-    batched = greedy_search(decoder, features, VOCAB.max_length, SPECIAL)
-    single = greedy_search(decoder, features[2:3], VOCAB.max_length, SPECIAL)
-    width = single.tokens.shape[1]
-    assert torch.equal(batched.tokens[2, :width], single.tokens[0])
-    assert torch.allclose(sequence_log_prob(decoder, features, batched.tokens), batched.log_probs, atol=1e-4)
+    batched = search(decoder, features, num_beams=1)
+    single = search(decoder, features[2:3], num_beams=1)
+    width = single.tokens.shape[-1]
+    assert torch.equal(batched.best_tokens[2, :width], single.best_tokens[0])
+    assert torch.allclose(sequence_log_prob(decoder, features, batched.best_tokens), batched.best_scores, atol=1e-4)
 
 
 @KINDS
-def test_beam_of_one_is_greedy_and_wider_beams_never_score_lower(kind):
-    for seed in range(3):
-        decoder, features = make_decoder(kind, seed), make_features(12, kind)
-        greedy = greedy_search(decoder, features, VOCAB.max_length, SPECIAL)
-        one = beam_search(decoder, features, 1, VOCAB.max_length, SPECIAL)
-        assert torch.equal(one.tokens, greedy.tokens)
+def test_every_beam_is_scored_with_what_the_model_gives_it(kind):
+    for seed in range(2):
+        decoder, features = make_decoder(kind, seed), make_features(8, kind)
         for k in (2, 4):
-            beam = beam_search(decoder, features, k, VOCAB.max_length, SPECIAL)
-            assert (beam.log_probs >= greedy.log_probs - 1e-5).all()
-            assert torch.allclose(sequence_log_prob(decoder, features, beam.tokens), beam.log_probs, atol=1e-4)
+            beams = search(decoder, features, num_beams=k, num_return=k)
+            for rank in range(k):
+                model_says = sequence_log_prob(decoder, features, beams.tokens[:, rank])
+                assert torch.allclose(model_says, beams.scores[:, rank], atol=1e-4)
 
 
 @KINDS
 def test_no_special_token_leaks_and_length_is_capped(kind):
     decoder, features = make_decoder(kind, 1), make_features(16, kind)
-    for result in (greedy_search(decoder, features, 5, SPECIAL), beam_search(decoder, features, 3, 5, SPECIAL)):
-        assert result.tokens.shape[1] <= 6
-        for row, length in zip(result.tokens.tolist(), result.lengths.tolist()):
+    for result in (search(decoder, features, 5, num_beams=1), search(decoder, features, 5, num_beams=3)):
+        assert result.tokens.shape[-1] <= 6
+        for row, length in zip(result.best_tokens.tolist(), result.best_lengths.tolist()):
             words = row[:length]
             assert SPECIAL.start not in words and VOCAB.unk_index not in words and SPECIAL.pad not in words
             assert words.count(SPECIAL.end) <= 1 and (SPECIAL.end not in words or words[-1] == SPECIAL.end)
@@ -113,54 +115,16 @@ def test_per_image_work_done_once_gives_what_repeating_the_image_gives(kind):
     torch.testing.assert_close(
         decoder(features, tokens, owners=owners).logits, decoder(features[owners], tokens).logits
     )
-    shared = best_beams(decoder, features, 3, VOCAB.max_length, SPECIAL)[1]
+    shared = search(decoder, features, num_beams=3, num_return=3)
     repeated_decoder = make_decoder(kind)
     repeated_decoder.expand_context = lambda context, beams: CaptionDecoder.expand(repeated_decoder, context, beams)
-    repeated = best_beams(repeated_decoder, features, 3, VOCAB.max_length, SPECIAL)[1]
+    repeated = search(repeated_decoder, features, num_beams=3, num_return=3)
     assert torch.equal(shared.tokens, repeated.tokens)
-    torch.testing.assert_close(shared.log_probs, repeated.log_probs)
+    torch.testing.assert_close(shared.scores, repeated.scores)
 
 
-# ---------------------------------------------------------------- beam search is exact when wide enough
 TINY = Vocabulary(["a", "b"], max_length=3)  # words 4 and 5; <end> is 2
 TINY_SPECIAL = SpecialTokens.of(TINY)
-
-
-def exhaustive_best(decoder, features, max_length, length_penalty):
-    """Score every caption of at most `max_length` words (ended by <end>, or cut at the maximum) and keep the best."""
-    words = [4, 5]
-    candidates = []
-    for n in range(max_length + 1):
-        for sequence in itertools.product(words, repeat=n):
-            candidates.append([*sequence, TINY_SPECIAL.end])
-    candidates += [list(s) for s in itertools.product(words, repeat=max_length + 1)]  # never ended: cut
-    best = []
-    for image in range(features.shape[0]):
-        scored = []
-        for caption in candidates:
-            tokens = torch.tensor([caption])
-            inputs = torch.cat([torch.tensor([[TINY_SPECIAL.start]]), tokens[:, :-1]], dim=1)
-            logits = decoder(features[image : image + 1], inputs).logits.float()
-            logits[..., list(TINY_SPECIAL.banned)] = float("-inf")
-            total = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).sum()
-            scored.append((float(length_normalised(total, torch.tensor(len(caption)), length_penalty)), caption))
-        best.append(max(scored)[1])
-    return best
-
-
-@pytest.mark.parametrize("kind", ["lstm", "transformer"])
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_beam_search_equals_exhaustive_search_when_the_beam_keeps_every_caption(kind, length_penalty):
-    torch.manual_seed(3)
-    decoder = (LSTMDecoder(len(TINY), 16, embed_dim=8, hidden_dim=8, dropout=0.0) if kind == "lstm"
-               else TransformerDecoder(len(TINY), 16, width=8, layers=1, heads=2, dropout=0.0)).eval()  # fmt: skip
-    with torch.no_grad():
-        decoder.head.weight.mul_(6)  # peaked distributions: captions differ clearly in score
-    features = torch.randn(6, 16) if kind == "lstm" else torch.randn(6, 2, 16)
-    beam = beam_search(decoder, features, 2**4, 3, TINY_SPECIAL, length_penalty)
-    expected = exhaustive_best(decoder, features, 3, length_penalty)
-    for row, length, caption in zip(beam.tokens.tolist(), beam.lengths.tolist(), expected):
-        assert row[:length] == caption
 
 
 def test_length_penalty_favours_the_longer_caption_as_documented():
@@ -172,10 +136,11 @@ def test_length_penalty_favours_the_longer_caption_as_documented():
     assert length_normalised(long, long_len, 1.0) > length_normalised(short, short_len, 1.0)
     # The same choice inside beam search: a decoder that can stop after one word (p=0.6) or go on.
     decoder = FixedChoiceDecoder()
-    plain = beam_search(decoder, torch.zeros(1, 1), 4, 6, TINY_SPECIAL, length_penalty=0.0)
-    favoured = beam_search(decoder, torch.zeros(1, 1), 4, 6, TINY_SPECIAL, length_penalty=2.0)
-    assert plain.lengths.item() < favoured.lengths.item()
-    assert plain.log_probs.item() > favoured.log_probs.item()  # the raw score the penalty traded for length
+    plain = search(decoder, torch.zeros(1, 1), 6, TINY_SPECIAL, num_beams=4, length_penalty=0.0)
+    favoured = search(decoder, torch.zeros(1, 1), 6, TINY_SPECIAL, num_beams=4, length_penalty=2.0,
+                      early_stopping="never")  # fmt: skip
+    assert plain.best_lengths.item() < favoured.best_lengths.item()
+    assert plain.best_scores.item() > favoured.best_scores.item()  # the raw score the penalty traded for length
 
 
 class FixedChoiceDecoder(CaptionDecoder):
@@ -203,14 +168,14 @@ class FixedChoiceDecoder(CaptionDecoder):
 # ---------------------------------------------------------------- the Transformer's cache
 def test_transformer_cached_decoding_equals_recomputing_the_prefix():
     decoder, features = make_decoder("transformer"), make_features(4, "transformer")
-    cached = greedy_search(decoder, features, 10, SPECIAL)
+    cached = search(decoder, features, 10, num_beams=1)
     prefix = torch.full((4, 1), SPECIAL.start)
-    for _ in range(cached.tokens.shape[1]):  # uncached: the whole prefix through the model at every step
+    for _ in range(cached.tokens.shape[-1]):  # uncached: the whole prefix through the model at every step
         logits = decoder(features, prefix).logits[:, -1].float()
         logits[:, list(SPECIAL.banned)] = float("-inf")
         prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], dim=1)
     uncached = prefix[:, 1:]
-    for row, length, reference in zip(cached.tokens.tolist(), cached.lengths.tolist(), uncached.tolist()):
+    for row, length, reference in zip(cached.best_tokens.tolist(), cached.best_lengths.tolist(), uncached.tolist()):
         assert row[:length] == reference[:length]
     state = decoder.initial_state(decoder.prepare(features))
     assert all(part.shape[2] == 0 for part in state)  # the cache starts empty and grows one position a step
@@ -275,11 +240,3 @@ def test_a_spec_rebuilds_the_same_decoder(kind):
     rebuilt = decoder_factory(spec)(len(VOCAB), 16)
     assert type(rebuilt) is type(decoder) and rebuilt.spec() == spec
     assert rebuilt.state_dict().keys() == decoder.state_dict().keys()
-
-
-def test_beams_are_ranked_and_the_best_is_what_beam_search_returns():
-    decoder, features = make_decoder("lstm"), make_features(5, "lstm")
-    best, beams = best_beams(decoder, features, 3, VOCAB.max_length, SPECIAL)
-    assert beams.tokens.shape[:2] == (5, 3) and (beams.log_probs[:, :-1] >= beams.log_probs[:, 1:]).all()
-    assert torch.equal(best.log_probs, beam_search(decoder, features, 3, VOCAB.max_length, SPECIAL).log_probs)
-    assert math.isfinite(float(beams.log_probs.min()))

@@ -11,6 +11,7 @@ import torch
 from captioner.cider import CiderD
 from captioner.cli import main
 from captioner.metrics import CorpusCider, java_available
+from captioner.models import captioning
 from captioner.runs import run_dir
 from tests.conftest import TESTS, tiny_args
 
@@ -92,7 +93,9 @@ def test_val_cider_is_logged_monitored_and_equals_cider_d_on_the_val_references(
     model, val = cli.model.eval(), cli.datamodule.datasets["val"]
     batch = val.__getitems__(list(range(len(val))))
     with torch.no_grad():
-        generated = model.vocabulary.words_of(model.generate(batch["features"], beam_size=1).tokens)
+        generated = model.vocabulary.words_of(
+            captioning.search(model, batch["features"], model.decoding.greedy()).best_tokens
+        )
     scorer = CiderD(val.reference_ids)  # document frequencies from the validation references
     expected = 100 * sum(scorer.score(g, refs) for g, refs in zip(generated, val.reference_ids)) / len(val)
     assert logged == pytest.approx(expected, rel=1e-4) and logged > 0

@@ -36,7 +36,7 @@ def untrained(kind: str, scenes) -> CaptionModel:
     torch.manual_seed(0)
     payload = json.loads((scenes / "captions.json").read_text())
     vocabulary = Vocabulary.build([a["caption"] for a in payload["annotations"]], min_count=1, max_length=12)
-    model = CaptionModel(DECODERS[kind], encoder=TorchvisionEncoder("resnet18", None, 64), beam_size=3)
+    model = CaptionModel(DECODERS[kind], encoder=TorchvisionEncoder("resnet18", None, 64))
     model.build(vocabulary)
     with torch.no_grad():
         model.decoder.head.weight.mul_(4)  # peaked, varied distributions: captions that differ between images
@@ -54,25 +54,24 @@ def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_sou
     images = sorted((scenes_source / "Images").iterdir())[:40]
     runtime, reference = OnnxCaptioner(folder), Captioner(model, batch_size=16)
     pixels = torch.stack([model.preprocessing.from_file(p) for p in images])
-    for beam_size in (1, 3):
-        runtime.beam_size = reference.beam_size = beam_size
+    for settings in ({"num_beams": 1}, {"num_beams": 5, "length_penalty": 0.6}):
         # End to end (each side decoding and resizing the files itself): the same captions.
-        ours, theirs = runtime.predict(images), reference.predict(images)
-        assert np.mean([a.caption == b.caption for a, b in zip(ours, theirs)]) >= 0.99, (kind, beam_size)
+        ours, theirs = runtime.predict(images, **settings), reference.predict(images, **settings)
+        assert np.mean([a.caption == b.caption for a, b in zip(ours, theirs)]) >= 0.99, (kind, settings)
         assert len({b.caption for b in theirs}) > 3  # captions that differ between images, not one for all
         # The graphs and the search alone, on the same pixels: the same captions and log-probabilities.
-        captions, scores = runtime.caption_pixels(pixels.numpy())
-        expected, expected_scores = reference.model.caption_images(pixels, beam_size)
-        assert captions == expected, (kind, beam_size)
-        assert np.abs(np.array(scores) - np.array(expected_scores)).max() < 1e-3, (kind, beam_size)
+        captions, scores = runtime.caption_pixels(pixels.numpy(), **settings)
+        expected, expected_scores = reference.caption_tensor(pixels, **settings)
+        assert captions == expected, (kind, settings)
+        assert np.abs(np.array(scores) - np.array(expected_scores)).max() < 1e-3, (kind, settings)
     with torch.no_grad():
         features = model.encode_images(pixels[:8]).numpy()
     np.testing.assert_allclose(runtime.features(pixels[:8].numpy()), features, atol=1e-4, rtol=1e-4)
-    # What the server returns: the same caption and the same ranked beams.
+    # What the server returns: the same caption and the same ranked alternatives.
     pictures = [Image.open(path) for path in images[:4]]
-    for ours, theirs in zip(runtime.describe(pictures, beams=3), reference.describe(pictures, beams=3)):
-        assert ours["caption"] == theirs["caption"]
-        assert [b["caption"] for b in ours["beams"]] == [b["caption"] for b in theirs["beams"]]
+    for ours, theirs in zip(runtime.describe(pictures, num_return=3), reference.describe(pictures, num_return=3)):
+        assert ours["caption"] == theirs["caption"] and len(ours["alternatives"]) == 3
+        assert [a["caption"] for a in ours["alternatives"]] == [a["caption"] for a in theirs["alternatives"]]
         assert ours["attention"] is None  # attention maps need the checkpoint
 
 

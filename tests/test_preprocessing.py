@@ -16,9 +16,9 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.data.vocab import Vocabulary
-from captioner.encoders import decoding as images_module
-from captioner.encoders.decoding import EncodedFileDataset, collate_encoded, decode_on_device
+from captioner.encoders import image_files as images_module
 from captioner.encoders.extraction import FeatureSpec, extract_features
+from captioner.encoders.image_files import EncodedFileDataset, collate_encoded, decode_on_device
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.store import open_cache
 from captioner.encoders.torchvision_models import TorchvisionEncoder

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioner.cli import main
 from tests.conftest import TESTS, tiny_args, wandb_logger_args
 from tests.wandb_log import history_rows
 
@@ -75,14 +76,18 @@ def every_4_steps(tmp_path: Path) -> Path:
 
 
 def killed_and_resumed(scenes: Path, tmp_path: Path, decoder: str, kill: list[str], *extra: str,
-                       config: Path = DEMO_CONFIG) -> tuple[Path, Path]:  # fmt: skip
-    """The uninterrupted run's folder, and the folder of the run killed by `kill` and resumed."""
+                       config: Path = DEMO_CONFIG, in_process: bool = False) -> tuple[Path, Path]:  # fmt: skip
+    """The uninterrupted run's folder, and the folder of the run killed by `kill` and resumed.
+
+    The killed run is a process of its own (SIGKILL); with `in_process` the two others run in this one (the same
+    code and threads, without a process's start-up), with W&B off.
+    """
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run(demo_args(scenes, whole, decoder, *extra, config=config), tmp_path)
+    launch = (lambda args: main(args)) if in_process else (lambda args: run(args, tmp_path))
+    launch(demo_args(scenes, whole, decoder, *extra, config=config))
     killer = ["--trainer.callbacks+=tests.plugins.SignalAt", *kill, "--trainer.callbacks.init_args.delay_s", "1"]
     run(demo_args(scenes, broken, decoder, *extra, *killer, config=config), tmp_path, expect=-9)  # SIGKILL
-    result = run(demo_args(scenes, broken, decoder, *extra, "--ckpt_path", "last", config=config), tmp_path)
-    assert "Resuming run" in result.stderr
+    launch(demo_args(scenes, broken, decoder, *extra, "--ckpt_path", "last", config=config))
     (whole_run,) = (whole / "runs" / "captioner-demo").iterdir()
     (broken_run,) = (broken / "runs" / "captioner-demo").iterdir()  # one run folder, not two
     return whole_run, broken_run
@@ -126,7 +131,7 @@ def test_each_decoder_killed_mid_epoch_resumes_from_the_next_batch_to_the_same_m
     step = random.Random(decoder).choice([5, 6, 13, 14, 17, 21, 22])
     whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, decoder,
                                                ["--trainer.callbacks.init_args.step", str(step)],
-                                               config=every_4_steps(tmp_path))  # fmt: skip
+                                               config=every_4_steps(tmp_path), in_process=True)  # fmt: skip
     assert_same_model(whole_run, broken_run)
     (resume,) = [json.loads(line) for line in (broken_run / "resumes.jsonl").read_text().splitlines()]
     assert resume["global_step"] == step - step % 4 and resume["global_step"] % 9  # the last save, mid-epoch
@@ -135,13 +140,14 @@ def test_each_decoder_killed_mid_epoch_resumes_from_the_next_batch_to_the_same_m
 @pytest.mark.slow
 def test_self_critical_training_killed_mid_epoch_resumes_to_the_same_model(demo_scenes, tmp_path):
     start = tmp_path / "start"
-    run(demo_args(demo_scenes, start, "lstm", "--trainer.max_epochs", "1"), tmp_path)
+    main(demo_args(demo_scenes, start, "lstm", "--trainer.max_epochs", "1"))
     (checkpoint,) = start.rglob("last.ckpt")
     scst = ["--config", str(ROOT / "configs" / "objectives" / "scst.yaml"),
             "--model.init_checkpoint", str(checkpoint), "--model.objective.samples", "2", "--data.batch_size", "8",
             "--trainer.max_epochs", "2"]  # fmt: skip
-    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm", ["--trainer.callbacks.init_args.step",
-                                               "10"], *scst, config=every_4_steps(tmp_path))  # fmt: skip
+    kill = ["--trainer.callbacks.init_args.step", "10"]
+    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm", kill, *scst,
+                                               config=every_4_steps(tmp_path), in_process=True)  # fmt: skip
     assert_same_model(whole_run, broken_run)
 
 

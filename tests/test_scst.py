@@ -7,14 +7,14 @@ from captioner.cider import CiderD
 from captioner.cli import main
 from captioner.data.vocab import Vocabulary
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder
-from captioner.models.objectives import CrossEntropy, Decoding, SelfCritical
+from captioner.models.objectives import CrossEntropy, SelfCritical, SequenceSpec
 from captioner.models.objectives.self_critical import with_end
 from captioner.models.search import SearchResult, SpecialTokens
 from tests.conftest import tiny_args
 
 VOCAB = Vocabulary(["a", "red", "circle", "blue", "square", "on", "the", "left"], max_length=6)
 SPECIAL = SpecialTokens.of(VOCAB)
-DECODING = Decoding(SPECIAL, 6)
+SEQUENCES = SequenceSpec(SPECIAL, 6)
 
 
 def ids(text: str) -> list[int]:
@@ -79,7 +79,7 @@ def test_one_step_raises_a_caption_rewarded_above_the_baseline_and_lowers_one_be
         token_log_probs = log_probs.gather(-1, rows.unsqueeze(-1)).squeeze(-1)
         return SearchResult(rows, token_log_probs.sum(1), torch.full((samples,), len(target)), token_log_probs)
 
-    monkeypatch.setattr(module, "greedy_search", fixed_greedy)
+    monkeypatch.setattr(module, "greedy_captions", fixed_greedy)
     monkeypatch.setattr(module, "sample_captions", scripted_samples)
     objective = prepared(samples=2, baseline="greedy")
 
@@ -89,7 +89,7 @@ def test_one_step_raises_a_caption_rewarded_above_the_baseline_and_lowers_one_be
 
     before = probability()
     optimizer = torch.optim.SGD(decoder.parameters(), lr=0.5)
-    output = objective(decoder, features, {"index": torch.tensor([0])}, DECODING)
+    output = objective(decoder, features, {"index": torch.tensor([0])}, SEQUENCES)
     reward, greedy_reward = float(output.logs["reward_cider"]), float(output.logs["baseline_cider"])
     assert (reward > greedy_reward) == better
     output.loss.backward()
@@ -104,7 +104,7 @@ def test_the_loss_averages_over_tokens_and_reference_vectors_are_computed_once(m
     calls = []
     original = CiderD.vector
     monkeypatch.setattr(CiderD, "vector", lambda self, tokens: calls.append(1) or original(self, tokens))
-    output = objective(decoder, torch.randn(2, 8), {"index": torch.tensor([1, 0])}, DECODING)
+    output = objective(decoder, torch.randn(2, 8), {"index": torch.tensor([1, 0])}, SEQUENCES)
     assert len(calls) == 2 * 4  # one vector per sampled caption; the references' vectors were made in prepare()
     assert output.loss.ndim == 0 and output.loss.requires_grad and output.batch_size == 2
     assert "baseline_cider" not in output.logs  # the mean baseline needs no greedy pass
@@ -119,8 +119,8 @@ def test_cross_entropy_adds_the_decoders_own_regularizer():
     weighted = AttentionDecoder(len(VOCAB), 8, embed_dim=4, hidden_dim=8, attention_dim=4, dropout=0.0,
                                 regularization=2.0)  # fmt: skip
     batch = {"features": features, "tokens": tokens, "owners": torch.arange(2)}
-    loss_plain = CrossEntropy()(plain, features, batch, DECODING).loss
-    loss_weighted = CrossEntropy()(weighted, features, batch, DECODING).loss
+    loss_plain = CrossEntropy()(plain, features, batch, SEQUENCES).loss
+    loss_weighted = CrossEntropy()(weighted, features, batch, SEQUENCES).loss
     output = weighted(features, tokens[:, :-1])
     penalty = weighted.regularization(output, tokens[:, 1:] != 0)
     assert float(penalty) > 0 and torch.allclose(loss_weighted, loss_plain + penalty)

@@ -83,6 +83,13 @@ def expected(trained, pictures) -> dict[Path, str]:
     return dict(zip(pictures, captioner.caption(pictures)))
 
 
+@pytest.fixture(scope="module")
+def expected_with_three_beams(trained, pictures) -> dict[Path, str]:
+    """The same with 3 beams: what a request asking for 3 ranked captions searches with."""
+    captioner = Captioner.from_checkpoint(trained[0], device="cpu")
+    return dict(zip(pictures, captioner.caption(pictures, num_beams=3)))
+
+
 def post(url: str, path: Path, as_json: bool = False, **fields) -> httpx.Response:
     if as_json:
         payload = {"image": base64.b64encode(path.read_bytes()).decode(), **fields}
@@ -91,19 +98,34 @@ def post(url: str, path: Path, as_json: bool = False, **fields) -> httpx.Respons
                       data={k: str(v) for k, v in fields.items()}, timeout=60)  # fmt: skip
 
 
-def test_32_concurrent_requests_each_get_the_caption_the_python_api_gives(server, pictures, expected):
+def test_32_concurrent_requests_each_get_the_caption_the_python_api_gives(server, pictures,
+                                                                          expected_with_three_beams):  # fmt: skip
     with ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda item: post(server, item[1], as_json=item[0] % 2 == 1),
+        # Half ask for alternatives by today's name, half by captioner 0.2's (`beams`).
+        responses = list(pool.map(lambda item: post(server, item[1], as_json=item[0] % 2 == 1,
+                                                    **{"num_return" if item[0] % 4 < 2 else "beams": 3}),
                                   enumerate(pictures)))  # fmt: skip
     assert [r.status_code for r in responses] == [200] * 32
     bodies = [r.json() for r in responses]
-    assert [b["caption"] for b in bodies] == [expected[p] for p in pictures]
+    assert [b["caption"] for b in bodies] == [expected_with_three_beams[p] for p in pictures]
     assert max(b["time_ms"]["batch_size"] for b in bodies) > 1  # requests that arrived together were batched
     for body in bodies:
-        assert body["score"] < 0 and body["beams"][0]["caption"] == body["caption"]
-        assert [beam["score"] for beam in body["beams"]] == sorted((beam["score"] for beam in body["beams"]),
-                                                                   reverse=True)  # fmt: skip
+        assert body["score"] < 0 and body["alternatives"][0]["caption"] == body["caption"]
+        ranked = [alternative["score"] for alternative in body["alternatives"]]
+        assert len(ranked) == 3 and ranked == sorted(ranked, reverse=True)
         assert body["time_ms"]["total"] >= body["time_ms"]["model"] > 0
+
+
+def test_a_request_decodes_with_its_own_settings(server, pictures):
+    greedy = post(server, pictures[5], num_beams=1, num_return=1).json()
+    assert "alternatives" not in greedy
+    wide = post(server, pictures[5], num_beams=5, num_return=5, length_penalty=0.6).json()
+    assert len(wide["alternatives"]) == 5 and wide["alternatives"][0]["caption"] == wide["caption"]
+    sampled = [post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=seed, temperature=3.0).json()
+               for seed in range(6)]  # fmt: skip
+    assert len({row["caption"] for row in sampled}) > 1  # drawn, not searched: seeds give different captions
+    again = post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=0, temperature=3.0).json()
+    assert again["caption"] == sampled[0]["caption"]
 
 
 def test_health_and_the_page_are_served(server):
@@ -148,6 +170,10 @@ def test_every_bad_request_gets_a_4xx_that_says_why_and_the_server_keeps_serving
         "another content type": (415, "multipart/form-data", {"content": good, "headers": {
             "Content-Type": "image/jpeg"}}),
         "beams out of range": (400, "between 0 and", {"files": {"image": ("ok.jpg", good)}, "data": {"beams": "99"}}),
+        "no beam at all": (400, "'num_beams' must be between 1", {"files": {"image": ("ok.jpg", good)},
+                                                                   "data": {"num_beams": "0"}}),
+        "sampling with beams": (400, "do_sample with num_beams > 1", {"json": {
+            "image": base64.b64encode(good).decode(), "do_sample": True, "num_beams": 3}}),
     }  # fmt: skip
     for name, (status, says, request) in bad.items():
         response = httpx.post(f"{server}/predict", timeout=60, **request)
@@ -332,7 +358,8 @@ def test_fuzzed_bodies_get_4xx_never_500_and_the_server_lives(server, pictures, 
         st.binary(min_size=1, max_size=64).map(lambda noise: good[:24] + noise + good[24:]),  # a damaged PNG
         st.integers(0, len(good)).map(lambda cut: good[:cut]),
     )
-    fields = st.dictionaries(st.sampled_from(["beams", "attention", "image", "x"]),
+    fields = st.dictionaries(st.sampled_from(["beams", "num_beams", "length_penalty", "top_p", "attention", "image",
+                                              "x"]),
                              st.one_of(st.text(max_size=12), st.integers(-5, 50).map(str)), max_size=3)  # fmt: skip
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -37,8 +37,8 @@ from captioner.data.splits import (
 )
 from captioner.data.vocab import Vocabulary, normalize
 from captioner.encoders.base import ImageEncoder
-from captioner.encoders.decoding import ImageFileDataset, collate_images
 from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
+from captioner.encoders.image_files import ImageFileDataset, collate_images
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.store import FEATURES_FILE, FeatureCache
 from captioner.encoders.torchvision_models import TorchvisionEncoder

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captioner.encoders.base import ImageEncoder
-from captioner.encoders.decoding import (
+from captioner.encoders.image_files import (
     DEVICE_DECODE,
     EncodedFileDataset,
     ImageFileDataset,

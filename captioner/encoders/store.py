@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from captioner.encoders.decoding import CPU_DECODE, DEVICE_DECODE
+from captioner.encoders.image_files import CPU_DECODE, DEVICE_DECODE
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.files import read_json, write_json

@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from captioner.decoding import config as decoding_config
 from captioner.errors import CaptionerError
 from captioner.pixels import ACCEPTED_FORMATS
 
@@ -26,8 +27,9 @@ API_KEY_VARIABLE = "CAPTIONER_API_KEY"
 BYTES_PER_DECODED_PIXEL = 12  # RGBA while decoding, the RGB copy, the tensor copy: what one decode holds at its peak
 
 
-def load_model(path: str | Path, device: str | None = None, beam_size: int | None = None):
-    """A captioner for a checkpoint file (torch) or an exported folder (ONNX Runtime), with `describe`.
+def load_model(path: str | Path, device: str | None = None, **overrides):
+    """A captioner for a checkpoint file (torch) or an exported folder (ONNX Runtime), with `describe`
+    (`overrides`: decoding settings replacing the model's own).
 
     Raises:
         CaptionerError: When the path is neither.
@@ -36,12 +38,12 @@ def load_model(path: str | Path, device: str | None = None, beam_size: int | Non
     if path.is_dir():
         from captioner.runtime import OnnxCaptioner
 
-        return OnnxCaptioner(path, beam_size=beam_size)
+        return OnnxCaptioner(path, **overrides)
     if not path.is_file():
         raise CaptionerError(f"{path} is neither a checkpoint file nor an exported folder.")
     from captioner.inference import Captioner
 
-    return Captioner.from_checkpoint(path, None if device in (None, "auto") else device, beam_size=beam_size)
+    return Captioner.from_checkpoint(path, None if device in (None, "auto") else device, **overrides)
 
 
 def decodes_within(memory_mb: float, max_pixels: int) -> int:
@@ -50,7 +52,7 @@ def decodes_within(memory_mb: float, max_pixels: int) -> int:
 
 
 def build_server(model_path: str | Path, accelerator: str = "auto", devices: int | str = "auto", workers: int = 1,
-                 beam_size: int | None = None, beams: int = 3, max_batch_size: int = 16, batch_timeout: float = 0.01,
+                 decoding: dict | None = None, max_batch_size: int = 16, batch_timeout: float = 0.01,
                  max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, timeout: float = 60.0,
                  body_timeout: float = 30.0, max_bodies: int = 64, api_key: str | None = None,
                  decode_memory_mb: float = 1024.0):  # fmt: skip
@@ -61,8 +63,8 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
         accelerator: "cpu", "cuda" or "auto".
         devices: GPUs to use ("auto": all).
         workers: Model copies per device, each batching on its own.
-        beam_size: Beams searched per image (None: the model's setting).
-        beams: Alternatives returned when a request does not ask for a number.
+        decoding: Decoding settings replacing the model's own (`{"num_beams": 5, "num_return": 3}`); a request may
+            change them for itself.
         max_batch_size: Most requests captioned together.
         batch_timeout: Seconds a batch waits to fill up.
         max_upload_mb: The largest request body accepted.
@@ -80,7 +82,7 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
     from captioner.serve.api import CaptionAPI
     from captioner.serve.guard import RequestGuard
 
-    api = CaptionAPI(model_path, beam_size, beams, max_pixels, max_batch_size, batch_timeout,
+    api = CaptionAPI(model_path, decoding, max_pixels, max_batch_size, batch_timeout,
                      decodes_within(decode_memory_mb, max_pixels))  # fmt: skip
     guard = {"max_bytes": int(max_upload_mb * 2**20), "body_timeout": body_timeout, "max_bodies": max_bodies,
              "api_key": api_key}  # fmt: skip
@@ -107,8 +109,6 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (a GPU when there is one)")
     parser.add_argument("--devices", default="auto", help="how many GPUs (auto: all)")
     parser.add_argument("--workers", type=int, default=1, help="model copies per device")
-    parser.add_argument("--beam_size", type=int, default=None, help="beams searched per image (default: the model's)")
-    parser.add_argument("--beams", type=int, default=3, help="alternatives returned unless a request says otherwise")
     parser.add_argument("--max_batch_size", type=int, default=16, help="most requests captioned together")
     parser.add_argument("--batch_timeout", type=float, default=0.01, help="seconds a batch waits to fill up")
     parser.add_argument("--max_upload_mb", type=float, default=20.0, help="largest request body accepted")
@@ -126,13 +126,14 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--api_key", default=None,
                         help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
                              "use one on any host other than 127.0.0.1")  # fmt: skip
+    decoding_config.add_arguments(parser)
     options = parser.parse_args(argv)
     api_key = options.api_key or os.environ.get(API_KEY_VARIABLE) or None
     path = Path(options.ckpt_path)
     if not path.exists():
         raise CaptionerError(f"--ckpt_path {path} does not exist.")
     devices = options.devices if options.devices == "auto" else int(options.devices)
-    server = build_server(path, options.device, devices, options.workers, options.beam_size, options.beams,
+    server = build_server(path, options.device, devices, options.workers, decoding_config.overrides_from(options),
                           options.max_batch_size, options.batch_timeout, options.max_upload_mb, options.max_pixels,
                           body_timeout=options.body_timeout, max_bodies=options.max_bodies, api_key=api_key,
                           decode_memory_mb=options.decode_memory_mb)  # fmt: skip

@@ -1,9 +1,12 @@
 """CaptionAPI: the LitServe API that captions uploaded images in dynamic batches.
 
 One request: one image, as a multipart upload (field `image`) or base64 in
-JSON (`{"image": "..."}`), with optional `beams` (how many alternative captions
-to return) and `attention` (per-word attention weights, for decoders that
-attend). Requests that arrive within `batch_timeout` of each other, up to
+JSON (`{"image": "..."}`), with optional decoding settings for itself
+(`num_beams`, `num_return` for ranked alternatives, `length_penalty`,
+`max_length`, `min_length`, `no_repeat_ngram_size`, `do_sample`, `temperature`,
+`top_k`, `top_p`, `seed`; see `captioner.decoding.DecodingConfig`; the 0.2 field
+`beams` is `num_return`) and `attention` (per-word attention weights, for
+decoders that attend). Requests that arrive within `batch_timeout` of each other, up to
 `max_batch_size`, are captioned in one batch. Every bad request gets a 4xx JSON
 answer saying what was wrong; the server keeps serving.
 
@@ -28,6 +31,8 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException, Request
 
+from captioner.decoding.config import DecodingConfig
+from captioner.errors import CaptionerError
 from captioner.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
 
 MAX_BEAMS = 10
@@ -59,16 +64,50 @@ def _flag(value: Any, name: str) -> bool:
     raise HTTPException(400, f"'{name}' must be true or false, got {value!r}.")
 
 
-def _count(value: Any, name: str, default: int) -> int:
-    if value is None or value == "":
-        return default
+# What a request may set for itself, with the type and range each takes.
+REQUEST_SETTINGS: dict[str, tuple[type, float, float]] = {
+    "num_beams": (int, 1, MAX_BEAMS), "num_return": (int, 0, MAX_BEAMS), "length_penalty": (float, -5, 5),
+    "max_length": (int, 1, 100), "min_length": (int, 0, 100), "no_repeat_ngram_size": (int, 0, 10),
+    "do_sample": (bool, 0, 1), "temperature": (float, 0.01, 100), "top_k": (int, 0, 10**6), "top_p": (float, 0, 1),
+    "seed": (int, 0, 2**63 - 1),
+}  # fmt: skip
+
+
+def _number(value: Any, name: str, kind: type, low: float, high: float) -> Any:
     try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise HTTPException(400, f"'{name}' must be a whole number, got {value!r}.") from None
-    if not 0 <= number <= MAX_BEAMS:
-        raise HTTPException(400, f"'{name}' must be between 0 and {MAX_BEAMS}, got {number}.")
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise HTTPException(
+            400, f"'{name}' must be a {'whole ' if kind is int else ''}number, got {value!r}."
+        ) from None
+    if not low <= number <= high:
+        raise HTTPException(400, f"'{name}' must be between {low:g} and {high:g}, got {number}.")
     return number
+
+
+def request_decoding(request: Any, base: DecodingConfig) -> DecodingConfig:
+    """The decoding settings a request asks for, on top of the server's.
+
+    Raises:
+        HTTPException: 400 naming the field that is not understood or out of range.
+    """
+    fields = {name: request.get(name) for name in (*REQUEST_SETTINGS, "beams")}
+    if fields["num_return"] in (None, "") and fields["beams"] not in (None, ""):
+        fields["num_return"] = fields["beams"]  # the 0.2 name
+    overrides = {}
+    for name, (kind, low, high) in REQUEST_SETTINGS.items():
+        value = fields[name]
+        if value is None or value == "":
+            continue
+        overrides[name] = _flag(value, name) if kind is bool else _number(value, name, kind, low, high)
+    if overrides.get("num_return") == 0:  # 0.2 clients asked for no alternatives with beams=0
+        overrides["num_return"] = 1
+    if "num_return" in overrides and "num_beams" not in overrides:
+        overrides["num_beams"] = max(base.num_beams, overrides["num_return"])
+    try:
+        return base.with_overrides(**overrides)
+    except CaptionerError as error:
+        raise HTTPException(400, str(error)) from None
 
 
 def image_bytes(request: Any) -> bytes:
@@ -100,8 +139,7 @@ class CaptionAPI(ls.LitAPI):
 
     Args:
         model_path: A checkpoint (`.ckpt`) or a folder written by `python -m captioner export`.
-        beam_size: Beams searched per image (None: the model's own setting).
-        beams: Alternatives returned when a request does not say (`beams` field).
+        decoding: Decoding settings replacing the model's own (a request may change them for itself).
         max_pixels: Refuse images whose header declares more pixels (decompression bombs).
         max_batch_size: Most requests captioned together.
         batch_timeout: Seconds to wait for more requests to fill a batch.
@@ -109,11 +147,11 @@ class CaptionAPI(ls.LitAPI):
     """
 
     def __init__(
-        self, model_path: str | Path, beam_size: int | None = None, beams: int = 3, max_pixels: int = 40_000_000,
+        self, model_path: str | Path, decoding: dict | None = None, max_pixels: int = 40_000_000,
         max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2,
     ) -> None:  # fmt: skip
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
-        self.model_path, self.beam_size, self.beams, self.max_pixels = str(model_path), beam_size, beams, max_pixels
+        self.model_path, self.overrides, self.max_pixels = str(model_path), dict(decoding or {}), max_pixels
         self.max_decodes = max(1, max_decodes)
 
     def setup(self, device: str) -> None:
@@ -121,7 +159,7 @@ class CaptionAPI(ls.LitAPI):
 
         return_large_blocks_to_the_system()
         self.decoding = threading.BoundedSemaphore(self.max_decodes)
-        self.captioner = load_model(self.model_path, device, beam_size=self.beam_size)
+        self.captioner = load_model(self.model_path, device, **self.overrides)
 
     def decode_request(self, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
@@ -136,7 +174,7 @@ class CaptionAPI(ls.LitAPI):
                                 ) from None  # fmt: skip
         except DECODE_ERRORS as error:
             raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({error}).") from None
-        return {"image": pixels, "beams": _count(request.get("beams"), "beams", self.beams),
+        return {"image": pixels, "decoding": request_decoding(request, self.captioner.decoding),
                 "attention": _flag(request.get("attention"), "attention"), "started": started,
                 "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
 
@@ -144,9 +182,18 @@ class CaptionAPI(ls.LitAPI):
         return inputs
 
     def predict(self, inputs: list[dict]) -> list[dict]:
+        """Caption a batch: requests that ask for the same decoding settings are searched together."""
         started = time.perf_counter()
-        rows = self.captioner.describe([item["image"] for item in inputs], beams=max(i["beams"] for i in inputs),
-                                       attention=any(item["attention"] for item in inputs))  # fmt: skip
+        rows: list[dict | None] = [None] * len(inputs)
+        groups: dict[DecodingConfig, list[int]] = {}
+        for index, item in enumerate(inputs):
+            groups.setdefault(item["decoding"], []).append(index)
+        for config, members in groups.items():
+            described = self.captioner.describe([inputs[i]["image"] for i in members],
+                                                attention=any(inputs[i]["attention"] for i in members),
+                                                **config.to_dict())  # fmt: skip
+            for index, row in zip(members, described):
+                rows[index] = row
         model_ms = 1000 * (time.perf_counter() - started)
         return [{**row, "request": item, "model_ms": model_ms, "batch_size": len(inputs)}
                 for row, item in zip(rows, inputs)]  # fmt: skip
@@ -157,9 +204,9 @@ class CaptionAPI(ls.LitAPI):
     def encode_response(self, output: dict) -> dict[str, Any]:
         request = output["request"]
         response = {"caption": output["caption"], "score": round(output["score"], 5)}
-        if request["beams"]:
-            response["beams"] = [{"caption": b["caption"], "score": round(b["score"], 5)}
-                                 for b in output.get("beams", [])[: request["beams"]]]  # fmt: skip
+        if "alternatives" in output:
+            response["alternatives"] = [{"caption": a["caption"], "score": round(a["score"], 5)}
+                                        for a in output["alternatives"]]  # fmt: skip
         if request["attention"]:
             response["attention"] = output["attention"]
         response["time_ms"] = {"decode": round(request["decode_ms"], 2), "model": round(output["model_ms"], 2),

@@ -1,7 +1,7 @@
 """Training objectives: the protocol (`base`) and one file per objective."""
 
-from captioner.models.objectives.base import Decoding, Objective, ObjectiveOutput
+from captioner.models.objectives.base import Objective, ObjectiveOutput, SequenceSpec
 from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cross_entropy
 from captioner.models.objectives.self_critical import SelfCritical
 
-__all__ = ["CrossEntropy", "Decoding", "Objective", "ObjectiveOutput", "SelfCritical", "caption_cross_entropy"]
+__all__ = ["CrossEntropy", "SequenceSpec", "Objective", "ObjectiveOutput", "SelfCritical", "caption_cross_entropy"]

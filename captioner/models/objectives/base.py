@@ -29,14 +29,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from captioner.decoding.config import SpecialTokens
 from captioner.models.decoders.base import CaptionDecoder
-from captioner.models.search import SpecialTokens
 from captioner.parts import config_class, config_init_args
 
 
 @dataclass(frozen=True)
-class Decoding:
-    """What an objective needs to decode: the special tokens and the longest caption."""
+class SequenceSpec:
+    """What an objective needs to know of captions: the special tokens and the most words a caption has."""
 
     special: SpecialTokens
     max_length: int
@@ -65,7 +65,7 @@ class Objective:
         """Called once at the start of fit with every training image's references as word ids."""
 
     def __call__(
-        self, decoder: CaptionDecoder, features: torch.Tensor, batch: Any, decoding: Decoding
+        self, decoder: CaptionDecoder, features: torch.Tensor, batch: Any, sequences: SequenceSpec
     ) -> ObjectiveOutput:
         raise NotImplementedError
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.models.decoders.base import CaptionDecoder
-from captioner.models.objectives.base import Decoding, Objective, ObjectiveOutput
+from captioner.models.objectives.base import Objective, ObjectiveOutput, SequenceSpec
 
 
 def caption_cross_entropy(
@@ -47,11 +47,11 @@ class CrossEntropy(Objective):
         return "images" if self.per_image else "captions"
 
     def __call__(
-        self, decoder: CaptionDecoder, features: torch.Tensor, batch: dict, decoding: Decoding
+        self, decoder: CaptionDecoder, features: torch.Tensor, batch: dict, sequences: SequenceSpec
     ) -> ObjectiveOutput:
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         output = decoder(features, inputs, owners=batch["owners"])  # per-image work once for all its captions
-        loss = caption_cross_entropy(output.logits, targets, decoding.special.pad, self.label_smoothing)
-        loss = loss + decoder.regularization(output, targets != decoding.special.pad)
+        loss = caption_cross_entropy(output.logits, targets, sequences.special.pad, self.label_smoothing)
+        loss = loss + decoder.regularization(output, targets != sequences.special.pad)
         return ObjectiveOutput(loss, batch_size=len(tokens))

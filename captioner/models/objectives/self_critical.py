@@ -8,10 +8,19 @@ from typing import Literal
 import torch
 
 from captioner.cider import CiderD, NgramVector
+from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.errors import CaptionerError
 from captioner.models.decoders.base import CaptionDecoder
-from captioner.models.objectives.base import Decoding, Objective, ObjectiveOutput
-from captioner.models.search import SearchResult, SpecialTokens, greedy_search, sample_captions
+from captioner.models.objectives.base import Objective, ObjectiveOutput, SequenceSpec
+from captioner.models.search import SearchResult, generate, sample_captions
+
+GREEDY = DecodingConfig(num_beams=1)
+
+
+def greedy_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length: int,
+                    special: SpecialTokens) -> SearchResult:  # fmt: skip
+    """The baseline captions: the model's own best guess, word by word (the same search inference runs)."""
+    return SearchResult.best_of(generate(decoder, features, GREEDY, special, max_length))
 
 
 def with_end(tokens: Sequence[int], special: SpecialTokens) -> list[int]:
@@ -90,18 +99,18 @@ class SelfCritical(Objective):
         others = (per_image.sum(dim=1, keepdim=True) - per_image) / (self.samples - 1)
         return (per_image - others).view(-1)
 
-    def __call__(self, decoder: CaptionDecoder, features: torch.Tensor, batch: dict, decoding: Decoding):
-        special, images = decoding.special, [int(i) for i in batch["index"]]
+    def __call__(self, decoder: CaptionDecoder, features: torch.Tensor, batch: dict, sequences: SequenceSpec):
+        special, images = sequences.special, [int(i) for i in batch["index"]]
         logs: dict[str, torch.Tensor | float] = {}
         baseline_rewards = None
         if self.baseline == "greedy":
             was_training = decoder.training
             decoder.eval()  # the baseline is the test-time greedy caption
-            greedy = greedy_search(decoder, features, decoding.max_length, special)
+            greedy = greedy_captions(decoder, features, sequences.max_length, special)
             decoder.train(was_training)
             baseline_rewards = self.rewards(greedy, images, special)
             logs["baseline_cider"] = baseline_rewards.mean()
-        sampled = sample_captions(decoder, features, decoding.max_length, special, samples=self.samples)
+        sampled = sample_captions(decoder, features, sequences.max_length, special, samples=self.samples)
         rewards = self.rewards(sampled, [image for image in images for _ in range(self.samples)], special)
         advantage = self.advantages(rewards, baseline_rewards)
         mask = sampled.mask.float()

@@ -32,7 +32,7 @@ function caption(files) {
     results.prepend(card);
     const form = new FormData();
     form.append("image", file);
-    form.append("beams", "3");
+    form.append("num_return", "3");
     form.append("attention", "true");
     const headers = key.value ? { "X-API-Key": key.value } : {};
     fetch("/predict", { method: "POST", body: form, headers })
@@ -54,8 +54,8 @@ function show(card, body) {
   card.querySelector(".caption").textContent = body.caption;
   card.querySelector(".score").textContent = `log-probability ${body.score.toFixed(2)}`;
   const beams = card.querySelector(".beams");
-  card.querySelector(".beams-title").hidden = !(body.beams && body.beams.length);
-  for (const beam of body.beams || []) {
+  card.querySelector(".beams-title").hidden = !(body.alternatives && body.alternatives.length);
+  for (const beam of body.alternatives || []) {
     const item = document.createElement("li");
     item.textContent = beam.caption;
     const score = document.createElement("span");

@@ -1,0 +1,194 @@
+"""How captions are decoded, as one typed, saved object (torch-free: the exported runtime reads it too).
+
+A `DecodingConfig` travels in every checkpoint and export manifest and can be
+overridden from the command line (`--model.decoding.num_beams 5`), the Python
+API (`Captioner(..., decoding=...)`, `caption(images, num_beams=5)`), the
+`caption` command and each server request. Its rules (`captioner.decoding.rules`)
+and its search (`captioner.decoding.search`) are the same code in PyTorch and in
+the NumPy runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from captioner.errors import CaptionerError
+
+# Old option names, and what they are called now.
+RENAMED = {"beam_size": "num_beams", "max_decode_length": "max_length", "beams": "num_return"}
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The token ids search needs: where to start, when to stop, what never to emit."""
+
+    start: int
+    end: int
+    pad: int
+    banned: tuple[int, ...]
+
+    @classmethod
+    def of(cls, vocabulary: Any) -> SpecialTokens:
+        """From a `Vocabulary`: `<pad>`, `<start>` and `<unk>` are never generated."""
+        return cls(vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index,
+                   (vocabulary.pad_index, vocabulary.start_index, vocabulary.unk_index))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Every setting of caption decoding (Hugging Face's `GenerationConfig`, for captions).
+
+    Attributes:
+        num_beams: Live hypotheses per image (1: greedy decoding, or sampling with `do_sample`).
+        num_return: Ranked captions returned per image (at most `num_beams`; 1: the best only).
+        length_penalty: GNMT alpha for ranking finished captions, `score / ((5 + length) / 6) ** alpha`
+            (0: raw log-probability; > 0 favours longer captions).
+        max_length: Most words per caption (None: the vocabulary's maximum caption length).
+        min_length: `<end>` is not allowed before this many words.
+        no_repeat_ngram_size: No n-gram of this size appears twice in a caption (0: off).
+        bad_endings: Words a caption may not end on ("a", "with", ...): `<end>` is not allowed right after them.
+        early_stopping: When an image's beam search stops, once it has `num_beams` finished captions: at once
+            (True); when no live hypothesis beats the worst of them at its current length (False: Hugging Face's
+            heuristic, exact without a length penalty); or only when none could at any length up to `max_length`
+            ("never": exact with any length penalty, slower).
+        num_beam_groups: Diverse beam search (Vijayakumar et al.): beams split into this many groups, each group
+            penalised for the words the earlier groups chose at the same step.
+        diversity_penalty: The penalty per earlier choice of the same word (with `num_beam_groups` > 1).
+        do_sample: Draw each word from the model's distribution instead of searching (with `num_beams` 1).
+        temperature: Divide the scores by this before sampling.
+        top_k: Sample from the k most likely words only (0: all).
+        top_p: Sample from the smallest set of words whose probability reaches p (nucleus sampling; 1: all).
+        seed: Seed of sampling (None: the global generator).
+    """
+
+    num_beams: int = 3
+    num_return: int = 1
+    length_penalty: float = 0.0
+    max_length: int | None = None
+    min_length: int = 0
+    no_repeat_ngram_size: int = 0
+    bad_endings: tuple[str, ...] = field(default_factory=tuple)
+    early_stopping: bool | Literal["never"] = False
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bad_endings", tuple(self.bad_endings))
+        problems = []
+        if self.num_beams < 1:
+            problems.append(f"num_beams={self.num_beams} (at least 1)")
+        if not 1 <= self.num_return <= max(self.num_beams, 1):
+            problems.append(f"num_return={self.num_return} (1 to num_beams={self.num_beams})")
+        if self.max_length is not None and self.max_length < 1:
+            problems.append(f"max_length={self.max_length} (at least 1)")
+        if self.min_length < 0 or self.no_repeat_ngram_size < 0 or self.top_k < 0:
+            problems.append("min_length, no_repeat_ngram_size and top_k are counts (0 or more)")
+        if self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
+            problems.append(f"num_beam_groups={self.num_beam_groups} (a divisor of num_beams={self.num_beams})")
+        if self.do_sample and self.num_beams != 1:
+            problems.append("do_sample with num_beams > 1 (sampling draws one caption per image)")
+        if self.early_stopping not in (True, False, "never"):
+            problems.append(f"early_stopping={self.early_stopping!r} (true, false or never)")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            problems.append(f"temperature={self.temperature} (> 0) and top_p={self.top_p} (in (0, 1])")
+        if problems:
+            raise CaptionerError("Decoding settings out of range: " + "; ".join(problems) + ".")
+
+    # ------------------------------------------------------------ saved and overridden
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, stored in checkpoints and export manifests."""
+        return {**dataclasses.asdict(self), "bad_endings": list(self.bad_endings)}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any] | None, source: str = "decoding settings") -> DecodingConfig:
+        """Rebuild from `to_dict` (or a captioner 0.2 dict with `beam_size` / `max_decode_length`).
+
+        Raises:
+            CaptionerError: Naming an unknown setting.
+        """
+        return cls().with_overrides(**upgraded(dict(payload or {}), source, quiet=True))
+
+    def with_overrides(self, **overrides: Any) -> DecodingConfig:
+        """A copy with the given settings changed (None leaves a setting as it is; old names work, with a note).
+
+        Raises:
+            CaptionerError: Naming an unknown setting, or one out of range.
+        """
+        changes = {name: value for name, value in upgraded(overrides, "decoding").items() if value is not None}
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise CaptionerError(
+                f"Unknown decoding setting(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}."
+            )
+        return dataclasses.replace(self, **changes)
+
+    def greedy(self) -> DecodingConfig:
+        """These settings, the best word at each step (validation decodes so: fast, and comparable across runs)."""
+        return dataclasses.replace(self, num_beams=1, num_return=1, do_sample=False, num_beam_groups=1)
+
+    def max_words(self, vocabulary_max_length: int) -> int:
+        """The most words a caption may have."""
+        return self.max_length or vocabulary_max_length
+
+
+def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict[str, Any]:
+    """Settings with old names replaced by new ones; one deprecation line per old name (unless `quiet`).
+
+    Raises:
+        CaptionerError: When an old and a new name are both given, differently.
+    """
+    settings = dict(settings)
+    for old, new in RENAMED.items():
+        if old not in settings:
+            continue
+        value = settings.pop(old)
+        if value is None:
+            continue
+        if settings.get(new) is not None and settings[new] != value:
+            raise CaptionerError(f"{source}: both {old}={value!r} and {new}={settings[new]!r}; {old} is the old name "
+                                 f"of {new}, give only {new}.")  # fmt: skip
+        settings[new] = value
+        if not quiet and old not in _warned:
+            _warned.add(old)
+            print(f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now).", file=sys.stderr)
+    return settings
+
+
+# ---------------------------------------------------------------- on a command line (caption, serve)
+def add_arguments(parser: Any) -> None:
+    """Every decoding setting as an `argparse` option (`--num_beams 5`, `--bad_endings a with`), default: the
+    model's own; the 0.2 names `--beam_size` and `--max_decode_length` too."""
+    group = parser.add_argument_group("decoding (default: the model's own settings)")
+    kinds = {"int": int, "float": float}
+    for item in dataclasses.fields(DecodingConfig):
+        kind = kinds.get(str(item.type).split("|")[0].strip(), str)
+        if item.name == "bad_endings":
+            group.add_argument("--bad_endings", nargs="*", default=None, metavar="WORD")
+        elif item.name in ("do_sample",):
+            group.add_argument(f"--{item.name}", action="store_true", default=None)
+        elif item.name == "early_stopping":
+            group.add_argument("--early_stopping", choices=["true", "false", "never"], default=None)
+        else:
+            group.add_argument(f"--{item.name}", type=kind, default=None)
+    for old, new in RENAMED.items():
+        if old != "beams":
+            group.add_argument(f"--{old}", type=int, default=None, help=f"deprecated: --{new}")
+
+
+def overrides_from(options: Any) -> dict[str, Any]:
+    """The decoding settings given on the command line (`add_arguments`), for `with_overrides`."""
+    names = [f.name for f in dataclasses.fields(DecodingConfig)] + [old for old in RENAMED if old != "beams"]
+    chosen = {name: getattr(options, name) for name in names if getattr(options, name, None) is not None}
+    if "early_stopping" in chosen:
+        chosen["early_stopping"] = {"true": True, "false": False}.get(chosen["early_stopping"], "never")
+    return chosen

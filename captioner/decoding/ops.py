@@ -1,0 +1,126 @@
+"""The few array operations search and its rules need, for NumPy here and for torch in `torch_ops`.
+
+The search (`captioner.decoding.search`) and the logits rules
+(`captioner.decoding.rules`) are written once against this interface, so the
+PyTorch captioner (tensors on any device) and the torch-free ONNX runtime
+(NumPy arrays) decode with the same code. Plain arithmetic, comparisons,
+indexing, `.shape` and `.reshape` are used directly on the arrays: both
+libraries give them the same meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = Any
+
+
+class NumpyOps:
+    """The operations on NumPy arrays (the exported runtime's search).
+
+    Args:
+        seed: Seed of sampling (None: fresh entropy).
+    """
+
+    long = np.int64
+    float = np.float32
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> Array:
+        return np.full(shape, value, dtype=dtype)
+
+    def arange(self, count: int) -> Array:
+        return np.arange(count, dtype=np.int64)
+
+    def as_long(self, values: list[int]) -> Array:
+        return np.asarray(values, dtype=np.int64)
+
+    def as_float(self, array: Array) -> Array:
+        return np.asarray(array, dtype=np.float32)
+
+    def copy(self, values: Array) -> Array:
+        return values.copy()
+
+    def where(self, condition: Array, a: Array, b: Array) -> Array:
+        return np.where(condition, a, b)
+
+    def concat(self, arrays: list[Array], axis: int) -> Array:
+        return np.concatenate(arrays, axis=axis)
+
+    def log_softmax(self, scores: Array) -> Array:
+        top = scores.max(axis=-1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        shifted = scores - top
+        with np.errstate(divide="ignore"):
+            return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+    def topk(self, values: Array, k: int) -> tuple[Array, Array]:
+        """The k largest along the last axis, largest first (ties: the lower index first); no full sort."""
+        if k < values.shape[-1]:
+            candidates = np.argpartition(-values, k - 1, axis=-1)[..., :k]
+        else:
+            candidates = np.broadcast_to(np.arange(values.shape[-1]), values.shape).copy()
+        picked = np.take_along_axis(values, candidates, axis=-1)
+        order = np.lexsort((candidates, -picked), axis=-1)
+        return np.take_along_axis(picked, order, axis=-1), np.take_along_axis(candidates, order, axis=-1)
+
+    def argmax(self, values: Array) -> Array:
+        return values.argmax(axis=-1)
+
+    def take(self, values: Array, index: Array, axis: int) -> Array:
+        """`values` gathered along `axis` at `index` (same number of dimensions; broadcasts trailing ones)."""
+        return np.take_along_axis(values, index, axis=axis)
+
+    def sort_key_order(self, keys: Array) -> Array:
+        """Stable ascending order along the last axis."""
+        return np.argsort(keys, axis=-1, kind="stable")
+
+    def cumsum(self, values: Array) -> Array:
+        return np.cumsum(values, axis=-1)
+
+    def isfinite(self, values: Array) -> Array:
+        return np.isfinite(values)
+
+    def isin(self, values: Array, members: Array) -> Array:
+        return np.isin(values, members)
+
+    def count_tokens(self, tokens: Array, vocab: int) -> Array:
+        """`(B, V)` counts of each token id among `tokens` `(B, n)`."""
+        counts = np.zeros((tokens.shape[0], vocab), dtype=np.float32)
+        np.add.at(counts, (np.arange(tokens.shape[0])[:, None], tokens), 1.0)
+        return counts
+
+    def all(self, values: Array) -> bool:
+        return bool(values.all())
+
+    def any_along(self, values: Array, axis: int) -> Array:
+        return values.any(axis=axis)
+
+    def all_along(self, values: Array, axis: int) -> Array:
+        return values.all(axis=axis)
+
+    def sum_along(self, values: Array, axis: int) -> Array:
+        return values.sum(axis=axis)
+
+    def max_along(self, values: Array, axis: int) -> Array:
+        return values.max(axis=axis)
+
+    def min_along(self, values: Array, axis: int) -> Array:
+        return values.min(axis=axis)
+
+    def sample(self, probabilities: Array) -> Array:
+        """One index per row, drawn with the row's probabilities (which sum to 1)."""
+        cumulative = np.cumsum(probabilities, axis=-1)
+        draws = self.rng.random((probabilities.shape[0], 1)) * cumulative[:, -1:]
+        return np.minimum((cumulative < draws).sum(axis=-1), probabilities.shape[-1] - 1).astype(np.int64)
+
+    def softmax(self, scores: Array) -> Array:
+        return np.exp(self.log_softmax(scores))
+
+    def sync_point(self) -> bool:
+        """Whether reading a value back costs a device synchronisation (it never does here)."""
+        return False

@@ -1,0 +1,268 @@
+"""Greedy decoding, sampling and beam search, written once over a step function and `captioner.decoding.ops`.
+
+The PyTorch captioner steps a `CaptionDecoder` (`captioner.models.search`);
+the torch-free runtime steps ONNX graphs (`captioner.runtime`). Both call
+`decode` here, so they follow one algorithm and one set of rules:
+
+- every image, beam and sample of a batch advances in one step call; the
+  images' constants are prepared once and only the per-caption state is
+  reordered;
+- beam search keeps `num_beams` live hypotheses per image beside a pool of the
+  best finished ones (Hugging Face's design): a caption that ends leaves its
+  slot to the next best live candidate instead of narrowing the search. The
+  pool is ranked by `length_normalised` scores; an image is done when its pool
+  is full and no live hypothesis can beat the pool's worst (`early_stopping`
+  says how that is judged). Hypotheses still live at `max_length` join the
+  pool as they are, without `<end>`;
+- diverse beam search splits the beams into groups, each with its own pool;
+  each group's choice at a step is penalised for the words earlier groups
+  chose at that step, and the groups' captions are ranked together at the end;
+- greedy decoding takes the best word, sampling draws it (after temperature,
+  top-k and nucleus rules); both stop a caption at `<end>`.
+
+A caption's score is its total log-probability under the model with the rules
+applied (`<end>` included); `lengths` count its words and `<end>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.rules import NEVER, apply, rules_for, sampling_rules
+
+Array = Any
+State = Any
+# Reading a value back makes the host wait for the device: on a GPU, whether every caption has ended is checked
+# every few steps (the steps taken after that only add padding, trimmed at the end).
+CHECK_EVERY_ON_A_DEVICE = 4
+
+
+class Stepper(Protocol):
+    """What search needs of a model: start a batch of images, step every row, keep chosen rows."""
+
+    def start(self, copies: int) -> State:
+        """Prepare the images' constants once and return the state before the first word, `copies` rows per image
+        (image-major: image 0's rows first)."""
+
+    def step(self, tokens: Array, state: State) -> tuple[Array, State]:
+        """`(rows,)` previous tokens -> `(rows, vocab)` scores of the next token (logits), and the new state."""
+
+    def reorder(self, state: State, rows: Array) -> State:
+        """Keep the state rows at `rows` (the surviving beams)."""
+
+
+@dataclass
+class Decoded:
+    """Captions for a batch, ranked best first per image.
+
+    Attributes:
+        tokens: `(B, N, T)` generated tokens without `<start>`; after `<end>` only `<pad>`.
+        scores: `(B, N)` total log-probabilities, `<end>` included.
+        lengths: `(B, N)` generated tokens, `<end>` included.
+        normalised: `(B, N)` the length-normalised scores they are ranked by.
+    """
+
+    tokens: Array
+    scores: Array
+    lengths: Array
+    normalised: Array
+
+    @property
+    def best_tokens(self) -> Array:
+        return self.tokens[:, 0]
+
+    @property
+    def best_scores(self) -> Array:
+        return self.scores[:, 0]
+
+    @property
+    def best_lengths(self) -> Array:
+        return self.lengths[:, 0]
+
+
+def length_normalised(scores: Array, lengths: Array, length_penalty: float) -> Array:
+    """GNMT length normalisation: `score / ((5 + length) / 6) ** length_penalty`; 0 keeps raw scores.
+
+    With `length_penalty` > 0 a longer caption's (more negative) total is divided by more, so longer captions
+    are favoured over short ones of similar per-word probability.
+    """
+    if length_penalty == 0:
+        return scores
+    return scores / ((5.0 + lengths) / 6.0) ** length_penalty
+
+
+def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any, max_words: int,
+           word_ids: dict[str, int] | None = None) -> Decoded:  # fmt: skip
+    """Decode a batch of `batch` images as `config` says.
+
+    Args:
+        stepper: The model, one step at a time.
+        batch: Images in the batch.
+        config: The decoding settings (beams, rules, sampling).
+        special: Start, end, padding and never-generated tokens.
+        ops: `NumpyOps` or `TorchOps`, for the arrays the stepper returns.
+        max_words: Most words per caption (a caption without `<end>` stops after them and one more token).
+        word_ids: The vocabulary's ids by word, for rules that name words (`bad_endings`).
+
+    Returns:
+        `num_beams` ranked captions per image for beam search, one for greedy decoding and sampling.
+    """
+    rules = rules_for(config, special, word_ids)
+    check_every = CHECK_EVERY_ON_A_DEVICE if ops.sync_point() else 1
+    if config.num_beams == 1:
+        return _one_per_image(stepper, batch, config, special, ops, max_words, rules, check_every)
+    return _beam_search(stepper, batch, config, special, ops, max_words, rules, check_every)
+
+
+def _trimmed(decoded: Decoded, ops: Any) -> Decoded:
+    """Drop the trailing columns only padding reached (steps run after every caption ended)."""
+    width = max(int(ops.max_along(decoded.lengths.reshape(-1), 0)), 1)
+    return Decoded(decoded.tokens[..., :width], decoded.scores, decoded.lengths, decoded.normalised)
+
+
+def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
+                   max_words: int, rules: list, check_every: int) -> Decoded:  # fmt: skip
+    """Greedy decoding, or sampling with `do_sample`: one caption per image."""
+    state = stepper.start(1)
+    previous = ops.full((batch,), special.start, ops.long)
+    finished = ops.full((batch,), False, bool)
+    lengths = ops.full((batch,), 0, ops.long)
+    totals = ops.full((batch,), 0.0, ops.float)
+    words = ops.full((batch, 0), special.pad, ops.long)
+    shaping = sampling_rules(config) if config.do_sample else []
+    for step in range(max_words + 1):
+        logits, state = stepper.step(previous, state)
+        scores = apply(rules, ops.as_float(logits), words, step, ops)
+        log_probs = ops.log_softmax(scores)
+        if config.do_sample:
+            token = ops.sample(ops.softmax(apply(shaping, scores, words, step, ops)))
+        else:
+            token = ops.argmax(log_probs)
+        picked = ops.take(log_probs, token.reshape(-1, 1), 1).reshape(-1)
+        token = ops.where(finished, special.pad, token)
+        totals = totals + ops.where(finished, 0.0, picked)
+        lengths = lengths + ops.where(finished, 0, 1)
+        words = ops.concat([words, token.reshape(-1, 1)], 1)
+        finished = finished | (token == special.end)
+        previous = token
+        if (step % check_every == check_every - 1 or step == max_words) and ops.all(finished):
+            break
+    normalised = length_normalised(totals, lengths, config.length_penalty)
+    return _trimmed(Decoded(words.reshape(batch, 1, -1), totals.reshape(batch, 1), lengths.reshape(batch, 1),
+                            normalised.reshape(batch, 1)), ops)  # fmt: skip
+
+
+def _beam_search(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
+                 max_words: int, rules: list, check_every: int) -> Decoded:  # fmt: skip
+    """`num_beams` live hypotheses per image beside pools of the best finished ones (one pool per group of beams)."""
+    k, groups = config.num_beams, config.num_beam_groups
+    per_group, width = k // groups, max_words + 1
+    state = stepper.start(k)
+    scores = ops.full((batch, k), NEVER, ops.float)
+    scores[:, ::per_group] = 0.0  # each group's beams start as copies of one: expand only its first
+    words = ops.full((batch, k, 0), special.pad, ops.long)
+    previous = ops.full((batch * k,), special.start, ops.long)
+    pools = [_Pool(batch, per_group, width, special, ops) for _ in range(groups)]
+    done = ops.full((batch,), False, bool)
+    offsets = (ops.arange(batch) * k).reshape(-1, 1)
+    ranks = ops.arange(2 * per_group).reshape(1, -1)
+    for step in range(width):
+        logits, state = stepper.step(previous, state)
+        scored = apply(rules, ops.as_float(logits), words.reshape(batch * k, step), step, ops)
+        candidates = scores.reshape(batch, k, 1) + ops.log_softmax(scored).reshape(batch, k, -1)
+        vocab = candidates.shape[-1]
+        flat = candidates.reshape(batch, k * vocab)
+        live, chosen, finished_now = [], None, ops.full((batch,), True, bool)
+        for group, pool in enumerate(pools):
+            part = candidates[:, group * per_group : (group + 1) * per_group, :]
+            if chosen is not None and config.diversity_penalty:  # words earlier groups chose at this step cost more
+                part = part - config.diversity_penalty * ops.count_tokens(chosen, vocab).reshape(batch, 1, vocab)
+            _, index = ops.topk(part.reshape(batch, per_group * vocab), 2 * per_group)
+            beam, token = index // vocab + group * per_group, index % vocab
+            total = ops.take(flat, beam * vocab + token, 1)  # the model's score, without the diversity penalty
+            is_end = token == special.end
+            # Live: the best non-finishing candidates. Finished: those ranked among the group's best.
+            order = ops.sort_key_order(ops.where(is_end, 2 * per_group, 0) + ranks)[:, :per_group]
+            live.append((ops.take(beam, order, 1), ops.take(token, order, 1), ops.take(total, order, 1)))
+            keep = is_end & (ranks < per_group) & ops.isfinite(total) & ~done.reshape(-1, 1)
+            prefixes = ops.take(words, beam.reshape(batch, -1, 1), 1)
+            pool.add(prefixes, ops.where(keep, total, NEVER), step + 1, config.length_penalty, with_end=True)
+            finished_now = finished_now & _pool_done(pool, live[-1][2], step + 1, width, config, ops)
+            chosen = live[-1][1] if chosen is None else ops.concat([chosen, live[-1][1]], 1)
+        beam, token, scores = (ops.concat([part[i] for part in live], 1) for i in range(3))
+        words = ops.concat([ops.take(words, beam.reshape(batch, k, 1), 1), token.reshape(batch, k, 1)], 2)
+        state = stepper.reorder(state, (beam + offsets).reshape(-1))
+        previous = token.reshape(-1)
+        done = done | finished_now
+        if step % check_every == check_every - 1 and ops.all(done):
+            break
+    else:  # max_length reached: the live hypotheses of unfinished images join their pools as they are
+        for group, pool in enumerate(pools):
+            span = slice(group * per_group, (group + 1) * per_group)
+            pool.add(words[:, span], ops.where(done.reshape(-1, 1), NEVER, scores[:, span]), width,
+                     config.length_penalty, with_end=False)  # fmt: skip
+    return _trimmed(_ranked(pools, ops), ops)
+
+
+def _ranked(pools: list[_Pool], ops: Any) -> Decoded:
+    """Every pool's captions in one ranking, best first (per-group pools keep diverse groups apart)."""
+    if len(pools) == 1:
+        return pools[0].decoded()
+    normalised = ops.concat([pool.normalised for pool in pools], 1)
+    _, order = ops.topk(normalised, normalised.shape[1])
+    tokens = ops.concat([pool.tokens for pool in pools], 1)
+    return Decoded(ops.take(tokens, order.reshape(*order.shape, 1), 1),
+                   ops.take(ops.concat([pool.scores for pool in pools], 1), order, 1),
+                   ops.take(ops.concat([pool.lengths for pool in pools], 1), order, 1),
+                   ops.take(normalised, order, 1))  # fmt: skip
+
+
+def _pool_done(pool: _Pool, live_scores: Array, length: int, width: int, config: DecodingConfig,
+               ops: Any) -> Array:  # fmt: skip
+    """Images whose pool is full and whose live hypotheses cannot beat it (see `early_stopping`), or are all
+    impossible."""
+    full = ops.all_along(ops.isfinite(pool.scores), 1)
+    hopeless = ~ops.any_along(ops.isfinite(live_scores), 1)
+    if config.early_stopping is True:
+        return full | hopeless
+    penalty = config.length_penalty
+    best = length_normalised(live_scores, length, penalty)
+    if config.early_stopping == "never":  # scores only fall as words are added: bound them at either end
+        best = ops.where(best > length_normalised(live_scores, width, penalty), best,
+                         length_normalised(live_scores, width, penalty))  # fmt: skip
+    return (full & (ops.max_along(best, 1) <= ops.min_along(pool.normalised, 1))) | hopeless
+
+
+class _Pool:
+    """The best `size` finished captions of every image, ranked by normalised score."""
+
+    def __init__(self, batch: int, size: int, width: int, special: SpecialTokens, ops: Any) -> None:
+        self.batch, self.size, self.width, self.special, self.ops = batch, size, width, special, ops
+        self.tokens = ops.full((batch, size, width), special.pad, ops.long)
+        self.scores = ops.full((batch, size), NEVER, ops.float)
+        self.normalised = ops.full((batch, size), NEVER, ops.float)
+        self.lengths = ops.full((batch, size), 0, ops.long)
+
+    def add(self, prefixes: Array, scores: Array, length: int, length_penalty: float, with_end: bool) -> None:
+        """Offer `(B, n, t)` hypotheses (their words so far) with their scores (-inf: not offered)."""
+        ops, special = self.ops, self.special
+        count = prefixes.shape[1]
+        parts = [prefixes]
+        if with_end:
+            parts.append(ops.full((self.batch, count, 1), special.end, ops.long))
+        filled = sum(part.shape[2] for part in parts)
+        parts.append(ops.full((self.batch, count, self.width - filled), special.pad, ops.long))
+        tokens = ops.concat(parts, 2)
+        normalised = ops.where(ops.isfinite(scores), length_normalised(scores, length, length_penalty), NEVER)
+        lengths = ops.full((self.batch, count), length, ops.long)
+        all_normalised = ops.concat([self.normalised, normalised], 1)
+        _, best = ops.topk(all_normalised, self.size)  # ties: the earlier hypothesis stays
+        self.normalised = ops.take(all_normalised, best, 1)
+        self.scores = ops.take(ops.concat([self.scores, scores], 1), best, 1)
+        self.lengths = ops.take(ops.concat([self.lengths, lengths], 1), best, 1)
+        self.tokens = ops.take(ops.concat([self.tokens, tokens], 1), best.reshape(self.batch, self.size, 1), 1)
+
+    def decoded(self) -> Decoded:
+        return Decoded(self.tokens, self.scores, self.lengths, self.normalised)

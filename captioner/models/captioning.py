@@ -1,0 +1,65 @@
+"""Captioning a batch with a `CaptionModel`: features, the one search, the answer rows, and (on request) where each
+word looked. The inference path of `predict`, `caption`, `Captioner` and the server; training never calls it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from captioner.decoding.answers import answer_rows
+from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.search import Decoded
+from captioner.models.search import generate
+
+if TYPE_CHECKING:
+    from captioner.models.module import CaptionModel
+
+
+def search(model: CaptionModel, features: torch.Tensor, config: DecodingConfig | None = None) -> Decoded:
+    """Ranked captions of a batch of features (the model's own decoding settings unless `config` is given)."""
+    config = config or model.decoding
+    vocabulary = model.vocabulary
+    return generate(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
+                    config.max_words(vocabulary.max_length), vocabulary.stoi)  # fmt: skip
+
+
+@torch.no_grad()
+def attention_maps(model: CaptionModel, features: torch.Tensor, tokens: torch.Tensor,
+                   lengths: torch.Tensor) -> list[torch.Tensor] | None:  # fmt: skip
+    """Where the decoder looked for each word of given captions, for decoders that attend over a grid.
+
+    Replaying the chosen words with teacher forcing gives the weights the search used on that path.
+
+    Returns:
+        One `(words, rows, columns)` tensor per caption (its words and the final `<end>`), or None when the decoder
+        does not attend or the features are pooled.
+    """
+    if features.ndim != 3:
+        return None
+    start = torch.full_like(tokens[:, :1], model.vocabulary.start_index)
+    output = model.require_decoder()(model.image_features(features), torch.cat([start, tokens[:, :-1]], dim=1),
+                                     return_attention=True)  # fmt: skip
+    if output.attention is None:
+        return None
+    rows, columns = model.encoder.grid_shape
+    return [w[:n].float().view(-1, rows, columns).cpu() for w, n in zip(output.attention, lengths.tolist())]
+
+
+@torch.no_grad()
+def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig | None = None,
+             attention: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Everything inference can tell about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
+
+    Keys: `caption`, `score` (log-probability), `alternatives` (with `num_return` > 1; see
+    `captioner.decoding.answers`) and `attention` (per-word maps, only when asked for and the decoder attends;
+    else None).
+    """
+    config = config or model.decoding
+    features = model.encode_images(images)
+    decoded = search(model, features, config)
+    rows = answer_rows(decoded, model.vocabulary, config.num_return)
+    maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
+    for index, row in enumerate(rows):
+        row["attention"] = maps[index] if maps is not None else None
+    return rows

@@ -1,0 +1,228 @@
+"""One conformance suite for the one search, run twice: over torch tensors (the PyTorch captioner) and over NumPy
+arrays (the exported runtime), each through a step function over the same decoder, without ONNX."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.data.vocab import Vocabulary
+from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.ops import NumpyOps
+from captioner.decoding.search import decode, length_normalised
+from captioner.decoding.torch_ops import TorchOps
+from captioner.models.decoders import CaptionDecoder, LSTMDecoder, TransformerDecoder
+from captioner.models.search import DecoderStepper
+
+VOCAB = Vocabulary([f"w{i}" for i in range(12)], max_length=6)
+SPECIAL = SpecialTokens.of(VOCAB)
+TINY = Vocabulary(["x", "y"], max_length=3)  # two words: every caption of up to 3 words can be listed
+TINY_SPECIAL = SpecialTokens.of(TINY)
+
+
+class NumpyStepper:
+    """The same decoder seen as the runtime sees its graphs: NumPy tokens in, NumPy logits out."""
+
+    def __init__(self, decoder: CaptionDecoder, features: torch.Tensor) -> None:
+        self.inner = DecoderStepper(decoder, features)
+
+    def start(self, copies):
+        return self.inner.start(copies)
+
+    def step(self, tokens, state):
+        logits, state = self.inner.step(torch.as_tensor(tokens), state)
+        return logits.detach().numpy(), state
+
+    def reorder(self, state, rows):
+        return self.inner.reorder(state, torch.as_tensor(rows))
+
+
+def run(backend: str, decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig,
+        special: SpecialTokens = SPECIAL, max_words: int = 6, vocabulary: Vocabulary = VOCAB):  # fmt: skip
+    """Decode with one backend; tokens, scores and lengths as NumPy arrays."""
+    with torch.no_grad():
+        if backend == "torch":
+            ops = TorchOps("cpu", config.seed)
+            out = decode(DecoderStepper(decoder, features), len(features), config, special, ops, max_words,
+                         vocabulary.stoi)  # fmt: skip
+            return out.tokens.numpy(), out.scores.numpy(), out.lengths.numpy()
+        out = decode(NumpyStepper(decoder, features), len(features), config, special, NumpyOps(config.seed),
+                     max_words, vocabulary.stoi)  # fmt: skip
+        return out.tokens, out.scores, out.lengths
+
+
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "numpy"])
+
+
+def lstm(vocabulary: Vocabulary = VOCAB, sharpen: float = 4.0, seed: int = 0) -> LSTMDecoder:
+    torch.manual_seed(seed)
+    decoder = LSTMDecoder(len(vocabulary), 8, embed_dim=8, hidden_dim=8, dropout=0.0).eval()
+    with torch.no_grad():
+        decoder.head.weight.mul_(sharpen)  # peaked distributions: captions differ clearly in score
+    return decoder
+
+
+def transformer(vocabulary: Vocabulary = VOCAB, seed: int = 0) -> TransformerDecoder:
+    torch.manual_seed(seed)
+    decoder = TransformerDecoder(len(vocabulary), 8, width=8, layers=1, heads=2, dropout=0.0).eval()
+    with torch.no_grad():
+        decoder.head.weight.mul_(6)
+    return decoder
+
+
+def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: list[int], special: SpecialTokens):
+    """The model's log-probability of one caption with the never-generated tokens banned, as search scores it."""
+    tokens = torch.tensor([caption])
+    inputs = torch.cat([torch.tensor([[special.start]]), tokens[:, :-1]], dim=1)
+    logits = decoder(features, inputs).logits.float()
+    logits[..., list(special.banned)] = float("-inf")
+    return float(torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).sum())
+
+
+# ---------------------------------------------------------------- exactness
+@BACKENDS
+@pytest.mark.parametrize("make", [lstm, transformer], ids=["lstm", "transformer"])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_a_beam_wide_enough_is_exhaustive_search(backend, make, length_penalty):
+    decoder, words = make(TINY), [4, 5]
+    features = torch.randn(5, 8) if make is lstm else torch.randn(5, 2, 8)
+    candidates = [[*prefix, TINY_SPECIAL.end] for n in range(4) for prefix in itertools.product(words, repeat=n)]
+    candidates += [list(prefix) for prefix in itertools.product(words, repeat=4)]  # cut off at max_length, no <end>
+    config = DecodingConfig(num_beams=16, length_penalty=length_penalty, early_stopping="never")
+    tokens, scores, lengths = run(backend, decoder, features, config, TINY_SPECIAL, max_words=3, vocabulary=TINY)
+    for image in range(len(features)):
+        with torch.no_grad():
+            scored = sorted(((length_normalised(caption_log_prob(decoder, features[image : image + 1], c,
+                                                                 TINY_SPECIAL), len(c), length_penalty), c)
+                             for c in candidates), reverse=True)  # fmt: skip
+        assert tokens[image, 0, : lengths[image, 0]].tolist() == scored[0][1], (image, scored[:3])
+        best = caption_log_prob(decoder, features[image : image + 1], scored[0][1], TINY_SPECIAL)
+        assert scores[image, 0] == pytest.approx(best, abs=1e-4)
+
+
+@BACKENDS
+def test_captions_that_never_end_are_cut_at_max_length_and_scored_as_they_are(backend):
+    decoder = lstm()
+    with torch.no_grad():
+        decoder.head.bias[SPECIAL.end] = -50.0  # <end> (almost) never chosen
+    features = torch.randn(3, 8)
+    for config in (DecodingConfig(num_beams=1), DecodingConfig(num_beams=3, length_penalty=0.6)):
+        tokens, scores, lengths = run(backend, decoder, features, config, max_words=4)
+        assert (lengths[:, 0] == 5).all() and tokens.shape[-1] == 5 and SPECIAL.end not in tokens[:, 0].tolist()
+        for image in range(3):
+            expected = caption_log_prob(decoder, features[image : image + 1], tokens[image, 0].tolist(), SPECIAL)
+            assert scores[image, 0] == pytest.approx(expected, abs=1e-4)
+
+
+@BACKENDS
+def test_beams_are_ranked_and_one_beam_is_greedy(backend):
+    decoder, features = lstm(sharpen=2.0), torch.randn(6, 8)
+    greedy = run(backend, decoder, features, DecodingConfig(num_beams=1))
+    tokens, scores, lengths = run(backend, decoder, features, DecodingConfig(num_beams=4, length_penalty=0.5))
+    normalised = length_normalised(scores, lengths, 0.5)
+    assert tokens.shape[:2] == (6, 4) and (normalised[:, :-1] >= normalised[:, 1:] - 1e-6).all()
+    assert np.isfinite(scores).all()
+    # Greedy picks the best word every step; its score is the sum of what it picked.
+    for image in range(6):
+        caption = greedy[0][image, 0, : greedy[2][image, 0]].tolist()
+        assert greedy[1][image, 0] == pytest.approx(caption_log_prob(decoder, features[image : image + 1], caption,
+                                                                     SPECIAL), abs=1e-4)  # fmt: skip
+
+
+@BACKENDS
+def test_a_batch_decodes_each_image_as_it_would_alone(backend):
+    decoder, features = transformer(), torch.randn(4, 3, 8)
+    config = DecodingConfig(num_beams=3, length_penalty=0.7, no_repeat_ngram_size=2)
+    together = run(backend, decoder, features, config)
+    for image in range(4):
+        alone = run(backend, decoder, features[image : image + 1], config)
+        width = alone[0].shape[-1]
+        assert together[0][image, :, :width].tolist() == alone[0][0].tolist()
+        np.testing.assert_allclose(together[1][image], alone[1][0], atol=1e-4)
+
+
+# ---------------------------------------------------------------- the rules
+@BACKENDS
+def test_the_rules_hold_in_every_caption(backend):
+    decoder, features = lstm(sharpen=1.0, seed=2), torch.randn(16, 8)
+    with torch.no_grad():
+        decoder.head.bias[SPECIAL.end] = 2.0  # captions end early unless a rule stops them
+        decoder.head.bias[VOCAB.stoi["w0"]] = 2.0  # and "w0" is likely, often twice, often last
+    bad = ("w0", "w1", "w2")
+    config = DecodingConfig(num_beams=3, num_return=3, min_length=3, no_repeat_ngram_size=2, bad_endings=bad)
+    plain_tokens = run(backend, decoder, features, DecodingConfig(num_beams=3, num_return=3))[0]
+    tokens, scores, lengths = run(backend, decoder, features, config)
+    bad_ids = {VOCAB.stoi[word] for word in bad}
+    checked = 0
+    for image, rank in itertools.product(range(16), range(3)):
+        caption = tokens[image, rank, : lengths[image, rank]].tolist()
+        words = caption[:-1] if caption[-1] == SPECIAL.end else caption
+        assert not set(caption) & set(SPECIAL.banned)
+        assert len(words) >= 3  # min_length
+        bigrams = list(zip(words, words[1:]))
+        assert len(bigrams) == len(set(bigrams))  # no_repeat_ngram_size
+        if caption[-1] == SPECIAL.end:
+            assert words[-1] not in bad_ids  # bad_endings
+            checked += 1
+    assert checked > 10
+    assert not np.array_equal(plain_tokens, tokens)  # the rules changed what was decoded
+
+
+@BACKENDS
+def test_diverse_groups_start_differently(backend):
+    decoder, features = lstm(sharpen=1.0, seed=4), torch.randn(8, 8)
+    plain = run(backend, decoder, features, DecodingConfig(num_beams=4, num_return=4))[0]
+    diverse = run(backend, decoder, features, DecodingConfig(num_beams=4, num_return=4, num_beam_groups=4,
+                                                             diversity_penalty=100.0))[0]  # fmt: skip
+    distinct = lambda tokens: np.mean([len({tuple(r[:1]) for r in image}) for image in tokens])  # noqa: E731
+    assert distinct(diverse) == 4 and distinct(plain) < 4  # each group's first word, different from the others'
+
+
+# ---------------------------------------------------------------- sampling
+@BACKENDS
+def test_sampling_draws_words_as_often_as_the_model_says(backend):
+    decoder, features = lstm(sharpen=0.6, seed=5), torch.zeros(1, 8)
+    with torch.no_grad():
+        logits, _ = DecoderStepper(decoder, features).step(torch.tensor([SPECIAL.start]),
+                                                           DecoderStepper(decoder, features).start(1))  # fmt: skip
+        logits[0, list(SPECIAL.banned)] = float("-inf")
+        expected = torch.softmax(logits[0], -1).numpy()
+    draws = 4000
+    tokens = run(backend, decoder, features.expand(draws, 8), DecodingConfig(num_beams=1, do_sample=True, seed=3),
+                 max_words=1)[0]  # fmt: skip
+    counts = Counter(tokens[:, 0, 0].tolist())
+    observed = np.array([counts.get(i, 0) for i in range(len(VOCAB))]) / draws
+    assert np.abs(observed - expected).max() < 4 * math.sqrt(0.25 / draws)  # within 4 standard errors
+    assert not counts.keys() & set(SPECIAL.banned)
+    for k in (1, 3):  # top-k: only the k most likely words, and all of them
+        top = set(np.argsort(-expected)[:k].tolist())
+        sampled = run(backend, decoder, features.expand(400, 8), DecodingConfig(num_beams=1, do_sample=True, top_k=k,
+                                                                                seed=1), max_words=1)[0]  # fmt: skip
+        assert set(sampled[:, 0, 0].tolist()) == top
+    order = np.argsort(-expected)
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(expected[order]), 0.5)) + 1].tolist())
+    sampled = run(backend, decoder, features.expand(400, 8), DecodingConfig(num_beams=1, do_sample=True, top_p=0.5,
+                                                                            seed=2), max_words=1)[0]  # fmt: skip
+    assert set(sampled[:, 0, 0].tolist()) == nucleus
+    again = run(backend, decoder, features.expand(400, 8), DecodingConfig(num_beams=1, do_sample=True, top_p=0.5,
+                                                                          seed=2), max_words=1)[0]  # fmt: skip
+    assert np.array_equal(sampled, again)  # a seed gives the same draws
+
+
+# ---------------------------------------------------------------- the two backends agree
+@pytest.mark.parametrize("config", [
+    DecodingConfig(num_beams=1), DecodingConfig(num_beams=5, length_penalty=0.6, num_return=5),
+    DecodingConfig(num_beams=3, min_length=2, no_repeat_ngram_size=2, bad_endings=("w3",), early_stopping=True),
+    DecodingConfig(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return=4),
+], ids=["greedy", "beam5-lp", "rules", "diverse"])  # fmt: skip
+def test_torch_and_numpy_decode_the_same_captions_with_the_same_scores(config):
+    decoder, features = transformer(seed=7), torch.randn(12, 3, 8)
+    ours, theirs = run("torch", decoder, features, config), run("numpy", decoder, features, config)
+    assert ours[0].tolist() == theirs[0].tolist()
+    np.testing.assert_array_equal(ours[2], theirs[2])
+    np.testing.assert_allclose(ours[1], theirs[1], atol=1e-4)
