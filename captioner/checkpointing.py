@@ -26,7 +26,6 @@ hyperparameters) and 0.2 (a torchvision ResNet named by `backbone` and
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,15 +151,6 @@ def _decoding_of(old: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- a model and its checkpoints
-def moved(name: str, value: Any) -> dict[str, Any]:
-    """A model option that moved into `decoding` (the 0.2 `--model.length_penalty`): the override, with a note."""
-    if value is None:
-        return {}
-    print(f"captioner: --model.{name} is deprecated; it is --model.decoding.{name} now (it works for now).",
-          file=sys.stderr)  # fmt: skip
-    return {name: value}
-
-
 def built_decoder(factory: Any, vocabulary: Vocabulary, encoder: ImageEncoder) -> CaptionDecoder:
     """The decoder a factory builds for a vocabulary and an encoder's feature size, checked.
 

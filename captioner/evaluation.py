@@ -104,3 +104,15 @@ def format_table(report: dict) -> str:
         f"{'mean caption length':<22}{diversity['mean_length']:>9.2f}  words",
     ]
     return "\n".join(lines)
+
+
+def gathered(rows: list[dict]) -> list[dict]:
+    """Every rank's rows on every rank of a distributed run (one Python object per rank); the rows as they are
+    otherwise."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    parts: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]

@@ -16,11 +16,13 @@ def run_dir(trainer: Trainer) -> Path:
 
     CSV and TensorBoard loggers: their `log_dir`. Other loggers (W&B):
     `save_dir/name/version`, as Lightning names checkpoint folders. No logger:
-    the trainer's `default_root_dir`.
+    `default_root_dir/run` (never the working folder itself, which a run's
+    config.yaml, samples and reports would litter; Lightning keeps the
+    checkpoints of such a run in `default_root_dir/checkpoints`).
     """
     logger = trainer.logger
     if logger is None:
-        return Path(trainer.default_root_dir)
+        return Path(trainer.default_root_dir) / "run"
     if isinstance(logger, (CSVLogger, TensorBoardLogger)):
         return Path(logger.log_dir)
     save_dir = logger.save_dir or trainer.default_root_dir

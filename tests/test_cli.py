@@ -168,3 +168,12 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
     assert exit_info.value.code == 2 and "holds a captioner.models.decoders.attention.AttentionDecoder decoder" in (
         capsys.readouterr().err
     )
+
+
+def test_a_run_without_a_logger_writes_its_config_in_a_folder_of_its_own(scenes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where `python -m captioner` is started
+    main(["fit", "--config", str(TINY_CONFIG), "--data.data_dir", str(scenes), "--data.work_dir", "work",
+          "--trainer.logger", "false", "--trainer.max_epochs", "1",
+          "--trainer.callbacks+=captioner.callbacks.CaptionSamples"])  # fmt: skip
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "samples").exists()
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples" / "epoch_000.png").is_file()

@@ -1,6 +1,7 @@
 """Hostile input and interruptions: nothing lost, nothing silently wrong, every error says what to do."""
 
 import errno
+import io
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,16 +231,28 @@ def test_disk_full_for_the_feature_cache_fails_before_extracting(scenes, tmp_pat
     assert not list(tmp_path.glob(f"*{key[:12]}/*.npy"))
 
 
-def test_checkpoints_are_written_atomically(scenes, tmp_path, monkeypatch, capsys):
-    def full(*args, **kwargs):
+def test_a_checkpoint_cut_short_by_a_full_disk_leaves_the_previous_one_whole(scenes, tmp_path, monkeypatch, capsys):
+    """The disk fills half-way through writing a checkpoint: the run stops with a message, the checkpoint it was
+    replacing is the one before, byte for byte, and no partial file is left for a later run to trust."""
+    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1"))
+    last = Path(last_checkpoint(cli.trainer))
+    before, files = last.read_bytes(), sorted(p.name for p in last.parent.iterdir())
+    real_save = torch.save
+
+    def half_then_full(payload, handle, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(payload, buffer)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half of it reaches the disk
+        handle.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(torch, "save", half_then_full)
     with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1"))
-    assert exit_info.value.code == 2
-    assert "No space left on device" in capsys.readouterr().err
-    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.ckpt.*"))
+        main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2", "--ckpt_path",
+                       str(last)))  # fmt: skip
+    assert exit_info.value.code == 2 and "No space left on device" in capsys.readouterr().err
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir()) == files
+    assert torch.load(last, weights_only=True)["global_step"] > 0  # still a checkpoint a resume can read
 
 
 def test_checkpoint_from_another_vocabulary_is_refused(trained, scenes_source, tmp_path, capsys):

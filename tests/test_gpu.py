@@ -147,10 +147,22 @@ def test_two_gpu_ddp_fit(scenes, tmp_path):
 
 
 def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
+    """A file, the same picture opened with PIL and on the GPU as a tensor: the same pixels and features (another
+    picture's differ), and one call captions them all."""
+    from captioner.encoders.image_files import load_any_image
+
     cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "1",
                            "--trainer.limit_val_batches", "1"))  # fmt: skip
     captioner = Captioner.from_checkpoint(last_checkpoint(cli.trainer))
-    path = sorted((scenes / "Images").iterdir())[0]
+    path, other = sorted((scenes / "Images").iterdir())[:2]
     on_gpu = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
-    captions = captioner.caption([path, Image.open(path), on_gpu])
-    assert captions[0] == captions[1] == captions[2]
+    sources = [path, Image.open(path), on_gpu, other]
+    pixels = torch.stack([load_any_image(source, captioner.preprocessing) for source in sources])
+    assert torch.equal(pixels[0], pixels[1]) and (pixels[0].int() - pixels[2].int()).abs().max() <= 1
+    with torch.no_grad():
+        features = captioner.model.encode_images(pixels).float().flatten(1)
+    centre = features.mean(dim=0)
+    assert centred_cosine(features[0], features[2], centre) > 0.99  # the same picture, however it came
+    assert centred_cosine(features[0], features[3], centre) < 0.9  # another picture
+    captions = captioner.caption(sources)
+    assert len(captions) == 4 and captions[0] == captioner.caption(path)[0]

@@ -141,6 +141,15 @@ class DecodingConfig:
         return self.max_length or vocabulary_max_length
 
 
+def moved(name: str, value: Any) -> dict[str, Any]:
+    """A model option that moved into `decoding` (the 0.2 `--model.length_penalty`): the override, with a note."""
+    if value is None:
+        return {}
+    print(f"captioner: --model.{name} is deprecated; it is --model.decoding.{name} now (it works for now).",
+          file=sys.stderr)  # fmt: skip
+    return {name: value}
+
+
 def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict[str, Any]:
     """Settings with old names replaced by new ones; one deprecation line per old name (unless `quiet`).
 

@@ -63,3 +63,19 @@ def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig |
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None
     return rows
+
+
+def prediction_rows(model: CaptionModel, batch: dict, attention: bool = False) -> list[dict[str, Any]]:
+    """`predict`'s rows for a `collate_images` batch: every file with its caption and score, or its error (and, on
+    request, the attention maps the writer draws)."""
+    described = describe(model, batch["images"], attention=attention) if batch["ok"] else []
+    found = dict(zip(batch["ok"], described))
+    rows = []
+    for position, path in zip(batch["positions"], batch["paths"]):
+        row = {"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
+        if position in found:
+            row.update(caption=found[position]["caption"], score=found[position]["score"])
+            if found[position]["attention"] is not None:  # for CaptionWriter's pictures, not the tables
+                row["attention"] = found[position]["attention"]
+        rows.append(row)
+    return rows

@@ -1,16 +1,10 @@
-"""CaptionModel: a thin LightningModule that trains and evaluates an encoder, a decoder and an objective.
-
-The parts come from the config (`captioner.encoders.base`, `captioner.models.decoders.base`,
-`captioner.models.objectives.base`); decoding is `captioner.decoding` (one config, one search); inference
-helpers live in `captioner.models.captioning`, checkpoint compatibility in `captioner.checkpointing`. This module
-builds the decoder once the vocabulary is known, feeds the objective its batches and updates the metrics. It
-implements no loss, no search and writes no file.
-"""
+"""CaptionModel: a thin LightningModule that trains and evaluates an encoder, a decoder and an objective (parts
+from the config). It builds the decoder once the vocabulary is known, feeds the objective its batches and updates
+the metrics; decoding is `captioner.decoding`, inference `captioner.models.captioning`, checkpoint compatibility
+`captioner.checkpointing`. It implements no loss, no search and writes no file."""
 
 from __future__ import annotations
 
-import logging
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -20,21 +14,20 @@ from lightning.pytorch import LightningModule
 
 from captioner import checkpointing
 from captioner.data.vocab import Vocabulary
-from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.config import DecodingConfig, SpecialTokens, moved
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
-from captioner.evaluation import evaluate_captions, loggable, test_report, unique_by_file
+from captioner.evaluation import evaluate_captions, gathered, loggable, test_report, unique_by_file
 from captioner.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.models import captioning
 from captioner.models.decoders.base import CaptionDecoder, decoder_features
 from captioner.models.decoders.lstm import LSTMDecoder
 from captioner.models.objectives.base import Objective, SequenceSpec
 from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cross_entropy
+from captioner.models.optimisation import optimizer_and_schedule
 from captioner.parts import config_class
-
-log = logging.getLogger(__name__)
 
 # Frozen encoder parts stay in eval mode on purpose (see ImageEncoder.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -45,10 +38,9 @@ DecoderFactory = Callable[[int, int], CaptionDecoder]
 class CaptionModel(LightningModule):
     """Image captioning with an image encoder and a decoder chosen in the config.
 
-    The encoder is part of the module so that a checkpoint alone can caption new images offline. Frozen (the
-    default), training reads its features from the cache and never runs it; with `trainable_encoder_blocks` it
-    computes features from the images and learns with the decoder. The decoder's sizes depend on the vocabulary,
-    which comes from the datamodule (`configure_model`) or from a checkpoint (`on_load_checkpoint`).
+    The encoder is part of the module so that a checkpoint alone captions offline. Frozen (the default), training
+    reads its cached features; with `trainable_encoder_blocks` it encodes the images and learns with the decoder.
+    The decoder's sizes come from the vocabulary: the datamodule's (`configure_model`) or a checkpoint's.
 
     Args:
         decoder: A callable `(vocab_size, feature_dim) -> CaptionDecoder`: in YAML, a `class_path` with its
@@ -98,9 +90,8 @@ class CaptionModel(LightningModule):
                                           "length_penalty", "max_decode_length"])  # fmt: skip
         self.decoder_factory = decoder
         self.objective = objective if objective is not None else CrossEntropy()
-        moved = checkpointing.moved("length_penalty", length_penalty)
-        self.decoding = (decoding or DecodingConfig()).with_overrides(
-            beam_size=beam_size, max_decode_length=max_decode_length, **moved
+        self.decoding = (decoding or DecodingConfig()).with_overrides(  # the 0.2 options, each with a note
+            beam_size=beam_size, max_decode_length=max_decode_length, **moved("length_penalty", length_penalty)
         )
         # Architecture only: pretrained weights are loaded at fit start, or come from a checkpoint.
         self.encoder = encoder if encoder is not None else TorchvisionEncoder()
@@ -151,7 +142,6 @@ class CaptionModel(LightningModule):
         if stage == "fit" and self.trainer.ckpt_path is None and not self.hparams.init_checkpoint:
             self.encoder.load_pretrained()  # the same weights the feature cache was computed with
 
-    # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[checkpointing.CAPTIONER_KEY] = checkpointing.meta_of(self)
 
@@ -163,7 +153,6 @@ class CaptionModel(LightningModule):
         """A model rebuilt from a checkpoint alone (see `captioner.checkpointing.model_from_checkpoint`)."""
         return checkpointing.model_from_checkpoint(cls, path, **overrides)
 
-    # ---------------------------------------------------------------- features
     def image_features(self, features: torch.Tensor) -> torch.Tensor:
         """What the decoder sees of the image (zeros for the blind baseline)."""
         return torch.zeros_like(features) if self.hparams.blind else features
@@ -183,14 +172,8 @@ class CaptionModel(LightningModule):
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
-        if self.objective.needs_initial_weights and not self.hparams.init_checkpoint and self.trainer.ckpt_path is None:
-            raise CaptionerError(f"{type(self.objective).__name__} is a second training stage: start it from a "
-                                 "cross-entropy model with --model.init_checkpoint path/to/best.ckpt.")  # fmt: skip
-        train = self.trainer.datamodule.datasets["train"]
-        if self.objective.train_items == "images" and not hasattr(train, "reference_ids"):
-            raise CaptionerError(f"{type(self.objective).__name__} trains on whole images: set --data.train_items "
-                                 "images (the config link does this from --model.objective).")  # fmt: skip
-        self.objective.prepare(getattr(train, "reference_ids", []), self.sequences.special)
+        has_weights = bool(self.hparams.init_checkpoint) or self.trainer.ckpt_path is not None
+        self.objective.start(self.trainer.datamodule.datasets["train"], self.sequences.special, has_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.objective(self.require_decoder(), self.image_features(self.batch_features(batch)), batch,
@@ -242,7 +225,7 @@ class CaptionModel(LightningModule):
     def on_test_epoch_end(self) -> None:
         bleu = as_percent(self.test_bleu.compute())
         self.test_bleu.reset()
-        rows = unique_by_file(_gathered(self._test_rows))
+        rows = unique_by_file(gathered(self._test_rows))
         evaluation = self.trainer.strategy.broadcast(evaluate_captions(rows) if self.trainer.is_global_zero else None)
         self.log_dict({f"test/{name}": value for name, value in bleu.items()}, sync_dist=True)
         self.log_dict(loggable(evaluation), sync_dist=True)
@@ -255,47 +238,12 @@ class CaptionModel(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         # Attention maps only when a writer draws them (CaptionWriter(attention_maps=True)).
         attention = any(getattr(callback, "attention_maps", False) for callback in self.trainer.callbacks)
-        described = captioning.describe(self, batch["images"], attention=attention) if batch["ok"] else []
-        found = dict(zip(batch["ok"], described))
-        rows = []
-        for position, path in zip(batch["positions"], batch["paths"]):
-            row = {"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
-            if position in found:
-                row.update(caption=found[position]["caption"], score=found[position]["score"])
-                if found[position]["attention"] is not None:  # for CaptionWriter's pictures, not the tables
-                    row["attention"] = found[position]["attention"]
-            rows.append(row)
-        return rows
+        return captioning.prediction_rows(self, batch, attention)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        # A fused AdamW unscales gradients inside its step, so Lightning's mixed-precision plugins refuse to clip
-        # gradients for it: fused only when nothing is clipped (the foreach kernels are nearly as fast).
-        groups = [{"params": list(self.require_decoder().parameters()), "lr": hp.lr}]
-        encoder_parameters = self.encoder.trainable_parameters()
-        if encoder_parameters:  # a fine-tuned encoder learns more gently than the decoder it feeds
-            groups.append({"params": encoder_parameters, "lr": hp.encoder_lr or hp.lr / 10})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay,
-                                      fused=not self.trainer.gradient_clip_val)  # fmt: skip
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.warmup_steps, total // 2)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if hp.lr_schedule == "constant":
-                return 1.0
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _gathered(rows: list[dict]) -> list[dict]:
-    """Every rank's rows on every rank (one Python object per rank)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return rows
-    gathered: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
+        return optimizer_and_schedule(self.require_decoder(), self.encoder.trainable_parameters(), hp.lr,
+                                      hp.encoder_lr, hp.weight_decay, hp.warmup_steps,
+                                      int(self.trainer.estimated_stepping_batches), hp.lr_schedule,
+                                      clipping=bool(self.trainer.gradient_clip_val))  # fmt: skip

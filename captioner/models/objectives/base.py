@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from captioner.decoding.config import SpecialTokens
+from captioner.errors import CaptionerError
 from captioner.models.decoders.base import CaptionDecoder
 from captioner.parts import config_class, config_init_args
 
@@ -63,6 +64,21 @@ class Objective:
 
     def prepare(self, references: Sequence[Sequence[Sequence[int]]], special: SpecialTokens) -> None:
         """Called once at the start of fit with every training image's references as word ids."""
+
+    def start(self, train: Any, special: SpecialTokens, has_initial_weights: bool) -> None:
+        """At the start of fit: check the run can train this objective, then `prepare` it with the training set.
+
+        Raises:
+            CaptionerError: A second stage without starting weights, or whole-image training without image items.
+        """
+        name = type(self).__name__
+        if self.needs_initial_weights and not has_initial_weights:
+            raise CaptionerError(f"{name} is a second training stage: start it from a cross-entropy model with "
+                                 "--model.init_checkpoint path/to/best.ckpt.")  # fmt: skip
+        if self.train_items == "images" and not hasattr(train, "reference_ids"):
+            raise CaptionerError(f"{name} trains on whole images: set --data.train_items images (the config link "
+                                 "does this from --model.objective).")  # fmt: skip
+        self.prepare(getattr(train, "reference_ids", []), special)
 
     def __call__(
         self, decoder: CaptionDecoder, features: torch.Tensor, batch: Any, sequences: SequenceSpec
