@@ -4,7 +4,7 @@
     python scripts/demo_check.py --all                  # adds attention and the Transformer, about 10 minutes
     python scripts/demo_check.py --all --json out.json  # also every figure as JSON
     python scripts/demo_check.py --scst                 # adds self-critical stages (both baselines) on the LSTM
-    python scripts/demo_check.py --finetune             # a random ResNet18 frozen vs fine-tuned end to end
+    python scripts/demo_check.py --finetune             # a random ResNet18 frozen, fine-tuned, frozen then fine-tuned
 
 Prints the test metrics (pycocoevalcap) of each model, how often the
 generated caption names the main object's colour correctly, how often the
@@ -16,9 +16,11 @@ what the language prior alone achieves. With --scst, two self-critical stages
 start from the pooled LSTM's best checkpoint, one per baseline (the greedy
 caption, or the mean reward of the other samples). Other arguments go to every
 run, e.g. `--trainer.max_epochs 20`. With --finetune, the same small random
-ResNet18 (64 px) is trained once frozen (features cached once) and once
-fine-tuned end to end from the images (every block, its own learning rate),
-both with per-image items and the pooled LSTM, so only the encoder differs.
+ResNet18 (64 px) and pooled LSTM, with per-image items, so only the encoder
+differs: frozen for 12 epochs (features cached once); fine-tuned end to end
+from the images for 12 epochs (every block, its own learning rate); and, from
+the frozen run's best checkpoint, 6 more epochs either still frozen or with
+the last two blocks fine-tuned (the recipe of configs/encoders/finetune.yaml).
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ RESNET18 = [
 FINETUNE = {
     "ResNet18 frozen": RESNET18,
     "ResNet18 fine-tuned": [*RESNET18, "--model.trainable_encoder_blocks", "all", "--model.encoder_lr", "0.0003"],
+}
+SECOND_STAGE = {  # 6 more epochs from the frozen run's best checkpoint
+    "frozen +6 frozen": [*RESNET18, "--trainer.max_epochs", "6", "--model.warmup_steps", "0", "--model.lr", "0.001"],
+    "frozen +6 fine-tuned": [
+        *RESNET18,
+        "--trainer.max_epochs",
+        "6",
+        "--model.warmup_steps",
+        "0",
+        "--model.lr",
+        "0.001",
+        "--model.trainable_encoder_blocks",
+        "2",
+        "--model.encoder_lr",
+        "0.0003",
+    ],
 }
 RUNS = {
     "pooled LSTM": [],
@@ -94,7 +112,11 @@ if __name__ == "__main__":
     if finetune:
         chosen = {"blind baseline": RUNS["blind baseline"], **FINETUNE}
     start: dict = {}
-    results = {name: run([*extra, *args], start if name == "pooled LSTM" else None) for name, args in chosen.items()}
+    first = "ResNet18 frozen" if finetune else "pooled LSTM"
+    results = {name: run([*extra, *args], start if name == first else None) for name, args in chosen.items()}
+    if finetune:
+        for name, args in SECOND_STAGE.items():
+            results[name] = run([*extra, *args, "--model.init_checkpoint", start["checkpoint"]])
     if scst:
         for baseline in ("greedy", "mean"):
             results[f"SCST, {baseline}"] = run([*extra, *SCST, "--model.objective.baseline", baseline,

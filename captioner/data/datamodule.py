@@ -79,6 +79,8 @@ class CaptionDataModule(LightningDataModule):
             instance, so one config entry chooses it). None: an ImageNet ResNet50.
         online_features: Deliver images instead of cached features (set from `--model.trainable_encoder_blocks`:
             a trained encoder's features change every step). Training images get the encoder's training transform.
+        train_crop: That transform's random crop keeps at least this share of each side (1: no crop). No flips and
+            no colour jitter: captions name left and right, and colours.
         backbone, weights, image_size: Removed in captioner 0.3 (the encoder is `--model.encoder`); setting them
             stops with the config to write instead.
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
@@ -113,6 +115,7 @@ class CaptionDataModule(LightningDataModule):
         max_caption_length: int = 34,
         encoder: ImageEncoder | None = None,
         online_features: bool = False,
+        train_crop: float = 0.9,
         backbone: str | None = None,
         weights: str | None = None,
         image_size: int | None = None,
@@ -129,8 +132,8 @@ class CaptionDataModule(LightningDataModule):
         super().__init__()
         self.prepare_data_per_node = not shared_filesystem
         _refuse_removed_options(backbone, weights, image_size)
-        if max_caption_length < 1:
-            raise CaptionerError("--data.max_caption_length must be >= 1.")
+        if max_caption_length < 1 or not 0.5 <= train_crop <= 1.0:
+            raise CaptionerError("--data.max_caption_length must be >= 1 and --data.train_crop between 0.5 and 1.")
         self.save_hyperparameters(ignore=["format", "encoder", "backbone", "weights", "image_size"])
         self.encoder = encoder if encoder is not None else TorchvisionEncoder()
         self.caption_format = format
@@ -293,7 +296,8 @@ class CaptionDataModule(LightningDataModule):
                 reader = FeatureRows(cache.directory / FEATURES_FILE)
             else:
                 reader = PixelRows([self.images_dir / n for n in all_names], self.preprocessing,
-                                   augment=name == "train", seed=self.shuffle_seed)  # fmt: skip
+                                   augment=self.hparams.train_crop if name == "train" else 1.0,
+                                   seed=self.shuffle_seed)  # fmt: skip
             self.datasets[name] = self._dataset(name, records, reader, row_of)
 
     def _dataset(self, name: str, records: list[CaptionRecord], reader, row_of: dict[str, int]):

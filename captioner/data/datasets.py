@@ -47,15 +47,17 @@ class FeatureRows:
 class PixelRows:
     """Images instead of cached features, for an encoder that trains: row r is `paths[r]`, decoded and preprocessed.
 
-    With `augment`, each image gets the encoder's training transform, drawn from a generator seeded by the run's
+    With `augment` (below 1: the least share of each side its random crop keeps), each image gets the encoder's
+    training transform, drawn from a generator seeded by the run's
     seed, the epoch and the row: the same crops whatever the loader workers and however often the run resumed.
     An image that cannot be decoded comes back black, with one warning per file.
     """
 
     key = "images"
 
-    def __init__(self, paths: list[Path], preprocessing: Preprocessing, augment: bool = False, seed: int = 0) -> None:
-        self.paths, self.preprocessing, self.augmented, self.seed = list(paths), preprocessing, augment, seed
+    def __init__(self, paths: list[Path], preprocessing: Preprocessing, augment: float = 1.0, seed: int = 0) -> None:
+        self.paths, self.preprocessing, self.min_side, self.seed = list(paths), preprocessing, augment, seed
+        self.augmented = augment < 1.0
         self._warned: set[int] = set()
 
     def _one(self, row: int, epoch: int) -> torch.Tensor:
@@ -64,7 +66,7 @@ class PixelRows:
             if not self.augmented:
                 return self.preprocessing.from_file(path)
             generator = torch.Generator().manual_seed(hash((self.seed, epoch, row)) & (2**63 - 1))
-            return self.preprocessing.augmented_file(path, generator)
+            return self.preprocessing.augmented_file(path, generator, self.min_side)
         except DECODE_ERRORS as error:
             if row not in self._warned:
                 self._warned.add(row)

@@ -167,9 +167,9 @@ class Preprocessing:
         return self.resize_tensor(image.expand(3, -1, -1))
 
     # ------------------------------------------------------------ training
-    def augmented(self, image: torch.Tensor, generator: torch.Generator, min_side: float = 0.85) -> torch.Tensor:
+    def augmented(self, image: torch.Tensor, generator: torch.Generator, min_side: float = 0.9) -> torch.Tensor:
         """The training transform for a fine-tuned encoder: a random crop keeping `min_side`..100 % of each side of
-        the full-size `(3, H, W)` uint8 image, then this definition.
+        the full-size `(3, H, W)` uint8 image, then this definition (`min_side` 1: the definition alone).
 
         No flips and no colour jitter: captions name left and right and colours, which those would falsify.
         """
@@ -180,7 +180,7 @@ class Preprocessing:
         left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
         return self.resize_tensor(image[..., top : top + crop_h, left : left + crop_w])
 
-    def augmented_file(self, source: str | Path, generator: torch.Generator) -> torch.Tensor:
+    def augmented_file(self, source: str | Path, generator: torch.Generator, min_side: float = 0.9) -> torch.Tensor:
         """`augmented` on a decoded image file.
 
         Raises:
@@ -189,4 +189,4 @@ class Preprocessing:
         with open_accepted(source) as image:
             image.seek(0)
             image.load()
-            return self.augmented(TF.pil_to_tensor(to_rgb(image)), generator)
+            return self.augmented(TF.pil_to_tensor(to_rgb(image)), generator, min_side)
