@@ -44,7 +44,7 @@ class CaptionSamples(Callback):
         if dataset is None:
             return
         count = min(self.num_images, len(dataset))
-        batch = dataset.__getitems__(list(range(count)))
+        batch = datamodule.materialize(dataset.__getitems__(list(range(count))))
         with torch.no_grad():
             features = pl_module.batch_features(batch).to(pl_module.device)  # cached, or from the images
             greedy = pl_module.decoding.greedy()

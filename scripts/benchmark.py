@@ -288,26 +288,28 @@ def _model(decoder: str, beam_size: int = 3):
 
 def ours_train(
     features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int, decoder: str = "lstm",
-    per_image: bool = False, workers: int = 2,
+    per_image: bool = False, workers: int = 2, resident: bool = True,
 ) -> dict:  # fmt: skip
-    """Cross-entropy training steps; items are captions, or with `per_image` images with their 5 captions."""
+    """Cross-entropy training steps; items are captions, or with `per_image` images with their 5 captions. With
+    `resident` (what `fit` does when the cache fits), the features are held on the training device and batches
+    carry rows; otherwise loader workers read them from the memory-mapped file."""
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    from captioner.data.datasets import FeatureRows, ImageCaptions, TrainCaptions, passthrough
+    from captioner.data.datasets import FeatureRows, ImageCaptions, RowIndex, TrainCaptions, passthrough
+    from captioner.encoders.store import ResidentFeatures
     from captioner.hardware import default_precision
 
     vocabulary = _vocabulary()
+    reader = RowIndex() if resident else FeatureRows(features_file)
     if per_image:
         words = [" ".join(f"w{word}" for word in caption) for caption in make_captions(images * 5)]
         captions = [words[5 * i : 5 * i + 5] for i in range(images)]
-        dataset = ImageCaptions(FeatureRows(features_file), np.arange(images), [f"{i}.jpg" for i in range(images)],
-                                captions, vocabulary)  # fmt: skip
+        dataset = ImageCaptions(reader, np.arange(images), [f"{i}.jpg" for i in range(images)], captions, vocabulary)
         batch_size = max(1, batch_size // 5)  # about the same number of captions per step
     else:
         rows = np.repeat(np.arange(images), 5)
-        dataset = TrainCaptions(FeatureRows(features_file), rows, _caption_tokens(make_captions(images * 5)),
-                                pad_index=0)  # fmt: skip
+        dataset = TrainCaptions(reader, rows, _caption_tokens(make_captions(images * 5)), pad_index=0)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -349,8 +351,13 @@ def ours_train(
         callbacks=[timer],
     )
     model.on_fit_start = lambda: None  # no datamodule here; cross-entropy needs no preparation
+    if resident:  # what CaptionDataModule.on_after_batch_transfer does
+        table = ResidentFeatures(np.load(features_file, mmap_mode="r")[:images], device)
+        model.on_after_batch_transfer = lambda batch, index: {**{k: v for k, v in batch.items() if k != "rows"},
+                                                              "features": table.gather(batch["rows"])}  # fmt: skip
     trainer.fit(model, train_dataloaders=loader)
-    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size}
+    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size,
+            "resident": resident}  # fmt: skip
 
 
 def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str, batch_size: int, steps: int,
@@ -796,6 +803,8 @@ def main() -> None:
             images=sizes["train_large"],
             **train,
         )
+        measure(r, "train_disk", "ours: training, features read from disk", ours_train, features_file=str(large),
+                images=sizes["train_large"], resident=False, **train)  # fmt: skip
         measure(
             r,
             "orig_train",
@@ -841,6 +850,9 @@ def main() -> None:
             measure(r, f"beam3_{name}", f"ours: beam-3 decoding, {name}", ours_decode, features_file=str(grid),
                                            count=count // share, device=device, beam_size=3,
                                            batch_size=decode_batch // 4, decoder=name)  # fmt: skip
+        measure(r, "train_transformer_disk", "ours: training, transformer, grid from disk", ours_train,
+                features_file=str(grid), images=sizes["train_small"], decoder="transformer", resident=False,
+                **train)  # fmt: skip
         measure(r, "train_transformer_per_image", "ours: training, transformer, per-image items", ours_train,
                                                      features_file=str(grid), images=sizes["train_small"],
                                                      decoder="transformer", per_image=True, **train)  # fmt: skip
@@ -904,6 +916,7 @@ SECTIONS = (
     ("against the original approach", "captioner", "original", (
         ("extraction (images/s)", "extract", "orig_extract", "images_per_s"),
         ("training (captions/s)", "train", "orig_train", "captions_per_s"),
+        ("training, read from disk (captions/s)", "train_disk", "orig_train", "captions_per_s"),
         ("greedy decoding (captions/s)", "greedy", "orig_decode", "captions_per_s"),
         ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
         ("beam-5 decoding (captions/s)", "beam5", "orig_decode", "captions_per_s"),
@@ -912,6 +925,7 @@ SECTIONS = (
     )),
     ("Transformer (grid) against the LSTM (pooled), same images", "Transformer", "LSTM", (
         ("training (captions/s)", "train_transformer", "train_small", "captions_per_s"),
+        ("training, grid read from disk (c./s)", "train_transformer_disk", "train_small", "captions_per_s"),
         ("training, per-image items (capt./s)", "train_transformer_per_image", "train_small_per_image",
          "captions_per_s"),
         ("beam-3 decoding (captions/s)", "beam3_transformer", "beam3_lstm_same", "captions_per_s"),

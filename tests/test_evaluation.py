@@ -91,7 +91,7 @@ def test_val_cider_is_logged_monitored_and_equals_cider_d_on_the_val_references(
     assert cli.trainer.checkpoint_callback.monitor == "val/cider"
     logged = float(cli.trainer.callback_metrics["val/cider"])
     model, val = cli.model.eval(), cli.datamodule.datasets["val"]
-    batch = val.__getitems__(list(range(len(val))))
+    batch = cli.datamodule.materialize(val.__getitems__(list(range(len(val)))))
     with torch.no_grad():
         generated = model.vocabulary.words_of(
             captioning.search(model, batch["features"], model.decoding.greedy()).best_tokens

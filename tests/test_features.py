@@ -182,3 +182,28 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, scenes, monkeypatc
     np.testing.assert_allclose(
         np.asarray(cache.features, dtype=np.float32), np.asarray(reference.features, dtype=np.float32), atol=2e-2
     )
+
+
+def test_a_resident_cache_gives_the_batches_the_disk_gives(scenes_source, tmp_path):
+    """Held in memory (the default when it fits) or read from disk in the loader, training sees the same features;
+    over the budget, the cache stays on disk, and `true` with too small a budget says so."""
+    from captioner.cli import main
+    from tests.conftest import tiny_args
+
+    runs = {}
+    for name, choice in (("resident", "auto"), ("disk", "false")):
+        cli = main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / name,
+                             "--data.resident_features", choice))  # fmt: skip
+        runs[name] = cli.datamodule
+    assert runs["resident"].resident is not None and runs["disk"].resident is None
+    train = {name: datamodule.datasets["train"].__getitems__(list(range(8))) for name, datamodule in runs.items()}
+    assert "rows" in train["resident"] and "features" in train["disk"]  # the loader carries rows, not features
+    gathered = runs["resident"].materialize(train["resident"])
+    assert torch.equal(gathered["features"], train["disk"]["features"])
+    assert torch.equal(gathered["tokens"], train["disk"]["tokens"])
+    small = main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "small",
+                           "--data.resident_budget_gb", "0.000001"))  # fmt: skip
+    assert small.datamodule.resident is None
+    with pytest.raises(SystemExit):
+        main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "refused", "--data.resident_features",
+                       "true", "--data.resident_budget_gb", "0.000001"))  # fmt: skip

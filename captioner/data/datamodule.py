@@ -18,6 +18,7 @@ from captioner.data.datasets import (
     FeatureRows,
     ImageCaptions,
     PixelRows,
+    RowIndex,
     TrainCaptions,
     passthrough,
 )
@@ -40,7 +41,7 @@ from captioner.encoders.base import ImageEncoder
 from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
 from captioner.encoders.image_files import ImageFileDataset, collate_images
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.encoders.store import FEATURES_FILE, FeatureCache
+from captioner.encoders.store import FEATURES_FILE, FeatureCache, ResidentFeatures, host_budget, memory_budget
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 
@@ -81,6 +82,11 @@ class CaptionDataModule(LightningDataModule):
             a trained encoder's features change every step). Training images get the encoder's training transform.
         train_crop: That transform's random crop keeps at least this share of each side (1: no crop). No flips and
             no colour jitter: captions name left and right, and colours.
+        resident_features: Hold the whole feature cache in memory on the training device (or, on a GPU machine, in
+            pinned host memory) and gather batches there by row, instead of reading them from disk in the loader
+            workers: "auto" when it fits the budget, true (stop if it does not), false (always read from disk).
+        resident_budget_gb: The most memory the cache may take there (None: half the GPU's free memory, or a
+            quarter of the host's available memory).
         backbone, weights, image_size: Removed in captioner 0.3 (the encoder is `--model.encoder`); setting them
             stops with the config to write instead.
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
@@ -116,6 +122,8 @@ class CaptionDataModule(LightningDataModule):
         encoder: ImageEncoder | None = None,
         online_features: bool = False,
         train_crop: float = 0.9,
+        resident_features: bool | Literal["auto"] = "auto",
+        resident_budget_gb: float | None = None,
         backbone: str | None = None,
         weights: str | None = None,
         image_size: int | None = None,
@@ -143,6 +151,7 @@ class CaptionDataModule(LightningDataModule):
         self._report: DataReport | None = None  # kept by the process that prepared, for the summary
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self._resume_at: TrainingPosition | None = None  # set from a checkpoint, used by the next training loader
+        self.resident: ResidentFeatures | None = None
         self.split_sizes: dict[str, int] = {}
 
     # ---------------------------------------------------------------- preparation (one process per node)
@@ -287,18 +296,49 @@ class CaptionDataModule(LightningDataModule):
                 cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec, self._device())
             row_of, failed = cache.row_of, cache.failed
         self.split_sizes = {}
+        self.resident = self._resident(cache) if cache is not None else None
         for name in SPLITS:
             records = [r for r in splits[name] if r.file_name not in failed]
             self.split_sizes[name] = len(records)
             if not records:
                 raise CaptionerError(f"The {name} split has no usable image; adjust --data.{name}_size or the data.")
-            if cache is not None:
+            if self.resident is not None:
+                reader = RowIndex()
+            elif cache is not None:
                 reader = FeatureRows(cache.directory / FEATURES_FILE)
             else:
                 reader = PixelRows([self.images_dir / n for n in all_names], self.preprocessing,
                                    augment=self.hparams.train_crop if name == "train" else 1.0,
                                    seed=self.shuffle_seed)  # fmt: skip
             self.datasets[name] = self._dataset(name, records, reader, row_of)
+
+    def _resident(self, cache: FeatureCache) -> ResidentFeatures | None:
+        """The cache held in memory when it fits (see `resident_features`), else None (read from disk per batch)."""
+        choice, device = self.hparams.resident_features, self._device()
+        size = cache.features.nbytes
+        if choice is False:
+            return None
+        budget = int(self.hparams.resident_budget_gb * 2**30) if self.hparams.resident_budget_gb else None
+        if size <= (budget if budget is not None else memory_budget(device)):
+            log.info("Feature cache (%.0f MB) held in %s memory.", size / 2**20, device.type.upper())
+            return ResidentFeatures(cache.features, device)
+        if device.type == "cuda" and size <= host_budget():
+            log.info("Feature cache (%.0f MB) held in pinned host memory.", size / 2**20)
+            return ResidentFeatures(cache.features, device, host=True)
+        if choice is True:
+            raise CaptionerError(f"--data.resident_features true: the feature cache ({size / 2**30:.1f} GB) is over "
+                                 "the memory budget; raise --data.resident_budget_gb or set it to auto.")  # fmt: skip
+        return None
+
+    def materialize(self, batch: dict) -> dict:
+        """A batch with its `rows` turned into `features` from the resident table (a no-op otherwise)."""
+        if isinstance(batch, dict) and "rows" in batch and self.resident is not None:
+            batch = {**batch, "features": self.resident.gather(batch["rows"])}
+            del batch["rows"]
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.materialize(batch)  # on the training device: the gather runs there
 
     def _dataset(self, name: str, records: list[CaptionRecord], reader, row_of: dict[str, int]):
         if name == "train" and self.hparams.train_items == "captions":

@@ -44,6 +44,17 @@ class FeatureRows:
         return torch.from_numpy(out).float()
 
 
+class RowIndex:
+    """The rows themselves: the batch carries `rows`, and the datamodule gathers their features from a table held
+    in memory (`captioner.encoders.store.ResidentFeatures`) once the batch is on the training device."""
+
+    key = "rows"
+    augmented = False
+
+    def read(self, rows: np.ndarray, epochs: np.ndarray | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(rows))
+
+
 class PixelRows:
     """Images instead of cached features, for an encoder that trains: row r is `paths[r]`, decoded and preprocessed.
 
@@ -80,6 +91,9 @@ class PixelRows:
         return torch.stack([self._one(int(row), int(epoch)) for row, epoch in zip(rows, epochs)])
 
 
+Reader = FeatureRows | PixelRows | RowIndex
+
+
 def _indices(items: list) -> tuple[np.ndarray, np.ndarray | None]:
     """Dataset positions, and epochs when the sampler tags them (`ResumableSampler(tag_epoch=True)`)."""
     if items and isinstance(items[0], tuple):
@@ -106,7 +120,7 @@ class TrainCaptions(Dataset):
         pad_index: The padding token.
     """
 
-    def __init__(self, reader: FeatureRows | PixelRows, rows: np.ndarray, tokens: torch.Tensor, pad_index: int) -> None:
+    def __init__(self, reader: Reader, rows: np.ndarray, tokens: torch.Tensor, pad_index: int) -> None:
         self.features = reader
         self.rows, self.tokens, self.pad_index = rows, tokens, pad_index
         self.augmented = reader.augmented
@@ -144,7 +158,7 @@ class ImageCaptions(Dataset):
 
     def __init__(
         self,
-        reader: FeatureRows | PixelRows,
+        reader: Reader,
         rows: np.ndarray,
         file_names: list[str],
         captions: list[tuple[str, ...]],
