@@ -1,6 +1,7 @@
 """Export a checkpoint to a self-describing ONNX folder that `captioner.runtime` captions with, torch-free.
 
-    python -m captioner export --ckpt_path best.ckpt --output captioner-onnx/ [--quantize int8] [--quantize_encoder]
+    python -m captioner export --ckpt_path best.ckpt --output captioner-onnx/ [--quantize int8]
+        [--quantize_encoder --calibration_dir photos/]
 
 The folder holds three graphs with a dynamic batch: the encoder (uint8 images
 in, features out, normalisation inside), the decoder's `prepare` (features to
@@ -30,6 +31,7 @@ from torch import nn
 from captioner import checkpointing
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
+from captioner.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.files import write_json
 from captioner.models.module import CaptionModel
 from captioner.runtime import EXPORT_VERSION, MANIFEST
@@ -102,14 +104,18 @@ def _without_fused_attention() -> Iterator[None]:
 
 
 def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = None,
-                quantize_encoder: bool = False) -> Path:  # fmt: skip
+                quantize_encoder: bool = False, calibration_dir: str | Path | None = None,
+                calibration_images: int = 64) -> Path:  # fmt: skip
     """Write `model` as an ONNX folder (see the module docstring); the folder is complete or absent.
 
     Args:
         model: A model with its vocabulary (from a checkpoint).
         output: The folder to create (must not exist, or be empty).
         quantize: "int8": dynamic int8 quantisation (ONNX Runtime's) of the decoder graphs.
-        quantize_encoder: Quantise the encoder too (with `quantize`).
+        quantize_encoder: Quantise the encoder too (with `quantize`): static QDQ calibrated on `calibration_dir`,
+            else dynamic (see `captioner.quantization`).
+        calibration_dir: Sample pictures like those the model will caption (searched recursively).
+        calibration_images: The most of them used.
 
     Raises:
         CaptionerError: When the output folder holds anything, or the decoder cannot be exported.
@@ -155,13 +161,18 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
                               input_names=["tokens", *names_state, *names_context],
                               output_names=["logits", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
                               dynamic_axes={"tokens": {0: "rows"}, "logits": {0: "rows"}, **dynamic})  # fmt: skip
+        encoder_quantization: dict | bool = False
         if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            for name in ("prepare", "step", *(("encoder",) if quantize_encoder else ())):
-                path = tmp / GRAPHS[name]
-                quantize_dynamic(path, path.with_suffix(".int8.onnx"), weight_type=QuantType.QInt8)
-                path.with_suffix(".int8.onnx").replace(path)
+            for name in ("prepare", "step"):
+                quantize_dynamic_graph(tmp / GRAPHS[name])
+            if quantize_encoder and calibration_dir is not None:
+                batches = calibration_batches(calibration_dir, model.preprocessing, calibration_images)
+                encoder_quantization = quantize_static_encoder(tmp / GRAPHS["encoder"], batches)
+            elif quantize_encoder:
+                log.warning("--quantize_encoder without --calibration_dir: dynamic quantisation, which runs "
+                            "convolutions slower than fp32 on most CPUs; give sample pictures for static.")  # fmt: skip
+                quantize_dynamic_graph(tmp / GRAPHS["encoder"])
+                encoder_quantization = {"method": "dynamic"}
         elif quantize is not None:
             raise CaptionerError(f"--quantize {quantize!r}: only int8 is supported.")
         meta = checkpointing.meta_of(model)
@@ -180,7 +191,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
             "state_count": len(states),
             "context_count": len(contexts),
             "context_per_image": context_per_image,
-            "quantized": {"int8": quantize == "int8", "encoder": bool(quantize == "int8" and quantize_encoder)},
+            "quantized": {"int8": quantize == "int8", "encoder": encoder_quantization},
             "opset": OPSET,
             "files": {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in GRAPHS.values()},
         }
@@ -199,7 +210,8 @@ def _readme(manifest: dict) -> str:
     decoder = manifest["decoder"]["class_path"].rsplit(".", 1)[-1]
     size = manifest["preprocessing"]["image_size"]
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"]).describe()
-    quantized = "int8 (dynamic) decoder" + (" and encoder" if manifest["quantized"]["encoder"] else "")
+    encoder = manifest["quantized"]["encoder"]
+    quantized = "int8 (dynamic) decoder" + (f", int8 ({encoder['method']}) encoder" if encoder else "")
     return f"""# An exported captioner
 
 A {decoder} over {manifest["encoder_name"]} features, exported by `python -m captioner export`.
@@ -221,14 +233,22 @@ white), then {preprocessing} (`captioner.pixels.preprocess_array`); the encoder 
 
 
 def export_command(argv: list[str]) -> int:
-    """`python -m captioner export --ckpt_path CKPT --output FOLDER [--quantize int8] [--quantize_encoder]`."""
+    """`python -m captioner export --ckpt_path CKPT --output FOLDER [--quantize int8] [--quantize_encoder]
+    [--calibration_dir FOLDER]`."""
     parser = argparse.ArgumentParser(prog="python -m captioner export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
     parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 quantisation of the decoder")
     parser.add_argument("--quantize_encoder", action="store_true", help="with --quantize, the encoder too")
+    parser.add_argument("--calibration_dir", default=None,
+                        help="sample pictures to calibrate the encoder's static int8 quantisation on")
+    parser.add_argument("--calibration_images", type=int, default=64, help="the most sample pictures used")
     options = parser.parse_args(argv)
     model = CaptionModel.from_checkpoint(options.ckpt_path)
-    folder = export_onnx(model, options.output, options.quantize, options.quantize_encoder)
+    if options.calibration_dir and not (options.quantize and options.quantize_encoder):
+        raise CaptionerError("--calibration_dir calibrates the encoder's int8 quantisation: add --quantize int8 "
+                             "--quantize_encoder.")  # fmt: skip
+    folder = export_onnx(model, options.output, options.quantize, options.quantize_encoder, options.calibration_dir,
+                         options.calibration_images)  # fmt: skip
     print(f"Exported to {folder} ({', '.join(sorted(json.loads((folder / MANIFEST).read_text())['files']))})")
     return 0

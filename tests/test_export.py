@@ -175,3 +175,33 @@ def test_a_model_that_cannot_be_exported_says_why(scenes_source, tmp_path):
     with pytest.raises(CaptionerError, match="state is not a tensor or a flat tuple of tensors"):
         export_onnx(model.eval(), tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx*"))  # nothing half-written left
+
+
+def test_a_calibrated_static_int8_encoder_keeps_the_features_and_captions(trained, scenes_source, tmp_path):
+    checkpoint, _ = trained
+    images = sorted((scenes_source / "Images").iterdir())
+    calibration = tmp_path / "samples"
+    calibration.mkdir()
+    for path in images[:24]:
+        (calibration / path.name).write_bytes(path.read_bytes())
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "fp32")])
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "int8"), "--quantize", "int8",
+          "--quantize_encoder", "--calibration_dir", str(calibration)])  # fmt: skip
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert manifest["quantized"]["encoder"] == {"method": "static (QDQ)", "calibration_images": 24}
+    import onnx
+
+    operators = {node.op_type for node in onnx.load(tmp_path / "int8" / "encoder.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= operators and "ConvInteger" not in operators  # not dynamic
+    fp32, int8 = OnnxCaptioner(tmp_path / "fp32"), OnnxCaptioner(tmp_path / "int8")
+    held_out = np.stack([fp32._pixels(path) for path in images[60:92]])  # not calibrated on
+    a, b = fp32.features(held_out), int8.features(held_out)
+    centre = a.mean(axis=0)
+    cosine = (
+        ((a - centre) * (b - centre)).sum(1) / np.linalg.norm(a - centre, axis=1) / np.linalg.norm(b - centre, axis=1)
+    )
+    assert cosine.mean() > 0.9, cosine
+    assert np.mean([x == y for x, y in zip(fp32.caption(images[60:92]), int8.caption(images[60:92]))]) >= 0.5
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "x"), "--calibration_dir",
+              str(calibration)])  # calibration without quantising the encoder: refused  # fmt: skip
