@@ -31,9 +31,9 @@ from torch import nn
 from captioner import checkpointing
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
-from captioner.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.files import write_json
 from captioner.models.module import CaptionModel
+from captioner.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.runtime import EXPORT_VERSION, MANIFEST
 
 log = logging.getLogger("captioner")
@@ -240,8 +240,9 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 quantisation of the decoder")
     parser.add_argument("--quantize_encoder", action="store_true", help="with --quantize, the encoder too")
-    parser.add_argument("--calibration_dir", default=None,
-                        help="sample pictures to calibrate the encoder's static int8 quantisation on")
+    parser.add_argument(
+        "--calibration_dir", default=None, help="sample pictures to calibrate the encoder's static int8 quantisation on"
+    )
     parser.add_argument("--calibration_images", type=int, default=64, help="the most sample pictures used")
     options = parser.parse_args(argv)
     model = CaptionModel.from_checkpoint(options.ckpt_path)

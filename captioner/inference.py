@@ -65,15 +65,16 @@ class Captioner:
         batch_size: Images per forward pass.
         decoding: How to decode (None: the model's settings, which came from its checkpoint).
         num_workers: Worker processes decoding image files (0: in this process).
+        compile_search: Step the decoder through `torch.compile` (CUDA graphs on a GPU).
         overrides: Decoding settings changed from `decoding` (`num_beams=5`, `length_penalty=0.6`, ...).
     """
 
     def __init__(self, model: CaptionModel, batch_size: int = 32, decoding: DecodingConfig | None = None,
-                 num_workers: int = 0, **overrides) -> None:  # fmt: skip
+                 num_workers: int = 0, compile_search: bool = False, **overrides) -> None:  # fmt: skip
         if model.vocabulary is None:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
         self.model = model.eval()
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.compile_search = batch_size, num_workers, compile_search
         self.decoding = (decoding or model.decoding).with_overrides(**overrides)
         self.preprocessing = model.preprocessing
 
@@ -94,7 +95,8 @@ class Captioner:
     def caption_tensor(self, images: torch.Tensor, **overrides) -> tuple[list[str], list[float]]:
         """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""
         with torch.no_grad(), self._autocast():
-            rows = captioning.describe(self.model, images, self.decoding.with_overrides(**overrides))
+            rows = captioning.describe(self.model, images, self.decoding.with_overrides(**overrides),
+                                       compiled=self.compile_search)  # fmt: skip
         return [row["caption"] for row in rows], [row["score"] for row in rows]
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
@@ -123,7 +125,8 @@ class Captioner:
         batch = torch.stack([self.preprocessing.from_pil(image) if isinstance(image, Image.Image) else image
                              for image in images])  # fmt: skip
         with torch.no_grad(), self._autocast():
-            rows = captioning.describe(self.model, batch, self.decoding.with_overrides(**overrides), attention)
+            rows = captioning.describe(self.model, batch, self.decoding.with_overrides(**overrides), attention,
+                                       self.compile_search)  # fmt: skip
         return [attention_as_lists(row) for row in rows]
 
     def predict(self, images: Iterable[ImageSource], **overrides) -> list[Prediction]:

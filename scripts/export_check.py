@@ -2,8 +2,9 @@
 
     python scripts/export_check.py runs/demo/captioner-demo/<run>/checkpoints/<best>.ckpt
 
-Exports the checkpoint three ways (fp32; int8 decoder; int8 decoder and
-encoder), captions the 200 held-out test images of `configs/demo.yaml` with
+Exports the checkpoint four ways (fp32; int8 decoder; int8 decoder and
+dynamic int8 encoder; int8 decoder and static int8 encoder calibrated on 64
+training pictures), captions the 200 held-out test images of `configs/demo.yaml` with
 PyTorch and with ONNX Runtime (greedy, and 5 beams with length penalty 0.6), and prints the COCO
 caption metrics (pycocoevalcap, raw references) of each side by side, with
 the share of captions identical to PyTorch's.
@@ -33,15 +34,20 @@ from captioner.runtime import OnnxCaptioner  # noqa: E402
 SETTINGS = ({"num_beams": 1}, {"num_beams": 5, "length_penalty": 0.6})
 
 
-def demo_test_set() -> tuple[list[Path], list[list[str]]]:
-    """The demo's held-out test images and their raw references, from its prepared data."""
+def demo_split(name: str) -> tuple[list[Path], list[list[str]]]:
+    """One split of the demo's prepared data: its images and their raw references."""
     settings = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["data"]
     keys = ("data_dir", "synthetic_images", "work_dir", "val_size", "test_size", "min_word_count")
     datamodule = CaptionDataModule(**{key: settings[key] for key in keys if key in settings})
     prepared = PreparedData.for_settings(datamodule.work_dir, datamodule.preparation_settings())
     images_dir = Path(prepared.read_dataset()["images_dir"])
-    test = load_splits(prepared.splits_file)[0]["test"]
-    return [images_dir / record.file_name for record in test], [list(record.captions) for record in test]
+    records = load_splits(prepared.splits_file)[0][name]
+    return [images_dir / record.file_name for record in records], [list(record.captions) for record in records]
+
+
+def demo_test_set() -> tuple[list[Path], list[list[str]]]:
+    """The demo's held-out test images and their raw references."""
+    return demo_split("test")
 
 
 def main(checkpoint: str) -> None:
@@ -49,11 +55,17 @@ def main(checkpoint: str) -> None:
     torch_side = Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=50)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        calibration = Path(tmp) / "calibration"  # 64 training pictures: never the test images
+        calibration.mkdir()
+        for path in demo_split("train")[0][:64]:
+            (calibration / path.name).symlink_to(path)
         runtimes = {}
-        for name, quantize, encoder in (("ONNX fp32", None, False), ("ONNX int8 decoder", "int8", False),
-                                        ("ONNX int8 all", "int8", True)):  # fmt: skip
+        for name, quantize, encoder, samples in (
+            ("ONNX fp32", None, False, None), ("ONNX int8 decoder", "int8", False, None),
+            ("ONNX int8 all, dynamic", "int8", True, None), ("ONNX int8 all, static", "int8", True, calibration),
+        ):  # fmt: skip
             folder = export_onnx(CaptionModel.from_checkpoint(checkpoint), Path(tmp) / name.replace(" ", "_"),
-                                 quantize, encoder)  # fmt: skip
+                                 quantize, encoder, samples)  # fmt: skip
             runtimes[name] = OnnxCaptioner(folder, batch_size=50)
         for settings in SETTINGS:
             reference = [p.caption for p in torch_side.predict(paths, **settings)]

@@ -166,3 +166,26 @@ def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
     assert centred_cosine(features[0], features[3], centre) < 0.9  # another picture
     captions = captioner.caption(sources)
     assert len(captions) == 4 and captions[0] == captioner.caption(path)[0]
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
+    from captioner.data.vocab import Vocabulary
+    from captioner.decoding import DecodingConfig, SpecialTokens
+    from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
+    from captioner.models.search import generate
+
+    torch.manual_seed(0)
+    vocabulary = Vocabulary([f"w{i}" for i in range(500)], max_length=20)
+    build = {"lstm": lambda: LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0),
+             "attention": lambda: AttentionDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, attention_dim=32),
+             "transformer": lambda: TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4)}[decoder]  # fmt: skip
+    model = build().cuda().eval()
+    features = torch.randn(37, 64, device="cuda") if decoder == "lstm" else torch.randn(37, 9, 64, device="cuda")
+    special = SpecialTokens.of(vocabulary)
+    for config in (DecodingConfig(num_beams=1), DecodingConfig(num_beams=3, num_return=3)):
+        eager = generate(model, features, config, special, 20)
+        for _ in range(2):  # the second run replays the captured graphs
+            compiled = generate(model, features, config, special, 20, compiled=True)
+            assert torch.equal(eager.tokens, compiled.tokens), (decoder, config)
+            torch.testing.assert_close(eager.scores, compiled.scores, atol=1e-3, rtol=1e-3)

@@ -104,6 +104,19 @@ def _bad_files(folder: Path, photograph: Path) -> dict[str, bool]:
             "noise.jpg": False, "bomb.jpg": False, "empty.jpg": False}  # fmt: skip
 
 
+def test_decoding_ahead_in_several_threads_gives_the_batches_in_order(photographs):
+    """The device path's decode threads (here on the CPU): any number of them, the same batches in the same order."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(EncodedFileDataset([*photographs, *photographs], Preprocessing(64)), batch_size=3,
+                        collate_fn=collate_encoded)  # fmt: skip
+    one = list(images_module.decoded_ahead(loader, Preprocessing(64), "cpu", threads=1))
+    three = list(images_module.decoded_ahead(loader, Preprocessing(64), "cpu", threads=3))
+    assert len(one) == len(three) == 5
+    for a, b in zip(one, three):
+        assert a["positions"] == b["positions"] and a["ok"] == b["ok"] and torch.equal(a["images"], b["images"])
+
+
 def test_the_device_path_fails_bad_files_alone_like_the_cpu_path(photographs, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # bomb.jpg (9 Mpx) is over twice the limit
     expected = _bad_files(tmp_path, photographs[0])

@@ -226,3 +226,19 @@ def test_torch_and_numpy_decode_the_same_captions_with_the_same_scores(config):
     assert ours[0].tolist() == theirs[0].tolist()
     np.testing.assert_array_equal(ours[2], theirs[2])
     np.testing.assert_allclose(ours[1], theirs[1], atol=1e-4)
+
+
+def test_a_compiled_search_pads_the_batch_and_gives_the_same_captions(monkeypatch):
+    """The compiled path's logic on the CPU (the compilation itself swapped for the plain step: compiling takes
+    tens of seconds here; tests/test_gpu.py runs it for real): the batch padded to a few sizes, the padding
+    dropped."""
+    from captioner.models import search as torch_search
+
+    assert [torch_search.padded_rows(n) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
+    monkeypatch.setattr(torch_search, "compiled_step", lambda decoder: decoder.step)
+    decoder, features = transformer(seed=3), torch.randn(5, 3, 8)
+    config = DecodingConfig(num_beams=3, num_return=3)
+    plain = torch_search.generate(decoder, features, config, SPECIAL, 6)
+    padded = torch_search.generate(decoder, features, config, SPECIAL, 6, compiled=True)
+    assert padded.tokens.shape[0] == 5 and torch.equal(plain.tokens, padded.tokens)
+    torch.testing.assert_close(plain.scores, padded.scores)

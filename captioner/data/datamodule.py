@@ -92,6 +92,8 @@ class CaptionDataModule(LightningDataModule):
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
             CPU; halved on out-of-memory).
         compile_encoder: Run the encoder through `torch.compile` while caching features (worth it on a GPU).
+        decode_threads: On a GPU, batches of JPEGs decoded ahead of the encoder (nvJPEG), each in a thread with its
+            own CUDA stream.
         batch_size: Training items per batch: captions, or images with all their captions (see `train_items`).
         eval_batch_size: Images per validation/test/predict batch.
         num_workers: DataLoader worker processes (image decoding and feature reads).
@@ -129,6 +131,7 @@ class CaptionDataModule(LightningDataModule):
         image_size: int | None = None,
         extraction_batch_size: int | None = None,
         compile_encoder: bool = False,
+        decode_threads: int = 2,
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 2,
@@ -241,6 +244,7 @@ class CaptionDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             device=self._device(),
             compile_encoder=hp.compile_encoder,
+            decode_threads=hp.decode_threads,
         )
         spec = self.feature_spec
         if self._world_size() > 1:

@@ -118,6 +118,7 @@ def extract_features(
     device_decode: bool | None = None,
     compile_encoder: bool = False,
     require_some: bool = True,
+    decode_threads: int = 2,
 ) -> None:
     """Run the spec's encoder over the images into `directory`, resuming an interrupted run.
 
@@ -131,7 +132,8 @@ def extract_features(
     Rows are written into a memory-mapped partial file; progress is saved at
     batch boundaries after the rows are flushed, so a run killed at any point
     resumes at a batch boundary and produces the same array as an
-    uninterrupted run with the same batch size.
+    uninterrupted run with the same batch size. On the device path,
+    `decode_threads` batches are decoded ahead, each thread on its own stream.
 
     Raises:
         CaptionerError: When no image at all can be decoded, or the disk is full.
@@ -184,7 +186,7 @@ def extract_features(
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
             tqdm(total=count, initial=done, unit="img", desc=f"{encoder.name} features", dynamic_ncols=True) as bar,
         ):
-            for batch in decoded_ahead(loader, preprocessing, device) if device_decode else loader:
+            for batch in decoded_ahead(loader, preprocessing, device, decode_threads) if device_decode else loader:
                 start = done + batch["positions"][0]
                 stop = done + batch["positions"][-1] + 1
                 rows = np.zeros((stop - start, *row_shape), dtype=np.float16)
@@ -222,6 +224,7 @@ def prepare_features(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     compile_encoder: bool = False,
+    decode_threads: int = 2,
 ) -> FeatureCache:
     """Open the cache for these images and encoder, computing or resuming it first if needed.
 
@@ -234,6 +237,7 @@ def prepare_features(
         num_workers: DataLoader workers decoding images.
         device: Where the encoder runs.
         compile_encoder: Run the encoder through `torch.compile` (pays off on large sets on a GPU).
+        decode_threads: Batches of JPEGs decoded ahead on a GPU, each thread on its own stream.
 
     Returns:
         The validated, complete cache.
@@ -247,7 +251,7 @@ def prepare_features(
             log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
             shutil.rmtree(directory)
     extract_features(directory, key, images_dir, file_names, spec, batch_size, num_workers, device,
-                     compile_encoder=compile_encoder)  # fmt: skip
+                     compile_encoder=compile_encoder, decode_threads=decode_threads)  # fmt: skip
     return open_cache(directory, key, spec.encoder_spec)
 
 
@@ -279,6 +283,7 @@ def prepare_features_sharded(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     compile_encoder: bool = False,
+    decode_threads: int = 2,
 ) -> FeatureCache:
     """Build the cache with every rank of a distributed run extracting its own share.
 
@@ -313,7 +318,8 @@ def prepare_features_sharded(
     part = directory / "parts" / f"{world_size}-{rank}"
     if part_names and not (part / INDEX_FILE).exists():
         extract_features(part, spec.key(part_names, device), images_dir, part_names, spec, batch_size, num_workers,
-                         device, compile_encoder=compile_encoder, require_some=False)  # fmt: skip
+                         device, compile_encoder=compile_encoder, require_some=False,
+                         decode_threads=decode_threads)  # fmt: skip
     barrier()
     if rank == 0:
         _assemble(directory, key, file_names, world_size, spec, images_dir, device)

@@ -10,6 +10,8 @@ path, so a bad file fails alone, the same way on both paths.
 from __future__ import annotations
 
 import io
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,19 +199,30 @@ def decode_on_device(batch: dict, preprocessing: Preprocessing, device: torch.de
             "errors": errors}  # fmt: skip
 
 
-def decoded_ahead(batches: Iterable[dict], preprocessing: Preprocessing, device: torch.device | str) -> Iterator[dict]:
-    """`decode_on_device` over `collate_encoded` batches, one batch ahead in a thread.
+def decoded_ahead(batches: Iterable[dict], preprocessing: Preprocessing, device: torch.device | str,
+                  threads: int = 2) -> Iterator[dict]:  # fmt: skip
+    """`decode_on_device` over `collate_encoded` batches, up to `threads` batches ahead in threads of their own,
+    each with its own CUDA stream; batches come back in order.
 
-    The device decodes (and the decoder's host side runs, without the GIL) the
-    next batch while the caller encodes this one; decoding inline leaves the
-    encoder idle for every decode. Batches come back in order.
+    The device decodes (and nvJPEG's host side runs, without the GIL) the next batches while the caller encodes
+    this one: one decode thread left the encoder idle for every decode, and bound extraction to one decode stream.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode") as pool:
-        pending = None
+    device = torch.device(device)
+    local = threading.local()
+
+    def decode(batch: dict) -> dict:
+        if device.type != "cuda":
+            return decode_on_device(batch, preprocessing, device)
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(local.stream):
+            return decode_on_device(batch, preprocessing, device)  # which waits for its work before returning
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="device-decode") as pool:
+        pending: deque = deque()
         for batch in batches:
-            future = pool.submit(decode_on_device, batch, preprocessing, device)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
+            pending.append(pool.submit(decode, batch))
+            if len(pending) > max(1, threads):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -16,12 +16,15 @@ if TYPE_CHECKING:
     from captioner.models.module import CaptionModel
 
 
-def search(model: CaptionModel, features: torch.Tensor, config: DecodingConfig | None = None) -> Decoded:
-    """Ranked captions of a batch of features (the model's own decoding settings unless `config` is given)."""
+def search(model: CaptionModel, features: torch.Tensor, config: DecodingConfig | None = None,
+           compiled: bool | None = None) -> Decoded:  # fmt: skip
+    """Ranked captions of a batch of features (the model's own decoding settings unless `config` is given; the
+    decoder step compiled when `compiled`, else as the model's `compile_search` says)."""
     config = config or model.decoding
     vocabulary = model.vocabulary
+    compiled = model.hparams.get("compile_search", False) if compiled is None else compiled
     return generate(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
-                    config.max_words(vocabulary.max_length), vocabulary.stoi)  # fmt: skip
+                    config.max_words(vocabulary.max_length), vocabulary.stoi, compiled)  # fmt: skip
 
 
 @torch.no_grad()
@@ -48,7 +51,7 @@ def attention_maps(model: CaptionModel, features: torch.Tensor, tokens: torch.Te
 
 @torch.no_grad()
 def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig | None = None,
-             attention: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+             attention: bool = False, compiled: bool | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Everything inference can tell about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
 
     Keys: `caption`, `score` (log-probability), `alternatives` (with `num_return` > 1; see
@@ -57,7 +60,7 @@ def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig |
     """
     config = config or model.decoding
     features = model.encode_images(images)
-    decoded = search(model, features, config)
+    decoded = search(model, features, config, compiled)
     rows = answer_rows(decoded, model.vocabulary, config.num_return)
     maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
     for index, row in enumerate(rows):

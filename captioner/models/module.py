@@ -32,8 +32,6 @@ from captioner.parts import config_class
 # Frozen encoder parts stay in eval mode on purpose (see ImageEncoder.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
-DecoderFactory = Callable[[int, int], CaptionDecoder]
-
 
 class CaptionModel(LightningModule):
     """Image captioning with an image encoder and a decoder chosen in the config.
@@ -60,6 +58,7 @@ class CaptionModel(LightningModule):
         warmup_steps: Optimizer steps of linear warm-up.
         decoding: How `test` and `predict` decode (`captioner.decoding.DecodingConfig`: num_beams, num_return,
             length_penalty, max_length, rules, sampling); validation decodes greedily with the same rules.
+        compile_search: `test` and `predict` step the decoder through `torch.compile` (CUDA graphs on a GPU).
         blind: Zero the image features (the blind baseline: what the language prior alone achieves).
         init_checkpoint: Start from the weights of this checkpoint (not its optimizer or epoch): the way
             to begin a second training stage such as self-critical training.
@@ -69,7 +68,7 @@ class CaptionModel(LightningModule):
 
     def __init__(
         self,
-        decoder: DecoderFactory = LSTMDecoder,
+        decoder: Callable[[int, int], CaptionDecoder] = LSTMDecoder,
         encoder: ImageEncoder | None = None,
         objective: Objective | None = None,
         trainable_encoder_blocks: TrainableBlocks = 0,
@@ -79,6 +78,7 @@ class CaptionModel(LightningModule):
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         warmup_steps: int = 200,
         decoding: DecodingConfig | None = None,
+        compile_search: bool = False,
         blind: bool = False,
         init_checkpoint: str | None = None,
         beam_size: int | None = None,

@@ -15,7 +15,7 @@ from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.rules import BanTokens
 from captioner.decoding.search import Decoded, decode
 from captioner.decoding.torch_ops import TorchOps
-from captioner.models.decoders.base import CaptionDecoder, Context, State
+from captioner.models.decoders.base import CaptionDecoder, Context, State, map_tensors
 
 __all__ = ["Decoded", "DecoderStepper", "SearchResult", "SpecialTokens", "generate", "sample_captions"]
 
@@ -27,9 +27,11 @@ class DecoderStepper:
     only the state is reordered.
     """
 
-    def __init__(self, decoder: CaptionDecoder, features: torch.Tensor) -> None:
+    def __init__(self, decoder: CaptionDecoder, features: torch.Tensor, compiled: bool = False) -> None:
         self.decoder, self.features = decoder, features
         self.context: Context = None
+        self._step = compiled_step(decoder) if compiled else decoder.step
+        self._graphs = compiled and features.is_cuda
 
     def start(self, copies: int) -> State:
         context = self.decoder.prepare(self.features)
@@ -41,15 +43,38 @@ class DecoderStepper:
         return state
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        return self.decoder.step(tokens, state, self.context)
+        if not self._graphs:
+            return self._step(tokens, state, self.context)
+        # CUDA graphs replay into the same memory: copy out what the search keeps past the next step.
+        torch.compiler.cudagraph_mark_step_begin()
+        logits, state = self._step(tokens, state, self.context)
+        return logits.clone(), map_tensors(torch.clone, state)
 
     def reorder(self, state: State, rows: torch.Tensor) -> State:
         return self.decoder.reorder(state, rows)
 
 
+def compiled_step(decoder: CaptionDecoder):
+    """The decoder's `step` through `torch.compile`, made once per decoder: on a GPU with CUDA graphs
+    ("reduce-overhead": a step's twenty-odd kernels launched as one graph), elsewhere with inductor's fused code.
+    Shapes that change (a batch's size, the Transformer's growing cache) are compiled for once each and reused."""
+    compiled = decoder.__dict__.get("_compiled_step")
+    if compiled is None:
+        cuda = next(decoder.parameters()).is_cuda
+        compiled = torch.compile(decoder.step, mode="reduce-overhead" if cuda else "default", dynamic=None)
+        decoder.__dict__["_compiled_step"] = compiled  # beside the module's attributes: not a submodule or state
+    return compiled
+
+
+def padded_rows(rows: int) -> int:
+    """The batch size a compiled search runs at: the next power of two (at least 8), so that a handful of compiled
+    shapes serve every batch."""
+    return max(8, 1 << (rows - 1).bit_length())
+
+
 @torch.no_grad()
 def generate(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, special: SpecialTokens,
-             max_words: int, word_ids: dict[str, int] | None = None) -> Decoded:  # fmt: skip
+             max_words: int, word_ids: dict[str, int] | None = None, compiled: bool = False) -> Decoded:  # fmt: skip
     """Captions for a batch of features, as `config` says (ranked per image; see `captioner.decoding.search`).
 
     Args:
@@ -59,9 +84,18 @@ def generate(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingCo
         special: Start, end, padding and never-generated tokens.
         max_words: Most words per caption.
         word_ids: The vocabulary's ids by word (for `bad_endings`).
+        compiled: Step through `compiled_step`, the batch padded to `padded_rows` (the padding rows' captions are
+            dropped).
     """
+    batch = features.shape[0]
+    if compiled and padded_rows(batch) != batch:
+        padding = features[:1].expand(padded_rows(batch) - batch, *features.shape[1:])
+        decoded = generate(decoder, torch.cat([features, padding]), config, special, max_words, word_ids, compiled)
+        return Decoded(decoded.tokens[:batch], decoded.scores[:batch], decoded.lengths[:batch],
+                       decoded.normalised[:batch])  # fmt: skip
     ops = TorchOps(features.device, config.seed)
-    return decode(DecoderStepper(decoder, features), features.shape[0], config, special, ops, max_words, word_ids)
+    stepper = DecoderStepper(decoder, features, compiled)
+    return decode(stepper, batch, config, special, ops, max_words, word_ids)
 
 
 @dataclass
