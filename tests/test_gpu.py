@@ -179,7 +179,8 @@ def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
     vocabulary = Vocabulary([f"w{i}" for i in range(500)], max_length=20)
     build = {"lstm": lambda: LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0),
              "attention": lambda: AttentionDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, attention_dim=32),
-             "transformer": lambda: TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4)}[decoder]  # fmt: skip
+             "transformer": lambda: TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4),
+             }[decoder]  # fmt: skip
     model = build().cuda().eval()
     features = torch.randn(37, 64, device="cuda") if decoder == "lstm" else torch.randn(37, 9, 64, device="cuda")
     special = SpecialTokens.of(vocabulary)
