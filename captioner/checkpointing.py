@@ -9,7 +9,7 @@ dataset, the config or the network:
      "encoder": {"class_path": ..., "init_args": {...}},     # ImageEncoder.spec()
      "trainable_encoder_blocks": 0,                           # how the encoder was trained
      "preprocessing": {...},                                  # Preprocessing.to_dict(), the encoder's
-     "vocabulary": {...},                                     # Vocabulary.to_dict()
+     "vocabulary": {...},                                     # the tokenizer's to_dict() (captioner.text)
      "blind": false,
      "decoding": {...}}                                       # DecodingConfig.to_dict()
 
@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from captioner.data.vocab import Vocabulary
 from captioner.decoding.config import DecodingConfig
 from captioner.encoders.base import ImageEncoder, encoder_from_spec
 from captioner.encoders.preprocessing import Preprocessing
@@ -40,6 +39,7 @@ from captioner.encoders.store import jsonable
 from captioner.errors import CaptionerError
 from captioner.files import atomic_open
 from captioner.models.decoders.base import CaptionDecoder, decoder_factory
+from captioner.text.base import same_tokenizer_message, tokenizer_from_dict
 
 if TYPE_CHECKING:
     from captioner.models.module import CaptionModel
@@ -151,7 +151,7 @@ def _decoding_of(old: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- a model and its checkpoints
-def built_decoder(factory: Any, vocabulary: Vocabulary, encoder: ImageEncoder) -> CaptionDecoder:
+def built_decoder(factory: Any, vocabulary: Any, encoder: ImageEncoder) -> CaptionDecoder:
     """The decoder a factory builds for a vocabulary and an encoder's feature size, checked.
 
     Raises:
@@ -194,12 +194,13 @@ def check_and_build(model: CaptionModel, checkpoint: dict[str, Any]) -> None:
     if saved_preprocessing != model.preprocessing:
         raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
                              f"configured for {model.preprocessing}. {USE_THE_RUN_CONFIG}")  # fmt: skip
-    vocabulary = Vocabulary.from_dict(meta["vocabulary"], "checkpoint")
+    vocabulary = tokenizer_from_dict(meta["vocabulary"], "the checkpoint")
     if model.vocabulary is not None and vocabulary != model.vocabulary:
+        differences = same_tokenizer_message(vocabulary, model.vocabulary)
         raise CaptionerError(
-            f"The checkpoint's vocabulary ({len(vocabulary)} tokens) is not the one prepared from this data "
-            f"({len(model.vocabulary)} tokens): it was trained on other data or with other --data.min_word_count / "
-            "--data.max_caption_length. Use the data settings the checkpoint was trained with."
+            f"The checkpoint's tokenizer is not the one prepared from this data ({differences}): it was trained on "
+            "other data or with another --data.tokenizer, --data.min_word_count or --data.max_caption_length. Use the "
+            "data settings the checkpoint was trained with."
         )
     model.build(vocabulary)
     check_same_part(meta["decoder"], model.decoder.spec(), "decoder", USE_THE_RUN_CONFIG,

@@ -26,19 +26,19 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import BLEUScore
 
 from captioner.cider import CiderD, NgramVector
-from captioner.data.vocab import normalize
+from captioner.text.words import normalize
 
 log = logging.getLogger(__name__)
 
 BLEU_ORDERS = (1, 2, 3, 4)
 PTB_TOKENIZER = "PTB (Stanford CoreNLP, Java)"
-FALLBACK_TOKENIZER = "captioner.data.vocab.normalize (no Java)"
+FALLBACK_TOKENIZER = "captioner.text.words.normalize (no Java)"
 
 
 def bleu_collection() -> MetricCollection:
     """BLEU-1..4 (cumulative, uniform weights, corpus level) keyed `bleu1`..`bleu4`.
 
-    Inputs are captions already normalised by `captioner.data.vocab.normalize`
+    Inputs are captions already normalised by `captioner.text.words.normalize`
     and joined with spaces; torchmetrics' tokenizer then splits on whitespace.
     The scores reduce over ranks as sums of n-gram counts, so they are corpus
     BLEU over every image, not a mean of per-batch scores.

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from captioner.data.vocab import Vocabulary
 from captioner.decoding.answers import answer_rows
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.ops import NumpyOps
@@ -30,6 +29,7 @@ from captioner.decoding.search import Decoded, decode
 from captioner.errors import CaptionerError
 from captioner.pixels import open_image, preprocess_array, to_rgb
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
+from captioner.text.base import tokenizer_from_dict
 
 EXPORT_VERSION = 3
 # Version 1: ResNet exports of captioner 0.2, squashed images; 1 and 2: the step graph gives log-probabilities with
@@ -145,7 +145,7 @@ class OnnxCaptioner:
 
         self.encoder, self.prepare, self.step = session("encoder"), session("prepare"), session("step")
         self.step_inputs = {item.name for item in self.step.get_inputs()}
-        self.vocabulary = Vocabulary.from_dict(manifest["vocabulary"], str(self.folder / MANIFEST))
+        self.vocabulary = tokenizer_from_dict(manifest["vocabulary"], str(self.folder / MANIFEST))
         self.special = SpecialTokens.of(self.vocabulary)
         saved = DecodingConfig.from_dict(manifest["decoding"], str(self.folder / MANIFEST))
         self.decoding = (decoding or saved).with_overrides(**overrides)

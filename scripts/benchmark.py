@@ -252,7 +252,7 @@ def _caption_tokens(captions: list[list[int]]):
 
 
 def _vocabulary():
-    from captioner.data.vocab import Vocabulary
+    from captioner.text.words import Vocabulary
 
     return Vocabulary([f"w{i}" for i in range(VOCAB_SIZE - 4)], max_length=MAX_LENGTH)
 

@@ -4,7 +4,6 @@ image's constants serve all its beams. (The search itself has its own suite: tes
 import pytest
 import torch
 
-from captioner.data.vocab import Vocabulary
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.search import length_normalised
 from captioner.models.decoders import AttentionDecoder, CaptionDecoder, LSTMDecoder, TransformerDecoder
@@ -12,6 +11,7 @@ from captioner.models.decoders.attention import doubly_stochastic_penalty
 from captioner.models.decoders.base import decoder_factory
 from captioner.models.objectives import caption_cross_entropy
 from captioner.models.search import generate
+from captioner.text.words import Vocabulary
 from tests.plugins import GRUDecoder
 
 VOCAB = Vocabulary([f"w{i}" for i in range(20)], max_length=8)

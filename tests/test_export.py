@@ -13,13 +13,13 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.data.vocab import Vocabulary
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 from captioner.export import export_onnx
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner
+from captioner.text.words import Vocabulary
 from tests.conftest import TESTS
 from tests.plugins import GRUDecoder
 

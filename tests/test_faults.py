@@ -271,4 +271,5 @@ def test_checkpoint_from_another_vocabulary_is_refused(trained, scenes_source, t
             )
         )
     assert exit_info.value.code == 2
-    assert "vocabulary" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "--data.min_word_count" in err

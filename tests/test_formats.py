@@ -267,7 +267,7 @@ def test_each_format_gives_the_records_splits_and_vocabulary_the_coco_file_gives
     """Nothing after the records knows the format: equal records (the same pictures with the same captions) give
     the same splits and vocabulary, hence the same features and the same model."""
     from captioner.data.splits import make_splits
-    from captioner.data.vocab import Vocabulary
+    from captioner.text.words import Vocabulary
 
     def prepared(root: Path) -> tuple[dict, dict, list[str]]:
         records, images_dir, _, report = read_caption_set(root)

@@ -170,10 +170,10 @@ def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
 
 @pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
 def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
-    from captioner.data.vocab import Vocabulary
     from captioner.decoding import DecodingConfig, SpecialTokens
     from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
     from captioner.models.search import generate
+    from captioner.text.words import Vocabulary
 
     torch.manual_seed(0)
     vocabulary = Vocabulary([f"w{i}" for i in range(500)], max_length=20)

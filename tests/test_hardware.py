@@ -16,12 +16,12 @@ from torch import nn
 
 from captioner import hardware
 from captioner.cli import main
-from captioner.data.vocab import Vocabulary
 from captioner.encoders import extraction as features_module
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder
 from captioner.models.decoders import lstm as decoder_module
+from captioner.text.words import Vocabulary
 from tests.conftest import tiny_args
 
 NATIVE_BF16 = hardware.cpu_bf16_support() == "native"

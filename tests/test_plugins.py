@@ -10,13 +10,13 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.data.vocab import Vocabulary
 from captioner.decoding import DecodingConfig
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models import captioning
 from captioner.models.decoders import LSTMDecoder
 from captioner.models.module import CaptionModel
 from captioner.runs import run_dir
+from captioner.text.words import Vocabulary
 from tests.conftest import predict_args, tiny_args
 
 PLUGIN = ("--model.decoder", "tests.plugins.GRUDecoder", "--model.decoder.hidden_dim", "32")

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from captioner import Captioner
-from captioner.data.vocab import Vocabulary
 from captioner.encoders import image_files as images_module
 from captioner.encoders.extraction import FeatureSpec, extract_features
 from captioner.encoders.image_files import EncodedFileDataset, collate_encoded, decode_on_device
@@ -24,6 +23,7 @@ from captioner.encoders.store import open_cache
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models.decoders import LSTMDecoder
 from captioner.models.module import CaptionModel
+from captioner.text.words import Vocabulary
 
 SAMPLE_DATA = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
 JPEGS = ("rocket.jpg", "retina.jpg", "hubble_deep_field.jpg")

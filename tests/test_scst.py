@@ -5,11 +5,11 @@ import torch
 
 from captioner.cider import CiderD
 from captioner.cli import main
-from captioner.data.vocab import Vocabulary
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder
 from captioner.models.objectives import CrossEntropy, SelfCritical, SequenceSpec
 from captioner.models.objectives.self_critical import with_end
 from captioner.models.search import SearchResult, SpecialTokens
+from captioner.text.words import Vocabulary
 from tests.conftest import tiny_args
 
 VOCAB = Vocabulary(["a", "red", "circle", "blue", "square", "on", "the", "left"], max_length=6)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.data.vocab import Vocabulary
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.ops import NumpyOps
 from captioner.decoding.search import decode, length_normalised
 from captioner.decoding.torch_ops import TorchOps
 from captioner.models.decoders import CaptionDecoder, LSTMDecoder, TransformerDecoder
 from captioner.models.search import DecoderStepper
+from captioner.text.words import Vocabulary
 
 VOCAB = Vocabulary([f"w{i}" for i in range(12)], max_length=6)
 SPECIAL = SpecialTokens.of(VOCAB)

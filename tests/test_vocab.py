@@ -3,8 +3,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captioner.data.vocab import SPECIAL_TOKENS, Vocabulary, normalize
 from captioner.errors import CaptionerError
+from captioner.text.words import SPECIAL_TOKENS, Vocabulary, normalize
 
 
 def test_normalize_lowercases_and_strips_punctuation():

@@ -36,7 +36,6 @@ from captioner.data.splits import (
     records_fingerprint,
     save_splits,
 )
-from captioner.data.vocab import Vocabulary, normalize
 from captioner.encoders.base import ImageEncoder
 from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
 from captioner.encoders.image_files import ImageFileDataset, collate_images
@@ -44,6 +43,9 @@ from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.store import FEATURES_FILE, FeatureCache, ResidentFeatures, host_budget, memory_budget
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
+from captioner.files import read_json, write_json
+from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
+from captioner.text.words import Words, normalize
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,10 @@ class CaptionDataModule(LightningDataModule):
         val_size: Validation images, as a count or a fraction (drawn splits only).
         test_size: Test images, as a count or a fraction (drawn splits only).
         split_seed: Seed of the image-level shuffle (drawn splits only).
-        min_word_count: Words seen fewer times in training captions become `<unk>`.
+        min_word_count: Words seen fewer times in training captions become `<unk>` (the word vocabulary).
+        tokenizer: How captions become tokens (`captioner.text.Words`, the default: a word vocabulary;
+            `captioner.text.Bpe`: byte-level BPE trained on the training captions; `captioner.text.Pretrained`: a
+            pretrained tokenizer, such as GPT-2's for `PrefixLMDecoder`; or your own recipe).
         max_caption_length: Most words kept per caption (and generated).
         encoder: The image encoder features are extracted with (set from `--model.encoder`: the model's own
             instance, so one config entry chooses it). None: an ImageNet ResNet50.
@@ -120,6 +125,7 @@ class CaptionDataModule(LightningDataModule):
         test_size: int | float = 0.05,
         split_seed: int = 0,
         min_word_count: int = 5,
+        tokenizer: TokenizerRecipe | None = None,
         max_caption_length: int = 34,
         encoder: ImageEncoder | None = None,
         online_features: bool = False,
@@ -145,11 +151,12 @@ class CaptionDataModule(LightningDataModule):
         _refuse_removed_options(backbone, weights, image_size)
         if max_caption_length < 1 or not 0.5 <= train_crop <= 1.0:
             raise CaptionerError("--data.max_caption_length must be >= 1 and --data.train_crop between 0.5 and 1.")
-        self.save_hyperparameters(ignore=["format", "encoder", "backbone", "weights", "image_size"])
+        self.save_hyperparameters(ignore=["format", "encoder", "tokenizer", "backbone", "weights", "image_size"])
         self.encoder = encoder if encoder is not None else TorchvisionEncoder()
         self.caption_format = format
         self.work_dir = Path(work_dir)
-        self.vocabulary: Vocabulary | None = None
+        self.vocabulary: Any = None  # the tokenizer: a word vocabulary or subwords (see captioner.text.base)
+        self.tokenizer_recipe = tokenizer if tokenizer is not None else Words()
         self.images_dir: Path | None = None
         self._report: DataReport | None = None  # kept by the process that prepared, for the summary
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
@@ -169,7 +176,7 @@ class CaptionDataModule(LightningDataModule):
             if not path.is_file():
                 raise CaptionerError(f"--data.split_file {path} does not exist.")
             split_file = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        return {
+        settings = {
             "source": source,
             "format": self.caption_format.describe() if self.caption_format is not None else None,
             "synthetic_images": hp.synthetic_images,
@@ -181,6 +188,9 @@ class CaptionDataModule(LightningDataModule):
             "min_word_count": hp.min_word_count,
             "max_caption_length": hp.max_caption_length,
         }
+        if hp_tokenizer_set(self):  # the default word vocabulary keeps the keys of data prepared before tokenizers
+            settings["tokenizer"] = self.tokenizer_recipe.describe()
+        return settings
 
     def prepare_data(self) -> None:
         """Fetch, read, split, build the vocabulary and cache the features (each step skipped if done).
@@ -202,13 +212,13 @@ class CaptionDataModule(LightningDataModule):
             splits = make_splits(records, hp.val_size, hp.test_size, hp.split_seed, hp.restval)
             save_splits(prepared.splits_file, splits, settings)
             train_captions = [c for r in splits["train"] for c in r.captions]
-            Vocabulary.build(train_captions, hp.min_word_count, hp.max_caption_length).save(prepared.vocab_file)
+            tokenizer = self.tokenizer_recipe.build(train_captions, hp.max_caption_length, hp.min_word_count)
+            write_json(prepared.vocab_file, tokenizer.to_dict())
             prepared.write_dataset(root, images_dir, caption_format.describe(), fingerprint)  # marks it complete
         splits, _ = load_splits(prepared.splits_file)
-        vocabulary = Vocabulary.load(prepared.vocab_file)
-        log.info("Prepared data in %s: %s; vocabulary of %d tokens (words seen >= %d times in training captions).",
-                 prepared.folder, ", ".join(f"{len(splits[n])} {n}" for n in SPLITS), len(vocabulary),
-                 hp.min_word_count)  # fmt: skip
+        vocabulary = load_tokenizer(prepared.vocab_file)
+        log.info("Prepared data in %s: %s; %s.", prepared.folder, ", ".join(f"{len(splits[n])} {n}" for n in SPLITS),
+                 vocabulary.describe())  # fmt: skip
         report.long_captions = sum(len(normalize(c)) > hp.max_caption_length for r in records for c in r.captions)
         self._report = report
         if hp.online_features:
@@ -288,7 +298,7 @@ class CaptionDataModule(LightningDataModule):
         dataset = prepared.read_dataset()
         root, self.images_dir = Path(dataset["root"]), Path(dataset["images_dir"])
         splits, _ = load_splits(prepared.splits_file)
-        self.vocabulary = Vocabulary.load(prepared.vocab_file)
+        self.vocabulary = load_tokenizer(prepared.vocab_file)
         all_names = self._image_names(splits)
         cache = None
         if self.hparams.online_features:
@@ -441,6 +451,16 @@ class CaptionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.hparams.eval_batch_size, shuffle=False, collate=collate_images)
+
+
+def hp_tokenizer_set(datamodule: CaptionDataModule) -> bool:
+    """Whether a tokenizer other than the default word vocabulary is configured (older prepared data keys stay)."""
+    return not isinstance(datamodule.tokenizer_recipe, Words) or datamodule.tokenizer_recipe.min_count is not None
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The prepared tokenizer (`vocab.json`), whichever kind it is, validated."""
+    return tokenizer_from_dict(read_json(path, "Tokenizer"), str(path))
 
 
 def _refuse_removed_options(backbone: str | None, weights: str | None, image_size: int | None) -> None:

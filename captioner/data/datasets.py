@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from captioner.data.vocab import Vocabulary, normalize
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.pixels import DECODE_ERRORS, describe_error
+from captioner.text.words import normalize
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class ImageCaptions(Dataset):
         rows: np.ndarray,
         file_names: list[str],
         captions: list[tuple[str, ...]],
-        vocabulary: Vocabulary,
+        vocabulary: Any,
         image_ids: list[int | str] | None = None,
     ) -> None:
         self.features = reader
@@ -175,10 +176,8 @@ class ImageCaptions(Dataset):
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         self.tokens = vocabulary.encode_batch([c for image_captions in captions for c in image_captions])
         self.pad_index = vocabulary.pad_index
-        # Word ids of every reference, specials left out: CIDEr-D (self-critical rewards, val/cider) scores these.
-        words = [[t for t in row if t not in (vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index)]
-                 for row in self.tokens.tolist()]  # fmt: skip
-        self.reference_ids = [words[self.offsets[i] : self.offsets[i + 1]] for i in range(len(captions))]
+        # The words of every reference, as ids: CIDEr-D (self-critical rewards, val/cider) scores these.
+        self.reference_ids = [[vocabulary.reference_words(c) for c in image_captions] for image_captions in captions]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -33,9 +33,8 @@ class SpecialTokens:
 
     @classmethod
     def of(cls, vocabulary: Any) -> SpecialTokens:
-        """From a `Vocabulary`: `<pad>`, `<start>` and `<unk>` are never generated."""
-        return cls(vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index,
-                   (vocabulary.pad_index, vocabulary.start_index, vocabulary.unk_index))  # fmt: skip
+        """From a tokenizer (`captioner.text`): its `banned` tokens (padding, start, unknown) are never generated."""
+        return cls(vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index, tuple(vocabulary.banned))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch import LightningModule
 
 from captioner import checkpointing
-from captioner.data.vocab import Vocabulary
 from captioner.decoding.config import DecodingConfig, SpecialTokens, moved
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
@@ -28,6 +27,7 @@ from captioner.models.objectives.base import Objective, SequenceSpec
 from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cross_entropy
 from captioner.models.optimisation import optimizer_and_schedule
 from captioner.parts import config_class
+from captioner.text.words import normalize
 
 # Frozen encoder parts stay in eval mode on purpose (see ImageEncoder.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -99,7 +99,7 @@ class CaptionModel(LightningModule):
         # Before any data is prepared: a decoder that attends needs an encoder with a grid.
         check_grid(self.encoder, decoder_features(decoder), config_class(decoder, CaptionDecoder, "decoder").__name__)
         self.decoder: CaptionDecoder | None = None
-        self.vocabulary: Vocabulary | None = None
+        self.vocabulary: Any = None  # the tokenizer (captioner.text): a word vocabulary or subwords
         self.val_bleu, self.test_bleu = bleu_collection(), bleu_collection()
         self.val_cider = CorpusCider()  # CIDEr-D on token ids, document frequencies from the val references
         self._test_rows: list[dict] = []
@@ -116,7 +116,7 @@ class CaptionModel(LightningModule):
         """Special tokens and the longest caption, for objectives."""
         return SequenceSpec(SpecialTokens.of(self.vocabulary), self.decoding.max_words(self.vocabulary.max_length))
 
-    def build(self, vocabulary: Vocabulary) -> None:
+    def build(self, vocabulary: Any) -> None:
         """Create the decoder for `vocabulary` (once)."""
         if self.decoder is None:
             self.vocabulary, self.decoder = vocabulary, checkpointing.built_decoder(self.decoder_factory, vocabulary,
@@ -191,8 +191,8 @@ class CaptionModel(LightningModule):
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
         best = captioning.search(self, features, config).best_tokens
-        (self.val_bleu if stage == "val" else self.test_bleu).update(self.vocabulary.decode_batch(best),
-                                                                     batch["references"])  # fmt: skip
+        hypotheses = [" ".join(normalize(text)) for text in self.vocabulary.decode_batch(best)]  # as the references
+        (self.val_bleu if stage == "val" else self.test_bleu).update(hypotheses, batch["references"])
         return best
 
     def on_validation_start(self) -> None:

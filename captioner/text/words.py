@@ -1,4 +1,5 @@
-"""Caption normalisation and the word vocabulary built from training captions."""
+"""Caption normalisation, and the word vocabulary built from training captions (the default text side; see
+`captioner.text.base` for what every tokenizer provides)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from captioner.errors import CaptionerError
 from captioner.files import read_json, require_keys, write_json
+from captioner.text.base import TokenizerRecipe
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -112,8 +114,21 @@ class Vocabulary:
         return kept
 
     def words_of(self, ids: torch.Tensor) -> list[list[int]]:
-        """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials left out."""
+        """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials left out: what CIDEr-D
+        scores (validation, self-critical rewards)."""
         return [self._caption_ids(row) for row in ids.tolist()]
+
+    def reference_words(self, caption: str) -> list[int]:
+        """A reference caption's word ids, as `words_of` gives a generated caption's."""
+        return self._caption_ids(self.encode(caption))
+
+    @property
+    def banned(self) -> tuple[int, ...]:
+        """Tokens never generated: `<pad>`, `<start>`, `<unk>`."""
+        return (self.pad_index, self.start_index, self.unk_index)
+
+    def describe(self) -> str:
+        return f"{len(self)} words (seen at least {self.min_count} times in training captions)"
 
     def decode_batch(self, ids: torch.Tensor | np.ndarray) -> list[str]:
         """Decode each row of a `(B, T)` tensor or array of ids."""
@@ -122,6 +137,7 @@ class Vocabulary:
     def to_dict(self) -> dict:
         """A JSON-ready form, stored in `vocab.json` and in checkpoints."""
         return {
+            "class_path": "captioner.text.words.Vocabulary",
             "version": VOCAB_VERSION,
             "max_length": self.max_length,
             "min_count": self.min_count,
@@ -151,3 +167,22 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         """Read and validate a vocabulary written by `save`."""
         return cls.from_dict(read_json(path, "Vocabulary"), str(path))
+
+
+class Words(TokenizerRecipe):
+    """The word vocabulary as a tokenizer recipe (the default): words seen at least `min_count` times in the training
+    captions, the rest `<unk>`; captions cut at `max_length` words (the data's `min_word_count` and
+    `max_caption_length` when not set here).
+
+    Args:
+        min_count: Words seen fewer times in training captions become `<unk>` (None: `--data.min_word_count`).
+    """
+
+    def __init__(self, min_count: int | None = None) -> None:
+        self.min_count = min_count
+
+    def describe(self) -> dict:
+        return {"class_path": "captioner.text.Words", "min_count": self.min_count}
+
+    def build(self, captions: Iterable[str], max_length: int, min_count: int = 5) -> Vocabulary:
+        return Vocabulary.build(captions, self.min_count or min_count, max_length)

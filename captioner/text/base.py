@@ -1,0 +1,71 @@
+"""The text side as parts: what every tokenizer provides, and how a saved one is read back (torch-free: the
+exported runtime decodes with it).
+
+A *recipe* is chosen in the config (`--data.tokenizer`, by `class_path`) and
+builds a tokenizer from the training captions once, when data is prepared:
+
+    data:
+      tokenizer:
+        class_path: captioner.text.Bpe          # or Words (the default), Pretrained, or your own
+        init_args: {vocab_size: 1000}
+
+    class MyRecipe(TokenizerRecipe):
+        def describe(self) -> dict: ...                                  # keys the prepared data
+        def build(self, captions, max_length, min_count) -> Tokenizer: ...
+
+The *tokenizer* it builds is what the model, search, metrics, writers,
+checkpoints and exports use:
+
+- `pad_index`, `start_index`, `end_index` (distinct ids), `banned` (ids never
+  generated), `max_length` (the most tokens a caption keeps), `len()`;
+- `encode(caption) -> [start, ..., end]`, `encode_batch(captions)` (a padded
+  `(N, max_length + 2)` tensor), `decode(ids) -> text`, `decode_batch`;
+- `words_of(ids)` and `reference_words(caption)`: the *words* of a generated
+  and of a reference caption as ids, which CIDEr-D (validation, self-critical
+  rewards) scores, so a subword tokenizer is scored on words, not pieces;
+- `stoi`: ids of the words that are single tokens (for rules that name words,
+  such as `bad_endings`);
+- `to_dict()` (with its `class_path`) and `from_dict(payload, source)`;
+  `tokenizer_from_dict` reads any of them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from captioner.errors import CaptionerError
+from captioner.parts import import_class
+
+
+class TokenizerRecipe:
+    """Base class of tokenizer recipes (see the module docstring)."""
+
+    def describe(self) -> dict:
+        """The recipe's settings: part of the prepared data's key (another recipe, another vocabulary)."""
+        raise NotImplementedError
+
+    def build(self, captions: Iterable[str], max_length: int, min_count: int = 5) -> Any:
+        """The tokenizer for these training captions (`max_length` and `min_count`: the data's settings)."""
+        raise NotImplementedError
+
+
+def tokenizer_from_dict(payload: dict, source: str = "tokenizer") -> Any:
+    """A tokenizer saved with its `to_dict()` (a word vocabulary of captioner 0.2 has no `class_path`: words).
+
+    Raises:
+        CaptionerError: When the payload names no tokenizer class that can be imported, or is malformed.
+    """
+    if not isinstance(payload, dict):
+        raise CaptionerError(f"The tokenizer in {source} is malformed: {payload!r}.")
+    path = payload.get("class_path", "captioner.text.words.Vocabulary")
+    cls = import_class(path, object, "tokenizer")
+    if not hasattr(cls, "from_dict"):
+        raise CaptionerError(f"The tokenizer class {path} in {source} has no from_dict.")
+    return cls.from_dict(payload, source)
+
+
+def same_tokenizer_message(saved: Any, configured: Any) -> str:
+    """What differs between two tokenizers, for a refusal."""
+    return (f"{type(saved).__name__} with {saved.describe()} in the checkpoint, {type(configured).__name__} with "
+            f"{configured.describe()} prepared from this data")  # fmt: skip
