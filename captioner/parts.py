@@ -8,10 +8,16 @@ config.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 from captioner.errors import CaptionerError
+
+# Random initialisation is seeded so that `pretrained: false` (or `weights: null`) gives the same network in
+# extraction, in training and when a checkpoint is loaded.
+RANDOM_INIT_SEED = 0
 
 
 def class_path(cls: type) -> str:
@@ -59,3 +65,28 @@ def config_init_args(value: Any) -> dict[str, Any]:
     if init_args is None:
         return {}
     return dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args)
+
+
+@contextlib.contextmanager
+def seeded_initialisation(seed: int = RANDOM_INIT_SEED) -> Iterator[None]:
+    """Build modules with a fixed seed without touching the caller's random state."""
+    import torch  # here only: parts are also read where torch is not installed (the exported runtime)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def require_library(module: str, extra: str, what: str) -> Any:
+    """Import an optional library, or stop with one line naming the extra that installs it.
+
+    Raises:
+        CaptionerError: When it is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise CaptionerError(
+            f"{what} needs the {module.split('.')[0]} package, which is not installed ({error}): "
+            f"pip install 'captioner[{extra}]'."
+        ) from None

@@ -251,19 +251,27 @@ def _caption_tokens(captions: list[list[int]]):
     return tokens
 
 
-def _vocabulary():
+def _vocabulary(size: int = VOCAB_SIZE):
     from captioner.text.words import Vocabulary
 
-    return Vocabulary([f"w{i}" for i in range(VOCAB_SIZE - 4)], max_length=MAX_LENGTH)
+    return Vocabulary([f"w{i}" for i in range(size - 4)], max_length=MAX_LENGTH)
 
 
 # The decoders compared: the LSTM at the original's size, and a Transformer doing about the same arithmetic per
 # word (width 256, 3 layers, feed-forward 1,024: 4.1 M multiply-adds per word against the LSTM's 4.0 M), reading
 # the 7x7 grid of regions. "transformer-512" is configs/decoders/transformer.yaml's size (3 times the arithmetic).
+# The prefix LM is configs/decoders/prefix_gpt2.yaml's: GPT-2 small's shape (12 layers, 768 wide; random weights,
+# which cost what trained ones do) with GPT-2's 50,259 tokens (its own and <pad>, <start>), a prefix of 40 from an
+# 8-layer Transformer mapper, the LM frozen or trained.
+PREFIX_GPT2 = {"lm": None, "lm_config": {"model_type": "gpt2"}, "prefix_length": 40, "mapper": "transformer",
+               "mapper_layers": 8, "feature_tokens": 40}  # fmt: skip
+GPT2_TOKENS = 50_259
 DECODERS = {
     "lstm": ("pooled", "LSTMDecoder", {"embed_dim": 256, "hidden_dim": 512}),
     "transformer": ("grid", "TransformerDecoder", {"width": 256, "layers": 3, "heads": 8, "ffn_dim": 1024}),
     "transformer-512": ("grid", "TransformerDecoder", {"width": 512, "layers": 3, "heads": 8, "ffn_dim": 2048}),
+    "prefix-frozen": ("pooled", "PrefixLMDecoder", {**PREFIX_GPT2, "train_lm": False}),
+    "prefix-trained": ("pooled", "PrefixLMDecoder", {**PREFIX_GPT2, "train_lm": True}),
 }
 GRID_REGIONS = 49
 
@@ -282,7 +290,7 @@ def _model(decoder: str, beam_size: int = 3):
         encoder=TorchvisionEncoder("resnet50", None, 224),
         decoding=DecodingConfig(num_beams=beam_size),
     )
-    model.build(_vocabulary())
+    model.build(_vocabulary(GPT2_TOKENS if class_name == "PrefixLMDecoder" else VOCAB_SIZE))
     return model
 
 
@@ -864,6 +872,16 @@ def main() -> None:
         measure(r, "train_small_per_image", "ours: training, lstm, per-image items", ours_train,
                                                features_file=str(small), images=sizes["train_small"],
                                                per_image=True, **train)  # fmt: skip
+        # The prefix LM (GPT-2 small's shape): a fraction of the steps and images, rates only.
+        prefix_share = 4 if cuda else 16
+        for name in ("prefix-frozen", "prefix-trained"):
+            measure(r, f"train_{name}", f"ours: training, {name}", ours_train, features_file=str(small),
+                    images=sizes["train_small"], decoder=name,
+                    **{**train, "steps": max(3, train["steps"] // prefix_share),
+                       "batch_size": max(16, train_batch // (1 if cuda else 4))})  # fmt: skip
+        measure(r, "beam3_prefix", "ours: beam-3 decoding, prefix LM", ours_decode, features_file=str(small),
+                count=max(32, count // prefix_share), device=device, beam_size=3, batch_size=decode_batch // 16,
+                decoder="prefix-frozen")  # fmt: skip
         # The encoder fine-tuned from the images (online features) against the same encoder frozen on its cache.
         tuning = dict(images_dir=images_dir, names=names, device=device, batch_size=train_batch,
                       steps=max(5, sizes["steps"] // 3), warmup=2, workers=2)  # fmt: skip
@@ -937,6 +955,16 @@ SECTIONS = (
         ("beam-3 decoding (captions/s)", "beam3_transformer", "beam3_lstm_same", "captions_per_s"),
         ("training, 512 wide (captions/s)", "train_transformer-512", "train_small", "captions_per_s"),
         ("beam-3, 512 wide (captions/s)", "beam3_transformer-512", "beam3_lstm_same", "captions_per_s"),
+    )),
+    ("prefix GPT-2 (12 x 768, 50,259 tokens, prefix 40) against the LSTM", "prefix LM", "LSTM", (
+        ("training, LM frozen (captions/s)", "train_prefix-frozen", "train_small", "captions_per_s"),
+        ("training, LM trained (captions/s)", "train_prefix-trained", "train_small", "captions_per_s"),
+        ("beam-3 decoding (captions/s)", "beam3_prefix", "beam3_lstm_same", "captions_per_s"),
+    )),
+    ("prefix GPT-2 against the Transformer (256 wide)", "prefix LM", "Transformer", (
+        ("training, LM frozen (captions/s)", "train_prefix-frozen", "train_transformer", "captions_per_s"),
+        ("training, LM trained (captions/s)", "train_prefix-trained", "train_transformer", "captions_per_s"),
+        ("beam-3 decoding (captions/s)", "beam3_prefix", "beam3_transformer", "captions_per_s"),
     )),
     ("image encoders, extraction against the ResNet50 default", "encoder", "ResNet50", (
         ("timm convnext_tiny (images/s)", "extract_timm_convnext_tiny", "extract", "images_per_s"),

@@ -6,7 +6,14 @@ import torch
 
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.search import length_normalised
-from captioner.models.decoders import AttentionDecoder, CaptionDecoder, LSTMDecoder, TransformerDecoder
+from captioner.models.decoders import (
+    AttentionDecoder,
+    CaptionDecoder,
+    GridPrefixLMDecoder,
+    LSTMDecoder,
+    PrefixLMDecoder,
+    TransformerDecoder,
+)
 from captioner.models.decoders.attention import doubly_stochastic_penalty
 from captioner.models.decoders.base import decoder_factory
 from captioner.models.objectives import caption_cross_entropy
@@ -15,6 +22,7 @@ from captioner.text.words import Vocabulary
 from tests.plugins import GRUDecoder
 
 VOCAB = Vocabulary([f"w{i}" for i in range(20)], max_length=8)
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32}
 SPECIAL = SpecialTokens.of(VOCAB)
 REGIONS = 4
 
@@ -26,6 +34,22 @@ BUILDERS = {
         len(VOCAB), 16, width=16, layers=1, heads=4, dropout=0.0, positions="sinusoidal"
     ),  # fmt: skip
     "plugin": lambda: GRUDecoder(len(VOCAB), 16, hidden_dim=12),  # defined in tests/, not in the package
+    # A small randomly initialised GPT-2 behind the two mappers; a prefix of one has an empty first cache.
+    "prefix-mlp": lambda: PrefixLMDecoder(len(VOCAB), 16, lm=None, lm_config=TINY_GPT2, prefix_length=3),
+    "prefix-transformer": lambda: PrefixLMDecoder(
+        len(VOCAB),
+        16,
+        lm=None,
+        lm_config=TINY_GPT2,
+        prefix_length=1,
+        mapper="transformer",
+        mapper_layers=1,
+        mapper_heads=2,
+        feature_tokens=2,
+    ),  # fmt: skip
+    "prefix-grid": lambda: GridPrefixLMDecoder(
+        len(VOCAB), 16, lm=None, lm_config=TINY_GPT2, prefix_length=2, mapper_layers=1, mapper_heads=2
+    ),  # fmt: skip
 }
 KINDS = pytest.mark.parametrize("kind", list(BUILDERS))
 

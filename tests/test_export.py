@@ -16,10 +16,10 @@ from captioner.cli import main
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 from captioner.export import export_onnx
-from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
+from captioner.models.decoders import AttentionDecoder, LSTMDecoder, PrefixLMDecoder, TransformerDecoder
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner
-from captioner.text.words import Vocabulary
+from captioner.text import Bpe, Vocabulary
 from tests.conftest import TESTS
 from tests.plugins import GRUDecoder
 
@@ -28,6 +28,13 @@ DECODERS = {
     "lstm": functools.partial(LSTMDecoder, embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0),
     "attention": functools.partial(AttentionDecoder, embed_dim=16, hidden_dim=24, attention_dim=12, dropout=0.0),
     "transformer": functools.partial(TransformerDecoder, width=16, layers=2, heads=2, dropout=0.0),
+    # A small random GPT-2 behind an MLP prefix, writing BPE pieces: the LM's cache is the exported state.
+    "prefix-lm": functools.partial(
+        PrefixLMDecoder,
+        lm=None,
+        prefix_length=3,
+        lm_config={"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2},
+    ),
 }
 
 
@@ -35,11 +42,23 @@ def untrained(kind: str, scenes) -> CaptionModel:
     """A model with random weights over the scenes' words: parity does not need a trained one."""
     torch.manual_seed(0)
     payload = json.loads((scenes / "captions.json").read_text())
-    vocabulary = Vocabulary.build([a["caption"] for a in payload["annotations"]], min_count=1, max_length=12)
+    captions = [a["caption"] for a in payload["annotations"]]
+    if kind == "prefix-lm":
+        vocabulary = Bpe(vocab_size=300, max_tokens=12).build(captions, max_length=12)
+    else:
+        vocabulary = Vocabulary.build(captions, min_count=1, max_length=12)
     model = CaptionModel(DECODERS[kind], encoder=TorchvisionEncoder("resnet18", None, 64))
     model.build(vocabulary)
     with torch.no_grad():
-        model.decoder.head.weight.mul_(4)  # peaked, varied distributions: captions that differ between images
+        if kind == "prefix-lm":  # a random prefix barely depends on the image: standardise features as training would
+            pixels = torch.stack([model.preprocessing.from_file(p) for p in sorted((scenes / "Images").iterdir())[:40]])
+            features = model.encode_images(pixels)
+            model.decoder.feature_norm.running_mean.copy_(features.mean(0))
+            model.decoder.feature_norm.running_var.copy_(features.var(0))
+            model.decoder.lm.get_output_embeddings().weight.mul_(4)
+            model.decoder.mapper.net[0].weight.mul_(3)
+        else:
+            model.decoder.head.weight.mul_(4)  # peaked, varied distributions: captions that differ between images
         if kind == "transformer":
             model.decoder.project_regions.weight.mul_(20)  # a random Transformer barely looks at the image
     return model.eval()
@@ -73,27 +92,37 @@ def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_sou
         assert ours["caption"] == theirs["caption"] and len(ours["alternatives"]) == 3
         assert [a["caption"] for a in ours["alternatives"]] == [a["caption"] for a in theirs["alternatives"]]
         assert ours["attention"] is None  # attention maps need the checkpoint
+    if kind == "prefix-lm":  # the BPE tokenizer travels in the manifest and decodes without torch
+        captions, imported = captions_without_torch(folder, images[:6])
+        assert captions == [p.caption for p in reference.predict(images[:6])] and imported == "[]"
 
 
-def test_the_runtime_imports_and_captions_without_torch(trained, scenes_source, tmp_path):
-    checkpoint, _ = trained
-    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "onnx")])
-    image = sorted((scenes_source / "Images").iterdir())[0]
+def captions_without_torch(folder, images) -> tuple[list[str], str]:
+    """Captions of the exported runtime in a process where torch and Lightning cannot be imported, and the torch or
+    Lightning modules it ended up with."""
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "for name in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'torchmetrics'):\n"
         "    sys.modules[name] = None  # importing any of them now fails\n"
         "from captioner.runtime import OnnxCaptioner\n"
-        f"captioner = OnnxCaptioner({str(tmp_path / 'onnx')!r})\n"
-        f"print(captioner.caption({str(image)!r})[0])\n"
+        f"captioner = OnnxCaptioner({str(folder)!r})\n"
+        f"print(json.dumps([p.caption for p in captioner.predict({[str(i) for i in images]!r})]))\n"
         "loaded = [n for n, m in sys.modules.items() if m is not None and n.split('.')[0] in ('torch', 'lightning')]\n"
         "print(sorted(loaded))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    caption, imported = result.stdout.strip().splitlines()
-    assert caption == Captioner.from_checkpoint(checkpoint, device="cpu").caption(image)[0]
+    captions, imported = result.stdout.strip().splitlines()
+    return json.loads(captions), imported
+
+
+def test_the_runtime_imports_and_captions_without_torch(trained, scenes_source, tmp_path):
+    checkpoint, _ = trained
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "onnx")])
+    image = sorted((scenes_source / "Images").iterdir())[0]
+    captions, imported = captions_without_torch(tmp_path / "onnx", [image])
+    assert captions[0] == Captioner.from_checkpoint(checkpoint, device="cpu").caption(image)[0]
     assert imported == "[]"
 
 

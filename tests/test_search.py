@@ -15,7 +15,7 @@ from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.ops import NumpyOps
 from captioner.decoding.search import decode, length_normalised
 from captioner.decoding.torch_ops import TorchOps
-from captioner.models.decoders import CaptionDecoder, LSTMDecoder, TransformerDecoder
+from captioner.models.decoders import CaptionDecoder, LSTMDecoder, PrefixLMDecoder, TransformerDecoder
 from captioner.models.search import DecoderStepper
 from captioner.text.words import Vocabulary
 
@@ -75,6 +75,15 @@ def transformer(vocabulary: Vocabulary = VOCAB, seed: int = 0) -> TransformerDec
     return decoder
 
 
+def prefix_lm(vocabulary: Vocabulary = VOCAB, seed: int = 0) -> PrefixLMDecoder:
+    torch.manual_seed(seed)
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 16}
+    decoder = PrefixLMDecoder(len(vocabulary), 8, lm=None, lm_config=config, prefix_length=2).eval()
+    with torch.no_grad():
+        decoder.lm.get_output_embeddings().weight.mul_(6)
+    return decoder
+
+
 def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: list[int], special: SpecialTokens):
     """The model's log-probability of one caption with the never-generated tokens banned, as search scores it."""
     tokens = torch.tensor([caption])
@@ -86,11 +95,11 @@ def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: l
 
 # ---------------------------------------------------------------- exactness
 @BACKENDS
-@pytest.mark.parametrize("make", [lstm, transformer], ids=["lstm", "transformer"])
+@pytest.mark.parametrize("make", [lstm, transformer, prefix_lm], ids=["lstm", "transformer", "prefix-lm"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
 def test_a_beam_wide_enough_is_exhaustive_search(backend, make, length_penalty):
     decoder, words = make(TINY), [4, 5]
-    features = torch.randn(5, 8) if make is lstm else torch.randn(5, 2, 8)
+    features = torch.randn(5, 2, 8) if make is transformer else torch.randn(5, 8)
     candidates = [[*prefix, TINY_SPECIAL.end] for n in range(4) for prefix in itertools.product(words, repeat=n)]
     candidates += [list(prefix) for prefix in itertools.product(words, repeat=4)]  # cut off at max_length, no <end>
     config = DecodingConfig(num_beams=16, length_penalty=length_penalty, early_stopping="never")

@@ -31,7 +31,7 @@ What the rest of captioner relies on:
   and crop, interpolation, mean and std), resolved from its library; every
   path computes the same pixels from it.
 - The constructor builds the architecture only and never touches the network
-  (random weights seeded with `seeded_initialisation`, so `pretrained: false`
+  (random weights seeded with `captioner.parts.seeded_initialisation`, so `pretrained: false`
   gives the same network everywhere); `load_pretrained` fetches the weights,
   once, and raises `CaptionerError` naming the cache to seed when offline.
   A checkpoint's state dict replaces them, so captioning from a checkpoint
@@ -51,9 +51,6 @@ instance the model captions with:
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -65,37 +62,11 @@ from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.parts import class_path, import_class
 
-# Random initialisation is seeded so that `pretrained: false` (or `weights: null`) gives the same network in
-# extraction, in training and when a checkpoint is loaded.
-RANDOM_INIT_SEED = 0
 TrainableBlocks = int | Literal["all"]
 
 
 class GridUnavailableError(CaptionerError):
     """This encoder gives pooled features only."""
-
-
-@contextlib.contextmanager
-def seeded_initialisation(seed: int = RANDOM_INIT_SEED) -> Iterator[None]:
-    """Build modules with a fixed seed without touching the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def require_library(module: str, extra: str, what: str) -> Any:
-    """Import an optional library, or stop with one line naming the extra that installs it.
-
-    Raises:
-        CaptionerError: When it is not installed.
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise CaptionerError(
-            f"{what} needs the {module.split('.')[0]} package, which is not installed ({error}): "
-            f"pip install 'captioner[{extra}]'."
-        ) from None
 
 
 class ImageEncoder(nn.Module, HyperparametersMixin):

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioner.encoders.base import ImageEncoder, require_library, seeded_initialisation
-from captioner.encoders.hub import hub_error
+from captioner.encoders.base import ImageEncoder
+from captioner.encoders.hub import hub_error, transformers_config
 from captioner.encoders.preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
 from captioner.errors import CaptionerError
+from captioner.parts import require_library, seeded_initialisation
 
 PROCESSOR_KEYS = ("size", "crop_size", "do_center_crop", "resample", "image_mean", "image_std")
 BICUBIC, BILINEAR = 3, 2  # PIL's resampling codes, as image processors record them
@@ -90,7 +91,7 @@ class HuggingFaceEncoder(ImageEncoder):
         # Record what was read from the hub: a checkpoint then rebuilds this encoder without the network.
         self.save_hyperparameters({"model_id": model_id, "config": config, "image_processor": image_processor,
                                    "pretrained": pretrained})  # fmt: skip
-        self._config = _config_object(transformers, config)
+        self._config = transformers_config(transformers, config, "HuggingFaceEncoder", "clip, siglip, dinov2, vit")
         with seeded_initialisation():
             model = transformers.AutoModel.from_config(self._config)
         self.vision, self.projection = _vision_parts(model)
@@ -142,18 +143,6 @@ class HuggingFaceEncoder(ImageEncoder):
         if self.projection is not None:
             tail.append(self.projection)
         return [*list(layers)[:-1], nn.ModuleList([layers[-1], *tail])]
-
-
-def _config_object(transformers: Any, config: dict[str, Any]) -> Any:
-    """A transformers config object from its dict (which names its `model_type`)."""
-    options = dict(config)
-    model_type = options.pop("model_type", None)
-    if model_type is None:
-        raise CaptionerError("The HuggingFaceEncoder config has no model_type (e.g. clip, siglip, dinov2, vit).")
-    try:
-        return transformers.AutoConfig.for_model(model_type, **options)
-    except (ValueError, KeyError) as error:
-        raise CaptionerError(f"transformers does not know the model type {model_type!r} ({error}).") from error
 
 
 def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from captioner.encoders.base import GridUnavailableError, ImageEncoder, require_library, seeded_initialisation
+from captioner.encoders.base import GridUnavailableError, ImageEncoder
 from captioner.encoders.hub import hub_error
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
+from captioner.parts import require_library, seeded_initialisation
 
 
 @contextlib.contextmanager

@@ -137,6 +137,8 @@ class CaptionModel(LightningModule):
         self.build(vocabulary)
         if self.hparams.init_checkpoint and self.trainer.ckpt_path is None:
             checkpointing.load_weights(self, self.hparams.init_checkpoint)
+        elif self.trainer.state.fn == "fit" and self.trainer.ckpt_path is None:
+            self.decoder.load_pretrained()  # a pretrained language model's weights, fetched once
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.ckpt_path is None and not self.hparams.init_checkpoint:

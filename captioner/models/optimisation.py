@@ -9,14 +9,16 @@ from typing import Literal
 import torch
 from torch import nn
 
+from captioner.models.decoders.base import CaptionDecoder
 
-def optimizer_and_schedule(decoder: nn.Module, encoder_parameters: list[nn.Parameter], lr: float,
+
+def optimizer_and_schedule(decoder: CaptionDecoder, encoder_parameters: list[nn.Parameter], lr: float,
                            encoder_lr: float | None, weight_decay: float, warmup_steps: int, total_steps: int,
                            schedule: Literal["cosine", "constant"], clipping: bool) -> dict:  # fmt: skip
     """What `LightningModule.configure_optimizers` returns.
 
     Args:
-        decoder: Its parameters learn at `lr`.
+        decoder: Its `parameter_groups(lr)`: its trainable parameters at `lr` unless it says otherwise.
         encoder_parameters: The trained encoder blocks' parameters, at `encoder_lr` (None: `lr` / 10).
         lr, weight_decay: AdamW's.
         warmup_steps: Steps of linear warm-up (at most half the run).
@@ -25,7 +27,7 @@ def optimizer_and_schedule(decoder: nn.Module, encoder_parameters: list[nn.Param
         clipping: Gradients are clipped: a fused AdamW unscales gradients inside its step, so Lightning's
             mixed-precision plugins refuse to clip for it; the foreach kernels are nearly as fast.
     """
-    groups = [{"params": list(decoder.parameters()), "lr": lr}]
+    groups = decoder.parameter_groups(lr)
     if encoder_parameters:  # a fine-tuned encoder learns more gently than the decoder it feeds
         groups.append({"params": encoder_parameters, "lr": encoder_lr or lr / 10})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=not clipping)

@@ -3,6 +3,15 @@
 from captioner.models.decoders.attention import AttentionDecoder
 from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
 from captioner.models.decoders.lstm import LSTMDecoder
+from captioner.models.decoders.prefix_lm import GridPrefixLMDecoder, PrefixLMDecoder
 from captioner.models.decoders.transformer import TransformerDecoder
 
-__all__ = ["AttentionDecoder", "CaptionDecoder", "DecoderOutput", "LSTMDecoder", "TransformerDecoder"]
+__all__ = [
+    "AttentionDecoder",
+    "CaptionDecoder",
+    "DecoderOutput",
+    "GridPrefixLMDecoder",
+    "LSTMDecoder",
+    "PrefixLMDecoder",
+    "TransformerDecoder",
+]

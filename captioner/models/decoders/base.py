@@ -16,6 +16,8 @@ own options, which it records with `self.save_hyperparameters()`:
         def prepare(self, features) -> Context: ...                 # per-image constants, computed once
         def initial_state(self, context) -> State: ...              # per-caption state before the first word
         def step(self, tokens, state, context) -> tuple[Tensor, State]: ...   # one word for every caption
+        def load_pretrained(self) -> None: ...              # optional: weights fetched at the start of training
+        def parameter_groups(self, lr) -> list[dict]: ...   # optional: learning rates per parameter group
 
 Conventions that let one search serve every decoder:
 
@@ -135,6 +137,14 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
     def step(self, tokens: torch.Tensor, state: State, context: Context) -> tuple[torch.Tensor, State]:
         """`(B,)` previous tokens -> `(B, vocab)` logits of the next one, and the new state."""
         raise NotImplementedError
+
+    def load_pretrained(self) -> None:
+        """Load pretrained weights (a language model's) at the start of a fresh training run; nothing by default.
+        Checkpoints replace them, so captioning from a checkpoint needs no network."""
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (by default every trainable parameter at the model's `lr`)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
     def regularization(self, output: DecoderOutput, mask: torch.Tensor) -> torch.Tensor | float:
         """A term added to the training loss (0 by default); `mask` is True where the target is a real token."""
