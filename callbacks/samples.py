@@ -11,7 +11,6 @@ from lightning.pytorch.loggers import WandbLogger
 
 from captioner.files import atomic_open
 from captioner.models import captioning
-from captioner.pixels import open_accepted
 from captioner.render import captioned_image, image_grid
 from captioner.runs import run_dir
 
@@ -53,9 +52,7 @@ class CaptionSamples(Callback):
         epoch = trainer.current_epoch
         tiles, rows = [], []
         for name, caption, refs in zip(batch["file_names"], generated, batch["references"]):
-            with open_accepted(Path(datamodule.images_dir) / name) as image:
-                image.seek(0)
-                image = image.convert("RGB")
+            image = datamodule.sample_image(name)
             tiles.append(captioned_image(image, [caption, *refs[: self.references]], self.tile_width))
             rows.append((image, caption, refs))
         path = run_dir(trainer) / "samples" / f"epoch_{epoch:03d}.png"

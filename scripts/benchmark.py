@@ -241,6 +241,98 @@ def ours_extract(
             "preprocessing": spec.encoder.preprocessing.describe()}  # fmt: skip
 
 
+def ours_extract_shards(images_dir: str, names: list[str], work: str, device: str, batch_size: int | None,
+                        workers: int, per_shard: int = 64) -> dict:  # fmt: skip
+    """Extraction straight from WebDataset tar shards into streamed feature shards (what a WebDataset source gets),
+    on the same images and encoder as `ours_extract` from the folder."""
+    import io
+    import tarfile
+
+    import torch
+
+    from captioner.data.records import CaptionRecord
+    from captioner.data.streamed import image_parts, prepare_streamed
+    from captioner.encoders.base import encoder_from_spec
+    from captioner.encoders.extraction import FeatureSpec, default_batch_size
+
+    shards = Path(work) / "shards"
+    shards.mkdir(parents=True)
+    records = []
+    for shard, start in enumerate(range(0, len(names), per_shard)):  # written before the clock starts
+        with tarfile.open(shards / f"{shard:05d}.tar", "w") as tar:
+            for index, name in enumerate(names[start : start + per_shard], start):
+                data = (Path(images_dir) / name).read_bytes()
+                info = tarfile.TarInfo(f"{index:09d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                records.append(CaptionRecord(f"{shard:05d}.tar#{index:09d}.jpg", ("a caption",)))
+    spec = FeatureSpec(encoder_from_spec(ENCODERS["resnet50"]))
+    batch_size = batch_size or default_batch_size(torch.device(device))
+    splits = {"train": records, "val": [], "test": []}
+    warm = {"train": records[:batch_size], "val": [], "test": []}
+    prepare_streamed(str(Path(work) / "warmup"), image_parts(warm["train"], shards, True), warm, spec,
+                     device=device, batch_size=batch_size, threads=max(2, workers))  # fmt: skip
+    _sync(device)
+    started = time.perf_counter()
+    prepare_streamed(str(Path(work) / "streamed"), image_parts(records, shards, True), splits, spec, device=device,
+                     batch_size=batch_size, threads=max(2, workers))  # fmt: skip
+    _sync(device)
+    return {"images_per_s": len(names) / (time.perf_counter() - started), "images": len(names),
+            "shards": len(list(shards.glob("*.tar")))}  # fmt: skip
+
+
+def ours_train_streamed(features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int,
+                        work: str, workers: int = 2) -> dict:  # fmt: skip
+    """Cross-entropy training steps streaming the features from LitData shards (written before the clock starts),
+    images with their 5 captions per item: against `ours_train(per_image=True, resident=False)` on the same rows."""
+    from lightning.pytorch import Callback, Trainer
+
+    from captioner.data.stream_loader import train_loader
+    from captioner.data.streamed import CHUNK_BYTES, StreamedFeatures
+    from captioner.hardware import default_precision
+
+    litdata_writer = __import__("litdata.streaming.writer", fromlist=["BinaryWriter"])
+    features = np.load(features_file, mmap_mode="r")[:images]
+    captions = make_captions(images * 5)
+    folder = Path(work) / "set" / "train"
+    writer = litdata_writer.BinaryWriter(str(folder), chunk_bytes=CHUNK_BYTES)
+    for row in range(images):
+        text = "\n".join(" ".join(f"w{word}" for word in caption) for caption in captions[5 * row : 5 * row + 5])
+        writer.add_item(row, {"name": str(row), "features": np.asarray(features[row]), "captions": text})
+    writer.done()
+    (index,) = folder.glob("*.index.json")
+    index.replace(folder / "index.json")
+    streamed = StreamedFeatures(str(folder.parent), {"counts": {"train": images}})
+    loader = train_loader(streamed, _vocabulary(), max(1, batch_size // 5), workers, seed=0,
+                          pin_memory=device.startswith("cuda"))  # fmt: skip
+    model = _model("lstm")
+
+    class Timer(Callback):
+        def __init__(self):
+            self.start, self.end, self.captions = 0.0, 0.0, 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                _sync(device)
+                self.start = time.perf_counter()
+            if trainer.global_step >= warmup:
+                self.captions += len(batch["tokens"])
+
+        def on_train_end(self, trainer, module):
+            _sync(device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    cuda = device.startswith("cuda")
+    trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, precision=default_precision("gpu" if cuda else "cpu"),
+                      callbacks=[timer])  # fmt: skip
+    model.on_fit_start = lambda: None
+    trainer.fit(model, train_dataloaders=loader)
+    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images}
+
+
 def _caption_tokens(captions: list[list[int]]):
     import torch
 
@@ -782,6 +874,9 @@ def main() -> None:
                 measure(r, f"extract_{name}", f"ours: extraction, {name}", ours_extract, images_dir=images_dir,
                         names=names[: max(8, len(names) // 4)], work=str(tmp / f"e-{name}"), device=device,
                         batch_size=extract_batch, workers=workers, encoder=name)  # fmt: skip
+        measure(r, "extract_shards", "ours: extraction from tar shards", ours_extract_shards, images_dir=images_dir,
+                names=names, work=str(tmp / "e-shards"), device=device, batch_size=extract_batch,
+                workers=workers)  # fmt: skip
         measure(
             r,
             "orig_extract",
@@ -872,6 +967,13 @@ def main() -> None:
         measure(r, "train_small_per_image", "ours: training, lstm, per-image items", ours_train,
                                                features_file=str(small), images=sizes["train_small"],
                                                per_image=True, **train)  # fmt: skip
+        # Streamed shards against the memory-mapped cache, the same rows, per-image items both.
+        measure(r, "train_per_image_disk", "ours: training, lstm, per-image items from disk", ours_train,
+                features_file=str(large), images=sizes["train_large"], per_image=True, resident=False,
+                **train)  # fmt: skip
+        measure(r, "train_streamed", "ours: training, lstm, streamed shards", ours_train_streamed,
+                features_file=str(large), images=sizes["train_large"], work=str(tmp / "stream"),
+                **{k: v for k, v in train.items() if k != "workers"}, workers=train["workers"])  # fmt: skip
         # The prefix LM (GPT-2 small's shape): a fraction of the steps and images, rates only.
         prefix_share = 4 if cuda else 16
         for name in ("prefix-frozen", "prefix-trained"):
@@ -965,6 +1067,10 @@ SECTIONS = (
         ("training, LM frozen (captions/s)", "train_prefix-frozen", "train_transformer", "captions_per_s"),
         ("training, LM trained (captions/s)", "train_prefix-trained", "train_transformer", "captions_per_s"),
         ("beam-3 decoding (captions/s)", "beam3_prefix", "beam3_transformer", "captions_per_s"),
+    )),
+    ("streamed feature shards (LitData) against the memory-mapped cache", "streamed", "cache", (
+        ("training, per-image items (capt./s)", "train_streamed", "train_per_image_disk", "captions_per_s"),
+        ("extraction, tar shards vs folder (img/s)", "extract_shards", "extract", "images_per_s"),
     )),
     ("image encoders, extraction against the ResNet50 default", "encoder", "ResNet50", (
         ("timm convnext_tiny (images/s)", "extract_timm_convnext_tiny", "extract", "images_per_s"),

@@ -3,6 +3,7 @@
     python scripts/demo_check.py                        # pooled LSTM vs blind baseline, about 3 minutes on 2 CPU cores
     python scripts/demo_check.py --all                  # adds attention, the Transformer, the prefix LM: ~15 min
     python scripts/demo_check.py --prefix               # LSTM, blind, Transformer and the prefix LM
+    python scripts/demo_check.py --shards               # the scenes as COCO, and as shards streamed by 2 processes
     python scripts/demo_check.py --all --json out.json  # also every figure as JSON
     python scripts/demo_check.py --scst                 # adds self-critical stages (both baselines) on the LSTM
     python scripts/demo_check.py --finetune             # a random ResNet18 frozen, fine-tuned, frozen then fine-tuned
@@ -29,12 +30,14 @@ the last two blocks fine-tuned (the recipe of configs/encoders/finetune.yaml).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from captioner.callbacks.progress import RunSummary
 from captioner.cli import main
-from captioner.data.synthetic import first_colour, mentioned_position, scenes_of
+from captioner.data.synthetic import first_colour, mentioned_position, scenes_of, write_synthetic_shards
 from captioner.runs import run_dir
 
 # The demo's decoders at the demo's size (configs/demo.yaml holds the pooled LSTM).
@@ -84,6 +87,8 @@ SECOND_STAGE = {  # 6 more epochs from the frozen run's best checkpoint
         "0.0003",
     ],
 }
+PER_IMAGE = ["--model.objective", "captioner.models.objectives.CrossEntropy", "--model.objective.per_image", "true",
+             "--data.batch_size", "64"]  # fmt: skip
 RUNS = {
     "pooled LSTM": [],
     "blind baseline": ["--model.blind", "true"],
@@ -95,42 +100,75 @@ RUNS = {
 
 def run(extra: list[str], keep: dict | None = None) -> dict:
     cli = main(["fit", "--config", "configs/demo.yaml", "--trainer.enable_progress_bar", "false", *extra])
-    folder = run_dir(cli.trainer)
-    report = json.loads((folder / "test_metrics.json").read_text())
-    truth = scenes_of(cli.datamodule.images_dir.parent / "captions.json")
-    rows = [json.loads(line) for line in (folder / "test_captions.jsonl").read_text().splitlines()]
-    colour = sum(first_colour(r["caption"]) == truth[r["file_name"]]["colour"] for r in rows) / len(rows)
-    stated = [(mentioned_position(r["caption"]), truth[r["file_name"]]["position"]) for r in rows]
-    stated = [(said, true) for said, true in stated if said is not None]
-    position = sum(said == true for said, true in stated) / len(stated) if stated else 0.0
     (summary,) = [c for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
     if keep is not None:
         keep["checkpoint"] = cli.trainer.checkpoint_callback.best_model_path
+    return scores(run_dir(cli.trainer), cli.datamodule.images_dir.parent / "captions.json", summary.fit_seconds)
+
+
+def scores(folder: Path, captions_file: Path, fit_seconds: float) -> dict:
+    """A run's test figures from its folder, the scenes' truth read from the COCO captions file (an image inside a
+    shard, `<shard>#<key>.jpg`, is the key-th image of it)."""
+    report = json.loads((folder / "test_metrics.json").read_text())
+    truth = scenes_of(captions_file)
+    by_index = list(truth.values())
+    rows = [json.loads(line) for line in (folder / "test_captions.jsonl").read_text().splitlines()]
+
+    def scene(name: str) -> dict:
+        return by_index[int(name.rsplit("#", 1)[1].split(".")[0])] if "#" in name else truth[name]
+
+    colour = sum(first_colour(r["caption"]) == scene(r["file_name"])["colour"] for r in rows) / len(rows)
+    stated = [(mentioned_position(r["caption"]), scene(r["file_name"])["position"]) for r in rows]
+    stated = [(said, true) for said, true in stated if said is not None]
+    position = sum(said == true for said, true in stated) / len(stated) if stated else 0.0
     dangling = sum(r["caption"].split()[-1:] in [[word] for word in DANGLING] for r in rows) / len(rows)
     return {**report["metrics"]["pycocoevalcap"], "colour correct (%)": 100 * colour,
             "position correct (%)": 100 * position, "captions stating a position (%)": 100 * len(stated) / len(rows),
             "distinct captions (%)": report["diversity"]["distinct_captions"],
             "dangling last word (%)": 100 * dangling,
-            "training time (s)": summary.fit_seconds}  # fmt: skip
+            "training time (s)": fit_seconds}  # fmt: skip
+
+
+def streamed_two_processes(extra: list[str]) -> dict:
+    """The demo's scenes as WebDataset shards (the COCO set rewritten), trained
+    with two processes streaming their features (a separate `python -m captioner fit`: DDP starts its second
+    process from the command line)."""
+    coco = Path("data/demo/scenes")
+    shards = Path("data/demo/shards")
+    if not shards.exists():
+        write_synthetic_shards(coco, shards, per_shard=100)  # no junk: the same 2,400 records, the same split
+    save_dir = Path("runs/demo-shards")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "captioner", "fit", "--config", "configs/demo.yaml",
+                    "--trainer.enable_progress_bar", "false", "--data.data_dir", str(shards),
+                    "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.strategy", "ddp",
+                    "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra], check=True)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    report = max(save_dir.rglob("test_metrics.json"), key=lambda path: path.stat().st_mtime)
+    return scores(report.parent, coco / "captions.json", elapsed)
 
 
 if __name__ == "__main__":
     everything, scst, finetune = "--all" in sys.argv, "--scst" in sys.argv, "--finetune" in sys.argv
-    prefix = "--prefix" in sys.argv
+    prefix, shards = "--prefix" in sys.argv, "--shards" in sys.argv
     json_path = Path(sys.argv[sys.argv.index("--json") + 1]) if "--json" in sys.argv else None
-    flags = ("--all", "--scst", "--json", "--finetune", "--prefix")
+    flags = ("--all", "--scst", "--json", "--finetune", "--prefix", "--shards")
     extra = [a for i, a in enumerate(sys.argv[1:], 1) if a not in flags and sys.argv[i - 1] != "--json"]
     chosen = RUNS if everything else {name: RUNS[name] for name in ("pooled LSTM", "blind baseline")}
     if prefix:
         chosen = {name: RUNS[name] for name in ("pooled LSTM", "blind baseline", "Transformer", "prefix GPT-2 (BPE)")}
     if finetune:
         chosen = {"blind baseline": RUNS["blind baseline"], **FINETUNE}
+    if shards:  # per-image items: what a streamed set trains on; 64 images a step, as 2 processes x 32
+        chosen = {"blind baseline": RUNS["blind baseline"], "COCO, 1 process": PER_IMAGE}
     start: dict = {}
-    first = "ResNet18 frozen" if finetune else "pooled LSTM"
+    first = "ResNet18 frozen" if finetune else "COCO, 1 process" if shards else "pooled LSTM"
     results = {name: run([*extra, *args], start if name == first else None) for name, args in chosen.items()}
     if finetune:
         for name, args in SECOND_STAGE.items():
             results[name] = run([*extra, *args, "--model.init_checkpoint", start["checkpoint"]])
+    if shards:
+        results["shards, 2 processes"] = streamed_two_processes([*extra, *PER_IMAGE[:4], "--data.batch_size", "32"])
     if scst:
         for baseline in ("greedy", "mean"):
             results[f"SCST, {baseline}"] = run([*extra, *SCST, "--model.objective.baseline", baseline,

@@ -7,6 +7,7 @@ Chosen in a config with `--model.decoder tests.plugins.GRUDecoder` (and `--model
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -101,15 +102,19 @@ class SignalAt(Callback):
         epoch_start: Send it when this epoch (0-based) starts, after everything of the one before was saved.
         step: Or send it after this global step.
         delay_s: Wait this long first (so that writers which flush on a timer, such as W&B's, have written).
+        group: Signal the whole process group (every rank of a distributed run at once, as when a node dies; run
+            the command in a session of its own).
     """
 
     def __init__(self, signal_name: str = "SIGKILL", epoch_start: int | None = None, step: int | None = None,
-                 delay_s: float = 0.0) -> None:  # fmt: skip
+                 delay_s: float = 0.0, group: bool = False) -> None:  # fmt: skip
         self.signum = getattr(signal, signal_name)
-        self.epoch_start, self.step, self.delay_s = epoch_start, step, delay_s
+        self.epoch_start, self.step, self.delay_s, self.group = epoch_start, step, delay_s, group
 
     def _send(self) -> None:
         time.sleep(self.delay_s)
+        if self.group:
+            os.killpg(os.getpgrp(), self.signum)
         os.kill(os.getpid(), self.signum)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -119,3 +124,17 @@ class SignalAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             self._send()
+
+
+class SeenNames(Callback):
+    """Record which images each training batch held (`names`, as streamed batches carry them): one JSON line per
+    batch, per rank, in `folder/rank<r>.jsonl`, with the epoch and the global step after it."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "names": list(batch["names"])}
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")

@@ -19,8 +19,19 @@ def test_a_phase_this_cpu_cannot_run_is_reported_and_the_rest_still_print(tmp_pa
     assert skipped == {"unsupported": f"not supported on this CPU (bf16 needs {hardware.CPU_BF16_REQUIREMENT})"}
 
     phase = {"captions_per_s": 100.0, "images_per_s": 10.0, "peak_anon_mb": 1.0, "peak_rss_mb": 2.0}
-    results = {name: dict(phase) for name in ("extract", "extract_half", "orig_extract", "train", "train_small",
-                                              "orig_train", "greedy", "beam3", "orig_decode")}  # fmt: skip
+    names = (
+        "extract",
+        "extract_half",
+        "orig_extract",
+        "train",
+        "train_disk",
+        "train_small",
+        "orig_train",
+        "greedy",
+        "beam3",
+        "orig_decode",
+    )
+    results = {name: dict(phase) for name in names}
     results["greedy_bf16"] = skipped
     benchmark.print_report(results, {"train_small": 4, "train_large": 8}, 8, "test CPU", tmp_path / "out.json")
     out = capsys.readouterr().out

@@ -35,7 +35,7 @@ def ddp(processes):
 @pytest.mark.slow
 def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
     work = tmp_path / "work"
-    run([*tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "6"), *ddp(2)], tmp_path)
+    run([*tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "2"), *ddp(2)], tmp_path)
     (checkpoint,) = (tmp_path / "fit").rglob("last.ckpt")
     (cache,) = (work / "features").iterdir()
     assert (cache / "index.json").is_file() and not (cache / "parts").exists()  # shared extraction, assembled

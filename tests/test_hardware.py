@@ -192,7 +192,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_the_cache_is_emptied(monkey
     alive_when_freeing = []
     monkeypatch.setattr(features_module, "free_device_memory",
                         lambda device: alive_when_freeing.append(any(ref() is not None for ref in held)))  # fmt: skip
-    out = features_module._encode_in_chunks(forward, torch.zeros(8, 3, 4, 4, dtype=torch.uint8), [8])
+    out = features_module.encode_in_chunks(forward, torch.zeros(8, 3, 4, 4, dtype=torch.uint8), [8])
     assert out.shape == (8, 1) and alive_when_freeing == [False, False]
 
 

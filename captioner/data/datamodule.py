@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.data.datasets import (
@@ -24,6 +25,7 @@ from captioner.data.datasets import (
 )
 from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
 from captioner.data.formats import CaptionFormat
+from captioner.data.formats.webdataset import SHARD_SEPARATOR
 from captioner.data.images import IMAGE_EXTENSIONS, find_images
 from captioner.data.prepared import PreparedData
 from captioner.data.records import CaptionRecord, DataReport
@@ -36,6 +38,7 @@ from captioner.data.splits import (
     records_fingerprint,
     save_splits,
 )
+from captioner.data.streamed import StreamedFeatures, image_parts, prepare_streamed
 from captioner.encoders.base import ImageEncoder
 from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
 from captioner.encoders.image_files import ImageFileDataset, collate_images
@@ -44,6 +47,7 @@ from captioner.encoders.store import FEATURES_FILE, FeatureCache, ResidentFeatur
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.errors import CaptionerError
 from captioner.files import read_json, write_json
+from captioner.pixels import open_accepted
 from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
 from captioner.text.words import Words, normalize
 
@@ -92,6 +96,12 @@ class CaptionDataModule(LightningDataModule):
             workers: "auto" when it fits the budget, true (stop if it does not), false (always read from disk).
         resident_budget_gb: The most memory the cache may take there (None: half the GPU's free memory, or a
             quarter of the host's available memory).
+        feature_store: Where features go: "cache" (one memory-mapped array per node, or resident, see above),
+            "stream" (LitData feature shards streamed for training: sets beyond one disk or in an object store, see
+            `captioner.data.streamed`), or "auto": "stream" for WebDataset shards, "cache" otherwise.
+        stream_dir: The folder of streamed feature sets (None: `<work_dir>/streamed`), or the URL of one where sets
+            extracted earlier were uploaded (s3://..., gs://...).
+        stream_cache_gb: The most disk LitData's local cache of a remote streamed set may take (None: its default).
         backbone, weights, image_size: Removed in captioner 0.3 (the encoder is `--model.encoder`); setting them
             stops with the config to write instead.
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
@@ -132,6 +142,9 @@ class CaptionDataModule(LightningDataModule):
         train_crop: float = 0.9,
         resident_features: bool | Literal["auto"] = "auto",
         resident_budget_gb: float | None = None,
+        feature_store: Literal["auto", "cache", "stream"] = "auto",
+        stream_dir: str | None = None,
+        stream_cache_gb: float | None = None,
         backbone: str | None = None,
         weights: str | None = None,
         image_size: int | None = None,
@@ -163,6 +176,8 @@ class CaptionDataModule(LightningDataModule):
         self._resume_at: TrainingPosition | None = None  # set from a checkpoint, used by the next training loader
         self.resident: ResidentFeatures | None = None
         self.split_sizes: dict[str, int] = {}
+        self.streamed: StreamedFeatures | None = None  # the streamed feature set, when training streams
+        self._stream_state: dict[str, Any] | None = None  # LitData's position, from a checkpoint
 
     # ---------------------------------------------------------------- preparation (one process per node)
     def preparation_settings(self) -> dict[str, Any]:
@@ -214,7 +229,13 @@ class CaptionDataModule(LightningDataModule):
             train_captions = [c for r in splits["train"] for c in r.captions]
             tokenizer = self.tokenizer_recipe.build(train_captions, hp.max_caption_length, hp.min_word_count)
             write_json(prepared.vocab_file, tokenizer.to_dict())
-            prepared.write_dataset(root, images_dir, caption_format.describe(), fingerprint)  # marks it complete
+            prepared.write_dataset(
+                root,
+                images_dir,
+                caption_format.describe(),
+                fingerprint,
+                sharded=getattr(caption_format, "streams", False),
+            )  # marks it complete
         splits, _ = load_splits(prepared.splits_file)
         vocabulary = load_tokenizer(prepared.vocab_file)
         log.info("Prepared data in %s: %s; %s.", prepared.folder, ", ".join(f"{len(splits[n])} {n}" for n in SPLITS),
@@ -223,8 +244,8 @@ class CaptionDataModule(LightningDataModule):
         self._report = report
         if hp.online_features:
             self._report_once(root, {})
-        elif self._world_size() == 1:  # distributed runs share the extraction out in setup()
-            self._features(self._image_names(splits), images_dir, root)
+        elif self._world_size() == 1 and not self._streams(getattr(caption_format, "streams", False)):
+            self._features(self._image_names(splits), images_dir, root)  # distributed runs and streams: in setup()
 
     @staticmethod
     def _image_names(splits: dict[str, list[CaptionRecord]]) -> list[str]:
@@ -239,6 +260,35 @@ class CaptionDataModule(LightningDataModule):
     def feature_spec(self) -> FeatureSpec:
         """The encoder and kind of features the cache holds."""
         return FeatureSpec(self.encoder, grid=self.hparams.features == "grid")
+
+    def _streams(self, sharded: bool) -> bool:
+        """Whether features go to streamed shards (see `feature_store`).
+
+        Raises:
+            CaptionerError: For combinations that cannot work (images in shards with a cache or a trained encoder).
+        """
+        choice = self.hparams.feature_store
+        streams = choice == "stream" or (choice == "auto" and sharded)
+        if sharded and choice == "cache":
+            raise CaptionerError("The images are inside shards: their features can only be streamed (--data."
+                                 "feature_store stream or auto).")  # fmt: skip
+        if streams and self.hparams.online_features:
+            raise CaptionerError("A trained encoder reads images, not features: --model.trainable_encoder_blocks > 0 "
+                                 "needs image files and --data.feature_store cache.")  # fmt: skip
+        return streams
+
+    def _stream_root(self) -> str:
+        return self.hparams.stream_dir or str(self.work_dir / "streamed")
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's place among those sharing the extraction: all ranks with a shared file system, else the
+        node's own (each node builds its own copy on its own disk, as rank 0 could not read the others' parts)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if self.hparams.shared_filesystem:
+            return trainer.global_rank, trainer.world_size
+        return trainer.local_rank, trainer.num_devices
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -259,12 +309,7 @@ class CaptionDataModule(LightningDataModule):
         spec = self.feature_spec
         if self._world_size() > 1:
             trainer = self.trainer
-            # Without a shared file system each node builds its own cache on its own disk, its ranks sharing
-            # the work; rank 0 could not read the parts other nodes wrote.
-            rank, world_size = (
-                (trainer.global_rank, trainer.world_size) if hp.shared_filesystem
-                else (trainer.local_rank, trainer.num_devices)
-            )  # fmt: skip
+            rank, world_size = self._rank_and_world()
             cache = prepare_features_sharded(
                 self.work_dir / FEATURES_DIR,
                 images_dir,
@@ -299,6 +344,9 @@ class CaptionDataModule(LightningDataModule):
         root, self.images_dir = Path(dataset["root"]), Path(dataset["images_dir"])
         splits, _ = load_splits(prepared.splits_file)
         self.vocabulary = load_tokenizer(prepared.vocab_file)
+        if self._streams(dataset["sharded"]):
+            self._setup_streamed(splits, root, dataset["sharded"])
+            return
         all_names = self._image_names(splits)
         cache = None
         if self.hparams.online_features:
@@ -326,6 +374,36 @@ class CaptionDataModule(LightningDataModule):
                                    seed=self.shuffle_seed)  # fmt: skip
             self.datasets[name] = self._dataset(name, records, reader, row_of)
 
+    def _setup_streamed(self, splits: dict[str, list[CaptionRecord]], root: Path, sharded: bool) -> None:
+        """Training streams its features; validation and test features are read into memory (they are few)."""
+        hp = self.hparams
+        rank, world_size = self._rank_and_world()
+        barrier = self.trainer.strategy.barrier if self.trainer is not None else (lambda: None)
+        self.streamed = prepare_streamed(
+            self._stream_root(), image_parts(splits["train"] + splits["val"] + splits["test"], self.images_dir,
+                                             sharded),
+            splits, self.feature_spec, rank=rank, world_size=world_size, barrier=barrier, device=self._device(),
+            batch_size=hp.extraction_batch_size, threads=max(2, hp.num_workers), cache_dir=self._stream_cache(),
+        )  # fmt: skip
+        failed = self.streamed.failed
+        self._report_once(root, failed)
+        evaluated = {name: [r for r in splits[name] if r.file_name not in failed] for name in ("val", "test")}
+        names = [r.file_name for name in ("val", "test") for r in evaluated[name]]
+        self.resident = ResidentFeatures(self.streamed.table(names, self._stream_cache()), self._device())
+        row_of = {name: row for row, name in enumerate(names)}
+        self.split_sizes = {"train": self.streamed.meta["counts"].get("train", 0),
+                            **{name: len(records) for name, records in evaluated.items()}}  # fmt: skip
+        for name, size in self.split_sizes.items():
+            if not size:
+                raise CaptionerError(f"The {name} split has no usable image; adjust --data.{name}_size or the data.")
+        self.datasets["train"] = StreamedSplit(self.split_sizes["train"])
+        for name, records in evaluated.items():
+            self.datasets[name] = self._dataset(name, records, RowIndex(), row_of)
+
+    def _stream_cache(self) -> str | None:
+        """Where LitData keeps chunks of a remote streamed set (its default place when None)."""
+        return None if "://" not in self._stream_root() else str(self.work_dir / "stream-cache")
+
     def _resident(self, cache: FeatureCache) -> ResidentFeatures | None:
         """The cache held in memory when it fits (see `resident_features`), else None (read from disk per batch)."""
         choice, device = self.hparams.resident_features, self._device()
@@ -343,6 +421,15 @@ class CaptionDataModule(LightningDataModule):
             raise CaptionerError(f"--data.resident_features true: the feature cache ({size / 2**30:.1f} GB) is over "
                                  "the memory budget; raise --data.resident_budget_gb or set it to auto.")  # fmt: skip
         return None
+
+    def sample_image(self, name: str) -> Image.Image:
+        """An image of the data by its record name, for pictures of samples (a grey tile for an image inside a
+        shard: reading one would mean reading its shard through)."""
+        if SHARD_SEPARATOR in name and not (Path(self.images_dir) / name).exists():
+            return Image.new("RGB", (self.preprocessing.image_size,) * 2, (128, 128, 128))
+        with open_accepted(Path(self.images_dir) / name) as image:
+            image.seek(0)
+            return image.convert("RGB")
 
     def materialize(self, batch: dict) -> dict:
         """A batch with its `rows` turned into `features` from the resident table (a no-op otherwise)."""
@@ -421,17 +508,23 @@ class CaptionDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------- where training stands (in checkpoints)
     def state_dict(self) -> dict[str, Any]:
-        """The training position, which Lightning writes into every checkpoint taken while fitting."""
+        """The training position, which Lightning writes into every checkpoint taken while fitting (and, when
+        training streams, LitData's state at that position)."""
         trainer = self.trainer
-        if trainer is None or not trainer.training or not isinstance(trainer.train_dataloader, ResumableLoader):
+        loader = trainer.train_dataloader if trainer is not None and trainer.training else None
+        if not isinstance(loader, ResumableLoader) and not hasattr(loader, "state_at"):
             return {}
-        position = TrainingPosition.of_trainer(trainer, trainer.train_dataloader.batch_size)
-        return {"training_position": position.to_dict()}
+        position = TrainingPosition.of_trainer(trainer, loader.batch_size)
+        state: dict[str, Any] = {"training_position": position.to_dict()}
+        if hasattr(loader, "state_at"):
+            state["stream_state"] = loader.state_at(position.epoch, position.items)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Start the next training loader where the checkpoint stood (Lightning calls this before building it)."""
         position = state.get("training_position")
         self._resume_at = TrainingPosition(**position) if position else None
+        self._stream_state = state.get("stream_state")
 
     @property
     def shuffle_seed(self) -> int:
@@ -439,9 +532,24 @@ class CaptionDataModule(LightningDataModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def train_dataloader(self) -> DataLoader:
+        if self.streamed is not None:
+            return self._stream_loader()
         # A last batch of one item would break the decoders' batch norm in training mode (and is noise anyway).
         drop_last = len(self.datasets.get("train", ())) > self.hparams.batch_size
         return self._loader("train", self.hparams.batch_size, shuffle=True, drop_last=drop_last)
+
+    def _stream_loader(self) -> Any:
+        """LitData's loader over the training stream, started where a checkpoint stood."""
+        from captioner.data.stream_loader import train_loader
+
+        hp = self.hparams
+        loader = train_loader(self.streamed, self.vocabulary, hp.batch_size, hp.num_workers, self.shuffle_seed,
+                              pin_memory=self._device().type == "cuda", cache_dir=self._stream_cache(),
+                              max_cache_gb=hp.stream_cache_gb)  # fmt: skip
+        position = self._resume_at
+        loader.start_at(position.epoch if position else 0, self._stream_state if position else None)
+        self._resume_at, self._stream_state = None, None
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
@@ -451,6 +559,19 @@ class CaptionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.hparams.eval_batch_size, shuffle=False, collate=collate_images)
+
+
+class StreamedSplit:
+    """The training split when it streams: its size (the items live in the stream, `CaptionDataModule.streamed`).
+    It holds no references, so objectives that score whole images against them (self-critical training) refuse it."""
+
+    streamed = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def hp_tokenizer_set(datamodule: CaptionDataModule) -> bool:

@@ -78,10 +78,12 @@ class PreparedData:
                 f"set under existing checkpoints. Use another --data.work_dir, or delete {self.folder} to prepare anew."
             )
 
-    def write_dataset(self, root: Path, images_dir: Path, caption_format: str, fingerprint: str) -> None:
+    def write_dataset(self, root: Path, images_dir: Path, caption_format: str, fingerprint: str,
+                      sharded: bool = False) -> None:  # fmt: skip
+        """Record where the images are (`sharded`: inside shards, not as files) and mark the preparation complete."""
         write_json(self.dataset_file, {"version": PREPARED_VERSION, "root": str(root.resolve()),
                                        "images_dir": str(images_dir.resolve()), "format": caption_format,
-                                       "records": fingerprint})  # fmt: skip
+                                       "records": fingerprint, "sharded": sharded})  # fmt: skip
 
     def read_dataset(self) -> dict[str, Any]:
         """The dataset record, checked.
@@ -99,4 +101,5 @@ class PreparedData:
                      "Prepared dataset")  # fmt: skip
         if payload["version"] != PREPARED_VERSION:
             raise CaptionerError(f"{self.dataset_file} has version {payload['version']}, expected {PREPARED_VERSION}.")
+        payload.setdefault("sharded", False)  # prepared before shards were a source
         return payload

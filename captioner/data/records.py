@@ -98,10 +98,11 @@ class RecordBuilder:
     Args:
         images_dir: The folder image paths are relative to.
         report: Where the counts go.
+        sizes: The images' sizes in bytes when the format knows them (images inside shards): no file is looked at.
     """
 
-    def __init__(self, images_dir: Path, report: DataReport) -> None:
-        self.images_dir, self.report = Path(images_dir), report
+    def __init__(self, images_dir: Path, report: DataReport, sizes: dict[str, int] | None = None) -> None:
+        self.images_dir, self.report, self.sizes = Path(images_dir), report, sizes
         self._captions: dict[str, dict[str, None]] = {}  # insertion-ordered, deduplicated
         self._ids: dict[str, int | str | None] = {}
         self._splits: dict[str, str | None] = {}
@@ -169,6 +170,8 @@ class RecordBuilder:
 
     def _file_size(self, name: str, listing: dict[Path, dict[str, int]]) -> int | None:
         """The file's size (None when missing); one directory listing per folder instead of a stat per file."""
+        if self.sizes is not None:
+            return self.sizes.get(name)
         path = self.images_dir / name
         folder = path.parent
         if folder not in listing:

@@ -193,3 +193,62 @@ def first_colour(caption: str) -> str | None:
         if word in COLOURS:
             return word
     return None
+
+
+def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: int = 100, junk: bool = False) -> Path:
+    """A synthetic set (`write_synthetic_dataset`'s layout) rewritten as img2dataset's WebDataset output: `root/`
+    with `00000.tar`, ... holding `<key>.jpg`, `<key>.txt` (the captions, one per line) and `<key>.json` (the
+    original file name and the scene), and a `<shard>_stats.json` beside each, as img2dataset writes.
+
+    Args:
+        coco_root: The synthetic set to rewrite (its images and captions, unchanged).
+        root: The folder to create (written whole, then renamed into place).
+        per_shard: Images per shard.
+        junk: Also write what real shards hold: an image without a caption, a caption without an image, a JPEG
+            cut short, and one key a second time (in the last shard).
+
+    Returns:
+        `root`.
+    """
+    import io
+    import tarfile
+
+    coco_root, root = Path(coco_root), Path(root)
+    payload = json.loads((coco_root / CAPTION_FILE).read_text(encoding="utf-8"))
+    captions: dict[int, list[str]] = {}
+    for annotation in payload["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    samples = []
+    for index, image in enumerate(payload["images"]):
+        meta = {
+            "key": f"{index:09d}",
+            "file_name": image["file_name"],
+            "scene": image.get("scene"),
+            "status": "success",
+        }
+        samples.append((f"{index:09d}", {"jpg": (coco_root / IMAGES_DIR / image["file_name"]).read_bytes(),
+                                         "txt": "\n".join(captions.get(image["id"], [])).encode(),
+                                         "json": json.dumps(meta).encode()}))  # fmt: skip
+    if junk:
+        good = samples[0][1]
+        samples += [("junk-no-caption", {"jpg": good["jpg"]}), ("junk-no-image", {"txt": b"a caption alone"}),
+                    ("junk-cut-short", {"jpg": good["jpg"][: len(good["jpg"]) // 3], "txt": b"a red circle"}),
+                    (samples[0][0], dict(good))]  # fmt: skip
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for shard, start in enumerate(range(0, len(samples), per_shard)):
+            name = f"{shard:05d}"
+            with tarfile.open(tmp / f"{name}.tar", "w") as tar:
+                for key, members in samples[start : start + per_shard]:
+                    for extension, data in members.items():
+                        info = tarfile.TarInfo(f"{key}.{extension}")
+                        info.size, info.mtime = len(data), 0
+                        tar.addfile(info, io.BytesIO(data))
+            count = len(samples[start : start + per_shard])
+            (tmp / f"{name}_stats.json").write_text(json.dumps({"count": count, "successes": count}))
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root

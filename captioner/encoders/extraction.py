@@ -89,7 +89,7 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _encode_in_chunks(forward, images: torch.Tensor, chunk: list[int]) -> torch.Tensor:
+def encode_in_chunks(forward, images: torch.Tensor, chunk: list[int]) -> torch.Tensor:
     """Run the encoder over `images` in chunks of `chunk[0]`, halving it (for good) on out-of-memory."""
     while True:
         try:
@@ -192,7 +192,7 @@ def extract_features(
                 rows = np.zeros((stop - start, *row_shape), dtype=np.float16)
                 if batch["ok"]:
                     images = batch["images"].to(device, non_blocking=True)
-                    out = _encode_in_chunks(forward, images, chunk).float().cpu().numpy().astype(np.float16)
+                    out = encode_in_chunks(forward, images, chunk).float().cpu().numpy().astype(np.float16)
                     rows[[position + done - start for position in batch["ok"]]] = out
                 for position, reason in batch["errors"].items():
                     failed[file_names[done + position]] = reason

@@ -6,11 +6,22 @@ from captioner.data.formats.folder import TextFolder
 from captioner.data.formats.jsonl import Jsonl
 from captioner.data.formats.karpathy import Karpathy
 from captioner.data.formats.table import Csv
+from captioner.data.formats.webdataset import WebDataset
 
 
 def known_formats() -> list[CaptionFormat]:
     """Every built-in format with its default options, in the order a folder is searched."""
-    return [Coco(), Karpathy(), Csv(), Jsonl(), TextFolder()]
+    return [Coco(), Karpathy(), Csv(), Jsonl(), TextFolder(), WebDataset()]
 
 
-__all__ = ["CaptionFormat", "Coco", "Csv", "Jsonl", "Karpathy", "TextFolder", "find_format", "known_formats"]
+__all__ = [
+    "CaptionFormat",
+    "Coco",
+    "Csv",
+    "Jsonl",
+    "Karpathy",
+    "TextFolder",
+    "WebDataset",
+    "find_format",
+    "known_formats",
+]

@@ -16,7 +16,8 @@ then `<pad>`) and `owners` (the `features` row of each caption); the config
 link passes `train_items` on to `data.train_items`. It also declares whether it
 is a second stage that must start from trained weights
 (`needs_initial_weights`), may look at the training references once
-(`prepare`), and computes the loss with `__call__`. It never logs or writes
+(`prepare`; `needs_references` when it cannot train without them, as streamed
+sets do not hold them), and computes the loss with `__call__`. It never logs or writes
 files: it returns the loss and the figures to log, and the LightningModule does
 the rest.
 """
@@ -56,6 +57,8 @@ class Objective:
     """Base class of training objectives (see the module docstring)."""
 
     needs_initial_weights: ClassVar[bool] = False
+    # Whether `prepare` needs every training image's references (a streamed training set does not hold them).
+    needs_references: ClassVar[bool] = False
 
     @property
     def train_items(self) -> Literal["captions", "images"]:
@@ -75,7 +78,12 @@ class Objective:
         if self.needs_initial_weights and not has_initial_weights:
             raise CaptionerError(f"{name} is a second training stage: start it from a cross-entropy model with "
                                  "--model.init_checkpoint path/to/best.ckpt.")  # fmt: skip
-        if self.train_items == "images" and not hasattr(train, "reference_ids"):
+        if self.needs_references and getattr(train, "streamed", False):
+            raise CaptionerError(f"{name} scores whole images against their references, which a streamed training "
+                                 "set does not hold: run it on a cached set (--data.feature_store cache), e.g. to "
+                                 "fine-tune on COCO after pre-training on shards.")  # fmt: skip
+        streamed = getattr(train, "streamed", False)  # streamed items are always images with all their captions
+        if self.train_items == "images" and not streamed and not hasattr(train, "reference_ids"):
             raise CaptionerError(f"{name} trains on whole images: set --data.train_items images (the config link "
                                  "does this from --model.objective).")  # fmt: skip
         self.prepare(getattr(train, "reference_ids", []), special)

@@ -64,6 +64,7 @@ class SelfCritical(Objective):
     """
 
     needs_initial_weights = True
+    needs_references = True  # CIDEr-D's document frequencies come from every training reference
 
     @property
     def train_items(self) -> str:

@@ -1,0 +1,183 @@
+"""WebDataset tar shards, as img2dataset writes them: `00000.tar` holding `<key>.jpg`, `<key>.txt` (the caption)
+and `<key>.json` (metadata, with a `caption` field), in a folder, by a brace pattern or at an object-store URL.
+Read as a stream (`pip install 'captioner[shards]'`), never unpacked to disk.
+
+Records name an image as `<shard>#<member>` (`00003.tar#000030012.jpg`): the
+shard relative to the data folder (or its URL) and the image's name inside it.
+Their features are extracted straight from the shards into streamed feature
+shards (`captioner.data.streamed`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from captioner.data.formats.base import CaptionFormat
+from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
+from captioner.errors import CaptionerError
+
+SHARD_SEPARATOR = "#"
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+def _webdataset(module: str = "webdataset") -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CaptionerError(
+            "WebDataset shards need the webdataset package: pip install 'captioner[shards]'."
+        ) from None
+
+
+def is_url(location: str) -> bool:
+    """Whether a shard location is a URL (s3://, gs://, https://, pipe:...) rather than a local path."""
+    return bool(URL_SCHEME.match(location)) and not re.match(r"^[a-z]:[\\/]", location, re.IGNORECASE)
+
+
+def shard_locations(folder: Path, shards: str | None) -> list[str]:
+    """The shards to read: every `*.tar` under `folder` (sorted), or `shards` expanded (a brace pattern such as
+    `shards/{00000..00099}.tar`, relative to `folder` unless it is absolute or a URL; `::` separates several)."""
+    if shards is None:
+        return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.tar") if path.is_file())
+    expanded = _webdataset("webdataset.shardlists").expand_urls(shards)
+    return [location for location in expanded]
+
+
+def shard_path(folder: Path, location: str) -> str:
+    """Where to open a shard from: a URL as it is, a relative path under `folder`."""
+    return location if is_url(location) or Path(location).is_absolute() else str(folder / location)
+
+
+def split_member(key_and_name: str) -> tuple[str, str]:
+    """`<key>.<ext...>` -> (key, ext): as WebDataset groups members, at the first dot of the base name."""
+    directory, _, base = key_and_name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
+def shard_samples(location: str, report: DataReport | None = None,
+                  wanted: Any = None) -> Iterator[tuple[str, dict[str, bytes]]]:  # fmt: skip
+    """The samples of one shard, in order: `(key, {extension: bytes})`, members of one key grouped.
+
+    Args:
+        location: A local path or URL (opened with webdataset's `gopen`: local files, pipe:, http(s), s3 and gs
+            through their command-line tools).
+        report: Counts a shard cut short (what came before the damage is kept).
+        wanted: Reads only the members whose extension it holds (a set); the others are skipped unread.
+
+    Raises:
+        CaptionerError: When the shard cannot be opened.
+    """
+    gopen = _webdataset("webdataset.gopen").gopen
+    iterator = _webdataset("webdataset.tariterators").tar_file_iterator
+
+    def select(name: str) -> bool:
+        return wanted is None or split_member(name)[1] in wanted
+
+    broken: list[Exception] = []
+
+    def stop(error: Exception) -> bool:  # a truncated or corrupt shard: keep what was read, count it
+        broken.append(error)
+        return False
+
+    try:
+        stream = gopen(location, "rb")
+    except Exception as error:  # gopen raises many types: missing file, failed pipe, unknown scheme
+        raise CaptionerError(f"Cannot open the shard {location} ({type(error).__name__}: {error}).") from error
+    key, members = None, {}
+    with stream:
+        for member in iterator(stream, skip_meta=None, handler=stop, select_files=select):
+            member_key, extension = split_member(member["fname"])
+            if member_key != key or extension in members:  # a new sample (a member met twice starts one too)
+                if key is not None:
+                    yield key, members
+                key, members = member_key, {}
+            members[extension] = member["data"]
+    if key is not None:
+        yield key, members
+    if broken and report is not None:
+        report.count("shards cut short (read up to the damage)", f"{location}: {broken[0]}")
+
+
+def captions_of(members: dict[str, bytes], caption_field: str) -> list[str] | None:
+    """A sample's captions: the `.txt` member's non-empty lines, else the `.json` member's `caption_field` (a string
+    or a list); None when it has neither."""
+    if "txt" in members:
+        return [line for line in members["txt"].decode("utf-8", errors="replace").splitlines() if line.strip()]
+    if "json" in members:
+        try:
+            value = json.loads(members["json"]).get(caption_field)
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return [item for item in value if isinstance(item, str)]
+    return None
+
+
+class WebDataset(CaptionFormat):
+    """img2dataset's WebDataset output: tar shards of `<key>.jpg` (or png, webp) with `<key>.txt` (one caption per
+    line; img2dataset writes one) and `<key>.json` (used when there is no `.txt`: its `caption_field`).
+
+    Images without a caption, captions without an image, and keys met twice
+    are counted and skipped; an image that does not decode is counted when its
+    features are extracted. A key's id in results files is `<shard>#<key>`.
+
+    Args:
+        shards: Which shards: a brace pattern (`{00000..00099}.tar`, `s3://bucket/cc3m/{00000..00331}.tar`),
+            relative to the data folder unless absolute or a URL. None: every `*.tar` under the data folder.
+        caption_field: The `.json` member's caption field.
+    """
+
+    looks_for = "WebDataset tar shards (*.tar, as img2dataset writes them)"
+    streams = True  # its images are read from the shards, never as files: features go to streamed shards
+
+    def __init__(self, shards: str | None = None, caption_field: str = "caption") -> None:
+        self.shards, self.caption_field = shards, caption_field
+
+    def locate(self, folder: Path) -> Path | None:
+        if self.shards is not None:
+            return folder
+        return folder if any(path.is_file() for path in folder.rglob("*.tar")) else None
+
+    def read(self, source: Path, report: DataReport) -> tuple[list[CaptionRecord], Path]:
+        locations = shard_locations(source, self.shards)
+        if not locations:
+            raise CaptionerError(f"No shard matches {self.shards or '*.tar'} in {source}.")
+        sizes: dict[str, int] = {}
+        builder = RecordBuilder(source, report, sizes=sizes)
+        wanted, keys = {*IMAGE_MEMBERS, "txt", "json"}, set()
+        for location in locations:
+            for key, members in shard_samples(shard_path(source, location), report, wanted):
+                where = f"{location}{SHARD_SEPARATOR}{key}"
+                if key in keys:  # img2dataset's keys are unique across shards: the first one is kept
+                    report.count("duplicate keys", where)
+                    continue
+                keys.add(key)
+                image = next((extension for extension in IMAGE_MEMBERS if extension in members), None)
+                captions = captions_of(members, self.caption_field)
+                if image is None:
+                    if captions is not None:
+                        report.count("captions without an image", where)
+                    continue
+                name = f"{location}{SHARD_SEPARATOR}{key}.{image}"
+                sizes[name] = len(members[image])
+                builder.add(name, where=where)
+                for caption in captions or ():
+                    builder.add(name, caption, where=where)
+        return builder.build(source), source
+
+
+def shard_of(file_name: str) -> tuple[str, str]:
+    """A record's `<shard>#<member>` name split into the shard and the member's key."""
+    location, separator, member = file_name.rpartition(SHARD_SEPARATOR)
+    if not separator:
+        raise CaptionerError(f"{file_name} does not name an image inside a shard (<shard>{SHARD_SEPARATOR}<member>).")
+    return location, split_member(member)[0]
