@@ -7,7 +7,7 @@ Runtime, numpy and pillow only) imports on machines without torch.
 from captioner.errors import CaptionerError
 from captioner.predictions import Prediction
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Captioner", "CaptionerError", "Prediction", "__version__"]
 
 

@@ -128,13 +128,18 @@ class SignalAt(Callback):
 
 class SeenNames(Callback):
     """Record which images each training batch held (`names`, as streamed batches carry them): one JSON line per
-    batch, per rank, in `folder/rank<r>.jsonl`, with the epoch and the global step after it."""
+    batch, per rank, in `folder/rank<r>.jsonl`, with the epoch, the global step after it and the process."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "names": list(batch["names"])}
+        line = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "names": list(batch["names"]),
+            "process": os.getpid(),
+        }
         with open(os.path.join(self.folder, f"rank{trainer.global_rank}.jsonl"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")

@@ -96,8 +96,8 @@ def epochs_seen(folder: Path, resumed_from: int) -> dict[int, list[str]]:
     by_epoch: dict[int, list[str]] = {}
     for path in sorted(folder.glob("rank*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        restart = next(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"])
-        for row in [r for r in rows[:restart] if r["step"] <= resumed_from] + rows[restart:]:
+        killed = rows[0]["process"]  # the killed run's process wrote first (a rank may die before its last batch)
+        for row in [r for r in rows if r["process"] != killed or r["step"] <= resumed_from]:
             by_epoch.setdefault(row["epoch"], []).extend(row["names"])
     return by_epoch
 
