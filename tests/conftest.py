@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,22 @@ from captioner.data.synthetic import write_synthetic_dataset
 
 TESTS = Path(__file__).parent
 TINY_CONFIG = TESTS / "conf" / "tiny.yaml"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores, for itself and the processes it starts.
+
+    Without it every worker's torch (and every run a test starts) takes all the cores: on two cores two workers
+    run four compute threads, and OpenMP's waiting threads spin against each other, slower than one worker alone.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[variable] = threads
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(autouse=True)
