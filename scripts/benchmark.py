@@ -672,7 +672,7 @@ def server_throughput(checkpoint: str, images_dir: str, names: list[str], client
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "captioner", "serve", "--ckpt_path", checkpoint, "--port", str(port), "--device",
-               "cpu", "--max_batch_size", str(batch_size), "--batch_timeout", "0.005", "--beams", "0"]  # fmt: skip
+               "cpu", "--max_batch_size", str(batch_size), "--batch_timeout", "0.005", "--num_return", "1"]  # fmt: skip
     server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -689,7 +689,7 @@ def server_throughput(checkpoint: str, images_dir: str, names: list[str], client
             def ask(data: bytes) -> tuple[float, float]:
                 """The request's latency, and the server's own time for it: decoding the image and the model."""
                 started = time.perf_counter()
-                response = client.post(f"{url}/predict", files={"image": ("image.jpg", data)}, data={"beams": "0"})
+                response = client.post(f"{url}/predict", files={"image": ("image.jpg", data)}, data={"num_return": "1"})
                 response.raise_for_status()
                 times = response.json()["time_ms"]
                 return time.perf_counter() - started, (times["decode"] + times["model"]) / 1000

@@ -100,8 +100,21 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
     return server
 
 
-def serve_command(argv: list[str]) -> int:
-    """`python -m captioner serve --ckpt_path CKPT [options]`: run the server until stopped."""
+def decoding_overrides(options: argparse.Namespace) -> dict:
+    """The decoding settings `serve` was given, with captioner 0.2's `--beams N` (N ranked alternatives, 0: the
+    best only) read as `--num_return` (one deprecation line).
+
+    Raises:
+        CaptionerError: When `--beams` and `--num_return` are both given, differently.
+    """
+    overrides = decoding_config.overrides_from(options)
+    if options.beams is not None:
+        overrides = decoding_config.upgraded({**overrides, "beams": max(1, options.beams)}, "serve")
+    return overrides
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The options of `python -m captioner serve`."""
     parser = argparse.ArgumentParser(prog="python -m captioner serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit, or a folder written by export")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
@@ -127,13 +140,19 @@ def serve_command(argv: list[str]) -> int:
                         help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
                              "use one on any host other than 127.0.0.1")  # fmt: skip
     decoding_config.add_arguments(parser)
-    options = parser.parse_args(argv)
+    parser.add_argument("--beams", type=int, default=None, help="deprecated: --num_return (0: the best caption only)")
+    return parser
+
+
+def serve_command(argv: list[str]) -> int:
+    """`python -m captioner serve --ckpt_path CKPT [options]`: run the server until stopped."""
+    options = serve_parser().parse_args(argv)
     api_key = options.api_key or os.environ.get(API_KEY_VARIABLE) or None
     path = Path(options.ckpt_path)
     if not path.exists():
         raise CaptionerError(f"--ckpt_path {path} does not exist.")
     devices = options.devices if options.devices == "auto" else int(options.devices)
-    server = build_server(path, options.device, devices, options.workers, decoding_config.overrides_from(options),
+    server = build_server(path, options.device, devices, options.workers, decoding_overrides(options),
                           options.max_batch_size, options.batch_timeout, options.max_upload_mb, options.max_pixels,
                           body_timeout=options.body_timeout, max_bodies=options.max_bodies, api_key=api_key,
                           decode_memory_mb=options.decode_memory_mb)  # fmt: skip
