@@ -1,6 +1,6 @@
 """Benchmark captioner against the original approach, phase by phase, in one run.
 
-    python scripts/benchmark.py --quick          # about 6 minutes on a 2-core CPU
+    python scripts/benchmark.py --quick          # about 12 minutes on a 2-core CPU
     python scripts/benchmark.py                  # bigger sizes; uses the GPU when there is one
     python scripts/benchmark.py --json out.json  # also write every figure as JSON
 
@@ -809,7 +809,7 @@ SIZES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: about 6 minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="small sizes: about 12 minutes on a 2-core CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: 5,000 on a CPU, 10,000 "
