@@ -31,11 +31,15 @@ checkpoints and exports use:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CaptionerError
 from captioner.parts import import_class
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 class TokenizerRecipe:
@@ -48,6 +52,47 @@ class TokenizerRecipe:
     def build(self, captions: Iterable[str], max_length: int, min_count: int = 5) -> Any:
         """The tokenizer for these training captions (`max_length` and `min_count`: the data's settings)."""
         raise NotImplementedError
+
+
+class TokenSequences:
+    """What every tokenizer does the same way once it can `encode` and `decode` one caption: batches, and the
+    caption's ids between `<start>` and the end token. Subclasses set `pad_index`, `start_index`, `end_index`
+    and `max_length`."""
+
+    pad_index: int
+    start_index: int
+    end_index: int
+    max_length: int
+
+    def encode(self, caption: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, captions: Sequence[str]) -> torch.Tensor:
+        """Encode captions into one `(N, max_length + 2)` int64 tensor padded with `pad_index`."""
+        import torch  # here only: the exported runtime decodes with these classes where torch is not installed
+
+        out = torch.full((len(captions), self.max_length + 2), self.pad_index, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            ids = self.encode(caption)
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode_batch(self, ids: torch.Tensor | np.ndarray) -> list[str]:
+        """Decode each row of a `(B, T)` tensor or array of ids."""
+        return [self.decode(row) for row in ids.tolist()]
+
+    def _caption_ids(self, ids: Iterable[int]) -> list[int]:
+        """The ids up to the first end token, with start and padding left out."""
+        kept = []
+        for index in map(int, ids):
+            if index == self.end_index:
+                break
+            if index not in (self.start_index, self.pad_index):
+                kept.append(index)
+        return kept
 
 
 def tokenizer_from_dict(payload: dict, source: str = "tokenizer") -> Any:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CaptionerError
-from captioner.text.base import TokenizerRecipe
+from captioner.text.base import TokenizerRecipe, TokenSequences
 from captioner.text.words import normalize
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 SUBWORDS_VERSION = 1
@@ -36,7 +35,7 @@ def _tokenizers() -> Any:
         raise CaptionerError("Subword tokenizers need the tokenizers package: pip install 'captioner[hf]'.") from None
 
 
-class SubwordTokenizer:
+class SubwordTokenizer(TokenSequences):
     """A `tokenizers.Tokenizer` with the ids search and metrics need.
 
     Args:
@@ -82,31 +81,9 @@ class SubwordTokenizer:
         ids = self.tokenizer.encode(self._text(caption), add_special_tokens=False).ids[: self.max_length]
         return [self.start_index, *ids, self.end_index]
 
-    def encode_batch(self, captions: Sequence[str]) -> torch.Tensor:
-        """Encode captions into one `(N, max_length + 2)` int64 tensor padded with `pad_index`."""
-        import torch  # here only: the exported runtime decodes with this class where torch is not installed
-
-        out = torch.full((len(captions), self.max_length + 2), self.pad_index, dtype=torch.long)
-        for row, caption in enumerate(captions):
-            ids = self.encode(caption)
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
-
-    def _caption_ids(self, ids: Iterable[int]) -> list[int]:
-        kept = []
-        for index in map(int, ids):
-            if index == self.end_index:
-                break
-            if index not in (self.start_index, self.pad_index):
-                kept.append(index)
-        return kept
-
     def decode(self, ids: Iterable[int]) -> str:
         """The text of the tokens up to the end token."""
         return self.tokenizer.decode(self._caption_ids(ids), skip_special_tokens=True).strip()
-
-    def decode_batch(self, ids: torch.Tensor | np.ndarray) -> list[str]:
-        return [self.decode(row) for row in ids.tolist()]
 
     def _word_ids(self, text: str) -> list[int]:
         ids = []

@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING
 
 from captioner.errors import CaptionerError
 from captioner.files import read_json, require_keys, write_json
-from captioner.text.base import TokenizerRecipe
+from captioner.text.base import TokenizerRecipe, TokenSequences
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 VOCAB_VERSION = 1
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 _APOSTROPHES = re.compile(r"['\u2019`]")
@@ -45,7 +44,7 @@ def normalize(text: str) -> list[str]:
     return _NOT_WORD.sub(" ", text).split()
 
 
-class Vocabulary:
+class Vocabulary(TokenSequences):
     """Words <-> ids, with `<pad>`=0, `<start>`=1, `<end>`=2, `<unk>`=3.
 
     Args:
@@ -90,28 +89,9 @@ class Vocabulary:
         ids = [self.stoi.get(word, self.unk_index) for word in normalize(caption)[: self.max_length]]
         return [self.start_index, *ids, self.end_index]
 
-    def encode_batch(self, captions: Sequence[str]) -> torch.Tensor:
-        """Encode captions into one `(N, max_length + 2)` int64 tensor padded with `<pad>`."""
-        import torch  # here only: the exported runtime decodes with this class where torch is not installed
-
-        out = torch.full((len(captions), self.max_length + 2), self.pad_index, dtype=torch.long)
-        for row, caption in enumerate(captions):
-            ids = self.encode(caption)
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
-
     def decode(self, ids: Iterable[int]) -> str:
         """Words up to the first `<end>`, with `<start>` and `<pad>` left out."""
         return " ".join(self.itos[index] for index in self._caption_ids(ids))
-
-    def _caption_ids(self, ids: Iterable[int]) -> list[int]:
-        kept = []
-        for index in map(int, ids):
-            if index == self.end_index:
-                break
-            if index not in (self.start_index, self.pad_index):
-                kept.append(index)
-        return kept
 
     def words_of(self, ids: torch.Tensor) -> list[list[int]]:
         """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials left out: what CIDEr-D
@@ -129,10 +109,6 @@ class Vocabulary:
 
     def describe(self) -> str:
         return f"{len(self)} words (seen at least {self.min_count} times in training captions)"
-
-    def decode_batch(self, ids: torch.Tensor | np.ndarray) -> list[str]:
-        """Decode each row of a `(B, T)` tensor or array of ids."""
-        return [self.decode(row) for row in ids.tolist()]
 
     def to_dict(self) -> dict:
         """A JSON-ready form, stored in `vocab.json` and in checkpoints."""
