@@ -108,3 +108,17 @@ def last_checkpoint(trainer) -> str:
 
     (callback,) = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
     return callback.best_model_path
+
+
+def write_gpt2_like_tokenizer(path: Path, captions: list[str]) -> None:
+    """A byte-level BPE with GPT-2's end-of-text token and no padding, saved as a pretrained one would be."""
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                             initial_alphabet=alphabet)  # fmt: skip
+    tokenizer.train_from_iterator(captions, trainer)
+    tokenizer.save(str(path))

@@ -17,7 +17,7 @@ from captioner.errors import CaptionerError
 from captioner.models.decoders import PrefixLMDecoder
 from captioner.models.objectives import caption_cross_entropy
 from captioner.text import Pretrained
-from tests.conftest import tiny_args
+from tests.conftest import tiny_args, write_gpt2_like_tokenizer
 
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 64}
 
@@ -67,14 +67,8 @@ def saved_lm(tmp_path_factory):
     import transformers
 
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                             initial_alphabet=alphabet)  # fmt: skip
-    tokenizer.train_from_iterator(["a red circle on the left", "a blue square at the top"] * 20, trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    write_gpt2_like_tokenizer(folder / "tokenizer.json", ["a red circle on the left", "a blue square at the top"] * 20)
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     torch.manual_seed(1)
     config = transformers.AutoConfig.for_model(**(TINY_GPT2 | {"vocab_size": tokenizer.get_vocab_size()}))
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)

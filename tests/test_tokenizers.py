@@ -16,7 +16,7 @@ from captioner.data.synthetic import describe_scene, random_scene
 from captioner.errors import CaptionerError
 from captioner.text import Bpe, Pretrained, SubwordTokenizer, Vocabulary, Words, normalize, tokenizer_from_dict
 
-from .conftest import tiny_args
+from .conftest import tiny_args, write_gpt2_like_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +101,8 @@ def test_cider_scores_words_the_same_whichever_tokenizer_wrote_them(bpe, scene_c
     assert fresh.words_of(fresh.encode_batch(["blue square"])) == bpe.words_of(bpe.encode_batch(["blue square"]))
 
 
-def _gpt2_like_tokenizer_file(path, captions) -> None:
-    """A byte-level BPE with GPT-2's end-of-text token and no padding, saved as a pretrained one would be."""
-    import tokenizers
-
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                             initial_alphabet=alphabet)  # fmt: skip
-    tokenizer.train_from_iterator(captions, trainer)
-    tokenizer.save(str(path))
-
-
 def test_a_pretrained_tokenizer_gets_padding_and_start_and_keeps_case(scene_captions, tmp_path):
-    _gpt2_like_tokenizer_file(tmp_path / "tokenizer.json", scene_captions)
+    write_gpt2_like_tokenizer(tmp_path / "tokenizer.json", scene_captions)
     tokenizer = Pretrained(str(tmp_path), max_tokens=20).build(scene_captions, max_length=34)
     assert len(tokenizer) == 302  # its 300 and <pad>, <start>
     assert tokenizer.end_index == 0  # <|endoftext|> ends captions, as GPT-2 was trained
@@ -135,7 +121,7 @@ def test_an_unknown_model_id_offline_is_one_line_naming_the_cache():
 
 
 def test_a_pretrained_tokenizer_without_the_end_token_says_which_option(scene_captions, tmp_path):
-    _gpt2_like_tokenizer_file(tmp_path / "tokenizer.json", scene_captions)
+    write_gpt2_like_tokenizer(tmp_path / "tokenizer.json", scene_captions)
     with pytest.raises(CaptionerError, match="end_token"):
         Pretrained(str(tmp_path / "tokenizer.json"), end_token="</s>").build(scene_captions, max_length=10)
 
