@@ -165,6 +165,38 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_fit(model, loader, device: str, steps: int, warmup: int) -> float:
+    """Train `model` on `loader` for `warmup + steps` steps with Lightning's Trainer, in the precision `fit` picks
+    on this device, and return the captions per second of the steps after the warm-up."""
+    from lightning.pytorch import Callback, Trainer
+
+    from captioner.hardware import default_precision
+
+    class Timer(Callback):
+        def __init__(self):
+            self.start, self.end, self.captions = 0.0, 0.0, 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                _sync(device)
+                self.start = time.perf_counter()
+            if trainer.global_step >= warmup:
+                self.captions += len(batch["tokens"])
+
+        def on_train_end(self, trainer, module):
+            _sync(device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    trainer = Trainer(accelerator=kind, devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      precision=default_precision(kind), callbacks=[timer])  # fmt: skip
+    model.on_fit_start = lambda: None  # no datamodule here; cross-entropy needs no preparation
+    trainer.fit(model, train_dataloaders=loader)
+    return timer.captions / (timer.end - timer.start)
+
+
 # ------------------------------------------------------------------ data
 def make_captions(count: int, seed: int = 0) -> list[list[int]]:
     """Word ids (1-based over the regular words) with COCO's caption lengths and a Zipf-like word distribution."""
@@ -285,11 +317,9 @@ def ours_train_streamed(features_file: str, images: int, device: str, batch_size
                         work: str, workers: int = 2) -> dict:  # fmt: skip
     """Cross-entropy training steps streaming the features from LitData shards (written before the clock starts),
     images with their 5 captions per item: against `ours_train(per_image=True, resident=False)` on the same rows."""
-    from lightning.pytorch import Callback, Trainer
 
     from captioner.data.stream_loader import train_loader
     from captioner.data.streamed import CHUNK_BYTES, StreamedFeatures
-    from captioner.hardware import default_precision
 
     litdata_writer = __import__("litdata.streaming.writer", fromlist=["BinaryWriter"])
     features = np.load(features_file, mmap_mode="r")[:images]
@@ -307,30 +337,7 @@ def ours_train_streamed(features_file: str, images: int, device: str, batch_size
                           pin_memory=device.startswith("cuda"))  # fmt: skip
     model = _model("lstm")
 
-    class Timer(Callback):
-        def __init__(self):
-            self.start, self.end, self.captions = 0.0, 0.0, 0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == warmup:
-                _sync(device)
-                self.start = time.perf_counter()
-            if trainer.global_step >= warmup:
-                self.captions += len(batch["tokens"])
-
-        def on_train_end(self, trainer, module):
-            _sync(device)
-            self.end = time.perf_counter()
-
-    timer = Timer()
-    cuda = device.startswith("cuda")
-    trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, precision=default_precision("gpu" if cuda else "cpu"),
-                      callbacks=[timer])  # fmt: skip
-    model.on_fit_start = lambda: None
-    trainer.fit(model, train_dataloaders=loader)
-    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images}
+    return {"captions_per_s": timed_fit(model, loader, device, steps, warmup), "images": images}
 
 
 def _caption_tokens(captions: list[list[int]]):
@@ -393,12 +400,10 @@ def ours_train(
     """Cross-entropy training steps; items are captions, or with `per_image` images with their 5 captions. With
     `resident` (what `fit` does when the cache fits), the features are held on the training device and batches
     carry rows; otherwise loader workers read them from the memory-mapped file."""
-    from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
     from captioner.data.datasets import FeatureRows, ImageCaptions, RowIndex, TrainCaptions, passthrough
     from captioner.encoders.store import ResidentFeatures
-    from captioner.hardware import default_precision
 
     vocabulary = _vocabulary()
     reader = RowIndex() if resident else FeatureRows(features_file)
@@ -420,44 +425,12 @@ def ours_train(
         pin_memory=device.startswith("cuda"),
     )
     model = _model(decoder)
-
-    class Timer(Callback):
-        def __init__(self):
-            self.start, self.end, self.captions = 0.0, 0.0, 0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == warmup:
-                _sync(device)
-                self.start = time.perf_counter()
-            if trainer.global_step >= warmup:
-                self.captions += len(batch["tokens"])
-
-        def on_train_end(self, trainer, module):
-            _sync(device)
-            self.end = time.perf_counter()
-
-    timer = Timer()
-    cuda = device.startswith("cuda")
-    trainer = Trainer(
-        accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        precision=default_precision("gpu" if cuda else "cpu"),  # what `fit` picks on this device
-        callbacks=[timer],
-    )
-    model.on_fit_start = lambda: None  # no datamodule here; cross-entropy needs no preparation
     if resident:  # what CaptionDataModule.on_after_batch_transfer does
         table = ResidentFeatures(np.load(features_file, mmap_mode="r")[:images], device)
         model.on_after_batch_transfer = lambda batch, index: {**{k: v for k, v in batch.items() if k != "rows"},
                                                               "features": table.gather(batch["rows"])}  # fmt: skip
-    trainer.fit(model, train_dataloaders=loader)
-    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images": images, "batch_size": batch_size,
-            "resident": resident}  # fmt: skip
+    return {"captions_per_s": timed_fit(model, loader, device, steps, warmup), "images": images,
+            "batch_size": batch_size, "resident": resident}  # fmt: skip
 
 
 def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str, batch_size: int, steps: int,
@@ -466,14 +439,12 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
     features, the training transform), per-image items either way."""
     import functools
 
-    from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
     from captioner.data.datasets import FeatureRows, ImageCaptions, PixelRows, passthrough
     from captioner.data.sampling import ResumableSampler
     from captioner.encoders import TorchvisionEncoder
     from captioner.encoders.extraction import FeatureSpec, extract_features
-    from captioner.hardware import default_precision
     from captioner.models.decoders import LSTMDecoder
     from captioner.models.module import CaptionModel
 
@@ -496,31 +467,8 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
     loader = DataLoader(dataset, batch_size=per_step, sampler=sampler, collate_fn=passthrough, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.startswith("cuda"))  # fmt: skip
 
-    class Timer(Callback):
-        def __init__(self):
-            self.start, self.end, self.captions = 0.0, 0.0, 0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == warmup:
-                _sync(device)
-                self.start = time.perf_counter()
-            if trainer.global_step >= warmup:
-                self.captions += len(batch["tokens"])
-
-        def on_train_end(self, trainer, module):
-            _sync(device)
-            self.end = time.perf_counter()
-
-    timer = Timer()
-    cuda = device.startswith("cuda")
-    trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, precision=default_precision("gpu" if cuda else "cpu"),
-                      callbacks=[timer])  # fmt: skip
-    model.on_fit_start = lambda: None
     model.setup = lambda stage: None  # random weights: nothing to fetch
-    trainer.fit(model, train_dataloaders=loader)
-    return {"captions_per_s": timer.captions / (timer.end - timer.start), "images_per_step": per_step,
+    return {"captions_per_s": timed_fit(model, loader, device, steps, warmup), "images_per_step": per_step,
             "trainable_blocks": trainable}  # fmt: skip
 
 
