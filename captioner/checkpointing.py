@@ -194,7 +194,7 @@ def check_and_build(model: CaptionModel, checkpoint: dict[str, Any]) -> None:
     if saved_preprocessing != model.preprocessing:
         raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
                              f"configured for {model.preprocessing}. {USE_THE_RUN_CONFIG}")  # fmt: skip
-    vocabulary = tokenizer_from_dict(meta["vocabulary"], "the checkpoint")
+    vocabulary = tokenizer_from_dict(meta["vocabulary"], "The checkpoint")
     if model.vocabulary is not None and vocabulary != model.vocabulary:
         differences = same_tokenizer_message(vocabulary, model.vocabulary)
         raise CaptionerError(
@@ -233,10 +233,11 @@ def model_from_checkpoint(cls: type, path: str | Path, **overrides: Any) -> Capt
     checkpoint = read_checkpoint(path)
     meta = upgrade(checkpoint)
     decoding = DecodingConfig.from_dict(meta["decoding"], str(path)).with_overrides(**overrides)
-    encoder = encoder_from_spec(meta["encoder"])
+    encoder = encoder_from_spec(meta["encoder"], f"The checkpoint {path}")
     # The definition the weights were trained with, even if the encoder's library now resolves another one.
     encoder.use_preprocessing(Preprocessing.from_dict(meta["preprocessing"], str(path)))
-    model = cls(decoder=decoder_factory(meta["decoder"]), encoder=encoder, blind=meta["blind"], decoding=decoding)
+    decoder = decoder_factory(meta["decoder"], f"The checkpoint {path}")
+    model = cls(decoder=decoder, encoder=encoder, blind=meta["blind"], decoding=decoding)
     check_and_build(model, checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()

@@ -30,6 +30,7 @@ from captioner.hardware import checked_precision
 from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
+from captioner.parts import add_allow_argument, allow_modules, class_paths_in
 from captioner.runs import run_dir, run_to_continue
 from captioner.shipped import configs_command, with_shipped_configs
 
@@ -45,6 +46,17 @@ def wandb_has_credentials() -> bool:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def quiet_wandb(logger: WandbLogger) -> None:
+    """Leave out what makes W&B print two warnings at every run start: Lightning passes `anonymous=None`, which W&B
+    reports as a deprecated setting whatever its value, and W&B looks for a git repository in the save folder before
+    anything has created it."""
+    settings = getattr(logger, "_wandb_init", None)
+    if isinstance(settings, dict) and settings.get("anonymous") is None:
+        settings.pop("anonymous", None)
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
 
 
 def _logger_configs(trainer_config) -> list:
@@ -130,6 +142,9 @@ class CaptionerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        # The config is the user's own: the modules it names may be imported again when a file names them
+        # (prepared data, a checkpoint to resume or start from).
+        allow_modules(*(path.rpartition(".")[0] for path in class_paths_in(config)))
         # Chosen for the accelerator this run uses, without initialising CUDA here (fork-based strategies refuse
         # a launcher that did); bf16 on a CPU only where the CPU has it.
         config.trainer.precision = checked_precision(config.trainer.precision, config.trainer.accelerator)
@@ -144,6 +159,13 @@ class CaptionerCLI(LightningCLI):
                 "(or run `wandb login` first to log online).",
                 file=sys.stderr,
             )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                quiet_wandb(logger)
+        return trainer
 
     def _continue_run(self, config) -> None:
         """Resume into the run the checkpoint came from: the same folder, the same logger version (W&B run id)."""
@@ -205,7 +227,9 @@ def caption_command(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     decoding.add_arguments(parser)
+    add_allow_argument(parser)
     options = parser.parse_args(argv)
+    allow_modules(*options.allow_module)
     captioner = load_model(options.ckpt_path, options.device, **decoding.overrides_from(options))
     captioner.batch_size = options.batch_size
     failed = 0

@@ -19,8 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +29,9 @@ from torch import nn
 from captioner import checkpointing
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
-from captioner.files import write_json
+from captioner.files import atomic_folder, write_json
 from captioner.models.module import CaptionModel
+from captioner.parts import add_allow_argument, allow_modules
 from captioner.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.runtime import EXPORT_VERSION, MANIFEST
 
@@ -136,9 +135,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         contexts, states = _tensors(context, "context"), _tensors(state, "state")
         expanded = decoder.expand_context(context, 3)
     context_per_image = all(a.shape[0] == b.shape[0] for a, b in zip(_tensors(expanded, "context"), contexts))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))  # renamed into place when complete
-    try:
+    with atomic_folder(output) as tmp:  # renamed into place when complete
         names_state = [f"state{i}" for i in range(len(states))]
         names_context = [f"context{i}" for i in range(len(contexts))]
         # Every dimension that can vary is dynamic: rows, images, and (for growing caches) time.
@@ -188,6 +185,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
             "vocabulary": meta["vocabulary"],
             "decoding": meta["decoding"],
             "blind": meta["blind"],
+            "longest_caption": decoder.longest_caption(),
             "state_count": len(states),
             "context_count": len(contexts),
             "context_per_image": context_per_image,
@@ -197,12 +195,6 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         }
         (tmp / "README.md").write_text(_readme(manifest), encoding="utf-8")
         write_json(tmp / MANIFEST, manifest)
-        if output.exists():
-            output.rmdir()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
@@ -244,7 +236,9 @@ def export_command(argv: list[str]) -> int:
         "--calibration_dir", default=None, help="sample pictures to calibrate the encoder's static int8 quantisation on"
     )
     parser.add_argument("--calibration_images", type=int, default=64, help="the most sample pictures used")
+    add_allow_argument(parser)
     options = parser.parse_args(argv)
+    allow_modules(*options.allow_module)
     model = CaptionModel.from_checkpoint(options.ckpt_path)
     if options.calibration_dir and not (options.quantize and options.quantize_encoder):
         raise CaptionerError("--calibration_dir calibrates the encoder's int8 quantisation: add --quantize int8 "

@@ -1,8 +1,14 @@
 """Atomic writes and validated reads for every file a later run trusts.
 
 A later run must never take a half-written file for a complete one, so every
-writer goes through a temporary file in the same folder followed by
+writer goes through a temporary file (or folder) in the same folder followed by
 `os.replace`, which is atomic on POSIX and Windows.
+
+What lands carries the permissions a plain `open` (or `mkdir`) would give it
+under the process's umask: `tempfile` creates its files `0600` and its folders
+`0700`, which would make checkpoints, metrics and exported models private to
+the user who wrote them, where a team shares a runs folder or a service account
+serves an exported model.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +34,35 @@ def _no_space_message(path: Path) -> str:
     )
 
 
+_umask_lock = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process's current umask, read without changing it where the system allows (Linux's /proc), else by
+    setting and restoring it under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def plain_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file under the current umask."""
+    return 0o666 & ~process_umask()
+
+
+def plain_folder_mode() -> int:
+    """The mode `mkdir` gives a new folder under the current umask."""
+    return 0o777 & ~process_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file that replaces `path` only when the block succeeds.
@@ -37,7 +74,8 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
 
     Yields:
         A writable file object. On any exception the temporary file is removed
-        and `path` is left untouched.
+        and `path` is left untouched. The file that lands has the mode a plain
+        `open` would give it under the process's umask.
 
     Raises:
         CaptionerError: When the disk is full.
@@ -50,6 +88,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
+            os.fchmod(handle.fileno(), plain_file_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as error:
@@ -59,6 +98,39 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name beside `path`, renamed to `path` when the block succeeds.
+
+    Args:
+        path: The final folder: it must not exist, or be empty.
+
+    Yields:
+        The temporary folder to fill. On any exception it is removed and `path` is left as it was. The folder
+        that lands has the mode `mkdir` would give it under the process's umask.
+
+    Raises:
+        CaptionerError: When the disk is full.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(plain_folder_mode())
+        if path.exists():
+            path.rmdir()  # empty, as the caller checked: a non-empty one fails here rather than being replaced
+        tmp.rename(path)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise CaptionerError(_no_space_message(path)) from error
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

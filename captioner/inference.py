@@ -75,7 +75,8 @@ class Captioner:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
         self.model = model.eval()
         self.batch_size, self.num_workers, self.compile_search = batch_size, num_workers, compile_search
-        self.decoding = (decoding or model.decoding).with_overrides(**overrides)
+        self.limits = model.limits
+        self.decoding = (decoding or model.decoding).with_overrides(**overrides).checked(self.limits)
         self.preprocessing = model.preprocessing
 
     @classmethod
@@ -92,11 +93,18 @@ class Captioner:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def settings(self, **overrides) -> DecodingConfig:
+        """This captioner's decoding settings with `overrides`, checked against the model.
+
+        Raises:
+            CaptionerError: Naming a setting that is unknown, out of range, or more than the model can do.
+        """
+        return self.decoding.with_overrides(**overrides).checked(self.limits)
+
     def caption_tensor(self, images: torch.Tensor, **overrides) -> tuple[list[str], list[float]]:
         """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""
         with torch.no_grad(), self._autocast():
-            rows = captioning.describe(self.model, images, self.decoding.with_overrides(**overrides),
-                                       compiled=self.compile_search)  # fmt: skip
+            rows = captioning.describe(self.model, images, self.settings(**overrides), compiled=self.compile_search)
         return [row["caption"] for row in rows], [row["score"] for row in rows]
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
@@ -125,8 +133,7 @@ class Captioner:
         batch = torch.stack([self.preprocessing.from_pil(image) if isinstance(image, Image.Image) else image
                              for image in images])  # fmt: skip
         with torch.no_grad(), self._autocast():
-            rows = captioning.describe(self.model, batch, self.decoding.with_overrides(**overrides), attention,
-                                       self.compile_search)  # fmt: skip
+            rows = captioning.describe(self.model, batch, self.settings(**overrides), attention, self.compile_search)
         return [attention_as_lists(row) for row in rows]
 
     def predict(self, images: Iterable[ImageSource], **overrides) -> list[Prediction]:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from captioner.decoding.answers import answer_rows
-from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.ops import NumpyOps
 from captioner.decoding.search import Decoded, decode
 from captioner.errors import CaptionerError
@@ -145,10 +145,14 @@ class OnnxCaptioner:
 
         self.encoder, self.prepare, self.step = session("encoder"), session("prepare"), session("step")
         self.step_inputs = {item.name for item in self.step.get_inputs()}
-        self.vocabulary = tokenizer_from_dict(manifest["vocabulary"], str(self.folder / MANIFEST))
+        # Only captioner's own tokenizers: the folder may come from anyone, and nothing it names is imported.
+        self.vocabulary = tokenizer_from_dict(manifest["vocabulary"], str(self.folder / MANIFEST), built_in_only=True)
         self.special = SpecialTokens.of(self.vocabulary)
         saved = DecodingConfig.from_dict(manifest["decoding"], str(self.folder / MANIFEST))
-        self.decoding = (decoding or saved).with_overrides(**overrides)
+        # Exports before 0.4 do not record the decoder's limit: their graphs fail on their own past it.
+        self.limits = ModelLimits(len(self.vocabulary), self.vocabulary.max_length, manifest.get("longest_caption"),
+                                  manifest["decoder"]["class_path"].rsplit(".", 1)[-1], self.vocabulary.stoi)
+        self.decoding = (decoding or saved).with_overrides(**overrides).checked(self.limits)
         self.preprocessing = manifest["preprocessing"]  # the encoder's definition, computed in numpy
         self.batch_size = batch_size
         self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
@@ -178,6 +182,14 @@ class OnnxCaptioner:
         return self.encoder.run(None, {"images": pixels})[0]
 
     # ------------------------------------------------------------ search
+    def settings(self, **overrides) -> DecodingConfig:
+        """This captioner's decoding settings with `overrides`, checked against the model.
+
+        Raises:
+            CaptionerError: Naming a setting that is unknown, out of range, or more than the model can do.
+        """
+        return self.decoding.with_overrides(**overrides).checked(self.limits)
+
     def search(self, features: np.ndarray, config: DecodingConfig | None = None) -> Decoded:
         """Ranked captions for a batch of features (`captioner.decoding.search.decode`, in NumPy)."""
         config = config or self.decoding
@@ -186,7 +198,7 @@ class OnnxCaptioner:
 
     def caption_pixels(self, pixels: np.ndarray, **overrides) -> tuple[list[str], list[float]]:
         """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch."""
-        decoded = self.search(self.features(pixels), self.decoding.with_overrides(**overrides))
+        decoded = self.search(self.features(pixels), self.settings(**overrides))
         return self.vocabulary.decode_batch(decoded.best_tokens), [float(s) for s in decoded.best_scores]
 
     # ------------------------------------------------------------ the Captioner interface
@@ -212,7 +224,7 @@ class OnnxCaptioner:
     def describe(self, images: Sequence[Image.Image | np.ndarray], attention: bool = False, **overrides) -> list[dict]:
         """What the server returns for decoded images (or their `pixels_from_bytes` arrays): caption, score and,
         with `num_return` > 1, the ranked alternatives (attention maps need the checkpoint: None here)."""
-        config = self.decoding.with_overrides(**overrides)
+        config = self.settings(**overrides)
         features = self.features(np.stack([self._pixels(image) if isinstance(image, Image.Image) else image
                                            for image in images]))  # fmt: skip
         rows = answer_rows(self.search(features, config), self.vocabulary, config.num_return)

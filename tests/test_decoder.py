@@ -4,8 +4,9 @@ image's constants serve all its beams. (The search itself has its own suite: tes
 import pytest
 import torch
 
-from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.search import length_normalised
+from captioner.errors import CaptionerError
 from captioner.models.decoders import (
     AttentionDecoder,
     CaptionDecoder,
@@ -264,3 +265,25 @@ def test_a_spec_rebuilds_the_same_decoder(kind):
     rebuilt = decoder_factory(spec)(len(VOCAB), 16)
     assert type(rebuilt) is type(decoder) and rebuilt.spec() == spec
     assert rebuilt.state_dict().keys() == decoder.state_dict().keys()
+
+
+@KINDS
+def test_a_decoder_writes_up_to_its_limit_and_settings_past_it_are_refused_before_it_runs(kind):
+    decoder, features = make_decoder(kind), make_features(2, kind)
+    longest = decoder.longest_caption()
+    if longest is None:  # recurrent decoders: nothing bounds a caption
+        assert kind in ("lstm", "attention", "plugin")
+        return
+    limits = ModelLimits(len(VOCAB), VOCAB.max_length, longest, type(decoder).__name__, VOCAB.stoi)
+
+    def forced(words: int):  # no <end> before `words` words: the search takes every step it may
+        config = DecodingConfig(num_beams=2, max_length=words, min_length=words)
+        return config, generate(decoder, features, config, SPECIAL, words)
+
+    config, decoded = forced(longest)
+    config.checked(limits)
+    assert int(decoded.lengths.min()) >= longest  # as long as the decoder allows, and it ran
+    with pytest.raises(CaptionerError, match=f"writes at most {longest} words"):
+        DecodingConfig(max_length=longest + 1).checked(limits)
+    with pytest.raises((ValueError, IndexError, RuntimeError)):  # the limit is tight: one word more breaks it
+        forced(longest + 1)

@@ -1,5 +1,6 @@
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -108,16 +109,20 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
     np.testing.assert_array_equal(np.asarray(resumed.features), np.asarray(reference.features))
 
 
-def test_truncated_cache_is_detected_and_rebuilt(tmp_path, scenes, caplog):
+def test_a_truncated_complete_cache_is_refused_and_kept_until_the_user_removes_it(tmp_path, scenes):
     names = names_of(scenes)
     cache = build(tmp_path, scenes, names)
-    path = cache.directory / "features.npy"
+    path, directory = cache.directory / "features.npy", cache.directory
     expected = np.asarray(cache.features).copy()
     del cache
     path.write_bytes(path.read_bytes()[:-1000])
-    with caplog.at_level(logging.WARNING):
-        rebuilt = build(tmp_path, scenes, names)
-    assert "rebuilding" in caplog.text
+    truncated = path.read_bytes()
+    with pytest.raises(CaptionerError, match="Nothing was deleted. Remove that folder") as refused:
+        build(tmp_path, scenes, names)
+    assert str(directory) in str(refused.value)
+    assert path.read_bytes() == truncated and (directory / "index.json").exists()  # untouched, not rebuilt
+    shutil.rmtree(directory)  # what the message says to do
+    rebuilt = build(tmp_path, scenes, names)
     np.testing.assert_array_equal(np.asarray(rebuilt.features), expected)
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import Captioner
+from captioner import Captioner, parts
 from captioner.cli import main
 from captioner.decoding import DecodingConfig
 from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.errors import CaptionerError
 from captioner.models import captioning
 from captioner.models.decoders import LSTMDecoder
 from captioner.models.module import CaptionModel
@@ -41,7 +42,7 @@ def photos_of(scenes: Path, folder: Path, count: int = 3) -> Path:
     return folder
 
 
-def test_a_decoder_from_a_test_file_trains_tests_and_predicts_by_class_path_alone(scenes, tmp_path):
+def test_a_decoder_from_a_test_file_trains_tests_and_predicts_by_class_path_alone(scenes, tmp_path, monkeypatch):
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2", *PLUGIN))
     assert type(cli.model.decoder).__name__ == "GRUDecoder" and cli.datamodule.hparams.features == "pooled"
     best = cli.trainer.checkpoint_callback.best_model_path
@@ -60,7 +61,11 @@ def test_a_decoder_from_a_test_file_trains_tests_and_predicts_by_class_path_alon
     rows = (run_dir(predicted.trainer) / "predictions.jsonl").read_text().splitlines()
     rows = [json.loads(row) for row in rows]
     assert len(rows) == 3 and all(row["error"] is None and isinstance(row["caption"], str) for row in rows)
-    # The checkpoint alone rebuilds the plugin decoder (its class path is importable), and captions the same way.
+    # The checkpoint alone names the plugin decoder; a process that did not train it imports it only when allowed.
+    monkeypatch.setattr(parts, "_allowed", set())
+    with pytest.raises(CaptionerError, match=r"'tests\.plugins\.GRUDecoder'.*--allow_module tests"):
+        Captioner.from_checkpoint(best, device="cpu")
+    monkeypatch.setenv("CAPTIONER_ALLOW_MODULES", "tests")
     captions = Captioner.from_checkpoint(best, device="cpu").caption(sorted(photos.iterdir()))
     assert captions == [row["caption"] for row in sorted(rows, key=lambda row: row["path"])]
 

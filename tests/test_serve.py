@@ -116,16 +116,78 @@ def test_32_concurrent_requests_each_get_the_caption_the_python_api_gives(server
         assert body["time_ms"]["total"] >= body["time_ms"]["model"] > 0
 
 
-def test_a_request_decodes_with_its_own_settings(server, pictures):
+def test_a_request_decodes_with_its_own_settings(server, pictures, trained):
+    captioner = Captioner.from_checkpoint(trained[0], device="cpu")
+    with Image.open(pictures[5]) as image:
+        image.load()
+
+    def python_api(**settings) -> dict:  # what the Python API answers with the same settings
+        (row,) = captioner.describe([image], **settings)
+        return {key: value for key, value in row.items() if key != "attention"}
+
+    def served(**settings) -> dict:
+        body = post(server, pictures[5], **settings).json()
+        return {key: body[key] for key in ("caption", "score", "alternatives") if key in body}
+
     greedy = post(server, pictures[5], num_beams=1, num_return=1).json()
     assert "alternatives" not in greedy
-    wide = post(server, pictures[5], num_beams=5, num_return=5, length_penalty=0.6).json()
-    assert len(wide["alternatives"]) == 5 and wide["alternatives"][0]["caption"] == wide["caption"]
+    for settings in (
+        {"num_beams": 5, "num_return": 5, "length_penalty": 0.6},
+        {"num_beams": 4, "num_return": 4, "num_beam_groups": 2, "diversity_penalty": 2.0, "early_stopping": "never"},
+        {"num_beams": 3, "bad_endings": "a", "no_repeat_ngram_size": 2, "min_length": 4, "max_length": 6},
+    ):
+        answer, expected = served(**settings), python_api(**{**settings, "bad_endings": settings.get(
+            "bad_endings", "").split() or None})  # fmt: skip
+        assert answer["caption"] == expected["caption"], settings
+        assert answer["score"] == pytest.approx(expected["score"], abs=1e-4), settings
+        assert [a["caption"] for a in answer.get("alternatives", [])] == [
+            a["caption"] for a in expected.get("alternatives", [])]  # fmt: skip
+    ruled = served(num_beams=3, bad_endings="a", min_length=4, max_length=6)["caption"].split()
+    assert 4 <= len(ruled) <= 7 and ruled[-1] != "a"
     sampled = [post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=seed, temperature=3.0).json()
                for seed in range(6)]  # fmt: skip
     assert len({row["caption"] for row in sampled}) > 1  # drawn, not searched: seeds give different captions
     again = post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=0, temperature=3.0).json()
     assert again["caption"] == sampled[0]["caption"]
+
+
+def test_bad_uploads_and_impossible_settings_fail_alone_among_concurrent_good_requests(server, pictures, expected):
+    """Good and bad requests in the same batch windows: each bad one gets its own 4xx, every good one its caption."""
+    good = pictures[0].read_bytes()
+    bad = {
+        "garbage": (415, "Not an image", {"files": {"image": ("x.jpg", b"\x00garbage" * 64)}}),
+        "truncated": (422, "truncated or corrupt", {"files": {"image": ("cut.jpg", good[: len(good) // 2])}}),
+        "top_p": (400, "'top_p' must be between 0 and 1", {"files": {"image": ("a.jpg", good)},
+                                                            "data": {"top_p": "5"}}),
+        "unknown ending": (400, "not single tokens", {"files": {"image": ("a.jpg", good)},
+                                                      "data": {"bad_endings": "zebra"}}),
+        "groups": (400, "a divisor of num_beams=3", {"json": {"image": base64.b64encode(good).decode(),
+                                                              "num_beams": 3, "num_beam_groups": 2}}),
+    }  # fmt: skip
+    jobs = []
+    for index, picture in enumerate(pictures[:20]):
+        jobs.append(("good", picture))
+        if index % 4 == 0:
+            jobs.append(("bad", list(bad)[index // 4]))
+
+    def send(job):
+        kind, what = job
+        if kind == "good":
+            return post(server, what)
+        return httpx.post(f"{server}/predict", timeout=60, **bad[what][2])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(send, jobs))
+    sizes = []
+    for (kind, what), response in zip(jobs, responses):
+        if kind == "good":
+            assert response.status_code == 200, (what, response.text)
+            assert response.json()["caption"] == expected[what]
+            sizes.append(response.json()["time_ms"]["batch_size"])
+        else:
+            status, says, _ = bad[what]
+            assert response.status_code == status and says in response.json()["detail"], (what, response.text)
+    assert max(sizes) > 1  # good requests were batched, with bad ones arriving among them
 
 
 def test_health_and_the_page_are_served(server):

@@ -38,6 +38,8 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
     result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Run summary" in result.stdout and "best checkpoint:" in result.stdout
+    # W&B's two start-up warnings of every run (the anonymous setting, a missing git root) are gone.
+    assert "anonymous" not in result.stderr and "git root" not in result.stderr, result.stderr[-3000:]
 
     (run_file,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
     keys = history_keys(run_file)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from captioner.files import atomic_folder
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -144,10 +144,8 @@ def write_synthetic_dataset(
         `root`.
     """
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_folder(root) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         images, annotations = [], []
         for image_id in range(1, num_images + 1):
@@ -159,10 +157,6 @@ def write_synthetic_dataset(
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
         with (tmp / CAPTION_FILE).open("w", encoding="utf-8") as handle:
             json.dump({"images": images, "annotations": annotations}, handle)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
@@ -234,9 +228,7 @@ def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: i
         samples += [("junk-no-caption", {"jpg": good["jpg"]}), ("junk-no-image", {"txt": b"a caption alone"}),
                     ("junk-cut-short", {"jpg": good["jpg"][: len(good["jpg"]) // 3], "txt": b"a red circle"}),
                     (samples[0][0], dict(good))]  # fmt: skip
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_folder(root) as tmp:
         for shard, start in enumerate(range(0, len(samples), per_shard)):
             name = f"{shard:05d}"
             with tarfile.open(tmp / f"{name}.tar", "w") as tar:
@@ -247,8 +239,4 @@ def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: i
                         tar.addfile(info, io.BytesIO(data))
             count = len(samples[start : start + per_shard])
             (tmp / f"{name}_stats.json").write_text(json.dumps({"count": count, "successes": count}))
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

@@ -4,6 +4,6 @@ captioner and the torch-free runtime both run (`search.decode`, over `ops.NumpyO
 Nothing here imports torch except `torch_ops`: the exported runtime decodes with this package.
 """
 
-from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 
-__all__ = ["DecodingConfig", "SpecialTokens"]
+__all__ = ["DecodingConfig", "ModelLimits", "SpecialTokens"]

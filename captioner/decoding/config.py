@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +36,26 @@ class SpecialTokens:
     def of(cls, vocabulary: Any) -> SpecialTokens:
         """From a tokenizer (`captioner.text`): its `banned` tokens (padding, start, unknown) are never generated."""
         return cls(vocabulary.start_index, vocabulary.end_index, vocabulary.pad_index, tuple(vocabulary.banned))
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model can decode: the bounds a `DecodingConfig` is checked against before the model runs.
+
+    Attributes:
+        vocab_size: Tokens the decoder scores, specials included.
+        default_max_words: The tokenizer's longest caption (what `max_length: null` means).
+        longest_caption: The most words the decoder can write step by step (its position table, a language
+            model's context), None when it has no limit.
+        decoder: The decoder's name, for messages.
+        word_ids: The ids of words that are single tokens (`bad_endings` name words).
+    """
+
+    vocab_size: int
+    default_max_words: int
+    longest_caption: int | None = None
+    decoder: str = "the decoder"
+    word_ids: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +159,32 @@ class DecodingConfig:
     def max_words(self, vocabulary_max_length: int) -> int:
         """The most words a caption may have."""
         return self.max_length or vocabulary_max_length
+
+    def checked(self, limits: ModelLimits) -> DecodingConfig:
+        """These settings, checked against the model they will run on (before it runs).
+
+        Raises:
+            CaptionerError: Naming every setting the model cannot honour, and its limit.
+        """
+        problems = []
+        words = self.max_words(limits.default_max_words)
+        longest = limits.longest_caption
+        if longest is not None and words > longest:
+            what = f"max_length={self.max_length}" if self.max_length else f"the tokenizer's max_length={words}"
+            problems.append(f"{what}: {limits.decoder} writes at most {longest} words (its positions); use "
+                            f"max_length {longest} or less")  # fmt: skip
+        if self.min_length > words:
+            problems.append(f"min_length={self.min_length} is over the {words} words a caption may have")
+        if self.top_k > limits.vocab_size:
+            problems.append(f"top_k={self.top_k} is over the model's {limits.vocab_size} tokens")
+        if self.bad_endings and limits.word_ids is not None:
+            unknown = [word for word in self.bad_endings if word not in limits.word_ids]
+            if unknown:
+                problems.append(f"bad_endings {', '.join(map(repr, unknown))} are not single tokens of this model's "
+                                "tokenizer, so it could never end on them as words")  # fmt: skip
+        if problems:
+            raise CaptionerError("Decoding settings this model cannot run: " + "; ".join(problems) + ".")
+        return self
 
 
 def moved(name: str, value: Any) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.errors import CaptionerError
-from captioner.parts import class_path, import_class
+from captioner.parts import class_path, import_trusted_class
 
 TrainableBlocks = int | Literal["all"]
 
@@ -219,13 +219,14 @@ def encoder_trains(trainable_blocks: TrainableBlocks) -> bool:
     return trainable_blocks == "all" or bool(trainable_blocks)
 
 
-def encoder_from_spec(spec: dict[str, Any]) -> ImageEncoder:
+def encoder_from_spec(spec: dict[str, Any], source: str = "the checkpoint") -> ImageEncoder:
     """Rebuild an encoder from `ImageEncoder.spec()` (as checkpoints and caches hold it), architecture only.
 
     Raises:
-        CaptionerError: When its class cannot be imported or is not an `ImageEncoder`.
+        CaptionerError: When its class is not captioner's own nor in an allowed module (see
+            `captioner.parts.import_trusted_class`), cannot be imported or is not an `ImageEncoder`.
     """
-    cls = import_class(spec["class_path"], ImageEncoder, "encoder")
+    cls = import_trusted_class(spec["class_path"], ImageEncoder, "encoder", source)
     return cls(**dict(spec.get("init_args") or {}))
 
 

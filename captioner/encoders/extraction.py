@@ -245,14 +245,26 @@ def prepare_features(
     key = spec.key(file_names, device)
     directory = spec.directory(root, key)
     if (directory / INDEX_FILE).exists():
-        try:
-            return open_cache(directory, key, spec.encoder_spec)
-        except CaptionerError as error:
-            log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
-            shutil.rmtree(directory)
+        return open_complete_cache(directory, key, spec)
     extract_features(directory, key, images_dir, file_names, spec, batch_size, num_workers, device,
                      compile_encoder=compile_encoder, decode_threads=decode_threads)  # fmt: skip
     return open_cache(directory, key, spec.encoder_spec)
+
+
+def open_complete_cache(directory: Path, key: str, spec: FeatureSpec) -> FeatureCache:
+    """The complete cache in `directory`, which must be the one this run expects: a folder with an index is never
+    deleted or rebuilt behind the user's back (only an unfinished extraction is, when it cannot be resumed).
+
+    Raises:
+        CaptionerError: Saying why the cache is refused and what to do.
+    """
+    try:
+        return open_cache(directory, key, spec.encoder_spec)
+    except CaptionerError as error:
+        raise CaptionerError(
+            f"The feature cache in {directory} is complete but not the one this run expects: {error}. Nothing was "
+            "deleted. Remove that folder to extract the features again, or point --data.work_dir elsewhere."
+        ) from None
 
 
 def load_features(
@@ -301,19 +313,10 @@ def prepare_features_sharded(
     """
     key = spec.key(file_names, device)
     directory = spec.directory(root, key)
-    try:
-        complete = open_cache(directory, key, spec.encoder_spec) if (directory / INDEX_FILE).exists() else None
-    except CaptionerError as error:
-        complete = None
-        if rank == 0:
-            log.warning("Feature cache in %s is not usable (%s); rebuilding it.", directory, error)
-    barrier()  # every rank has decided before rank 0 may remove anything
+    complete = open_complete_cache(directory, key, spec) if (directory / INDEX_FILE).exists() else None
+    barrier()  # every rank has looked before any starts writing parts
     if complete is not None:
         return complete
-    if rank == 0:
-        for name in (INDEX_FILE, "features.npy"):
-            (directory / name).unlink(missing_ok=True)
-    barrier()
     part_names = file_names[_shard(len(file_names), rank, world_size)]
     part = directory / "parts" / f"{world_size}-{rank}"
     if part_names and not (part / INDEX_FILE).exists():

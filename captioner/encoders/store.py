@@ -12,8 +12,10 @@ Layout of one cache folder (named after its key):
 The key covers the encoder's spec (class and options), its preprocessing
 definition, pooled or grid, the decode path (PIL, or nvJPEG on a GPU), the
 encoder's precision and the image list, so changing any of them computes a new
-cache. A cache whose index or array do not check out is rebuilt with one
-warning, never used; one made by another encoder is refused, naming both.
+cache. A complete cache (one with its index) whose index or array do not
+check out is refused, naming what differs and what to do; it is never used,
+deleted or rebuilt silently. Only an unfinished extraction that cannot be
+resumed is started over, with one warning.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from captioner import checkpointing
-from captioner.decoding.config import DecodingConfig, SpecialTokens, moved
+from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import TorchvisionEncoder
@@ -116,11 +116,23 @@ class CaptionModel(LightningModule):
         """Special tokens and the longest caption, for objectives."""
         return SequenceSpec(SpecialTokens.of(self.vocabulary), self.decoding.max_words(self.vocabulary.max_length))
 
+    @property
+    def limits(self) -> ModelLimits:
+        """What this model can decode, to check decoding settings against before it runs."""
+        decoder = self.require_decoder()
+        return ModelLimits(len(self.vocabulary), self.vocabulary.max_length, decoder.longest_caption(),
+                           type(decoder).__name__, self.vocabulary.stoi)  # fmt: skip
+
     def build(self, vocabulary: Any) -> None:
-        """Create the decoder for `vocabulary` (once)."""
+        """Create the decoder for `vocabulary` (once), and check the decoding settings against it.
+
+        Raises:
+            CaptionerError: When the decoding settings ask for more than the decoder can do.
+        """
         if self.decoder is None:
             self.vocabulary, self.decoder = vocabulary, checkpointing.built_decoder(self.decoder_factory, vocabulary,
                                                                                     self.encoder)  # fmt: skip
+            self.decoding.checked(self.limits)
 
     def require_decoder(self) -> CaptionDecoder:
         if self.decoder is None:

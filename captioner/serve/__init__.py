@@ -19,6 +19,7 @@ from pathlib import Path
 
 from captioner.decoding import config as decoding_config
 from captioner.errors import CaptionerError
+from captioner.parts import add_allow_argument, allow_modules
 from captioner.pixels import ACCEPTED_FORMATS
 
 log = logging.getLogger("captioner")
@@ -140,6 +141,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
                              "use one on any host other than 127.0.0.1")  # fmt: skip
     decoding_config.add_arguments(parser)
+    add_allow_argument(parser)
     parser.add_argument("--beams", type=int, default=None, help="deprecated: --num_return (0: the best caption only)")
     return parser
 
@@ -147,6 +149,7 @@ def serve_parser() -> argparse.ArgumentParser:
 def serve_command(argv: list[str]) -> int:
     """`python -m captioner serve --ckpt_path CKPT [options]`: run the server until stopped."""
     options = serve_parser().parse_args(argv)
+    allow_modules(*options.allow_module)
     api_key = options.api_key or os.environ.get(API_KEY_VARIABLE) or None
     path = Path(options.ckpt_path)
     if not path.exists():

@@ -1,14 +1,19 @@
 """CaptionAPI: the LitServe API that captions uploaded images in dynamic batches.
 
 One request: one image, as a multipart upload (field `image`) or base64 in
-JSON (`{"image": "..."}`), with optional decoding settings for itself
-(`num_beams`, `num_return` for ranked alternatives, `length_penalty`,
-`max_length`, `min_length`, `no_repeat_ngram_size`, `do_sample`, `temperature`,
-`top_k`, `top_p`, `seed`; see `captioner.decoding.DecodingConfig`; the 0.2 field
-`beams` is `num_return`) and `attention` (per-word attention weights, for
-decoders that attend). Requests that arrive within `batch_timeout` of each other, up to
-`max_batch_size`, are captioned in one batch. Every bad request gets a 4xx JSON
-answer saying what was wrong; the server keeps serving.
+JSON (`{"image": "..."}`), with optional decoding settings for itself: every
+field of `captioner.decoding.DecodingConfig` (`num_beams`, `num_return` for
+ranked alternatives, `length_penalty`, `max_length`, `min_length`,
+`no_repeat_ngram_size`, `bad_endings` (a JSON list, or words separated by
+commas), `early_stopping` (true, false or never), `num_beam_groups`,
+`diversity_penalty`, `do_sample`, `temperature`, `top_k`, `top_p`, `seed`; the
+0.2 field `beams` is `num_return`), checked against the model before it runs
+(`max_length` within the decoder's positions, `top_k` within its vocabulary),
+and `attention` (per-word attention weights, for decoders that attend; null
+otherwise). Requests that arrive within `batch_timeout` of each other, up to
+`max_batch_size`, are captioned in one batch, but each is decoded, checked and
+answered on its own (`captioner.serve.batching`): a bad request gets its own
+4xx JSON answer saying what was wrong, its neighbours their captions.
 
 Memory: an image is brought to the encoder's input size as soon as it is
 decoded (the encoder's one preprocessing definition), so a request waiting for
@@ -31,11 +36,14 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException, Request
 
-from captioner.decoding.config import DecodingConfig
+from captioner.decoding.config import DecodingConfig, ModelLimits
 from captioner.errors import CaptionerError
 from captioner.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
+from captioner.serve.batching import IsolatingBatchedLoop
 
 MAX_BEAMS = 10
+MAX_WORDS = 100  # the longest caption a request may ask for, when the decoder itself has no limit
+MAX_LISTED_WORDS = 50
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -64,15 +72,6 @@ def _flag(value: Any, name: str) -> bool:
     raise HTTPException(400, f"'{name}' must be true or false, got {value!r}.")
 
 
-# What a request may set for itself, with the type and range each takes.
-REQUEST_SETTINGS: dict[str, tuple[type, float, float]] = {
-    "num_beams": (int, 1, MAX_BEAMS), "num_return": (int, 0, MAX_BEAMS), "length_penalty": (float, -5, 5),
-    "max_length": (int, 1, 100), "min_length": (int, 0, 100), "no_repeat_ngram_size": (int, 0, 10),
-    "do_sample": (bool, 0, 1), "temperature": (float, 0.01, 100), "top_k": (int, 0, 10**6), "top_p": (float, 0, 1),
-    "seed": (int, 0, 2**63 - 1),
-}  # fmt: skip
-
-
 def _number(value: Any, name: str, kind: type, low: float, high: float) -> Any:
     try:
         number = kind(value)
@@ -85,27 +84,55 @@ def _number(value: Any, name: str, kind: type, low: float, high: float) -> Any:
     return number
 
 
-def request_decoding(request: Any, base: DecodingConfig) -> DecodingConfig:
-    """The decoding settings a request asks for, on top of the server's.
+def _early_stopping(value: Any, name: str) -> bool | str:
+    if str(value).strip().lower() == "never":
+        return "never"
+    return _flag(value, name)
+
+
+def _words(value: Any, name: str) -> tuple[str, ...]:
+    """A list of words: a JSON list, or one form field of words separated by commas or spaces."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    if len(items) > MAX_LISTED_WORDS or not all(isinstance(item, str) and item.strip() for item in items):
+        raise HTTPException(400, f"'{name}' must be at most {MAX_LISTED_WORDS} words, got {value!r}.")
+    return tuple(item.strip() for item in items)
+
+
+def request_bounds(limits: ModelLimits) -> dict[str, tuple[Any, ...]]:
+    """What a request may set for itself: every `DecodingConfig` field with its parser and, for numbers, the range,
+    the model's own limits included (its longest caption, its vocabulary)."""
+    longest = min(MAX_WORDS, limits.longest_caption or MAX_WORDS)
+    return {
+        "num_beams": (int, 1, MAX_BEAMS), "num_return": (int, 0, MAX_BEAMS), "length_penalty": (float, -5, 5),
+        "max_length": (int, 1, longest), "min_length": (int, 0, longest), "no_repeat_ngram_size": (int, 0, 10),
+        "bad_endings": (_words,), "early_stopping": (_early_stopping,), "num_beam_groups": (int, 1, MAX_BEAMS),
+        "diversity_penalty": (float, 0, 100), "do_sample": (_flag,), "temperature": (float, 0.01, 100),
+        "top_k": (int, 0, limits.vocab_size), "top_p": (float, 0, 1), "seed": (int, 0, 2**63 - 1),
+    }  # fmt: skip
+
+
+def request_decoding(request: Any, base: DecodingConfig, limits: ModelLimits) -> DecodingConfig:
+    """The decoding settings a request asks for, on top of the server's, checked against the model.
 
     Raises:
-        HTTPException: 400 naming the field that is not understood or out of range.
+        HTTPException: 400 naming the field that is not understood, out of range, or more than the model can do.
     """
-    fields = {name: request.get(name) for name in (*REQUEST_SETTINGS, "beams")}
+    bounds = request_bounds(limits)
+    fields = {name: request.get(name) for name in (*bounds, "beams")}
     if fields["num_return"] in (None, "") and fields["beams"] not in (None, ""):
         fields["num_return"] = fields["beams"]  # the 0.2 name
     overrides = {}
-    for name, (kind, low, high) in REQUEST_SETTINGS.items():
+    for name, (parse, *interval) in bounds.items():
         value = fields[name]
-        if value is None or value == "":
+        if value is None or (value == "" and name != "bad_endings"):
             continue
-        overrides[name] = _flag(value, name) if kind is bool else _number(value, name, kind, low, high)
+        overrides[name] = _number(value, name, parse, *interval) if interval else parse(value, name)
     if overrides.get("num_return") == 0:  # 0.2 clients asked for no alternatives with beams=0
         overrides["num_return"] = 1
     if "num_return" in overrides and "num_beams" not in overrides:
         overrides["num_beams"] = max(base.num_beams, overrides["num_return"])
     try:
-        return base.with_overrides(**overrides)
+        return base.with_overrides(**overrides).checked(limits)
     except CaptionerError as error:
         raise HTTPException(400, str(error)) from None
 
@@ -150,22 +177,32 @@ class CaptionAPI(ls.LitAPI):
         self, model_path: str | Path, decoding: dict | None = None, max_pixels: int = 40_000_000,
         max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2,
     ) -> None:  # fmt: skip
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
+        max_decodes = max(1, max_decodes)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict",
+                         loop=IsolatingBatchedLoop(decode_threads=max_decodes))  # fmt: skip
         self.model_path, self.overrides, self.max_pixels = str(model_path), dict(decoding or {}), max_pixels
-        self.max_decodes = max(1, max_decodes)
+        self.max_decodes = max_decodes
 
     def setup(self, device: str) -> None:
         from captioner.serve import load_model
 
         return_large_blocks_to_the_system()
-        self.decoding = threading.BoundedSemaphore(self.max_decodes)
+        self.decode_slots = threading.BoundedSemaphore(self.max_decodes)
         self.captioner = load_model(self.model_path, device, **self.overrides)
 
     def decode_request(self, request: Request) -> dict[str, Any]:
+        """One request's settings and image, checked before the model sees them (run for each request on its own:
+        see `captioner.serve.batching`).
+
+        Raises:
+            HTTPException: 4xx saying what is wrong with this request.
+        """
         started = time.perf_counter()
+        decoding = request_decoding(request, self.captioner.decoding, self.captioner.limits)  # cheap: first
+        attention = _flag(request.get("attention"), "attention")
         data = image_bytes(request)
         try:
-            with self.decoding:  # the full-size picture exists only inside this block
+            with self.decode_slots:  # the full-size picture exists only inside this block
                 pixels = self.captioner.pixels_from_bytes(data, self.max_pixels)
         except TooManyPixelsError as error:
             raise HTTPException(413, f"The image is too large to decode safely: {error} (--max_pixels).") from None
@@ -174,28 +211,34 @@ class CaptionAPI(ls.LitAPI):
                                 ) from None  # fmt: skip
         except DECODE_ERRORS as error:
             raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({error}).") from None
-        return {"image": pixels, "decoding": request_decoding(request, self.captioner.decoding),
-                "attention": _flag(request.get("attention"), "attention"), "started": started,
+        return {"image": pixels, "decoding": decoding, "attention": attention, "started": started,
                 "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
 
     def batch(self, inputs: list[dict]) -> list[dict]:
         return inputs
 
-    def predict(self, inputs: list[dict]) -> list[dict]:
-        """Caption a batch: requests that ask for the same decoding settings are searched together."""
+    def predict(self, inputs: list[dict]) -> list[dict | Exception]:
+        """Caption a batch: requests that ask for the same decoding settings are searched together; a group that
+        fails answers its own requests with the error, not its neighbours'."""
         started = time.perf_counter()
-        rows: list[dict | None] = [None] * len(inputs)
+        rows: list[dict | Exception | None] = [None] * len(inputs)
         groups: dict[DecodingConfig, list[int]] = {}
         for index, item in enumerate(inputs):
             groups.setdefault(item["decoding"], []).append(index)
         for config, members in groups.items():
-            described = self.captioner.describe([inputs[i]["image"] for i in members],
-                                                attention=any(inputs[i]["attention"] for i in members),
-                                                **config.to_dict())  # fmt: skip
+            try:
+                described = self.captioner.describe([inputs[i]["image"] for i in members],
+                                                    attention=any(inputs[i]["attention"] for i in members),
+                                                    **config.to_dict())  # fmt: skip
+            except CaptionerError as error:
+                described = [HTTPException(400, str(error))] * len(members)
+            except Exception as error:  # a fault of the model with these settings: logged by the loop, 500
+                described = [error] * len(members)
             for index, row in zip(members, described):
                 rows[index] = row
         model_ms = 1000 * (time.perf_counter() - started)
-        return [{**row, "request": item, "model_ms": model_ms, "batch_size": len(inputs)}
+        return [row if isinstance(row, Exception) else
+                {**row, "request": item, "model_ms": model_ms, "batch_size": len(inputs)}
                 for row, item in zip(rows, inputs)]  # fmt: skip
 
     def unbatch(self, output: list[dict]) -> list[dict]:

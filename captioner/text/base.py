@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CaptionerError
-from captioner.parts import import_class
+from captioner.parts import import_trusted_class
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,16 +95,22 @@ class TokenSequences:
         return kept
 
 
-def tokenizer_from_dict(payload: dict, source: str = "tokenizer") -> Any:
+def tokenizer_from_dict(payload: dict, source: str = "tokenizer", built_in_only: bool = False) -> Any:
     """A tokenizer saved with its `to_dict()` (a word vocabulary of captioner 0.2 has no `class_path`: words).
 
+    Args:
+        payload: What `to_dict()` wrote.
+        source: The file it was read from, for messages.
+        built_in_only: Read only captioner's own tokenizers (the exported runtime), whatever modules are allowed
+            (see `captioner.parts.import_trusted_class`).
+
     Raises:
-        CaptionerError: When the payload names no tokenizer class that can be imported, or is malformed.
+        CaptionerError: When the payload names no tokenizer class that may be imported, or is malformed.
     """
     if not isinstance(payload, dict):
         raise CaptionerError(f"The tokenizer in {source} is malformed: {payload!r}.")
     path = payload.get("class_path", "captioner.text.words.Vocabulary")
-    cls = import_class(path, object, "tokenizer")
+    cls = import_trusted_class(path, object, "tokenizer", source, built_in_only)
     if not hasattr(cls, "from_dict"):
         raise CaptionerError(f"The tokenizer class {path} in {source} has no from_dict.")
     return cls.from_dict(payload, source)

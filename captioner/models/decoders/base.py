@@ -16,6 +16,7 @@ own options, which it records with `self.save_hyperparameters()`:
         def prepare(self, features) -> Context: ...                 # per-image constants, computed once
         def initial_state(self, context) -> State: ...              # per-caption state before the first word
         def step(self, tokens, state, context) -> tuple[Tensor, State]: ...   # one word for every caption
+        def longest_caption(self) -> int | None: ...        # optional: the most words it can write (positions)
         def load_pretrained(self) -> None: ...              # optional: weights fetched at the start of training
         def parameter_groups(self, lr) -> list[dict]: ...   # optional: learning rates per parameter group
 
@@ -58,7 +59,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
 from captioner.errors import CaptionerError
-from captioner.parts import class_path, config_class, import_class
+from captioner.parts import class_path, config_class, import_trusted_class
 
 Context = Any  # a tensor tree, batch on dimension 0 (per-image constants)
 State = Any  # a tensor tree, batch on dimension 0 (per-caption state)
@@ -138,6 +139,12 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
         """`(B,)` previous tokens -> `(B, vocab)` logits of the next one, and the new state."""
         raise NotImplementedError
 
+    def longest_caption(self) -> int | None:
+        """The most words this decoder can write step by step (`step` is called once more, for `<end>`), or None
+        when nothing in it bounds a caption's length. A decoder with a position table or a context window says so,
+        and decoding settings asking for longer captions are refused before it runs."""
+        return None
+
     def load_pretrained(self) -> None:
         """Load pretrained weights (a language model's) at the start of a fresh training run; nothing by default.
         Checkpoints replace them, so captioning from a checkpoint needs no network."""
@@ -174,9 +181,14 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
         return {"class_path": class_path(type(self)), "init_args": init_args}
 
 
-def decoder_factory(spec: dict[str, Any]) -> Callable[[int, int], CaptionDecoder]:
-    """A callable `(vocab_size, feature_dim) -> decoder` from a `CaptionDecoder.spec()` (as checkpoints hold it)."""
-    cls = import_class(spec["class_path"], CaptionDecoder, "decoder")
+def decoder_factory(spec: dict[str, Any], source: str = "the checkpoint") -> Callable[[int, int], CaptionDecoder]:
+    """A callable `(vocab_size, feature_dim) -> decoder` from a `CaptionDecoder.spec()` (as checkpoints hold it).
+
+    Raises:
+        CaptionerError: When its class is not captioner's own nor in an allowed module (see
+            `captioner.parts.import_trusted_class`), or cannot be imported.
+    """
+    cls = import_trusted_class(spec["class_path"], CaptionDecoder, "decoder", source)
     init_args = dict(spec.get("init_args") or {})
     return lambda vocab_size, feature_dim: cls(vocab_size, feature_dim, **init_args)
 

@@ -220,6 +220,10 @@ class PrefixLMDecoder(CaptionDecoder):
         return [{"params": [p for p in trainable if id(p) not in lm], "lr": lr},
                 {"params": [p for p in trainable if id(p) in lm], "lr": self.hparams.lm_lr}]  # fmt: skip
 
+    def longest_caption(self) -> int | None:
+        """The LM's positions hold the prefix and the words fed back (None when its config names no limit)."""
+        return None if self._positions is None else self._positions - self.hparams.prefix_length
+
     # ------------------------------------------------------------ shared pieces
     def _prefix(self, features: torch.Tensor) -> torch.Tensor:
         """`(B, prefix_length, width)` from `(B, D)` or `(B, regions, D)` features."""

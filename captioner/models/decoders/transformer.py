@@ -166,6 +166,10 @@ class TransformerDecoder(CaptionDecoder):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, vocab_size)
 
+    def longest_caption(self) -> int:
+        """The position table holds `<start>` and the words fed back: `max_length - 1` words, then `<end>`."""
+        return self.hparams.max_length - 1
+
     # ------------------------------------------------------------ shared pieces
     def _memory(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 2:

@@ -1,0 +1,68 @@
+"""A class path read from a file (checkpoint, export manifest) is imported only when it is captioner's own or in a
+module the user allowed; the exported runtime reads only captioner's own tokenizers."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.errors import CaptionerError
+from captioner.export import export_onnx
+from captioner.models.module import CaptionModel
+from captioner.runtime import OnnxCaptioner
+
+FOREIGN = '''
+from pathlib import Path
+Path({marker!r}).write_text("imported")  # what running a stranger's module could do
+
+
+class Tokenizer:
+    @classmethod
+    def from_dict(cls, payload, source):
+        return cls()
+'''
+
+
+@pytest.fixture
+def foreign_module(tmp_path, monkeypatch):
+    """An importable module that leaves a mark when it is imported."""
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "foreign_parts.py").write_text(FOREIGN.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield marker
+    sys.modules.pop("foreign_parts", None)
+
+
+def test_a_checkpoint_naming_a_foreign_class_is_refused_without_importing_it(trained, tmp_path, foreign_module,
+                                                                             monkeypatch, capsys):  # fmt: skip
+    checkpoint = torch.load(trained[0], weights_only=True)
+    checkpoint["captioner"]["decoder"]["class_path"] = "foreign_parts.Decoder"
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, tampered)
+    with pytest.raises(CaptionerError, match=r"'foreign_parts\.Decoder'.*--allow_module foreign_parts"):
+        Captioner.from_checkpoint(tampered, device="cpu")
+    with pytest.raises(SystemExit):
+        main(["caption", str(tampered), "--ckpt_path", str(tampered)])
+    assert "is not part of captioner" in capsys.readouterr().err
+    assert not foreign_module.exists()  # refused before anything was imported
+    # Allowed, it is imported (and fails as the class it is: not a decoder), leaving its mark.
+    monkeypatch.setenv("CAPTIONER_ALLOW_MODULES", "foreign_parts")
+    with pytest.raises(CaptionerError, match="cannot be imported|is not a CaptionDecoder"):
+        Captioner.from_checkpoint(tampered, device="cpu")
+    assert foreign_module.exists()
+
+
+def test_an_exported_folder_naming_a_foreign_tokenizer_is_refused_even_when_allowed(trained, tmp_path,
+                                                                                     foreign_module, monkeypatch):
+    folder = export_onnx(CaptionModel.from_checkpoint(str(trained[0])), tmp_path / "exported")
+    OnnxCaptioner(folder)  # as exported: fine
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["vocabulary"]["class_path"] = "foreign_parts.Tokenizer"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("CAPTIONER_ALLOW_MODULES", "foreign_parts")
+    with pytest.raises(CaptionerError, match=r"'foreign_parts\.Tokenizer'.*only captioner's own classes"):
+        OnnxCaptioner(folder)
+    assert not foreign_module.exists()
