@@ -6,8 +6,8 @@ import logging
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from captioner.evaluation import coco_references, coco_results, format_table
-from captioner.files import write_json
+from captioner.core.files import write_json
+from captioner.evaluation.report import coco_references, coco_results, format_table
 from captioner.runs import run_dir, write_jsonl
 
 log = logging.getLogger("captioner")

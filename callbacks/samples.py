@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-from captioner.files import atomic_open
+from captioner.core.files import atomic_open
 from captioner.models import captioning
 from captioner.render import captioned_image, image_grid
 from captioner.runs import run_dir
@@ -47,7 +47,7 @@ class CaptionSamples(Callback):
         with torch.no_grad():
             features = pl_module.batch_features(batch).to(pl_module.device)  # cached, or from the images
             greedy = pl_module.decoding.greedy()
-            tokens = captioning.search(pl_module, features, greedy).best_tokens
+            tokens = captioning.decode_features(pl_module, features, greedy).best_tokens
         generated = pl_module.vocabulary.decode_batch(tokens)
         epoch = trainer.current_epoch
         tiles, rows = [], []

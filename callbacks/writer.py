@@ -13,8 +13,8 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from captioner.files import atomic_open
-from captioner.pixels import open_accepted
+from captioner.core.files import atomic_open
+from captioner.core.pixels import open_accepted
 from captioner.render import attention_figure, captioned_image
 from captioner.runs import run_dir
 
@@ -64,6 +64,8 @@ class CaptionWriter(BasePredictionWriter):
         self._part = self._part_path(trainer.global_rank).open("w", encoding="utf-8")
         datamodule = trainer.datamodule
         self._root = Path(datamodule.hparams.predict_dir) if datamodule is not None else None
+        if self.attention_maps:
+            pl_module.predict_attention = True  # rows then carry where each word looked, which this draws
 
     def write_on_batch_end(
         self,

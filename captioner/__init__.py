@@ -2,13 +2,22 @@
 
 `Captioner` (torch) is imported on first use, so `captioner.runtime` (ONNX
 Runtime, numpy and pillow only) imports on machines without torch.
+
+Layers, each importing only those below it: `core` (errors, files, parts,
+pixels, hardware, hub: nothing of ours), `compat` (files and names of older
+versions), `text`, `decoding`, `encoders`, `features`, `data`, `models`,
+`evaluation`, then the applications (`inference`, `runtime`, `export`, `serve`,
+`bulk`, `cli`).
 """
 
-from captioner.errors import CaptionerError
+from captioner.compat.names import install_moved_modules
+from captioner.core.errors import CaptionerError
 from captioner.predictions import Prediction
 
 __version__ = "0.3.0"
 __all__ = ["Captioner", "CaptionerError", "Prediction", "__version__"]
+
+install_moved_modules()  # captioner 0.3's module names (captioner.errors, ...) keep working
 
 
 def __getattr__(name: str):

@@ -18,19 +18,19 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from captioner import compat
 from captioner.callbacks.checkpoints import ResumableRun
 from captioner.callbacks.reports import TestReport
+from captioner.compat import names as compat
+from captioner.core.errors import CaptionerError
+from captioner.core.files import atomic_open
+from captioner.core.hardware import checked_precision
+from captioner.core.parts import add_allow_argument, allow_modules, class_paths_in
 from captioner.data.datamodule import CaptionDataModule
 from captioner.decoding import config as decoding
 from captioner.encoders.base import encoder_trains
-from captioner.errors import CaptionerError
-from captioner.files import atomic_open
-from captioner.hardware import checked_precision
 from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
-from captioner.parts import add_allow_argument, allow_modules, class_paths_in
 from captioner.runs import run_dir, run_to_continue
 from captioner.shipped import configs_command, with_shipped_configs
 
@@ -271,7 +271,7 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             serve_command(argv[1:])
             return None
         if argv[:1] == ["export"]:
-            from captioner.export import export_command
+            from captioner.export.onnx import export_command
 
             export_command(argv[1:])
             return None

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from captioner.core.errors import CaptionerError
+from captioner.core.hardware import bf16_autocast_available
 from captioner.decoding.config import DecodingConfig
 from captioner.encoders.image_files import ImageFileDataset, collate_images, load_any_image
-from captioner.errors import CaptionerError
-from captioner.hardware import bf16_autocast_available
 from captioner.models import captioning
 from captioner.models.module import CaptionModel
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
@@ -111,7 +111,7 @@ class Captioner:
         """An image file's bytes as the encoder's `(3, S, S)` uint8 input (the full-size picture is not kept).
 
         Raises:
-            One of `captioner.pixels.DECODE_ERRORS` (`TooManyPixelsError` over `max_pixels`,
+            One of `captioner.core.pixels.DECODE_ERRORS` (`TooManyPixelsError` over `max_pixels`,
             `UnsupportedFormatError` for formats outside `ACCEPTED_FORMATS`).
         """
         return self.preprocessing.from_file(data, max_pixels)

@@ -1,8 +1,11 @@
-"""What captioning an image returns, and captioning a list of images in batches (torch-free).
+"""What captioning an image returns, the interface every captioner offers, and captioning a list of images in batches
+(torch-free).
 
-Shared by `captioner.inference.Captioner` (torch) and
-`captioner.runtime.OnnxCaptioner` (ONNX Runtime), so both name sources,
-report unreadable images and batch the rest the same way.
+`CaptionerProtocol` is what `captioner.inference.Captioner` (a checkpoint,
+torch) and `captioner.runtime.OnnxCaptioner` (an exported folder, ONNX
+Runtime) both implement (tests/test_captioners.py runs one conformance suite on
+both); the server, the `caption` command and the bulk job take either. Both name
+sources, report unreadable images and batch the rest the same way, here.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from captioner.errors import CaptionerError
-from captioner.pixels import DECODE_ERRORS, describe_error
+from captioner.core.errors import CaptionerError
+from captioner.core.pixels import DECODE_ERRORS, describe_error
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,41 @@ class Prediction:
     caption: str | None
     score: float | None
     error: str | None = None
+
+
+@runtime_checkable
+class CaptionerProtocol(Protocol):
+    """What every captioner offers (see the module docstring).
+
+    Attributes:
+        decoding: Its decoding settings (`captioner.decoding.DecodingConfig`), the model's own unless overridden.
+        limits: What its model can decode (`captioner.decoding.ModelLimits`), which settings are checked against.
+        preprocessing: The encoder's input definition (a `Preprocessing`, or its dict where torch is absent).
+        batch_size: Images per encoder and decoder run.
+    """
+
+    decoding: Any
+    limits: Any
+    preprocessing: Any
+    batch_size: int
+
+    def settings(self, **overrides: Any) -> Any:
+        """Its decoding settings with `overrides`, checked against the model (`CaptionerError` when they cannot run)."""
+
+    def caption(self, images: Any, **overrides: Any) -> list[str]:
+        """Captions for one image or a list (paths, bytes or PIL images); `CaptionerError` on an unreadable one."""
+
+    def predict(self, images: Any, **overrides: Any) -> list[Prediction]:
+        """A `Prediction` per image, unreadable ones with their error instead of stopping the rest."""
+
+    def iter_predict(self, images: Any, **overrides: Any) -> Any:
+        """Like `predict`, batch by batch."""
+
+    def describe(self, images: Any, attention: bool = False, **overrides: Any) -> list[dict[str, Any]]:
+        """Caption, score, ranked alternatives (with `num_return` > 1) and attention (or None) of decoded images."""
+
+    def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> Any:
+        """An image file's bytes as the encoder's input (one of `captioner.core.pixels.DECODE_ERRORS` if it cannot)."""
 
 
 def predict_in_batches(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from captioner.pixels import to_rgb
+from captioner.core.pixels import to_rgb
 
 _FONT_CACHE: dict[int, ImageFont.ImageFont] = {}
 

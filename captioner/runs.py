@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from captioner.files import atomic_open
+from captioner.core.files import atomic_open
 
 
 def run_dir(trainer: Trainer) -> Path:

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from captioner.core.errors import CaptionerError
+from captioner.core.pixels import open_image, preprocess_array, to_rgb
 from captioner.decoding.answers import answer_rows
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.ops import NumpyOps
 from captioner.decoding.search import Decoded, decode
-from captioner.errors import CaptionerError
-from captioner.pixels import open_image, preprocess_array, to_rgb
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 from captioner.text.base import tokenizer_from_dict
 
@@ -173,7 +173,7 @@ class OnnxCaptioner:
         """An image file's bytes as the encoder's `(3, S, S)` uint8 input (the full-size picture is not kept).
 
         Raises:
-            One of `captioner.pixels.DECODE_ERRORS` (`TooManyPixelsError`, `UnsupportedFormatError`, ...).
+            One of `captioner.core.pixels.DECODE_ERRORS` (`TooManyPixelsError`, `UnsupportedFormatError`, ...).
         """
         return preprocess_array(np.asarray(open_image(data, max_pixels)), self.preprocessing)
 
@@ -190,15 +190,16 @@ class OnnxCaptioner:
         """
         return self.decoding.with_overrides(**overrides).checked(self.limits)
 
-    def search(self, features: np.ndarray, config: DecodingConfig | None = None) -> Decoded:
-        """Ranked captions for a batch of features (`captioner.decoding.search.decode`, in NumPy)."""
+    def decode_features(self, features: np.ndarray, config: DecodingConfig | None = None) -> Decoded:
+        """Ranked captions for a batch of features, by the one search (`captioner.decoding.search.decode`, in
+        NumPy)."""
         config = config or self.decoding
         return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(config.seed),
                       config.max_words(self.vocabulary.max_length), self.vocabulary.stoi)  # fmt: skip
 
     def caption_pixels(self, pixels: np.ndarray, **overrides) -> tuple[list[str], list[float]]:
         """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch."""
-        decoded = self.search(self.features(pixels), self.settings(**overrides))
+        decoded = self.decode_features(self.features(pixels), self.settings(**overrides))
         return self.vocabulary.decode_batch(decoded.best_tokens), [float(s) for s in decoded.best_scores]
 
     # ------------------------------------------------------------ the Captioner interface
@@ -227,5 +228,5 @@ class OnnxCaptioner:
         config = self.settings(**overrides)
         features = self.features(np.stack([self._pixels(image) if isinstance(image, Image.Image) else image
                                            for image in images]))  # fmt: skip
-        rows = answer_rows(self.search(features, config), self.vocabulary, config.num_return)
+        rows = answer_rows(self.decode_features(features, config), self.vocabulary, config.num_return)
         return [{**row, "attention": None} for row in rows]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_FLAGS = ("--config", "-c")

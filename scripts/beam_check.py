@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from export_check import demo_test_set  # noqa: E402
 
 from captioner import Captioner  # noqa: E402
-from captioner.evaluation import evaluate_captions  # noqa: E402
+from captioner.evaluation.report import evaluate_captions  # noqa: E402
 
 
 def scores_of(paths: list[Path], captions: list[str], references: list[list[str]]) -> dict[str, float]:

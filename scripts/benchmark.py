@@ -170,7 +170,7 @@ def timed_fit(model, loader, device: str, steps: int, warmup: int) -> float:
     on this device, and return the captions per second of the steps after the warm-up."""
     from lightning.pytorch import Callback, Trainer
 
-    from captioner.hardware import default_precision
+    from captioner.core.hardware import default_precision
 
     class Timer(Callback):
         def __init__(self):
@@ -480,7 +480,7 @@ def ours_decode(
 
     import torch
 
-    from captioner.hardware import CPU_BF16_REQUIREMENT, bf16_autocast_available
+    from captioner.core.hardware import CPU_BF16_REQUIREMENT, bf16_autocast_available
 
     if bf16 and not bf16_autocast_available(device):
         where = "GPU" if device.startswith("cuda") else f"CPU (bf16 needs {CPU_BF16_REQUIREMENT})"
@@ -493,12 +493,12 @@ def ours_decode(
     # What `--trainer.precision bf16-mixed` does around test and predict steps.
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
-        captioning.search(model, features[:batch_size].to(device), config)  # warm-up
+        captioning.decode_features(model, features[:batch_size].to(device), config)  # warm-up
         _sync(device)
         started, lengths = time.perf_counter(), []
         for start in range(0, count, batch_size):
-            result = captioning.search(model, features[start : start + batch_size].to(device, non_blocking=True),
-                                       config)  # fmt: skip
+            batch = features[start : start + batch_size].to(device, non_blocking=True)
+            result = captioning.decode_features(model, batch, config)
             lengths.append(result.best_lengths)
         _sync(device)
     elapsed = time.perf_counter() - started
@@ -511,7 +511,7 @@ def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: 
     import torch
 
     from captioner.decoding import DecodingConfig, SpecialTokens
-    from captioner.models.search import generate
+    from captioner.models.stepping import decode_with
 
     model = _model("transformer").to(device).eval()
     decoder, special = model.decoder, SpecialTokens.of(model.vocabulary)
@@ -519,7 +519,7 @@ def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: 
 
     def decode(batch: torch.Tensor) -> torch.Tensor:
         if cached:
-            return generate(decoder, batch, DecodingConfig(num_beams=1), special, words - 1).best_tokens
+            return decode_with(decoder, batch, DecodingConfig(num_beams=1), special, words - 1).best_tokens
         prefix = torch.full((len(batch), 1), special.start, device=batch.device)
         for _ in range(words):  # the whole prefix through the model at every step
             logits = decoder(batch, prefix).logits[:, -1].float()
@@ -541,7 +541,7 @@ def write_checkpoint(path: str) -> dict:
     """The benchmark's LSTM model as a checkpoint file (what `serve` and `export` take)."""
     import torch
 
-    from captioner.checkpointing import meta_of
+    from captioner.compat.checkpoints import meta_of
 
     model = _model("lstm")
     torch.save({"state_dict": model.state_dict(), "captioner": meta_of(model)}, path)
@@ -551,7 +551,7 @@ def write_checkpoint(path: str) -> dict:
 def export_models(checkpoint: str, folder: str, calibration_dir: str) -> dict:
     """Export the checkpoint four ways: fp32; int8 decoder; int8 decoder and dynamic int8 encoder; int8 decoder and
     static int8 encoder calibrated on `calibration_dir`."""
-    from captioner.export import export_onnx
+    from captioner.export.onnx import export_onnx
     from captioner.models.module import CaptionModel
 
     for name, quantize, encoder, calibration in (("fp32", None, False, None), ("int8", "int8", False, None),
@@ -580,10 +580,10 @@ def onnx_decode(folder: str, features_file: str, count: int, beam_size: int, bat
 
     runtime = OnnxCaptioner(folder, num_beams=beam_size)
     features = np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32)
-    runtime.search(features[:batch_size])  # warm-up
+    runtime.decode_features(features[:batch_size])  # warm-up
     started, lengths = time.perf_counter(), []
     for start in range(0, count, batch_size):
-        lengths.append(runtime.search(features[start : start + batch_size]).best_lengths)
+        lengths.append(runtime.decode_features(features[start : start + batch_size]).best_lengths)
     return {"captions_per_s": count / (time.perf_counter() - started),
             "mean_length": float(np.concatenate(lengths).mean())}  # fmt: skip
 
@@ -779,7 +779,7 @@ def main() -> None:
     extract_batch, train_batch, decode_batch = (None, 1024, 1024) if cuda else (None, 128, 1024)
     workers = workers if cuda else 1
     os.environ["CAPTIONER_BENCHMARK_VOCAB"] = str(options.vocab or (10_000 if cuda else 5_000))
-    from captioner.hardware import describe_cpu
+    from captioner.core.hardware import describe_cpu
 
     hardware = torch.cuda.get_device_name(0) if cuda else describe_cpu()
     print(f"captioner benchmark on {hardware} ({profile} sizes, "

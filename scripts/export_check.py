@@ -25,8 +25,8 @@ from captioner import Captioner  # noqa: E402
 from captioner.data.datamodule import CaptionDataModule  # noqa: E402
 from captioner.data.prepared import PreparedData  # noqa: E402
 from captioner.data.splits import load_splits  # noqa: E402
-from captioner.evaluation import evaluate_captions  # noqa: E402
-from captioner.export import export_onnx  # noqa: E402
+from captioner.evaluation.report import evaluate_captions  # noqa: E402
+from captioner.export.onnx import export_onnx  # noqa: E402
 from captioner.models.module import CaptionModel  # noqa: E402
 from captioner.runtime import OnnxCaptioner  # noqa: E402
 

@@ -43,7 +43,7 @@ def offline(monkeypatch, tmp_path_factory):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # so this process is offline too
-    from captioner import parts
+    from captioner.core import parts
 
     monkeypatch.setattr(parts, "_allowed", set())  # modules a test's run allowed do not leak into the next test
     monkeypatch.delenv(parts.ALLOW_VARIABLE, raising=False)

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from captioner import hardware
+from captioner.core import hardware
 from tests.conftest import TESTS
 
 sys.path.insert(0, str(TESTS.parent / "scripts"))

@@ -4,9 +4,9 @@ image's constants serve all its beams. (The search itself has its own suite: tes
 import pytest
 import torch
 
+from captioner.core.errors import CaptionerError
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.search import length_normalised
-from captioner.errors import CaptionerError
 from captioner.models.decoders import (
     AttentionDecoder,
     CaptionDecoder,
@@ -18,7 +18,7 @@ from captioner.models.decoders import (
 from captioner.models.decoders.attention import doubly_stochastic_penalty
 from captioner.models.decoders.base import decoder_factory
 from captioner.models.objectives import caption_cross_entropy
-from captioner.models.search import generate
+from captioner.models.stepping import decode_with
 from captioner.text.words import Vocabulary
 from tests.plugins import GRUDecoder
 
@@ -95,7 +95,7 @@ def test_step_by_step_logits_equal_teacher_forced_logits(kind):
 
 
 def search(decoder, features, max_words=VOCAB.max_length, special=SPECIAL, **settings):
-    return generate(decoder, features, DecodingConfig(**settings), special, max_words)
+    return decode_with(decoder, features, DecodingConfig(**settings), special, max_words)
 
 
 @KINDS
@@ -258,7 +258,8 @@ def test_padding_does_not_count_in_the_loss():
 
 
 @KINDS
-def test_a_spec_rebuilds_the_same_decoder(kind):
+def test_a_spec_rebuilds_the_same_decoder(kind, monkeypatch):
+    monkeypatch.setenv("CAPTIONER_ALLOW_MODULES", "tests")  # the plugin decoder lives in tests/
     decoder = make_decoder(kind)
     spec = decoder.spec()
     assert "vocab_size" not in spec["init_args"] and "feature_dim" not in spec["init_args"]
@@ -278,7 +279,7 @@ def test_a_decoder_writes_up_to_its_limit_and_settings_past_it_are_refused_befor
 
     def forced(words: int):  # no <end> before `words` words: the search takes every step it may
         config = DecodingConfig(num_beams=2, max_length=words, min_length=words)
-        return config, generate(decoder, features, config, SPECIAL, words)
+        return config, decode_with(decoder, features, config, SPECIAL, words)
 
     config, decoded = forced(longest)
     config.checked(limits)

@@ -3,8 +3,8 @@ import shutil
 import kagglehub
 import pytest
 
+from captioner.core.errors import CaptionerError
 from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
-from captioner.errors import CaptionerError
 
 
 def seed_kagglehub_cache(cache, source, version=1):

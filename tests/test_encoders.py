@@ -16,13 +16,13 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.core.errors import CaptionerError
+from captioner.core.pixels import preprocess_array
 from captioner.encoders import HuggingFaceEncoder, OpenClipEncoder, TimmEncoder, TorchvisionEncoder
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.store import FEATURES_FILE, INDEX_FILE
-from captioner.errors import CaptionerError
-from captioner.export import export_onnx
+from captioner.export.onnx import export_onnx
 from captioner.models.module import CaptionModel
-from captioner.pixels import preprocess_array
 from captioner.runtime import OnnxCaptioner
 from tests.conftest import last_checkpoint, tiny_args
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from captioner.cider import CiderD
 from captioner.cli import main
-from captioner.metrics import CorpusCider, java_available
+from captioner.evaluation.cider import CiderD
+from captioner.evaluation.metrics import CorpusCider, java_available
 from captioner.models import captioning
 from captioner.runs import run_dir
 from tests.conftest import TESTS, tiny_args
@@ -94,7 +94,7 @@ def test_val_cider_is_logged_monitored_and_equals_cider_d_on_the_val_references(
     batch = cli.datamodule.materialize(val.__getitems__(list(range(len(val)))))
     with torch.no_grad():
         generated = model.vocabulary.words_of(
-            captioning.search(model, batch["features"], model.decoding.greedy()).best_tokens
+            captioning.decode_features(model, batch["features"], model.decoding.greedy()).best_tokens
         )
     scorer = CiderD(val.reference_ids)  # document frequencies from the validation references
     expected = 100 * sum(scorer.score(g, refs) for g, refs in zip(generated, val.reference_ids)) / len(val)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.core.errors import CaptionerError
 from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
-from captioner.export import export_onnx
+from captioner.export.onnx import export_onnx
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder, PrefixLMDecoder, TransformerDecoder
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner

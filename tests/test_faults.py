@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
+from captioner.core.errors import CaptionerError
+from captioner.core.files import atomic_open, write_json
 from captioner.data.images import find_images
 from captioner.encoders.extraction import FeatureSpec, prepare_features
 from captioner.encoders.store import INDEX_FILE, PROGRESS_FILE
 from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
-from captioner.files import atomic_open, write_json
 from captioner.runs import run_dir
 from tests.conftest import TESTS, last_checkpoint, predict_args, tiny_args
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from captioner.core.errors import CaptionerError
 from captioner.encoders import extraction as features_module
 from captioner.encoders.base import ImageEncoder
 from captioner.encoders.extraction import FeatureSpec, prepare_features
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.store import INDEX_FILE, PARTIAL_FILE, PROGRESS_FILE, cache_key, open_cache
 from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
 
 ENCODER = {"model": "resnet18", "weights": None, "image_size": 32}
 

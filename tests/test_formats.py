@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from captioner.core.errors import CaptionerError
 from captioner.data.download import read_caption_set
 from captioner.data.formats import Coco, Csv, Jsonl, Karpathy, TextFolder
 from captioner.data.records import DataReport
-from captioner.errors import CaptionerError
 
 
 def write(path: Path, payload) -> Path:

@@ -172,7 +172,7 @@ def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
 def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
     from captioner.decoding import DecodingConfig, SpecialTokens
     from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
-    from captioner.models.search import generate
+    from captioner.models.stepping import decode_with
     from captioner.text.words import Vocabulary
 
     torch.manual_seed(0)
@@ -185,8 +185,8 @@ def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
     features = torch.randn(37, 64, device="cuda") if decoder == "lstm" else torch.randn(37, 9, 64, device="cuda")
     special = SpecialTokens.of(vocabulary)
     for config in (DecodingConfig(num_beams=1), DecodingConfig(num_beams=3, num_return=3)):
-        eager = generate(model, features, config, special, 20)
+        eager = decode_with(model, features, config, special, 20)
         for _ in range(2):  # the second run replays the captured graphs
-            compiled = generate(model, features, config, special, 20, compiled=True)
+            compiled = decode_with(model, features, config, special, 20, compiled=True)
             assert torch.equal(eager.tokens, compiled.tokens), (decoder, config)
             torch.testing.assert_close(eager.scores, compiled.scores, atol=1e-3, rtol=1e-3)

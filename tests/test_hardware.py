@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from captioner import hardware
 from captioner.cli import main
+from captioner.core import hardware
 from captioner.encoders import extraction as features_module
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import TorchvisionEncoder
@@ -199,7 +199,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_the_cache_is_emptied(monkey
 def test_preprocessing_round_trips_and_refuses_what_it_does_not_know():
     spec = Preprocessing(224)
     assert Preprocessing.from_dict(spec.to_dict()) == spec
-    from captioner.errors import CaptionerError
+    from captioner.core.errors import CaptionerError
 
     with pytest.raises(CaptionerError, match="another version"):
         Preprocessing.from_dict({**spec.to_dict(), "version": 99})

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from captioner import metrics
-from captioner.metrics import as_percent, bleu_collection, caption_diversity, coco_caption_scores
+from captioner.evaluation import metrics
+from captioner.evaluation.metrics import as_percent, bleu_collection, caption_diversity, coco_caption_scores
 
 # "a red circle on the left" against "a red circle on the right": 6 words each,
 # matches 5/6 unigrams, 4/5 bigrams, 3/4 trigrams, 2/3 4-grams, no brevity penalty.
@@ -68,7 +68,7 @@ def test_diversity_makes_a_constant_model_obvious():
 def test_cider_d_on_token_ids_matches_pycocoevalcap():
     from pycocoevalcap.cider.cider import Cider
 
-    from captioner.cider import CiderD
+    from captioner.evaluation.cider import CiderD
 
     refs = {"a": ["a red circle on the left", "the red circle is on the left side"],
             "b": ["two blue squares side by side", "blue squares"], "c": ["a green triangle at the top"]}  # fmt: skip

@@ -1,6 +1,7 @@
 """What a plain install gets: one top-level package with the configs inside, shipped configs by name, old names."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 from captioner.shipped import resolve_config, shipped_configs, with_shipped_configs
 from tests.conftest import TESTS, TINY_CONFIG
 
@@ -17,9 +18,18 @@ ROOT = TESTS.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    folder = tmp_path_factory.mktemp("wheel")
+    """The wheel, built from a copy of the checkout: a build writes build/ and *.egg-info beside its sources, and no
+    test writes into the checkout."""
+    folder, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "captioner"
+    left_out = {".git", "build", "dist", "data", "runs", ".venv", "venv"}  # at the top: captioner/data is a package
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == ROOT
+        return [n for n in names if (top and n in left_out) or n == "__pycache__" or n.endswith(".egg-info")]
+
+    shutil.copytree(ROOT, source, ignore=ignore)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                             str(folder), str(ROOT)], capture_output=True, text=True, timeout=300)  # fmt: skip
+                             str(folder), str(source)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = folder.glob("captioner-*.whl")
     return zipfile.ZipFile(path)
@@ -89,3 +99,20 @@ def test_an_old_config_naming_callbacks_still_runs_with_one_deprecation_line(tra
     assert result.stderr.count("'callbacks.…' in a config is deprecated; write 'captioner.callbacks.…'") == 1
     assert "2 captioned, 0 failed" in result.stdout
     assert len(list(tmp_path.rglob("predictions.jsonl"))) == 1
+
+
+def test_modules_that_moved_still_import_by_their_old_names_with_one_deprecation_line():
+    """Plugins and configs written for the first 0.3 layout (`captioner.errors`, `captioner.checkpointing`) work."""
+    code = ("import captioner.errors, captioner.parts\n"
+            "from captioner.checkpointing import AtomicCheckpointIO\n"
+            "from captioner.core.errors import CaptionerError\n"
+            "from captioner.compat.checkpoints import AtomicCheckpointIO as New\n"
+            "assert captioner.errors.CaptionerError is CaptionerError and AtomicCheckpointIO is New\n"
+            "import captioner.errors\n")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == [f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now)." for old, new in (
+        ("captioner.errors", "captioner.core.errors"), ("captioner.parts", "captioner.core.parts"),
+        ("captioner.checkpointing", "captioner.compat.checkpoints"))]  # fmt: skip

@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import Captioner, parts
+from captioner import Captioner
 from captioner.cli import main
+from captioner.core import parts
+from captioner.core.errors import CaptionerError
 from captioner.decoding import DecodingConfig
 from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
 from captioner.models import captioning
 from captioner.models.decoders import LSTMDecoder
 from captioner.models.module import CaptionModel
@@ -110,9 +111,9 @@ def test_blind_hides_the_image():
         models[blind] = model.eval()
     models[True].load_state_dict(models[False].state_dict())  # the same weights; only the flag differs
     features = torch.randn(8, 512) * 5
-    blind_tokens = captioning.search(models[True], features, DecodingConfig(num_beams=2)).best_tokens
+    blind_tokens = captioning.decode_features(models[True], features, DecodingConfig(num_beams=2)).best_tokens
     assert (blind_tokens == blind_tokens[0]).all()  # one caption for every image: nothing of the image gets in
-    seeing = captioning.search(models[False], features, DecodingConfig(num_beams=2)).best_tokens
+    seeing = captioning.decode_features(models[False], features, DecodingConfig(num_beams=2)).best_tokens
     assert not (seeing == seeing[0]).all()
 
 

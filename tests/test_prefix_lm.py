@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from captioner import Captioner
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 from captioner.models.decoders import PrefixLMDecoder
 from captioner.models.objectives import caption_cross_entropy
 from captioner.text import Pretrained

@@ -14,9 +14,9 @@ from litserve.utils import LitAPIStatus, PickleableHTTPException
 from PIL import Image
 
 from captioner import Captioner
+from captioner.core.errors import CaptionerError
 from captioner.decoding import DecodingConfig
 from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
 from captioner.models.decoders import TransformerDecoder
 from captioner.models.module import CaptionModel
 from captioner.serve.api import CaptionAPI, request_bounds

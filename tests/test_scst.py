@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from captioner.cider import CiderD
 from captioner.cli import main
+from captioner.decoding.config import SpecialTokens
+from captioner.evaluation.cider import CiderD
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder
 from captioner.models.objectives import CrossEntropy, SelfCritical, SequenceSpec
+from captioner.models.objectives.sampling import CaptionSample
 from captioner.models.objectives.self_critical import with_end
-from captioner.models.search import SearchResult, SpecialTokens
 from captioner.text.words import Vocabulary
 from tests.conftest import tiny_args
 
@@ -30,10 +31,10 @@ def prepared(samples=3, baseline="greedy") -> SelfCritical:
     return objective
 
 
-def result(rows: list[list[int]]) -> SearchResult:
+def result(rows: list[list[int]]) -> CaptionSample:
     width = max(map(len, rows))
     tokens = torch.tensor([row + [SPECIAL.pad] * (width - len(row)) for row in rows])
-    return SearchResult(tokens, torch.zeros(len(rows)), torch.tensor([len(r) for r in rows]))
+    return CaptionSample(tokens, torch.zeros(len(rows)), torch.tensor([len(r) for r in rows]))
 
 
 def test_the_reward_includes_the_end_token():
@@ -72,12 +73,12 @@ def test_one_step_raises_a_caption_rewarded_above_the_baseline_and_lowers_one_be
     def fixed_greedy(decoder_, features_, max_length, special):
         return result([baseline])
 
-    def scripted_samples(decoder_, features_, max_length, special, samples=1):
+    def scripted_samples(decoder_, features_, sequences, samples=1):
         rows = torch.tensor([target] * samples)
-        inputs = torch.cat([torch.full((samples, 1), special.start), rows[:, :-1]], dim=1)
+        inputs = torch.cat([torch.full((samples, 1), SPECIAL.start), rows[:, :-1]], dim=1)
         log_probs = torch.log_softmax(decoder_(features_.repeat(samples, 1), inputs).logits, -1)
         token_log_probs = log_probs.gather(-1, rows.unsqueeze(-1)).squeeze(-1)
-        return SearchResult(rows, token_log_probs.sum(1), torch.full((samples,), len(target)), token_log_probs)
+        return CaptionSample(rows, token_log_probs.sum(1), torch.full((samples,), len(target)), token_log_probs)
 
     monkeypatch.setattr(module, "greedy_captions", fixed_greedy)
     monkeypatch.setattr(module, "sample_captions", scripted_samples)
@@ -85,7 +86,7 @@ def test_one_step_raises_a_caption_rewarded_above_the_baseline_and_lowers_one_be
 
     def probability() -> float:
         with torch.no_grad():
-            return float(scripted_samples(decoder, features, 6, SPECIAL).log_probs[0])
+            return float(scripted_samples(decoder, features, None).log_probs[0])
 
     before = probability()
     optimizer = torch.optim.SGD(decoder.parameters(), lr=0.5)

@@ -16,7 +16,7 @@ from captioner.decoding.ops import NumpyOps
 from captioner.decoding.search import decode, length_normalised
 from captioner.decoding.torch_ops import TorchOps
 from captioner.models.decoders import CaptionDecoder, LSTMDecoder, PrefixLMDecoder, TransformerDecoder
-from captioner.models.search import DecoderStepper
+from captioner.models.stepping import DecoderStepper
 from captioner.text.words import Vocabulary
 
 VOCAB = Vocabulary([f"w{i}" for i in range(12)], max_length=6)
@@ -241,13 +241,13 @@ def test_a_compiled_search_pads_the_batch_and_gives_the_same_captions(monkeypatc
     """The compiled path's logic on the CPU (the compilation itself swapped for the plain step: compiling takes
     tens of seconds here; tests/test_gpu.py runs it for real): the batch padded to a few sizes, the padding
     dropped."""
-    from captioner.models import search as torch_search
+    from captioner.models import stepping as torch_search
 
     assert [torch_search.padded_rows(n) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
     monkeypatch.setattr(torch_search, "compiled_step", lambda decoder: decoder.step)
     decoder, features = transformer(seed=3), torch.randn(5, 3, 8)
     config = DecodingConfig(num_beams=3, num_return=3)
-    plain = torch_search.generate(decoder, features, config, SPECIAL, 6)
-    padded = torch_search.generate(decoder, features, config, SPECIAL, 6, compiled=True)
+    plain = torch_search.decode_with(decoder, features, config, SPECIAL, 6)
+    padded = torch_search.decode_with(decoder, features, config, SPECIAL, 6, compiled=True)
     assert padded.tokens.shape[0] == 5 and torch.equal(plain.tokens, padded.tokens)
     torch.testing.assert_close(plain.scores, padded.scores)

@@ -343,7 +343,7 @@ def test_no_format_outside_the_list_reaches_pillow_even_eps(monkeypatch):
     """Pillow's EPS plugin runs Ghostscript: with the list of accepted formats it is never even asked."""
     from PIL import EpsImagePlugin
 
-    from captioner.pixels import UnsupportedFormatError, open_image
+    from captioner.core.pixels import UnsupportedFormatError, open_image
 
     def ghostscript(*args, **kwargs):
         raise AssertionError("the EPS plugin was run on an upload")
@@ -450,7 +450,7 @@ def test_thousands_of_fuzzed_files_are_refused_with_a_decode_error_only():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from captioner.pixels import DECODE_ERRORS, open_image
+    from captioner.core.pixels import DECODE_ERRORS, open_image
 
     seeds = [image_bytes((12, 9), kind) for kind in ("PNG", "JPEG", "BMP", "GIF", "WEBP")]
 
@@ -468,8 +468,8 @@ def test_thousands_of_fuzzed_files_are_refused_with_a_decode_error_only():
 
 
 def test_the_0_2_beams_option_of_serve_still_works_as_num_return(capsys, monkeypatch):
+    from captioner.core.errors import CaptionerError
     from captioner.decoding import config
-    from captioner.errors import CaptionerError
     from captioner.serve import decoding_overrides, serve_parser
 
     def given(*args: str) -> dict:

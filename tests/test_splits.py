@@ -1,9 +1,9 @@
 import pytest
 
+from captioner.core.errors import CaptionerError
 from captioner.data.formats.karpathy import Karpathy
 from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.splits import SPLITS, label_from_split_file, make_splits, split_by_labels, split_records
-from captioner.errors import CaptionerError
 from tests.test_formats import karpathy_file
 
 

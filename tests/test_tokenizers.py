@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from captioner.cider import CiderD
+from captioner.core.errors import CaptionerError
 from captioner.data.synthetic import describe_scene, random_scene
-from captioner.errors import CaptionerError
+from captioner.evaluation.cider import CiderD
 from captioner.text import Bpe, Pretrained, SubwordTokenizer, Vocabulary, Words, normalize, tokenizer_from_dict
 
 from .conftest import tiny_args, write_gpt2_like_tokenizer

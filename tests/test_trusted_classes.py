@@ -9,8 +9,8 @@ import torch
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.errors import CaptionerError
-from captioner.export import export_onnx
+from captioner.core.errors import CaptionerError
+from captioner.export.onnx import export_onnx
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner
 

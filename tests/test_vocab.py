@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 from captioner.text.words import SPECIAL_TOKENS, Vocabulary, normalize
 
 

@@ -15,6 +15,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json, write_json
+from captioner.core.pixels import open_accepted
 from captioner.data.datasets import (
     FeatureRows,
     ImageCaptions,
@@ -39,15 +42,10 @@ from captioner.data.splits import (
     save_splits,
 )
 from captioner.data.streamed import StreamedFeatures, image_parts, prepare_streamed
-from captioner.encoders.base import ImageEncoder
+from captioner.encoders.base import ImageEncoder, default_encoder
 from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
 from captioner.encoders.image_files import ImageFileDataset, collate_images
-from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.store import FEATURES_FILE, FeatureCache, ResidentFeatures, host_budget, memory_budget
-from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
-from captioner.files import read_json, write_json
-from captioner.pixels import open_accepted
 from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
 from captioner.text.words import Words, normalize
 
@@ -165,7 +163,7 @@ class CaptionDataModule(LightningDataModule):
         if max_caption_length < 1 or not 0.5 <= train_crop <= 1.0:
             raise CaptionerError("--data.max_caption_length must be >= 1 and --data.train_crop between 0.5 and 1.")
         self.save_hyperparameters(ignore=["format", "encoder", "tokenizer", "backbone", "weights", "image_size"])
-        self.encoder = encoder if encoder is not None else TorchvisionEncoder()
+        self.encoder = encoder if encoder is not None else default_encoder()
         self.caption_format = format
         self.work_dir = Path(work_dir)
         self.vocabulary: Any = None  # the tokenizer: a word vocabulary or subwords (see captioner.text.base)
@@ -250,11 +248,6 @@ class CaptionDataModule(LightningDataModule):
     @staticmethod
     def _image_names(splits: dict[str, list[CaptionRecord]]) -> list[str]:
         return sorted(r.file_name for part in splits.values() for r in part)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """How pixels reach the encoder (the encoder's definition), for extraction and predict alike."""
-        return self.encoder.preprocessing
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -369,7 +362,7 @@ class CaptionDataModule(LightningDataModule):
             elif cache is not None:
                 reader = FeatureRows(cache.directory / FEATURES_FILE)
             else:
-                reader = PixelRows([self.images_dir / n for n in all_names], self.preprocessing,
+                reader = PixelRows([self.images_dir / n for n in all_names], self.encoder.preprocessing,
                                    augment=self.hparams.train_crop if name == "train" else 1.0,
                                    seed=self.shuffle_seed)  # fmt: skip
             self.datasets[name] = self._dataset(name, records, reader, row_of)
@@ -422,11 +415,27 @@ class CaptionDataModule(LightningDataModule):
                                  "the memory budget; raise --data.resident_budget_gb or set it to auto.")  # fmt: skip
         return None
 
+    # ---------------------------------------------------------------- what the model reads (captioner.data.contract)
+    @property
+    def train_items(self) -> str:
+        """What one training item is: "captions", or "images" with all their captions."""
+        return self.hparams.train_items
+
+    def references(self, split: str) -> list[list[list[int]]] | None:
+        """The word ids of each image's references in `split` (dataset order); None when the split streams.
+
+        Raises:
+            CaptionerError: When the split is not set up.
+        """
+        if split not in self.datasets:
+            raise CaptionerError(f"The {split} data is not set up; call setup() first.")
+        return getattr(self.datasets[split], "reference_ids", None)
+
     def sample_image(self, name: str) -> Image.Image:
         """An image of the data by its record name, for pictures of samples (a grey tile for an image inside a
         shard: reading one would mean reading its shard through)."""
         if SHARD_SEPARATOR in name and not (Path(self.images_dir) / name).exists():
-            return Image.new("RGB", (self.preprocessing.image_size,) * 2, (128, 128, 128))
+            return Image.new("RGB", (self.encoder.preprocessing.image_size,) * 2, (128, 128, 128))
         with open_accepted(Path(self.images_dir) / name) as image:
             image.seek(0)
             return image.convert("RGB")
@@ -468,7 +477,7 @@ class CaptionDataModule(LightningDataModule):
                 f"--data.predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
                 "searched recursively."
             )
-        self.datasets["predict"] = ImageFileDataset(scan.images, self.preprocessing)
+        self.datasets["predict"] = ImageFileDataset(scan.images, self.encoder.preprocessing)
 
     # ---------------------------------------------------------------- loaders
     def _loader(

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from captioner.core.pixels import DECODE_ERRORS, describe_error
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.pixels import DECODE_ERRORS, describe_error
 from captioner.text.words import normalize
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from captioner.core.errors import CaptionerError
 from captioner.data.formats import CaptionFormat, find_format, known_formats
 from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.synthetic import write_synthetic_dataset
-from captioner.errors import CaptionerError
 
 log = logging.getLogger(__name__)
 

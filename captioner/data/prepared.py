@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captioner.errors import CaptionerError
-from captioner.files import read_json, require_keys, write_json
+from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json, require_keys, write_json
 
 PREPARED_VERSION = 1
 

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 
 SPLIT_LABELS = ("train", "val", "test", "restval")
 

@@ -16,10 +16,10 @@ import random
 from pathlib import Path
 from typing import Literal
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json, require_keys, write_json
 from captioner.data.formats.karpathy import read_karpathy_entries
 from captioner.data.records import CaptionRecord, DataReport
-from captioner.errors import CaptionerError
-from captioner.files import read_json, require_keys, write_json
 
 SPLITS = ("train", "val", "test")
 SPLITS_VERSION = 2

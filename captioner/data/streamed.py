@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import jsonable, write_json
+from captioner.core.pixels import DECODE_ERRORS, describe_error
 from captioner.data.formats.webdataset import IMAGE_MEMBERS, SHARD_SEPARATOR, shard_path, shard_samples
 from captioner.data.records import CaptionRecord
 from captioner.encoders.extraction import FeatureSpec, default_batch_size, encode_in_chunks
-from captioner.encoders.store import cache_key, extraction_method, jsonable
-from captioner.errors import CaptionerError
-from captioner.files import write_json
-from captioner.pixels import DECODE_ERRORS, describe_error
+from captioner.encoders.store import cache_key, extraction_method
 
 log = logging.getLogger(__name__)
 

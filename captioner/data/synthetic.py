@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from captioner.files import atomic_folder
+from captioner.core.files import atomic_folder
 
 COLOURS = {
     "red": (220, 30, 30),

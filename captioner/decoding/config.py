@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 
 # Old option names, and what they are called now.
 RENAMED = {"beam_size": "num_beams", "max_decode_length": "max_length", "beams": "num_return"}

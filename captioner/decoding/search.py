@@ -1,6 +1,6 @@
 """Greedy decoding, sampling and beam search, written once over a step function and `captioner.decoding.ops`.
 
-The PyTorch captioner steps a `CaptionDecoder` (`captioner.models.search`);
+The PyTorch captioner steps a `CaptionDecoder` (`captioner.models.stepping`);
 the torch-free runtime steps ONNX graphs (`captioner.runtime`). Both call
 `decode` here, so they follow one algorithm and one set of rules:
 

@@ -31,7 +31,7 @@ What the rest of captioner relies on:
   and crop, interpolation, mean and std), resolved from its library; every
   path computes the same pixels from it.
 - The constructor builds the architecture only and never touches the network
-  (random weights seeded with `captioner.parts.seeded_initialisation`, so `pretrained: false`
+  (random weights seeded with `captioner.core.parts.seeded_initialisation`, so `pretrained: false`
   gives the same network everywhere); `load_pretrained` fetches the weights,
   once, and raises `CaptionerError` naming the cache to seed when offline.
   A checkpoint's state dict replaces them, so captioning from a checkpoint
@@ -58,9 +58,9 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import class_path, import_trusted_class
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.errors import CaptionerError
-from captioner.parts import class_path, import_trusted_class
 
 TrainableBlocks = int | Literal["all"]
 
@@ -224,10 +224,19 @@ def encoder_from_spec(spec: dict[str, Any], source: str = "the checkpoint") -> I
 
     Raises:
         CaptionerError: When its class is not captioner's own nor in an allowed module (see
-            `captioner.parts.import_trusted_class`), cannot be imported or is not an `ImageEncoder`.
+            `captioner.core.parts.import_trusted_class`), cannot be imported or is not an `ImageEncoder`.
     """
     cls = import_trusted_class(spec["class_path"], ImageEncoder, "encoder", source)
     return cls(**dict(spec.get("init_args") or {}))
+
+
+def default_encoder() -> ImageEncoder:
+    """The encoder used when a config names none: torchvision's ImageNet ResNet50 (architecture only; its weights
+    are fetched at the start of training). The model and the data side share one instance through the config link,
+    so this is called once."""
+    from captioner.encoders.torchvision_models import TorchvisionEncoder
+
+    return TorchvisionEncoder()
 
 
 def check_grid(encoder: ImageEncoder, features: str, decoder_name: str) -> None:

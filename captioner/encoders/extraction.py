@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import jsonable, write_json
 from captioner.encoders.base import ImageEncoder
 from captioner.encoders.image_files import (
     DEVICE_DECODE,
@@ -33,13 +35,10 @@ from captioner.encoders.store import (
     cache_key,
     complete_cache,
     extraction_method,
-    jsonable,
     open_cache,
     reserve_disk_space,
     resume_point,
 )
-from captioner.errors import CaptionerError
-from captioner.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from captioner.core.errors import CaptionerError
+from captioner.core.hub import hub_error, transformers_config
+from captioner.core.parts import require_library, seeded_initialisation
 from captioner.encoders.base import ImageEncoder
-from captioner.encoders.hub import hub_error, transformers_config
 from captioner.encoders.preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
-from captioner.errors import CaptionerError
-from captioner.parts import require_library, seeded_initialisation
 
 PROCESSOR_KEYS = ("size", "crop_size", "do_center_crop", "resample", "image_mean", "image_std")
 BICUBIC, BILINEAR = 3, 2  # PIL's resampling codes, as image processors record them

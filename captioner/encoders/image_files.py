@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from captioner.core.pixels import describe_error, open_accepted
 from captioner.encoders.preprocessing import DECODE_ERRORS, Preprocessing
-from captioner.pixels import describe_error, open_accepted
 
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 DEVICE_DECODABLE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK and others go through PIL

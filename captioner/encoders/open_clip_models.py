@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from captioner.core.errors import CaptionerError
+from captioner.core.hub import hub_error
+from captioner.core.parts import require_library, seeded_initialisation
 from captioner.encoders.base import GridUnavailableError, ImageEncoder
-from captioner.encoders.hub import hub_error
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.errors import CaptionerError
-from captioner.parts import require_library, seeded_initialisation
 
 
 @contextlib.contextmanager

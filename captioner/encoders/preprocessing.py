@@ -8,7 +8,7 @@ all follow it:
 
 1. decode the whole image at full resolution (no JPEG DCT downscaling, which
    nvJPEG cannot do and which changes the pixels by up to tens of grey levels),
-   first frame of an animation, only the formats of `captioner.pixels.ACCEPTED_FORMATS`;
+   first frame of an animation, only the formats of `captioner.core.pixels.ACCEPTED_FORMATS`;
 2. convert to RGB, transparent pixels composited on white;
 3. resize with antialiased bilinear or bicubic interpolation, rounded to uint8,
    either squashing the whole frame to `image_size` x `image_size` ("squash":
@@ -17,7 +17,7 @@ all follow it:
    ("shorter": what CLIP, timm and most ViTs were trained with). The resize is
    torch's (`torchvision.transforms.v2.functional.resize`) on every torch path,
    on whatever device holds the pixels, and the same weights in numpy in the
-   torch-free runtime (`captioner.pixels.preprocess_array`, within one grey
+   torch-free runtime (`captioner.core.pixels.preprocess_array`, within one grey
    level of torch's);
 4. scale to [0, 1] and normalise with `mean` and `std` (inside the encoder, on
    its device).
@@ -39,8 +39,8 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from captioner.errors import CaptionerError
-from captioner.pixels import DECODE_ERRORS, FILTERS, check_pixels, open_accepted, to_rgb
+from captioner.core.errors import CaptionerError
+from captioner.core.pixels import DECODE_ERRORS, FILTERS, check_pixels, open_accepted, to_rgb
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "DECODE_ERRORS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "to_rgb"]
 

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import jsonable, read_json, write_json
+from captioner.core.hardware import bf16_autocast_available
 from captioner.encoders.image_files import CPU_DECODE, DEVICE_DECODE
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.errors import CaptionerError
-from captioner.files import read_json, write_json
-from captioner.hardware import bf16_autocast_available
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ def cache_key(
     for name in file_names:
         digest.update(name.encode() + b"\0")
     return digest.hexdigest()
-
-
-def jsonable(value: Any) -> Any:
-    """`value` as it reads back from JSON (what an index holds), so specs compare equal before and after."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def cache_dir_for(root: str | Path, encoder_name: str, image_size: int, key: str, grid: bool = False) -> Path:

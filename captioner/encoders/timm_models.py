@@ -8,11 +8,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from captioner.core.errors import CaptionerError
+from captioner.core.hub import hub_error
+from captioner.core.parts import require_library, seeded_initialisation
 from captioner.encoders.base import ImageEncoder
-from captioner.encoders.hub import hub_error
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.errors import CaptionerError
-from captioner.parts import require_library, seeded_initialisation
 
 
 class TimmEncoder(ImageEncoder):

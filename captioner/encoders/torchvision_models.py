@@ -10,10 +10,10 @@ from torchvision import models
 from torchvision.models.resnet import ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import seeded_initialisation
 from captioner.encoders.base import ImageEncoder
 from captioner.encoders.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from captioner.errors import CaptionerError
-from captioner.parts import seeded_initialisation
 
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 

@@ -3,32 +3,46 @@ word looked. The inference path of `predict`, `caption`, `Captioner` and the ser
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from captioner.decoding.answers import answer_rows
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.search import Decoded
-from captioner.models.search import generate
-
-if TYPE_CHECKING:
-    from captioner.models.module import CaptionModel
+from captioner.models.stepping import decode_with
 
 
-def search(model: CaptionModel, features: torch.Tensor, config: DecodingConfig | None = None,
-           compiled: bool | None = None) -> Decoded:  # fmt: skip
-    """Ranked captions of a batch of features (the model's own decoding settings unless `config` is given; the
-    decoder step compiled when `compiled`, else as the model's `compile_search` says)."""
+class CaptioningModel(Protocol):
+    """What inference needs of a model: `captioner.models.module.CaptionModel` is one (this module does not import
+    it: the model imports this module)."""
+
+    vocabulary: Any
+    decoding: DecodingConfig
+    encoder: Any
+    hparams: Any
+
+    def require_decoder(self) -> Any: ...
+
+    def image_features(self, features: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def decode_features(model: CaptioningModel, features: torch.Tensor, config: DecodingConfig | None = None,
+                    compiled: bool | None = None) -> Decoded:  # fmt: skip
+    """Ranked captions of a batch of features, by the one search (`captioner.decoding.search.decode`): the model's
+    own decoding settings unless `config` is given; the decoder step compiled when `compiled`, else as the model's
+    `compile_search` says."""
     config = config or model.decoding
     vocabulary = model.vocabulary
     compiled = model.hparams.get("compile_search", False) if compiled is None else compiled
-    return generate(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
+    return decode_with(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
                     config.max_words(vocabulary.max_length), vocabulary.stoi, compiled)  # fmt: skip
 
 
 @torch.no_grad()
-def attention_maps(model: CaptionModel, features: torch.Tensor, tokens: torch.Tensor,
+def attention_maps(model: CaptioningModel, features: torch.Tensor, tokens: torch.Tensor,
                    lengths: torch.Tensor) -> list[torch.Tensor] | None:  # fmt: skip
     """Where the decoder looked for each word of given captions, for decoders that attend over a grid.
 
@@ -50,7 +64,7 @@ def attention_maps(model: CaptionModel, features: torch.Tensor, tokens: torch.Te
 
 
 @torch.no_grad()
-def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig | None = None,
+def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfig | None = None,
              attention: bool = False, compiled: bool | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Everything inference can tell about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
 
@@ -60,7 +74,7 @@ def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig |
     """
     config = config or model.decoding
     features = model.encode_images(images)
-    decoded = search(model, features, config, compiled)
+    decoded = decode_features(model, features, config, compiled)
     rows = answer_rows(decoded, model.vocabulary, config.num_return)
     maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
     for index, row in enumerate(rows):
@@ -68,7 +82,7 @@ def describe(model: CaptionModel, images: torch.Tensor, config: DecodingConfig |
     return rows
 
 
-def prediction_rows(model: CaptionModel, batch: dict, attention: bool = False) -> list[dict[str, Any]]:
+def prediction_rows(model: CaptioningModel, batch: dict, attention: bool = False) -> list[dict[str, Any]]:
     """`predict`'s rows for a `collate_images` batch: every file with its caption and score, or its error (and, on
     request, the attention maps the writer draws)."""
     described = describe(model, batch["images"], attention=attention) if batch["ok"] else []

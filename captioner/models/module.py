@@ -1,7 +1,7 @@
 """CaptionModel: a thin LightningModule that trains and evaluates an encoder, a decoder and an objective (parts
 from the config). It builds the decoder once the vocabulary is known, feeds the objective its batches and updates
 the metrics; decoding is `captioner.decoding`, inference `captioner.models.captioning`, checkpoint compatibility
-`captioner.checkpointing`. It implements no loss, no search and writes no file."""
+`captioner.compat.checkpoints`. It implements no loss, no search and writes no file."""
 
 from __future__ import annotations
 
@@ -12,21 +12,22 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 
-from captioner import checkpointing
+from captioner.compat import checkpoints
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import config_class
+from captioner.data.contract import CaptionData
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
-from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
+from captioner.decoding.rules import rules_for
+from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid, default_encoder
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.encoders.torchvision_models import TorchvisionEncoder
-from captioner.errors import CaptionerError
-from captioner.evaluation import evaluate_captions, gathered, loggable, test_report, unique_by_file
-from captioner.metrics import CorpusCider, as_percent, bleu_collection
-from captioner.models import captioning
+from captioner.evaluation.metrics import CorpusCider, as_percent, bleu_collection
+from captioner.evaluation.report import evaluate_captions, gathered, loggable, test_report, unique_by_file
+from captioner.models import building, captioning
 from captioner.models.decoders.base import CaptionDecoder, decoder_features
 from captioner.models.decoders.lstm import LSTMDecoder
 from captioner.models.objectives.base import Objective, SequenceSpec
 from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cross_entropy
 from captioner.models.optimisation import optimizer_and_schedule
-from captioner.parts import config_class
 from captioner.text.words import normalize
 
 # Frozen encoder parts stay in eval mode on purpose (see ImageEncoder.train).
@@ -94,7 +95,7 @@ class CaptionModel(LightningModule):
             beam_size=beam_size, max_decode_length=max_decode_length, **moved("length_penalty", length_penalty)
         )
         # Architecture only: pretrained weights are loaded at fit start, or come from a checkpoint.
-        self.encoder = encoder if encoder is not None else TorchvisionEncoder()
+        self.encoder = encoder if encoder is not None else default_encoder()
         self.encoder.set_trainable(trainable_encoder_blocks)
         # Before any data is prepared: a decoder that attends needs an encoder with a grid.
         check_grid(self.encoder, decoder_features(decoder), config_class(decoder, CaptionDecoder, "decoder").__name__)
@@ -104,6 +105,8 @@ class CaptionModel(LightningModule):
         self.val_cider = CorpusCider()  # CIDEr-D on token ids, document frequencies from the val references
         self._test_rows: list[dict] = []
         self.test_results: dict[str, Any] | None = None  # the last test's report and rows, for TestReport
+        # `predict` rows carry where each word looked (a writer that draws it sets this: CaptionWriter).
+        self.predict_attention = False
 
     # ---------------------------------------------------------------- building
     @property
@@ -114,7 +117,9 @@ class CaptionModel(LightningModule):
     @property
     def sequences(self) -> SequenceSpec:
         """Special tokens and the longest caption, for objectives."""
-        return SequenceSpec(SpecialTokens.of(self.vocabulary), self.decoding.max_words(self.vocabulary.max_length))
+        special = SpecialTokens.of(self.vocabulary)
+        return SequenceSpec(special, self.decoding.max_words(self.vocabulary.max_length),
+                            rules_for(self.decoding, special, self.vocabulary.stoi))  # fmt: skip
 
     @property
     def limits(self) -> ModelLimits:
@@ -130,9 +135,14 @@ class CaptionModel(LightningModule):
             CaptionerError: When the decoding settings ask for more than the decoder can do.
         """
         if self.decoder is None:
-            self.vocabulary, self.decoder = vocabulary, checkpointing.built_decoder(self.decoder_factory, vocabulary,
+            self.vocabulary, self.decoder = vocabulary, building.built_decoder(self.decoder_factory, vocabulary,
                                                                                     self.encoder)  # fmt: skip
             self.decoding.checked(self.limits)
+
+    @property
+    def data(self) -> CaptionData | None:
+        """The datamodule of the run (`captioner.data.CaptionData`: any datamodule with its members works), if any."""
+        return self.trainer.datamodule if self._trainer is not None else None
 
     def require_decoder(self) -> CaptionDecoder:
         if self.decoder is None:
@@ -140,7 +150,7 @@ class CaptionModel(LightningModule):
         return self.decoder
 
     def configure_model(self) -> None:
-        vocabulary = getattr(self.trainer.datamodule, "vocabulary", None) if self._trainer is not None else None
+        vocabulary = getattr(self.data, "vocabulary", None)
         if vocabulary is None:
             return
         if self.vocabulary is not None and vocabulary != self.vocabulary:
@@ -148,7 +158,7 @@ class CaptionModel(LightningModule):
                                  f"({len(vocabulary)}).")  # fmt: skip
         self.build(vocabulary)
         if self.hparams.init_checkpoint and self.trainer.ckpt_path is None:
-            checkpointing.load_weights(self, self.hparams.init_checkpoint)
+            building.load_weights(self, self.hparams.init_checkpoint)
         elif self.trainer.state.fn == "fit" and self.trainer.ckpt_path is None:
             self.decoder.load_pretrained()  # a pretrained language model's weights, fetched once
 
@@ -157,15 +167,15 @@ class CaptionModel(LightningModule):
             self.encoder.load_pretrained()  # the same weights the feature cache was computed with
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[checkpointing.CAPTIONER_KEY] = checkpointing.meta_of(self)
+        checkpoint[checkpoints.CAPTIONER_KEY] = checkpoints.meta_of(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpointing.check_and_build(self, checkpoint)
+        building.check_and_build(self, checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides: Any) -> CaptionModel:
-        """A model rebuilt from a checkpoint alone (see `captioner.checkpointing.model_from_checkpoint`)."""
-        return checkpointing.model_from_checkpoint(cls, path, **overrides)
+        """A model rebuilt from a checkpoint alone (see `captioner.models.building.model_from_checkpoint`)."""
+        return building.model_from_checkpoint(cls, path, **overrides)
 
     def image_features(self, features: torch.Tensor) -> torch.Tensor:
         """What the decoder sees of the image (zeros for the blind baseline)."""
@@ -187,7 +197,8 @@ class CaptionModel(LightningModule):
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
         has_weights = bool(self.hparams.init_checkpoint) or self.trainer.ckpt_path is not None
-        self.objective.start(self.trainer.datamodule.datasets["train"], self.sequences.special, has_weights)
+        data = self.data
+        self.objective.start(data.references("train"), data.train_items, self.sequences.special, has_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.objective(self.require_decoder(), self.image_features(self.batch_features(batch)), batch,
@@ -204,14 +215,14 @@ class CaptionModel(LightningModule):
         output = self.require_decoder()(self.image_features(features), tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
-        best = captioning.search(self, features, config).best_tokens
+        best = captioning.decode_features(self, features, config).best_tokens
         hypotheses = [" ".join(normalize(text)) for text in self.vocabulary.decode_batch(best)]  # as the references
         (self.val_bleu if stage == "val" else self.test_bleu).update(hypotheses, batch["references"])
         return best
 
     def on_validation_start(self) -> None:
         if self.val_cider.scorer is None:  # the validation references are fixed for the whole run
-            self.val_cider.set_references(self.trainer.datamodule.datasets["val"].reference_ids)
+            self.val_cider.set_references(self.data.references("val"))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         greedy = self.decoding.greedy()
@@ -245,14 +256,12 @@ class CaptionModel(LightningModule):
         self.log_dict(loggable(evaluation), sync_dist=True)
         decoding = {**self.decoding.to_dict(), "max_length": self.sequences.max_length}
         report = test_report(bleu, evaluation, decoding, checkpoint=self.trainer.ckpt_path,
-                             split_sizes=getattr(self.trainer.datamodule, "split_sizes", {}),
+                             split_sizes=getattr(self.data, "split_sizes", {}),
                              blind=self.hparams.blind)  # fmt: skip
         self.test_results = {"report": report, "rows": rows}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        # Attention maps only when a writer draws them (CaptionWriter(attention_maps=True)).
-        attention = any(getattr(callback, "attention_maps", False) for callback in self.trainer.callbacks)
-        return captioning.prediction_rows(self, batch, attention)
+        return captioning.prediction_rows(self, batch, self.predict_attention)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path
 
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import add_allow_argument, allow_modules
+from captioner.core.pixels import ACCEPTED_FORMATS
 from captioner.decoding import config as decoding_config
-from captioner.errors import CaptionerError
-from captioner.parts import add_allow_argument, allow_modules
-from captioner.pixels import ACCEPTED_FORMATS
 
 log = logging.getLogger("captioner")
 STATIC = Path(__file__).parent / "static"

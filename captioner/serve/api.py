@@ -36,9 +36,9 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException, Request
 
+from captioner.core.errors import CaptionerError
+from captioner.core.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
 from captioner.decoding.config import DecodingConfig, ModelLimits
-from captioner.errors import CaptionerError
-from captioner.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
 from captioner.serve.batching import IsolatingBatchedLoop
 
 MAX_BEAMS = 10

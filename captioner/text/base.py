@@ -34,8 +34,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from captioner.errors import CaptionerError
-from captioner.parts import import_trusted_class
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import import_trusted_class
 
 if TYPE_CHECKING:
     import numpy as np
@@ -102,7 +102,7 @@ def tokenizer_from_dict(payload: dict, source: str = "tokenizer", built_in_only:
         payload: What `to_dict()` wrote.
         source: The file it was read from, for messages.
         built_in_only: Read only captioner's own tokenizers (the exported runtime), whatever modules are allowed
-            (see `captioner.parts.import_trusted_class`).
+            (see `captioner.core.parts.import_trusted_class`).
 
     Raises:
         CaptionerError: When the payload names no tokenizer class that may be imported, or is malformed.

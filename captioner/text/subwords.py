@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 from captioner.text.base import TokenizerRecipe, TokenSequences
 from captioner.text.words import normalize
 
@@ -193,7 +193,7 @@ class Pretrained(TokenizerRecipe):
             else:
                 tokenizer = library.Tokenizer.from_pretrained(self.model_id)
         except Exception as error:  # the hub client raises many types when offline
-            from captioner.encoders.hub import hub_error
+            from captioner.core.hub import hub_error
 
             raise hub_error(self.model_id, error) from error
         end = tokenizer.token_to_id(self.end_token)

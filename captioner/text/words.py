@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captioner.errors import CaptionerError
-from captioner.files import read_json, require_keys, write_json
+from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json, require_keys, write_json
 from captioner.text.base import TokenizerRecipe, TokenSequences
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"

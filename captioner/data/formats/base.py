@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from captioner.core.errors import CaptionerError
 from captioner.data.records import CaptionRecord, DataReport
-from captioner.errors import CaptionerError
 
 
 class CaptionFormat:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json, require_keys
 from captioner.data.formats.base import CaptionFormat
 from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
-from captioner.errors import CaptionerError
-from captioner.files import read_json, require_keys
 
 
 class Coco(CaptionFormat):

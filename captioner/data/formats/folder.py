@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat
 from captioner.data.images import find_images
 from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
-from captioner.errors import CaptionerError
 
 
 class TextFolder(CaptionFormat):

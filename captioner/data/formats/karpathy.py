@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json, require_keys
 from captioner.data.formats.base import CaptionFormat, single_file
 from captioner.data.records import SPLIT_LABELS, CaptionRecord, DataReport, RecordBuilder
-from captioner.errors import CaptionerError
-from captioner.files import read_json, require_keys
 
 
 def read_karpathy_entries(path: Path) -> list[dict]:

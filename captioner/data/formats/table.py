@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat, single_file
 from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
-from captioner.errors import CaptionerError
 
 
 class Csv(CaptionFormat):

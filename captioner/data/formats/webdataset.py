@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat
 from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
-from captioner.errors import CaptionerError
 
 SHARD_SEPARATOR = "#"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")

@@ -58,8 +58,8 @@ import torch
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
-from captioner.errors import CaptionerError
-from captioner.parts import class_path, config_class, import_trusted_class
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import class_path, config_class, import_trusted_class
 
 Context = Any  # a tensor tree, batch on dimension 0 (per-image constants)
 State = Any  # a tensor tree, batch on dimension 0 (per-caption state)
@@ -186,7 +186,7 @@ def decoder_factory(spec: dict[str, Any], source: str = "the checkpoint") -> Cal
 
     Raises:
         CaptionerError: When its class is not captioner's own nor in an allowed module (see
-            `captioner.parts.import_trusted_class`), or cannot be imported.
+            `captioner.core.parts.import_trusted_class`), or cannot be imported.
     """
     cls = import_trusted_class(spec["class_path"], CaptionDecoder, "decoder", source)
     init_args = dict(spec.get("init_args") or {})

@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from captioner.encoders.hub import hub_error, transformers_config
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
+from captioner.core.hub import hub_error, transformers_config
+from captioner.core.parts import require_library, seeded_initialisation
 from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
-from captioner.parts import require_library, seeded_initialisation
 
 # Tokens a tokenizer may add to a pretrained LM's own (captioner.text.Pretrained adds <pad> and <start>).
 MOST_ADDED_TOKENS = 16

@@ -30,18 +30,20 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from captioner.core.errors import CaptionerError
+from captioner.core.parts import config_class, config_init_args
 from captioner.decoding.config import SpecialTokens
-from captioner.errors import CaptionerError
 from captioner.models.decoders.base import CaptionDecoder
-from captioner.parts import config_class, config_init_args
 
 
 @dataclass(frozen=True)
 class SequenceSpec:
-    """What an objective needs to know of captions: the special tokens and the most words a caption has."""
+    """What an objective needs to know of captions: the special tokens, the most words a caption has, and the logits
+    rules decoding applies (None: only the never-generated tokens are banned), for objectives that sample."""
 
     special: SpecialTokens
     max_length: int
+    rules: list[Any] | None = None
 
 
 @dataclass
@@ -68,8 +70,16 @@ class Objective:
     def prepare(self, references: Sequence[Sequence[Sequence[int]]], special: SpecialTokens) -> None:
         """Called once at the start of fit with every training image's references as word ids."""
 
-    def start(self, train: Any, special: SpecialTokens, has_initial_weights: bool) -> None:
+    def start(self, references: list | None, train_items: str, special: SpecialTokens,
+              has_initial_weights: bool) -> None:  # fmt: skip
         """At the start of fit: check the run can train this objective, then `prepare` it with the training set.
+
+        Args:
+            references: The training images' reference word ids (`CaptionData.references("train")`; None when the
+                training set does not hold them).
+            train_items: What a training item is ("captions" or "images").
+            special: The special tokens.
+            has_initial_weights: Whether training starts from trained weights.
 
         Raises:
             CaptionerError: A second stage without starting weights, or whole-image training without image items.
@@ -78,15 +88,14 @@ class Objective:
         if self.needs_initial_weights and not has_initial_weights:
             raise CaptionerError(f"{name} is a second training stage: start it from a cross-entropy model with "
                                  "--model.init_checkpoint path/to/best.ckpt.")  # fmt: skip
-        if self.needs_references and getattr(train, "streamed", False):
+        if self.train_items == "images" and train_items != "images":
+            raise CaptionerError(f"{name} trains on whole images: set --data.train_items images (the config link "
+                                 "does this from --model.objective).")  # fmt: skip
+        if self.needs_references and references is None:
             raise CaptionerError(f"{name} scores whole images against their references, which a streamed training "
                                  "set does not hold: run it on a cached set (--data.feature_store cache), e.g. to "
                                  "fine-tune on COCO after pre-training on shards.")  # fmt: skip
-        streamed = getattr(train, "streamed", False)  # streamed items are always images with all their captions
-        if self.train_items == "images" and not streamed and not hasattr(train, "reference_ids"):
-            raise CaptionerError(f"{name} trains on whole images: set --data.train_items images (the config link "
-                                 "does this from --model.objective).")  # fmt: skip
-        self.prepare(getattr(train, "reference_ids", []), special)
+        self.prepare(references or [], special)
 
     def __call__(
         self, decoder: CaptionDecoder, features: torch.Tensor, batch: Any, sequences: SequenceSpec

@@ -7,20 +7,21 @@ from typing import Literal
 
 import torch
 
-from captioner.cider import CiderD, NgramVector
+from captioner.core.errors import CaptionerError
 from captioner.decoding.config import DecodingConfig, SpecialTokens
-from captioner.errors import CaptionerError
+from captioner.evaluation.cider import CiderD, NgramVector
 from captioner.models.decoders.base import CaptionDecoder
 from captioner.models.objectives.base import Objective, ObjectiveOutput, SequenceSpec
-from captioner.models.search import SearchResult, generate, sample_captions
+from captioner.models.objectives.sampling import CaptionSample, sample_captions
+from captioner.models.stepping import decode_with
 
 GREEDY = DecodingConfig(num_beams=1)
 
 
 def greedy_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length: int,
-                    special: SpecialTokens) -> SearchResult:  # fmt: skip
+                    special: SpecialTokens) -> CaptionSample:  # fmt: skip
     """The baseline captions: the model's own best guess, word by word (the same search inference runs)."""
-    return SearchResult.best_of(generate(decoder, features, GREEDY, special, max_length))
+    return CaptionSample.best_of(decode_with(decoder, features, GREEDY, special, max_length))
 
 
 def with_end(tokens: Sequence[int], special: SpecialTokens) -> list[int]:
@@ -84,7 +85,7 @@ class SelfCritical(Objective):
         self.cider = CiderD(scored)
         self.reference_vectors = [self.cider.vectors(refs) for refs in scored]
 
-    def rewards(self, result: SearchResult, images: Sequence[int], special: SpecialTokens) -> torch.Tensor:
+    def rewards(self, result: CaptionSample, images: Sequence[int], special: SpecialTokens) -> torch.Tensor:
         """CIDEr-D of each caption of `result` against the references of its training image (`images[i]`)."""
         if self.cider is None:
             raise CaptionerError("SelfCritical.prepare() was not called with the training references.")
@@ -111,7 +112,7 @@ class SelfCritical(Objective):
             decoder.train(was_training)
             baseline_rewards = self.rewards(greedy, images, special)
             logs["baseline_cider"] = baseline_rewards.mean()
-        sampled = sample_captions(decoder, features, sequences.max_length, special, samples=self.samples)
+        sampled = sample_captions(decoder, features, sequences, samples=self.samples)
         rewards = self.rewards(sampled, [image for image in images for _ in range(self.samples)], special)
         advantage = self.advantages(rewards, baseline_rewards)
         mask = sampled.mask.float()

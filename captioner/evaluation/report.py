@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from captioner.metrics import caption_diversity, coco_caption_scores
+from captioner.evaluation.metrics import caption_diversity, coco_caption_scores
 
 COCO_LOG_KEYS = {
     "BLEU-1": "coco_bleu1",

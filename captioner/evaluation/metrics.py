@@ -25,7 +25,7 @@ import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import BLEUScore
 
-from captioner.cider import CiderD, NgramVector
+from captioner.evaluation.cider import CiderD, NgramVector
 from captioner.text.words import normalize
 
 log = logging.getLogger(__name__)

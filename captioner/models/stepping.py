@@ -1,23 +1,19 @@
-"""Search over a `CaptionDecoder`: its protocol as a step function for `captioner.decoding.search`, and the sampling
-self-critical training draws from (with gradients).
+"""A `CaptionDecoder` as the step function of the one search (`captioner.decoding.search.decode`), on tensors of the
+decoder's device, with the step optionally compiled (`compiled_step`; batches padded to a few sizes).
 
-`generate` decodes with the one search the exported runtime also uses
-(`captioner.decoding.search.decode`), here on tensors of the decoder's device.
+`decode_with` decodes a batch of features with a decoder: the search the exported runtime also runs, over its graphs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from captioner.decoding.config import DecodingConfig, SpecialTokens
-from captioner.decoding.rules import BanTokens
 from captioner.decoding.search import Decoded, decode
 from captioner.decoding.torch_ops import TorchOps
 from captioner.models.decoders.base import CaptionDecoder, Context, State, map_tensors
 
-__all__ = ["Decoded", "DecoderStepper", "SearchResult", "SpecialTokens", "generate", "sample_captions"]
+__all__ = ["Decoded", "DecoderStepper", "SpecialTokens", "compiled_step", "decode_with", "padded_rows"]
 
 
 class DecoderStepper:
@@ -73,7 +69,7 @@ def padded_rows(rows: int) -> int:
 
 
 @torch.no_grad()
-def generate(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, special: SpecialTokens,
+def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, special: SpecialTokens,
              max_words: int, word_ids: dict[str, int] | None = None, compiled: bool = False) -> Decoded:  # fmt: skip
     """Captions for a batch of features, as `config` says (ranked per image; see `captioner.decoding.search`).
 
@@ -90,68 +86,9 @@ def generate(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingCo
     batch = features.shape[0]
     if compiled and padded_rows(batch) != batch:
         padding = features[:1].expand(padded_rows(batch) - batch, *features.shape[1:])
-        decoded = generate(decoder, torch.cat([features, padding]), config, special, max_words, word_ids, compiled)
+        decoded = decode_with(decoder, torch.cat([features, padding]), config, special, max_words, word_ids, compiled)
         return Decoded(decoded.tokens[:batch], decoded.scores[:batch], decoded.lengths[:batch],
                        decoded.normalised[:batch])  # fmt: skip
     ops = TorchOps(features.device, config.seed)
     stepper = DecoderStepper(decoder, features, compiled)
     return decode(stepper, batch, config, special, ops, max_words, word_ids)
-
-
-@dataclass
-class SearchResult:
-    """Sampled captions with their per-token log-probabilities, which keep their graph (self-critical training).
-
-    Attributes:
-        tokens: `(B, T)` generated tokens without `<start>`; after `<end>` only `<pad>`.
-        log_probs: `(B,)` each caption's total log-probability, `<end>` included.
-        lengths: `(B,)` generated tokens, `<end>` included.
-        token_log_probs: `(B, T)` the log-probability of each generated token (0 after the end).
-    """
-
-    tokens: torch.Tensor
-    log_probs: torch.Tensor
-    lengths: torch.Tensor
-    token_log_probs: torch.Tensor | None = None
-
-    @classmethod
-    def best_of(cls, decoded: Decoded) -> SearchResult:
-        """The best caption of each image of a search's result."""
-        return cls(decoded.best_tokens, decoded.best_scores, decoded.best_lengths)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """`(B, T)` True for generated tokens, `<end>` included."""
-        return torch.arange(self.tokens.shape[1], device=self.tokens.device) < self.lengths.unsqueeze(1)
-
-
-def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, max_words: int, special: SpecialTokens,
-                    samples: int = 1) -> SearchResult:  # fmt: skip
-    """Draw `samples` captions per image from the model's distribution, keeping the graph (for policy gradients).
-
-    Rows are image-major (image 0's samples first). The never-generated tokens are banned by the same rule search
-    applies; `log_probs` and `token_log_probs` are differentiable.
-    """
-    stepper, ops, ban = DecoderStepper(decoder, features), TorchOps(features.device), BanTokens(special.banned)
-    rows = features.shape[0] * samples
-    state = stepper.start(samples)
-    previous = torch.full((rows,), special.start, dtype=torch.long, device=features.device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=features.device)
-    lengths = torch.zeros(rows, dtype=torch.long, device=features.device)
-    steps, picked_log_probs = [], []
-    for step in range(max_words + 1):
-        logits, state = stepper.step(previous, state)
-        log_probs = torch.log_softmax(ban(logits.float(), None, step, ops), dim=-1)
-        token = torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)
-        picked = log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
-        token = token.masked_fill(finished, special.pad)
-        picked_log_probs.append(picked.masked_fill(finished, 0.0))
-        lengths = lengths + (~finished).long()
-        steps.append(token)
-        finished = finished | (token == special.end)
-        previous = token
-        if bool(finished.all()):  # no draws after the last caption ends: a seed gives the same samples as ever
-            break
-    width = max(int(lengths.max()), 1)
-    tokens, token_log_probs = torch.stack(steps, dim=1)[:, :width], torch.stack(picked_log_probs, dim=1)[:, :width]
-    return SearchResult(tokens, token_log_probs.sum(dim=1), lengths, token_log_probs)

@@ -11,7 +11,7 @@ folder may come from anyone. So a class named by a file is imported only when
 it is captioner's own or lives in a module the user allowed
 (`import_trusted_class`): with `--allow_module mypkg` on the command line,
 `CAPTIONER_ALLOW_MODULES=mypkg,otherpkg` in the environment, or
-`captioner.parts.allow_modules("mypkg")` in Python; a training run allows the
+`captioner.core.parts.allow_modules("mypkg")` in Python; a training run allows the
 modules its own config names.
 """
 
@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 
 ALLOW_VARIABLE = "CAPTIONER_ALLOW_MODULES"
 BUILT_IN = "captioner"
@@ -94,7 +94,7 @@ def import_trusted_class(path: Any, base: type, what: str, source: str, built_in
         package = path.split(".")[0]
         how = ("only captioner's own classes are read here" if built_in_only else
                f"if you trust it, allow its package: --allow_module {package}, or {ALLOW_VARIABLE}={package}, or "
-               f"captioner.parts.allow_modules({package!r}) in Python")  # fmt: skip
+               f"captioner.core.parts.allow_modules({package!r}) in Python")  # fmt: skip
         raise CaptionerError(f"{source} names the {what} class {path!r}, which is not part of captioner: nothing a "
                              f"file names is imported unless allowed ({how}).")  # fmt: skip
     return import_class(path, base, what)

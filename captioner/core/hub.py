@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 
 
 def hub_cache() -> Path:

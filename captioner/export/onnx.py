@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioner import checkpointing
+from captioner.compat import checkpoints
+from captioner.core.errors import CaptionerError
+from captioner.core.files import atomic_folder, write_json
+from captioner.core.parts import add_allow_argument, allow_modules
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.errors import CaptionerError
-from captioner.files import atomic_folder, write_json
+from captioner.export.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.models.module import CaptionModel
-from captioner.parts import add_allow_argument, allow_modules
-from captioner.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.runtime import EXPORT_VERSION, MANIFEST
 
 log = logging.getLogger("captioner")
@@ -112,7 +112,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         output: The folder to create (must not exist, or be empty).
         quantize: "int8": dynamic int8 quantisation (ONNX Runtime's) of the decoder graphs.
         quantize_encoder: Quantise the encoder too (with `quantize`): static QDQ calibrated on `calibration_dir`,
-            else dynamic (see `captioner.quantization`).
+            else dynamic (see `captioner.export.quantization`).
         calibration_dir: Sample pictures like those the model will caption (searched recursively).
         calibration_images: The most of them used.
 
@@ -172,7 +172,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
                 encoder_quantization = {"method": "dynamic"}
         elif quantize is not None:
             raise CaptionerError(f"--quantize {quantize!r}: only int8 is supported.")
-        meta = checkpointing.meta_of(model)
+        meta = checkpoints.meta_of(model)
         manifest = {
             "version": EXPORT_VERSION,
             "graphs": GRAPHS,
@@ -220,7 +220,7 @@ Files: `encoder.onnx` (uint8 images `(B, 3, {size}, {size})` to features), `deco
 the context and the initial state), `decoder_step.onnx` (previous tokens, state and context to the next token's logits
 and the next state), `manifest.json` (vocabulary, preprocessing, decoding settings, the SHA-256 of each file,
 checked on load). Preprocessing: decode the whole image (JPEG, PNG, BMP, WebP or GIF), RGB (transparency on
-white), then {preprocessing} (`captioner.pixels.preprocess_array`); the encoder graph normalises.
+white), then {preprocessing} (`captioner.core.pixels.preprocess_array`); the encoder graph normalises.
 """
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from captioner.errors import CaptionerError
+from captioner.core.errors import CaptionerError
 
 
 def _no_space_message(path: Path) -> str:
@@ -139,6 +139,12 @@ def write_json(path: str | Path, payload: Any) -> None:
     with atomic_open(path, "w") as handle:
         json.dump(payload, handle, ensure_ascii=False, indent=1)
         handle.write("\n")
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (what an index or a checkpoint holds), so specs compare equal before and
+    after."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -1,0 +1,133 @@
+"""Building a model from a checkpoint, and checking a checkpoint against the model configured to use it.
+
+`check_and_build` refuses a checkpoint whose encoder, preprocessing, tokenizer,
+decoder or blind setting differs from the configured model's (naming the
+difference), else builds the decoder for its tokenizer; `model_from_checkpoint`
+rebuilds a whole model from a checkpoint alone, offline. What a checkpoint
+holds, and reading older ones, is `captioner.compat.checkpoints`'.
+
+The model is a `CaptionModel` (`captioner.models.module`), which imports this
+module: nothing here imports it back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from captioner.compat.checkpoints import read_checkpoint, upgrade
+from captioner.core.errors import CaptionerError
+from captioner.core.files import jsonable
+from captioner.decoding.config import DecodingConfig
+from captioner.encoders.base import ImageEncoder, encoder_from_spec
+from captioner.encoders.preprocessing import Preprocessing
+from captioner.models.decoders.base import CaptionDecoder, decoder_factory
+from captioner.text.base import same_tokenizer_message, tokenizer_from_dict
+
+log = logging.getLogger(__name__)
+USE_THE_RUN_CONFIG = "Use the config the checkpoint was trained with (its run folder holds config.yaml)."
+
+
+def built_decoder(factory: Any, vocabulary: Any, encoder: ImageEncoder) -> CaptionDecoder:
+    """The decoder a factory builds for a vocabulary and an encoder's feature size, checked.
+
+    Raises:
+        CaptionerError: When it is not a `CaptionDecoder` or did not record its options.
+    """
+    decoder = factory(len(vocabulary), encoder.feature_dim)
+    if not isinstance(decoder, CaptionDecoder):
+        raise CaptionerError(f"--model.decoder built a {type(decoder).__name__}, not a CaptionDecoder: see "
+                             "captioner/models/decoders/base.py for the protocol.")  # fmt: skip
+    decoder.spec()  # fails early, naming the class, if it did not record its options
+    return decoder
+
+
+def check_and_build(model: Any, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint that does not fit the configured model (naming the difference), else build its decoder.
+
+    Raises:
+        CaptionerError: On another encoder, preprocessing, vocabulary, decoder, or blind setting.
+    """
+    meta = upgrade(checkpoint)
+    if meta["blind"] != model.hparams.blind:
+        raise CaptionerError(f"The checkpoint was trained with blind={meta['blind']!r} but this run is configured "
+                             f"with blind={model.hparams.blind!r}. {USE_THE_RUN_CONFIG}")  # fmt: skip
+    check_same_part(meta["encoder"], jsonable(model.encoder.spec()), "encoder", USE_THE_RUN_CONFIG)
+    saved_preprocessing = Preprocessing.from_dict(meta["preprocessing"], "the checkpoint")
+    if saved_preprocessing != model.preprocessing:
+        raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
+                             f"configured for {model.preprocessing}. {USE_THE_RUN_CONFIG}")  # fmt: skip
+    vocabulary = tokenizer_from_dict(meta["vocabulary"], "The checkpoint")
+    if model.vocabulary is not None and vocabulary != model.vocabulary:
+        differences = same_tokenizer_message(vocabulary, model.vocabulary)
+        raise CaptionerError(
+            f"The checkpoint's tokenizer is not the one prepared from this data ({differences}): it was trained on "
+            "other data or with another --data.tokenizer, --data.min_word_count or --data.max_caption_length. Use the "
+            "data settings the checkpoint was trained with."
+        )
+    model.build(vocabulary)
+    check_same_part(meta["decoder"], model.decoder.spec(), "decoder", USE_THE_RUN_CONFIG,
+                    ignored=getattr(model.decoder, "training_only_options", ()))  # fmt: skip
+    model.encoder.mark_weights_loaded()  # the checkpoint's weights replace whatever the encoder would fetch
+
+
+def load_weights(model: Any, path: str) -> None:
+    """Weights (and nothing else) from a checkpoint into `model`, checked like any checkpoint (`init_checkpoint`)."""
+    checkpoint = read_checkpoint(path)
+    check_and_build(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    log.info("Starting from the weights of %s", path)
+
+
+def model_from_checkpoint(cls: type, path: str | Path, **overrides: Any) -> Any:
+    """A model rebuilt from a checkpoint alone (its encoder, decoder, vocabulary, preprocessing, decoding settings
+    and weights), with no network access.
+
+    Args:
+        cls: `CaptionModel`.
+        path: The checkpoint.
+        overrides: Decoding settings to use instead of the checkpoint's (`num_beams`, `length_penalty`, ...; the
+            0.2 names `beam_size` and `max_decode_length` too).
+
+    Raises:
+        CaptionerError: When the file is missing or not a captioner checkpoint, or its encoder or decoder class
+            cannot be imported.
+    """
+    checkpoint = read_checkpoint(path)
+    meta = upgrade(checkpoint)
+    decoding = DecodingConfig.from_dict(meta["decoding"], str(path)).with_overrides(**overrides)
+    encoder = encoder_from_spec(meta["encoder"], f"The checkpoint {path}")
+    # The definition the weights were trained with, even if the encoder's library now resolves another one.
+    encoder.use_preprocessing(Preprocessing.from_dict(meta["preprocessing"], str(path)))
+    decoder = decoder_factory(meta["decoder"], f"The checkpoint {path}")
+    model = cls(decoder=decoder, encoder=encoder, blind=meta["blind"], decoding=decoding)
+    check_and_build(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def check_same_part(saved: dict[str, Any], configured: dict[str, Any], what: str, use: str,
+                    ignored: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Refuse a checkpoint whose encoder or decoder is another class or has other options than the configured one.
+
+    Args:
+        saved: The part's spec in the checkpoint (`{"class_path", "init_args"}`).
+        configured: The configured part's spec.
+        what: "encoder" or "decoder", for the message.
+        use: What to do instead, appended to the message.
+        ignored: Options that may differ (they change training, not what the weights mean: dropout, loss weights).
+
+    Raises:
+        CaptionerError: Naming every option that differs.
+    """
+    if saved["class_path"] != configured["class_path"]:
+        raise CaptionerError(f"The checkpoint holds a {saved['class_path']} {what} but this run is configured with "
+                             f"{configured['class_path']}. {use}")  # fmt: skip
+    saved_args, configured_args = saved.get("init_args") or {}, configured.get("init_args") or {}
+    differences = [f"{name}={saved_args.get(name)!r} (configured: {configured_args.get(name)!r})"
+                   for name in sorted(set(saved_args) | set(configured_args))
+                   if name not in ignored and saved_args.get(name) != configured_args.get(name)]  # fmt: skip
+    if differences:
+        raise CaptionerError(f"The checkpoint's {saved['class_path'].rsplit('.', 1)[-1]} was trained with "
+                             f"{', '.join(differences)}. {use}")  # fmt: skip
