@@ -219,7 +219,7 @@ def caption_command(argv: list[str]) -> int:
     Returns:
         0 when every file was captioned, 1 when some could not be read.
     """
-    from captioner.serve import load_model
+    from captioner.captioners import load_captioner
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
@@ -230,7 +230,7 @@ def caption_command(argv: list[str]) -> int:
     add_allow_argument(parser)
     options = parser.parse_args(argv)
     allow_modules(*options.allow_module)
-    captioner = load_model(options.ckpt_path, options.device, **decoding.overrides_from(options))
+    captioner = load_captioner(options.ckpt_path, options.device, **decoding.overrides_from(options))
     captioner.batch_size = options.batch_size
     failed = 0
     for prediction in captioner.iter_predict(options.paths):

@@ -42,10 +42,11 @@ from captioner.data.splits import (
     save_splits,
 )
 from captioner.data.streamed import StreamedFeatures, image_parts, prepare_streamed
-from captioner.encoders.base import ImageEncoder, default_encoder
+from captioner.encoders.base import ImageEncoder
 from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
 from captioner.encoders.image_files import ImageFileDataset, collate_images
 from captioner.encoders.store import FEATURES_FILE, FeatureCache, ResidentFeatures, host_budget, memory_budget
+from captioner.encoders.torchvision_models import default_encoder
 from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
 from captioner.text.words import Words, normalize
 

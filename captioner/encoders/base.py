@@ -230,15 +230,6 @@ def encoder_from_spec(spec: dict[str, Any], source: str = "the checkpoint") -> I
     return cls(**dict(spec.get("init_args") or {}))
 
 
-def default_encoder() -> ImageEncoder:
-    """The encoder used when a config names none: torchvision's ImageNet ResNet50 (architecture only; its weights
-    are fetched at the start of training). The model and the data side share one instance through the config link,
-    so this is called once."""
-    from captioner.encoders.torchvision_models import TorchvisionEncoder
-
-    return TorchvisionEncoder()
-
-
 def check_grid(encoder: ImageEncoder, features: str, decoder_name: str) -> None:
     """Refuse a decoder that attends over regions with an encoder that has none, naming both.
 

@@ -173,3 +173,10 @@ def _weights_of(model: str, weights: str | None):
             f"Unknown weights {weights!r} for {model}: choose one of {', '.join(enum.__members__)}, DEFAULT or null."
         )
     return enum[weights]
+
+
+def default_encoder() -> TorchvisionEncoder:
+    """The encoder used when a config names none: torchvision's ImageNet ResNet50 (architecture only; its weights
+    are fetched at the start of training). The model and the data side share one instance through the config link,
+    so one of them builds it."""
+    return TorchvisionEncoder()

@@ -18,8 +18,9 @@ from captioner.core.parts import config_class
 from captioner.data.contract import CaptionData
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
 from captioner.decoding.rules import rules_for
-from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid, default_encoder
+from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
+from captioner.encoders.torchvision_models import default_encoder
 from captioner.evaluation.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.evaluation.report import evaluate_captions, gathered, loggable, test_report, unique_by_file
 from captioner.models import building, captioning

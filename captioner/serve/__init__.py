@@ -28,25 +28,6 @@ API_KEY_VARIABLE = "CAPTIONER_API_KEY"
 BYTES_PER_DECODED_PIXEL = 12  # RGBA while decoding, the RGB copy, the tensor copy: what one decode holds at its peak
 
 
-def load_model(path: str | Path, device: str | None = None, **overrides):
-    """A captioner for a checkpoint file (torch) or an exported folder (ONNX Runtime), with `describe`
-    (`overrides`: decoding settings replacing the model's own).
-
-    Raises:
-        CaptionerError: When the path is neither.
-    """
-    path = Path(path)
-    if path.is_dir():
-        from captioner.runtime import OnnxCaptioner
-
-        return OnnxCaptioner(path, **overrides)
-    if not path.is_file():
-        raise CaptionerError(f"{path} is neither a checkpoint file nor an exported folder.")
-    from captioner.inference import Captioner
-
-    return Captioner.from_checkpoint(path, None if device in (None, "auto") else device, **overrides)
-
-
 def decodes_within(memory_mb: float, max_pixels: int) -> int:
     """How many full-size decodes fit a memory budget (at least one)."""
     return max(1, int(memory_mb * 2**20 // (max_pixels * BYTES_PER_DECODED_PIXEL)))

@@ -162,7 +162,7 @@ def image_bytes(request: Any) -> bytes:
 
 
 class CaptionAPI(ls.LitAPI):
-    """Caption images with a checkpoint or an exported folder (see `captioner.serve.load_model`).
+    """Caption images with a checkpoint or an exported folder (see `captioner.captioners.load_captioner`).
 
     Args:
         model_path: A checkpoint (`.ckpt`) or a folder written by `python -m captioner export`.
@@ -184,11 +184,11 @@ class CaptionAPI(ls.LitAPI):
         self.max_decodes = max_decodes
 
     def setup(self, device: str) -> None:
-        from captioner.serve import load_model
+        from captioner.captioners import load_captioner
 
         return_large_blocks_to_the_system()
         self.decode_slots = threading.BoundedSemaphore(self.max_decodes)
-        self.captioner = load_model(self.model_path, device, **self.overrides)
+        self.captioner = load_captioner(self.model_path, device, **self.overrides)
 
     def decode_request(self, request: Request) -> dict[str, Any]:
         """One request's settings and image, checked before the model sees them (run for each request on its own:
