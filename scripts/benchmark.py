@@ -253,17 +253,18 @@ def ours_extract(
     import torch
 
     from captioner.encoders.base import encoder_from_spec
-    from captioner.encoders.extraction import FeatureSpec, default_batch_size, extract_features
-    from captioner.encoders.store import extraction_method
+    from captioner.features.cache import extract_cache
+    from captioner.features.extraction import default_batch_size
+    from captioner.features.keys import FeatureSpec, extraction_method
 
     spec = FeatureSpec(encoder_from_spec(ENCODERS[encoder]))
     key = "benchmark"  # one cache per folder; the key only guards resuming
     batch_size = batch_size or default_batch_size(torch.device(device))
     # Warm up kernels (and cuDNN autotuning) outside the timed region, on a few images.
-    extract_features(Path(work) / "warmup", key, images_dir, names[:batch_size], spec, batch_size, 0, device)
+    extract_cache(Path(work) / "warmup", key, images_dir, names[:batch_size], spec, device, batch_size, 1)
     _sync(device)
     started = time.perf_counter()
-    extract_features(Path(work) / "cache", key, images_dir, names, spec, batch_size, workers, device)
+    extract_cache(Path(work) / "cache", key, images_dir, names, spec, device, batch_size, max(2, workers))
     _sync(device)
     elapsed = time.perf_counter() - started
     decode, precision = extraction_method(device)
@@ -283,9 +284,11 @@ def ours_extract_shards(images_dir: str, names: list[str], work: str, device: st
     import torch
 
     from captioner.data.records import CaptionRecord
-    from captioner.data.streamed import image_parts, prepare_streamed
     from captioner.encoders.base import encoder_from_spec
-    from captioner.encoders.extraction import FeatureSpec, default_batch_size
+    from captioner.features.extraction import default_batch_size
+    from captioner.features.keys import FeatureSpec
+    from captioner.features.sources import shard_parts
+    from captioner.features.streamed import prepare_streamed
 
     shards = Path(work) / "shards"
     shards.mkdir(parents=True)
@@ -302,11 +305,12 @@ def ours_extract_shards(images_dir: str, names: list[str], work: str, device: st
     batch_size = batch_size or default_batch_size(torch.device(device))
     splits = {"train": records, "val": [], "test": []}
     warm = {"train": records[:batch_size], "val": [], "test": []}
-    prepare_streamed(str(Path(work) / "warmup"), image_parts(warm["train"], shards, True), warm, spec,
+    prepare_streamed(str(Path(work) / "warmup"), shard_parts([r.file_name for r in warm["train"]], shards), warm, spec,
                      device=device, batch_size=batch_size, threads=max(2, workers))  # fmt: skip
     _sync(device)
     started = time.perf_counter()
-    prepare_streamed(str(Path(work) / "streamed"), image_parts(records, shards, True), splits, spec, device=device,
+    prepare_streamed(str(Path(work) / "streamed"), shard_parts([r.file_name for r in records], shards), splits, spec,
+                     device=device,
                      batch_size=batch_size, threads=max(2, workers))  # fmt: skip
     _sync(device)
     return {"images_per_s": len(names) / (time.perf_counter() - started), "images": len(names),
@@ -316,10 +320,10 @@ def ours_extract_shards(images_dir: str, names: list[str], work: str, device: st
 def ours_train_streamed(features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int,
                         work: str, workers: int = 2) -> dict:  # fmt: skip
     """Cross-entropy training steps streaming the features from LitData shards (written before the clock starts),
-    images with their 5 captions per item: against `ours_train(per_image=True, resident=False)` on the same rows."""
+    one caption per item as the cache gives them: against `ours_train(resident=False)` on the same rows."""
 
-    from captioner.data.stream_loader import train_loader
-    from captioner.data.streamed import CHUNK_BYTES, StreamedFeatures
+    from captioner.features.stream_loader import train_loader
+    from captioner.features.streamed import CHUNK_BYTES, StreamedFeatures
 
     litdata_writer = __import__("litdata.streaming.writer", fromlist=["BinaryWriter"])
     features = np.load(features_file, mmap_mode="r")[:images]
@@ -332,8 +336,8 @@ def ours_train_streamed(features_file: str, images: int, device: str, batch_size
     writer.done()
     (index,) = folder.glob("*.index.json")
     index.replace(folder / "index.json")
-    streamed = StreamedFeatures(str(folder.parent), {"counts": {"train": images}})
-    loader = train_loader(streamed, _vocabulary(), max(1, batch_size // 5), workers, seed=0,
+    streamed = StreamedFeatures(str(folder.parent), {"counts": {"train": images}, "train_captions": 5 * images})
+    loader = train_loader(streamed, _vocabulary(), batch_size, workers, seed=0,
                           pin_memory=device.startswith("cuda"))  # fmt: skip
     model = _model("lstm")
 
@@ -403,7 +407,7 @@ def ours_train(
     from torch.utils.data import DataLoader
 
     from captioner.data.datasets import FeatureRows, ImageCaptions, RowIndex, TrainCaptions, passthrough
-    from captioner.encoders.store import ResidentFeatures
+    from captioner.features.resident import ResidentFeatures
 
     vocabulary = _vocabulary()
     reader = RowIndex() if resident else FeatureRows(features_file)
@@ -444,7 +448,8 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
     from captioner.data.datasets import FeatureRows, ImageCaptions, PixelRows, passthrough
     from captioner.data.sampling import ResumableSampler
     from captioner.encoders import TorchvisionEncoder
-    from captioner.encoders.extraction import FeatureSpec, extract_features
+    from captioner.features.cache import extract_cache
+    from captioner.features.keys import FeatureSpec
     from captioner.models.decoders import LSTMDecoder
     from captioner.models.module import CaptionModel
 
@@ -459,8 +464,9 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
     if blocks:
         reader = PixelRows([Path(images_dir) / name for name in names], encoder.preprocessing, augment=True)
     else:
-        extract_features(Path(work) / "cache", "finetune", images_dir, names, FeatureSpec(encoder), 16, workers, device)
-        reader = FeatureRows(next((Path(work) / "cache").glob("features.npy")))
+        cache = extract_cache(Path(work) / "cache", "finetune", images_dir, names, FeatureSpec(encoder), device, 16,
+                              max(2, workers))  # fmt: skip
+        reader = FeatureRows(cache.directory / "features.npy")
     dataset = ImageCaptions(reader, np.arange(len(names)), names, captions, vocabulary)
     per_step = max(1, batch_size // 5)
     sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=0, tag_epoch=True)
@@ -915,10 +921,9 @@ def main() -> None:
         measure(r, "train_small_per_image", "ours: training, lstm, per-image items", ours_train,
                                                features_file=str(small), images=sizes["train_small"],
                                                per_image=True, **train)  # fmt: skip
-        # Streamed shards against the memory-mapped cache, the same rows, per-image items both.
-        measure(r, "train_per_image_disk", "ours: training, lstm, per-image items from disk", ours_train,
-                features_file=str(large), images=sizes["train_large"], per_image=True, resident=False,
-                **train)  # fmt: skip
+        # Streamed shards against the memory-mapped cache, the same rows, one caption per item both.
+        measure(r, "train_per_caption_disk", "ours: training, lstm, per-caption items from disk", ours_train,
+                features_file=str(large), images=sizes["train_large"], resident=False, **train)  # fmt: skip
         measure(r, "train_streamed", "ours: training, lstm, streamed shards", ours_train_streamed,
                 features_file=str(large), images=sizes["train_large"], work=str(tmp / "stream"),
                 **{k: v for k, v in train.items() if k != "workers"}, workers=train["workers"])  # fmt: skip
@@ -1017,7 +1022,7 @@ SECTIONS = (
         ("beam-3 decoding (captions/s)", "beam3_prefix", "beam3_transformer", "captions_per_s"),
     )),
     ("streamed feature shards (LitData) against the memory-mapped cache", "streamed", "cache", (
-        ("training, per-image items (capt./s)", "train_streamed", "train_per_image_disk", "captions_per_s"),
+        ("training, per-caption items (capt./s)", "train_streamed", "train_per_caption_disk", "captions_per_s"),
         ("extraction, tar shards vs folder (img/s)", "extract_shards", "extract", "images_per_s"),
     )),
     ("image encoders, extraction against the ResNet50 default", "encoder", "ResNet50", (

@@ -3,7 +3,7 @@
     python scripts/demo_check.py                        # pooled LSTM vs blind baseline, about 3 minutes on 2 CPU cores
     python scripts/demo_check.py --all                  # adds attention, the Transformer, the prefix LM: ~15 min
     python scripts/demo_check.py --prefix               # LSTM, blind, Transformer and the prefix LM
-    python scripts/demo_check.py --shards               # the scenes as COCO, and as shards streamed by 2 processes
+    python scripts/demo_check.py --shards               # the scenes as COCO, and as shards (1 and 2 processes)
     python scripts/demo_check.py --all --json out.json  # also every figure as JSON
     python scripts/demo_check.py --scst                 # adds self-critical stages (both baselines) on the LSTM
     python scripts/demo_check.py --finetune             # a random ResNet18 frozen, fine-tuned, frozen then fine-tuned
@@ -87,8 +87,6 @@ SECOND_STAGE = {  # 6 more epochs from the frozen run's best checkpoint
         "0.0003",
     ],
 }
-PER_IMAGE = ["--model.objective", "captioner.models.objectives.CrossEntropy", "--model.objective.per_image", "true",
-             "--data.batch_size", "64"]  # fmt: skip
 RUNS = {
     "pooled LSTM": [],
     "blind baseline": ["--model.blind", "true"],
@@ -129,20 +127,21 @@ def scores(folder: Path, captions_file: Path, fit_seconds: float) -> dict:
             "training time (s)": fit_seconds}  # fmt: skip
 
 
-def streamed_two_processes(extra: list[str]) -> dict:
-    """The demo's scenes as WebDataset shards (the COCO set rewritten), trained
-    with two processes streaming their features (a separate `python -m captioner fit`: DDP starts its second
-    process from the command line)."""
+def streamed(extra: list[str], processes: int) -> dict:
+    """The demo's scenes as WebDataset shards (the COCO set rewritten), trained with configs/demo.yaml as shipped,
+    only `data_dir` changed, by `processes` processes streaming their features (a separate `python -m captioner
+    fit`: DDP starts its second process from the command line)."""
     coco = Path("data/demo/scenes")
     shards = Path("data/demo/shards")
     if not shards.exists():
         write_synthetic_shards(coco, shards, per_shard=100)  # no junk: the same 2,400 records, the same split
-    save_dir = Path("runs/demo-shards")
+    save_dir = Path(f"runs/demo-shards-{processes}")
     started = time.perf_counter()
+    distributed = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     subprocess.run([sys.executable, "-m", "captioner", "fit", "--config", "configs/demo.yaml",
                     "--trainer.enable_progress_bar", "false", "--data.data_dir", str(shards),
-                    "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.strategy", "ddp",
-                    "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra], check=True)  # fmt: skip
+                    "--trainer.logger.init_args.save_dir", str(save_dir),
+                    *(distributed if processes > 1 else []), *extra], check=True)  # fmt: skip
     elapsed = time.perf_counter() - started
     report = max(save_dir.rglob("test_metrics.json"), key=lambda path: path.stat().st_mtime)
     return scores(report.parent, coco / "captions.json", elapsed)
@@ -159,8 +158,8 @@ if __name__ == "__main__":
         chosen = {name: RUNS[name] for name in ("pooled LSTM", "blind baseline", "Transformer", "prefix GPT-2 (BPE)")}
     if finetune:
         chosen = {"blind baseline": RUNS["blind baseline"], **FINETUNE}
-    if shards:  # per-image items: what a streamed set trains on; 64 images a step, as 2 processes x 32
-        chosen = {"blind baseline": RUNS["blind baseline"], "COCO, 1 process": PER_IMAGE}
+    if shards:  # the demo config as shipped, from the COCO folder and from shards: only data_dir differs
+        chosen = {"blind baseline": RUNS["blind baseline"], "COCO, 1 process": []}
     start: dict = {}
     first = "ResNet18 frozen" if finetune else "COCO, 1 process" if shards else "pooled LSTM"
     results = {name: run([*extra, *args], start if name == first else None) for name, args in chosen.items()}
@@ -168,7 +167,8 @@ if __name__ == "__main__":
         for name, args in SECOND_STAGE.items():
             results[name] = run([*extra, *args, "--model.init_checkpoint", start["checkpoint"]])
     if shards:
-        results["shards, 2 processes"] = streamed_two_processes([*extra, *PER_IMAGE[:4], "--data.batch_size", "32"])
+        results["shards, 1 process"] = streamed(extra, 1)
+        results["shards, 2 processes"] = streamed(extra, 2)
     if scst:
         for baseline in ("greedy", "mean"):
             results[f"SCST, {baseline}"] = run([*extra, *SCST, "--model.objective.baseline", baseline,

@@ -127,8 +127,8 @@ class SignalAt(Callback):
 
 
 class SeenNames(Callback):
-    """Record which images each training batch held (`names`, as streamed batches carry them): one JSON line per
-    batch, per rank, in `folder/rank<r>.jsonl`, with the epoch, the global step after it and the process."""
+    """Record which images and captions each training batch held (`names`, as streamed batches carry them): one JSON
+    line per batch, per rank, in `folder/rank<r>.jsonl`, with the epoch, the global step after it and the process."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -139,6 +139,7 @@ class SeenNames(Callback):
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "names": list(batch["names"]),
+            "captions": pl_module.vocabulary.decode_batch(batch["tokens"]),
             "process": os.getpid(),
         }
         with open(os.path.join(self.folder, f"rank{trainer.global_rank}.jsonl"), "a", encoding="utf-8") as handle:

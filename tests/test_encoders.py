@@ -20,8 +20,8 @@ from captioner.core.errors import CaptionerError
 from captioner.core.pixels import preprocess_array
 from captioner.encoders import HuggingFaceEncoder, OpenClipEncoder, TimmEncoder, TorchvisionEncoder
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.encoders.store import FEATURES_FILE, INDEX_FILE
 from captioner.export.onnx import export_onnx
+from captioner.features.cache import FEATURES_FILE, INDEX_FILE
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner
 from tests.conftest import last_checkpoint, tiny_args

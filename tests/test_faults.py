@@ -20,9 +20,9 @@ from captioner.cli import main
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, write_json
 from captioner.data.images import find_images
-from captioner.encoders.extraction import FeatureSpec, prepare_features
-from captioner.encoders.store import INDEX_FILE, PROGRESS_FILE
 from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.features.cache import INDEX_FILE, PARTS_DIR, prepare_cache
+from captioner.features.keys import FeatureSpec
 from captioner.runs import run_dir
 from tests.conftest import TESTS, last_checkpoint, predict_args, tiny_args
 
@@ -31,24 +31,24 @@ SPEC = FeatureSpec(TorchvisionEncoder("resnet18", None, 32))
 
 KILLABLE_EXTRACTION = """
 import sys, time
-from captioner.encoders import extraction as features
 from captioner.encoders.base import ImageEncoder
 from captioner.encoders.torchvision_models import TorchvisionEncoder
-features.SAVE_PROGRESS_EVERY_S = 0.0
+from captioner.features.cache import prepare_cache
+from captioner.features.keys import FeatureSpec
 forward = ImageEncoder.forward
 def slow(self, images, grid=False):
     time.sleep(0.3)
     return forward(self, images, grid)
 ImageEncoder.forward = slow
 names = sys.argv[3:]
-spec = features.FeatureSpec(TorchvisionEncoder("resnet18", None, 32))
-features.prepare_features(sys.argv[1], sys.argv[2], names, spec, batch_size=4, num_workers=0)
+spec = FeatureSpec(TorchvisionEncoder("resnet18", None, 32))
+prepare_cache(sys.argv[1], sys.argv[2], names, spec, batch_size=4, threads=1, per_part=8)
 """
 
 
 def test_sigkill_during_extraction_resumes_to_an_identical_cache(scenes, tmp_path):
     names = sorted(p.name for p in (scenes / "Images").iterdir())[:32]
-    reference = prepare_features(tmp_path / "reference", scenes / "Images", names, SPEC, batch_size=4, num_workers=0)
+    reference = prepare_cache(tmp_path / "reference", scenes / "Images", names, SPEC, batch_size=4, per_part=8)
     script = tmp_path / "extract.py"
     script.write_text(KILLABLE_EXTRACTION)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -58,21 +58,20 @@ def test_sigkill_during_extraction_resumes_to_an_identical_cache(scenes, tmp_pat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    progress = None
+    done: list = []
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        progress = (
-            next((tmp_path / "killed").glob(f"*/{PROGRESS_FILE}"), None) if (tmp_path / "killed").exists() else None
-        )
-        if progress is not None and json.loads(progress.read_text())["done"] >= 8:
+    while time.monotonic() < deadline and process.poll() is None:
+        done = list((tmp_path / "killed").glob(f"*/{PARTS_DIR}/*.json")) if (tmp_path / "killed").exists() else []
+        if done:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert progress is not None, "extraction never saved progress"
-    done = json.loads(progress.read_text())["done"]
-    assert 8 <= done < 32 and not (progress.parent / INDEX_FILE).exists()
-    resumed = prepare_features(tmp_path / "killed", scenes / "Images", names, SPEC, batch_size=4, num_workers=0)
+    assert done, "extraction never finished a part"
+    folder = done[0].parent.parent
+    finished = len(list((folder / PARTS_DIR).glob("*.json")))
+    assert 1 <= finished < 4 and not (folder / INDEX_FILE).exists()
+    resumed = prepare_cache(tmp_path / "killed", scenes / "Images", names, SPEC, batch_size=4, per_part=8)
     np.testing.assert_array_equal(np.asarray(resumed.features), np.asarray(reference.features))
 
 
@@ -226,9 +225,9 @@ def test_disk_full_for_the_feature_cache_fails_before_extracting(scenes, tmp_pat
     monkeypatch.setattr(os, "posix_fallocate", full)
     names = sorted(p.name for p in (scenes / "Images").iterdir())[:4]
     with pytest.raises(CaptionerError, match="No space left on device for the feature cache"):
-        prepare_features(tmp_path, scenes / "Images", names, SPEC, num_workers=0)
+        prepare_cache(tmp_path, scenes / "Images", names, SPEC)
     key = SPEC.key(names)
-    assert not list(tmp_path.glob(f"*{key[:12]}/*.npy"))
+    assert not list(tmp_path.glob(f"*{key[:12]}/**/*.npy"))
 
 
 def test_a_checkpoint_cut_short_by_a_full_disk_leaves_the_previous_one_whole(scenes, tmp_path, monkeypatch, capsys):

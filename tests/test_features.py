@@ -1,4 +1,3 @@
-import json
 import logging
 import shutil
 
@@ -7,12 +6,22 @@ import pytest
 import torch
 
 from captioner.core.errors import CaptionerError
-from captioner.encoders import extraction as features_module
 from captioner.encoders.base import ImageEncoder
-from captioner.encoders.extraction import FeatureSpec, prepare_features
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.encoders.store import INDEX_FILE, PARTIAL_FILE, PROGRESS_FILE, cache_key, open_cache
 from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.features import cache as cache_module
+from captioner.features import extraction as extraction_module
+from captioner.features.cache import (
+    INDEX_FILE,
+    PARTIAL_FILE,
+    PARTS_DIR,
+    CacheSink,
+    extract_cache,
+    open_cache,
+    prepare_cache,
+)
+from captioner.features.keys import FeatureSpec, cache_key
+from captioner.features.sources import folder_parts
 
 ENCODER = {"model": "resnet18", "weights": None, "image_size": 32}
 
@@ -25,8 +34,9 @@ def names_of(scenes, count=24):
     return sorted(p.name for p in (scenes / "Images").iterdir())[:count]
 
 
-def build(root, scenes, names, **overrides):
-    return prepare_features(root, scenes / "Images", names, spec_of(**overrides), batch_size=8, num_workers=0)
+def build(root, scenes, names, per_part=1000, **overrides):
+    return prepare_cache(root, scenes / "Images", names, spec_of(**overrides), batch_size=8, threads=2,
+                         per_part=per_part)  # fmt: skip
 
 
 def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
@@ -39,15 +49,15 @@ def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
     with torch.inference_mode():
         expected = encoder(images).numpy()
     np.testing.assert_allclose(np.asarray(cache.features[:4], dtype=np.float32), expected, rtol=1e-2, atol=1e-2)
-    assert not (cache.directory / PROGRESS_FILE).exists() and not (cache.directory / PARTIAL_FILE).exists()
+    assert not (cache.directory / PARTS_DIR).exists() and not (cache.directory / PARTIAL_FILE).exists()
 
 
 def test_reused_when_nothing_changed_and_recomputed_when_the_key_changes(tmp_path, scenes, monkeypatch):
     names = names_of(scenes)
     first = build(tmp_path, scenes, names)
     calls = []
-    original = features_module.extract_features
-    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: calls.append(a) or original(*a, **k))
+    original = cache_module.extract_parts
+    monkeypatch.setattr(cache_module, "extract_parts", lambda *a, **k: calls.append(a) or original(*a, **k))
     assert build(tmp_path, scenes, names).directory == first.directory
     assert calls == []
     for change in ({"image_size": 48}, {"model": "resnet34"}, {"weights": "IMAGENET1K_V1"}, {"resize": "library"}):
@@ -73,12 +83,11 @@ def test_a_cache_made_by_another_encoder_is_refused_naming_both(tmp_path, scenes
         open_cache(cache.directory, other.key(names), other.encoder_spec)
 
 
-def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, monkeypatch):
+def test_interrupted_extraction_resumes_at_the_parts_it_finished_to_an_identical_cache(tmp_path, scenes, monkeypatch):
     names = names_of(scenes)
-    reference = build(tmp_path / "reference", scenes, names)
+    reference = build(tmp_path / "reference", scenes, names, per_part=8)
 
-    # Save progress after every batch and die in the middle of the third batch.
-    monkeypatch.setattr(features_module, "SAVE_PROGRESS_EVERY_S", -1.0)
+    # Parts of 8 images, batches of 8: die in the middle of the third part.
     seen = {"batches": 0}
     original_forward = ImageEncoder.forward
 
@@ -90,10 +99,10 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
 
     monkeypatch.setattr(ImageEncoder, "forward", dying_forward)
     with pytest.raises(RuntimeError, match="killed"):
-        build(tmp_path / "resumed", scenes, names)
+        build(tmp_path / "resumed", scenes, names, per_part=8)
     directory = next((tmp_path / "resumed").iterdir())
-    progress = json.loads((directory / PROGRESS_FILE).read_text())
-    assert progress["done"] == 16 and not (directory / INDEX_FILE).exists()
+    done = sorted(path.name for path in (directory / PARTS_DIR).glob("*.json"))
+    assert done == ["images-000000.json", "images-000001.json"] and not (directory / INDEX_FILE).exists()
 
     monkeypatch.setattr(ImageEncoder, "forward", original_forward)
     batches_seen = []
@@ -104,9 +113,29 @@ def test_interrupted_extraction_resumes_to_an_identical_cache(tmp_path, scenes, 
             (len(images) > 1 and batches_seen.append(len(images))) or original_forward(self, images, grid)
         ),
     )
-    resumed = build(tmp_path / "resumed", scenes, names)
-    assert batches_seen == [8]  # only the missing rows were computed
+    resumed = build(tmp_path / "resumed", scenes, names, per_part=8)
+    assert batches_seen == [8]  # only the part not finished was computed
     np.testing.assert_array_equal(np.asarray(resumed.features), np.asarray(reference.features))
+    assert not (directory / PARTS_DIR).exists()  # assembled, then cleaned up
+
+
+def test_ranks_share_the_parts_and_rank_0_assembles_the_cache_a_single_process_makes(tmp_path, scenes):
+    """Two ranks (run one after the other here, as the barriers would order them) each extract every other part."""
+    names = names_of(scenes)
+    reference = build(tmp_path / "reference", scenes, names, per_part=8)
+    spec = spec_of()
+    key = spec.key(names)
+    directory = spec.directory(tmp_path / "shared", key)
+    directory.mkdir(parents=True)
+    sink = CacheSink(directory, key, spec, names, scenes / "Images")
+    parts = folder_parts(names, scenes / "Images", 8)
+    extraction_module.extract_parts(parts, spec, sink, batch_size=8, threads=2, rank=1, world_size=2)
+    assert not sink.done(parts[0]) and sink.done(parts[1]) and not sink.done(parts[2])  # rank 0 has not run yet
+    with pytest.raises(CaptionerError, match="does not exist"):  # rank 1 never assembles
+        open_cache(directory, key)
+    extraction_module.extract_parts(parts, spec, sink, batch_size=8, threads=2, rank=0, world_size=2)
+    shared = open_cache(directory, key)
+    np.testing.assert_array_equal(np.asarray(shared.features), np.asarray(reference.features))
 
 
 def test_a_truncated_complete_cache_is_refused_and_kept_until_the_user_removes_it(tmp_path, scenes):
@@ -145,20 +174,9 @@ def test_device_decoding_path_matches_the_pil_path_and_survives_bad_files(tmp_pa
     (scenes / "Images" / names[3]).write_bytes(data[: len(data) // 3])  # truncated JPEG
     spec = spec_of()
     key = spec.key(names)
-    for name, device_decode in (("pil", False), ("device", True)):
-        features_module.extract_features(
-            tmp_path / name,
-            key,
-            scenes / "Images",
-            names,
-            spec,
-            batch_size=4,
-            num_workers=0,
-            device="cpu",
-            device_decode=device_decode,
-        )
-    pil = open_cache(tmp_path / "pil", key)
-    device = open_cache(tmp_path / "device", key)
+    pil, device = (extract_cache(tmp_path / name, key, scenes / "Images", names, spec, "cpu", batch_size=4,
+                                 threads=2, device_decode=device_decode)
+                   for name, device_decode in (("pil", False), ("device", True)))  # fmt: skip
     assert names[3] in pil.failed
     ok = [i for i, name in enumerate(names) if name not in pil.failed and name not in device.failed]
     assert len(ok) >= 10
@@ -200,7 +218,7 @@ def test_a_resident_cache_gives_the_batches_the_disk_gives(scenes_source, tmp_pa
         cli = main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / name,
                              "--data.resident_features", choice))  # fmt: skip
         runs[name] = cli.datamodule
-    assert runs["resident"].resident is not None and runs["disk"].resident is None
+    assert runs["resident"].store.resident is not None and runs["disk"].store.resident is None
     train = {name: datamodule.datasets["train"].__getitems__(list(range(8))) for name, datamodule in runs.items()}
     assert "rows" in train["resident"] and "features" in train["disk"]  # the loader carries rows, not features
     gathered = runs["resident"].materialize(train["resident"])
@@ -208,7 +226,7 @@ def test_a_resident_cache_gives_the_batches_the_disk_gives(scenes_source, tmp_pa
     assert torch.equal(gathered["tokens"], train["disk"]["tokens"])
     small = main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "small",
                            "--data.resident_budget_gb", "0.000001"))  # fmt: skip
-    assert small.datamodule.resident is None
+    assert small.datamodule.store.resident is None
     with pytest.raises(SystemExit):
         main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "refused", "--data.resident_features",
                        "true", "--data.resident_budget_gb", "0.000001"))  # fmt: skip

@@ -16,9 +16,9 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.encoders.extraction import FeatureSpec, extract_features
-from captioner.encoders.store import open_cache
 from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.features.cache import extract_cache
+from captioner.features.keys import FeatureSpec
 from captioner.runs import run_dir
 from tests.conftest import TESTS, last_checkpoint
 from tests.test_preprocessing import _bad_files, centred_cosine, photographs  # noqa: F401 (fixture)
@@ -76,9 +76,8 @@ def _extract_with_pil_and_nvjpeg(folder, names, backbone, tmp_path, batch_size, 
     caches = {}
     for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
         key = f"{path_name}-key"
-        extract_features(tmp_path / path_name, key, folder, names, spec, batch_size=batch_size,
-                         num_workers=num_workers, device=device, device_decode=device_decode)  # fmt: skip
-        caches[path_name] = open_cache(tmp_path / path_name, key)
+        caches[path_name] = extract_cache(tmp_path / path_name, key, folder, names, spec, device, batch_size,
+                                          threads=max(1, num_workers), device_decode=device_decode)  # fmt: skip
     return caches
 
 
@@ -117,9 +116,9 @@ def test_compiled_encoder_extracts_what_the_eager_one_does(scenes, tmp_path):
     results = []
     for compile_encoder in (False, True):
         key = f"compiled-{compile_encoder}"
-        extract_features(tmp_path / key, key, scenes / "Images", names, spec, batch_size=16,
-                         num_workers=0, device="cuda", compile_encoder=compile_encoder)  # fmt: skip
-        results.append(np.asarray(open_cache(tmp_path / key, key).features, dtype=np.float32))
+        cache = extract_cache(tmp_path / key, key, scenes / "Images", names, spec, "cuda", batch_size=16,
+                              compile_encoder=compile_encoder)  # fmt: skip
+        results.append(np.asarray(cache.features, dtype=np.float32))
     np.testing.assert_allclose(results[0], results[1], atol=5e-2, rtol=5e-2)
 
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from captioner.cli import main
 from captioner.core import hardware
-from captioner.encoders import extraction as features_module
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.features import extraction as features_module
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder
 from captioner.models.decoders import lstm as decoder_module
 from captioner.text.words import Vocabulary

@@ -16,11 +16,11 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.encoders import image_files as images_module
-from captioner.encoders.extraction import FeatureSpec, extract_features
 from captioner.encoders.image_files import EncodedFileDataset, collate_encoded, decode_on_device
 from captioner.encoders.preprocessing import Preprocessing
-from captioner.encoders.store import open_cache
 from captioner.encoders.torchvision_models import TorchvisionEncoder
+from captioner.features.cache import extract_cache
+from captioner.features.keys import FeatureSpec
 from captioner.models.decoders import LSTMDecoder
 from captioner.models.module import CaptionModel
 from captioner.text.words import Vocabulary
@@ -56,9 +56,8 @@ def test_extraction_and_captioning_give_the_same_features_for_the_same_photograp
     cached = {}
     for path_name, device_decode in (("cpu", False), ("device", True)):  # the GPU's path, on the CPU
         key = f"{path_name}-key"
-        extract_features(tmp_path / path_name, key, folder, names, FeatureSpec(encoder), batch_size=4,
-                         num_workers=0, device="cpu", device_decode=device_decode)  # fmt: skip
-        cache = open_cache(tmp_path / path_name, key)
+        cache = extract_cache(tmp_path / path_name, key, folder, names, FeatureSpec(encoder), "cpu", batch_size=4,
+                              threads=2, device_decode=device_decode)  # fmt: skip
         assert not cache.failed
         cached[path_name] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
 
@@ -125,9 +124,8 @@ def test_the_device_path_fails_bad_files_alone_like_the_cpu_path(photographs, tm
     failures = {}
     for path_name, device_decode in (("cpu", False), ("device", True)):
         key = f"{path_name}-key"
-        extract_features(tmp_path / path_name, key, tmp_path, names, FeatureSpec(encoder), batch_size=4,
-                         num_workers=0, device="cpu", device_decode=device_decode)  # fmt: skip
-        failures[path_name] = open_cache(tmp_path / path_name, key).failed
+        failures[path_name] = extract_cache(tmp_path / path_name, key, tmp_path, names, FeatureSpec(encoder), "cpu",
+                                            batch_size=4, threads=2, device_decode=device_decode).failed  # fmt: skip
     assert set(failures["cpu"]) == set(failures["device"]) == {name for name, ok in expected.items() if not ok}
     assert "too large" in failures["device"]["bomb.jpg"]
     # nvJPEG may return a half-grey picture for a truncated file: those never reach it, nor do CMYK JPEGs.

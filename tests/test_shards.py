@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -72,11 +73,10 @@ def finish(process: subprocess.Popen, expect: int = 0) -> str:
     return err
 
 
-# Small enough to run in seconds, an encoder input large enough that extraction takes a few of them.
+# Small enough to run in seconds, an encoder input large enough that extraction takes a few of them. Items are
+# captions (the default), as for the cache: a batch of 16 captions whichever the source.
 STREAM = ["--model.encoder.image_size", "96", "--trainer.max_epochs", "6", "--test_after_fit", "true",
-          "--data.batch_size", "8", "--model.objective", "captioner.models.objectives.CrossEntropy",
-          "--model.objective.per_image", "true", "--data.val_size", "30",
-          "--data.test_size", "30"]  # fmt: skip
+          "--data.batch_size", "16", "--data.val_size", "30", "--data.test_size", "30"]  # fmt: skip
 
 
 def every_2_steps(tmp_path: Path) -> Path:
@@ -90,15 +90,15 @@ def every_2_steps(tmp_path: Path) -> Path:
     return config
 
 
-def epochs_seen(folder: Path, resumed_from: int) -> dict[int, list[str]]:
-    """The images each epoch trained on, across ranks: the killed run's batches up to the checkpoint it resumed from,
-    then the resumed run's (each rank's file holds both, one after the other)."""
-    by_epoch: dict[int, list[str]] = {}
+def epochs_seen(folder: Path, resumed_from: int) -> dict[int, list[tuple[str, str]]]:
+    """The (image, caption) items each epoch trained on, across ranks: the killed run's batches up to the checkpoint
+    it resumed from, then the resumed run's (each rank's file holds both, one after the other)."""
+    by_epoch: dict[int, list[tuple[str, str]]] = {}
     for path in sorted(folder.glob("rank*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         killed = rows[0]["process"]  # the killed run's process wrote first (a rank may die before its last batch)
         for row in [r for r in rows if r["process"] != killed or r["step"] <= resumed_from]:
-            by_epoch.setdefault(row["epoch"], []).extend(row["names"])
+            by_epoch.setdefault(row["epoch"], []).extend(zip(row["names"], row["captions"]))
     return by_epoch
 
 
@@ -107,7 +107,7 @@ def test_streamed_extraction_and_training_killed_and_resumed_match_the_coco_run(
     coco, shards = scenes_and_shards
     work, root, names = tmp_path / "work", tmp_path / "run", tmp_path / "seen"
     recorder = ["--trainer.callbacks+=tests.plugins.SeenNames", "--trainer.callbacks.init_args.folder", str(names)]
-    args = [*tiny_args("fit", shards, work, root, *STREAM, "--trainer.max_epochs", "3", *ddp(2), *recorder)]
+    args = [*tiny_args("fit", shards, work, root, *STREAM, "--trainer.max_epochs", "2", *ddp(2), *recorder)]
     args[args.index("--config") + 1] = str(every_2_steps(tmp_path))
 
     # 1. Extraction by two processes, killed (the whole group) once the first parts are written.
@@ -124,30 +124,34 @@ def test_streamed_extraction_and_training_killed_and_resumed_match_the_coco_run(
     assert 0 < done < 21 and not (streamed / "meta").exists()
 
     # 2. Extraction resumes from the parts it finished; training, killed mid-epoch (every rank at once).
-    killer = ["--trainer.callbacks+=tests.plugins.SignalAt", "--trainer.callbacks.init_args.step", "21",
+    killer = ["--trainer.callbacks+=tests.plugins.SignalAt", "--trainer.callbacks.init_args.step", "11",
               "--trainer.callbacks.init_args.group", "true"]  # fmt: skip
     err = finish(launch([*args, *killer], tmp_path), expect=-9)
-    assert "Resuming streamed extraction" in err and (streamed / "meta").exists() and not (streamed / "parts").exists()
+    assert "Resuming feature extraction" in err and (streamed / "meta").exists() and not (streamed / "parts").exists()
 
     # 3. Resumed from the last checkpoint: the same run, each training image once per epoch.
     (last,) = root.rglob("last.ckpt")
     resumed_from = torch.load(last, weights_only=False)["global_step"]
-    assert 0 < resumed_from < 21  # mid-epoch: the killed run got further than its last checkpoint
+    # Mid-epoch and mid-pass (4 steps a pass): the killed run got further than its last checkpoint.
+    assert 4 < resumed_from < 11 and resumed_from % 4, resumed_from
     finish(launch([*args, "--ckpt_path", "last"], tmp_path))
     # One run folder for the training, killed and resumed (the attempt killed while extracting, before any training,
     # left only the empty folder Lightning's logger makes before the data is set up).
     runs = [p for p in (root / "runs").rglob("version_*") if p.is_dir() and any(p.iterdir())]
     assert len(runs) == 1 and (runs[0] / "resumes.jsonl").is_file()
     by_epoch = epochs_seen(names, resumed_from)
-    assert sorted(by_epoch) == list(range(3))
-    for epoch, epoch_names in by_epoch.items():
-        assert len(epoch_names) == len(set(epoch_names)), epoch  # no image twice in an epoch, across both ranks
-        assert len(epoch_names) == 128, epoch  # 139 training images: 8 batches of 8 per rank, the rest wait
+    assert sorted(by_epoch) == list(range(2))
+    for epoch, items in by_epoch.items():
+        # 139 training images of 5 captions: 5 passes of 4 batches of 16 per rank (the rest wait); in each pass an
+        # image gives one of its captions, so no caption twice and no image more than 5 times in an epoch.
+        assert len(items) == 5 * 128, epoch
+        assert len(items) == len(set(items)), epoch
+        assert max(Counter(name for name, _ in items).values()) <= 5, epoch
     metrics = json.loads(next(root.rglob("test_metrics.json")).read_text())
 
     # 4. The uninterrupted run: the same test scores and the same weights (resuming changed nothing).
     whole = tmp_path / "whole"
-    finish(launch([*tiny_args("fit", shards, work, whole, *STREAM, "--trainer.max_epochs", "3", *ddp(2))], tmp_path))
+    finish(launch([*tiny_args("fit", shards, work, whole, *STREAM, "--trainer.max_epochs", "2", *ddp(2))], tmp_path))
     whole_metrics = json.loads(next(whole.rglob("test_metrics.json")).read_text())
     assert metrics["metrics"] == whole_metrics["metrics"] and metrics["images"] == 30
     finals = [torch.load(next(folder.rglob("last.ckpt")), weights_only=False)["state_dict"] for folder in (root, whole)]
@@ -155,18 +159,26 @@ def test_streamed_extraction_and_training_killed_and_resumed_match_the_coco_run(
 
 
 @pytest.mark.slow
-def test_streamed_training_learns_what_the_coco_format_does(scenes_and_shards, tmp_path):
-    """The same scenes, the same split, the same images per step: held-out BLEU-4 within 2 points (one process
-    each; the order of the images is all that differs)."""
+def test_shards_train_the_model_the_coco_format_trains_with_the_same_config(scenes_and_shards, tmp_path):
+    """The same scenes, config and split, only `data_dir` changed: the same captions per step, both learning (an
+    untrained decoder repeats one word: BLEU-4 near 0), held-out BLEU-4 within 10 points and CIDEr within 40 (one
+    process each; the order of the captions is all that differs). At this size (139 training images, 6 epochs) three
+    seeds of one format spread over 5 BLEU-4 and 20 CIDEr points, so only a broken stream fails here; the demo's
+    2,400 scenes compare the two formats closely (`scripts/demo_check.py --shards`, in the README)."""
     from captioner.cli import main
 
     coco, shards = scenes_and_shards
     scores = {}
     for name, source in (("streamed", shards), ("coco", coco)):
-        main(tiny_args("fit", source, tmp_path / f"{name}-work", tmp_path / name, *STREAM, "--data.batch_size", "16"))
+        cli = main(tiny_args("fit", source, tmp_path / f"{name}-work", tmp_path / name, *STREAM))
         report = json.loads(next((tmp_path / name).rglob("test_metrics.json")).read_text())
         assert report["images"] == 30
-        scores[name] = report["metrics"]["torchmetrics"]["BLEU-4"]
+        scores[name] = (report["metrics"]["torchmetrics"]["BLEU-4"], report["metrics"]["pycocoevalcap"]["CIDEr"],
+                        cli.trainer.global_step)  # fmt: skip
     assert (tmp_path / "streamed-work" / "streamed").is_dir() and not (tmp_path / "coco-work" / "streamed").exists()
-    assert abs(scores["streamed"] - scores["coco"]) <= 2.0, scores
-    assert scores["coco"] > 15  # both learned (an untrained decoder repeats one word: BLEU-4 near 0)
+    # Steps per epoch: 139 images x 5 captions in batches of 16 (the cache drops one last partial batch, the stream
+    # one per pass): within a pass's share of each other.
+    assert abs(scores["streamed"][2] - scores["coco"][2]) <= 6 * 5, scores
+    assert abs(scores["streamed"][0] - scores["coco"][0]) <= 10.0, scores
+    assert abs(scores["streamed"][1] - scores["coco"][1]) <= 40.0, scores
+    assert min(scores["coco"][0], scores["streamed"][0]) > 20, scores

@@ -19,10 +19,7 @@ from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, write_json
 from captioner.core.pixels import open_accepted
 from captioner.data.datasets import (
-    FeatureRows,
     ImageCaptions,
-    PixelRows,
-    RowIndex,
     TrainCaptions,
     passthrough,
 )
@@ -41,28 +38,28 @@ from captioner.data.splits import (
     records_fingerprint,
     save_splits,
 )
-from captioner.data.streamed import StreamedFeatures, image_parts, prepare_streamed
 from captioner.encoders.base import ImageEncoder
-from captioner.encoders.extraction import FeatureSpec, load_features, prepare_features, prepare_features_sharded
 from captioner.encoders.image_files import ImageFileDataset, collate_images
-from captioner.encoders.store import FEATURES_FILE, FeatureCache, ResidentFeatures, host_budget, memory_budget
 from captioner.encoders.torchvision_models import default_encoder
+from captioner.features.keys import FeatureSpec
+from captioner.features.sources import IMAGES_PER_FOLDER_PART
+from captioner.features.stores import FeatureStore, StoreRun, store_for
 from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
 from captioner.text.words import Words, normalize
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"
 
 
 class CaptionDataModule(LightningDataModule):
-    """A caption set (Mini-COCO by default) as cached encoder features (or images) and captions.
+    """A caption set (Mini-COCO by default) as encoder features (or images) and captions.
 
-    `prepare_data` (once per node) fetches the data, reads it, splits it,
-    builds the vocabulary and the feature cache, all under `work_dir`.
-    `setup` (every process) opens them read-only. With `online_features` (an
-    encoder that trains) there is no cache: batches carry the images, decoded
-    and preprocessed by the loader workers.
+    `prepare_data` (once per node) fetches the data, reads it, splits it and
+    builds the tokenizer under `work_dir`. `setup` (every process) opens them
+    and the run's feature store (`captioner.features.stores`), which extracts
+    what is missing first, every rank its share. The datamodule orchestrates:
+    what a split's items are, the training order and where training stands;
+    the store owns where features live and how they are read.
 
     Args:
         data_dir: The folder holding the captions and images. When set, kagglehub is never called.
@@ -95,9 +92,10 @@ class CaptionDataModule(LightningDataModule):
             workers: "auto" when it fits the budget, true (stop if it does not), false (always read from disk).
         resident_budget_gb: The most memory the cache may take there (None: half the GPU's free memory, or a
             quarter of the host's available memory).
-        feature_store: Where features go: "cache" (one memory-mapped array per node, or resident, see above),
-            "stream" (LitData feature shards streamed for training: sets beyond one disk or in an object store, see
-            `captioner.data.streamed`), or "auto": "stream" for WebDataset shards, "cache" otherwise.
+        feature_store: Where features go (`captioner.features.stores`): "cache" (one memory-mapped array per node,
+            or resident, see above), "stream" (LitData feature shards streamed for training: sets beyond one disk or
+            in an object store), "auto" ("stream" for WebDataset shards, "cache" otherwise), or a `FeatureStore`
+            of your own by class_path. Whatever the store, a training item and `batch_size` mean the same.
         stream_dir: The folder of streamed feature sets (None: `<work_dir>/streamed`), or the URL of one where sets
             extracted earlier were uploaded (s3://..., gs://...).
         stream_cache_gb: The most disk LitData's local cache of a remote streamed set may take (None: its default).
@@ -106,8 +104,10 @@ class CaptionDataModule(LightningDataModule):
         extraction_batch_size: Images per encoder pass while caching features (null: 256 on a GPU, 8 on a
             CPU; halved on out-of-memory).
         compile_encoder: Run the encoder through `torch.compile` while caching features (worth it on a GPU).
-        decode_threads: On a GPU, batches of JPEGs decoded ahead of the encoder (nvJPEG), each in a thread with its
-            own CUDA stream.
+        decode_threads: Images decoded at once while extracting features (PIL releases the interpreter), and on a GPU
+            the batches of JPEGs decoded ahead of the encoder (nvJPEG), each in a thread with its own CUDA stream.
+        extraction_part_size: Images of a folder per part of extraction: the unit a killed extraction resumes at and
+            that ranks share out (a WebDataset shard is one part).
         batch_size: Training items per batch: captions, or images with all their captions (see `train_items`).
         eval_batch_size: Images per validation/test/predict batch.
         num_workers: DataLoader worker processes (image decoding and feature reads).
@@ -141,7 +141,7 @@ class CaptionDataModule(LightningDataModule):
         train_crop: float = 0.9,
         resident_features: bool | Literal["auto"] = "auto",
         resident_budget_gb: float | None = None,
-        feature_store: Literal["auto", "cache", "stream"] = "auto",
+        feature_store: Literal["auto", "cache", "stream"] | FeatureStore = "auto",
         stream_dir: str | None = None,
         stream_cache_gb: float | None = None,
         backbone: str | None = None,
@@ -149,7 +149,8 @@ class CaptionDataModule(LightningDataModule):
         image_size: int | None = None,
         extraction_batch_size: int | None = None,
         compile_encoder: bool = False,
-        decode_threads: int = 2,
+        decode_threads: int = 4,
+        extraction_part_size: int = IMAGES_PER_FOLDER_PART,
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 2,
@@ -163,7 +164,9 @@ class CaptionDataModule(LightningDataModule):
         _refuse_removed_options(backbone, weights, image_size)
         if max_caption_length < 1 or not 0.5 <= train_crop <= 1.0:
             raise CaptionerError("--data.max_caption_length must be >= 1 and --data.train_crop between 0.5 and 1.")
-        self.save_hyperparameters(ignore=["format", "encoder", "tokenizer", "backbone", "weights", "image_size"])
+        self.save_hyperparameters(ignore=["format", "encoder", "tokenizer", "backbone", "weights", "image_size",
+                                          "feature_store"])  # fmt: skip
+        self.feature_store = feature_store
         self.encoder = encoder if encoder is not None else default_encoder()
         self.caption_format = format
         self.work_dir = Path(work_dir)
@@ -173,10 +176,9 @@ class CaptionDataModule(LightningDataModule):
         self._report: DataReport | None = None  # kept by the process that prepared, for the summary
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self._resume_at: TrainingPosition | None = None  # set from a checkpoint, used by the next training loader
-        self.resident: ResidentFeatures | None = None
+        self.store: FeatureStore | None = None  # where this run's features come from, once set up
         self.split_sizes: dict[str, int] = {}
-        self.streamed: StreamedFeatures | None = None  # the streamed feature set, when training streams
-        self._stream_state: dict[str, Any] | None = None  # LitData's position, from a checkpoint
+        self._stream_state: dict[str, Any] | None = None  # a streamed loader's position, from a checkpoint
 
     # ---------------------------------------------------------------- preparation (one process per node)
     def preparation_settings(self) -> dict[str, Any]:
@@ -240,39 +242,12 @@ class CaptionDataModule(LightningDataModule):
         log.info("Prepared data in %s: %s; %s.", prepared.folder, ", ".join(f"{len(splits[n])} {n}" for n in SPLITS),
                  vocabulary.describe())  # fmt: skip
         report.long_captions = sum(len(normalize(c)) > hp.max_caption_length for r in records for c in r.captions)
-        self._report = report
-        if hp.online_features:
-            self._report_once(root, {})
-        elif self._world_size() == 1 and not self._streams(getattr(caption_format, "streams", False)):
-            self._features(self._image_names(splits), images_dir, root)  # distributed runs and streams: in setup()
-
-    @staticmethod
-    def _image_names(splits: dict[str, list[CaptionRecord]]) -> list[str]:
-        return sorted(r.file_name for part in splits.values() for r in part)
+        self._report = report  # summarised once the features are extracted (setup): undecodable images count too
 
     @property
     def feature_spec(self) -> FeatureSpec:
         """The encoder and kind of features the cache holds."""
         return FeatureSpec(self.encoder, grid=self.hparams.features == "grid")
-
-    def _streams(self, sharded: bool) -> bool:
-        """Whether features go to streamed shards (see `feature_store`).
-
-        Raises:
-            CaptionerError: For combinations that cannot work (images in shards with a cache or a trained encoder).
-        """
-        choice = self.hparams.feature_store
-        streams = choice == "stream" or (choice == "auto" and sharded)
-        if sharded and choice == "cache":
-            raise CaptionerError("The images are inside shards: their features can only be streamed (--data."
-                                 "feature_store stream or auto).")  # fmt: skip
-        if streams and self.hparams.online_features:
-            raise CaptionerError("A trained encoder reads images, not features: --model.trainable_encoder_blocks > 0 "
-                                 "needs image files and --data.feature_store cache.")  # fmt: skip
-        return streams
-
-    def _stream_root(self) -> str:
-        return self.hparams.stream_dir or str(self.work_dir / "streamed")
 
     def _rank_and_world(self) -> tuple[int, int]:
         """This process's place among those sharing the extraction: all ranks with a shared file system, else the
@@ -290,34 +265,13 @@ class CaptionDataModule(LightningDataModule):
     def _device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
-    def _features(self, file_names: list[str], images_dir: Path, root: Path) -> FeatureCache:
-        """The feature cache, computed if needed: by this process alone, or shared out across the ranks."""
+    def _store_run(self, splits: dict[str, list[CaptionRecord]], sharded: bool) -> StoreRun:
         hp = self.hparams
-        common = dict(
-            batch_size=hp.extraction_batch_size,
-            num_workers=hp.num_workers,
-            device=self._device(),
-            compile_encoder=hp.compile_encoder,
-            decode_threads=hp.decode_threads,
-        )
-        spec = self.feature_spec
-        if self._world_size() > 1:
-            trainer = self.trainer
-            rank, world_size = self._rank_and_world()
-            cache = prepare_features_sharded(
-                self.work_dir / FEATURES_DIR,
-                images_dir,
-                file_names,
-                spec,
-                rank=rank,
-                world_size=world_size,
-                barrier=trainer.strategy.barrier,
-                **common,
-            )
-        else:
-            cache = prepare_features(self.work_dir / FEATURES_DIR, images_dir, file_names, spec, **common)
-        self._report_once(root, cache.failed)
-        return cache
+        rank, world_size = self._rank_and_world()
+        barrier = self.trainer.strategy.barrier if self.trainer is not None and world_size > 1 else (lambda: None)
+        return StoreRun(self.work_dir, self.images_dir, splits, self.feature_spec, sharded, self._device(), rank,
+                        world_size, barrier, hp.extraction_batch_size, max(hp.decode_threads, hp.num_workers, 1),
+                        hp.compile_encoder, self.shuffle_seed, hp.train_crop, hp.extraction_part_size)  # fmt: skip
 
     def _report_once(self, root: Path, undecodable: dict[str, str]) -> None:
         """One summary of everything preparation kept and skipped, at the end."""
@@ -329,92 +283,32 @@ class CaptionDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------- setup (every process)
     def setup(self, stage: str) -> None:
-        """Open the prepared files read-only and build the datasets `stage` needs."""
+        """Open the prepared files and the feature store (extracting what is missing), and build the datasets."""
         if stage == "predict":
             self._setup_predict()
             return
+        hp = self.hparams
         prepared = PreparedData.for_settings(self.work_dir, self.preparation_settings())
         dataset = prepared.read_dataset()
         root, self.images_dir = Path(dataset["root"]), Path(dataset["images_dir"])
         splits, _ = load_splits(prepared.splits_file)
         self.vocabulary = load_tokenizer(prepared.vocab_file)
-        if self._streams(dataset["sharded"]):
-            self._setup_streamed(splits, root, dataset["sharded"])
-            return
-        all_names = self._image_names(splits)
-        cache = None
-        if self.hparams.online_features:
-            row_of, failed = {name: row for row, name in enumerate(all_names)}, {}
-        else:
-            if self._world_size() > 1:
-                cache = self._features(all_names, self.images_dir, root)
-            else:
-                cache = load_features(self.work_dir / FEATURES_DIR, all_names, self.feature_spec, self._device())
-            row_of, failed = cache.row_of, cache.failed
+        self.store = store_for(self.feature_store, dataset["sharded"], hp.online_features, hp.resident_features,
+                               hp.resident_budget_gb, hp.stream_dir, hp.stream_cache_gb)  # fmt: skip
+        self.store.open(self._store_run(splits, dataset["sharded"]))
+        failed = self.store.failed
+        self._report_once(root, failed)
         self.split_sizes = {}
-        self.resident = self._resident(cache) if cache is not None else None
         for name in SPLITS:
             records = [r for r in splits[name] if r.file_name not in failed]
             self.split_sizes[name] = len(records)
             if not records:
                 raise CaptionerError(f"The {name} split has no usable image; adjust --data.{name}_size or the data.")
-            if self.resident is not None:
-                reader = RowIndex()
-            elif cache is not None:
-                reader = FeatureRows(cache.directory / FEATURES_FILE)
-            else:
-                reader = PixelRows([self.images_dir / n for n in all_names], self.encoder.preprocessing,
-                                   augment=self.hparams.train_crop if name == "train" else 1.0,
-                                   seed=self.shuffle_seed)  # fmt: skip
+            if name == "train" and self.store.streams_training:
+                self.datasets[name] = StreamedSplit(len(records))
+                continue
+            reader, row_of = self.store.rows(name, [r.file_name for r in records])
             self.datasets[name] = self._dataset(name, records, reader, row_of)
-
-    def _setup_streamed(self, splits: dict[str, list[CaptionRecord]], root: Path, sharded: bool) -> None:
-        """Training streams its features; validation and test features are read into memory (they are few)."""
-        hp = self.hparams
-        rank, world_size = self._rank_and_world()
-        barrier = self.trainer.strategy.barrier if self.trainer is not None else (lambda: None)
-        self.streamed = prepare_streamed(
-            self._stream_root(), image_parts(splits["train"] + splits["val"] + splits["test"], self.images_dir,
-                                             sharded),
-            splits, self.feature_spec, rank=rank, world_size=world_size, barrier=barrier, device=self._device(),
-            batch_size=hp.extraction_batch_size, threads=max(2, hp.num_workers), cache_dir=self._stream_cache(),
-        )  # fmt: skip
-        failed = self.streamed.failed
-        self._report_once(root, failed)
-        evaluated = {name: [r for r in splits[name] if r.file_name not in failed] for name in ("val", "test")}
-        names = [r.file_name for name in ("val", "test") for r in evaluated[name]]
-        self.resident = ResidentFeatures(self.streamed.table(names, self._stream_cache()), self._device())
-        row_of = {name: row for row, name in enumerate(names)}
-        self.split_sizes = {"train": self.streamed.meta["counts"].get("train", 0),
-                            **{name: len(records) for name, records in evaluated.items()}}  # fmt: skip
-        for name, size in self.split_sizes.items():
-            if not size:
-                raise CaptionerError(f"The {name} split has no usable image; adjust --data.{name}_size or the data.")
-        self.datasets["train"] = StreamedSplit(self.split_sizes["train"])
-        for name, records in evaluated.items():
-            self.datasets[name] = self._dataset(name, records, RowIndex(), row_of)
-
-    def _stream_cache(self) -> str | None:
-        """Where LitData keeps chunks of a remote streamed set (its default place when None)."""
-        return None if "://" not in self._stream_root() else str(self.work_dir / "stream-cache")
-
-    def _resident(self, cache: FeatureCache) -> ResidentFeatures | None:
-        """The cache held in memory when it fits (see `resident_features`), else None (read from disk per batch)."""
-        choice, device = self.hparams.resident_features, self._device()
-        size = cache.features.nbytes
-        if choice is False:
-            return None
-        budget = int(self.hparams.resident_budget_gb * 2**30) if self.hparams.resident_budget_gb else None
-        if size <= (budget if budget is not None else memory_budget(device)):
-            log.info("Feature cache (%.0f MB) held in %s memory.", size / 2**20, device.type.upper())
-            return ResidentFeatures(cache.features, device)
-        if device.type == "cuda" and size <= host_budget():
-            log.info("Feature cache (%.0f MB) held in pinned host memory.", size / 2**20)
-            return ResidentFeatures(cache.features, device, host=True)
-        if choice is True:
-            raise CaptionerError(f"--data.resident_features true: the feature cache ({size / 2**30:.1f} GB) is over "
-                                 "the memory budget; raise --data.resident_budget_gb or set it to auto.")  # fmt: skip
-        return None
 
     # ---------------------------------------------------------------- what the model reads (captioner.data.contract)
     @property
@@ -442,11 +336,8 @@ class CaptionDataModule(LightningDataModule):
             return image.convert("RGB")
 
     def materialize(self, batch: dict) -> dict:
-        """A batch with its `rows` turned into `features` from the resident table (a no-op otherwise)."""
-        if isinstance(batch, dict) and "rows" in batch and self.resident is not None:
-            batch = {**batch, "features": self.resident.gather(batch["rows"])}
-            del batch["rows"]
-        return batch
+        """A batch completed where its store gathers features on the device (rows of a resident table)."""
+        return self.store.to_device(batch) if self.store is not None else batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.materialize(batch)  # on the training device: the gather runs there
@@ -524,7 +415,8 @@ class CaptionDataModule(LightningDataModule):
         loader = trainer.train_dataloader if trainer is not None and trainer.training else None
         if not isinstance(loader, ResumableLoader) and not hasattr(loader, "state_at"):
             return {}
-        position = TrainingPosition.of_trainer(trainer, loader.batch_size)
+        # Items per training batch: what both loaders yield (a streamed loader reads windows of several batches).
+        position = TrainingPosition.of_trainer(trainer, self.hparams.batch_size)
         state: dict[str, Any] = {"training_position": position.to_dict()}
         if hasattr(loader, "state_at"):
             state["stream_state"] = loader.state_at(position.epoch, position.items)
@@ -542,20 +434,19 @@ class CaptionDataModule(LightningDataModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def train_dataloader(self) -> DataLoader:
-        if self.streamed is not None:
+        if self.store is not None and self.store.streams_training:
             return self._stream_loader()
         # A last batch of one item would break the decoders' batch norm in training mode (and is noise anyway).
         drop_last = len(self.datasets.get("train", ())) > self.hparams.batch_size
         return self._loader("train", self.hparams.batch_size, shuffle=True, drop_last=drop_last)
 
     def _stream_loader(self) -> Any:
-        """LitData's loader over the training stream, started where a checkpoint stood."""
-        from captioner.data.stream_loader import train_loader
-
+        """The store's own training loader, started where a checkpoint stood."""
         hp = self.hparams
-        loader = train_loader(self.streamed, self.vocabulary, hp.batch_size, hp.num_workers, self.shuffle_seed,
-                              pin_memory=self._device().type == "cuda", cache_dir=self._stream_cache(),
-                              max_cache_gb=hp.stream_cache_gb)  # fmt: skip
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        loader = self.store.train_loader(self.vocabulary, hp.batch_size, hp.num_workers, self.shuffle_seed,
+                                         hp.train_items == "images", pin_memory=self._device().type == "cuda",
+                                         rank=rank)  # fmt: skip
         position = self._resume_at
         loader.start_at(position.epoch if position else 0, self._stream_state if position else None)
         self._resume_at, self._stream_state = None, None
@@ -572,8 +463,9 @@ class CaptionDataModule(LightningDataModule):
 
 
 class StreamedSplit:
-    """The training split when it streams: its size (the items live in the stream, `CaptionDataModule.streamed`).
-    It holds no references, so objectives that score whole images against them (self-critical training) refuse it."""
+    """The training split when it streams: its size in images (the items live in the stream, read by the store's
+    loader). It holds no references, so objectives that score whole images against them (self-critical training)
+    refuse it."""
 
     streamed = True
 

@@ -47,7 +47,7 @@ class FeatureRows:
 
 class RowIndex:
     """The rows themselves: the batch carries `rows`, and the datamodule gathers their features from a table held
-    in memory (`captioner.encoders.store.ResidentFeatures`) once the batch is on the training device."""
+    in memory (`captioner.features.resident.ResidentFeatures`) once the batch is on the training device."""
 
     key = "rows"
     augmented = False

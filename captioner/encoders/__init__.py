@@ -1,5 +1,5 @@
-"""Image encoders as parts (see `captioner.encoders.base` for the protocol), their input definition, and the
-feature store they fill.
+"""Image encoders as parts (see `captioner.encoders.base` for the protocol), their input definition and image
+decoding; the features they compute are kept by `captioner.features`.
 
 Built in, one file per library: `TorchvisionEncoder` (torchvision), `TimmEncoder` (timm), `OpenClipEncoder`
 (OpenCLIP) and `HuggingFaceEncoder` (transformers). The libraries beyond torchvision are optional extras.

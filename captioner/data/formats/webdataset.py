@@ -5,7 +5,7 @@ Read as a stream (`pip install 'captioner[shards]'`), never unpacked to disk.
 Records name an image as `<shard>#<member>` (`00003.tar#000030012.jpg`): the
 shard relative to the data folder (or its URL) and the image's name inside it.
 Their features are extracted straight from the shards into streamed feature
-shards (`captioner.data.streamed`).
+shards (`captioner.features.streamed`).
 """
 
 from __future__ import annotations
