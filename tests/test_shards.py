@@ -153,7 +153,8 @@ def test_streamed_extraction_and_training_killed_and_resumed_match_the_coco_run(
     whole = tmp_path / "whole"
     finish(launch([*tiny_args("fit", shards, work, whole, *STREAM, "--trainer.max_epochs", "2", *ddp(2))], tmp_path))
     whole_metrics = json.loads(next(whole.rglob("test_metrics.json")).read_text())
-    assert metrics["metrics"] == whole_metrics["metrics"] and metrics["images"] == 30
+    # 30 test images drawn by hash, less the one cut short if it drew test.
+    assert metrics["metrics"] == whole_metrics["metrics"] and metrics["images"] == whole_metrics["images"] >= 29
     finals = [torch.load(next(folder.rglob("last.ckpt")), weights_only=False)["state_dict"] for folder in (root, whole)]
     assert all(torch.equal(value, finals[1][key]) for key, value in finals[0].items())
 
@@ -172,7 +173,7 @@ def test_shards_train_the_model_the_coco_format_trains_with_the_same_config(scen
     for name, source in (("streamed", shards), ("coco", coco)):
         cli = main(tiny_args("fit", source, tmp_path / f"{name}-work", tmp_path / name, *STREAM))
         report = json.loads(next((tmp_path / name).rglob("test_metrics.json")).read_text())
-        assert report["images"] == 30
+        assert report["images"] >= 29  # 30 drawn (by hash for shards), less the image cut short if it drew test
         scores[name] = (report["metrics"]["torchmetrics"]["BLEU-4"], report["metrics"]["pycocoevalcap"]["CIDEr"],
                         cli.trainer.global_step)  # fmt: skip
     assert (tmp_path / "streamed-work" / "streamed").is_dir() and not (tmp_path / "coco-work" / "streamed").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,13 +24,14 @@ from captioner.data.datasets import (
     TrainCaptions,
     passthrough,
 )
-from captioner.data.download import KAGGLE_DATASET, read_caption_set, resolve_dataset
+from captioner.data.download import KAGGLE_DATASET, find_caption_set, read_caption_set, resolve_dataset
 from captioner.data.formats import CaptionFormat
 from captioner.data.formats.webdataset import SHARD_SEPARATOR
 from captioner.data.images import IMAGE_EXTENSIONS, find_images
 from captioner.data.prepared import PreparedData
 from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.sampling import ResumableLoader, ResumableSampler, TrainingPosition
+from captioner.data.sharded import SHARDED_FILE, ShardedRecords, index_shards, shards_fingerprint
 from captioner.data.splits import (
     SPLITS,
     label_from_split_file,
@@ -42,7 +44,7 @@ from captioner.encoders.base import ImageEncoder
 from captioner.encoders.image_files import ImageFileDataset, collate_images
 from captioner.encoders.torchvision_models import default_encoder
 from captioner.features.keys import FeatureSpec
-from captioner.features.sources import IMAGES_PER_FOLDER_PART
+from captioner.features.sources import IMAGES_PER_FOLDER_PART, indexed_parts
 from captioner.features.stores import FeatureStore, StoreRun, store_for
 from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
 from captioner.text.words import Words, normalize
@@ -209,15 +211,21 @@ class CaptionDataModule(LightningDataModule):
         return settings
 
     def prepare_data(self) -> None:
-        """Fetch, read, split, build the vocabulary and cache the features (each step skipped if done).
+        """Fetch, read, split and build the tokenizer (each step skipped if done); features come in `setup`.
 
-        Nothing at all for `predict`: a checkpoint and a folder of images are all it needs.
+        A format that streams (WebDataset shards) is read a shard at a time into per-shard index files with splits
+        by hash (`captioner.data.sharded`): no process holds every record. Nothing at all for `predict`: a checkpoint
+        and a folder of images are all it needs.
         """
         if self.trainer is not None and self.trainer.predicting:
             return
         hp, settings = self.hparams, self.preparation_settings()
         prepared = PreparedData.for_settings(self.work_dir, settings)
         root = resolve_dataset(hp.data_dir, hp.kaggle_dataset, hp.kaggle_version, hp.synthetic_images)
+        caption_format, source = find_caption_set(root, self.caption_format)
+        if getattr(caption_format, "streams", False):
+            self._prepare_sharded(prepared, root, source, caption_format, settings)
+            return
         records, images_dir, caption_format, report = read_caption_set(root, self.caption_format)
         if hp.split_file is not None:
             records = label_from_split_file(records, hp.split_file, report)
@@ -227,22 +235,55 @@ class CaptionDataModule(LightningDataModule):
             prepared.write_settings(settings)
             splits = make_splits(records, hp.val_size, hp.test_size, hp.split_seed, hp.restval)
             save_splits(prepared.splits_file, splits, settings)
-            train_captions = [c for r in splits["train"] for c in r.captions]
+            train_captions = (c for r in splits["train"] for c in r.captions)
             tokenizer = self.tokenizer_recipe.build(train_captions, hp.max_caption_length, hp.min_word_count)
             write_json(prepared.vocab_file, tokenizer.to_dict())
-            prepared.write_dataset(
-                root,
-                images_dir,
-                caption_format.describe(),
-                fingerprint,
-                sharded=getattr(caption_format, "streams", False),
-            )  # marks it complete
+            prepared.write_dataset(root, images_dir, caption_format.describe(), fingerprint)  # marks it complete
         splits, _ = load_splits(prepared.splits_file)
         vocabulary = load_tokenizer(prepared.vocab_file)
         log.info("Prepared data in %s: %s; %s.", prepared.folder, ", ".join(f"{len(splits[n])} {n}" for n in SPLITS),
                  vocabulary.describe())  # fmt: skip
         report.long_captions = sum(len(normalize(c)) > hp.max_caption_length for r in records for c in r.captions)
         self._report = report  # summarised once the features are extracted (setup): undecodable images count too
+
+    def _prepare_sharded(self, prepared: PreparedData, root: Path, source: Path, caption_format: CaptionFormat,
+                         settings: dict[str, Any]) -> None:  # fmt: skip
+        """The records pass over shards, once: index files, hash splits, the tokenizer from a pass over training
+        captions; validation and test records (few) kept in splits.json, training records in the shard index.
+
+        Raises:
+            CaptionerError: With a split file (it names image files, not images inside shards), or when the shards
+                changed since the data was prepared from them.
+        """
+        hp = self.hparams
+        if hp.split_file is not None:
+            raise CaptionerError("--data.split_file names image files; images inside shards are split by a hash of "
+                                 "their names (--data.val_size, --data.test_size, --data.split_seed).")  # fmt: skip
+        prepared.check_records(shards_fingerprint(source, caption_format), str(root))
+        if prepared.complete:
+            sharded = ShardedRecords.read(prepared.folder / SHARDED_FILE)
+            self._report = DataReport(images=sum(c["images"] for c in sharded.counts.values()),
+                                      captions=sum(c["captions"] for c in sharded.counts.values()))  # fmt: skip
+        else:
+            prepared.write_settings(settings)
+            report = DataReport()
+            log.info("Reading %s as %s, a shard at a time", source, caption_format.describe())
+            sharded = index_shards(caption_format.shard_records(source, report), prepared.folder, hp.val_size,
+                                   hp.test_size, hp.split_seed, report)  # fmt: skip
+            evaluated = {"train": [], "val": [], "test": []}
+            for record in sharded.records():
+                if record.split != "train":
+                    evaluated[record.split].append(record)
+            save_splits(prepared.splits_file, evaluated, settings)  # training records stay in the shard index
+            tokenizer = self.tokenizer_recipe.build(sharded.captions("train"), hp.max_caption_length,
+                                                    hp.min_word_count)  # fmt: skip
+            write_json(prepared.vocab_file, tokenizer.to_dict())
+            prepared.write_dataset(root, source, caption_format.describe(), shards_fingerprint(source, caption_format),
+                                   sharded=True)  # fmt: skip
+            self._report = report
+        log.info("Prepared data in %s: %s; %s.", prepared.folder,
+                 ", ".join(f"{sharded.counts[n]['images']} {n}" for n in SPLITS),
+                 load_tokenizer(prepared.vocab_file).describe())  # fmt: skip
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -295,17 +336,23 @@ class CaptionDataModule(LightningDataModule):
         self.vocabulary = load_tokenizer(prepared.vocab_file)
         self.store = store_for(self.feature_store, dataset["sharded"], hp.online_features, hp.resident_features,
                                hp.resident_budget_gb, hp.stream_dir, hp.stream_cache_gb)  # fmt: skip
-        self.store.open(self._store_run(splits, dataset["sharded"]))
+        run = self._store_run(splits, dataset["sharded"])
+        if dataset["sharded"]:  # training records live in the shard index: each part reads its own
+            sharded = ShardedRecords.read(prepared.folder / SHARDED_FILE)
+            run.parts = indexed_parts(sharded, self.images_dir)
+            run.identity = [f"shards:{prepared.folder.name}:{json.dumps(sharded.to_dict(), sort_keys=True)}"]
+        self.store.open(run)
         failed = self.store.failed
         self._report_once(root, failed)
         self.split_sizes = {}
         for name in SPLITS:
             records = [r for r in splits[name] if r.file_name not in failed]
-            self.split_sizes[name] = len(records)
-            if not records:
+            self.split_sizes[name] = self.store.train_size if name == "train" and self.store.streams_training else (
+                len(records))  # fmt: skip
+            if not self.split_sizes[name]:
                 raise CaptionerError(f"The {name} split has no usable image; adjust --data.{name}_size or the data.")
             if name == "train" and self.store.streams_training:
-                self.datasets[name] = StreamedSplit(len(records))
+                self.datasets[name] = StreamedSplit(self.split_sizes[name])
                 continue
             reader, row_of = self.store.rows(name, [r.file_name for r in records])
             self.datasets[name] = self._dataset(name, records, reader, row_of)

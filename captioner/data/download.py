@@ -71,26 +71,35 @@ def resolve_dataset(
     return root
 
 
-def read_caption_set(
-    root: Path, caption_format: CaptionFormat | None = None
-) -> tuple[list[CaptionRecord], Path, CaptionFormat, DataReport]:
-    """Find the captions under `root` (or its one subfolder: Kaggle archives sometimes nest) and read them.
+def find_caption_set(root: Path, caption_format: CaptionFormat | None = None) -> tuple[CaptionFormat, Path]:
+    """Which format `root` (or its one subfolder: Kaggle archives sometimes nest) holds, and what it reads.
 
     Args:
         root: The data folder.
-        caption_format: The format to read (None: the first known format the folder holds).
+        caption_format: The format to look for (None: the first known format the folder holds).
 
-    Returns:
-        The records, the folder their file names are relative to, the format and what reading skipped.
+    Raises:
+        CaptionerError: When it holds none, naming what was looked for.
     """
     formats = [caption_format] if caption_format is not None else known_formats()
     subfolders = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
     try:
-        found_format, source = find_format(root, formats)
+        return find_format(root, formats)
     except CaptionerError:
         if len(subfolders) != 1:
             raise
-        found_format, source = find_format(subfolders[0], formats)
+        return find_format(subfolders[0], formats)
+
+
+def read_caption_set(
+    root: Path, caption_format: CaptionFormat | None = None
+) -> tuple[list[CaptionRecord], Path, CaptionFormat, DataReport]:
+    """Find the captions under `root` (see `find_caption_set`) and read them all.
+
+    Returns:
+        The records, the folder their file names are relative to, the format and what reading skipped.
+    """
+    found_format, source = find_caption_set(root, caption_format)
     report = DataReport()
     records, images_dir = found_format.read(source, report)
     log.info("Reading %s as %s", source, found_format.describe())

@@ -131,6 +131,8 @@ class RecordBuilder:
             captions[text] = None
 
     def _relative(self, image: str) -> str:
+        if self.sizes is not None:  # names the format made (inside shards): as they are, without pathlib, which
+            return str(image)  # interns every part of every path it parses for good (web-scale sets: ~75 B each)
         path = Path(str(image).replace("\\", "/"))
         if path.is_absolute():
             try:
@@ -139,8 +141,12 @@ class RecordBuilder:
                 return str(path)
         return path.as_posix()
 
-    def build(self, source: str | Path) -> list[CaptionRecord]:
+    def build(self, source: str | Path, require_some: bool = True) -> list[CaptionRecord]:
         """The records, sorted by file name, of every image with at least one caption and a non-empty file.
+
+        Args:
+            source: Where the captions came from, for the message.
+            require_some: Refuse to end with no record at all (False: one shard of many may hold none).
 
         Raises:
             CaptionerError: When nothing usable is left, naming `source` and what was skipped.
@@ -161,7 +167,7 @@ class RecordBuilder:
                 records.append(CaptionRecord(name, captions, self._ids[name], self._splits[name]))
                 self.report.images += 1
                 self.report.captions += len(captions)
-        if not records:
+        if not records and require_some:
             raise CaptionerError(
                 f"No usable image in {source}: {self.report.summary()}. Check that --data.data_dir points at the "
                 f"folder with the captions and that the images are in {self.images_dir}."

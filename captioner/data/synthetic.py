@@ -10,8 +10,10 @@ what the model says against the truth.
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import tarfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -204,9 +206,6 @@ def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: i
     Returns:
         `root`.
     """
-    import io
-    import tarfile
-
     coco_root, root = Path(coco_root), Path(root)
     payload = json.loads((coco_root / CAPTION_FILE).read_text(encoding="utf-8"))
     captions: dict[int, list[str]] = {}
@@ -240,3 +239,27 @@ def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: i
             count = len(samples[start : start + per_shard])
             (tmp / f"{name}_stats.json").write_text(json.dumps({"count": count, "successes": count}))
     return root
+
+
+def write_caption_shards(root: str | Path, count: int, per_shard: int = 10_000, seed: int = 0) -> Path:
+    """`count` captions-only samples as img2dataset-style shards (`<key>.jpg` + `<key>.txt`), every image the same
+    tiny JPEG: a set of web scale in records and in files, small on disk, for measuring the records pass.
+
+    Returns:
+        `root`, written whole (the shards appear together when complete).
+    """
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    image = buffer.getvalue()
+    words = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    with atomic_folder(root) as tmp:
+        for shard, start in enumerate(range(0, count, per_shard)):
+            with tarfile.open(tmp / f"{shard:05d}.tar", "w") as tar:
+                for index in range(start, min(start + per_shard, count)):
+                    caption = f"a {rng.choice(words)} next to a {rng.choice(words)} number {index % 997}".encode()
+                    for extension, data in (("jpg", image), ("txt", caption)):
+                        info = tarfile.TarInfo(f"{index:09d}.{extension}")
+                        info.size, info.mtime = len(data), 0
+                        tar.addfile(info, io.BytesIO(data))
+    return Path(root)

@@ -192,7 +192,7 @@ def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSi
             return compiled(images.to(device, non_blocking=True), grid=spec.grid)
 
         chunk = [batch_size]  # shrinks when the device runs out of memory
-        total = sum(len(part.names) for part in todo)
+        total = sum(len(part.names) for part in todo) or None  # parts read from a shard index: not known yet
         with (
             # Extraction draws no random number of the run's: a run trains the same whether or not it extracted.
             torch.random.fork_rng(devices=[]),

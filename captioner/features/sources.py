@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from captioner.data.formats.webdataset import IMAGE_MEMBERS, SHARD_SEPARATOR, shard_path, shard_samples
+from captioner.data.records import CaptionRecord
 
 IMAGES_PER_FOLDER_PART = 1000
 
@@ -31,6 +33,10 @@ class ImagePart:
     def images(self) -> Iterator[tuple[str, bytes | BaseException]]:
         """`(name, encoded image)` for each of `names` found (the error in place of bytes that cannot be read)."""
         raise NotImplementedError
+
+    def records(self) -> list[CaptionRecord] | None:
+        """The part's records (each with its split), when the part knows them (a shard's index); None otherwise."""
+        return None
 
 
 @dataclass
@@ -65,6 +71,29 @@ class ShardPart(ImagePart):
         for name in self.names:
             if name not in done:
                 yield name, FileNotFoundError(f"not found in its shard {self.location}")
+
+
+@dataclass
+class IndexedShardPart(ShardPart):
+    """One input shard of a sharded set (`captioner.data.sharded`), its images and records read from its index file
+    when the part is worked on: no process holds the records of every shard."""
+
+    index: Any = None
+    number: int = 0
+
+    def records(self) -> list[CaptionRecord]:
+        return self.index.shard_records(self.number)
+
+    def images(self) -> Iterator[tuple[str, bytes | BaseException]]:
+        self.names = [record.file_name for record in self.records()]
+        yield from super().images()
+
+
+def indexed_parts(index: Any, folder: Path) -> list[IndexedShardPart]:
+    """One part per shard of a sharded set, in shard order."""
+    return [IndexedShardPart(f"shard-{number:06d}-{Path(location).stem}"[:120], [], location=location,
+                             folder=Path(folder), index=index, number=number)
+            for number, location in enumerate(index.shards)]  # fmt: skip
 
 
 def folder_parts(names: list[str], folder: Path, per_part: int = IMAGES_PER_FOLDER_PART) -> list[FilePart]:

@@ -58,6 +58,9 @@ class StoreRun:
         seed: The run's seed (training order, random crops).
         train_crop: The random crop of a trained encoder's training images (1: none).
         per_part: Images per part of a folder (the unit of resuming and sharing out extraction).
+        parts: The parts to extract, when the data gives them (the shards of a sharded set); None: built from the
+            splits' images.
+        identity: What a streamed set's key is drawn from (None: the splits' image names).
     """
 
     work_dir: Path
@@ -75,6 +78,8 @@ class StoreRun:
     seed: int = 0
     train_crop: float = 1.0
     per_part: int = IMAGES_PER_FOLDER_PART
+    parts: list | None = None
+    identity: list[str] | None = None
 
     def names(self, splits: tuple[str, ...] = SPLITS) -> list[str]:
         """Every image of these splits, sorted."""
@@ -223,11 +228,12 @@ class StreamStore(FeatureStore):
         from captioner.features.streamed import prepare_streamed
 
         self.run = run
-        parts = image_parts(run.names(), run.images_dir, run.sharded, run.per_part)
+        parts = run.parts if run.parts is not None else image_parts(run.names(), run.images_dir, run.sharded,
+                                                                    run.per_part)  # fmt: skip
         self.features = prepare_streamed(self.root(run), parts, run.splits, run.spec, rank=run.rank,
                                          world_size=run.world_size, barrier=run.barrier, device=run.device,
                                          batch_size=run.batch_size, threads=run.threads,
-                                         cache_dir=self.cache_dir(run))  # fmt: skip
+                                         cache_dir=self.cache_dir(run), identity=run.identity)  # fmt: skip
         self.failed = self.features.failed
         names = [record.file_name for split in ("val", "test") for record in run.splits[split]
                  if record.file_name not in self.failed]  # fmt: skip

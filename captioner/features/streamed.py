@@ -54,10 +54,10 @@ def litdata(module: str = "litdata") -> Any:
     return require_library(module, "shards", "Streamed features")
 
 
-def stream_key(spec: FeatureSpec, splits: dict[str, list[CaptionRecord]], device: torch.device | str) -> str:
-    """The set's key: the feature key (encoder, preprocessing, kind, precision) over split-tagged names."""
+def stream_key(spec: FeatureSpec, names: list[str], device: torch.device | str) -> str:
+    """The set's key: the feature key (encoder, preprocessing, kind, precision) over what the images are (their
+    split-tagged names, or what identifies a sharded set's records: `captioner.data.sharded`)."""
     _, precision = extraction_method(device, device_decode=False)  # images in shards are decoded on the host
-    names = [f"{split}:{record.file_name}" for split in SPLIT_NAMES for record in splits[split]]
     return cache_key(spec.encoder_spec, spec.preprocessing, names, spec.grid, "pil", precision)
 
 
@@ -164,17 +164,18 @@ class _StreamPartWriter:
         self.tmp = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self.writers, self.failed = _SplitWriters(self.tmp), {}
+        self.writers, self.failed, self.captions = _SplitWriters(self.tmp), {}, {}
 
     def write(self, names: list[str], features: np.ndarray, errors: dict[str, str]) -> None:
         for name, row in zip(names, features, strict=True):
             split, captions = self.destination[name]
             self.writers.add(split, {"name": name, "features": row, "captions": "\n".join(captions)})
+            self.captions[split] = self.captions.get(split, 0) + len(captions)
         self.failed.update(errors)
 
     def finish(self) -> dict[str, Any]:
         self.writers.close()
-        record = {"counts": self.writers.counts, "failed": self.failed}
+        record = {"counts": self.writers.counts, "captions": self.captions, "failed": self.failed}
         write_json(self.tmp / PART_FILE, record)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.tmp.rename(self.folder)
@@ -188,9 +189,9 @@ class StreamSink:
 
     def __init__(self, directory: Path, key: str, spec: FeatureSpec, splits: dict[str, list[CaptionRecord]]) -> None:
         self.directory, self.key, self.spec = directory, key, spec
+        # Images of parts that do not know their records (runs of a folder's files); a shard's index knows its own.
         self.destination = {record.file_name: (split, record.captions) for split in SPLIT_NAMES
                             for record in splits[split]}  # fmt: skip
-        self.train_captions = sum(len(record.captions) for record in splits["train"])
 
     def _folder(self, part: ImagePart) -> Path:
         return self.directory / PARTS_DIR / part.name
@@ -199,19 +200,23 @@ class StreamSink:
         return (self._folder(part) / PART_FILE).is_file()
 
     def writer(self, part: ImagePart) -> _StreamPartWriter:
-        return _StreamPartWriter(self._folder(part), self.destination)
+        records = part.records()
+        if records is None:
+            return _StreamPartWriter(self._folder(part), self.destination)
+        return _StreamPartWriter(self._folder(part), {r.file_name: (r.split, r.captions) for r in records})
 
     def assemble(self, parts: Sequence[ImagePart]) -> None:
         folders = [self._folder(part) for part in parts]
         failed: dict[str, str] = {}
+        train_captions = 0
         for folder in folders:
-            failed.update(read_json(folder / PART_FILE, "Streamed part")["failed"])
+            record = read_json(folder / PART_FILE, "Streamed part")
+            failed.update(record["failed"])
+            train_captions += record["captions"].get("train", 0)
         counts = {split: _merge(self.directory, folders, split) for split in SPLIT_NAMES}
         if not any(counts.values()):
             raise CaptionerError(f"No image could be decoded ({len(failed)} failed, e.g. "
                                  f"{next(iter(failed.items()), ('', ''))}).")  # fmt: skip
-        kept = {name for name, (split, _) in self.destination.items() if split == "train"} - set(failed)
-        train_captions = sum(len(self.destination[name][1]) for name in kept)
         _write_meta(self.directory, {"version": STREAM_VERSION, "key": self.key, "encoder": self.spec.encoder_spec,
                                      "row_shape": list(self.spec.row_shape()), "counts": counts,
                                      "train_captions": train_captions,
@@ -245,7 +250,7 @@ def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
 def prepare_streamed(root: str, parts: list[ImagePart], splits: dict[str, list[CaptionRecord]], spec: FeatureSpec,
                      rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
                      device: torch.device | str = "cpu", batch_size: int | None = None, threads: int = 4,
-                     cache_dir: str | None = None) -> StreamedFeatures:  # fmt: skip
+                     cache_dir: str | None = None, identity: list[str] | None = None) -> StreamedFeatures:  # fmt: skip
     """The streamed feature set of these splits, extracted first where it is missing (every rank its share).
 
     Args:
@@ -258,13 +263,16 @@ def prepare_streamed(root: str, parts: list[ImagePart], splits: dict[str, list[C
         batch_size: Images per encoder pass (None: 256 on a GPU, 8 on a CPU).
         threads: Images decoded at once.
         cache_dir: Where LitData keeps the chunks of a remote set (a bounded cache).
+        identity: What the set's key is drawn from (None: the split-tagged names of `splits`' records).
 
     Raises:
         CaptionerError: When a set at a URL is missing, a complete set there is another one, or no image at all
             could be decoded.
     """
     device = torch.device(device)
-    key = stream_key(spec, splits, device)
+    if identity is None:
+        identity = [f"{split}:{record.file_name}" for split in SPLIT_NAMES for record in splits[split]]
+    key = stream_key(spec, identity, device)
     location = f"{root.rstrip('/')}/{spec.folder_name(key)}"
     if "://" in root:
         return open_streamed(location, key, spec.encoder_spec, cache_dir)

@@ -148,16 +148,39 @@ class WebDataset(CaptionFormat):
         return folder if any(path.is_file() for path in folder.rglob("*.tar")) else None
 
     def read(self, source: Path, report: DataReport) -> tuple[list[CaptionRecord], Path]:
+        """Every shard's records at once (keys met twice across shards counted and skipped): for sets that fit in
+        memory; the datamodule reads shards one at a time (`shard_records`, `captioner.data.sharded`)."""
+        records, keys = [], set()
+        for _, shard in self.shard_records(source, report):
+            for record in shard:
+                key = shard_of(record.file_name)[1]
+                if key in keys:  # img2dataset's keys are unique across shards: the first one is kept
+                    report.count("duplicate keys", record.file_name)
+                    continue
+                keys.add(key)
+                records.append(record)
+        if not records:
+            raise CaptionerError(f"No usable image in {source}: {report.summary()}.")
+        return records, source
+
+    def locations(self, source: Path) -> list[str]:
+        """The shards this format reads under `source`, in order."""
+        return shard_locations(source, self.shards)
+
+    def shard_records(self, source: Path, report: DataReport) -> Iterator[tuple[str, list[CaptionRecord]]]:
+        """Each shard's location and records (in the shard's order), one shard at a time: images without a caption
+        and captions without an image counted and skipped, keys met twice within a shard too (across shards, the
+        reader of all of them tells)."""
         locations = shard_locations(source, self.shards)
         if not locations:
             raise CaptionerError(f"No shard matches {self.shards or '*.tar'} in {source}.")
-        sizes: dict[str, int] = {}
-        builder = RecordBuilder(source, report, sizes=sizes)
-        wanted, keys = {*IMAGE_MEMBERS, "txt", "json"}, set()
+        wanted = {*IMAGE_MEMBERS, "txt", "json"}
         for location in locations:
+            sizes: dict[str, int] = {}
+            builder, keys = RecordBuilder(source, report, sizes=sizes), set()
             for key, members in shard_samples(shard_path(source, location), report, wanted):
                 where = f"{location}{SHARD_SEPARATOR}{key}"
-                if key in keys:  # img2dataset's keys are unique across shards: the first one is kept
+                if key in keys:
                     report.count("duplicate keys", where)
                     continue
                 keys.add(key)
@@ -172,7 +195,7 @@ class WebDataset(CaptionFormat):
                 builder.add(name, where=where)
                 for caption in captions or ():
                     builder.add(name, caption, where=where)
-        return builder.build(source), source
+            yield location, builder.build(source, require_some=False)
 
 
 def shard_of(file_name: str) -> tuple[str, str]:
