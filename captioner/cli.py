@@ -270,6 +270,11 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
 
             serve_command(argv[1:])
             return None
+        if argv[:1] == ["caption-set"]:
+            from captioner.bulk.job import caption_set_command
+
+            caption_set_command(argv[1:])
+            return None
         if argv[:1] == ["export"]:
             from captioner.export.onnx import export_command
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from captioner.core.errors import CaptionerError
-from captioner.core.pixels import open_image, preprocess_array, to_rgb
+from captioner.core.pixels import image_places, open_image, preprocess_array, to_rgb
 from captioner.decoding.answers import answer_rows
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.ops import NumpyOps
@@ -190,16 +190,20 @@ class OnnxCaptioner:
         """
         return self.decoding.with_overrides(**overrides).checked(self.limits)
 
-    def decode_features(self, features: np.ndarray, config: DecodingConfig | None = None) -> Decoded:
+    def decode_features(self, features: np.ndarray, config: DecodingConfig | None = None,
+                        places: list[int] | None = None) -> Decoded:  # fmt: skip
         """Ranked captions for a batch of features, by the one search (`captioner.decoding.search.decode`, in
-        NumPy)."""
+        NumPy); `places` seed each image's sampling stream (None: its row)."""
         config = config or self.decoding
-        return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(config.seed),
-                      config.max_words(self.vocabulary.max_length), self.vocabulary.stoi)  # fmt: skip
+        return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(),
+                      config.max_words(self.vocabulary.max_length), self.vocabulary.stoi, places)  # fmt: skip
 
     def caption_pixels(self, pixels: np.ndarray, **overrides) -> tuple[list[str], list[float]]:
-        """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch."""
-        decoded = self.decode_features(self.features(pixels), self.settings(**overrides))
+        """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch (sampling: each image's stream seeded by
+        its pixels, as the PyTorch captioner's)."""
+        config = self.settings(**overrides)
+        decoded = self.decode_features(self.features(pixels), config,
+                                       image_places(pixels) if config.do_sample else None)  # fmt: skip
         return self.vocabulary.decode_batch(decoded.best_tokens), [float(s) for s in decoded.best_scores]
 
     # ------------------------------------------------------------ the Captioner interface
@@ -226,7 +230,8 @@ class OnnxCaptioner:
         """What the server returns for decoded images (or their `pixels_from_bytes` arrays): caption, score and,
         with `num_return` > 1, the ranked alternatives (attention maps need the checkpoint: None here)."""
         config = self.settings(**overrides)
-        features = self.features(np.stack([self._pixels(image) if isinstance(image, Image.Image) else image
-                                           for image in images]))  # fmt: skip
-        rows = answer_rows(self.decode_features(features, config), self.vocabulary, config.num_return)
+        pixels = np.stack([self._pixels(image) if isinstance(image, Image.Image) else image for image in images])
+        features = self.features(pixels)
+        places = image_places(pixels) if config.do_sample else None
+        rows = answer_rows(self.decode_features(features, config, places), self.vocabulary, config.num_return)
         return [{**row, "attention": None} for row in rows]

@@ -47,11 +47,11 @@ def run(backend: str, decoder: CaptionDecoder, features: torch.Tensor, config: D
     """Decode with one backend; tokens, scores and lengths as NumPy arrays."""
     with torch.no_grad():
         if backend == "torch":
-            ops = TorchOps("cpu", config.seed)
+            ops = TorchOps("cpu")
             out = decode(DecoderStepper(decoder, features), len(features), config, special, ops, max_words,
                          vocabulary.stoi)  # fmt: skip
             return out.tokens.numpy(), out.scores.numpy(), out.lengths.numpy()
-        out = decode(NumpyStepper(decoder, features), len(features), config, special, NumpyOps(config.seed),
+        out = decode(NumpyStepper(decoder, features), len(features), config, special, NumpyOps(),
                      max_words, vocabulary.stoi)  # fmt: skip
         return out.tokens, out.scores, out.lengths
 
@@ -228,13 +228,47 @@ def test_sampling_draws_words_as_often_as_the_model_says(backend):
     DecodingConfig(num_beams=1), DecodingConfig(num_beams=5, length_penalty=0.6, num_return=5),
     DecodingConfig(num_beams=3, min_length=2, no_repeat_ngram_size=2, bad_endings=("w3",), early_stopping=True),
     DecodingConfig(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return=4),
-], ids=["greedy", "beam5-lp", "rules", "diverse"])  # fmt: skip
+    DecodingConfig(num_beams=1, do_sample=True, temperature=0.9, top_p=0.8, seed=7),
+    DecodingConfig(num_beams=1, do_sample=True, temperature=1.5, top_k=5, seed=11),
+], ids=["greedy", "beam5-lp", "rules", "diverse", "sampled-top-p", "sampled-top-k"])  # fmt: skip
 def test_torch_and_numpy_decode_the_same_captions_with_the_same_scores(config):
     decoder, features = transformer(seed=7), torch.randn(12, 3, 8)
     ours, theirs = run("torch", decoder, features, config), run("numpy", decoder, features, config)
     assert ours[0].tolist() == theirs[0].tolist()
     np.testing.assert_array_equal(ours[2], theirs[2])
     np.testing.assert_allclose(ours[1], theirs[1], atol=1e-4)
+
+
+@BACKENDS
+def test_a_sampled_caption_depends_on_the_seed_and_its_place_not_on_its_batch_mates(backend):
+    """Each image draws from a stream seeded by the seed and its place: alone, or among others in any order, an image
+    samples the same caption; another seed, or another place, draws others."""
+    decoder, features = lstm(sharpen=0.5, seed=3), torch.randn(16, 8)
+    config = DecodingConfig(num_beams=1, do_sample=True, temperature=1.5, seed=5)
+    places = [1000 + 7 * i for i in range(16)]
+    together = run_at(backend, decoder, features, config, places)
+    order = list(range(15, -1, -1))
+    shuffled = run_at(backend, decoder, features[order], config, [places[i] for i in order])
+    assert shuffled[::-1] == together
+    for image in (0, 9):
+        assert run_at(backend, decoder, features[image : image + 1], config, [places[image]]) == [together[image]]
+    other_seed = run_at(backend, decoder, features, DecodingConfig(**{**config.to_dict(), "seed": 6}), places)
+    assert other_seed != together and len(set(map(tuple, together))) > 8  # drawn, not searched
+
+
+def run_at(backend: str, decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig,
+           places: list[int]) -> list[list[int]]:  # fmt: skip
+    """Sampled tokens of each image (without padding), its stream seeded by its place."""
+    with torch.no_grad():
+        if backend == "torch":
+            out = decode(DecoderStepper(decoder, features), len(features), config, SPECIAL, TorchOps("cpu"), 6,
+                         VOCAB.stoi, places)  # fmt: skip
+            rows = out.tokens[:, 0].tolist()
+        else:
+            out = decode(NumpyStepper(decoder, features), len(features), config, SPECIAL, NumpyOps(), 6, VOCAB.stoi,
+                         places)  # fmt: skip
+            rows = out.tokens[:, 0].tolist()
+    return [[token for token in row if token != SPECIAL.pad] for row in rows]
 
 
 def test_a_compiled_search_pads_the_batch_and_gives_the_same_captions(monkeypatch):

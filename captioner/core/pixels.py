@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -222,3 +223,21 @@ def preprocess_array(image: np.ndarray, definition: dict) -> np.ndarray:
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     """Squash an `(H, W, 3)` uint8 array to `(3, size, size)` uint8 with antialiased bilinear interpolation."""
     return preprocess_array(image, {"image_size": size, "resize": "squash", "interpolation": "bilinear"})
+
+
+PLACE_MODULUS, PLACE_WEIGHTS = 2**61 - 1, 65521
+
+
+def image_places(images: Any) -> list[int]:
+    """A number per image of a `(B, 3, S, S)` uint8 batch (NumPy array or torch tensor, on any device), computed from
+    its pixels in exact integer arithmetic: the same for the same picture in every batch, process and backend. A
+    sampled caption's random stream is seeded by it (`captioner.decoding.search.RowStreams`), so an image samples the
+    same caption whatever its batch-mates and whichever captioner, server or job it went through."""
+    flat = images.reshape(images.shape[0], -1)
+    if isinstance(flat, np.ndarray):
+        weights = np.arange(flat.shape[1], dtype=np.int64) % PLACE_WEIGHTS + 1
+        return ((flat.astype(np.int64) * weights).sum(axis=1) % PLACE_MODULUS).tolist()
+    import torch  # a tensor was given: torch is there
+
+    weights = torch.arange(flat.shape[1], dtype=torch.int64, device=flat.device) % PLACE_WEIGHTS + 1
+    return ((flat.to(torch.int64) * weights).sum(dim=1) % PLACE_MODULUS).tolist()

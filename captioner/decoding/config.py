@@ -139,11 +139,14 @@ class DecodingConfig:
 
     def with_overrides(self, **overrides: Any) -> DecodingConfig:
         """A copy with the given settings changed (None leaves a setting as it is; old names work, with a note).
+        Asking for sampling without a number of beams samples one caption per image (`num_beams` 1).
 
         Raises:
             CaptionerError: Naming an unknown setting, or one out of range.
         """
         changes = {name: value for name, value in upgraded(overrides, "decoding").items() if value is not None}
+        if changes.get("do_sample") and "num_beams" not in changes:  # sampling draws one caption: no beams
+            changes.update(num_beams=1, num_return=1, num_beam_groups=1)
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:

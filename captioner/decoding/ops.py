@@ -18,17 +18,10 @@ Array = Any
 
 
 class NumpyOps:
-    """The operations on NumPy arrays (the exported runtime's search).
-
-    Args:
-        seed: Seed of sampling (None: fresh entropy).
-    """
+    """The operations on NumPy arrays (the exported runtime's search)."""
 
     long = np.int64
     float = np.float32
-
-    def __init__(self, seed: int | None = None) -> None:
-        self.rng = np.random.default_rng(seed)
 
     def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> Array:
         return np.full(shape, value, dtype=dtype)
@@ -112,11 +105,12 @@ class NumpyOps:
     def min_along(self, values: Array, axis: int) -> Array:
         return values.min(axis=axis)
 
-    def sample(self, probabilities: Array) -> Array:
-        """One index per row, drawn with the row's probabilities (which sum to 1)."""
-        cumulative = np.cumsum(probabilities, axis=-1)
-        draws = self.rng.random((probabilities.shape[0], 1)) * cumulative[:, -1:]
-        return np.minimum((cumulative < draws).sum(axis=-1), probabilities.shape[-1] - 1).astype(np.int64)
+    def sample(self, probabilities: Array, uniforms: Array) -> Array:
+        """One index per row, drawn with the row's probabilities by inverse CDF at the row's uniform number in
+        [0, 1) (`captioner.decoding.search.RowStreams`): the first index whose cumulative probability passes it."""
+        cumulative = np.cumsum(probabilities.astype(np.float64), axis=-1)
+        draws = np.asarray(uniforms, dtype=np.float64).reshape(-1, 1) * cumulative[:, -1:]
+        return np.minimum((cumulative <= draws).sum(axis=-1), probabilities.shape[-1] - 1).astype(np.int64)
 
     def softmax(self, scores: Array) -> Array:
         return np.exp(self.log_softmax(scores))

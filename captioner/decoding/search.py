@@ -18,7 +18,11 @@ the torch-free runtime steps ONNX graphs (`captioner.runtime`). Both call
   each group's choice at a step is penalised for the words earlier groups
   chose at that step, and the groups' captions are ranked together at the end;
 - greedy decoding takes the best word, sampling draws it (after temperature,
-  top-k and nucleus rules); both stop a caption at `<end>`.
+  top-k and nucleus rules); both stop a caption at `<end>`. Each image draws
+  from a random stream of its own, seeded by the seed and the image's *place*
+  (its position in the caller's list, or a stable id): a seeded caption does
+  not depend on its batch-mates, and both backends draw the same numbers
+  (`RowStreams`, NumPy's PCG64 on the host) into the same inverse-CDF draw.
 
 A caption's score is its total log-probability under the model with the rules
 applied (`<end>` included); `lengths` count its words and `<end>`.
@@ -93,8 +97,30 @@ def length_normalised(scores: Array, lengths: Array, length_penalty: float) -> A
     return scores / ((5.0 + lengths) / 6.0) ** length_penalty
 
 
+class RowStreams:
+    """One random stream per image, for sampling: seeded by `(seed, place)`, so an image draws the same numbers
+    whatever its batch-mates, and the PyTorch and NumPy backends draw the same ones (generated here, on the host).
+
+    Args:
+        seed: The decoding seed (None: fresh entropy, different every call).
+        places: Each image's place (its position among those the caller captions, or a stable id).
+    """
+
+    def __init__(self, seed: int | None, places: list[int]) -> None:
+        import numpy as np  # the search itself imports no array library: NumPy is the runtime's, always there
+
+        entropy = np.random.SeedSequence().entropy if seed is None else seed
+        self.generators = [np.random.default_rng([int(entropy) % 2**63, int(place) % 2**63]) for place in places]
+
+    def uniforms(self) -> Any:
+        """One uniform number in [0, 1) per image, as float64."""
+        import numpy as np
+
+        return np.array([generator.random() for generator in self.generators])
+
+
 def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any, max_words: int,
-           word_ids: dict[str, int] | None = None) -> Decoded:  # fmt: skip
+           word_ids: dict[str, int] | None = None, places: list[int] | None = None) -> Decoded:  # fmt: skip
     """Decode a batch of `batch` images as `config` says.
 
     Args:
@@ -105,6 +131,7 @@ def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: Specia
         ops: `NumpyOps` or `TorchOps`, for the arrays the stepper returns.
         max_words: Most words per caption (a caption without `<end>` stops after them and one more token).
         word_ids: The vocabulary's ids by word, for rules that name words (`bad_endings`).
+        places: Each image's place, which seeds its sampling stream (None: its row in this batch).
 
     Returns:
         `num_beams` ranked captions per image for beam search, one for greedy decoding and sampling.
@@ -112,7 +139,8 @@ def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: Specia
     rules = rules_for(config, special, word_ids)
     check_every = CHECK_EVERY_ON_A_DEVICE if ops.sync_point() else 1
     if config.num_beams == 1:
-        return _one_per_image(stepper, batch, config, special, ops, max_words, rules, check_every)
+        streams = RowStreams(config.seed, list(range(batch)) if places is None else list(places))
+        return _one_per_image(stepper, batch, config, special, ops, max_words, rules, check_every, streams)
     return _beam_search(stepper, batch, config, special, ops, max_words, rules, check_every)
 
 
@@ -123,7 +151,7 @@ def _trimmed(decoded: Decoded, ops: Any) -> Decoded:
 
 
 def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
-                   max_words: int, rules: list, check_every: int) -> Decoded:  # fmt: skip
+                   max_words: int, rules: list, check_every: int, streams: RowStreams) -> Decoded:  # fmt: skip
     """Greedy decoding, or sampling with `do_sample`: one caption per image."""
     state = stepper.start(1)
     previous = ops.full((batch,), special.start, ops.long)
@@ -137,7 +165,7 @@ def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special
         scores = apply(rules, ops.as_float(logits), words, step, ops)
         log_probs = ops.log_softmax(scores)
         if config.do_sample:
-            token = ops.sample(ops.softmax(apply(shaping, scores, words, step, ops)))
+            token = ops.sample(ops.softmax(apply(shaping, scores, words, step, ops)), streams.uniforms())
         else:
             token = ops.argmax(log_probs)
         picked = ops.take(log_probs, token.reshape(-1, 1), 1).reshape(-1)

@@ -14,17 +14,13 @@ class TorchOps:
 
     Args:
         device: Where the search's tensors live (the decoder's device).
-        seed: Seed of sampling (None: the global generator).
     """
 
     long = torch.long
     float = torch.float32
 
-    def __init__(self, device: torch.device | str, seed: int | None = None) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.generator = None
-        if seed is not None:
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> Array:
         return torch.full(shape, value, dtype=dtype, device=self.device)
@@ -97,8 +93,11 @@ class TorchOps:
     def min_along(self, values: Array, axis: int) -> Array:
         return values.amin(dim=axis)
 
-    def sample(self, probabilities: Array) -> Array:
-        return torch.multinomial(probabilities, 1, generator=self.generator).squeeze(1)
+    def sample(self, probabilities: Array, uniforms: Any) -> Array:
+        """As `NumpyOps.sample`, in float64 on the device: the same uniform numbers give the same words."""
+        cumulative = probabilities.double().cumsum(dim=-1)
+        draws = torch.as_tensor(uniforms, dtype=torch.float64, device=self.device).reshape(-1, 1) * cumulative[:, -1:]
+        return (cumulative <= draws).sum(dim=-1).clamp(max=probabilities.shape[-1] - 1)
 
     def softmax(self, scores: Array) -> Array:
         return torch.softmax(scores, dim=-1)

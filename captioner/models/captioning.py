@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
+from captioner.core.pixels import image_places
 from captioner.decoding.answers import answer_rows
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.search import Decoded
@@ -30,15 +31,15 @@ class CaptioningModel(Protocol):
 
 
 def decode_features(model: CaptioningModel, features: torch.Tensor, config: DecodingConfig | None = None,
-                    compiled: bool | None = None) -> Decoded:  # fmt: skip
+                    compiled: bool | None = None, places: list[int] | None = None) -> Decoded:  # fmt: skip
     """Ranked captions of a batch of features, by the one search (`captioner.decoding.search.decode`): the model's
     own decoding settings unless `config` is given; the decoder step compiled when `compiled`, else as the model's
-    `compile_search` says."""
+    `compile_search` says; `places` seed each image's sampling stream (None: its row)."""
     config = config or model.decoding
     vocabulary = model.vocabulary
     compiled = model.hparams.get("compile_search", False) if compiled is None else compiled
     return decode_with(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
-                    config.max_words(vocabulary.max_length), vocabulary.stoi, compiled)  # fmt: skip
+                       config.max_words(vocabulary.max_length), vocabulary.stoi, compiled, places)  # fmt: skip
 
 
 @torch.no_grad()
@@ -70,11 +71,12 @@ def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfi
 
     Keys: `caption`, `score` (log-probability), `alternatives` (with `num_return` > 1; see
     `captioner.decoding.answers`) and `attention` (per-word maps, only when asked for and the decoder attends;
-    else None).
+    else None). Sampling draws each image's words from a stream seeded by its pixels
+    (`captioner.core.pixels.image_places`): the same caption whatever its batch-mates.
     """
     config = config or model.decoding
     features = model.encode_images(images)
-    decoded = decode_features(model, features, config, compiled)
+    decoded = decode_features(model, features, config, compiled, image_places(images) if config.do_sample else None)
     rows = answer_rows(decoded, model.vocabulary, config.num_return)
     maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
     for index, row in enumerate(rows):

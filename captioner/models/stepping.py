@@ -70,7 +70,8 @@ def padded_rows(rows: int) -> int:
 
 @torch.no_grad()
 def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, special: SpecialTokens,
-             max_words: int, word_ids: dict[str, int] | None = None, compiled: bool = False) -> Decoded:  # fmt: skip
+             max_words: int, word_ids: dict[str, int] | None = None, compiled: bool = False,
+             places: list[int] | None = None) -> Decoded:  # fmt: skip
     """Captions for a batch of features, as `config` says (ranked per image; see `captioner.decoding.search`).
 
     Args:
@@ -82,13 +83,15 @@ def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: Decodin
         word_ids: The vocabulary's ids by word (for `bad_endings`).
         compiled: Step through `compiled_step`, the batch padded to `padded_rows` (the padding rows' captions are
             dropped).
+        places: Each image's place, which seeds its sampling stream (None: its row).
     """
     batch = features.shape[0]
+    places = list(range(batch)) if places is None else list(places)
     if compiled and padded_rows(batch) != batch:
         padding = features[:1].expand(padded_rows(batch) - batch, *features.shape[1:])
-        decoded = decode_with(decoder, torch.cat([features, padding]), config, special, max_words, word_ids, compiled)
+        decoded = decode_with(decoder, torch.cat([features, padding]), config, special, max_words, word_ids, compiled,
+                              places + [-1] * (padded_rows(batch) - batch))  # fmt: skip
         return Decoded(decoded.tokens[:batch], decoded.scores[:batch], decoded.lengths[:batch],
                        decoded.normalised[:batch])  # fmt: skip
-    ops = TorchOps(features.device, config.seed)
     stepper = DecoderStepper(decoder, features, compiled)
-    return decode(stepper, batch, config, special, ops, max_words, word_ids)
+    return decode(stepper, batch, config, special, TorchOps(features.device), max_words, word_ids, places)

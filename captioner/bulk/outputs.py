@@ -1,0 +1,246 @@
+"""Where a bulk job's captions go, a part at a time, each part's output written atomically when the part is done (a
+rerun, or a resumed killed run, skips the parts done; `--overwrite` redoes them):
+
+- `txt`: a `.txt` beside each image (`photo.jpg` -> `photo.txt`; the layout LoRA and diffusion training sets use), in
+  the input tree or mirrored under `--output`; images whose `.txt` exists are skipped one by one;
+- `jsonl`: `<output>/<part>.jsonl`, one JSON object per image;
+- `parquet`: `<output>/<part>.parquet` (pyarrow), the same columns;
+- `webdataset`: `<output>/<part>.tar`, each sample's members copied with the caption as `<key>.txt` (a `.txt` it
+  had is kept as `<key>.original.txt`) and `<key>.json` holding the caption, its score and the source: shards that
+  img2dataset's readers and `captioner.data.formats.WebDataset` read.
+
+A row: `image` (a path relative to the input, or `<shard>#<member>`), `caption`, `score` (log-probability),
+`alternatives` (`[{caption, score}]` with `--num_return` > 1) and `error` (why an image has no caption).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from captioner.bulk.inputs import InputPart, Sample
+from captioner.core.errors import CaptionerError
+from captioner.core.files import atomic_open, plain_file_mode, write_json
+from captioner.core.parts import require_library
+
+DONE_DIR = ".captioner-done"
+FORMATS = ("txt", "jsonl", "parquet", "webdataset")  # OUTPUTS' names, for the command line
+
+
+class PartOutput:
+    """One part's output while it is captioned: `add` rows as batches finish, `finish` makes it complete."""
+
+    def add(self, rows: list[dict[str, Any]], samples: list[Sample]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Drop what was written (the part stays not done)."""
+
+
+class Output:
+    """Base class of output formats: which parts are done, an output per part."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @classmethod
+    def create(cls, folder: str | None, input_root: Path) -> Output:
+        """The output into `folder` (`--output`).
+
+        Raises:
+            CaptionerError: When the format needs a folder and none was given.
+        """
+        if folder is None:
+            raise CaptionerError(f"--format {cls.name} writes files into a folder: give it with --output.")
+        return cls(Path(folder))
+
+    def path(self, part: InputPart) -> Path:
+        raise NotImplementedError
+
+    def done(self, part: InputPart) -> bool:
+        return self.path(part).exists()
+
+    def wanted(self, part: InputPart, sample: Sample, overwrite: bool) -> bool:
+        """Whether this image still needs a caption (all of a part's, unless the format keeps them one by one)."""
+        return True
+
+    def begin(self, part: InputPart) -> PartOutput:
+        raise NotImplementedError
+
+    def remove(self, part: InputPart) -> None:
+        """Forget a done part (`--overwrite`)."""
+        self.path(part).unlink(missing_ok=True)
+
+
+class _Rows(PartOutput):
+    """Rows kept until the part is done, then written in one go (small: a caption per image)."""
+
+    def __init__(self, write) -> None:
+        self.rows, self.write = [], write
+
+    def add(self, rows: list[dict[str, Any]], samples: list[Sample]) -> None:
+        self.rows.extend(rows)
+
+    def finish(self) -> None:
+        self.write(self.rows)
+
+
+class JsonlOutput(Output):
+    """`<output>/<part>.jsonl`."""
+
+    name = "jsonl"
+
+    def path(self, part: InputPart) -> Path:
+        return self.folder / f"{part.name}.jsonl"
+
+    def begin(self, part: InputPart) -> PartOutput:
+        def write(rows: list[dict]) -> None:
+            with atomic_open(self.path(part)) as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        return _Rows(write)
+
+
+class ParquetOutput(Output):
+    """`<output>/<part>.parquet` (`pip install 'captioner[bulk]'`)."""
+
+    name = "parquet"
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.pyarrow = require_library("pyarrow", "bulk", "Parquet output")
+        self.parquet = require_library("pyarrow.parquet", "bulk", "Parquet output")
+
+    def path(self, part: InputPart) -> Path:
+        return self.folder / f"{part.name}.parquet"
+
+    def begin(self, part: InputPart) -> PartOutput:
+        pa = self.pyarrow
+        schema = pa.schema([("image", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
+                            ("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))),
+                            ("error", pa.string())])  # fmt: skip
+
+        def write(rows: list[dict]) -> None:
+            table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema)
+            with atomic_open(self.path(part), "wb") as handle:
+                self.parquet.write_table(table, handle)
+
+        return _Rows(write)
+
+
+class _Tar(PartOutput):
+    """A tar written as the part goes, renamed into place when done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tar = tarfile.open(self.tmp, "w")
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, rows: list[dict[str, Any]], samples: list[Sample]) -> None:
+        for row, sample in zip(rows, samples, strict=True):
+            if row["caption"] is None:
+                continue  # nothing to train on: left out, and in the job's summary
+            members = dict(sample.members) or {Path(sample.name).suffix.lstrip(".").lower() or "jpg": sample.data}
+            if "txt" in members:
+                members["original.txt"] = members.pop("txt")
+            members["txt"] = row["caption"].encode()
+            metadata = json.loads(members["json"]) if "json" in members else {}
+            metadata.update(caption=row["caption"], score=row["score"], source=sample.name)
+            members["json"] = json.dumps(metadata, ensure_ascii=False).encode()
+            for extension, data in members.items():
+                self._member(f"{sample.key}.{extension}", data)
+
+    def finish(self) -> None:
+        self.tar.close()
+        self.tmp.chmod(plain_file_mode())
+        self.tmp.replace(self.path)
+
+    def abandon(self) -> None:
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class WebDatasetOutput(Output):
+    """`<output>/<part>.tar`: the input's samples with the caption added."""
+
+    name = "webdataset"
+
+    def path(self, part: InputPart) -> Path:
+        """A shard keeps its name (`00042.tar`, folders flattened with `_`); a run of files is named after its part."""
+        name = part.shard.replace("/", "_") if part.shard is not None else f"{part.name}.tar"
+        return self.folder / (name if name.endswith(".tar") else f"{name}.tar")
+
+    def begin(self, part: InputPart) -> PartOutput:
+        return _Tar(self.path(part))
+
+
+class _Sidecars(PartOutput):
+    def __init__(self, output: TxtOutput, part: InputPart) -> None:
+        self.output, self.part = output, part
+
+    def add(self, rows: list[dict[str, Any]], samples: list[Sample]) -> None:
+        for row, sample in zip(rows, samples, strict=True):
+            if row["caption"] is not None:
+                with atomic_open(self.output.sidecar(self.part, sample)) as handle:
+                    handle.write(row["caption"] + "\n")
+
+    def finish(self) -> None:
+        write_json(self.output.path(self.part), {"part": self.part.name, "images": len(self.part.files)})
+
+
+class TxtOutput(Output):
+    """A `.txt` beside each image: in the input tree (`--output` not given) or mirrored under `--output`."""
+
+    name = "txt"
+
+    def __init__(self, folder: Path | None, input_root: Path) -> None:
+        super().__init__(folder or input_root)
+        self.mirror = folder is not None
+
+    @classmethod
+    def create(cls, folder: str | None, input_root: Path) -> Output:
+        return cls(Path(folder) if folder else None, input_root)
+
+    def path(self, part: InputPart) -> Path:
+        return self.folder / DONE_DIR / f"{part.name}.json"
+
+    def sidecar(self, part: InputPart, sample: Sample) -> Path:
+        relative = Path(sample.name)
+        return (self.folder / relative if self.mirror else part.root / relative).with_suffix(".txt")
+
+    def wanted(self, part: InputPart, sample: Sample, overwrite: bool) -> bool:
+        return overwrite or not self.sidecar(part, sample).exists()
+
+    def begin(self, part: InputPart) -> PartOutput:
+        if part.shard is not None:
+            raise CaptionerError("--format txt writes a .txt beside each image file; for images inside shards, "
+                                 "use --format webdataset (new shards with the caption added), jsonl or parquet.")
+        return _Sidecars(self, part)
+
+
+OUTPUTS: dict[str, type[Output]] = {output.name: output for output in (TxtOutput, JsonlOutput, ParquetOutput,
+                                                                         WebDatasetOutput)}  # fmt: skip
+
+
+def output_for(kind: str, folder: str | None, parts: list[InputPart]) -> Output:
+    """The output a job writes (`OUTPUTS` by `--format`).
+
+    Raises:
+        CaptionerError: On an unknown format, or one that needs `--output`.
+    """
+    if kind not in OUTPUTS:
+        raise CaptionerError(f"--format {kind!r}: choose one of {', '.join(OUTPUTS)}.")
+    return OUTPUTS[kind].create(folder, parts[0].root)
