@@ -298,7 +298,9 @@ def answer_of(connection: socket.socket) -> tuple[bytes, bool]:
         while chunk := connection.recv(65536):
             received += chunk
         return received, True
-    except (TimeoutError, ConnectionResetError):
+    except ConnectionResetError:  # closed by the server while the client was still sending: a reset, still closed
+        return received, True
+    except TimeoutError:
         return received, False
 
 
@@ -329,8 +331,9 @@ def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(server, pictur
         time.sleep(0.05)
     assert response.status_code == 200 and response.json()["caption"] == expected[pictures[1]]
     answers = [answer_of(connection) for connection in crawling]
-    assert all(b" 408 " in answer.split(b"\r\n")[0] and b"--body_timeout" in answer and closed
-               for answer, closed in answers), answers[:1]  # fmt: skip
+    wrong = [(answer, closed) for answer, closed in answers
+             if not (b" 408 " in answer.split(b"\r\n")[0] and b"--body_timeout" in answer and closed)]  # fmt: skip
+    assert not wrong, wrong[:2]
     # Cut off by the 3 s deadline while the clients still send, not when they stop (12 s).
     assert time.monotonic() - started < 11
     for connection in [*slow, *extra]:
