@@ -226,35 +226,6 @@ def test_numpy_preprocessing_is_within_one_grey_level_of_torchs(resize, interpol
         assert np.abs(actual - expected).max() <= 1, (name, size)
 
 
-def test_a_captioner_0_2_checkpoint_still_captions(trained, scenes_source):
-    """Checkpoints written before encoders were parts: a ResNet named by `backbone` and `weights`."""
-    checkpoint_path, _ = trained
-    checkpoint = torch.load(checkpoint_path, weights_only=True)
-    meta = checkpoint["captioner"]
-    init = meta["encoder"]["init_args"]
-    checkpoint["captioner"] = {
-        **meta,
-        "version": 2,
-        "encoder": {"backbone": init["model"], "weights": init["weights"]},
-        "preprocessing": {
-            "version": 1,
-            "image_size": 32,
-            "resize": "squash",
-            "interpolation": "bilinear",
-            "antialias": True,
-            "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225],
-        },
-    }
-    del checkpoint["captioner"]["trainable_encoder_blocks"]
-    old = checkpoint_path.parent / "captioner-0.2.ckpt"
-    torch.save(checkpoint, old)
-    image = sorted((scenes_source / "Images").iterdir())[0]
-    assert Captioner.from_checkpoint(old, device="cpu").caption(image) == Captioner.from_checkpoint(
-        checkpoint_path, device="cpu"
-    ).caption(image)
-
-
 @pytest.mark.slow
 def test_fine_tuning_trains_the_last_blocks_from_images_and_leaves_the_rest(scenes_source, tmp_path):
     start = main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path / "frozen"))

@@ -115,20 +115,3 @@ def test_blind_hides_the_image():
     assert (blind_tokens == blind_tokens[0]).all()  # one caption for every image: nothing of the image gets in
     seeing = captioning.decode_features(models[False], features, DecodingConfig(num_beams=2)).best_tokens
     assert not (seeing == seeing[0]).all()
-
-
-def test_a_captioner_0_1_checkpoint_still_captions(trained, scenes_source):
-    """Checkpoints written before decoders were parts: the decoder named by a string in the hyperparameters."""
-    checkpoint_path, _ = trained
-    checkpoint = torch.load(checkpoint_path, weights_only=True)
-    meta = checkpoint.pop("captioner")
-    checkpoint["vocabulary"] = meta["vocabulary"]
-    checkpoint["hyper_parameters"] = {"backbone": "resnet18", "weights": None, "image_size": 32, "decoder": "lstm",
-                                      "embed_dim": 32, "hidden_dim": 64, "num_layers": 1, "dropout": 0.1,
-                                      "beam_size": 2}  # fmt: skip
-    old = checkpoint_path.parent / "old-format.ckpt"
-    torch.save(checkpoint, old)
-    image = sorted((scenes_source / "Images").iterdir())[0]
-    assert Captioner.from_checkpoint(old, device="cpu").caption(image) == Captioner.from_checkpoint(
-        checkpoint_path, device="cpu"
-    ).caption(image)
