@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from captioner.encoders import HuggingFaceEncoder, OpenClipEncoder, TimmEncoder,
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.export.onnx import export_onnx
 from captioner.features.cache import FEATURES_FILE, INDEX_FILE
+from captioner.models import captioning
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner
 from tests.conftest import last_checkpoint, tiny_args
@@ -92,7 +94,9 @@ def test_each_family_trains_tests_captions_and_exports_with_one_pixel_definition
     assert type(model.encoder).__name__ == encoder_config["class_path"].rsplit(".", 1)[-1]
     assert cli.datamodule.encoder is model.encoder  # one instance: configured once, extracted and captioned with
     report = model.test_results["report"]
-    assert 0 <= report["metrics"]["pycocoevalcap"]["CIDEr"] and report["images"] == 20
+    assert report["images"] == 20
+    # It learned from the features: held-out loss well under an untrained decoder's (about log of the vocabulary).
+    assert float(cli.trainer.callback_metrics["test/loss"]) < 0.8 * math.log(len(model.vocabulary))
 
     best = cli.trainer.checkpoint_callback.best_model_path
     meta = torch.load(best, weights_only=True)["captioner"]
@@ -100,7 +104,8 @@ def test_each_family_trains_tests_captions_and_exports_with_one_pixel_definition
     images = sorted((scenes_source / "Images").iterdir())[:6]
     captioner = Captioner.from_checkpoint(best, device="cpu")
     captions = captioner.caption(images)
-    assert all(isinstance(c, str) and c for c in captions)
+    rows = captioning.describe(model.cpu().eval(), torch.stack([captioner.preprocessing.from_file(p) for p in images]))
+    assert captions == [row["caption"] for row in rows]  # the checkpoint captions as the trained model did
 
     # The same features at extraction (the cache), at captioning time (torch) and in the exported runtime (numpy).
     (cache,) = [p for p in (tmp_path / "work" / "features").iterdir() if (p / INDEX_FILE).exists()]

@@ -230,3 +230,49 @@ def test_a_resident_cache_gives_the_batches_the_disk_gives(scenes_source, tmp_pa
     with pytest.raises(SystemExit):
         main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "refused", "--data.resident_features",
                        "true", "--data.resident_budget_gb", "0.000001"))  # fmt: skip
+
+
+def test_a_streamed_extraction_cut_short_resumes_to_the_set_an_uninterrupted_one_writes(tmp_path, scenes,
+                                                                                           monkeypatch):  # fmt: skip
+    """The streamed store's parts (runs of a folder's images here; shards alike): killed in the third part, then
+    resumed from the two finished, every item (name, features, captions) as one run without a stop writes."""
+    import litdata
+
+    from captioner.data.records import CaptionRecord
+    from captioner.features.sources import folder_parts
+    from captioner.features.streamed import prepare_streamed
+
+    names = names_of(scenes, 24)
+    records = [CaptionRecord(name, (f"caption {i}", f"other {i}")) for i, name in enumerate(names)]
+    splits = {"train": records[:16], "val": records[16:20], "test": records[20:]}
+    parts = folder_parts(names, scenes / "Images", per_part=8)
+
+    def items(feature_set) -> dict:
+        found = {}
+        for split in ("train", "val", "test"):
+            dataset = litdata.StreamingDataset(feature_set.split(split))
+            for index in range(len(dataset)):
+                item = dataset[index]
+                found[item["name"]] = (split, np.asarray(item["features"]).tobytes(), item["captions"])
+        return found
+
+    whole = prepare_streamed(str(tmp_path / "whole"), parts, splits, spec_of(), batch_size=8, threads=2)
+    original_forward, seen = ImageEncoder.forward, {"batches": 0}
+
+    def dying_forward(self, images, grid=False):
+        seen["batches"] += len(images) > 1
+        if seen["batches"] == 3:
+            raise RuntimeError("killed")
+        return original_forward(self, images, grid)
+
+    monkeypatch.setattr(ImageEncoder, "forward", dying_forward)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare_streamed(str(tmp_path / "cut"), parts, splits, spec_of(), batch_size=8, threads=2)
+    (folder,) = (tmp_path / "cut").iterdir()
+    assert sorted(p.name for p in (folder / "parts").iterdir() if not p.name.startswith(".")) == [
+        "images-000000", "images-000001"]  # fmt: skip
+    monkeypatch.setattr(ImageEncoder, "forward", original_forward)
+    resumed = prepare_streamed(str(tmp_path / "cut"), parts, splits, spec_of(), batch_size=8, threads=2)
+    assert items(resumed) == items(whole) and len(items(whole)) == 24
+    assert resumed.meta["counts"] == whole.meta["counts"] == {"train": 16, "val": 4, "test": 4}
+    assert resumed.meta["train_captions"] == 32

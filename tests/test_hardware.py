@@ -171,11 +171,22 @@ def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_with_one_warning(trained, s
 
 
 def test_cpu_bf16_detection_reads_the_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    """Each answer from the probes that tell it: native bf16 (AVX-512 BF16 or AMX), AVX-512 that oneDNN emulates bf16
+    on, and neither (AVX2 only); and an older torch without the probes."""
+    probes = {"avx512_bf16": False, "amx": False, "mkldnn": False}
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: probes["avx512_bf16"])
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: probes["amx"])
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: probes["mkldnn"], raising=False)
+    assert hardware.cpu_bf16_support() == "none"
+    probes["mkldnn"] = True
+    assert hardware.cpu_bf16_support() == "emulated"
+    probes["amx"] = True
     assert hardware.cpu_bf16_support() == "native"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert hardware.cpu_bf16_support() in ("emulated", "none")  # oneDNN's own check decides
+    probes.update(amx=False, avx512_bf16=True)
+    assert hardware.cpu_bf16_support() == "native"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    probes["mkldnn"] = False
+    assert hardware.cpu_bf16_support() == "none"
 
 
 # ---------------------------------------------------------------- out of memory
