@@ -1,0 +1,77 @@
+"""Phases: decoding, greedy and beam, with and without the compiled step, and the prefix LM."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench.harness import _sync
+from bench.training import _model
+
+
+def ours_decode(
+    features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False,
+    decoder: str = "lstm",
+) -> dict:  # fmt: skip
+    import contextlib
+
+    import torch
+
+    from captioner.core.hardware import CPU_BF16_REQUIREMENT, bf16_autocast_available
+
+    if bf16 and not bf16_autocast_available(device):
+        where = "GPU" if device.startswith("cuda") else f"CPU (bf16 needs {CPU_BF16_REQUIREMENT})"
+        return {"unsupported": f"not supported on this {where}"}
+    from captioner.models import captioning
+
+    model = _model(decoder, beam_size).to(device).eval()
+    config = model.decoding
+    features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
+    # What `--trainer.precision bf16-mixed` does around test and predict steps.
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        captioning.decode_features(model, features[:batch_size].to(device), config)  # warm-up
+        _sync(device)
+        started, lengths = time.perf_counter(), []
+        for start in range(0, count, batch_size):
+            batch = features[start : start + batch_size].to(device, non_blocking=True)
+            result = captioning.decode_features(model, batch, config)
+            lengths.append(result.best_lengths)
+        _sync(device)
+    elapsed = time.perf_counter() - started
+    return {"captions_per_s": count / elapsed, "mean_length": float(torch.cat(lengths).float().mean())}
+
+
+def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: int, words: int,
+                       cached: bool) -> dict:  # fmt: skip
+    """Transformer greedy decoding of `words` words, with the key/value cache or recomputing the whole prefix."""
+    import torch
+
+    from captioner.decoding import DecodingConfig, SpecialTokens
+    from captioner.models.stepping import decode_with
+
+    model = _model("transformer").to(device).eval()
+    decoder, special = model.decoder, SpecialTokens.of(model.vocabulary)
+    features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
+
+    def decode(batch: torch.Tensor) -> torch.Tensor:
+        if cached:
+            return decode_with(decoder, batch, DecodingConfig(num_beams=1), special, words - 1).best_tokens
+        prefix = torch.full((len(batch), 1), special.start, device=batch.device)
+        for _ in range(words):  # the whole prefix through the model at every step
+            logits = decoder(batch, prefix).logits[:, -1].float()
+            logits[:, list(special.banned)] = float("-inf")
+            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], dim=1)
+        return prefix[:, 1:]
+
+    with torch.no_grad():
+        decode(features[:batch_size].to(device))  # warm-up
+        _sync(device)
+        started = time.perf_counter()
+        for start in range(0, count, batch_size):
+            tokens = decode(features[start : start + batch_size].to(device))
+        _sync(device)
+    return {"captions_per_s": count / (time.perf_counter() - started), "words": int(tokens.shape[1])}
+
+
