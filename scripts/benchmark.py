@@ -41,7 +41,7 @@ from bench.extraction import ENCODERS, ours_extract, ours_extract_shards  # noqa
 from bench.harness import measure, run_phase  # noqa: E402
 from bench.original import original_decode, original_extract, original_train  # noqa: E402
 from bench.report import print_report  # noqa: E402
-from bench.scale import caption_files, caption_set, records_pass  # noqa: E402
+from bench.scale import caption_files, caption_set, image_folder, records_pass  # noqa: E402
 from bench.serving import (  # noqa: E402
     api_throughput,
     export_models,
@@ -67,6 +67,7 @@ SIZES = {
         original_decode=3,
         serve=48,
         records=(10_000, 100_000),
+        bulk=384,
     ),
     "full": dict(
         images=256,
@@ -80,6 +81,7 @@ SIZES = {
         original_decode=10,
         serve=128,
         records=(100_000, 1_000_000),
+        bulk=2048,
     ),
     # A GPU finishes the full sizes in fractions of a second: rates need more work to be steady.
     "gpu": dict(
@@ -94,6 +96,7 @@ SIZES = {
         original_decode=20,
         serve=128,
         records=(100_000, 1_000_000),
+        bulk=8192,
     ),
 }
 
@@ -314,8 +317,9 @@ def main() -> None:
             measure(r, "server", "server: 32 concurrent clients", server_throughput, checkpoint=checkpoint,
                                     images_dir=images_dir, names=served, clients=32, batch_size=16)  # fmt: skip
             # Bulk captioning: the job, one process and two, against Captioner on the same files and batches.
-            bulk = dict(checkpoint=checkpoint, images_dir=images_dir, batch_size=16, threads=4)
-            measure(r, "bulk_captioner", "bulk: Captioner, timed by stage", caption_files, names=names, **bulk)
+            folder, many = image_folder(images_dir, names, str(tmp / "bulk-images"), sizes["bulk"])
+            bulk = dict(checkpoint=checkpoint, images_dir=folder, batch_size=16, threads=4)
+            measure(r, "bulk_captioner", "bulk: Captioner, timed by stage", caption_files, names=many, **bulk)
             for processes in (1, 2):
                 measure(r, f"bulk_job_{processes}", f"bulk: caption-set, {processes} process(es)", caption_set,
                         work=str(tmp / "bulk"), processes=processes, **bulk)  # fmt: skip

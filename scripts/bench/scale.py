@@ -40,6 +40,19 @@ def records_pass(work: str, count: int) -> dict:
             "peak_rise_mb": (_resident_kb("VmHWM:") - before) / 1024}  # fmt: skip
 
 
+def image_folder(images_dir: str, names: list[str], folder: str, count: int) -> tuple[str, list[str]]:
+    """`count` image files (the generated ones, again and again under new names) in a folder of their own: enough
+    work that a job's start-up and model loading do not dominate."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    made = []
+    for index in range(count):
+        name = f"{index:06d}-{names[index % len(names)]}"
+        (target / name).write_bytes((Path(images_dir) / names[index % len(names)]).read_bytes())
+        made.append(name)
+    return str(target), made
+
+
 def caption_files(checkpoint: str, images_dir: str, names: list[str], batch_size: int, threads: int) -> dict:
     """`Captioner` over the files, the same batches the bulk job makes, timed by stage: decoding the files (in
     `threads` threads, as the job does), the encoder, and the search."""
