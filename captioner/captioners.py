@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from captioner.core.errors import CaptionerError
+from captioner.core.pixels import DECODE_ERRORS, describe_error
 from captioner.predictions import CaptionerProtocol
 
 
@@ -27,3 +29,25 @@ def load_captioner(path: str | Path, device: str | None = None, **overrides: Any
     from captioner.inference import Captioner
 
     return Captioner.from_checkpoint(path, None if device in (None, "auto") else device, **overrides)
+
+
+def describe_files(captioner: CaptionerProtocol, paths: Sequence[str | Path],
+                   **settings: Any) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Every file's answer in order, `captioner.batch_size` files at a time: `path`, `caption`, `score`,
+    `alternatives` (with `num_return` > 1), `constraints_met` (with forced words) and `error` (a file that cannot be
+    read gets its reason; the rest go on)."""
+    for start in range(0, len(paths), captioner.batch_size):
+        batch, pixels, rows = paths[start : start + captioner.batch_size], [], []
+        for path in batch:
+            try:
+                pixels.append(captioner.pixels_from_bytes(Path(path).read_bytes()))
+                rows.append({"path": str(path), "error": None})
+            except (OSError, *DECODE_ERRORS) as error:
+                rows.append({"path": str(path), "caption": None, "score": None, "error": describe_error(error)})
+        described = iter(captioner.describe(pixels, **settings) if pixels else [])
+        for row in rows:
+            if row["error"] is None:
+                answer = next(described)
+                answer.pop("attention", None)
+                row.update(answer)
+            yield row

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import netrc
 import os
@@ -214,18 +215,21 @@ def _configure_logging() -> None:
 
 
 def caption_command(argv: list[str]) -> int:
-    """`python -m captioner caption FILE... --ckpt_path CKPT`: print a caption per file.
+    """`python -m captioner caption FILE... --ckpt_path CKPT`: print a caption per file (with `--num_return N`, the N
+    ranked alternatives with their scores; with `--json`, one JSON object per file).
 
     Returns:
         0 when every file was captioned, 1 when some could not be read.
     """
-    from captioner.captioners import load_captioner
+    from captioner.captioners import describe_files, load_captioner
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, or an exported folder")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file: path, caption, score, "
+                        "alternatives, constraints_met, error")  # fmt: skip
     decoding.add_arguments(parser)
     add_allow_argument(parser)
     options = parser.parse_args(argv)
@@ -233,12 +237,20 @@ def caption_command(argv: list[str]) -> int:
     captioner = load_captioner(options.ckpt_path, options.device, **decoding.overrides_from(options))
     captioner.batch_size = options.batch_size
     failed = 0
-    for prediction in captioner.iter_predict(options.paths):
-        if prediction.error:
-            failed += 1
-            print(f"{prediction.source}: ERROR {prediction.error}")
+    for row in describe_files(captioner, options.paths):
+        failed += row["error"] is not None
+        if options.json:
+            print(json.dumps(row, ensure_ascii=False))
+        elif row["error"]:
+            print(f"{row['path']}: ERROR {row['error']}")
+        elif "alternatives" in row:
+            print(f"{row['path']}:")
+            for rank, alternative in enumerate(row["alternatives"], 1):
+                unmet = "" if alternative.get("constraints_met", True) else "  [forced words not all met]"
+                print(f"  {rank}. {alternative['caption']}  ({alternative['score']:.3f}){unmet}")
         else:
-            print(f"{prediction.source}: {prediction.caption}")
+            unmet = "" if row.get("constraints_met", True) else "  [forced words not all met]"
+            print(f"{row['path']}: {row['caption']}{unmet}")
     print(f"{len(options.paths) - failed} captioned, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
 

@@ -151,7 +151,8 @@ class OnnxCaptioner:
         saved = DecodingConfig.from_dict(manifest["decoding"], str(self.folder / MANIFEST))
         # Exports before 0.4 do not record the decoder's limit: their graphs fail on their own past it.
         self.limits = ModelLimits(len(self.vocabulary), self.vocabulary.max_length, manifest.get("longest_caption"),
-                                  manifest["decoder"]["class_path"].rsplit(".", 1)[-1], self.vocabulary.stoi)
+                                  manifest["decoder"]["class_path"].rsplit(".", 1)[-1], self.vocabulary.stoi,
+                                  self.vocabulary)  # fmt: skip
         self.decoding = (decoding or saved).with_overrides(**overrides).checked(self.limits)
         self.preprocessing = manifest["preprocessing"]  # the encoder's definition, computed in numpy
         self.batch_size = batch_size
@@ -196,7 +197,7 @@ class OnnxCaptioner:
         NumPy); `places` seed each image's sampling stream (None: its row)."""
         config = config or self.decoding
         return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(),
-                      config.max_words(self.vocabulary.max_length), self.vocabulary.stoi, places)  # fmt: skip
+                      config.max_words(self.vocabulary.max_length), self.vocabulary, places)  # fmt: skip
 
     def caption_pixels(self, pixels: np.ndarray, **overrides) -> tuple[list[str], list[float]]:
         """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch (sampling: each image's stream seeded by

@@ -69,13 +69,16 @@ def make_features(batch: int, kind: str) -> torch.Tensor:
     return torch.randn(batch, REGIONS, 16) if BUILDERS[kind]().features == "grid" else torch.randn(batch, 16)
 
 
-def sequence_log_prob(decoder, features, tokens):
-    """Log-probability the model gives to `tokens` (stopping after <end>), with banned tokens masked as in search."""
+def sequence_log_prob(decoder, features, tokens, max_words=VOCAB.max_length):
+    """Log-probability the model gives to `tokens` (stopping after <end>), with banned tokens masked as in search; an
+    <end> after `max_words` words is the only token that step allows, and costs nothing."""
     inputs = torch.cat([torch.full((len(tokens), 1), SPECIAL.start), tokens[:, :-1]], dim=1)
     logits = decoder(features, inputs).logits.float()
     logits[..., list(SPECIAL.banned)] = float("-inf")
     log_probs = torch.log_softmax(logits, dim=-1)
     mask = tokens != SPECIAL.pad
+    if tokens.shape[1] > max_words:
+        mask[:, max_words] &= tokens[:, max_words] != SPECIAL.end
     picked = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked)).sum(dim=1)
 
@@ -195,9 +198,11 @@ def test_transformer_cached_decoding_equals_recomputing_the_prefix():
     decoder, features = make_decoder("transformer"), make_features(4, "transformer")
     cached = search(decoder, features, 10, num_beams=1)
     prefix = torch.full((4, 1), SPECIAL.start)
-    for _ in range(cached.tokens.shape[-1]):  # uncached: the whole prefix through the model at every step
+    for step in range(cached.tokens.shape[-1]):  # uncached: the whole prefix through the model at every step
         logits = decoder(features, prefix).logits[:, -1].float()
         logits[:, list(SPECIAL.banned)] = float("-inf")
+        if step == 10:  # after 10 words only <end>, as the search's length rule allows
+            logits[:, [token for token in range(logits.shape[1]) if token != SPECIAL.end]] = float("-inf")
         prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], dim=1)
     uncached = prefix[:, 1:]
     for row, length, reference in zip(cached.best_tokens.tolist(), cached.best_lengths.tolist(), uncached.tolist()):

@@ -128,6 +128,28 @@ def test_caption_command_prints_captions_and_counts_failures(trained, scenes_sou
     assert "1 captioned, 1 failed" in out.err
 
 
+def test_caption_command_prints_the_ranked_alternatives_and_json_a_script_reads(trained, scenes_source, capsys):
+    checkpoint, _ = trained
+    images = sorted((scenes_source / "Images").iterdir())[:2]
+    expected = Captioner.from_checkpoint(checkpoint, device="cpu").describe(
+        [Image.open(path) for path in images], num_beams=3, num_return=3)  # fmt: skip
+    main(["caption", *map(str, images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--num_return", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{images[0]}:" and lines[4] == f"{images[1]}:" and len(lines) == 8
+    for block, row in ((lines[1:4], expected[0]), (lines[5:8], expected[1])):
+        assert [line.split(". ", 1)[1].rsplit("  (", 1)[0] for line in block] == [
+            a["caption"] for a in row["alternatives"]]  # fmt: skip
+    main(["caption", *map(str, images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--num_return", "3",
+          "--force_words", "circle|square|triangle", "--json"])  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["path"] for row in rows] == list(map(str, images)) and all(row["error"] is None for row in rows)
+    for row in rows:
+        assert len(row["alternatives"]) == 3 and row["caption"] == row["alternatives"][0]["caption"]
+        for alternative in row["alternatives"]:
+            assert alternative["constraints_met"] and {"circle", "square", "triangle"} & set(
+                alternative["caption"].split())  # fmt: skip
+
+
 def test_checkpoint_carries_the_encoder_weights(scenes_source, tmp_path, monkeypatch):
     """Train with 'pretrained' weights from a local file, then caption with that file gone."""
     from torchvision.models import ResNet18_Weights, resnet18

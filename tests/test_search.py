@@ -84,13 +84,18 @@ def prefix_lm(vocabulary: Vocabulary = VOCAB, seed: int = 0) -> PrefixLMDecoder:
     return decoder
 
 
-def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: list[int], special: SpecialTokens):
-    """The model's log-probability of one caption with the never-generated tokens banned, as search scores it."""
+def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: list[int], special: SpecialTokens,
+                     max_words: int | None = None):  # fmt: skip
+    """The model's log-probability of one caption with the never-generated tokens banned, as search scores it: a
+    caption of `max_words` words gets its `<end>` for nothing (the only token the step after them allows)."""
     tokens = torch.tensor([caption])
     inputs = torch.cat([torch.tensor([[special.start]]), tokens[:, :-1]], dim=1)
     logits = decoder(features, inputs).logits.float()
     logits[..., list(special.banned)] = float("-inf")
-    return float(torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).sum())
+    picked = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)[0]
+    if max_words is not None and len(caption) == max_words + 1:
+        picked = picked[:-1]
+    return float(picked.sum())
 
 
 # ---------------------------------------------------------------- exactness
@@ -100,31 +105,33 @@ def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: l
 def test_a_beam_wide_enough_is_exhaustive_search(backend, make, length_penalty):
     decoder, words = make(TINY), [4, 5]
     features = torch.randn(5, 2, 8) if make is transformer else torch.randn(5, 8)
+    # Every caption of up to 3 words: the step after 3 words can only be <end>, so none is cut off without one.
     candidates = [[*prefix, TINY_SPECIAL.end] for n in range(4) for prefix in itertools.product(words, repeat=n)]
-    candidates += [list(prefix) for prefix in itertools.product(words, repeat=4)]  # cut off at max_length, no <end>
     config = DecodingConfig(num_beams=16, length_penalty=length_penalty, early_stopping="never")
     tokens, scores, lengths = run(backend, decoder, features, config, TINY_SPECIAL, max_words=3, vocabulary=TINY)
     for image in range(len(features)):
         with torch.no_grad():
             scored = sorted(((length_normalised(caption_log_prob(decoder, features[image : image + 1], c,
-                                                                 TINY_SPECIAL), len(c), length_penalty), c)
+                                                                 TINY_SPECIAL, 3), len(c), length_penalty), c)
                              for c in candidates), reverse=True)  # fmt: skip
         assert tokens[image, 0, : lengths[image, 0]].tolist() == scored[0][1], (image, scored[:3])
-        best = caption_log_prob(decoder, features[image : image + 1], scored[0][1], TINY_SPECIAL)
+        best = caption_log_prob(decoder, features[image : image + 1], scored[0][1], TINY_SPECIAL, 3)
         assert scores[image, 0] == pytest.approx(best, abs=1e-4)
 
 
 @BACKENDS
-def test_captions_that_never_end_are_cut_at_max_length_and_scored_as_they_are(backend):
+def test_max_length_is_exact_a_caption_that_would_go_on_ends_there(backend):
+    """`max_length` 4 gives at most 4 words: a model that (almost) never ends writes 4 words and <end>."""
     decoder = lstm()
     with torch.no_grad():
         decoder.head.bias[SPECIAL.end] = -50.0  # <end> (almost) never chosen
     features = torch.randn(3, 8)
     for config in (DecodingConfig(num_beams=1), DecodingConfig(num_beams=3, length_penalty=0.6)):
         tokens, scores, lengths = run(backend, decoder, features, config, max_words=4)
-        assert (lengths[:, 0] == 5).all() and tokens.shape[-1] == 5 and SPECIAL.end not in tokens[:, 0].tolist()
+        assert (lengths[:, 0] == 5).all() and tokens.shape[-1] == 5 and (tokens[:, 0, 4] == SPECIAL.end).all()
+        assert SPECIAL.end not in tokens[:, 0, :4].flatten().tolist()
         for image in range(3):
-            expected = caption_log_prob(decoder, features[image : image + 1], tokens[image, 0].tolist(), SPECIAL)
+            expected = caption_log_prob(decoder, features[image : image + 1], tokens[image, 0].tolist(), SPECIAL, 4)
             assert scores[image, 0] == pytest.approx(expected, abs=1e-4)
 
 
@@ -140,7 +147,7 @@ def test_beams_are_ranked_and_one_beam_is_greedy(backend):
     for image in range(6):
         caption = greedy[0][image, 0, : greedy[2][image, 0]].tolist()
         assert greedy[1][image, 0] == pytest.approx(caption_log_prob(decoder, features[image : image + 1], caption,
-                                                                     SPECIAL), abs=1e-4)  # fmt: skip
+                                                                     SPECIAL, 6), abs=1e-4)  # fmt: skip
 
 
 @BACKENDS

@@ -11,7 +11,8 @@ from captioner.decoding.search import Decoded
 def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int) -> list[dict[str, Any]]:
     """One dict per image: `caption` and `score` (log-probability) of the best caption and, with `num_return` > 1,
     `alternatives`: up to that many `{"caption", "score"}`, best first (the best included), finished ones only
-    where any finished.
+    where any finished. With forced words, each also says whether it holds them all (`constraints_met`): a caption
+    that could not within the length is returned, after those that could.
 
     Args:
         decoded: A search's ranked captions (arrays of either library).
@@ -20,11 +21,15 @@ def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int) -> list[dict
     """
     rows = []
     scores, tokens = decoded.scores.tolist(), decoded.tokens
+    met = decoded.met.tolist() if decoded.met is not None else None
     for image, image_scores in enumerate(scores):
         texts = vocabulary.decode_batch(tokens[image][:num_return])
         ranked = [{"caption": text, "score": float(score)} for text, score in zip(texts, image_scores[:num_return])
                   if score != float("-inf")]  # fmt: skip
-        row = {"caption": ranked[0]["caption"], "score": ranked[0]["score"]}
+        if met is not None:
+            for rank, entry in enumerate(ranked):
+                entry["constraints_met"] = bool(met[image][rank])
+        row = {key: value for key, value in ranked[0].items()}
         if num_return > 1:
             row["alternatives"] = ranked
         rows.append(row)

@@ -49,6 +49,7 @@ class ModelLimits:
             model's context), None when it has no limit.
         decoder: The decoder's name, for messages.
         word_ids: The ids of words that are single tokens (`bad_endings` name words).
+        tokenizer: The tokenizer (`prefix`, `force_words` and `bad_words` are written with it), if known.
     """
 
     vocab_size: int
@@ -56,6 +57,7 @@ class ModelLimits:
     longest_caption: int | None = None
     decoder: str = "the decoder"
     word_ids: Mapping[str, int] | None = None
+    tokenizer: Any = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,12 @@ class DecodingConfig:
         min_length: `<end>` is not allowed before this many words.
         no_repeat_ngram_size: No n-gram of this size appears twice in a caption (0: off).
         bad_endings: Words a caption may not end on ("a", "with", ...): `<end>` is not allowed right after them.
+        prefix: Every caption starts with these words (a trigger word, "a photo of"), forced token by token.
+        force_words: Words or phrases every caption must hold, each entry a phrase ("red", "on the left") or a list
+            of phrases any one of which will do (["circle", "square"]); searched for with constrained beam search
+            (dynamic beam allocation: beams kept for every level of progress through the constraints). A caption
+            that cannot meet them within `max_length` is returned anyway, best first, marked as not meeting them.
+        bad_words: Words or phrases no caption may hold (the last token of a phrase is refused after the others).
         early_stopping: When an image's beam search stops, once it has `num_beams` finished captions: at once
             (True); when no live hypothesis beats the worst of them at its current length (False: Hugging Face's
             heuristic, exact without a length penalty); or only when none could at any length up to `max_length`
@@ -92,6 +100,9 @@ class DecodingConfig:
     min_length: int = 0
     no_repeat_ngram_size: int = 0
     bad_endings: tuple[str, ...] = field(default_factory=tuple)
+    prefix: str | None = None
+    force_words: tuple[str | tuple[str, ...], ...] = field(default_factory=tuple)
+    bad_words: tuple[str, ...] = field(default_factory=tuple)
     early_stopping: bool | Literal["never"] = False
     num_beam_groups: int = 1
     diversity_penalty: float = 0.0
@@ -103,6 +114,9 @@ class DecodingConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bad_endings", tuple(self.bad_endings))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        object.__setattr__(self, "force_words", tuple(entry if isinstance(entry, str) else tuple(entry)
+                                                      for entry in self.force_words))  # fmt: skip
         problems = []
         if self.num_beams < 1:
             problems.append(f"num_beams={self.num_beams} (at least 1)")
@@ -120,13 +134,20 @@ class DecodingConfig:
             problems.append(f"early_stopping={self.early_stopping!r} (true, false or never)")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             problems.append(f"temperature={self.temperature} (> 0) and top_p={self.top_p} (in (0, 1])")
+        phrases = [*self.bad_words, *(p for e in self.force_words for p in ([e] if isinstance(e, str) else e))]
+        if not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases) or (
+                self.prefix is not None and not self.prefix.strip()):  # fmt: skip
+            problems.append("prefix, force_words and bad_words hold words (no empty ones)")
+        if self.force_words and (self.do_sample or self.num_beam_groups > 1):
+            problems.append("force_words with sampling or diverse groups (constrained beam search only)")
         if problems:
             raise CaptionerError("Decoding settings out of range: " + "; ".join(problems) + ".")
 
     # ------------------------------------------------------------ saved and overridden
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, stored in checkpoints and export manifests."""
-        return {**dataclasses.asdict(self), "bad_endings": list(self.bad_endings)}
+        return {**dataclasses.asdict(self), "bad_endings": list(self.bad_endings), "bad_words": list(self.bad_words),
+                "force_words": [e if isinstance(e, str) else list(e) for e in self.force_words]}  # fmt: skip
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any] | None, source: str = "decoding settings") -> DecodingConfig:
@@ -139,7 +160,8 @@ class DecodingConfig:
 
     def with_overrides(self, **overrides: Any) -> DecodingConfig:
         """A copy with the given settings changed (None leaves a setting as it is; old names work, with a note).
-        Asking for sampling without a number of beams samples one caption per image (`num_beams` 1).
+        Asking for sampling without a number of beams samples one caption per image (`num_beams` 1); asking for more
+        alternatives than beams searches with as many beams as alternatives.
 
         Raises:
             CaptionerError: Naming an unknown setting, or one out of range.
@@ -147,6 +169,8 @@ class DecodingConfig:
         changes = {name: value for name, value in upgraded(overrides, "decoding").items() if value is not None}
         if changes.get("do_sample") and "num_beams" not in changes:  # sampling draws one caption: no beams
             changes.update(num_beams=1, num_return=1, num_beam_groups=1)
+        if "num_return" in changes and "num_beams" not in changes:  # N alternatives need N beams at least
+            changes["num_beams"] = max(self.num_beams, changes["num_return"])
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
@@ -156,8 +180,15 @@ class DecodingConfig:
         return dataclasses.replace(self, **changes)
 
     def greedy(self) -> DecodingConfig:
-        """These settings, the best word at each step (validation decodes so: fast, and comparable across runs)."""
-        return dataclasses.replace(self, num_beams=1, num_return=1, do_sample=False, num_beam_groups=1)
+        """These settings, the best word at each step (validation decodes so: fast, and comparable across runs;
+        without `force_words`, which need a beam search)."""
+        return dataclasses.replace(self, num_beams=1, num_return=1, do_sample=False, num_beam_groups=1,
+                                   force_words=())  # fmt: skip
+
+    @property
+    def constrained(self) -> bool:
+        """Whether captions must hold forced words (the constrained search runs)."""
+        return bool(self.force_words)
 
     def max_words(self, vocabulary_max_length: int) -> int:
         """The most words a caption may have."""
@@ -185,9 +216,26 @@ class DecodingConfig:
             if unknown:
                 problems.append(f"bad_endings {', '.join(map(repr, unknown))} are not single tokens of this model's "
                                 "tokenizer, so it could never end on them as words")  # fmt: skip
+        problems += self._phrase_problems(limits.tokenizer, words)
         if problems:
             raise CaptionerError("Decoding settings this model cannot run: " + "; ".join(problems) + ".")
         return self
+
+    def _phrase_problems(self, tokenizer: Any, words: int) -> list[str]:
+        """What the model's tokenizer cannot write of `prefix`, `force_words` and `bad_words`."""
+        if tokenizer is None:
+            return []
+        unknown = getattr(tokenizer, "unk_index", None)
+        phrases = [*self.bad_words, *(p for e in self.force_words for p in ([e] if isinstance(e, str) else e))]
+        unwritable = [phrase for phrase in phrases + ([self.prefix] if self.prefix else [])
+                      if not tokenizer.phrase_tokens(phrase)
+                      or any(unknown in form for form in tokenizer.phrase_tokens(phrase))]  # fmt: skip
+        problems = []
+        if unwritable:
+            problems.append(f"{', '.join(map(repr, unwritable))}: not in this model's vocabulary")
+        if self.prefix and not unwritable and len(tokenizer.prefix_tokens(self.prefix)) > words:
+            problems.append(f"prefix {self.prefix!r} is longer than the {words} tokens a caption may have")
+        return problems
 
 
 def moved(name: str, value: Any) -> dict[str, Any]:
@@ -223,15 +271,27 @@ def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict
 
 
 # ---------------------------------------------------------------- on a command line (caption, serve)
+def phrases_argument(values: list[str] | None) -> tuple | None:
+    """Phrases given on a command line or in a form: each value a phrase, `|` between phrases any one of which will
+    do ("circle|square")."""
+    if values is None:
+        return None
+    return tuple(value if "|" not in value else tuple(part.strip() for part in value.split("|")) for value in values)
+
+
 def add_arguments(parser: Any) -> None:
-    """Every decoding setting as an `argparse` option (`--num_beams 5`, `--bad_endings a with`), default: the
-    model's own; the 0.2 names `--beam_size` and `--max_decode_length` too."""
+    """Every decoding setting as an `argparse` option (`--num_beams 5`, `--bad_endings a with`,
+    `--force_words red "on the left" "circle|square"`), default: the model's own; the 0.2 names `--beam_size` and
+    `--max_decode_length` too."""
     group = parser.add_argument_group("decoding (default: the model's own settings)")
     kinds = {"int": int, "float": float}
     for item in dataclasses.fields(DecodingConfig):
         kind = kinds.get(str(item.type).split("|")[0].strip(), str)
-        if item.name == "bad_endings":
-            group.add_argument("--bad_endings", nargs="*", default=None, metavar="WORD")
+        if item.name in ("bad_endings", "bad_words"):
+            group.add_argument(f"--{item.name}", nargs="*", default=None, metavar="WORDS")
+        elif item.name == "force_words":
+            group.add_argument("--force_words", nargs="*", default=None, metavar="PHRASE",
+                               help="phrases every caption holds; 'a|b': either")  # fmt: skip
         elif item.name in ("do_sample",):
             group.add_argument(f"--{item.name}", action="store_true", default=None)
         elif item.name == "early_stopping":
@@ -249,4 +309,6 @@ def overrides_from(options: Any) -> dict[str, Any]:
     chosen = {name: getattr(options, name) for name in names if getattr(options, name, None) is not None}
     if "early_stopping" in chosen:
         chosen["early_stopping"] = {"true": True, "false": False}.get(chosen["early_stopping"], "never")
+    if "force_words" in chosen:
+        chosen["force_words"] = phrases_argument(chosen["force_words"])
     return chosen

@@ -115,6 +115,12 @@ class NumpyOps:
     def softmax(self, scores: Array) -> Array:
         return np.exp(self.log_softmax(scores))
 
+    def to_numpy(self, values: Array) -> np.ndarray:
+        return np.asarray(values)
+
+    def from_numpy(self, values: np.ndarray) -> Array:
+        return values
+
     def sync_point(self) -> bool:
         """Whether reading a value back costs a device synchronisation (it never does here)."""
         return False

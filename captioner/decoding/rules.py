@@ -8,10 +8,11 @@ normalises (log-softmax) after the rules, so a caption's score is its log-probab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from captioner.core.errors import CaptionerError
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 
 Array = Any
@@ -95,6 +96,57 @@ class BadEndings(Rule):
 
 
 @dataclass
+class MaxLength(Rule):
+    """At most `max_words` words: the step after them can only be `<end>` (captions end, never get cut)."""
+
+    max_words: int
+    end: int
+
+    def __call__(self, scores, words, step, ops):
+        if step < self.max_words:
+            return scores
+        only_end = ops.full(tuple(scores.shape), NEVER, ops.float)
+        only_end[:, self.end] = scores[:, self.end]
+        return only_end
+
+
+@dataclass
+class ForcedPrefix(Rule):
+    """Every caption starts with these tokens: at step t < len(tokens), only `tokens[t]`."""
+
+    tokens: tuple[int, ...]
+
+    def __call__(self, scores, words, step, ops):
+        if step >= len(self.tokens):
+            return scores
+        forced = ops.full(tuple(scores.shape), NEVER, ops.float)
+        forced[:, self.tokens[step]] = scores[:, self.tokens[step]]
+        return forced
+
+
+@dataclass
+class BadSequences(Rule):
+    """No caption holds these token sequences: a sequence's last token is refused where the tokens before it were
+    just written (a one-token sequence is never written)."""
+
+    sequences: tuple[tuple[int, ...], ...]
+
+    def __call__(self, scores, words, step, ops):
+        if not self.sequences:
+            return scores
+        banned = ops.full(tuple(scores.shape), False, bool)
+        rows = ops.arange(scores.shape[0])
+        for sequence in self.sequences:
+            head, last = sequence[:-1], sequence[-1]
+            if len(head) > step:
+                continue
+            matches = ops.all_along(words[:, step - len(head) :] == ops.as_long(list(head)).reshape(1, -1), 1) if (
+                head) else ops.full((scores.shape[0],), True, bool)  # fmt: skip
+            banned[rows, last] = banned[rows, last] | matches
+        return ops.where(banned, NEVER, scores)
+
+
+@dataclass
 class Temperature(Rule):
     """Flatten (> 1) or sharpen (< 1) the distribution sampled from."""
 
@@ -136,17 +188,50 @@ class TopP(Rule):
         return ops.where(keep, scores, NEVER)
 
 
-def rules_for(config: DecodingConfig, special: SpecialTokens, word_ids: dict[str, int] | None = None) -> list[Rule]:
-    """The rules a configuration asks for, in the order they apply (the same list for every search)."""
+def rules_for(config: DecodingConfig, special: SpecialTokens, vocabulary: Any = None,
+              max_words: int | None = None) -> list[Rule]:  # fmt: skip
+    """The rules a configuration asks for, in the order they apply (the same list for every search).
+
+    Args:
+        config: The decoding settings.
+        special: The special tokens.
+        vocabulary: The tokenizer (`bad_endings`, `prefix` and `bad_words` are written with it), or only its ids of
+            the words that are one token (a mapping).
+        max_words: The most words a caption may have (None: no length rule).
+    """
+    word_ids = vocabulary if isinstance(vocabulary, Mapping) else getattr(vocabulary, "stoi", None) or {}
     rules: list[Rule] = [BanTokens(tuple(special.banned))]
+    if max_words is not None:
+        rules.append(MaxLength(max_words, special.end))
+    if config.prefix:
+        rules.append(ForcedPrefix(tuple(_phrases(vocabulary, config.prefix, prefix=True)[0])))
     if config.min_length:
         rules.append(MinLength(config.min_length, special.end))
     if config.no_repeat_ngram_size:
         rules.append(NoRepeatNgram(config.no_repeat_ngram_size))
     if config.bad_endings:
-        known = word_ids or {}
-        rules.append(BadEndings(tuple(known[w] for w in config.bad_endings if w in known), special.end))
+        rules.append(BadEndings(tuple(word_ids[w] for w in config.bad_endings if w in word_ids), special.end))
+    if config.bad_words:
+        rules.append(BadSequences(tuple(tuple(form) for phrase in config.bad_words
+                                        for form in _phrases(vocabulary, phrase))))  # fmt: skip
     return rules
+
+
+def _phrases(vocabulary: Any, text: str, prefix: bool = False) -> list[list[int]]:
+    """The token forms of a phrase (or of a prefix) in the tokenizer.
+
+    Raises:
+        CaptionerError: When only word ids were given (no tokenizer to write the phrase with).
+    """
+    if not hasattr(vocabulary, "phrase_tokens"):
+        raise CaptionerError(f"{text!r}: decoding with phrases needs the model's tokenizer.")
+    return [vocabulary.prefix_tokens(text)] if prefix else vocabulary.phrase_tokens(text)
+
+
+def forced_phrases(config: DecodingConfig, vocabulary: Any) -> list[list[tuple[int, ...]]]:
+    """`force_words` in tokens: for each entry, every token sequence that meets it (its phrases in each form)."""
+    return [[tuple(form) for phrase in ([entry] if isinstance(entry, str) else entry)
+             for form in _phrases(vocabulary, phrase)] for entry in config.force_words]  # fmt: skip
 
 
 def sampling_rules(config: DecodingConfig) -> list[Rule]:

@@ -30,11 +30,12 @@ applied (`<end>` included); `lengths` count its words and `<end>`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from captioner.decoding.config import DecodingConfig, SpecialTokens
-from captioner.decoding.rules import NEVER, apply, rules_for, sampling_rules
+from captioner.decoding.constrained import constrained_beam_search as _constrained_beam_search
+from captioner.decoding.decoded import Decoded, length_normalised
+from captioner.decoding.rules import NEVER, apply, forced_phrases, rules_for, sampling_rules
 
 Array = Any
 State = Any
@@ -55,46 +56,6 @@ class Stepper(Protocol):
 
     def reorder(self, state: State, rows: Array) -> State:
         """Keep the state rows at `rows` (the surviving beams)."""
-
-
-@dataclass
-class Decoded:
-    """Captions for a batch, ranked best first per image.
-
-    Attributes:
-        tokens: `(B, N, T)` generated tokens without `<start>`; after `<end>` only `<pad>`.
-        scores: `(B, N)` total log-probabilities, `<end>` included.
-        lengths: `(B, N)` generated tokens, `<end>` included.
-        normalised: `(B, N)` the length-normalised scores they are ranked by.
-    """
-
-    tokens: Array
-    scores: Array
-    lengths: Array
-    normalised: Array
-
-    @property
-    def best_tokens(self) -> Array:
-        return self.tokens[:, 0]
-
-    @property
-    def best_scores(self) -> Array:
-        return self.scores[:, 0]
-
-    @property
-    def best_lengths(self) -> Array:
-        return self.lengths[:, 0]
-
-
-def length_normalised(scores: Array, lengths: Array, length_penalty: float) -> Array:
-    """GNMT length normalisation: `score / ((5 + length) / 6) ** length_penalty`; 0 keeps raw scores.
-
-    With `length_penalty` > 0 a longer caption's (more negative) total is divided by more, so longer captions
-    are favoured over short ones of similar per-word probability.
-    """
-    if length_penalty == 0:
-        return scores
-    return scores / ((5.0 + lengths) / 6.0) ** length_penalty
 
 
 class RowStreams:
@@ -120,7 +81,7 @@ class RowStreams:
 
 
 def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any, max_words: int,
-           word_ids: dict[str, int] | None = None, places: list[int] | None = None) -> Decoded:  # fmt: skip
+           vocabulary: Any = None, places: list[int] | None = None) -> Decoded:  # fmt: skip
     """Decode a batch of `batch` images as `config` says.
 
     Args:
@@ -129,15 +90,19 @@ def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: Specia
         config: The decoding settings (beams, rules, sampling).
         special: Start, end, padding and never-generated tokens.
         ops: `NumpyOps` or `TorchOps`, for the arrays the stepper returns.
-        max_words: Most words per caption (a caption without `<end>` stops after them and one more token).
-        word_ids: The vocabulary's ids by word, for rules that name words (`bad_endings`).
+        max_words: Most words per caption: the step after them can only give `<end>`.
+        vocabulary: The tokenizer, for rules that name words (`bad_endings`, `prefix`, `bad_words`,
+            `force_words`); or only its ids of one-token words (a mapping), for `bad_endings`.
         places: Each image's place, which seeds its sampling stream (None: its row in this batch).
 
     Returns:
         `num_beams` ranked captions per image for beam search, one for greedy decoding and sampling.
     """
-    rules = rules_for(config, special, word_ids)
+    rules = rules_for(config, special, vocabulary, max_words)
     check_every = CHECK_EVERY_ON_A_DEVICE if ops.sync_point() else 1
+    if config.constrained:
+        return _constrained_beam_search(stepper, batch, config, special, ops, max_words, rules,
+                                        forced_phrases(config, vocabulary))  # fmt: skip
     if config.num_beams == 1:
         streams = RowStreams(config.seed, list(range(batch)) if places is None else list(places))
         return _one_per_image(stepper, batch, config, special, ops, max_words, rules, check_every, streams)
@@ -147,7 +112,7 @@ def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: Specia
 def _trimmed(decoded: Decoded, ops: Any) -> Decoded:
     """Drop the trailing columns only padding reached (steps run after every caption ended)."""
     width = max(int(ops.max_along(decoded.lengths.reshape(-1), 0)), 1)
-    return Decoded(decoded.tokens[..., :width], decoded.scores, decoded.lengths, decoded.normalised)
+    return Decoded(decoded.tokens[..., :width], decoded.scores, decoded.lengths, decoded.normalised, decoded.met)
 
 
 def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,

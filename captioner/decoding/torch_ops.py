@@ -102,6 +102,12 @@ class TorchOps:
     def softmax(self, scores: Array) -> Array:
         return torch.softmax(scores, dim=-1)
 
+    def to_numpy(self, values: Array) -> Any:
+        return values.detach().cpu().numpy()
+
+    def from_numpy(self, values: Any) -> Array:
+        return torch.from_numpy(values).to(self.device)
+
     def sync_point(self) -> bool:
         """Reading a value back from a GPU makes the host wait for it: search then checks less often."""
         return self.device.type != "cpu"

@@ -39,7 +39,7 @@ def decode_features(model: CaptioningModel, features: torch.Tensor, config: Deco
     vocabulary = model.vocabulary
     compiled = model.hparams.get("compile_search", False) if compiled is None else compiled
     return decode_with(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
-                       config.max_words(vocabulary.max_length), vocabulary.stoi, compiled, places)  # fmt: skip
+                       config.max_words(vocabulary.max_length), vocabulary, compiled, places)  # fmt: skip
 
 
 @torch.no_grad()

@@ -119,15 +119,15 @@ class CaptionModel(LightningModule):
     def sequences(self) -> SequenceSpec:
         """Special tokens and the longest caption, for objectives."""
         special = SpecialTokens.of(self.vocabulary)
-        return SequenceSpec(special, self.decoding.max_words(self.vocabulary.max_length),
-                            rules_for(self.decoding, special, self.vocabulary.stoi))  # fmt: skip
+        max_words = self.decoding.max_words(self.vocabulary.max_length)
+        return SequenceSpec(special, max_words, rules_for(self.decoding, special, self.vocabulary, max_words))
 
     @property
     def limits(self) -> ModelLimits:
         """What this model can decode, to check decoding settings against before it runs."""
         decoder = self.require_decoder()
         return ModelLimits(len(self.vocabulary), self.vocabulary.max_length, decoder.longest_caption(),
-                           type(decoder).__name__, self.vocabulary.stoi)  # fmt: skip
+                           type(decoder).__name__, self.vocabulary.stoi, self.vocabulary)  # fmt: skip
 
     def build(self, vocabulary: Any) -> None:
         """Create the decoder for `vocabulary` (once), and check the decoding settings against it.

@@ -6,6 +6,8 @@ decoder's device, with the step optionally compiled (`compiled_step`; batches pa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from captioner.decoding.config import DecodingConfig, SpecialTokens
@@ -70,7 +72,7 @@ def padded_rows(rows: int) -> int:
 
 @torch.no_grad()
 def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, special: SpecialTokens,
-             max_words: int, word_ids: dict[str, int] | None = None, compiled: bool = False,
+             max_words: int, vocabulary: Any = None, compiled: bool = False,
              places: list[int] | None = None) -> Decoded:  # fmt: skip
     """Captions for a batch of features, as `config` says (ranked per image; see `captioner.decoding.search`).
 
@@ -80,7 +82,7 @@ def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: Decodin
         config: Beams, rules, sampling.
         special: Start, end, padding and never-generated tokens.
         max_words: Most words per caption.
-        word_ids: The vocabulary's ids by word (for `bad_endings`).
+        vocabulary: The tokenizer (rules that name words: `bad_endings`, `prefix`, `bad_words`, `force_words`).
         compiled: Step through `compiled_step`, the batch padded to `padded_rows` (the padding rows' captions are
             dropped).
         places: Each image's place, which seeds its sampling stream (None: its row).
@@ -89,9 +91,9 @@ def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: Decodin
     places = list(range(batch)) if places is None else list(places)
     if compiled and padded_rows(batch) != batch:
         padding = features[:1].expand(padded_rows(batch) - batch, *features.shape[1:])
-        decoded = decode_with(decoder, torch.cat([features, padding]), config, special, max_words, word_ids, compiled,
+        decoded = decode_with(decoder, torch.cat([features, padding]), config, special, max_words, vocabulary, compiled,
                               places + [-1] * (padded_rows(batch) - batch))  # fmt: skip
         return Decoded(decoded.tokens[:batch], decoded.scores[:batch], decoded.lengths[:batch],
-                       decoded.normalised[:batch])  # fmt: skip
+                       decoded.normalised[:batch], None if decoded.met is None else decoded.met[:batch])  # fmt: skip
     stepper = DecoderStepper(decoder, features, compiled)
-    return decode(stepper, batch, config, special, TorchOps(features.device), max_words, word_ids, places)
+    return decode(stepper, batch, config, special, TorchOps(features.device), max_words, vocabulary, places)

@@ -98,6 +98,28 @@ def _words(value: Any, name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in items)
 
 
+def _phrase(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise HTTPException(400, f"'{name}' must be words, got {value!r}.")
+    return value.strip()
+
+
+def _phrases(value: Any, name: str) -> tuple:
+    """Phrases: a JSON list (an entry that is a list: any one of its phrases), or a form field of phrases separated
+    by commas, `|` between alternatives."""
+    items = value if isinstance(value, (list, tuple)) else [part for part in str(value).split(",") if part.strip()]
+    if len(items) > MAX_LISTED_WORDS:
+        raise HTTPException(400, f"'{name}' must be at most {MAX_LISTED_WORDS} phrases, got {len(items)}.")
+    phrases = []
+    for item in items:
+        if isinstance(item, (list, tuple)) or (isinstance(item, str) and "|" in item):
+            parts = item if isinstance(item, (list, tuple)) else item.split("|")
+            phrases.append(tuple(_phrase(part, name) for part in parts))
+        else:
+            phrases.append(_phrase(item, name))
+    return tuple(phrases)
+
+
 def request_bounds(limits: ModelLimits) -> dict[str, tuple[Any, ...]]:
     """What a request may set for itself: every `DecodingConfig` field with its parser and, for numbers, the range,
     the model's own limits included (its longest caption, its vocabulary)."""
@@ -105,7 +127,8 @@ def request_bounds(limits: ModelLimits) -> dict[str, tuple[Any, ...]]:
     return {
         "num_beams": (int, 1, MAX_BEAMS), "num_return": (int, 0, MAX_BEAMS), "length_penalty": (float, -5, 5),
         "max_length": (int, 1, longest), "min_length": (int, 0, longest), "no_repeat_ngram_size": (int, 0, 10),
-        "bad_endings": (_words,), "early_stopping": (_early_stopping,), "num_beam_groups": (int, 1, MAX_BEAMS),
+        "bad_endings": (_words,), "prefix": (_phrase,), "force_words": (_phrases,), "bad_words": (_phrases,),
+        "early_stopping": (_early_stopping,), "num_beam_groups": (int, 1, MAX_BEAMS),
         "diversity_penalty": (float, 0, 100), "do_sample": (_flag,), "temperature": (float, 0.01, 100),
         "top_k": (int, 0, limits.vocab_size), "top_p": (float, 0, 1), "seed": (int, 0, 2**63 - 1),
     }  # fmt: skip
@@ -124,7 +147,7 @@ def request_decoding(request: Any, base: DecodingConfig, limits: ModelLimits) ->
     overrides = {}
     for name, (parse, *interval) in bounds.items():
         value = fields[name]
-        if value is None or (value == "" and name != "bad_endings"):
+        if value is None or (value == "" and name not in ("bad_endings", "bad_words", "force_words")):
             continue
         overrides[name] = _number(value, name, parse, *interval) if interval else parse(value, name)
     if overrides.get("num_return") == 0:  # 0.2 clients asked for no alternatives with beams=0

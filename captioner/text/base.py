@@ -24,7 +24,9 @@ checkpoints and exports use:
   and of a reference caption as ids, which CIDEr-D (validation, self-critical
   rewards) scores, so a subword tokenizer is scored on words, not pieces;
 - `stoi`: ids of the words that are single tokens (for rules that name words,
-  such as `bad_endings`);
+  such as `bad_endings`); `phrase_tokens(text)` and `prefix_tokens(text)`: the
+  tokens a phrase is written as inside a caption and at its start (decoding
+  constraints);
 - `to_dict()` (with its `class_path`) and `from_dict(payload, source)`;
   `tokenizer_from_dict` reads any of them back.
 """
@@ -83,6 +85,17 @@ class TokenSequences:
     def decode_batch(self, ids: torch.Tensor | np.ndarray) -> list[str]:
         """Decode each row of a `(B, T)` tensor or array of ids."""
         return [self.decode(row) for row in ids.tolist()]
+
+    def phrase_tokens(self, text: str) -> list[list[int]]:
+        """The token sequences `text` can be written as inside a caption (one for a word vocabulary; a subword
+        tokenizer may add the form with the space before it): what `force_words` and `bad_words` match. A word the
+        tokenizer cannot write comes back as its unknown token (`unk_index`)."""
+        ids = self._caption_ids(self.encode(text))
+        return [ids] if ids else []
+
+    def prefix_tokens(self, text: str) -> list[int]:
+        """The tokens a caption that starts with `text` starts with (what `prefix` forces)."""
+        return self._caption_ids(self.encode(text))
 
     def _caption_ids(self, ids: Iterable[int]) -> list[int]:
         """The ids up to the first end token, with start and padding left out."""

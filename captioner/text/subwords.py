@@ -85,6 +85,15 @@ class SubwordTokenizer(TokenSequences):
         """The text of the tokens up to the end token."""
         return self.tokenizer.decode(self._caption_ids(ids), skip_special_tokens=True).strip()
 
+    def phrase_tokens(self, text: str) -> list[list[int]]:
+        """As written first in a caption and after a space (byte-level BPE writes `Ġword` there): either form counts."""
+        forms = []
+        for variant in (self._text(text), " " + self._text(text)):
+            ids = self.tokenizer.encode(variant, add_special_tokens=False).ids
+            if ids and ids not in forms:
+                forms.append(ids)
+        return forms
+
     def _word_ids(self, text: str) -> list[int]:
         ids = []
         for word in normalize(text):
