@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench import harness  # noqa: E402  (after the path: the phases live beside this script)
 from bench.data import make_feature_file  # noqa: E402
-from bench.decoding import ours_decode, ours_prefix_decode  # noqa: E402
+from bench.decoding import LM_FAMILIES, exported_lm_decode, ours_decode, ours_prefix_decode  # noqa: E402
 from bench.extraction import ENCODERS, ours_extract, ours_extract_shards  # noqa: E402
 from bench.harness import measure, run_phase  # noqa: E402
 from bench.original import original_decode, original_extract, original_train  # noqa: E402
@@ -310,6 +310,9 @@ def main() -> None:
                         features_file=str(large), count=sizes["decode"], beam_size=beam_size,
                         batch_size=decode_batch,
                     )  # fmt: skip
+            for family in LM_FAMILIES:  # the exported prefix decoder's step, per language model family
+                measure(r, f"onnx_lm_{family}", f"onnx: prefix LM greedy, {family}", exported_lm_decode,
+                        family=family, work=str(tmp / "lm"), count=64)  # fmt: skip
             # Serving: the server under 32 concurrent clients against the Python API's batches, same files.
             served = (names * ((sizes["serve"] + len(names) - 1) // len(names)))[: sizes["serve"]]
             measure(r, "api", "api: Captioner batches", api_throughput, checkpoint=checkpoint,

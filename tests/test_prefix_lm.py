@@ -145,3 +145,51 @@ def test_a_prefix_run_end_to_end_with_bpe_then_self_critical(scenes_source, tmp_
     assert all(d["caption"] and d["attention"] is None and len(d["alternatives"]) == 2 for d in described)
     sampled = captioner.predict(images, do_sample=True, num_beams=1, seed=3, top_k=5)
     assert sampled == captioner.predict(images, do_sample=True, num_beams=1, seed=3, top_k=5)  # seeded sampling repeats
+
+
+# A small random model of every decoder-only family the prefix decoder names (grouped-query attention in Llama's and
+# Qwen2's: fewer key and value heads than query heads).
+FAMILIES = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
+    "opt": {"model_type": "opt", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "ffn_dim": 64,
+            "max_position_embeddings": 64, "word_embed_proj_dim": 32},
+    "gpt_neo": {"model_type": "gpt_neo", "num_layers": 2, "hidden_size": 32, "num_heads": 2,
+                "attention_types": [[["global", "local"], 1]], "max_position_embeddings": 64, "window_size": 16},
+    "gpt_neox": {"model_type": "gpt_neox", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                 "intermediate_size": 64, "max_position_embeddings": 64},
+    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
+    "qwen2": {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_language_model_family_trains_captions_and_exports_to_the_same_captions(family, tmp_path):
+    import functools
+
+    from captioner.decoding import DecodingConfig
+    from captioner.export import export_onnx
+    from captioner.models.module import CaptionModel
+    from captioner.runtime import OnnxCaptioner
+    from captioner.text.words import Vocabulary
+    from tests.plugins import TinyConvEncoder
+
+    torch.manual_seed(0)
+    factory = functools.partial(PrefixLMDecoder, lm=None, lm_config=FAMILIES[family], prefix_length=2, train_lm=True)
+    model = CaptionModel(factory, encoder=TinyConvEncoder(width=8), decoding=DecodingConfig(num_beams=3))
+    model.build(Vocabulary([f"w{i}" for i in range(30)], max_length=6))
+    before = {name: value.clone() for name, value in model.decoder.lm.named_parameters()}
+    optimizer = torch.optim.SGD(model.decoder.parameter_groups(0.05), lr=0.05)
+    tokens = torch.randint(3, 30, (4, 6))
+    output = model.decoder(torch.randn(4, 8), tokens[:, :-1])
+    caption_cross_entropy(output.logits, tokens[:, 1:], 0).backward()
+    optimizer.step()  # one training step: the language model itself moves
+    assert any(not torch.equal(before[name], value) for name, value in model.decoder.lm.named_parameters())
+    model.eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    captions = [row["caption"] for row in Captioner(model).describe(list(images))]
+    exported = OnnxCaptioner(export_onnx(model, tmp_path / family))
+    assert [row["caption"] for row in exported.describe(list(images.numpy()))] == captions
+    assert all(caption.split() for caption in captions)
+

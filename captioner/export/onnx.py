@@ -52,6 +52,12 @@ def _tensors(tree, what: str) -> list[torch.Tensor]:
     )
 
 
+def _named(decoder: nn.Module) -> str:
+    """A decoder's class, and the language model's type behind a prefix decoder."""
+    lm = getattr(getattr(decoder, "lm", None), "config", None)
+    return type(decoder).__name__ + (f" over a {lm.model_type} language model" if lm is not None else "")
+
+
 class _Encoder(nn.Module):
     def __init__(self, model: CaptionModel) -> None:
         super().__init__()
@@ -142,7 +148,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         dynamic = {name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_state, states)}
         dynamic.update({f"new_{n}": {d: f"new_{n}_d{d}" for d in range(t.dim())} for n, t in zip(names_state, states)})
         dynamic.update({name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_context, contexts)})
-        with warnings.catch_warnings(), _without_fused_attention():
+        with warnings.catch_warnings(), _without_fused_attention(), decoder.export_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(_Encoder(model).eval(), (images,), tmp / GRAPHS["encoder"], dynamo=False,
                               input_names=["images"], output_names=["features"], opset_version=OPSET,
@@ -154,10 +160,17 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
                                                                           [*names_context, *names_state]}})  # fmt: skip
             step = _Step(model, len(states), len(contexts), isinstance(context, torch.Tensor),
                          isinstance(state, torch.Tensor)).eval()  # fmt: skip
-            torch.onnx.export(step, (tokens, *states, *contexts), tmp / GRAPHS["step"], dynamo=False,
-                              input_names=["tokens", *names_state, *names_context],
-                              output_names=["logits", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
-                              dynamic_axes={"tokens": {0: "rows"}, "logits": {0: "rows"}, **dynamic})  # fmt: skip
+            try:
+                torch.onnx.export(step, (tokens, *states, *contexts), tmp / GRAPHS["step"], dynamo=False,
+                                  input_names=["tokens", *names_state, *names_context],
+                                  output_names=["logits", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
+                                  dynamic_axes={"tokens": {0: "rows"}, "logits": {0: "rows"}, **dynamic})  # fmt: skip
+            except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+                raise CaptionerError(
+                    f"{_named(decoder)} cannot be exported to ONNX ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}). Exported and tested: the LSTM, attention and Transformer "
+                    "decoders, and the prefix decoder over GPT-2, OPT, GPT-Neo, GPT-NeoX (Pythia), Llama and Qwen2."
+                ) from None
         encoder_quantization: dict | bool = False
         if quantize == "int8":
             for name in ("prepare", "step"):

@@ -75,3 +75,41 @@ def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: 
     return {"captions_per_s": count / (time.perf_counter() - started), "words": int(tokens.shape[1])}
 
 
+
+
+# The prefix decoder over a language model of each family at one size (4 layers, width 256; grouped-query attention,
+# 2 key and value heads of 4, for Llama): the exported step's speed per family.
+LM_FAMILIES = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128},
+    "llama": {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 1024, "max_position_embeddings": 128},
+}  # fmt: skip
+
+
+def exported_lm_decode(family: str, work: str, count: int, words: int = 20) -> dict:
+    """Greedy decoding of `count` images, `words` words each, by the exported prefix decoder over a random LM of
+    `family` (ONNX Runtime, NumPy search): captions per second and milliseconds per step."""
+    import functools
+
+    import torch
+
+    from captioner.decoding import DecodingConfig
+    from captioner.encoders.torchvision_models import TorchvisionEncoder
+    from captioner.export.onnx import export_onnx
+    from captioner.models.decoders import PrefixLMDecoder
+    from captioner.models.module import CaptionModel
+    from captioner.runtime import OnnxCaptioner
+    from captioner.text.words import Vocabulary
+
+    torch.manual_seed(0)
+    factory = functools.partial(PrefixLMDecoder, lm=None, lm_config=LM_FAMILIES[family], prefix_length=4)
+    model = CaptionModel(factory, encoder=TorchvisionEncoder("resnet18", None, 32),
+                         decoding=DecodingConfig(num_beams=1, min_length=words, max_length=words))  # fmt: skip
+    model.build(Vocabulary([f"w{i}" for i in range(1000)], max_length=words))
+    runtime = OnnxCaptioner(export_onnx(model.eval(), f"{work}/{family}"), batch_size=count)
+    features = np.random.default_rng(0).standard_normal((count, 512)).astype(np.float32)
+    runtime.decode_features(features[:4])  # warm-up
+    started = time.perf_counter()
+    runtime.decode_features(features)
+    elapsed = time.perf_counter() - started
+    return {"captions_per_s": count / elapsed, "ms_per_step": 1000 * elapsed / (words + 1), "family": family}

@@ -77,6 +77,9 @@ SECTIONS = (
         ("greedy int8 (captions/s)", "onnx_greedy_int8", "greedy", "captions_per_s"),
         ("beam-3 int8 (captions/s)", "onnx_beam3_int8", "beam3", "captions_per_s"),
     )),
+    ("exported prefix decoder: Llama (grouped-query attention) against GPT-2, same size", "Llama", "GPT-2", (
+        ("greedy, 20 words (captions/s)", "onnx_lm_llama", "onnx_lm_gpt2", "captions_per_s"),
+    )),
     ("serving, same images", "server", "API", (
         ("32 clients vs batches (images/s)", "server", "api", "images_per_s"),
         ("one request vs the model (ms)", "server", "api", "single_ms"),

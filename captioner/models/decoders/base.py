@@ -17,6 +17,7 @@ own options, which it records with `self.save_hyperparameters()`:
         def initial_state(self, context) -> State: ...              # per-caption state before the first word
         def step(self, tokens, state, context) -> tuple[Tensor, State]: ...   # one word for every caption
         def longest_caption(self) -> int | None: ...        # optional: the most words it can write (positions)
+        def export_mode(self): ...                          # optional: a context for ONNX export
         def load_pretrained(self) -> None: ...              # optional: weights fetched at the start of training
         def parameter_groups(self, lr) -> list[dict]: ...   # optional: learning rates per parameter group
 
@@ -50,7 +51,8 @@ including one outside this package):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -144,6 +146,12 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
         when nothing in it bounds a caption's length. A decoder with a position table or a context window says so,
         and decoding settings asking for longer captions are refused before it runs."""
         return None
+
+    @contextlib.contextmanager
+    def export_mode(self) -> Iterator[None]:
+        """While ONNX export traces this decoder: switch to what the exporter can convert (nothing by default; a
+        language model uses its plain attention, not a fused kernel the exporter cannot convert)."""
+        yield
 
     def load_pretrained(self) -> None:
         """Load pretrained weights (a language model's) at the start of a fresh training run; nothing by default.

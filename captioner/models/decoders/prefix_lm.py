@@ -4,7 +4,9 @@ network to a prefix of embeddings that a Hugging Face causal LM (GPT-2 by defaul
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -147,7 +149,8 @@ class PrefixLMDecoder(CaptionDecoder):
                                    "feature_tokens": feature_tokens, "max_regions": max_regions,
                                    "dropout": dropout})  # fmt: skip
         self.hparams.update(vocab_size=vocab_size, feature_dim=feature_dim)
-        config = transformers_config(transformers, lm_config, "PrefixLMDecoder lm", "gpt2, opt, llama")
+        config = transformers_config(transformers, lm_config, "PrefixLMDecoder lm",
+                                     "gpt2, opt, gpt_neo, gpt_neox, llama, qwen2")  # fmt: skip
         self._check_vocabulary(config, vocab_size)
         with seeded_initialisation():
             self.lm = transformers.AutoModelForCausalLM.from_config(config)
@@ -219,6 +222,21 @@ class PrefixLMDecoder(CaptionDecoder):
         lm = {id(p) for p in self.lm.parameters()}
         return [{"params": [p for p in trainable if id(p) not in lm], "lr": lr},
                 {"params": [p for p in trainable if id(p) in lm], "lr": self.hparams.lm_lr}]  # fmt: skip
+
+    @contextlib.contextmanager
+    def export_mode(self) -> Iterator[None]:
+        """The LM's eager attention while exported: PyTorch's ONNX exporter cannot convert
+        `scaled_dot_product_attention` with grouped-query attention (Llama, Qwen2), and eager attention computes the
+        same (key and value heads repeated); the LM's own implementation is back afterwards."""
+        previous = self.lm.config._attn_implementation
+        if previous == "eager":
+            yield
+            return
+        self.lm.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.lm.set_attn_implementation(previous)
 
     def longest_caption(self) -> int | None:
         """The LM's positions hold the prefix and the words fed back (None when its config names no limit)."""
