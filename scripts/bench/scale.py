@@ -90,7 +90,8 @@ def caption_set(checkpoint: str, images_dir: str, work: str, processes: int, bat
                "--format", "jsonl", "--output", str(output), "--batch_size", str(batch_size), "--threads",
                str(threads), "--trainer.devices", str(processes), "--trainer.accelerator", "cpu"]  # fmt: skip
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
     if done.returncode:
         raise RuntimeError(f"caption-set failed: {done.stderr[-1500:]}")
     elapsed = time.perf_counter() - started
