@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench import harness  # noqa: E402  (after the path: the phases live beside this script)
+from bench.common import MAX_LENGTH  # noqa: E402
 from bench.data import make_feature_file  # noqa: E402
 from bench.decoding import LM_FAMILIES, exported_lm_decode, ours_decode, ours_prefix_decode  # noqa: E402
 from bench.extraction import ENCODERS, ours_extract, ours_extract_shards  # noqa: E402
@@ -226,6 +227,13 @@ def main() -> None:
         for key, label, beam_size, bf16 in decoding:
             measure(r, key, label, ours_decode, features_file=str(large), count=sizes["decode"], device=device,
                     beam_size=beam_size, batch_size=decode_batch, bf16=bf16)  # fmt: skip
+        # Constraints cost what their bookkeeping costs: two forced words (one of them any of a pair), a forced
+        # first word and a banned phrase, on the same batches as plain beam 3 and as long (the untrained model
+        # never ends on its own; a constrained caption could end as soon as its words are in).
+        measure(r, "beam3_forced", "ours: beam-3 decoding, constrained", ours_decode, features_file=str(large),
+                count=sizes["decode"], device=device, beam_size=3, batch_size=decode_batch,
+                overrides={"force_words": ["w7", ["w11", "w12"]], "prefix": "w3", "bad_words": ["w5 w6"],
+                           "min_length": MAX_LENGTH})  # fmt: skip
         if cuda:  # launch-bound on a GPU: a wider batch shows what the device itself sustains
             measure(r, "beam3_wide", "ours: beam-3 decoding, 4x batch", ours_decode, features_file=str(large),
                     count=sizes["decode"], device=device, beam_size=3, batch_size=4 * decode_batch)  # fmt: skip

@@ -193,3 +193,109 @@ def test_every_language_model_family_trains_captions_and_exports_to_the_same_cap
     assert [row["caption"] for row in exported.describe(list(images.numpy()))] == captions
     assert all(caption.split() for caption in captions)
 
+
+# ------------------------------------------------------------ LoRA on the language model
+def test_lora_trains_only_the_adapters_at_their_own_rate_and_changes_what_the_lm_says():
+    model = decoder(train_lm="lora", lora_rank=2, lm_lr=1e-2).train()
+    base = {k: v.clone() for k, v in model.lm.state_dict().items() if ".lora_" not in k}
+    adapters = {k: v.clone() for k, v in model.lm.state_dict().items() if ".lora_" in k}
+    assert adapters and all(".base_layer." in k for k in base if "c_attn" in k)  # GPT-2's default target: c_attn
+    groups = model.parameter_groups(0.05)
+    assert [g["lr"] for g in groups] == [0.05, 1e-2]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in model.lm.named_parameters() if ".lora_" in n}
+    features, tokens = torch.randn(2, 8), torch.randint(3, 40, (2, 5))
+    model.eval()
+    untouched = model(features, tokens).logits  # B starts at zero: the adapted LM says what the frozen one says
+    model.train()
+    one_step(model)
+    assert all(torch.equal(base[k], v) for k, v in model.lm.state_dict().items() if k in base)
+    assert any(not torch.equal(adapters[k], v) for k, v in model.lm.state_dict().items() if k in adapters)
+    model.eval()
+    mapper_only = decoder(train_lm="lora", lora_rank=2)
+    mapper_only.load_state_dict(
+        {k: v for k, v in model.state_dict().items()}
+        | {k: torch.zeros_like(v) for k, v in model.state_dict().items() if ".lora_B." in k}
+    )
+    assert not torch.allclose(model(features, tokens).logits, mapper_only(features, tokens).logits)
+    assert untouched.shape == model(features, tokens).logits.shape
+
+
+def test_lora_checkpoints_hold_the_adapters_and_export_merges_them_into_the_same_captions(tmp_path):
+    import functools
+
+    import onnx
+
+    from captioner.decoding import DecodingConfig
+    from captioner.export import export_onnx
+    from captioner.models.module import CaptionModel
+    from captioner.runtime import OnnxCaptioner
+    from captioner.text.words import Vocabulary
+    from tests.plugins import TinyConvEncoder
+
+    torch.manual_seed(0)
+    factory = functools.partial(
+        PrefixLMDecoder,
+        lm=None,
+        lm_config=FAMILIES["llama"],
+        prefix_length=2,
+        train_lm="lora",
+        lora_rank=4,
+        lora_targets=["q_proj", "v_proj", "o_proj"],
+    )
+    model = CaptionModel(factory, encoder=TinyConvEncoder(width=8), decoding=DecodingConfig(num_beams=3))
+    model.build(Vocabulary([f"w{i}" for i in range(30)], max_length=6))
+    optimizer = torch.optim.SGD(model.decoder.parameter_groups(0.5), lr=0.5)
+    for _ in range(3):
+        tokens = torch.randint(3, 30, (4, 6))
+        caption_cross_entropy(model.decoder(torch.randn(4, 8), tokens[:, :-1]).logits, tokens[:, 1:], 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sum(".lora_" in k for k in state) == 2 * 3 * 2  # A and B, three targets, two layers
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    captions = [row["caption"] for row in Captioner(model).describe(list(images))]
+    folder = export_onnx(model, tmp_path / "lora")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # merged for export only
+    assert [row["caption"] for row in OnnxCaptioner(folder).describe(list(images.numpy()))] == captions
+    graphs = [onnx.load(path, load_external_data=False) for path in folder.glob("*.onnx")]
+    adapted = [node.name for graph in graphs for node in graph.graph.node
+               if any(f"/{target}/" in node.name for target in ("q_proj", "v_proj", "o_proj"))]  # fmt: skip
+    assert adapted and all("/base_layer/" in name for name in adapted)  # one matrix per adapted layer: merged
+    # Rebuilt from its recorded options, as a checkpoint is, the same adapters load and caption alike.
+    rebuilt = CaptionModel(PrefixLMDecoder, encoder=TinyConvEncoder(width=8), decoding=DecodingConfig(num_beams=3))
+    rebuilt.decoder_factory = functools.partial(PrefixLMDecoder, **model.decoder.spec()["init_args"])
+    rebuilt.build(model.vocabulary)
+    rebuilt.load_state_dict(state)
+    assert [row["caption"] for row in Captioner(rebuilt.eval()).describe(list(images))] == captions
+
+
+def test_lora_starts_from_pretrained_or_frozen_weights_and_a_lora_checkpoint_asks_for_lora(saved_lm):
+    import transformers
+
+    tokenizer = Pretrained(str(saved_lm)).build([], max_length=10)
+    model = PrefixLMDecoder(len(tokenizer), 8, lm=str(saved_lm), prefix_length=2, train_lm="lora")
+    model.load_pretrained()
+    saved = transformers.AutoModelForCausalLM.from_pretrained(saved_lm)
+    adapted_layer = model.lm.transformer.h[1].attn.c_attn
+    assert torch.equal(adapted_layer.base_layer.weight, saved.transformer.h[1].attn.c_attn.weight)
+    frozen = decoder()
+    adapted = decoder(train_lm="lora")
+    adapted.load_state_dict(frozen.state_dict())  # a frozen-LM run continues with adapters
+    assert torch.equal(
+        adapted.lm.transformer.h[0].attn.c_attn.base_layer.weight, frozen.lm.transformer.h[0].attn.c_attn.weight
+    )
+    with pytest.raises(CaptionerError, match="carries LoRA adapters.*train_lm to lora"):
+        decoder().load_state_dict(adapted.state_dict())
+
+
+def test_lora_refusals_name_what_to_do(monkeypatch):
+    with pytest.raises(CaptionerError, match=r"lora_targets \['nope'\] name no module"):
+        decoder(train_lm="lora", lora_targets=["nope"])
+    with pytest.raises(CaptionerError, match="lora_rank"):
+        decoder(train_lm="lora", lora_rank=0)
+    with pytest.raises(CaptionerError, match="train_lm must be"):
+        decoder(train_lm="adapters")
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(CaptionerError, match=r"pip install 'captioner\[lora\]'"):
+        decoder(train_lm="lora")

@@ -85,11 +85,13 @@ def constrained_beam_search(stepper: Any, batch: int, config: DecodingConfig, sp
         logits, state = stepper.step(previous, state)
         words = ops.as_long([image.words[beam] for image in images for beam in range(k)]).reshape(batch * k, step)
         scored = apply(rules, ops.as_float(logits), words, step, ops)
-        log_probs = ops.to_numpy(ops.log_softmax(scored)).reshape(batch, k, -1).astype(np.float64)
+        log_probs = ops.log_softmax(scored)
         last = step == width - 1
+        offered = _best_offers(images, log_probs, ops, k, end, last)
+        log_probs = ops.to_numpy(log_probs).reshape(batch, k, -1)
         rows, tokens = [], []
         for number, image in enumerate(images):
-            chosen = _step_image(image, log_probs[number], k, end, last, progress, step, config)
+            chosen = _step_image(image, log_probs[number], offered[number], k, end, last, progress, step, config)
             rows += [number * k + beam for beam, _ in chosen]
             tokens += [token for _, token in chosen]
         state = stepper.reorder(state, ops.as_long(rows))
@@ -99,20 +101,34 @@ def constrained_beam_search(stepper: Any, batch: int, config: DecodingConfig, sp
     return _ranked(images, k, width, special, ops)
 
 
-def _step_image(image: _Image, log_probs: np.ndarray, k: int, end: int, last: bool, progress: _Progress, step: int,
-                config: DecodingConfig) -> list[tuple[int, int]]:  # fmt: skip
-    """One step of one image: offer its candidates, keep `k` live hypotheses by bank. Returns (beam, token) per slot
-    (a finished image keeps feeding its hypotheses, whose results no longer matter)."""
+def _best_offers(images: list[_Image], log_probs: Any, ops: Any, k: int, end: int,
+                 last: bool) -> list[list[tuple[int, int]]]:  # fmt: skip
+    """Each image's `2k` best continuations as (beam, token). They lie among each beam's `2k + 1` most likely tokens
+    (one more for an end that is not allowed yet: no end before the forced words are met, except when the length runs
+    out), so a top-k on the device replaces a partition of every beam's whole vocabulary."""
+    batch = len(images)
+    values, tokens = ops.topk(log_probs, min(2 * k + 1, log_probs.shape[-1]))
+    values = ops.to_numpy(values).reshape(batch, k, -1).astype(np.float64)
+    tokens = ops.to_numpy(tokens).reshape(batch, k, -1)
+    totals = np.asarray([image.scores for image in images])[:, :, None] + values
+    if not last:
+        unmet = np.asarray([[not all(met) for met in image.met] for image in images])
+        totals[(tokens == end) & unmet[:, :, None]] = NEVER
+    flat = totals.reshape(batch, -1)
+    best = np.argsort(-flat, axis=1, kind="stable")[:, : 2 * k]
+    beams = best // tokens.shape[2]
+    return [[(int(beam), int(token)) for beam, token in zip(beams[n], tokens[n].reshape(-1)[best[n]], strict=True)]
+            for n in range(batch)]  # fmt: skip
+
+
+def _step_image(image: _Image, log_probs: np.ndarray, offered: list[tuple[int, int]], k: int, end: int, last: bool,
+                progress: _Progress, step: int, config: DecodingConfig) -> list[tuple[int, int]]:  # fmt: skip
+    """One step of one image: offer its candidates (the best continuations and every constraint's next token),
+    keep `k` live hypotheses by bank. Returns (beam, token) per slot (a finished image keeps feeding its
+    hypotheses, whose results no longer matter)."""
     if image.done:
         return [(beam, end) for beam in range(k)]
-    totals = np.asarray(image.scores)[:, None] + log_probs
-    for beam in range(k):
-        if not all(image.met[beam]) and not last:
-            totals[beam, end] = NEVER  # no end before the forced words, except when the length runs out
-    candidates: set[tuple[int, int]] = set()
-    flat = totals.ravel()
-    best = np.argpartition(-flat, min(2 * k, flat.size - 1))[: 2 * k]
-    candidates.update((int(index) // totals.shape[1], int(index) % totals.shape[1]) for index in best)
+    candidates: set[tuple[int, int]] = set(offered)
     for beam in range(k):
         if np.isfinite(image.scores[beam]):
             candidates.update((beam, token) for token in progress.next_tokens(image.progress[beam], image.met[beam]))
@@ -120,8 +136,8 @@ def _step_image(image: _Image, log_probs: np.ndarray, k: int, end: int, last: bo
                 candidates.add((beam, end))  # a hypothesis that met every constraint is always offered as finished
     live: dict[int, list[tuple[float, int, int, tuple, tuple]]] = {}
     for beam, token in sorted(candidates):
-        score = float(totals[beam, token])
-        if not np.isfinite(score):
+        score = image.scores[beam] + float(log_probs[beam, token])
+        if not np.isfinite(score) or (token == end and not last and not all(image.met[beam])):
             continue
         if token == end:
             met = all(image.met[beam])

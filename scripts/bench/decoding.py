@@ -12,8 +12,9 @@ from bench.training import _model
 
 def ours_decode(
     features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False,
-    decoder: str = "lstm",
+    decoder: str = "lstm", overrides: dict | None = None,
 ) -> dict:  # fmt: skip
+    """Decoding `count` feature rows in batches; `overrides` are DecodingConfig settings (constraints, ...)."""
     import contextlib
 
     import torch
@@ -26,7 +27,7 @@ def ours_decode(
     from captioner.models import captioning
 
     model = _model(decoder, beam_size).to(device).eval()
-    config = model.decoding
+    config = model.decoding.with_overrides(**(overrides or {}))
     features = torch.from_numpy(np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32))
     # What `--trainer.precision bf16-mixed` does around test and predict steps.
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

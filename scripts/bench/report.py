@@ -27,6 +27,9 @@ SECTIONS = (
         ("beam-3, 4x batch (captions/s)", "beam3_wide", "orig_decode", "captions_per_s"),
         ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
     )),
+    ("constrained decoding against unconstrained (LSTM)", "constrained", "plain", (
+        ("beam-3 decoding (captions/s)", "beam3_forced", "beam3", "captions_per_s"),
+    )),
     ("Transformer (grid) against the LSTM (pooled), same images", "Transformer", "LSTM", (
         ("training (captions/s)", "train_transformer", "train_small", "captions_per_s"),
         ("training, grid read from disk (c./s)", "train_transformer_disk", "train_small", "captions_per_s"),

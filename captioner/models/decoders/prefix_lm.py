@@ -16,6 +16,7 @@ from captioner.core.errors import CaptionerError
 from captioner.core.hub import hub_error, transformers_config
 from captioner.core.parts import require_library, seeded_initialisation
 from captioner.models.decoders.base import CaptionDecoder, DecoderOutput
+from captioner.models.decoders.lora import ADAPTER_MARK, LoraSettings, add_adapters, into_adapted, merged_adapters
 
 # Tokens a tokenizer may add to a pretrained LM's own (captioner.text.Pretrained adds <pad> and <start>).
 MOST_ADDED_TOKENS = 16
@@ -100,9 +101,13 @@ class PrefixLMDecoder(CaptionDecoder):
         lm_config: The LM's config as a dict with its `model_type` (instead of reading it by id); a randomly
             initialised LM of that shape when `lm` is null (the demo's small GPT-2).
         pretrained: Load `lm`'s weights at the start of training (false: random weights, seeded).
-        train_lm: Train the LM too (ClipCap's MLP variant); false keeps it frozen and in eval mode (ClipCap's
-            Transformer variant, the better-scoring one), and only the mapper learns.
-        lm_lr: The LM's learning rate when it trains (null: the model's lr).
+        train_lm: true trains the LM too (ClipCap's MLP variant); false keeps it frozen and in eval mode (ClipCap's
+            Transformer variant, the better-scoring one), and only the mapper learns; "lora" freezes it and trains
+            LoRA adapters on it (`pip install 'captioner[lora]'`; see `captioner.models.decoders.lora`).
+        lm_lr: The LM's (or its adapters') learning rate when it trains (null: the model's lr).
+        lora_rank, lora_alpha, lora_dropout: The adapters' rank, scale numerator (updates scaled by alpha / rank)
+            and dropout, under `train_lm: lora`.
+        lora_targets: The modules adapted (null: peft's default for the LM's type, its attention projections).
         prefix_length: Vectors in the prefix.
         mapper: "mlp" (pooled features) or "transformer" (pooled or grid).
         mapper_layers, mapper_heads: The Transformer mapper's depth and heads (the heads divide the LM's width).
@@ -121,8 +126,12 @@ class PrefixLMDecoder(CaptionDecoder):
         lm: str | None = "gpt2",
         lm_config: dict[str, Any] | None = None,
         pretrained: bool = True,
-        train_lm: bool = False,
+        train_lm: bool | Literal["lora"] = False,
         lm_lr: float | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_targets: list[str] | None = None,
         prefix_length: int = 10,
         mapper: Literal["mlp", "transformer"] = "mlp",
         mapper_layers: int = 8,
@@ -135,6 +144,8 @@ class PrefixLMDecoder(CaptionDecoder):
         transformers = require_library("transformers", "hf", type(self).__name__)
         if lm is None and lm_config is None:
             raise CaptionerError(f"{type(self).__name__} needs an lm (a hub id such as gpt2) or an lm_config.")
+        if train_lm not in (True, False, "lora"):
+            raise CaptionerError(f"train_lm must be true, false or lora, got {train_lm!r}.")
         if prefix_length < 1 or feature_tokens < 1:
             raise CaptionerError("prefix_length and feature_tokens must be at least 1.")
         if lm_config is None:
@@ -144,7 +155,9 @@ class PrefixLMDecoder(CaptionDecoder):
                 raise hub_error(str(lm), error) from error
         # Record what was read from the hub: a checkpoint then rebuilds this decoder without the network.
         self.save_hyperparameters({"lm": lm, "lm_config": lm_config, "pretrained": pretrained, "train_lm": train_lm,
-                                   "lm_lr": lm_lr, "prefix_length": prefix_length, "mapper": mapper,
+                                   "lm_lr": lm_lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                                   "lora_dropout": lora_dropout, "lora_targets": lora_targets,
+                                   "prefix_length": prefix_length, "mapper": mapper,
                                    "mapper_layers": mapper_layers, "mapper_heads": mapper_heads,
                                    "feature_tokens": feature_tokens, "max_regions": max_regions,
                                    "dropout": dropout})  # fmt: skip
@@ -166,12 +179,15 @@ class PrefixLMDecoder(CaptionDecoder):
                                             feature_tokens, max_regions, dropout)  # fmt: skip
         else:
             raise CaptionerError(f"mapper must be 'mlp' or 'transformer', got {mapper!r}.")
-        self.lm.requires_grad_(train_lm)
+        self.lm.requires_grad_(train_lm is True)
+        if train_lm == "lora":  # after resizing: the adapters wrap the final layers
+            add_adapters(self.lm, LoraSettings(lora_rank, lora_alpha, lora_dropout, lora_targets))
         accepted = inspect.signature(self.lm.forward).parameters
         self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # transformers renamed it
         self._keeps_logits = "logits_to_keep" in accepted
         self._cache_class = transformers.DynamicCache
         self._positions = _position_limit(config)
+        self.register_load_state_dict_pre_hook(_fit_adapters)
 
     # ------------------------------------------------------------ building
     def _check_vocabulary(self, config: Any, vocab_size: int) -> None:
@@ -203,16 +219,17 @@ class PrefixLMDecoder(CaptionDecoder):
             raise hub_error(str(self.hparams.lm), error) from error
         with seeded_initialisation():
             self._resize(pretrained, self.hparams.vocab_size)
+        state = pretrained.state_dict()
         try:
-            self.lm.load_state_dict(pretrained.state_dict())
+            self.lm.load_state_dict(into_adapted(state, self.lm) if self._adapted else state)
         except RuntimeError as error:
             raise CaptionerError(f"The weights of {self.hparams.lm} do not fit the recorded lm_config ({error}); "
                                  "leave lm_config null to read it with the weights.") from error  # fmt: skip
 
     def train(self, mode: bool = True) -> PrefixLMDecoder:
         super().train(mode)
-        if not self.hparams.train_lm:
-            self.lm.eval()  # frozen: no dropout, as ClipCap
+        if self.hparams.train_lm is False:
+            self.lm.eval()  # frozen: no dropout, as ClipCap (under LoRA it trains as peft trains it)
         return self
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -223,20 +240,23 @@ class PrefixLMDecoder(CaptionDecoder):
         return [{"params": [p for p in trainable if id(p) not in lm], "lr": lr},
                 {"params": [p for p in trainable if id(p) in lm], "lr": self.hparams.lm_lr}]  # fmt: skip
 
+    @property
+    def _adapted(self) -> bool:
+        return self.hparams.train_lm == "lora"
+
     @contextlib.contextmanager
     def export_mode(self) -> Iterator[None]:
-        """The LM's eager attention while exported: PyTorch's ONNX exporter cannot convert
-        `scaled_dot_product_attention` with grouped-query attention (Llama, Qwen2), and eager attention computes the
-        same (key and value heads repeated); the LM's own implementation is back afterwards."""
-        previous = self.lm.config._attn_implementation
-        if previous == "eager":
+        """The LM as exported: LoRA adapters merged into its weights, and its eager attention (PyTorch's ONNX
+        exporter cannot convert `scaled_dot_product_attention` with grouped-query attention, as in Llama and Qwen2;
+        eager attention computes the same, key and value heads repeated). Both are undone afterwards."""
+        with contextlib.ExitStack() as undo:
+            if self._adapted:
+                undo.enter_context(merged_adapters(self.lm))
+            previous = self.lm.config._attn_implementation
+            if previous != "eager":
+                self.lm.set_attn_implementation("eager")
+                undo.callback(self.lm.set_attn_implementation, previous)
             yield
-            return
-        self.lm.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            self.lm.set_attn_implementation(previous)
 
     def longest_caption(self) -> int | None:
         """The LM's positions hold the prefix and the words fed back (None when its config names no limit)."""
@@ -307,6 +327,22 @@ class GridPrefixLMDecoder(PrefixLMDecoder):
         if options["mapper"] != "transformer":
             raise CaptionerError("GridPrefixLMDecoder reads grid features through mapper: transformer.")
         super().__init__(vocab_size, feature_dim, **options)
+
+
+def _fit_adapters(decoder: PrefixLMDecoder, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Before a state dict loads: an LM saved without adapters (a frozen or fully trained run) continues with LoRA;
+    one saved with adapters into a decoder without them stops with what to set."""
+    lm_prefix = f"{prefix}lm."
+    keys = [key for key in state if key.startswith(lm_prefix)]
+    saved_adapted = any(ADAPTER_MARK in key for key in keys)
+    if saved_adapted and not decoder._adapted:
+        raise CaptionerError("The checkpoint's language model carries LoRA adapters (train_lm: lora): set "
+                             "model.decoder.init_args.train_lm to lora, with the lora_rank and lora_targets it was "
+                             "trained with.")  # fmt: skip
+    if decoder._adapted and keys and not saved_adapted:
+        plain = {key[len(lm_prefix) :]: state.pop(key) for key in keys}
+        for key, value in into_adapted(plain, decoder.lm).items():
+            state[lm_prefix + key] = value
 
 
 def _flat_cache(output: Any) -> tuple[torch.Tensor, ...]:
