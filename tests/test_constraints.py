@@ -143,3 +143,17 @@ def test_phrases_the_tokenizer_cannot_write_are_refused_naming_them():
     with pytest.raises(CaptionerError, match="force_words with sampling"):
         DecodingConfig(num_beams=1, do_sample=True, force_words=("red",))
     DecodingConfig(num_beams=2, force_words=("red", ["circle", "square"]), prefix="a").checked(limits)
+
+
+def test_a_met_constraint_ranks_above_any_partial_match_of_its_longer_alternatives():
+    """Dynamic beam allocation deals beams by forced tokens written: having written "red" (one token) must count
+    more than being two tokens into "dark blue sky" (else the met hypothesis competes with, and can lose to, ones
+    that never finish the phrase, as a BPE word of several pieces did)."""
+    from captioner.decoding.constrained import _Progress
+
+    progress = _Progress([[(5,), (1, 2, 3)]])
+    start = ((0, 0), (False,))
+    met = progress.advance(*start, 5)
+    partial = progress.advance(*progress.advance(*start, 1), 2)
+    assert met[1] == (True,) and partial == ((0, 2), (False,))
+    assert progress.bank(*met) > progress.bank(*partial) > progress.bank(*start)

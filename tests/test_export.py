@@ -73,11 +73,16 @@ def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_sou
     images = sorted((scenes_source / "Images").iterdir())[:40]
     runtime, reference = OnnxCaptioner(folder), Captioner(model, batch_size=16)
     pixels = torch.stack([model.preprocessing.from_file(p) for p in images])
-    for settings in ({"num_beams": 1}, {"num_beams": 5, "length_penalty": 0.6}):
+    sampled = {"num_beams": 1, "do_sample": True, "temperature": 0.9, "top_p": 0.8, "seed": 7}
+    constrained = {"num_beams": 3, "force_words": ["triangle", ["red", "blue"]], "bad_words": ["small circle"]}
+    for settings in ({"num_beams": 1}, {"num_beams": 5, "length_penalty": 0.6}, sampled, constrained):
         # End to end (each side decoding and resizing the files itself): the same captions.
         ours, theirs = runtime.predict(images, **settings), reference.predict(images, **settings)
         assert np.mean([a.caption == b.caption for a, b in zip(ours, theirs)]) >= 0.99, (kind, settings)
-        assert len({b.caption for b in theirs}) > 3  # captions that differ between images, not one for all
+        if settings is constrained:  # every caption holds the words, the PyTorch and the exported alike
+            assert all("triangle" in b.caption and {"red", "blue"} & set(b.caption.split()) for b in theirs)
+        else:
+            assert len({b.caption for b in theirs}) > 3  # captions that differ between images, not one for all
         # The graphs and the search alone, on the same pixels: the same captions and log-probabilities.
         captions, scores = runtime.caption_pixels(pixels.numpy(), **settings)
         expected, expected_scores = reference.caption_tensor(pixels, **settings)

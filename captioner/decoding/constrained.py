@@ -33,7 +33,9 @@ class _Progress:
     def __init__(self, constraints: list[list[tuple[int, ...]]]) -> None:
         self.phrases = [(owner, phrase) for owner, alternatives in enumerate(constraints) for phrase in alternatives]
         self.count = len(constraints)
-        self.shortest = [min(len(phrase) for phrase in alternatives) for alternatives in constraints]
+        # A met constraint counts as its longest phrase: never below a partial match of any of its phrases (else a
+        # hypothesis three tokens into "blue" ranks with one that has written "red" and met the constraint).
+        self.longest = [max(len(phrase) for phrase in alternatives) for alternatives in constraints]
 
     def advance(self, progress: tuple[int, ...], met: tuple[bool, ...], token: int) -> tuple[tuple, tuple]:
         """The state after writing `token`."""
@@ -48,11 +50,11 @@ class _Progress:
         return tuple(progress), tuple(met)
 
     def bank(self, progress: tuple[int, ...], met: tuple[bool, ...]) -> int:
-        """Forced tokens written: a met constraint counts its shortest phrase, an unmet one its best partial match."""
+        """Forced tokens written: a met constraint counts its longest phrase, an unmet one its best partial match."""
         partial = [0] * self.count
         for index, (owner, _) in enumerate(self.phrases):
             partial[owner] = max(partial[owner], progress[index])
-        return sum(self.shortest[c] if met[c] else partial[c] for c in range(self.count))
+        return sum(self.longest[c] if met[c] else partial[c] for c in range(self.count))
 
     def next_tokens(self, progress: tuple[int, ...], met: tuple[bool, ...]) -> set[int]:
         """The tokens that would carry a hypothesis further through a constraint it has not met."""
@@ -126,7 +128,8 @@ def _step_image(image: _Image, log_probs: np.ndarray, offered: list[tuple[int, i
     """One step of one image: offer its candidates (the best continuations and every constraint's next token),
     keep `k` live hypotheses by bank. Returns (beam, token) per slot (a finished image keeps feeding its
     hypotheses, whose results no longer matter)."""
-    if image.done:
+    if image.done:  # its words still grow, as the others' do: the rules read every row at the same length
+        image.words = [[*words, end] for words in image.words]
         return [(beam, end) for beam in range(k)]
     candidates: set[tuple[int, int]] = set(offered)
     for beam in range(k):
