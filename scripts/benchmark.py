@@ -84,6 +84,21 @@ SIZES = {
         records=(100_000, 1_000_000),
         bulk=2048,
     ),
+    # Every phase at the least size it runs with: scripts/gpu_check.py's dry run on a CPU (figures meaningless).
+    "dry": dict(
+        images=8,
+        original_images=2,
+        train_small=64,
+        train_large=128,
+        steps=2,
+        original_steps=1,
+        original_images_per_batch=2,
+        decode=16,
+        original_decode=1,
+        serve=4,
+        records=(1_000, 2_000),
+        bulk=8,
+    ),
     # A GPU finishes the full sizes in fractions of a second: rates need more work to be steady.
     "gpu": dict(
         images=8192,
@@ -105,6 +120,8 @@ SIZES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: about 12 minutes on a 2-core CPU")
+    parser.add_argument("--sizes", choices=sorted(SIZES), default=None, help="the size profile (default: quick "
+                        "with --quick, else gpu on a GPU and full on a CPU)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: 5,000 on a CPU, 10,000 "
@@ -118,7 +135,7 @@ def main() -> None:
 
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    profile = "quick" if options.quick else "gpu" if cuda else "full"
+    profile = options.sizes or ("quick" if options.quick else "gpu" if cuda else "full")
     sizes = SIZES[profile]
     workers = min(16, os.cpu_count() or 1)
     # CPU: decoding images is cheap next to the ResNet, so one worker does best on few cores.
@@ -234,6 +251,11 @@ def main() -> None:
                 count=sizes["decode"], device=device, beam_size=3, batch_size=decode_batch,
                 overrides={"force_words": ["w7", ["w11", "w12"]], "prefix": "w3", "bad_words": ["w5 w6"],
                            "min_length": MAX_LENGTH})  # fmt: skip
+        if cuda:  # the step through torch.compile with CUDA graphs: a step's kernels launched as one graph
+            for key, beam_size in (("greedy_compiled", 1), ("beam3_compiled", 3)):
+                measure(r, key, f"ours: {key.replace('_', ' ')} (CUDA graphs)", ours_decode, features_file=str(large),
+                        count=sizes["decode"], device=device, beam_size=beam_size, batch_size=decode_batch,
+                        compiled=True)  # fmt: skip
         if cuda:  # launch-bound on a GPU: a wider batch shows what the device itself sustains
             measure(r, "beam3_wide", "ours: beam-3 decoding, 4x batch", ours_decode, features_file=str(large),
                     count=sizes["decode"], device=device, beam_size=3, batch_size=4 * decode_batch)  # fmt: skip

@@ -157,3 +157,19 @@ def test_a_met_constraint_ranks_above_any_partial_match_of_its_longer_alternativ
     partial = progress.advance(*progress.advance(*start, 1), 2)
     assert met[1] == (True,) and partial == ((0, 2), (False,))
     assert progress.bank(*met) > progress.bank(*partial) > progress.bank(*start)
+
+
+@BACKENDS
+def test_an_exact_length_with_bad_endings_still_ends_every_caption(backend):
+    """The caption's last word cannot be a bad ending when the length leaves no word after it: every image gets
+    finished captions, none ending on one (the search once returned none, and the server's answer broke)."""
+    decoder, features = lstm(seed=4), torch.randn(8, 8)
+    endings = tuple(word for word in WORDS if word not in ("circle", "square"))
+    config = DecodingConfig(num_beams=3, num_return=3, bad_endings=endings, min_length=3, max_length=3,
+                            no_repeat_ngram_size=2)  # fmt: skip
+    captions, scores, _ = run(backend, decoder, features, config)
+    assert np.isfinite(scores).all()
+    for image in captions:
+        for caption in image:
+            words = words_of(caption)
+            assert len(words) == 3 and words[-1] in ("circle", "square")

@@ -35,7 +35,9 @@ def config_args(subcommand, configs, scenes, tmp_path, *extra):
     args = [subcommand]
     for config in configs:
         args += ["--config", str(ROOT / "configs" / config)]
+    # CSV logs: the GPU machine has no wandb (tracking is not what these tests prove).
     return [*args, "--data.data_dir", str(scenes), "--data.work_dir", str(tmp_path / "work"),
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *SMALL, *extra]  # fmt: skip
 
 
@@ -46,6 +48,8 @@ def test_default_configs_train_two_steps_then_test_and_predict_on_the_gpu(config
                            "--trainer.limit_val_batches", "1"))  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.trainer.strategy.root_device.type == "cuda"
     assert cli.trainer.precision in ("bf16-mixed", "16-mixed")  # chosen for the GPU, clipping accepted
+    resident = cli.datamodule.store.resident  # the cached features held on the device, batches gathered there
+    assert resident is not None and resident.table.device.type == "cuda"
     checkpoint = last_checkpoint(cli.trainer)
     tested = main(config_args("test", configs, scenes, tmp_path, "--ckpt_path", checkpoint))
     assert (run_dir(tested.trainer) / "test_metrics.json").is_file()
@@ -189,3 +193,26 @@ def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
             compiled = decode_with(model, features, config, special, 20, compiled=True)
             assert torch.equal(eager.tokens, compiled.tokens), (decoder, config)
             torch.testing.assert_close(eager.scores, compiled.scores, atol=1e-3, rtol=1e-3)
+
+
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
+PREFIX = ["--model.decoder", "captioner.models.decoders.PrefixLMDecoder", "--model.decoder.lm", "null",
+          "--model.decoder.lm_config", json.dumps(TINY_GPT2), "--model.decoder.prefix_length", "4",
+          "--data.tokenizer", "captioner.text.Bpe", "--data.tokenizer.vocab_size", "300"]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [
+    ["--model.trainable_encoder_blocks", "all", "--model.encoder_lr", "0.0003", "--model.objective.per_image", "true"],
+    [*PREFIX, "--model.decoder.train_lm", "true"],
+    [*PREFIX, "--model.decoder.train_lm", "lora", "--model.decoder.lora_rank", "4"],
+], ids=["encoder-fine-tuned", "prefix-lm", "prefix-lm-lora"])  # fmt: skip
+def test_fine_tuning_and_prefix_lm_steps_train_in_bf16_on_the_gpu(extra, scenes, tmp_path):
+    """Steps of the paths CPU tests run in fp32: the encoder fine-tuned from images, the prefix LM trained, and
+    LoRA adapters on it; each moves its weights under the GPU's mixed precision, and its checkpoint captions."""
+    cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "3",
+                           "--trainer.limit_val_batches", "1", *extra))  # fmt: skip
+    assert cli.trainer.global_step == 3 and cli.trainer.precision in ("bf16-mixed", "16-mixed")
+    weights = {name: value for name, value in cli.model.state_dict().items() if value.is_floating_point()}
+    assert all(torch.isfinite(value).all() for value in weights.values())
+    captioner = Captioner.from_checkpoint(last_checkpoint(cli.trainer))
+    assert captioner.caption(sorted((scenes / "Images").iterdir())[0])[0]

@@ -292,3 +292,23 @@ def test_a_compiled_search_pads_the_batch_and_gives_the_same_captions(monkeypatc
     padded = torch_search.decode_with(decoder, features, config, SPECIAL, 6, compiled=True)
     assert padded.tokens.shape[0] == 5 and torch.equal(plain.tokens, padded.tokens)
     torch.testing.assert_close(plain.scores, padded.scores)
+
+
+@pytest.mark.parametrize("shape, k", [((6, 15000), 6), ((3, 2, 5003), 3), ((4, 700), 5), ((2, 9), 3)])
+def test_numpy_top_k_is_the_stable_sorts_head_on_ties_and_minus_infinity_too(shape, k):
+    """The runtime's top-k (by blocks on a long axis) returns exactly what a full stable sort's first k are."""
+    rng = np.random.default_rng(sum(shape) + k)
+    for trial in range(12):
+        values = rng.standard_normal(shape).astype(np.float32)
+        if trial % 3 == 0:
+            values = np.round(values, 1)  # many ties, across blocks
+        if trial % 4 == 1:
+            values[..., ::2] = -np.inf  # banned tokens
+        if trial % 5 == 2:
+            values[..., -1] = 100.0  # the best in the last, shorter block
+        if trial == 7:
+            values[:] = -np.inf
+        top, index = NumpyOps().topk(values, k)
+        expected = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+        assert np.array_equal(index, expected), trial
+        assert np.array_equal(top, np.take_along_axis(values, expected, axis=-1))

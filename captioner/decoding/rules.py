@@ -81,13 +81,20 @@ class NoRepeatNgram(Rule):
 
 @dataclass
 class BadEndings(Rule):
-    """No `<end>` right after these words ("a", "with", ...): a caption never ends on them."""
+    """No `<end>` right after these words ("a", "with", ...): a caption never ends on them. At `last_word`, the
+    step whose word must be the caption's last (`MaxLength` allows only `<end>` after it), they are not written."""
 
     words: tuple[int, ...]
     end: int
+    last_word: int | None = None
 
     def __call__(self, scores, words, step, ops):
-        if not self.words or step == 0:
+        if not self.words:
+            return scores
+        if step == self.last_word:
+            scores = ops.copy(scores)
+            scores[:, list(self.words)] = NEVER
+        if step == 0:
             return scores
         dangling = ops.isin(words[:, step - 1], ops.as_long(list(self.words)))
         scores = ops.copy(scores)
@@ -210,7 +217,8 @@ def rules_for(config: DecodingConfig, special: SpecialTokens, vocabulary: Any = 
     if config.no_repeat_ngram_size:
         rules.append(NoRepeatNgram(config.no_repeat_ngram_size))
     if config.bad_endings:
-        rules.append(BadEndings(tuple(word_ids[w] for w in config.bad_endings if w in word_ids), special.end))
+        rules.append(BadEndings(tuple(word_ids[w] for w in config.bad_endings if w in word_ids), special.end,
+                                None if max_words is None else max_words - 1))  # fmt: skip
     if config.bad_words:
         rules.append(BadSequences(tuple(tuple(form) for phrase in config.bad_words
                                         for form in _phrases(vocabulary, phrase))))  # fmt: skip

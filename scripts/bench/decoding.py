@@ -12,9 +12,10 @@ from bench.training import _model
 
 def ours_decode(
     features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False,
-    decoder: str = "lstm", overrides: dict | None = None,
+    decoder: str = "lstm", overrides: dict | None = None, compiled: bool = False,
 ) -> dict:  # fmt: skip
-    """Decoding `count` feature rows in batches; `overrides` are DecodingConfig settings (constraints, ...)."""
+    """Decoding `count` feature rows in batches; `overrides` are DecodingConfig settings (constraints, ...);
+    `compiled` steps the decoder through torch.compile (CUDA graphs on a GPU), the first batch compiling."""
     import contextlib
 
     import torch
@@ -32,12 +33,12 @@ def ours_decode(
     # What `--trainer.precision bf16-mixed` does around test and predict steps.
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
-        captioning.decode_features(model, features[:batch_size].to(device), config)  # warm-up
+        captioning.decode_features(model, features[:batch_size].to(device), config, compiled)  # warm-up (compiles)
         _sync(device)
         started, lengths = time.perf_counter(), []
         for start in range(0, count, batch_size):
             batch = features[start : start + batch_size].to(device, non_blocking=True)
-            result = captioning.decode_features(model, batch, config)
+            result = captioning.decode_features(model, batch, config, compiled)
             lengths.append(result.best_lengths)
         _sync(device)
     elapsed = time.perf_counter() - started

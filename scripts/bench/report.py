@@ -25,6 +25,8 @@ SECTIONS = (
         ("beam-3 decoding (captions/s)", "beam3", "orig_decode", "captions_per_s"),
         ("beam-5 decoding (captions/s)", "beam5", "orig_decode", "captions_per_s"),
         ("beam-3, 4x batch (captions/s)", "beam3_wide", "orig_decode", "captions_per_s"),
+        ("greedy, compiled step (captions/s)", "greedy_compiled", "orig_decode", "captions_per_s"),
+        ("beam-3, compiled step (captions/s)", "beam3_compiled", "orig_decode", "captions_per_s"),
         ("greedy, bf16 autocast (captions/s)", "greedy_bf16", "orig_decode", "captions_per_s"),
     )),
     ("constrained decoding against unconstrained (LSTM)", "constrained", "plain", (

@@ -1,0 +1,69 @@
+"""scripts/gpu_check.py, the prepared check of the GPU path, in its CPU dry run: every stage but the CUDA calls (the
+offline install of carried wheels, the GPU tests collected, the ViT + prefix-LM demo trained and scored), its JSON
+written and read back; and the slimming of a carried wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import TESTS
+
+ROOT = TESTS.parent
+
+
+def load_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_wheel(folder, name: str, files: dict[str, bytes]) -> object:
+    """A minimal valid wheel of `name` 1.0 holding `files`."""
+    info = f"{name}-1.0.dist-info"
+    entries = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+               f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in [*entries, f"{info}/RECORD"])
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for entry, data in entries.items():
+            wheel.writestr(entry, data)
+        wheel.writestr(f"{info}/RECORD", record)
+    return path
+
+
+def test_a_carried_wheel_loses_its_java_parts_and_their_record_lines(tmp_path):
+    check = load_check()
+    wheel = fake_wheel(tmp_path, "pycocoevalcap", {
+        "pycocoevalcap/cider/cider.py": b"# cider", "pycocoevalcap/spice/spice-1.0.jar": b"x" * 1000,
+        "pycocoevalcap/meteor/meteor.py": b"# meteor", "pycocoevalcap/meteor/data/paraphrase-en.gz": b"y" * 1000,
+        "pycocoevalcap/tokenizer/stanford-corenlp-3.4.1.jar": b"z" * 1000})  # fmt: skip
+    check.slim_wheel(wheel)
+    with zipfile.ZipFile(wheel) as slim:
+        names = slim.namelist()
+        record = slim.read("pycocoevalcap-1.0.dist-info/RECORD").decode()
+    assert "pycocoevalcap/cider/cider.py" in names and "pycocoevalcap/meteor/meteor.py" in names
+    assert not [name for name in names if name.endswith(".jar") or "/spice/" in name or "/meteor/data/" in name]
+    assert ".jar" not in record and "cider.py" in record
+
+
+def test_the_dry_run_goes_through_every_stage_but_the_cuda_calls_and_writes_its_figures(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    fake_wheel(wheels, "captioner_gpu_probe", {"captioner_gpu_probe/__init__.py": b""})
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "run", "--dry-run", "--out", str(out), "--wheels",
+                           str(wheels), "--stages", "environment,install,tests,demo"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+    assert list(stages) == ["environment", "install", "tests", "demo"]
+    assert stages["environment"]["cuda_available"] is False and stages["environment"]["python"]
+    assert stages["install"]["wheels"] == ["captioner_gpu_probe-1.0-py3-none-any.whl"]
+    assert stages["tests"]["collected"] >= 15  # every GPU test collected: none fails to import
+    demo = stages["demo"]
+    assert demo["status"] == "ok" and demo["test"]["CIDEr"] >= 0 and "vit_b_32" in demo["encoder"]
