@@ -287,6 +287,11 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
 
             caption_set_command(argv[1:])
             return None
+        if argv[:1] == ["evaluate"]:
+            from captioner.evaluation.evaluate import evaluate_command
+
+            evaluate_command(argv[1:])
+            return None
         if argv[:1] == ["export"]:
             from captioner.export.onnx import export_command
 

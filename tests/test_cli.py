@@ -83,6 +83,11 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
     assert bleu["BLEU-4"] == pytest.approx(float(tested.trainer.callback_metrics["test/bleu4"]), abs=1e-3)
     assert coco["CIDEr"] == pytest.approx(float(tested.trainer.callback_metrics["test/cider"]), abs=1e-2)
     assert 0 < report["diversity"]["distinct_captions"] <= 100 and report["diversity"]["vocabulary_used"] > 3
+    # The scenes list what is drawn: CHAIR against them, on by default (a caption naming a shape or colour that is
+    # not drawn hallucinates it), logged too.
+    chair = report["metrics"]["chair"]
+    assert chair["captions"] == 20 and chair["objects_named"] >= 20
+    assert chair["CHAIR-s"] == pytest.approx(float(tested.trainer.callback_metrics["test/chair_s"]), abs=1e-3)
     rows = [json.loads(line) for line in (run_dir(tested.trainer) / "test_captions.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(row["caption"] and len(row["references"]) == 5 for row in rows)
 

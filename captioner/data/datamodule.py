@@ -120,6 +120,9 @@ class CaptionDataModule(LightningDataModule):
             decoders that attend; set from `--model.decoder`).
         train_items: "captions" (one training item per caption) or "images" (one per image with all its
             captions); set from `--model.objective`.
+        object_annotations: The test images' objects, for CHAIR in the test report: COCO `instances_*.json`, a
+            JSON file mapping file names to object lists, or "auto" (the captions file's own, when its images list
+            them: the demo's scenes); null: no CHAIR.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class CaptionDataModule(LightningDataModule):
         shared_filesystem: bool = True,
         features: Literal["pooled", "grid"] = "pooled",
         train_items: Literal["captions", "images"] = "captions",
+        object_annotations: str | None = "auto",
     ) -> None:
         super().__init__()
         self.prepare_data_per_node = not shared_filesystem
@@ -175,6 +179,7 @@ class CaptionDataModule(LightningDataModule):
         self.vocabulary: Any = None  # the tokenizer: a word vocabulary or subwords (see captioner.text.base)
         self.tokenizer_recipe = tokenizer if tokenizer is not None else Words()
         self.images_dir: Path | None = None
+        self.data_root: Path | None = None
         self._report: DataReport | None = None  # kept by the process that prepared, for the summary
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self._resume_at: TrainingPosition | None = None  # set from a checkpoint, used by the next training loader
@@ -332,6 +337,7 @@ class CaptionDataModule(LightningDataModule):
         prepared = PreparedData.for_settings(self.work_dir, self.preparation_settings())
         dataset = prepared.read_dataset()
         root, self.images_dir = Path(dataset["root"]), Path(dataset["images_dir"])
+        self.data_root = root
         splits, _ = load_splits(prepared.splits_file)
         self.vocabulary = load_tokenizer(prepared.vocab_file)
         self.store = store_for(self.feature_store, dataset["sharded"], hp.online_features, hp.resident_features,
@@ -372,6 +378,30 @@ class CaptionDataModule(LightningDataModule):
         if split not in self.datasets:
             raise CaptionerError(f"The {split} data is not set up; call setup() first.")
         return getattr(self.datasets[split], "reference_ids", None)
+
+    def image_file(self, name: str) -> Path | None:
+        """The file of an image of the data by its record name (None for an image inside a shard)."""
+        path = Path(self.images_dir) / name if self.images_dir is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def objects_file(self) -> Path | None:
+        """Where the test images' object annotations are, for CHAIR (`--data.object_annotations`): a file, or with
+        "auto" the data's own captions file when its images list their objects (the demo's scenes do)."""
+        setting = self.hparams.object_annotations
+        if setting is None or setting == "auto" and self.data_root is None:
+            return None
+        if setting != "auto":
+            return Path(setting)
+        candidate = self.data_root / "captions.json"
+        if not candidate.is_file():
+            return None
+        from captioner.evaluation.chair import read_objects
+
+        try:
+            read_objects(candidate)
+        except CaptionerError:  # captions without objects: no CHAIR
+            return None
+        return candidate
 
     def sample_image(self, name: str) -> Image.Image:
         """An image of the data by its record name, for pictures of samples (a grey tile for an image inside a

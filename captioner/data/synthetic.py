@@ -154,12 +154,19 @@ def write_synthetic_dataset(
             scene = random_scene(rng)
             file_name = f"SYNTH_scenes_{image_id:012d}.jpg"
             render_scene(scene, width, height, rng).save(tmp / IMAGES_DIR / file_name, quality=90)
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "scene": scene})
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "scene": scene,
+                           "objects": scene_objects(scene)})  # fmt: skip
             for caption in describe_scene(scene, rng):
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
         with (tmp / CAPTION_FILE).open("w", encoding="utf-8") as handle:
             json.dump({"images": images, "annotations": annotations}, handle)
     return root
+
+
+def scene_objects(scene: dict) -> list[str]:
+    """What a scene draws, as object names for CHAIR (`captioner.evaluation.chair`): its shapes and their colours."""
+    drawn = [scene, *([scene["second"]] if scene.get("second") else [])]
+    return list(dict.fromkeys([part["shape"] for part in drawn] + [part["colour"] for part in drawn]))
 
 
 def scenes_of(captions_file: str | Path) -> dict[str, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from captioner.evaluation.beyond import extra_table_lines
 from captioner.evaluation.metrics import caption_diversity, coco_caption_scores
 
 COCO_LOG_KEYS = {
@@ -56,7 +57,8 @@ def loggable(evaluation: dict, prefix: str = "test/") -> dict[str, float]:
 
 
 def test_report(
-    bleu: dict[str, float], evaluation: dict, decoding: dict, checkpoint: str | None, split_sizes: dict, blind: bool
+    bleu: dict[str, float], evaluation: dict, decoding: dict, checkpoint: str | None, split_sizes: dict, blind: bool,
+    extra: dict | None = None,
 ) -> dict:
     """Everything `test` measured and how, as written to `test_metrics.json`.
 
@@ -67,14 +69,18 @@ def test_report(
         checkpoint: The checkpoint tested.
         split_sizes: Images per split.
         blind: Whether the model is the blind baseline.
+        extra: `captioner.evaluation.beyond.extra_scores` output (CHAIR, CLIPScore, ...), if any.
     """
+    extra = extra or {}
     return {
         "scale": "0-100 (CIDEr is CIDEr-D x 100)",
         "images": evaluation["images"],
         "metrics": {
             "pycocoevalcap": {name: round(value, 4) for name, value in evaluation["scores"].items()},
             "torchmetrics": {f"BLEU-{name[-1]}": round(value, 4) for name, value in bleu.items()},
+            **{name: value for name, value in extra.items() if name != "skipped"},
         },
+        "skipped_metrics": extra.get("skipped", {}),
         "tokenizer": evaluation["tokenizer"],
         "diversity": evaluation["diversity"],
         "decoding": decoding,
@@ -97,6 +103,7 @@ def format_table(report: dict) -> str:
     if "METEOR" not in coco:
         lines.append(f"{'METEOR':<22}{'-':>9}  skipped: no Java")
     lines += [f"{name:<22}{value:>9.2f}  torchmetrics (same as val/)" for name, value in bleu.items()]
+    lines += extra_table_lines({**report["metrics"], "skipped": report.get("skipped_metrics", {})})
     diversity = report["diversity"]
     lines += [
         f"{'distinct captions':<22}{diversity['distinct_captions']:>8.1f}%  unique / all captions (100: none alike)",

@@ -21,6 +21,7 @@ from captioner.decoding.rules import rules_for
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import default_encoder
+from captioner.evaluation.beyond import ExtraMetrics, extra_scores, loggable_extra
 from captioner.evaluation.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.evaluation.report import evaluate_captions, gathered, loggable, test_report, unique_by_file
 from captioner.models import building, captioning
@@ -64,6 +65,8 @@ class CaptionModel(LightningModule):
         blind: Zero the image features (the blind baseline: what the language prior alone achieves).
         init_checkpoint: Start from the weights of this checkpoint (not its optimizer or epoch): the way
             to begin a second training stage such as self-critical training.
+        extra_metrics: What `test` measures beyond the COCO metrics (`captioner.evaluation.beyond.ExtraMetrics`:
+            CHAIR where objects are known, on by default; CLIPScore with `clip_model`; BERTScore; SPICE).
         beam_size, length_penalty, max_decode_length: The 0.2 names of `decoding.num_beams`,
             `decoding.length_penalty` and `decoding.max_length` (they still work, with a deprecation line).
     """
@@ -83,13 +86,15 @@ class CaptionModel(LightningModule):
         compile_search: bool = False,
         blind: bool = False,
         init_checkpoint: str | None = None,
+        extra_metrics: ExtraMetrics | None = None,
         beam_size: int | None = None,
         length_penalty: float | None = None,
         max_decode_length: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["decoder", "encoder", "objective", "decoding", "beam_size",
-                                          "length_penalty", "max_decode_length"])  # fmt: skip
+                                          "length_penalty", "max_decode_length", "extra_metrics"])  # fmt: skip
+        self.extra_metrics = extra_metrics if extra_metrics is not None else ExtraMetrics()  # how, not the model
         self.decoder_factory = decoder
         self.objective = objective if objective is not None else CrossEntropy()
         self.decoding = (decoding or DecodingConfig()).with_overrides(  # the 0.2 options, each with a note
@@ -253,13 +258,25 @@ class CaptionModel(LightningModule):
         self.test_bleu.reset()
         rows = unique_by_file(gathered(self._test_rows))
         evaluation = self.trainer.strategy.broadcast(evaluate_captions(rows) if self.trainer.is_global_zero else None)
+        extra = self.trainer.strategy.broadcast(self._extra_scores(rows) if self.trainer.is_global_zero else None)
+        self.log_dict(loggable_extra(extra), sync_dist=True)
         self.log_dict({f"test/{name}": value for name, value in bleu.items()}, sync_dist=True)
         self.log_dict(loggable(evaluation), sync_dist=True)
         decoding = {**self.decoding.to_dict(), "max_length": self.sequences.max_length}
         report = test_report(bleu, evaluation, decoding, checkpoint=self.trainer.ckpt_path,
                              split_sizes=getattr(self.data, "split_sizes", {}),
-                             blind=self.hparams.blind)  # fmt: skip
+                             blind=self.hparams.blind, extra=extra)  # fmt: skip
         self.test_results = {"report": report, "rows": rows}
+
+    def _extra_scores(self, rows: list[dict]) -> dict:
+        """CHAIR, CLIPScore, ... as `extra_metrics` asks, where the data can give what they need."""
+        data = self.data
+        captions = {row["file_name"]: row["caption"] for row in rows}
+        references = {row["file_name"]: row["references"] for row in rows}
+        image_file = getattr(data, "image_file", lambda name: None)
+        objects_file = data.objects_file() if hasattr(data, "objects_file") else None
+        return extra_scores(self.extra_metrics, captions, references, image_file, objects_file,
+                            str(self.device))  # fmt: skip
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return captioning.prediction_rows(self, batch, self.predict_attention)
