@@ -19,16 +19,29 @@ def load_captioner(path: str | Path, device: str | None = None, **overrides: Any
     Raises:
         CaptionerError: When the path is neither, or the settings cannot run on the model.
     """
-    path = Path(path)
+    from captioner.publish import is_published
+
+    path, device = Path(path), None if device in (None, "auto") else device
+    if path.is_dir() and is_published(path) or not path.exists() and _looks_like_hub_id(str(path)):
+        from captioner.inference import Captioner
+
+        return Captioner.from_pretrained(path if path.is_dir() else str(path), device, **overrides)
     if path.is_dir():
         from captioner.runtime import OnnxCaptioner
 
         return OnnxCaptioner(path, **overrides)
     if not path.is_file():
-        raise CaptionerError(f"{path} is neither a checkpoint file nor an exported folder.")
+        raise CaptionerError(f"{path} is neither a checkpoint file, an exported or published folder, nor a hub id "
+                             "(user/name).")  # fmt: skip
     from captioner.inference import Captioner
 
-    return Captioner.from_checkpoint(path, None if device in (None, "auto") else device, **overrides)
+    return Captioner.from_checkpoint(path, device, **overrides)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`user/name`: two parts, no path beyond them (a missing local file has more or starts with . or /)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
 def describe_files(captioner: CaptionerProtocol, paths: Sequence[str | Path],

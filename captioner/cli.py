@@ -225,7 +225,8 @@ def caption_command(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, or an exported folder")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, an exported or published "
+                        "folder, or a hub id (user/name)")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     parser.add_argument("--json", action="store_true", help="one JSON object per file: path, caption, score, "
@@ -286,6 +287,11 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             from captioner.bulk.job import caption_set_command
 
             caption_set_command(argv[1:])
+            return None
+        if argv[:1] == ["publish"]:
+            from captioner.publish import publish_command
+
+            publish_command(argv[1:])
             return None
         if argv[:1] == ["evaluate"]:
             from captioner.evaluation.evaluate import evaluate_command

@@ -84,6 +84,18 @@ class Captioner:
         """Load a checkpoint (on the GPU when there is one, else the CPU); `kwargs` go to `Captioner`."""
         return cls(load_checkpoint_model(path, device), **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, name: str | Path, device: torch.device | str | None = None, **kwargs) -> Captioner:
+        """Load a published captioner (`python -m captioner publish`): a folder, or a Hugging Face Hub id (downloaded
+        once; offline, read from the hub's cache). `kwargs` go to `Captioner`.
+
+        Raises:
+            CaptionerError: When it can be neither found nor read.
+        """
+        from captioner.publish import model_from_published
+
+        return cls(model_from_published(name).to(device or default_device()).eval(), **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.model.device

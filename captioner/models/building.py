@@ -94,13 +94,18 @@ def model_from_checkpoint(cls: type, path: str | Path, **overrides: Any) -> Any:
         CaptionerError: When the file is missing or not a captioner checkpoint, or its encoder or decoder class
             cannot be imported.
     """
-    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint_data(cls, read_checkpoint(path), f"The checkpoint {path}", **overrides)
+
+
+def model_from_checkpoint_data(cls: type, checkpoint: dict[str, Any], source: str, **overrides: Any) -> Any:
+    """`model_from_checkpoint` for a checkpoint already read (`captioner` entry and `state_dict`: a published
+    model's too); `source` names it in messages."""
     meta = upgrade(checkpoint)
-    decoding = DecodingConfig.from_dict(meta["decoding"], str(path)).with_overrides(**overrides)
-    encoder = encoder_from_spec(meta["encoder"], f"The checkpoint {path}")
+    decoding = DecodingConfig.from_dict(meta["decoding"], source).with_overrides(**overrides)
+    encoder = encoder_from_spec(meta["encoder"], source)
     # The definition the weights were trained with, even if the encoder's library now resolves another one.
-    encoder.use_preprocessing(Preprocessing.from_dict(meta["preprocessing"], str(path)))
-    decoder = decoder_factory(meta["decoder"], f"The checkpoint {path}")
+    encoder.use_preprocessing(Preprocessing.from_dict(meta["preprocessing"], source))
+    decoder = decoder_factory(meta["decoder"], source)
     model = cls(decoder=decoder, encoder=encoder, blind=meta["blind"], decoding=decoding)
     check_and_build(model, checkpoint)
     model.load_state_dict(checkpoint["state_dict"])

@@ -1,0 +1,272 @@
+"""A trained captioner as the Hugging Face ecosystem shares models: a folder with `model.safetensors`, `config.json`,
+the tokenizer and a model card (`README.md` with YAML metadata: `pipeline_tag: image-to-text`, `base_model`,
+datasets, the test metrics as `model-index`), optionally the ONNX export, pushed to the Hub and loaded back by id.
+
+    python -m captioner publish --ckpt_path best.ckpt --output my-captioner [--onnx] [--push_to_hub user/name]
+    Captioner.from_pretrained("user/name")            # or a folder; offline, the hub's cache
+    python -m captioner caption photo.jpg --ckpt_path user/name
+
+`config.json` holds what a checkpoint's `captioner` entry holds (encoder and decoder classes and options,
+preprocessing, tokenizer, decoding settings): the weights and it rebuild the model with no network and no training
+code path. `huggingface_hub` (`pip install 'captioner[hub]'`) writes the card and talks to the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from captioner import __version__
+from captioner.compat.checkpoints import CAPTIONER_KEY, read_checkpoint, upgrade
+from captioner.core.errors import CaptionerError
+from captioner.core.files import atomic_folder, write_json
+from captioner.core.hub import hub_error
+from captioner.core.parts import require_library
+
+log = logging.getLogger("captioner")
+PUBLISHED_FORMAT = 1
+WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
+CARD_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def is_published(folder: str | Path) -> bool:
+    """Whether `folder` is a published captioner (its config and weights)."""
+    return (Path(folder) / CONFIG).is_file() and (Path(folder) / WEIGHTS).is_file()
+
+
+def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test_metrics: str | Path | None = None,
+            dataset: str | None = None, license: str | None = None) -> Path:  # fmt: skip
+    """Write a checkpoint as a published folder.
+
+    Args:
+        checkpoint: A checkpoint written by `fit`.
+        output: The folder to create (it must not exist, or be empty).
+        onnx: Also export to ONNX into `onnx/` (the torch-free runtime reads it).
+        test_metrics: The `test_metrics.json` whose scores the card reports (default: the one beside the
+            checkpoint's run, when there is one).
+        dataset: The hub id of the dataset it was trained on, for the card's metadata.
+        license: A license identifier for the card (e.g. mit, apache-2.0).
+
+    Returns:
+        The folder.
+
+    Raises:
+        CaptionerError: When the checkpoint cannot be read, the output is not empty, or huggingface_hub is missing.
+    """
+    from safetensors.torch import save_file
+
+    from captioner.models.module import CaptionModel
+
+    require_library("huggingface_hub", "hub", "publish")
+    output, checkpoint = Path(output), Path(checkpoint)
+    if output.exists() and any(output.iterdir()):
+        raise CaptionerError(f"{output} is not empty: publish into a new folder.")
+    data = read_checkpoint(checkpoint)
+    meta = upgrade(data)
+    model = CaptionModel.from_checkpoint(str(checkpoint)).eval()  # every check a checkpoint gets
+    report = _test_report(checkpoint, test_metrics)
+    run_config = _run_config(checkpoint)
+    with atomic_folder(output) as folder:
+        # Contiguous copies: safetensors stores no views, and tied weights are written once each.
+        state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
+        save_file(state, folder / WEIGHTS, metadata={"format": "pt", "captioner_format": str(PUBLISHED_FORMAT)})
+        write_json(folder / CONFIG, {"captioner_format": PUBLISHED_FORMAT, "captioner_version": __version__,
+                                     "architectures": ["CaptionModel"], "pipeline_tag": "image-to-text",
+                                     CAPTIONER_KEY: meta})  # fmt: skip
+        write_json(folder / TOKENIZER, meta["vocabulary"])
+        if onnx:
+            from captioner.export import export_onnx
+
+            export_onnx(model, folder / "onnx")
+        model_card(meta, report, run_config, onnx, dataset, license).save(folder / CARD)
+    log.info("Published %s into %s", checkpoint, output)
+    return output
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a published folder to the Hugging Face Hub (the repository is created if need be); its URL."""
+    huggingface_hub = require_library("huggingface_hub", "hub", "publish --push_to_hub")
+    api = huggingface_hub.HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                   commit_message=f"captioner {__version__}: publish")  # fmt: skip
+    except Exception as error:  # no network, no token, no rights: the hub client raises many types
+        raise CaptionerError(f"Could not upload {folder} to {repo_id} ({type(error).__name__}: {error}); log in with "
+                             "`hf auth login` (or set HF_TOKEN) and check the network.") from error  # fmt: skip
+    return str(getattr(commit, "repo_url", f"https://huggingface.co/{repo_id}"))
+
+
+def published_folder(name: str | Path) -> Path:
+    """A published captioner's folder: `name` itself, or a hub id's snapshot (downloaded, or from the cache offline).
+
+    Raises:
+        CaptionerError: When it is neither a published folder nor a repository the hub (or its cache) has.
+    """
+    if Path(name).is_dir():
+        if not is_published(name):
+            raise CaptionerError(f"{name} holds no published captioner ({CONFIG} and {WEIGHTS}): write one with "
+                                 "`python -m captioner publish`.")  # fmt: skip
+        return Path(name)
+    huggingface_hub = require_library("huggingface_hub", "hub", "from_pretrained")
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id=str(name)))
+    except Exception as error:  # the hub client raises many types when offline or when the id is unknown
+        raise hub_error(str(name), error) from error
+    if not is_published(folder):
+        raise CaptionerError(f"The hub repository {name} holds no published captioner ({CONFIG} and {WEIGHTS}).")
+    return folder
+
+
+def model_from_published(name: str | Path, **overrides: Any) -> Any:
+    """A `CaptionModel` rebuilt from a published folder or hub id; `overrides`: decoding settings.
+
+    Raises:
+        CaptionerError: When the folder cannot be found or read, or is of a newer format.
+    """
+    from safetensors.torch import load_file
+
+    from captioner.models import building
+    from captioner.models.module import CaptionModel
+
+    folder = published_folder(name)
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        state = load_file(folder / WEIGHTS)
+    except (OSError, ValueError) as error:
+        raise CaptionerError(f"{folder} is not a readable published captioner ({type(error).__name__}: "
+                             f"{error}).") from error  # fmt: skip
+    if not isinstance(config, dict) or CAPTIONER_KEY not in config:
+        raise CaptionerError(f"{folder / CONFIG} is not a captioner config (no {CAPTIONER_KEY!r} entry).")
+    if int(config.get("captioner_format", 0)) > PUBLISHED_FORMAT:
+        raise CaptionerError(f"{folder} was published by a newer captioner (format {config['captioner_format']}): "
+                             "upgrade captioner.")  # fmt: skip
+    checkpoint = {CAPTIONER_KEY: config[CAPTIONER_KEY], "state_dict": state}
+    return building.model_from_checkpoint_data(CaptionModel, checkpoint, f"The published model {name}", **overrides)
+
+
+# ------------------------------------------------------------------ the model card
+def _test_report(checkpoint: Path, given: str | Path | None) -> dict | None:
+    candidates = [Path(given)] if given else [checkpoint.parent.parent / "test_metrics.json",
+                                              checkpoint.parent / "test_metrics.json"]  # fmt: skip
+    for path in candidates:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as error:
+                raise CaptionerError(f"{path} is not a test report: {error}.") from error
+    if given:
+        raise CaptionerError(f"{given} does not exist.")
+    return None
+
+
+def _run_config(checkpoint: Path) -> dict | None:
+    """The run's config.yaml (LightningCLI writes it into the run folder), for the objective and data."""
+    import yaml
+
+    path = checkpoint.parent.parent / "config.yaml"
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _base_models(meta: dict) -> list[str]:
+    """Hub ids of the pretrained parts (an HF encoder's or LM's id; a timm model's hub name), for `base_model`."""
+    bases = []
+    encoder = meta["encoder"].get("init_args") or {}
+    if encoder.get("model_id") and encoder.get("pretrained", True) and "/" in str(encoder["model_id"]):
+        bases.append(encoder["model_id"])
+    if meta["encoder"]["class_path"].endswith("TimmEncoder") and encoder.get("pretrained"):
+        bases.append(f"timm/{encoder['model_name']}")
+    decoder = meta["decoder"].get("init_args") or {}
+    if decoder.get("lm") and decoder.get("pretrained") and not Path(str(decoder["lm"])).exists():
+        bases.append(str(decoder["lm"]))
+    return bases
+
+
+def model_card(meta: dict, report: dict | None, run_config: dict | None, onnx: bool, dataset: str | None,
+               license: str | None) -> Any:  # fmt: skip
+    """The model card: metadata the Hub indexes, then what the model is, how it was measured, and how to use it."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    dataset_id = dataset or "custom"
+    results = []
+    if report:
+        scores = report["metrics"]["pycocoevalcap"]
+        extra = {"CLIPScore": (report["metrics"].get("clip") or {}).get("CLIPScore"),
+                 "CHAIR-s": (report["metrics"].get("chair") or {}).get("CHAIR-s")}  # fmt: skip
+        for name, value in [*((n, scores.get(n)) for n in CARD_METRICS), *extra.items()]:
+            if value is not None:
+                results.append(EvalResult(task_type="image-to-text", task_name="Image captioning",
+                                          dataset_type=dataset_id, dataset_name=dataset or "held-out test split",
+                                          dataset_split="test", metric_type=name.lower(), metric_name=name,
+                                          metric_value=round(float(value), 2)))  # fmt: skip
+    bases = _base_models(meta)
+    data = ModelCardData(library_name="captioner", pipeline_tag="image-to-text", license=license,
+                         tags=["image-captioning", "captioner"], base_model=bases or None,
+                         datasets=[dataset] if dataset else None, eval_results=results or None,
+                         model_name="captioner")  # fmt: skip
+    encoder, decoder = meta["encoder"], meta["decoder"]
+    objective = ((run_config or {}).get("model") or {}).get("objective") or {}
+    objective_name = str(objective.get("class_path", "captioner.models.objectives.CrossEntropy")).rsplit(".", 1)[-1]
+    decoding = meta["decoding"]
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        "# An image captioner trained with captioner", "",
+        f"- **Encoder**: `{encoder['class_path'].rsplit('.', 1)[-1]}` {json.dumps(encoder.get('init_args') or {})}",
+        f"- **Decoder**: `{decoder['class_path'].rsplit('.', 1)[-1]}` "
+        f"{json.dumps({k: v for k, v in (decoder.get('init_args') or {}).items() if k != 'lm_config'})}",
+        f"- **Tokenizer**: `{str(meta['vocabulary'].get('class_path', 'words')).rsplit('.', 1)[-1]}`",
+        f"- **Preprocessing**: {json.dumps(meta['preprocessing'])}",
+        f"- **Training objective**: {objective_name}"
+        + (" (self-critical sequence training on CIDEr-D)" if objective_name == "SelfCritical" else " (teacher "
+           "forcing)"),
+        f"- **Blind baseline**: {meta['blind']}", "",
+        "## Evaluation", "",
+    ]  # fmt: skip
+    if report:
+        lines += [f"Test split of {report['images']} images; decoding: {json.dumps(report['decoding'])}; tokenizer "
+                  f"for the COCO metrics: {report['tokenizer']}. Scores on a 0-100 scale (CIDEr is CIDEr-D x 100).",
+                  "", "| metric | score |", "|---|---|"]  # fmt: skip
+        lines += [f"| {name} | {value:.2f} |" for name, value in report["metrics"]["pycocoevalcap"].items()]
+        for group, keys in (("chair", ("CHAIR-i", "CHAIR-s")), ("clip", ("CLIPScore", "RefCLIPScore"))):
+            lines += [f"| {key} | {report['metrics'][group][key]:.2f} |" for key in keys
+                      if key in (report["metrics"].get(group) or {})]  # fmt: skip
+    else:
+        lines.append("No test report was found beside the checkpoint (`python -m captioner test` writes one).")
+    lines += ["", f"Decoding saved with the model: {json.dumps(decoding)}", "", "## Use", "",
+              "```python", "from captioner import Captioner", "",
+              'captioner = Captioner.from_pretrained("<this repository or folder>")',
+              'print(captioner.caption(["photo.jpg"]))', "```", "", "```bash",
+              "python -m captioner caption photo.jpg --ckpt_path <this repository or folder> --num_beams 5", "```"]
+    if onnx:
+        lines += ["", "Without torch (`pip install onnxruntime numpy pillow` beside captioner):", "", "```python",
+                  "from captioner.runtime import OnnxCaptioner", "",
+                  'print(OnnxCaptioner("<folder>/onnx").caption(["photo.jpg"]))', "```"]  # fmt: skip
+    lines += ["", f"Published with captioner {__version__}."]
+    return ModelCard("\n".join(lines))
+
+
+def publish_command(argv: list[str]) -> None:
+    """`python -m captioner publish ...` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m captioner publish", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
+    parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
+    parser.add_argument("--onnx", action="store_true", help="also export to ONNX into onnx/")
+    parser.add_argument("--test_metrics", default=None, help="the test_metrics.json the card reports (default: the "
+                        "one beside the checkpoint's run)")  # fmt: skip
+    parser.add_argument("--dataset", default=None, help="the hub id of the training data, for the card")
+    parser.add_argument("--license", default=None, help="a license id for the card (mit, apache-2.0, ...)")
+    parser.add_argument("--push_to_hub", default=None, metavar="USER/NAME", help="upload the folder there")
+    parser.add_argument("--private", action="store_true", help="create the hub repository private")
+    options = parser.parse_args(argv)
+    folder = publish(options.ckpt_path, options.output, options.onnx, options.test_metrics, options.dataset,
+                     options.license)  # fmt: skip
+    print(f"published: {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+    if options.push_to_hub:
+        print(f"uploaded: {push(folder, options.push_to_hub, options.private)}")
+
