@@ -12,9 +12,9 @@ versions), `text`, `decoding`, `encoders`, `features`, `data`, `models`,
 
 from captioner.compat.names import install_moved_modules
 from captioner.core.errors import CaptionerError
+from captioner.core.version import __version__
 from captioner.predictions import Prediction
 
-__version__ = "0.3.0"
 __all__ = ["Captioner", "CaptionerError", "Prediction", "__version__"]
 
 install_moved_modules()  # captioner 0.3's module names (captioner.errors, ...) keep working

@@ -19,12 +19,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from captioner import __version__
 from captioner.compat.checkpoints import CAPTIONER_KEY, read_checkpoint, upgrade
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_folder, write_json
 from captioner.core.hub import hub_error
 from captioner.core.parts import require_library
+from captioner.core.version import __version__
 
 log = logging.getLogger("captioner")
 PUBLISHED_FORMAT = 1
