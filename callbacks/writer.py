@@ -128,7 +128,8 @@ class CaptionWriter(BasePredictionWriter):
             for row in ordered:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         with atomic_open(self._folder / "predictions.csv", "w") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            calibrated = ("confidence",) if any("confidence" in row for row in ordered) else ()
+            writer = csv.DictWriter(handle, fieldnames=FIELDS + calibrated, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(ordered)
         failed = sum(row["error"] is not None for row in ordered)

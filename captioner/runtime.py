@@ -25,8 +25,10 @@ from PIL import Image
 from captioner.core.errors import CaptionerError
 from captioner.core.pixels import image_places, open_image, preprocess_array, to_rgb
 from captioner.decoding.answers import answer_rows
+from captioner.decoding.confidence import Calibrator, caption_confidences
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.ops import NumpyOps
+from captioner.decoding.rules import rules_for
 from captioner.decoding.search import Decoded, decode
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 from captioner.text.base import tokenizer_from_dict
@@ -158,6 +160,7 @@ class OnnxCaptioner:
         self.batch_size = batch_size
         self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
         self.context_per_image = manifest["context_per_image"]
+        self.calibrator = Calibrator.from_dict(manifest.get("confidence"))  # exports before 0.3: none
 
     # ------------------------------------------------------------ images
     def _pixels(self, source) -> np.ndarray:
@@ -234,5 +237,11 @@ class OnnxCaptioner:
         pixels = np.stack([self._pixels(image) if isinstance(image, Image.Image) else image for image in images])
         features = self.features(pixels)
         places = image_places(pixels) if config.do_sample else None
-        rows = answer_rows(self.decode_features(features, config, places), self.vocabulary, config.num_return)
+        decoded = self.decode_features(features, config, places)
+        confidences = None
+        if self.calibrator is not None:
+            rules = rules_for(config, self.special, self.vocabulary, config.max_words(self.vocabulary.max_length))
+            confidences = caption_confidences(self.calibrator, OnnxStepper(self, features), decoded,
+                                              self.special.start, NumpyOps(), rules)  # fmt: skip
+        rows = answer_rows(decoded, self.vocabulary, config.num_return, confidences)
         return [{**row, "attention": None} for row in rows]

@@ -85,6 +85,9 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
     assert 0 < report["diversity"]["distinct_captions"] <= 100 and report["diversity"]["vocabulary_used"] > 3
     # The scenes list what is drawn: CHAIR against them, on by default (a caption naming a shape or colour that is
     # not drawn hallucinates it), logged too.
+    confidence = report["metrics"]["confidence"]  # fitted on the validation captions, measured on the test's
+    assert confidence["captions"] == 20 and 0 <= confidence["ECE"] <= 100 and confidence["fitted_on"] == 20
+    assert all(0 <= row["confidence"] <= 1 for row in confidence["reliability"])
     chair = report["metrics"]["chair"]
     assert chair["captions"] == 20 and chair["objects_named"] >= 20
     assert chair["CHAIR-s"] == pytest.approx(float(tested.trainer.callback_metrics["test/chair_s"]), abs=1e-3)
@@ -93,6 +96,7 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
 
     checkpoint = torch.load(best, weights_only=True)  # plain data and tensors only
     assert checkpoint["captioner"]["vocabulary"]["words"]
+    assert checkpoint["captioner"]["confidence"]["features"] == ["mean_log_prob", "min_log_prob", "tokens"]
     assert checkpoint["captioner"]["encoder"]["init_args"]["model"] == "resnet18"
     assert checkpoint["captioner"]["decoder"]["class_path"] == "captioner.models.decoders.lstm.LSTMDecoder"
     assert any(key.startswith("encoder.net.") for key in checkpoint["state_dict"])
@@ -151,7 +155,7 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
     predicted = main(predict_args(best, photos, tmp_path / "pred", "--trainer.callbacks.attention_maps", "true", *args))
     folder = run_dir(predicted.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(set(row) == {"path", "caption", "score", "error"} for row in rows)
+    assert len(rows) == 3 and all(set(row) == {"path", "caption", "score", "confidence", "error"} for row in rows)
     for row in rows:
         with Image.open(folder / "attention" / (Path(row["path"]).name + ".png")) as figure:
             panels = 1 + len(row["caption"].split()) + 1  # the input, each word, <end>

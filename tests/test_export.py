@@ -14,6 +14,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.cli import main
 from captioner.core.errors import CaptionerError
+from captioner.decoding.confidence import Calibrator
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.export.onnx import export_onnx
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder, PrefixLMDecoder, TransformerDecoder
@@ -67,6 +68,7 @@ def untrained(kind: str, scenes) -> CaptionModel:
 @pytest.mark.parametrize("kind", list(DECODERS))
 def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_source, tmp_path):
     model = untrained(kind, scenes_source)
+    model.calibrator = Calibrator((-1.0, -3.0, 8.0), (0.5, 1.0, 3.0), (1.5, 0.7, -0.2), 0.1, 100.0, 50)
     folder = export_onnx(model, tmp_path / "onnx")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "decoder_prepare.onnx", "decoder_step.onnx",
                                                         "encoder.onnx", "manifest.json"]  # fmt: skip
@@ -97,6 +99,7 @@ def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_sou
         assert ours["caption"] == theirs["caption"] and len(ours["alternatives"]) == 3
         assert [a["caption"] for a in ours["alternatives"]] == [a["caption"] for a in theirs["alternatives"]]
         assert ours["attention"] is None  # attention maps need the checkpoint
+        assert 0 <= theirs["confidence"] <= 1 and ours["confidence"] == pytest.approx(theirs["confidence"], abs=1e-3)
     if kind == "prefix-lm":  # the BPE tokenizer travels in the manifest and decodes without torch
         captions, imported = captions_without_torch(folder, images[:6])
         assert captions == [p.caption for p in reference.predict(images[:6])] and imported == "[]"

@@ -72,7 +72,8 @@ def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes
     with (folder / "predictions.csv").open(newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [r["path"] for r in table] == [r["path"] for r in rows]
-    assert table[0].keys() == {"path", "caption", "score", "error"}
+    assert table[0].keys() == {"path", "caption", "score", "confidence", "error"}  # calibrated on validation
+    assert all(0 <= float(r["confidence"]) <= 1 for r in table if not r["error"])
     pictures = sorted((folder / "captioned").rglob("*.png"))
     assert len(pictures) == good
     assert (folder / "captioned" / "nested" / "deeper" / "picture.webp.png") in pictures

@@ -114,8 +114,9 @@ def caption_part(captioner: Any, part: InputPart, output: Output, batch_size: in
             for index, row in zip(ok, described):
                 rows[index] = {"image": batch[index].name, "caption": row["caption"], "score": row["score"],
                                "error": None}  # fmt: skip
-                if "alternatives" in row:
-                    rows[index]["alternatives"] = row["alternatives"]
+                for optional in ("alternatives", "confidence"):
+                    if optional in row:
+                        rows[index][optional] = row[optional]
             for row in rows:
                 if row["error"]:
                     tally.fail(row["image"], row["error"])

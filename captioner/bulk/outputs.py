@@ -10,6 +10,7 @@ rerun, or a resumed killed run, skips the parts done; `--overwrite` redoes them)
   img2dataset's readers and `captioner.data.formats.WebDataset` read.
 
 A row: `image` (a path relative to the input, or `<shard>#<member>`), `caption`, `score` (log-probability),
+`confidence` (calibrated, in [0, 1], for models fitted with one),
 `alternatives` (`[{caption, score}]` with `--num_return` > 1) and `error` (why an image has no caption).
 """
 
@@ -124,6 +125,7 @@ class ParquetOutput(Output):
     def begin(self, part: InputPart) -> PartOutput:
         pa = self.pyarrow
         schema = pa.schema([("image", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
+                            ("confidence", pa.float64()),
                             ("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))),
                             ("error", pa.string())])  # fmt: skip
 
@@ -159,6 +161,8 @@ class _Tar(PartOutput):
             members["txt"] = row["caption"].encode()
             metadata = json.loads(members["json"]) if "json" in members else {}
             metadata.update(caption=row["caption"], score=row["score"], source=sample.name)
+            if "confidence" in row:
+                metadata["confidence"] = row["confidence"]
             members["json"] = json.dumps(metadata, ensure_ascii=False).encode()
             for extension, data in members.items():
                 self._member(f"{sample.key}.{extension}", data)

@@ -82,6 +82,7 @@ def meta_of(model: Any) -> dict[str, Any]:
         "vocabulary": model.vocabulary.to_dict(),
         "blind": model.hparams.blind,
         "decoding": model.decoding.to_dict(),
+        "confidence": model.calibrator.to_dict() if getattr(model, "calibrator", None) is not None else None,
     }
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from captioner.decoding.search import Decoded
 
 
-def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int) -> list[dict[str, Any]]:
+def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int,
+                confidences: Any = None) -> list[dict[str, Any]]:  # fmt: skip
     """One dict per image: `caption` and `score` (log-probability) of the best caption and, with `num_return` > 1,
     `alternatives`: up to that many `{"caption", "score"}`, best first (the best included), finished ones only
     where any finished. With forced words, each also says whether it holds them all (`constraints_met`): a caption
@@ -18,6 +19,8 @@ def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int) -> list[dict
         decoded: A search's ranked captions (arrays of either library).
         vocabulary: Turns token ids into text.
         num_return: Captions returned per image.
+        confidences: Each image's best caption's calibrated confidence (`captioner.decoding.confidence`), for models
+            that have a calibrator: `confidence` in [0, 1].
     """
     rows = []
     scores, tokens = decoded.scores.tolist(), decoded.tokens
@@ -30,6 +33,8 @@ def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int) -> list[dict
             for rank, entry in enumerate(ranked):
                 entry["constraints_met"] = bool(met[image][rank])
         row = {key: value for key, value in ranked[0].items()}
+        if confidences is not None:
+            row["confidence"] = round(float(confidences[image]), 4)
         if num_return > 1:
             row["alternatives"] = ranked
         rows.append(row)

@@ -135,6 +135,24 @@ def spice_score(captions: Mapping[str, str], references: Mapping[str, Sequence[s
     return {"SPICE": 100 * float(score), "captions": len(keys)}
 
 
+def confidence_report(rows: Sequence[Mapping[str, Any]], calibrator: Any, bins: int = 10) -> dict[str, Any]:
+    """How reliable the calibrated confidence is on test captions (`confidence`, `token_probability` and `cider_d`
+    in each row): the expected calibration error against being good (CIDEr-D at or above the calibrator's
+    threshold), beside that of the uncalibrated geometric mean token probability, and the reliability bins."""
+    import numpy as np
+
+    from captioner.decoding.confidence import expected_calibration_error, reliability
+
+    confidence = np.array([row["confidence"] for row in rows])
+    naive = np.array([row["token_probability"] for row in rows])
+    good = np.array([row["cider_d"] >= calibrator.threshold for row in rows])
+    return {"ECE": 100 * expected_calibration_error(confidence, good, bins),
+            "ECE_token_probability": 100 * expected_calibration_error(naive, good, bins),
+            "threshold_cider_d": calibrator.threshold, "good_share": 100 * float(good.mean()),
+            "mean_confidence": 100 * float(confidence.mean()), "captions": len(rows), "fitted_on": calibrator.fitted_on,
+            "reliability": reliability(confidence, good, bins)}  # fmt: skip
+
+
 def loggable_extra(scores: Mapping[str, Any], prefix: str = "test/") -> dict[str, float]:
     """Flat names for the logger: `test/chair_i`, `test/chair_s`, `test/clipscore`, `test/refclipscore`, ..."""
     flat: dict[str, float] = {}
@@ -148,6 +166,8 @@ def loggable_extra(scores: Mapping[str, Any], prefix: str = "test/") -> dict[str
         flat[f"{prefix}bertscore_f1"] = scores["bertscore"]["f1"]
     if "spice" in scores:
         flat[f"{prefix}spice"] = scores["spice"]["SPICE"]
+    if "confidence" in scores:
+        flat[f"{prefix}confidence_ece"] = scores["confidence"]["ECE"]
     return flat
 
 
@@ -168,6 +188,12 @@ def extra_table_lines(scores: Mapping[str, Any]) -> list[str]:
         lines.append(f"{'BERTScore F1':<22}{scores['bertscore']['f1']:>9.2f}  {scores['bertscore']['model']}")
     if "spice" in scores:
         lines.append(f"{'SPICE':<22}{scores['spice']['SPICE']:>9.2f}  pycocoevalcap")
+    if "confidence" in scores:
+        confidence = scores["confidence"]
+        lines.append(f"{'confidence ECE':<22}{confidence['ECE']:>9.2f}  calibrated; good = CIDEr-D >= "
+                     f"{confidence['threshold_cider_d']:.1f} ({confidence['good_share']:.0f}% of test captions)")
+        lines.append(f"{'token-probability ECE':<22}{confidence['ECE_token_probability']:>9.2f}  uncalibrated "
+                     "(geometric mean token probability)")  # fmt: skip
     lines += [f"{name:<22}{'-':>9}  skipped: {reason}" for name, reason in scores.get("skipped", {}).items()]
     return lines
 

@@ -199,6 +199,7 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
             "decoding": meta["decoding"],
             "blind": meta["blind"],
             "longest_caption": decoder.longest_caption(),
+            "confidence": meta.get("confidence"),
             "state_count": len(states),
             "context_count": len(contexts),
             "context_per_image": context_per_image,

@@ -19,6 +19,7 @@ from typing import Any
 from captioner.compat.checkpoints import read_checkpoint, upgrade
 from captioner.core.errors import CaptionerError
 from captioner.core.files import jsonable
+from captioner.decoding.confidence import Calibrator
 from captioner.decoding.config import DecodingConfig
 from captioner.encoders.base import ImageEncoder, encoder_from_spec
 from captioner.encoders.preprocessing import Preprocessing
@@ -70,6 +71,7 @@ def check_and_build(model: Any, checkpoint: dict[str, Any]) -> None:
     check_same_part(meta["decoder"], model.decoder.spec(), "decoder", USE_THE_RUN_CONFIG,
                     ignored=getattr(model.decoder, "training_only_options", ()))  # fmt: skip
     model.encoder.mark_weights_loaded()  # the checkpoint's weights replace whatever the encoder would fetch
+    model.calibrator = Calibrator.from_dict(meta.get("confidence"))  # fitted on the validation set, if it was
 
 
 def load_weights(model: Any, path: str) -> None:

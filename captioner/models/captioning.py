@@ -9,9 +9,12 @@ import torch
 
 from captioner.core.pixels import image_places
 from captioner.decoding.answers import answer_rows
+from captioner.decoding.confidence import caption_features, replay_log_probs
 from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.rules import rules_for
 from captioner.decoding.search import Decoded
-from captioner.models.stepping import decode_with
+from captioner.decoding.torch_ops import TorchOps
+from captioner.models.stepping import DecoderStepper, decode_with
 
 
 class CaptioningModel(Protocol):
@@ -77,11 +80,30 @@ def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfi
     config = config or model.decoding
     features = model.encode_images(images)
     decoded = decode_features(model, features, config, compiled, image_places(images) if config.do_sample else None)
-    rows = answer_rows(decoded, model.vocabulary, config.num_return)
+    rows = answer_rows(decoded, model.vocabulary, config.num_return, confidences_of(model, features, decoded, config))
     maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None
     return rows
+
+
+def confidences_of(model: CaptioningModel, features: torch.Tensor, decoded: Decoded, config: DecodingConfig) -> Any:
+    """The best captions' calibrated confidences (None for a model without a calibrator)."""
+    calibrator = getattr(model, "calibrator", None)
+    return None if calibrator is None else calibrator(confidence_features(model, features, decoded, config))
+
+
+@torch.no_grad()
+def confidence_features(model: CaptioningModel, features: torch.Tensor, decoded: Decoded,
+                        config: DecodingConfig) -> Any:  # fmt: skip
+    """`(B, 3)` confidence features of the best captions (`captioner.decoding.confidence.caption_features`), from
+    one replay of them through the decoder under `config`'s rules."""
+    stepper = DecoderStepper(model.require_decoder(), model.image_features(features))
+    special = SpecialTokens.of(model.vocabulary)
+    rules = rules_for(config, special, model.vocabulary, config.max_words(model.vocabulary.max_length))
+    tokens = decoded.best_tokens.cpu().numpy()
+    return caption_features(replay_log_probs(stepper, tokens, special.start, TorchOps(features.device), rules),
+                            decoded.best_lengths.cpu().numpy())  # fmt: skip
 
 
 def prediction_rows(model: CaptioningModel, batch: dict, attention: bool = False) -> list[dict[str, Any]]:
@@ -94,6 +116,8 @@ def prediction_rows(model: CaptioningModel, batch: dict, attention: bool = False
         row = {"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
         if position in found:
             row.update(caption=found[position]["caption"], score=found[position]["score"])
+            if "confidence" in found[position]:
+                row["confidence"] = found[position]["confidence"]
             if found[position]["attention"] is not None:  # for CaptionWriter's pictures, not the tables
                 row["attention"] = found[position]["attention"]
         rows.append(row)

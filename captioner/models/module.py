@@ -5,10 +5,12 @@ the metrics; decoding is `captioner.decoding`, inference `captioner.models.capti
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
@@ -16,12 +18,13 @@ from captioner.compat import checkpoints
 from captioner.core.errors import CaptionerError
 from captioner.core.parts import config_class
 from captioner.data.contract import CaptionData
+from captioner.decoding.confidence import Calibrator
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
 from captioner.decoding.rules import rules_for
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import default_encoder
-from captioner.evaluation.beyond import ExtraMetrics, extra_scores, loggable_extra
+from captioner.evaluation.beyond import ExtraMetrics, confidence_report, extra_scores, loggable_extra
 from captioner.evaluation.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.evaluation.report import evaluate_captions, gathered, loggable, test_report, unique_by_file
 from captioner.models import building, captioning
@@ -32,6 +35,7 @@ from captioner.models.objectives.cross_entropy import CrossEntropy, caption_cros
 from captioner.models.optimisation import optimizer_and_schedule
 from captioner.text.words import normalize
 
+log = logging.getLogger("captioner")
 # Frozen encoder parts stay in eval mode on purpose (see ImageEncoder.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
@@ -65,6 +69,9 @@ class CaptionModel(LightningModule):
         blind: Zero the image features (the blind baseline: what the language prior alone achieves).
         init_checkpoint: Start from the weights of this checkpoint (not its optimizer or epoch): the way
             to begin a second training stage such as self-critical training.
+        confidence_threshold: The CIDEr-D (x 100) at or above which a validation caption counts as good when the
+            confidence calibrator is fitted (null: the validation captions' median; see
+            `captioner.decoding.confidence`).
         extra_metrics: What `test` measures beyond the COCO metrics (`captioner.evaluation.beyond.ExtraMetrics`:
             CHAIR where objects are known, on by default; CLIPScore with `clip_model`; BERTScore; SPICE).
         beam_size, length_penalty, max_decode_length: The 0.2 names of `decoding.num_beams`,
@@ -87,6 +94,7 @@ class CaptionModel(LightningModule):
         blind: bool = False,
         init_checkpoint: str | None = None,
         extra_metrics: ExtraMetrics | None = None,
+        confidence_threshold: float | None = None,
         beam_size: int | None = None,
         length_penalty: float | None = None,
         max_decode_length: int | None = None,
@@ -113,6 +121,9 @@ class CaptionModel(LightningModule):
         self.test_results: dict[str, Any] | None = None  # the last test's report and rows, for TestReport
         # `predict` rows carry where each word looked (a writer that draws it sets this: CaptionWriter).
         self.predict_attention = False
+        # The confidence calibrator: fitted at every validation on its captions, saved with the checkpoint.
+        self.calibrator: Calibrator | None = None
+        self._calibration: list[tuple[list[float], float]] = []
 
     # ---------------------------------------------------------------- building
     @property
@@ -216,12 +227,16 @@ class CaptionModel(LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, stage: str, config: DecodingConfig) -> torch.Tensor:
-        """Teacher-forced loss and decoded captions of a validation or test batch; returns the best tokens."""
+        """Teacher-forced loss and decoded captions of a validation or test batch; returns the best tokens (and keeps
+        each caption's confidence features in `_features`)."""
         features, tokens = self.batch_features(batch), batch["tokens"]
         output = self.require_decoder()(self.image_features(features), tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
-        best = captioning.decode_features(self, features, config).best_tokens
+        decoded = captioning.decode_features(self, features, config)
+        best = decoded.best_tokens
+        if stage == "val" or self.calibrator is not None:  # features to fit the calibrator on, or to measure it
+            self._features = captioning.confidence_features(self, features, decoded, config)
         hypotheses = [" ".join(normalize(text)) for text in self.vocabulary.decode_batch(best)]  # as the references
         (self.val_bleu if stage == "val" else self.test_bleu).update(hypotheses, batch["references"])
         return best
@@ -230,9 +245,17 @@ class CaptionModel(LightningModule):
         if self.val_cider.scorer is None:  # the validation references are fixed for the whole run
             self.val_cider.set_references(self.data.references("val"))
 
+    def on_validation_epoch_start(self) -> None:
+        self._calibration = []
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         greedy = self.decoding.greedy()
-        self.val_cider.update(self.vocabulary.words_of(self._evaluate(batch, "val", greedy)), batch["index"].tolist())
+        words = self.vocabulary.words_of(self._evaluate(batch, "val", greedy))
+        images = batch["index"].tolist()
+        self.val_cider.update(words, images)
+        ciders = [100 * self.val_cider.scorer.score_vectors(w, self.val_cider.reference_vectors[i])
+                  for w, i in zip(words, images)]  # fmt: skip
+        self._calibration.extend(zip(self._features.tolist(), ciders))
 
     def on_validation_epoch_end(self) -> None:
         # Every rank holds the same corpus scores (torchmetrics reduces counts and sums); sync_dist only agrees on it.
@@ -241,17 +264,44 @@ class CaptionModel(LightningModule):
         self.log_dict(scores, prog_bar=True, sync_dist=True)
         self.val_bleu.reset()
         self.val_cider.reset()
+        self._fit_calibrator(gathered(self._calibration))
+
+    def _fit_calibrator(self, rows: list[tuple[list[float], float]]) -> None:
+        """The confidence calibrator on this validation's captions (every rank fits the same on the same rows)."""
+        if len(rows) < 8:
+            return
+        features, ciders = np.array([row[0] for row in rows]), np.array([row[1] for row in rows])
+        threshold = self.hparams.confidence_threshold
+        threshold = float(np.median(ciders)) if threshold is None else float(threshold)
+        good = ciders >= threshold
+        if good.all() or not good.any():
+            log.info("Confidence calibrator not fitted: every validation caption is on one side of CIDEr-D %.1f.",
+                     threshold)  # fmt: skip
+            return
+        self.calibrator = Calibrator.fit(features, good, threshold)
 
     def on_test_epoch_start(self) -> None:
         self._test_rows, self.test_results = [], None
+        references = self.data.references("test") if self.calibrator is not None and self.data is not None else None
+        self._test_cider = CorpusCider()  # each caption's CIDEr-D, to measure the confidence against
+        if references:
+            self._test_cider.set_references(references)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        captions = self.vocabulary.decode_batch(self._evaluate(batch, "test", self.decoding))
-        self._test_rows.extend(  # raw references: the COCO evaluation tokenises them itself
-            {"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
-            for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
-                                                     batch["raw_references"])
-        )  # fmt: skip
+        best = self._evaluate(batch, "test", self.decoding)
+        captions = self.vocabulary.decode_batch(best)
+        rows = [{"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
+                for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
+                                                         batch["raw_references"])]  # fmt: skip
+        if self.calibrator is not None and self._test_cider.scorer is not None:
+            confidences = self.calibrator(self._features)
+            for row, words, image, confidence, features in zip(rows, self.vocabulary.words_of(best),
+                                                               batch["index"].tolist(), confidences, self._features):
+                row["confidence"] = round(float(confidence), 4)
+                row["token_probability"] = round(float(np.exp(features[0])), 4)  # the uncalibrated stand-in
+                vectors = self._test_cider.reference_vectors[image]
+                row["cider_d"] = round(100 * self._test_cider.scorer.score_vectors(words, vectors), 3)
+        self._test_rows.extend(rows)  # raw references: the COCO evaluation tokenises them itself
 
     def on_test_epoch_end(self) -> None:
         bleu = as_percent(self.test_bleu.compute())
@@ -259,6 +309,8 @@ class CaptionModel(LightningModule):
         rows = unique_by_file(gathered(self._test_rows))
         evaluation = self.trainer.strategy.broadcast(evaluate_captions(rows) if self.trainer.is_global_zero else None)
         extra = self.trainer.strategy.broadcast(self._extra_scores(rows) if self.trainer.is_global_zero else None)
+        if self.calibrator is not None and rows and "confidence" in rows[0]:
+            extra["confidence"] = confidence_report(rows, self.calibrator)
         self.log_dict(loggable_extra(extra), sync_dist=True)
         self.log_dict({f"test/{name}": value for name, value in bleu.items()}, sync_dist=True)
         self.log_dict(loggable(evaluation), sync_dist=True)

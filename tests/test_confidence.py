@@ -1,0 +1,78 @@
+"""A calibrated confidence per caption: the logistic fit recovers a known relation and is better calibrated than the
+naive token probability; the replay that gives its features reproduces the search's scores on both backends; the
+calibrator travels with checkpoints and exports, and both backends answer the same confidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.decoding.confidence import (
+    Calibrator,
+    caption_features,
+    expected_calibration_error,
+    naive_confidence,
+    reliability,
+    replay_log_probs,
+)
+from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.decoding.ops import NumpyOps
+from captioner.decoding.rules import rules_for
+from captioner.decoding.search import decode
+from captioner.decoding.torch_ops import TorchOps
+from captioner.models.decoders import LSTMDecoder
+from captioner.models.stepping import DecoderStepper
+from captioner.text.words import Vocabulary
+from tests.test_search import NumpyStepper
+
+VOCAB = Vocabulary(["a", "red", "blue", "circle", "square", "on", "the", "left"], max_length=6)
+SPECIAL = SpecialTokens.of(VOCAB)
+
+
+def test_the_fit_recovers_a_known_relation_and_is_calibrated_where_the_token_probability_is_not():
+    rng = np.random.default_rng(0)
+    count = 4000
+    features = np.stack([rng.normal(-1.0, 0.4, count), rng.normal(-3.0, 1.0, count), rng.integers(4, 14, count)], 1)
+    truth = 1 / (1 + np.exp(-(2.0 * (features[:, 0] + 1.0) + 0.8 * (features[:, 1] + 3.0) - 0.3)))
+    good = rng.random(count) < truth
+    calibrator = Calibrator.fit(features[:3000], good[:3000], threshold=100.0)
+    held_out = calibrator(features[3000:])
+    assert np.abs(held_out - truth[3000:]).mean() < 0.03  # the probabilities it was drawn with
+    ece, naive = (expected_calibration_error(p, good[3000:]) for p in (held_out, naive_confidence(features[3000:])))
+    assert ece < 0.04 and naive > 2 * ece
+    assert Calibrator.from_dict(calibrator.to_dict()) == calibrator and Calibrator.from_dict(None) is None
+    bins = reliability(held_out, good[3000:])
+    assert sum(row["count"] for row in bins) == 1000 and all(0 <= row["accuracy"] <= 1 for row in bins)
+
+
+def test_ece_by_hand():
+    confidences = np.array([0.1, 0.1, 0.9, 0.9])
+    good = np.array([False, True, True, True])
+    # Bin [0.1, 0.2): confidence 0.1, accuracy 0.5; bin [0.9, 1]: 0.9 and 1.0; weighted by two of four each.
+    assert expected_calibration_error(confidences, good) == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("config", [DecodingConfig(num_beams=1, min_length=2, bad_endings=("a", "the")),
+                                    DecodingConfig(num_beams=3, no_repeat_ngram_size=2)], ids=["greedy", "beam"])
+def test_the_replayed_token_log_probabilities_add_up_to_the_searchs_score(backend, config):
+    torch.manual_seed(0)
+    decoder = LSTMDecoder(len(VOCAB), 8, embed_dim=8, hidden_dim=16, dropout=0.0).eval()
+    features = torch.randn(5, 8)
+    ops = TorchOps("cpu") if backend == "torch" else NumpyOps()
+    rules = rules_for(config, SPECIAL, VOCAB, 6)
+
+    def stepper():
+        return DecoderStepper(decoder, features) if backend == "torch" else NumpyStepper(decoder, features)
+
+    with torch.no_grad():
+        decoded = decode(stepper(), 5, config, SPECIAL, ops, 6, VOCAB)
+        tokens = np.asarray(ops.to_numpy(decoded.best_tokens))
+        lengths = np.asarray(ops.to_numpy(decoded.best_lengths))
+        replayed = replay_log_probs(stepper(), tokens, SPECIAL.start, ops, rules)
+    totals = [replayed[i, : lengths[i]].sum() for i in range(5)]
+    np.testing.assert_allclose(totals, np.asarray(ops.to_numpy(decoded.best_scores)), atol=1e-4)
+    features_ = caption_features(replayed, lengths)
+    np.testing.assert_allclose(features_[:, 0] * lengths, totals, atol=1e-4)  # the mean, times the length
+    assert (features_[:, 1] <= features_[:, 0] + 1e-9).all() and (features_[:, 2] == lengths).all()
