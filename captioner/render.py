@@ -86,3 +86,37 @@ def attention_figure(
         lit = Image.composite(base, Image.blend(base, Image.new("RGB", base.size, "black"), 0.75), mask)
         panels.append(captioned_image(lit, [word], tile))
     return image_grid(panels, columns)
+
+
+def reliability_diagram(bins: Sequence[dict], ece: float, naive_ece: float, size: int = 420) -> Image.Image:
+    """A reliability diagram of the confidence: per bin, the share of good captions (bar) against the mean
+    confidence (the diagonal is perfect calibration), with both ECEs in the title.
+
+    Args:
+        bins: `captioner.decoding.confidence.reliability` rows (low, high, confidence, accuracy, count).
+        ece: The calibrated confidence's ECE (0-100).
+        naive_ece: The uncalibrated token probability's ECE (0-100).
+        size: The plot's side in pixels.
+    """
+    margin, top = 44, 40
+    picture = Image.new("RGB", (size + margin + 12, size + margin + top), "white")
+    draw = ImageDraw.Draw(picture)
+    font = _font(13)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return margin + x * size, top + (1 - y) * size
+
+    draw.rectangle((*point(0, 1), *point(1, 0)), outline=(80, 80, 80))
+    total = max(sum(row["count"] for row in bins), 1)
+    for row in bins:
+        left, right = point(row["low"], 0)[0] + 2, point(row["high"], 0)[0] - 2
+        draw.rectangle((left, point(0, row["accuracy"])[1], right, point(0, 0)[1]), fill=(90, 130, 200))
+        marker = point((row["low"] + row["high"]) / 2, row["confidence"])
+        draw.ellipse((marker[0] - 3, marker[1] - 3, marker[0] + 3, marker[1] + 3), fill=(200, 80, 60))
+        draw.text((left, point(0, 0)[1] + 4), f"{100 * row['count'] / total:.0f}%", fill=(90, 90, 90), font=font)
+    draw.line((*point(0, 0), *point(1, 1)), fill=(60, 60, 60), width=1)
+    draw.text((margin, 6), f"confidence: ECE {ece:.1f}   token probability: ECE {naive_ece:.1f}", fill="black",
+              font=font)  # fmt: skip
+    draw.text((margin, 22), "bars: share of good captions; dots: mean confidence; diagonal: calibrated",
+              fill=(90, 90, 90), font=_font(11))  # fmt: skip
+    return picture

@@ -37,7 +37,15 @@ from pathlib import Path
 
 from captioner.callbacks.progress import RunSummary
 from captioner.cli import main
-from captioner.data.synthetic import first_colour, mentioned_position, scenes_of, write_synthetic_shards
+from captioner.data.synthetic import (
+    COLOURS,
+    SHAPES,
+    first_colour,
+    mentioned_position,
+    scenes_of,
+    write_synthetic_shards,
+)
+from captioner.evaluation.clip_score import write_random_clip
 from captioner.runs import run_dir
 
 # The demo's decoders at the demo's size (configs/demo.yaml holds the pooled LSTM).
@@ -96,8 +104,19 @@ RUNS = {
 }
 
 
+def random_clip() -> Path:
+    """A random small CLIP (no download) for the CLIPScore column: it exercises the metric on every run; with random
+    weights its numbers say nothing about the captions."""
+    folder = Path("data/demo/random-clip")
+    if not (folder / "config.json").exists():
+        words = "a an the picture photo of depicts on in at and with left right top bottom middle".split()
+        write_random_clip(folder, [*words, *COLOURS, *SHAPES, "small", "large", "circle", "striped", "background"])
+    return folder
+
+
 def run(extra: list[str], keep: dict | None = None) -> dict:
-    cli = main(["fit", "--config", "configs/demo.yaml", "--trainer.enable_progress_bar", "false", *extra])
+    clip = ["--model.extra_metrics.clip_model", str(random_clip())]
+    cli = main(["fit", "--config", "configs/demo.yaml", "--trainer.enable_progress_bar", "false", *clip, *extra])
     (summary,) = [c for c in cli.trainer.callbacks if isinstance(c, RunSummary)]
     if keep is not None:
         keep["checkpoint"] = cli.trainer.checkpoint_callback.best_model_path
@@ -120,7 +139,13 @@ def scores(folder: Path, captions_file: Path, fit_seconds: float) -> dict:
     stated = [(said, true) for said, true in stated if said is not None]
     position = sum(said == true for said, true in stated) / len(stated) if stated else 0.0
     dangling = sum(r["caption"].split()[-1:] in [[word] for word in DANGLING] for r in rows) / len(rows)
-    return {**report["metrics"]["pycocoevalcap"], "colour correct (%)": 100 * colour,
+    chair, confidence = report["metrics"].get("chair", {}), report["metrics"].get("confidence", {})
+    clip = report["metrics"].get("clip", {})
+    beyond = {"CHAIR-i": chair.get("CHAIR-i", float("nan")), "CHAIR-s": chair.get("CHAIR-s", float("nan")),
+              "CLIPScore (random CLIP)": clip.get("CLIPScore", float("nan")),
+              "confidence ECE": confidence.get("ECE", float("nan")),
+              "token-probability ECE": confidence.get("ECE_token_probability", float("nan"))}  # fmt: skip
+    return {**report["metrics"]["pycocoevalcap"], **beyond, "colour correct (%)": 100 * colour,
             "position correct (%)": 100 * position, "captions stating a position (%)": 100 * len(stated) / len(rows),
             "distinct captions (%)": report["diversity"]["distinct_captions"],
             "dangling last word (%)": 100 * dangling,

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from captioner.evaluation.chair import ObjectVocabulary, chair_scores, read_objects, vocabulary_for
-from captioner.evaluation.clip_score import PROMPT, ClipModel, clip_scores, ref_clip_scores, score_captions
+from captioner.evaluation.clip_score import (
+    PROMPT,
+    ClipModel,
+    clip_scores,
+    ref_clip_scores,
+    score_captions,
+    write_random_clip,
+)
 
 WORDS = "a an the red blue green yellow circle square triangle on left right of small large photo depicts".split()
 
@@ -19,30 +26,7 @@ WORDS = "a an the red blue green yellow circle square triangle on left right of 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A random small CLIP saved as the hub gives one: config and weights, an image processor, a tokenizer."""
-    import tokenizers
-    import transformers
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(sorted(set(WORDS)))}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="<unk>"))
-    tokenizer.normalizer = tokenizers.normalizers.Lowercase()
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                         eos_token="</s>", unk_token="<unk>").save_pretrained(folder)  # fmt: skip
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocabulary), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
-                     "pad_token_id": 0},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).save_pretrained(folder)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder)
-    return folder
+    return write_random_clip(tmp_path_factory.mktemp("tiny-clip"), WORDS)
 
 
 def test_clip_score_and_ref_clip_score_follow_the_papers_formulas_on_hand_made_vectors():

@@ -88,6 +88,8 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
     confidence = report["metrics"]["confidence"]  # fitted on the validation captions, measured on the test's
     assert confidence["captions"] == 20 and 0 <= confidence["ECE"] <= 100 and confidence["fitted_on"] == 20
     assert all(0 <= row["confidence"] <= 1 for row in confidence["reliability"])
+    with Image.open(run_dir(tested.trainer) / "reliability.png") as diagram:  # the reliability diagram beside it
+        assert diagram.width > 400 and diagram.getcolors(2**16) and len(diagram.getcolors(2**16)) > 3
     chair = report["metrics"]["chair"]
     assert chair["captions"] == 20 and chair["objects_named"] >= 20
     assert chair["CHAIR-s"] == pytest.approx(float(tested.trainer.callback_metrics["test/chair_s"]), abs=1e-3)

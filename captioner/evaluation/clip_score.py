@@ -200,6 +200,40 @@ class _EmbeddingCache:
         os.replace(partial, self.path)
 
 
+def write_random_clip(folder: str | Path, words: Sequence[str], seed: int = 0) -> Path:
+    """A small CLIP with random weights saved as the hub gives one (config and weights, an image processor, a
+    word-level tokenizer of `words`), for offline demos and tests: its scores exercise the metric, they mean nothing
+    about captions."""
+    tokenizers = require_library("tokenizers", "hf", "a random CLIP")
+    transformers = require_library("transformers", "hf", "a random CLIP")
+    folder = Path(folder)
+    vocabulary = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocabulary.update({word: index + 4 for index, word in enumerate(sorted({w.lower() for w in words}))})
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.normalizer = tokenizers.normalizers.Lowercase()
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                         eos_token="</s>", unk_token="<unk>").save_pretrained(folder)  # fmt: skip
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(vocabulary), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
+                     "pad_token_id": 0},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)  # fmt: skip
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformers.CLIPModel(config).save_pretrained(folder)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
+    return folder
+
+
 def score_captions(model: ClipModel, captions: Mapping[str, str], images: Mapping[str, str | Path],
                    references: Mapping[str, Sequence[str]] | None = None,
                    cache_dir: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
