@@ -130,6 +130,7 @@ def main() -> None:
                         "so (e.g. 'greedy,beam3,orig_decode,prefix_*'); extraction always runs")  # fmt: skip
     options = parser.parse_args()
     harness.ONLY = tuple(options.only.split(",")) if options.only else None
+    harness.PARTIAL = str(options.json.with_suffix(".partial.json")) if options.json else None
 
     import torch
 

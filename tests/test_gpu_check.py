@@ -82,3 +82,42 @@ def test_the_demo_stage_is_a_valid_run_of_the_shipped_demo_config(capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "vit_b_32" in printed and "PrefixLMDecoder" in printed and "CSVLogger" in printed
+
+
+def test_a_time_box_ends_the_command_with_everything_it_started_and_keeps_its_log(tmp_path):
+    # The benchmark's phase processes outlived its time box on the GPU machine and held the GPU through the next
+    # stage: the box must end the whole process group.
+    check = load_check().Check(tmp_path, budget=60, dry_run=True)
+    script = "sleep 120 & echo child $!; sleep 120"
+    with pytest.raises(subprocess.TimeoutExpired) as cut:
+        check.command(["bash", "-c", script], limit=2, log="boxed.log")
+    child = int(cut.value.output.split("child ")[1].split()[0])  # the log's text comes with the timeout
+    try:
+        state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the background child is still {state}"
+
+
+def test_stages_joined_by_a_plus_run_together_and_each_lands_in_the_report(tmp_path, monkeypatch):
+    gpu_check = load_check()
+    started = {}
+
+    def stage(name):
+        def run(check, limit):
+            started[name] = gpu_check.time.monotonic()
+            gpu_check.time.sleep(1.0)
+            return {"status": "ok", "limit": limit}
+
+        return run
+
+    monkeypatch.setattr(gpu_check, "environment_stage", stage("environment"))
+    monkeypatch.setattr(gpu_check, "tests_stage", stage("tests"))
+    monkeypatch.setattr(gpu_check, "demo_stage", stage("demo"))
+    results = gpu_check.run(tmp_path, budget=100, dry_run=True, stages=["environment", "tests+demo"])
+    assert set(results["stages"]) == {"environment", "tests", "demo"}
+    assert abs(started["tests"] - started["demo"]) < 0.5  # together, not one after the other
+    assert started["tests"] - started["environment"] >= 0.9
+    # The last group takes all that is left; an earlier one its share.
+    assert results["stages"]["tests"]["limit"] > 90 and results["stages"]["environment"]["limit"] <= 10
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["stages"].keys() == results["stages"].keys()

@@ -114,6 +114,9 @@ def run_phase(name: str, function, **kwargs) -> dict:
 # Phases to run (`--only`); None runs all. Extraction always runs: every later phase reads its features.
 ONLY: tuple[str, ...] | None = None
 ALWAYS = ("extract",)
+# Where each phase's result is written as soon as it is measured (`--json`'s `.partial.json`): a run cut short by
+# its time box (scripts/gpu_check.py) keeps what it measured.
+PARTIAL: str | None = None
 
 
 def measure(results: dict, key: str, name: str, function, **kwargs) -> None:
@@ -121,6 +124,10 @@ def measure(results: dict, key: str, name: str, function, **kwargs) -> None:
     wanted = ONLY is None or any(key == name or (name.endswith("*") and key.startswith(name[:-1])) for name in ONLY)
     if wanted or key in ALWAYS:
         results[key] = run_phase(name, function, **kwargs)
+        if PARTIAL:
+            with open(f"{PARTIAL}.tmp", "w") as handle:
+                json.dump(results, handle, indent=1)
+            os.replace(f"{PARTIAL}.tmp", PARTIAL)
 
 
 def _sync(device: str) -> None:
