@@ -84,9 +84,15 @@ def test_two_processes_killed_and_run_again_caption_every_image_once(trained, sh
         assert by_key[f"{int(path.stem.split('_')[-1]) - 1:09d}"] == caption, path.name
 
 
-def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, scenes_source, tmp_path):
+def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, scenes_source, tmp_path, capsys):
     import pyarrow.parquet as pq
     import webdataset as wds
+
+    from captioner.bulk.job import caption_set_command
+
+    def here(*args: str) -> str:  # the command's own entry point in this process (no start-up each); its stderr
+        caption_set_command(["--ckpt_path", str(checkpoint), *args])
+        return capsys.readouterr().err
 
     checkpoint = trained[0]
     photos = tmp_path / "photos"
@@ -103,22 +109,22 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
             [p for p in sorted(photos.rglob("*.jpg")) if p.name != "notes.jpg"], do_sample=True, seed=3,
             temperature=1.5),
     ))  # fmt: skip
-    finished(job(checkpoint, *common, "--format", "jsonl", "--output", str(tmp_path / "jsonl"), "--batch_size", "3"))
+    here(*common, "--format", "jsonl", "--output", str(tmp_path / "jsonl"), "--batch_size", "3")
     assert {row["image"]: row["caption"] for row in read_rows(tmp_path / "jsonl") if row["caption"]} == expected
 
-    finished(job(checkpoint, *common, "--format", "parquet", "--output", str(tmp_path / "parquet")))
+    here(*common, "--format", "parquet", "--output", str(tmp_path / "parquet"))
     table = pq.read_table(sorted((tmp_path / "parquet").glob("*.parquet")))
     assert {row["image"]: row["caption"] for row in table.to_pylist() if row["caption"]} == expected
     assert [row["error"] is not None for row in table.to_pylist()].count(True) == 1
 
-    finished(job(checkpoint, *common, "--format", "webdataset", "--output", str(tmp_path / "shards")))
+    here(*common, "--format", "webdataset", "--output", str(tmp_path / "shards"))
     samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), shardshuffle=False))
     assert {json.loads(s["json"])["source"]: s["txt"].decode() for s in samples} == expected
     assert all("jpg" in s for s in samples)
 
-    finished(job(checkpoint, *common, "--format", "txt", "--batch_size", "2"))
+    here(*common, "--format", "txt", "--batch_size", "2")
     assert {name: (photos / name).with_suffix(".txt").read_text().strip() for name in expected} == expected
-    again = finished(job(checkpoint, *common, "--format", "txt", "--overwrite"))
+    again = here(*common, "--format", "txt", "--overwrite")
     assert "10 images captioned, 1 failed" in again  # every image, again
-    rerun = finished(job(checkpoint, *common, "--format", "txt"))
+    rerun = here(*common, "--format", "txt")
     assert "0 images captioned" in rerun and "3 of 3 parts were done" in rerun

@@ -34,18 +34,24 @@ def ddp(processes):
 
 @pytest.mark.slow
 def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
+    from captioner.cli import main
+
     work = tmp_path / "work"
-    run([*tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "2"), *ddp(2)], tmp_path)
+    # Fit, then test the best checkpoint, on two processes; the same test on one (in this process).
+    run([*tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "2", "--test_after_fit", "true"),
+         *ddp(2)], tmp_path)  # fmt: skip
     (checkpoint,) = (tmp_path / "fit").rglob("last.ckpt")
     (cache,) = (work / "features").iterdir()
     assert (cache / "index.json").is_file() and not (cache / "parts").exists()  # shared extraction, assembled
 
-    reports = {}
-    for processes in (1, 2):
-        root = tmp_path / f"test{processes}"
-        run([*tiny_args("test", scenes, work, root, "--ckpt_path", str(checkpoint)), *ddp(processes)], tmp_path)
-        (report,) = root.rglob("test_metrics.json")
-        reports[processes] = json.loads(report.read_text())
+    (two,) = (tmp_path / "fit").rglob("test_metrics.json")
+    reports = {2: json.loads(two.read_text())}
+    best = reports[2]["checkpoint"]
+    assert best and "last" not in best
+    main(tiny_args("test", scenes, work, tmp_path / "test1", "--ckpt_path", best))
+    (one,) = (tmp_path / "test1").rglob("test_metrics.json")
+    reports[1] = json.loads(one.read_text())
+    for report in (one, two):
         captions = [json.loads(line) for line in (report.parent / "test_captions.jsonl").read_text().splitlines()]
         assert len(captions) == 20 and len({row["file_name"] for row in captions}) == 20
     assert reports[1]["images"] == reports[2]["images"] == 20
