@@ -26,6 +26,7 @@ def test_torchmetrics_bleu_matches_the_hand_computed_example():
 
 @pytest.fixture(params=["java", "no-java"])
 def java(request, monkeypatch, caplog):
+    monkeypatch.setenv(metrics.JAVA_VARIABLE, "1")  # the suite leaves Java out (conftest); here it is the subject
     if request.param == "no-java":
         monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     elif not metrics.java_available():
@@ -55,6 +56,15 @@ def test_coco_scores_hand_example_perfect_and_disjoint(java, caplog):
     else:
         assert "METEOR" not in perfect["scores"] and "no Java" in perfect["tokenizer"]
         assert caplog.text.count("Java was not found") == 3  # once per call, not once per scorer
+
+
+def test_java_can_be_left_out_where_it_is_installed(monkeypatch):
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
+    for value, expected in (("0", False), ("off", False), ("1", True)):
+        monkeypatch.setenv(metrics.JAVA_VARIABLE, value)
+        assert metrics.java_available() is expected, value
+    monkeypatch.delenv(metrics.JAVA_VARIABLE)
+    assert metrics.java_available()  # on by default
 
 
 def test_diversity_makes_a_constant_model_obvious():

@@ -152,25 +152,25 @@ def test_self_critical_training_killed_mid_epoch_resumes_to_the_same_model(demo_
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_a_last_checkpoint_that_resumes(scenes, tmp_path):
+def test_sigterm_mid_epoch_saves_a_last_checkpoint_that_resumes(scenes, tmp_path, capsys):
     stop = ["--trainer.callbacks+=tests.plugins.SignalAt", "--trainer.callbacks.init_args.signal_name", "SIGTERM",
             "--trainer.callbacks.init_args.step", "5"]  # fmt: skip
     args = tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2")
-    result = run([*args, *stop], tmp_path, expect=143)
+    result = run([*args, *stop], tmp_path, expect=143)  # the signal is sent to a process of its own
     assert "Stopped on request" in result.stderr and "Traceback" not in result.stderr
     (last,) = tmp_path.rglob("last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the step it stopped after
-    result = run([*args, "--ckpt_path", "last"], tmp_path)
-    assert "Resuming run" in result.stderr
+    main([*args, "--ckpt_path", "last"])  # resumed in this process (no start-up)
+    assert "Resuming run" in capsys.readouterr().err
     assert torch.load(last, weights_only=True)["global_step"] > 5
 
 
-def test_a_copied_checkpoint_starts_a_new_run_and_says_so(trained, scenes_source, tmp_path):
+def test_a_copied_checkpoint_starts_a_new_run_and_says_so(trained, scenes_source, tmp_path, capsys):
     checkpoint, work = trained
     copy = tmp_path / "elsewhere" / "copied.ckpt"
     copy.parent.mkdir()
     copy.write_bytes(Path(checkpoint).read_bytes())
-    result = run(tiny_args("fit", scenes_source, work, tmp_path / "new", "--ckpt_path", str(copy),
-                           "--trainer.max_epochs", "5"), tmp_path)  # fmt: skip
-    assert "not inside the run folder that wrote it" in result.stderr and "new run" in result.stderr
+    main(tiny_args("fit", scenes_source, work, tmp_path / "new", "--ckpt_path", str(copy), "--trainer.max_epochs", "5"))
+    err = capsys.readouterr().err
+    assert "not inside the run folder that wrote it" in err and "new run" in err
     assert list((tmp_path / "new").rglob("last.ckpt"))
