@@ -147,3 +147,26 @@ def test_evaluate_scores_any_results_file_as_test_does(clip_folder, scenes_sourc
     assert 0 < chair["CHAIR-s"] < 50 and chair["captions"] == 30  # only some of the constant captions are wrong
     assert clip["images"] == 30 and "RefCLIPScore" in clip and clip["model"] == str(clip_folder)
     assert "CHAIR-i" in printed and "CLIPScore" in printed and "CIDEr" in printed
+
+
+def test_bert_score_takes_each_captions_best_reference_with_a_small_local_bert(tmp_path):
+    """BERTScore through torchmetrics on a 2-layer BERT built from a config and saved (no download): a caption equal
+    to one of its references scores 100 whatever the others; a caption of other words scores less."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from captioner.evaluation.beyond import bert_scores
+
+    words = "a red blue green circle square triangle on the left right top bottom small big".split()
+    vocabulary = tmp_path / "vocab.txt"
+    vocabulary.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    folder = tmp_path / "tiny-bert"
+    BertTokenizerFast(vocab_file=str(vocabulary)).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertModel(config).eval().save_pretrained(folder)
+    references = {"1": ["a blue square on the left", "a red circle on the right"], "2": ["a small green triangle"]}
+    scores = bert_scores({"1": "a red circle on the right", "2": "a small green triangle"}, references, str(folder))
+    assert scores["f1"] == pytest.approx(100.0, abs=1e-3) and scores["captions"] == 2  # the matching reference won
+    other = bert_scores({"1": "big square top", "2": "red circle bottom"}, references, str(folder))
+    assert other["f1"] < 99.0  # a random BERT's tokens are alike (precision near 100), yet the words tell

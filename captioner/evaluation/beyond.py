@@ -103,7 +103,8 @@ def bert_scores(captions: Mapping[str, str], references: Mapping[str, Sequence[s
     best = {"f1": [], "precision": [], "recall": []}
     for key in keys:
         refs = list(references[key])
-        result = metric([captions[key]] * len(refs), refs)
+        result = {name: value.reshape(-1) for name, value in metric([captions[key]] * len(refs), refs).items()
+                  if name in best}  # one reference gives 0-dim values  # fmt: skip
         index = int(result["f1"].argmax())
         for name in best:
             best[name].append(float(result[name][index]))
@@ -116,7 +117,7 @@ def spice_score(captions: Mapping[str, str], references: Mapping[str, Sequence[s
     from captioner.evaluation.metrics import java_available
 
     if not java_available():
-        return "needs Java (java on the PATH)"
+        return "needs Java (java on the PATH, CAPTIONER_JAVA not 0)"
     try:
         from pycocoevalcap.spice.spice import Spice
     except ImportError as error:
