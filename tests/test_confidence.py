@@ -76,3 +76,24 @@ def test_the_replayed_token_log_probabilities_add_up_to_the_searchs_score(backen
     features_ = caption_features(replayed, lengths)
     np.testing.assert_allclose(features_[:, 0] * lengths, totals, atol=1e-4)  # the mean, times the length
     assert (features_[:, 1] <= features_[:, 0] + 1e-9).all() and (features_[:, 2] == lengths).all()
+
+
+def test_the_calibrator_learns_from_the_captions_the_models_own_decoding_gives(scenes, tmp_path, monkeypatch):
+    """Validation scores greedy captions (fast, comparable across runs), but a caption's confidence is asked of the
+    model's own decoding (beam 2 here): the calibrator must be fitted on those, or it is over-confident on them."""
+    from captioner.cli import main
+    from captioner.models import captioning
+    from tests.conftest import tiny_args
+
+    seen, original = [], captioning.confidence_features
+
+    def recording(model, features, decoded, config):
+        seen.append((config.num_beams, decoded.best_tokens.shape[0]))
+        return original(model, features, decoded, config)
+
+    monkeypatch.setattr(captioning, "confidence_features", recording)
+    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1",
+                         "--trainer.num_sanity_val_steps", "0"))  # fmt: skip
+    assert cli.model.decoding.num_beams == 2 and seen  # the tiny config decodes with beam 2
+    assert {beams for beams, _ in seen} == {2} and sum(rows for _, rows in seen) == 20  # every validation image
+    assert cli.model.calibrator is not None

@@ -20,6 +20,7 @@ from captioner.core.parts import config_class
 from captioner.data.contract import CaptionData
 from captioner.decoding.confidence import Calibrator
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
+from captioner.decoding.decoded import Decoded
 from captioner.decoding.rules import rules_for
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
@@ -226,20 +227,20 @@ class CaptionModel(LightningModule):
         return output.loss
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict, stage: str, config: DecodingConfig) -> torch.Tensor:
-        """Teacher-forced loss and decoded captions of a validation or test batch; returns the best tokens (and keeps
-        each caption's confidence features in `_features`)."""
+    def _evaluate(self, batch: dict, stage: str, config: DecodingConfig) -> Decoded:
+        """Teacher-forced loss and decoded captions of a validation or test batch (a test batch's confidence
+        features kept in `_features` when there is a calibrator)."""
         features, tokens = self.batch_features(batch), batch["tokens"]
         output = self.require_decoder()(self.image_features(features), tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(tokens), sync_dist=True)
         decoded = captioning.decode_features(self, features, config)
         best = decoded.best_tokens
-        if stage == "val" or self.calibrator is not None:  # features to fit the calibrator on, or to measure it
+        if stage == "test" and self.calibrator is not None:  # to measure the confidence
             self._features = captioning.confidence_features(self, features, decoded, config)
         hypotheses = [" ".join(normalize(text)) for text in self.vocabulary.decode_batch(best)]  # as the references
         (self.val_bleu if stage == "val" else self.test_bleu).update(hypotheses, batch["references"])
-        return best
+        return decoded
 
     def on_validation_start(self) -> None:
         if self.val_cider.scorer is None:  # the validation references are fixed for the whole run
@@ -250,12 +251,21 @@ class CaptionModel(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         greedy = self.decoding.greedy()
-        words = self.vocabulary.words_of(self._evaluate(batch, "val", greedy))
+        decoded = self._evaluate(batch, "val", greedy)
+        words = self.vocabulary.words_of(decoded.best_tokens)
         images = batch["index"].tolist()
         self.val_cider.update(words, images)
+        # The calibrator learns from the captions the model gives where it is used (its own decoding: beam search in
+        # the shipped configs), not from validation's greedy ones: a beam's captions are likelier, and a calibrator
+        # fitted on greedy captions was over-confident on them.
+        features = self.batch_features(batch)
+        if self.decoding != greedy:
+            decoded = captioning.decode_features(self, features, self.decoding)
+            words = self.vocabulary.words_of(decoded.best_tokens)
         ciders = [100 * self.val_cider.scorer.score_vectors(w, self.val_cider.reference_vectors[i])
                   for w, i in zip(words, images)]  # fmt: skip
-        self._calibration.extend(zip(self._features.tolist(), ciders))
+        confidence = captioning.confidence_features(self, features, decoded, self.decoding)
+        self._calibration.extend(zip(confidence.tolist(), ciders))
 
     def on_validation_epoch_end(self) -> None:
         # Every rank holds the same corpus scores (torchmetrics reduces counts and sums); sync_dist only agrees on it.
@@ -288,7 +298,7 @@ class CaptionModel(LightningModule):
             self._test_cider.set_references(references)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        best = self._evaluate(batch, "test", self.decoding)
+        best = self._evaluate(batch, "test", self.decoding).best_tokens
         captions = self.vocabulary.decode_batch(best)
         rows = [{"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
                 for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
