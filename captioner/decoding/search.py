@@ -104,7 +104,10 @@ def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: Specia
         return _constrained_beam_search(stepper, batch, config, special, ops, max_words, rules,
                                         forced_phrases(config, vocabulary))  # fmt: skip
     if config.num_beams == 1:
-        streams = RowStreams(config.seed, list(range(batch)) if places is None else list(places))
+        # Sampling's streams only when sampling: a generator per image costs 12 ms a batch of 1,024 on the host,
+        # more than a GPU's whole greedy search of the batch (0.35x 0.2's greedy rate on an H200 before this).
+        places = list(range(batch)) if places is None else list(places)
+        streams = RowStreams(config.seed, places) if config.do_sample else None
         return _one_per_image(stepper, batch, config, special, ops, max_words, rules, check_every, streams)
     return _beam_search(stepper, batch, config, special, ops, max_words, rules, check_every)
 
@@ -116,7 +119,7 @@ def _trimmed(decoded: Decoded, ops: Any) -> Decoded:
 
 
 def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
-                   max_words: int, rules: list, check_every: int, streams: RowStreams) -> Decoded:  # fmt: skip
+                   max_words: int, rules: list, check_every: int, streams: RowStreams | None) -> Decoded:  # fmt: skip
     """Greedy decoding, or sampling with `do_sample`: one caption per image."""
     state = stepper.start(1)
     previous = ops.full((batch,), special.start, ops.long)
