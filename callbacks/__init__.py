@@ -2,6 +2,7 @@
 
 from captioner.callbacks.checkpoints import LastCheckpoint, ResumableRun
 from captioner.callbacks.progress import RunSummary, Throughput
+from captioner.callbacks.publishing import PublishedModel
 from captioner.callbacks.reports import TestReport
 from captioner.callbacks.samples import CaptionSamples
 from captioner.callbacks.writer import CaptionWriter
@@ -10,6 +11,7 @@ __all__ = [
     "CaptionSamples",
     "CaptionWriter",
     "LastCheckpoint",
+    "PublishedModel",
     "ResumableRun",
     "RunSummary",
     "TestReport",

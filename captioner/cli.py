@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from captioner.callbacks.checkpoints import ResumableRun
+from captioner.callbacks.publishing import PublishedModel
 from captioner.callbacks.reports import TestReport
 from captioner.compat import names as compat
 from captioner.core.errors import CaptionerError
@@ -311,7 +312,8 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
             CaptionDataModule,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [TestReport(), ResumableRun()]},  # in every run, whatever the config lists
+            # In every run, whatever the config lists (PublishedModel after TestReport: it reads the report).
+            trainer_defaults={"callbacks": [TestReport(), PublishedModel(), ResumableRun()]},
             args=None if args is None else argv,
             auto_configure_optimizers=False,
         )

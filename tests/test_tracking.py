@@ -34,6 +34,8 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
         "--trainer.callbacks.tile_width",
         "200",
         "--trainer.callbacks+=captioner.callbacks.RunSummary",
+        "--trainer.logger.init_args.log_model", "true",  # the tested checkpoint published and linked as an artifact
+        "--test_after_fit", "true",
     ]
     result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -52,6 +54,18 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
         for item in record.config.update
     }
     assert "config" in config_keys  # the full resolved CLI config
+
+    # The published folder (as `publish` writes it) logged as the run's `model` artifact, the card among its files.
+    artifacts = {record.artifact.name: record.artifact for record in read_records(run_file)
+                 if record.WhichOneof("record_type") == "artifact"}  # fmt: skip
+    (published,) = [artifact for name, artifact in artifacts.items() if name.startswith("captioner-")]
+    assert published.type == "model"
+    files = {entry.path for entry in published.manifest.contents}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= files, files
+    (weights,) = (tmp_path / "runs").rglob("published/*/model.safetensors")
+    (report,) = (tmp_path / "runs").rglob("test_metrics.json")
+    cider = json.loads(report.read_text())["metrics"]["pycocoevalcap"]["CIDEr"]
+    assert f"value: {round(cider, 2)}" in (weights.parent / "README.md").read_text()  # the card holds the test's scores
 
     tables = sorted((run_file.parent / "files" / "media" / "table" / "val").glob("samples_*.table.json"))
     assert len(tables) == 2  # one per validation epoch
