@@ -169,6 +169,24 @@ def test_greedy_decoding_draws_no_random_streams(backend, monkeypatch):
         run(backend, decoder, features, DecodingConfig(num_beams=1, do_sample=True, seed=3))
 
 
+def test_each_images_random_stream_is_its_own_uniform_and_reproducible():
+    """Sampling's streams: an image's numbers depend on the seed and its place alone (not its batch-mates), differ
+    between places and seeds, and are uniform on [0, 1)."""
+    from captioner.decoding.search import RowStreams
+
+    streams = RowStreams(7, list(range(2048)))
+    draws = np.stack([streams.uniforms() for _ in range(32)])  # (draw, image)
+    assert draws.min() >= 0.0 and draws.max() < 1.0
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.std() - (1 / 12) ** 0.5) < 0.01
+    assert np.histogram(draws, bins=10, range=(0, 1))[0].min() > 0.09 * draws.size  # no bin starved
+    assert abs(np.corrcoef(draws[:, :-1].ravel(), draws[:, 1:].ravel())[0, 1]) < 0.02  # neighbours unrelated
+    again = RowStreams(7, [1500, 3, 3])  # other batch-mates, another order, a place twice
+    for step in range(3):
+        assert again.uniforms().tolist() == draws[step, [1500, 3, 3]].tolist()
+    assert RowStreams(8, [3]).uniforms()[0] != draws[0, 3]  # another seed, another stream
+    assert RowStreams(None, [3]).uniforms()[0] != RowStreams(None, [3]).uniforms()[0]  # no seed: fresh each call
+
+
 @BACKENDS
 def test_a_batch_decodes_each_image_as_it_would_alone(backend):
     decoder, features = transformer(), torch.randn(4, 3, 8)

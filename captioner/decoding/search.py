@@ -62,6 +62,9 @@ class RowStreams:
     """One random stream per image, for sampling: seeded by `(seed, place)`, so an image draws the same numbers
     whatever its batch-mates, and the PyTorch and NumPy backends draw the same ones (generated here, on the host).
 
+    Counter-based (SplitMix64 of the image's key and the draw's index), computed for all images at once: a
+    generator object per image cost 12 ms of host time for a batch of 1,024, more than a GPU's search of it.
+
     Args:
         seed: The decoding seed (None: fresh entropy, different every call).
         places: Each image's place (its position among those the caller captions, or a stable id).
@@ -71,13 +74,31 @@ class RowStreams:
         import numpy as np  # the search itself imports no array library: NumPy is the runtime's, always there
 
         entropy = np.random.SeedSequence().entropy if seed is None else seed
-        self.generators = [np.random.default_rng([int(entropy) % 2**63, int(place) % 2**63]) for place in places]
+        seed_key = _split_mix(np.array([int(entropy) % 2**64], dtype=np.uint64))
+        place_keys = _split_mix(np.array([int(place) % 2**64 for place in places], dtype=np.uint64))
+        self.keys = _split_mix(seed_key ^ place_keys)
+        self.draws = 0
 
     def uniforms(self) -> Any:
-        """One uniform number in [0, 1) per image, as float64."""
+        """One uniform number in [0, 1) per image, as float64 (53 random bits each)."""
         import numpy as np
 
-        return np.array([generator.random() for generator in self.generators])
+        bits = _split_mix(self.keys + np.uint64(self.draws * _GOLDEN % 2**64))  # wrapping, as the hash
+        self.draws += 1
+        return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
+
+
+def _split_mix(values: Any) -> Any:
+    """SplitMix64's output function on a uint64 array (wrapping arithmetic): a well-mixed 64-bit hash."""
+    import numpy as np
+
+    values = values + np.uint64(_GOLDEN)
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
 
 
 def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any, max_words: int,
