@@ -227,9 +227,10 @@ class CaptionModel(LightningModule):
         return output.loss
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict, stage: str, config: DecodingConfig) -> Decoded:
-        """Teacher-forced loss and decoded captions of a validation or test batch (a test batch's confidence
-        features kept in `_features` when there is a calibrator)."""
+    def _evaluate(self, batch: dict, stage: str, config: DecodingConfig) -> tuple[torch.Tensor, Decoded]:
+        """Teacher-forced loss and decoded captions of a validation or test batch; returns the batch's image features
+        (read or encoded once) and the decoded captions (a test batch's confidence features kept in `_features` when
+        there is a calibrator)."""
         features, tokens = self.batch_features(batch), batch["tokens"]
         output = self.require_decoder()(self.image_features(features), tokens[:, :-1], owners=batch["owners"])
         loss = caption_cross_entropy(output.logits, tokens[:, 1:], self.vocabulary.pad_index)
@@ -240,7 +241,7 @@ class CaptionModel(LightningModule):
             self._features = captioning.confidence_features(self, features, decoded, config)
         hypotheses = [" ".join(normalize(text)) for text in self.vocabulary.decode_batch(best)]  # as the references
         (self.val_bleu if stage == "val" else self.test_bleu).update(hypotheses, batch["references"])
-        return decoded
+        return features, decoded
 
     def on_validation_start(self) -> None:
         if self.val_cider.scorer is None:  # the validation references are fixed for the whole run
@@ -251,14 +252,13 @@ class CaptionModel(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         greedy = self.decoding.greedy()
-        decoded = self._evaluate(batch, "val", greedy)
+        features, decoded = self._evaluate(batch, "val", greedy)
         words = self.vocabulary.words_of(decoded.best_tokens)
         images = batch["index"].tolist()
         self.val_cider.update(words, images)
         # The calibrator learns from the captions the model gives where it is used (its own decoding: beam search in
         # the shipped configs), not from validation's greedy ones: a beam's captions are likelier, and a calibrator
         # fitted on greedy captions was over-confident on them.
-        features = self.batch_features(batch)
         if self.decoding != greedy:
             decoded = captioning.decode_features(self, features, self.decoding)
             words = self.vocabulary.words_of(decoded.best_tokens)
@@ -298,7 +298,8 @@ class CaptionModel(LightningModule):
             self._test_cider.set_references(references)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        best = self._evaluate(batch, "test", self.decoding).best_tokens
+        _, decoded = self._evaluate(batch, "test", self.decoding)
+        best = decoded.best_tokens
         captions = self.vocabulary.decode_batch(best)
         rows = [{"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
                 for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
