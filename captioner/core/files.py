@@ -155,7 +155,7 @@ def read_json(path: str | Path, what: str) -> Any:
         what: What the file is, for the message ("the vocabulary").
 
     Raises:
-        CaptionerError: When the file is missing or not valid JSON.
+        CaptionerError: When the file is missing, cannot be read or is not valid JSON.
     """
     path = Path(path)
     try:
@@ -165,6 +165,8 @@ def read_json(path: str | Path, what: str) -> Any:
         raise CaptionerError(f"{what} file {path} does not exist.") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CaptionerError(f"{what} file {path} is not valid JSON ({error}).") from error
+    except OSError as error:  # a folder, no permission, ...
+        raise CaptionerError(f"{what} file {path} could not be read ({error}).") from error
 
 
 def require_keys(payload: Any, keys: tuple[str, ...], path: str | Path, what: str, where: str = "") -> None:

@@ -18,13 +18,13 @@ do: the shapes and colours drawn).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.core.errors import CaptionerError
+from captioner.core.files import read_json
 
 COCO_SYNONYMS = Path(__file__).parent / "data" / "coco_synonyms.txt"
 # Read as one object: pairs whose words would otherwise name other objects (or none).
@@ -103,10 +103,7 @@ class ObjectVocabulary:
         Raises:
             CaptionerError: When it cannot be read or is not such a mapping.
         """
-        try:
-            payload = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise CaptionerError(f"Could not read the object vocabulary {path}: {error}.") from error
+        payload = read_json(path, "The object vocabulary")
         valid = isinstance(payload, dict) and all(
             isinstance(words, list) and all(isinstance(w, str) for w in words) for words in payload.values())
         if not valid:
@@ -184,10 +181,7 @@ def read_objects(path: str | Path) -> tuple[dict[str, list[str]], bool]:
     Raises:
         CaptionerError: When the file cannot be read or holds none of these.
     """
-    try:
-        payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CaptionerError(f"Could not read the object annotations {path}: {error}.") from error
+    payload = read_json(path, "The object annotations")
     if isinstance(payload, dict) and "categories" in payload and "annotations" in payload:
         categories = {category["id"]: category["name"] for category in payload["categories"]}
         names = {image["id"]: image["file_name"] for image in payload.get("images", [])}

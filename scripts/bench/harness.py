@@ -125,9 +125,9 @@ def measure(results: dict, key: str, name: str, function, **kwargs) -> None:
     if wanted or key in ALWAYS:
         results[key] = run_phase(name, function, **kwargs)
         if PARTIAL:
-            with open(f"{PARTIAL}.tmp", "w") as handle:
-                json.dump(results, handle, indent=1)
-            os.replace(f"{PARTIAL}.tmp", PARTIAL)
+            from captioner.core.files import write_json
+
+            write_json(PARTIAL, results)
 
 
 def _sync(device: str) -> None:
