@@ -117,6 +117,9 @@ def test_dataset_faults_are_counted_in_one_summary_and_the_rest_trains(scenes, t
         dict(payload["annotations"][0]),
         {"image_id": 987654, "caption": "no such image"},
     ]
+    # Accented words on a few more images, so some of them are training images whatever the split draws.
+    payload["annotations"] += [{"image_id": image["id"], "caption": "Un cercle rouge à gauche, très joli"}
+                               for image in payload["images"][6:12]]  # fmt: skip
     payload["images"].append({"id": 555555, "file_name": "never_written.jpg"})
     payload["annotations"].append({"image_id": 555555, "caption": "a caption for a missing file"})
     (scenes / "captions.json").write_text(json.dumps(payload))

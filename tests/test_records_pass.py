@@ -9,7 +9,8 @@ from pathlib import Path
 
 from captioner.data.formats import WebDataset
 from captioner.data.records import DataReport
-from captioner.data.sharded import SplitDraw, index_shards, key_hash
+from captioner.data.sharded import SplitDraw, index_shards
+from captioner.data.splits import key_hash
 from captioner.data.synthetic import write_caption_shards
 from tests.conftest import TESTS
 
@@ -98,3 +99,18 @@ def test_keys_met_twice_across_shards_are_skipped_once_each(scenes_source, tmp_p
     assert len(names) == len(set(names)) == 121  # 120 scenes and the JPEG cut short (found when decoded)
     index_lines = sum(1 for path in (tmp_path / "prepared" / "shards").glob("*.jsonl") for _ in path.open())
     assert index_lines == 121
+
+
+def test_a_folder_and_its_images_in_shards_of_any_size_split_the_same_images(scenes_source, tmp_path):
+    from captioner.data.download import read_caption_set
+    from captioner.data.splits import image_key, split_records
+    from captioner.data.synthetic import write_synthetic_shards
+
+    records = read_caption_set(scenes_source)[0]
+    folder = {image_key(r.file_name): name for name, part in split_records(records, 10, 0.1, 5).items() for r in part}
+    for per_shard in (7, 50):  # re-sharded: other shard names, other neighbours
+        shards = write_synthetic_shards(scenes_source, tmp_path / f"shards-{per_shard}", per_shard=per_shard)
+        sharded = index_shards(WebDataset().shard_records(shards, DataReport()), tmp_path / f"p-{per_shard}", 10, 12,
+                               5, DataReport())  # fmt: skip
+        assert {image_key(r.file_name): r.split for r in sharded.records()} == folder
+    assert list(folder.values()).count("test") == 12 and list(folder.values()).count("val") == 10

@@ -48,7 +48,7 @@ def test_shards_read_as_records_with_every_oddity_counted_once(scenes_and_shards
     assert folder == shards and len(records) == 201  # 200 scenes and the JPEG cut short (found when decoded)
     assert dict(report.skipped) == {"captions without an image": 1, "duplicate keys": 1, "images without captions": 1}
     first = records[0]
-    assert first.file_name == "00000.tar#000000000.jpg" and len(first.captions) == 5
+    assert first.file_name == "00000.tar#SYNTH_scenes_000000000001.jpg" and len(first.captions) == 5
     coco_captions = json.loads((coco / "captions.json").read_text())["annotations"]
     assert sorted(first.captions) == sorted(a["caption"] for a in coco_captions if a["image_id"] == 1)
     # A brace pattern picks shards; a URL-like location is opened as given.

@@ -8,10 +8,13 @@ the split thresholds). Memory stays bounded whatever the number of images: one
 shard's records, the val/test candidates (a heap of `val_size + test_size`
 hashes), and 8 bytes per image to tell keys met twice across shards.
 
-Splits: an image's split is a function of its name and the split seed alone
-(`key_hash`), so it is the same whichever process, rank or shard order reads it.
-Counts (`val_size: 5000`) take the images with the smallest hashes (exactly that
-many); fractions (`0.01`) take those whose hash falls under that share of the range.
+Splits: an image's split is a function of its key and the split seed alone
+(`captioner.data.splits.key_hash` of `image_key`: the member's key, not the
+shard's name), so it is the same whichever process, rank or shard order reads
+it, and the same as the image's in a folder of the same images. Counts
+(`val_size: 5000`) take the images with the smallest hashes (exactly that many,
+as a folder's split does); fractions (`0.01`) take those whose hash falls under
+that share of the range.
 """
 
 from __future__ import annotations
@@ -28,18 +31,12 @@ import numpy as np
 
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, read_json, require_keys, write_json
-from captioner.data.formats.webdataset import shard_of
 from captioner.data.records import CaptionRecord, DataReport
+from captioner.data.splits import SPLITS, image_key, key_hash
 
 HASH_RANGE = 2**64
-SHARDED_VERSION = 1
+SHARDED_VERSION = 2  # 2: splits hash the member's key, not the shard's name
 SHARDED_FILE = "sharded.json"
-SPLITS = ("train", "val", "test")
-
-
-def key_hash(name: str, seed: int) -> int:
-    """A 64-bit hash of an image's name under the split seed (uniform: the split draws on it)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
 class _KeysSeen:
@@ -50,7 +47,7 @@ class _KeysSeen:
 
     def new(self, names: list[str]) -> list[bool]:
         """Whether each image's key (its name inside its shard) is new, and remember them."""
-        hashes = np.array([key_hash(shard_of(name)[1], -1) for name in names], dtype=np.uint64)
+        hashes = np.array([key_hash(image_key(name), -1) for name in names], dtype=np.uint64)
         fresh = ~np.isin(hashes, self.seen)
         _, first = np.unique(hashes, return_index=True)
         once = np.zeros(len(names), dtype=bool)
@@ -67,7 +64,8 @@ class SplitRule:
     val: int
 
     def split_of(self, name: str, seed: int) -> str:
-        value = key_hash(name, seed)
+        """The split of the image `name` (a record's file name)."""
+        value = key_hash(image_key(name), seed)
         return "test" if value <= self.test else "val" if value <= self.val else "train"
 
 
@@ -202,7 +200,8 @@ class ShardedRecords:
         payload = read_json(path, "Sharded records")
         require_keys(payload, ("version", "shards", "counts", "seed", "rule"), path, "Sharded records")
         if payload["version"] != SHARDED_VERSION:
-            raise CaptionerError(f"{path} has version {payload['version']}, expected {SHARDED_VERSION}.")
+            raise CaptionerError(f"{path} has version {payload['version']}, expected {SHARDED_VERSION} (version 1 "
+                                 f"split by the shard's name too): delete {path.parent} to prepare the data again.")
         rule = SplitRule(int(payload["rule"]["test"]), int(payload["rule"]["val"]))
         return cls(path.parent / "shards", list(payload["shards"]), payload["counts"], rule, int(payload["seed"]))
 
@@ -231,7 +230,7 @@ def index_shards(shards: Iterable[tuple[str, list[CaptionRecord]]], folder: Path
                 if not new:
                     report.count("duplicate keys", record.file_name)
                     continue
-                draw.add(key_hash(record.file_name, seed))
+                draw.add(key_hash(image_key(record.file_name), seed))
                 handle.write(json.dumps([record.file_name, list(record.captions)], ensure_ascii=False) + "\n")
                 images += 1
     if not images:

@@ -1,9 +1,14 @@
-"""Image-level train/val/test splits: drawn with a seed, or taken from the data's own split labels.
+"""Image-level train/val/test splits: drawn from a hash of each image's key, or taken from the data's own labels.
 
 Splitting by image (not by caption) keeps every caption of a test image out of
 training. Karpathy split files (as a caption format, or `--data.split_file`)
 label each image train, val, test or restval; restval goes to training unless
-`restval` says to drop it. Otherwise images are shuffled with the seed and cut.
+`restval` says to drop it. Otherwise an image's place is a hash of its key (its
+file name without folder and extension, `Images/cat.jpg` -> `cat`; inside a
+shard, the member's key) under the split seed: test takes the images with
+the smallest hashes, validation the next ones. The same rule splits web-scale
+shards (`captioner.data.sharded`), so the same images in a folder or in shards
+fall in the same splits, and adding images never moves one already placed.
 The split is saved with the prepared data (`captioner.data.prepared`) and reused
 by every later run with the same settings.
 """
@@ -12,17 +17,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Literal
 
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys, write_json
 from captioner.data.formats.karpathy import read_karpathy_entries
+from captioner.data.formats.webdataset import SHARD_SEPARATOR
 from captioner.data.records import CaptionRecord, DataReport
 
 SPLITS = ("train", "val", "test")
 SPLITS_VERSION = 2
+
+
+def image_key(file_name: str) -> str:
+    """The name an image's split is drawn from: its file name without folder and extension, up to the first dot as
+    WebDataset groups members (`Images/cat.jpg` -> `cat`; inside a shard, `00003.tar#cat.jpg` -> `cat`), so one
+    image named by a COCO file, a CSV or a shard member splits the same, and re-sharding a set keeps its splits."""
+    base = file_name.rpartition(SHARD_SEPARATOR)[2].rpartition("/")[2]
+    return base.partition(".")[0] or base
+
+
+def key_hash(name: str, seed: int) -> int:
+    """A 64-bit hash of a name under the split seed (uniform: the split draws on it)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
 def records_fingerprint(records: list[CaptionRecord]) -> str:
@@ -57,15 +75,15 @@ def resolve_split_size(size: int | float, total: int, name: str) -> int:
 def split_records(
     records: list[CaptionRecord], val_size: int | float, test_size: int | float, seed: int
 ) -> dict[str, list[CaptionRecord]]:
-    """Shuffle images with `seed` and cut them into train, val and test.
+    """Cut images into train, val and test by the hash of their keys under `seed` (see the module docstring).
 
-    The result depends only on the set of records, the sizes and the seed,
-    never on the order the records came in.
+    The result depends only on the set of records, the sizes and the seed, never
+    on the order the records came in; an image's place depends on its key alone.
 
     Raises:
         CaptionerError: When the sizes leave no training image.
     """
-    ordered = sorted(records, key=lambda r: r.file_name)
+    ordered = sorted(records, key=lambda r: (key_hash(image_key(r.file_name), seed), r.file_name))
     n_val = resolve_split_size(val_size, len(ordered), "val")
     n_test = resolve_split_size(test_size, len(ordered), "test")
     if n_val + n_test >= len(ordered):
@@ -73,7 +91,6 @@ def split_records(
             f"Split sizes val={n_val} and test={n_test} leave no training image out of {len(ordered)}: "
             "lower --data.val_size / --data.test_size (a fraction such as 0.1 adapts to the data)."
         )
-    random.Random(seed).shuffle(ordered)
     test, val, train = ordered[:n_test], ordered[n_test : n_test + n_val], ordered[n_test + n_val :]
     return {name: sorted(part, key=lambda r: r.file_name) for name, part in zip(SPLITS, (train, val, test))}
 

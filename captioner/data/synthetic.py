@@ -201,7 +201,8 @@ def first_colour(caption: str) -> str | None:
 def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: int = 100, junk: bool = False) -> Path:
     """A synthetic set (`write_synthetic_dataset`'s layout) rewritten as img2dataset's WebDataset output: `root/`
     with `00000.tar`, ... holding `<key>.jpg`, `<key>.txt` (the captions, one per line) and `<key>.json` (the
-    original file name and the scene), and a `<shard>_stats.json` beside each, as img2dataset writes.
+    original file name and the scene), and a `<shard>_stats.json` beside each, as img2dataset writes. The keys are
+    the image files' stems, so the shards split exactly as the folder does (`captioner.data.splits`).
 
     Args:
         coco_root: The synthetic set to rewrite (its images and captions, unchanged).
@@ -219,16 +220,17 @@ def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: i
     for annotation in payload["annotations"]:
         captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
     samples = []
-    for index, image in enumerate(payload["images"]):
+    for image in payload["images"]:
+        key = Path(image["file_name"]).stem  # the file's stem: the folder and the shards split the same images
         meta = {
-            "key": f"{index:09d}",
+            "key": key,
             "file_name": image["file_name"],
             "scene": image.get("scene"),
             "status": "success",
         }
-        samples.append((f"{index:09d}", {"jpg": (coco_root / IMAGES_DIR / image["file_name"]).read_bytes(),
-                                         "txt": "\n".join(captions.get(image["id"], [])).encode(),
-                                         "json": json.dumps(meta).encode()}))  # fmt: skip
+        samples.append((key, {"jpg": (coco_root / IMAGES_DIR / image["file_name"]).read_bytes(),
+                              "txt": "\n".join(captions.get(image["id"], [])).encode(),
+                              "json": json.dumps(meta).encode()}))  # fmt: skip
     if junk:
         good = samples[0][1]
         samples += [("junk-no-caption", {"jpg": good["jpg"]}), ("junk-no-image", {"txt": b"a caption alone"}),
