@@ -12,12 +12,15 @@ from captioner.core.pixels import DECODE_ERRORS, describe_error
 from captioner.predictions import CaptionerProtocol
 
 
-def load_captioner(path: str | Path, device: str | None = None, **overrides: Any) -> CaptionerProtocol:
+def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str | None = None,
+                   **overrides: Any) -> CaptionerProtocol:  # fmt: skip
     """A captioner for a checkpoint file (torch, on `device`: None or "auto" for a GPU when there is one) or an
-    exported folder (ONNX Runtime); `overrides`: decoding settings replacing the model's own.
+    exported folder (ONNX Runtime); `rerank_clip`: a CLIP model reordering the beam's alternatives by CLIPScore
+    (torch only); `overrides`: decoding settings replacing the model's own.
 
     Raises:
-        CaptionerError: When the path is neither, or the settings cannot run on the model.
+        CaptionerError: When the path is neither, the settings cannot run on the model, or reranking is asked of an
+            exported folder.
     """
     from captioner.publish import is_published
 
@@ -25,17 +28,22 @@ def load_captioner(path: str | Path, device: str | None = None, **overrides: Any
     if path.is_dir() and is_published(path) or not path.exists() and _looks_like_hub_id(str(path)):
         from captioner.inference import Captioner
 
-        return Captioner.from_pretrained(path if path.is_dir() else str(path), device, **overrides)
+        return Captioner.from_pretrained(path if path.is_dir() else str(path), device, rerank_clip=rerank_clip,
+                                         **overrides)  # fmt: skip
     if path.is_dir():
         from captioner.runtime import OnnxCaptioner
 
+        if rerank_clip is not None:
+            raise CaptionerError(f"{path} is an exported folder, run without torch: reranking by CLIPScore runs CLIP "
+                                 "in PyTorch. Caption with the checkpoint (or a published folder) to rerank, or "
+                                 "leave out --rerank_clip.")  # fmt: skip
         return OnnxCaptioner(path, **overrides)
     if not path.is_file():
         raise CaptionerError(f"{path} is neither a checkpoint file, an exported or published folder, nor a hub id "
                              "(user/name).")  # fmt: skip
     from captioner.inference import Captioner
 
-    return Captioner.from_checkpoint(path, device, **overrides)
+    return Captioner.from_checkpoint(path, device, rerank_clip=rerank_clip, **overrides)
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -236,7 +236,8 @@ def caption_command(argv: list[str]) -> int:
     add_allow_argument(parser)
     options = parser.parse_args(argv)
     allow_modules(*options.allow_module)
-    captioner = load_captioner(options.ckpt_path, options.device, **decoding.overrides_from(options))
+    captioner = load_captioner(options.ckpt_path, options.device, options.rerank_clip,
+                               **decoding.overrides_from(options))  # fmt: skip
     captioner.batch_size = options.batch_size
     failed = 0
     for row in describe_files(captioner, options.paths):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -66,11 +67,15 @@ class Captioner:
         decoding: How to decode (None: the model's settings, which came from its checkpoint).
         num_workers: Worker processes decoding image files (0: in this process).
         compile_search: Step the decoder through `torch.compile` (CUDA graphs on a GPU).
+        rerank_clip: A CLIP model (`ViT-B-32:openai`, another OpenCLIP `name:tag`, a Hugging Face id or folder, or a
+            loaded `ClipModel`) that reorders the beam's alternatives by CLIPScore before the best is taken
+            (`captioner.evaluation.clip_rerank`; with `num_beams` > 1). None: the model's own ranking.
         overrides: Decoding settings changed from `decoding` (`num_beams=5`, `length_penalty=0.6`, ...).
     """
 
     def __init__(self, model: CaptionModel, batch_size: int = 32, decoding: DecodingConfig | None = None,
-                 num_workers: int = 0, compile_search: bool = False, **overrides) -> None:  # fmt: skip
+                 num_workers: int = 0, compile_search: bool = False, rerank_clip: Any = None,
+                 **overrides) -> None:  # fmt: skip
         if model.vocabulary is None:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
         self.model = model.eval()
@@ -78,6 +83,11 @@ class Captioner:
         self.limits = model.limits
         self.decoding = (decoding or model.decoding).with_overrides(**overrides).checked(self.limits)
         self.preprocessing = model.preprocessing
+        self.reranker = None
+        if rerank_clip is not None:
+            from captioner.evaluation.clip_rerank import ClipReranker
+
+            self.reranker = ClipReranker(rerank_clip, model.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device | str | None = None, **kwargs) -> Captioner:
@@ -116,7 +126,8 @@ class Captioner:
     def caption_tensor(self, images: torch.Tensor, **overrides) -> tuple[list[str], list[float]]:
         """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""
         with torch.no_grad(), self._autocast():
-            rows = captioning.describe(self.model, images, self.settings(**overrides), compiled=self.compile_search)
+            rows = captioning.describe(self.model, images, self.settings(**overrides), compiled=self.compile_search,
+                                       reranker=self.reranker)  # fmt: skip
         return [row["caption"] for row in rows], [row["score"] for row in rows]
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
@@ -145,7 +156,8 @@ class Captioner:
         batch = torch.stack([self.preprocessing.from_pil(image) if isinstance(image, Image.Image) else image
                              for image in images])  # fmt: skip
         with torch.no_grad(), self._autocast():
-            rows = captioning.describe(self.model, batch, self.settings(**overrides), attention, self.compile_search)
+            rows = captioning.describe(self.model, batch, self.settings(**overrides), attention, self.compile_search,
+                                       self.reranker)  # fmt: skip
         return [attention_as_lists(row) for row in rows]
 
     def predict(self, images: Iterable[ImageSource], **overrides) -> list[Prediction]:

@@ -185,3 +185,61 @@ def test_checkpoint_carries_the_encoder_weights(scenes_source, tmp_path, monkeyp
     captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
     assert torch.all(captioner.model.encoder.net.conv1.weight == 0.01)
     assert captioner.caption(next((scenes_source / "Images").iterdir()))[0]
+
+
+def test_reranking_by_clip_score_returns_the_alternative_clip_prefers(trained, scenes_source, tmp_path, capsys):
+    """The beam's alternatives reordered by CLIP-S (LAION-COCO's recipe), each CLIP-S equal to a hand computation
+    with the random small CLIP's own towers on the encoder's pixels brought to CLIP's input; the exported runtime
+    refuses it in one line."""
+    import numpy as np
+    import torchvision.transforms.v2.functional as TF
+    import transformers
+
+    from captioner.captioners import load_captioner
+    from captioner.evaluation.clip_score import PROMPT, write_random_clip
+
+    checkpoint, _ = trained
+    words = "a an the red blue green yellow circle square triangle on left right of small large photo depicts"
+    clip_folder = write_random_clip(tmp_path / "clip", words.split())
+    plain = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=4, num_return=4)
+    reranking = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=4, rerank_clip=str(clip_folder))
+    files = sorted((scenes_source / "Images").iterdir())[:8]
+    pixels = torch.stack([plain.pixels_from_bytes(path.read_bytes()) for path in files])
+    model_ranked = plain.describe(pixels)
+    best, all_four = reranking.describe(pixels), reranking.describe(pixels, num_return=4)
+
+    clip = transformers.CLIPModel.from_pretrained(clip_folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(clip_folder)
+    processor = transformers.CLIPImageProcessor.from_pretrained(clip_folder)
+    with torch.no_grad():  # by hand: the encoder's 64 px pixels to CLIP's 32, CLIP's mean and std, its two towers
+        small = TF.center_crop(TF.resize(pixels, [32], TF.InterpolationMode.BICUBIC, antialias=True), [32, 32])
+        mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+        images = clip.get_image_features(pixel_values=(small / 255 - mean) / std).pooler_output
+        images = torch.nn.functional.normalize(images, dim=-1)
+    changed = 0
+    for image, row, top, ranked in zip(images, model_ranked, best, all_four, strict=True):
+        texts = [alternative["caption"] for alternative in row["alternatives"]]
+        with torch.no_grad():
+            batch = tokenizer([PROMPT + text for text in texts], padding=True, return_tensors="pt")
+            embedded = clip.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            captions = torch.nn.functional.normalize(embedded.pooler_output, dim=-1)
+        cosine = (captions @ image).numpy()  # ranked by the cosine: CLIP-S ties every unrelated caption at 0
+        closest = int(np.argmax(cosine))
+        assert top["caption"] == texts[closest]
+        assert top["clip_score"] == pytest.approx(2.5 * max(float(cosine[closest]), 0.0), abs=2e-3)
+        assert top["score"] == pytest.approx(row["alternatives"][closest]["score"], abs=1e-4)
+        # All four, closest first: the model's captions with their own log-probabilities, reordered.
+        order = np.argsort(-cosine, kind="stable")
+        assert [a["caption"] for a in ranked["alternatives"]] == [texts[i] for i in order]
+        assert [a["score"] for a in ranked["alternatives"]] == pytest.approx(
+            [row["alternatives"][i]["score"] for i in order], abs=1e-4)
+        changed += top["caption"] != row["caption"]
+    assert changed, "CLIP agreed with the model on every image: the test would not see reranking switched off"
+
+    # From the command line, each answer carries its CLIP-S; an exported folder cannot rerank (no torch, no CLIP).
+    main(["caption", str(files[0]), "--ckpt_path", str(checkpoint), "--num_beams", "4", "--rerank_clip",
+          str(clip_folder), "--json", "--device", "cpu"])  # fmt: skip
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["caption"] == best[0]["caption"] and answer["clip_score"] == pytest.approx(best[0]["clip_score"])
+    with pytest.raises(CaptionerError, match="exported folder.*--rerank_clip"):
+        load_captioner(tmp_path, rerank_clip=str(clip_folder))

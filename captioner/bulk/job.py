@@ -162,7 +162,7 @@ def run_job(fabric: Any, options: argparse.Namespace) -> dict[str, Any]:
     by_name = {part.name: part for part in parts}
     mine = [by_name[name] for name in pending[fabric.global_rank :: fabric.world_size]]
     settings = decoding_config.overrides_from(options)
-    captioner = load_captioner(options.ckpt_path, str(fabric.device), **settings)
+    captioner = load_captioner(options.ckpt_path, str(fabric.device), options.rerank_clip, **settings)
     captioner.batch_size = options.batch_size
     tally = Tally(state, fabric.global_rank)
     done_before = len(parts) - len(pending)

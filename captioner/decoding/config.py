@@ -301,6 +301,9 @@ def add_arguments(parser: Any) -> None:
     for old, new in RENAMED.items():
         if old != "beams":
             group.add_argument(f"--{old}", type=int, default=None, help=f"deprecated: --{new}")
+    group.add_argument("--rerank_clip", default=None, metavar="CLIP",
+                       help="reorder the beam's alternatives by CLIPScore with this CLIP model (ViT-B-32:openai, a "
+                            "Hugging Face id or folder) before taking the best; torch only")  # fmt: skip
 
 
 def overrides_from(options: Any) -> dict[str, Any]:

@@ -143,6 +143,17 @@ class ClipModel:
         return (np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)), truncated
 
     @torch.no_grad()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """`(B, D)` normalised embeddings of a `(B, 3, H, W)` uint8 batch (another model's input), brought to CLIP's
+        input by its own resize and crop."""
+        encoder = self.images.eval().to(self.device)
+        parts = []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = encoder.preprocessing.resize_tensor(pixels[start : start + self.batch_size].to(self.device))
+            parts.append(torch.nn.functional.normalize(encoder(batch, grid=False).float(), dim=-1).cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+    @torch.no_grad()
     def embed_images(self, paths: Sequence[str | Path], cache_dir: str | Path | None = None) -> np.ndarray:
         """`(N, D)` normalised embeddings of image files, read from and added to `cache_dir`'s file for this model."""
         cache = _EmbeddingCache(Path(cache_dir) / f"clip-{self.key}.npz") if cache_dir else None

@@ -3,6 +3,7 @@ word looked. The inference path of `predict`, `caption`, `Captioner` and the ser
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
@@ -69,18 +70,26 @@ def attention_maps(model: CaptioningModel, features: torch.Tensor, tokens: torch
 
 @torch.no_grad()
 def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfig | None = None,
-             attention: bool = False, compiled: bool | None = None) -> list[dict[str, Any]]:  # fmt: skip
+             attention: bool = False, compiled: bool | None = None,
+             reranker: Any = None) -> list[dict[str, Any]]:  # fmt: skip
     """Everything inference can tell about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
 
     Keys: `caption`, `score` (log-probability), `alternatives` (with `num_return` > 1; see
     `captioner.decoding.answers`) and `attention` (per-word maps, only when asked for and the decoder attends;
     else None). Sampling draws each image's words from a stream seeded by its pixels
-    (`captioner.core.pixels.image_places`): the same caption whatever its batch-mates.
+    (`captioner.core.pixels.image_places`): the same caption whatever its batch-mates. A `reranker`
+    (`captioner.evaluation.clip_rerank.ClipReranker`) reorders all `num_beams` alternatives before the best is
+    taken, and each caption gains its `clip_score`.
     """
     config = config or model.decoding
     features = model.encode_images(images)
-    decoded = decode_features(model, features, config, compiled, image_places(images) if config.do_sample else None)
-    rows = answer_rows(decoded, model.vocabulary, config.num_return, confidences_of(model, features, decoded, config))
+    searched = config if reranker is None else dataclasses.replace(config, num_return=max(config.num_beams, 1))
+    decoded = decode_features(model, features, searched, compiled, image_places(images) if config.do_sample else None)
+    clip = None
+    if reranker is not None:
+        decoded, clip = reranker(images, decoded, model.vocabulary)
+    rows = answer_rows(decoded, model.vocabulary, config.num_return, confidences_of(model, features, decoded, config),
+                       clip)  # fmt: skip
     maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None

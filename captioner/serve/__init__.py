@@ -37,7 +37,7 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
                  decoding: dict | None = None, max_batch_size: int = 16, batch_timeout: float = 0.01,
                  max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, timeout: float = 60.0,
                  body_timeout: float = 30.0, max_bodies: int = 64, api_key: str | None = None,
-                 decode_memory_mb: float = 1024.0):  # fmt: skip
+                 decode_memory_mb: float = 1024.0, rerank_clip: str | None = None):  # fmt: skip
     """The LitServer for a model, with the request guard, the page and its files.
 
     Args:
@@ -56,6 +56,8 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
         max_bodies: Bodies received at once per server process (503 with Retry-After beyond).
         api_key: Required in the X-API-Key header of POST /predict (None: open).
         decode_memory_mb: Memory for full-size decodes at once in a worker; sets how many run together.
+        rerank_clip: A CLIP model reordering the beam's alternatives by CLIPScore (`captioner.evaluation.clip_rerank`;
+            a checkpoint or published folder, not an exported one).
     """
     import litserve as ls
     from fastapi.responses import FileResponse
@@ -65,7 +67,7 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
     from captioner.serve.guard import RequestGuard
 
     api = CaptionAPI(model_path, decoding, max_pixels, max_batch_size, batch_timeout,
-                     decodes_within(decode_memory_mb, max_pixels))  # fmt: skip
+                     decodes_within(decode_memory_mb, max_pixels), rerank_clip)  # fmt: skip
     guard = {"max_bytes": int(max_upload_mb * 2**20), "body_timeout": body_timeout, "max_bodies": max_bodies,
              "api_key": api_key}  # fmt: skip
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers, timeout=timeout,
@@ -139,7 +141,7 @@ def serve_command(argv: list[str]) -> int:
     server = build_server(path, options.device, devices, options.workers, decoding_overrides(options),
                           options.max_batch_size, options.batch_timeout, options.max_upload_mb, options.max_pixels,
                           body_timeout=options.body_timeout, max_bodies=options.max_bodies, api_key=api_key,
-                          decode_memory_mb=options.decode_memory_mb)  # fmt: skip
+                          decode_memory_mb=options.decode_memory_mb, rerank_clip=options.rerank_clip)  # fmt: skip
     if api_key is None and options.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("Serving on %s without an API key: anyone who can reach it can use it (--api_key, or $%s).",
                     options.host, API_KEY_VARIABLE)  # fmt: skip

@@ -194,24 +194,25 @@ class CaptionAPI(ls.LitAPI):
         max_batch_size: Most requests captioned together.
         batch_timeout: Seconds to wait for more requests to fill a batch.
         max_decodes: Full-size decodes at once in a worker (each up to `max_pixels` x 12 bytes with its copies).
+        rerank_clip: A CLIP model reordering the beam's alternatives by CLIPScore (None: the model's ranking).
     """
 
     def __init__(
         self, model_path: str | Path, decoding: dict | None = None, max_pixels: int = 40_000_000,
-        max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2,
+        max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2, rerank_clip: str | None = None,
     ) -> None:  # fmt: skip
         max_decodes = max(1, max_decodes)
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict",
                          loop=IsolatingBatchedLoop(decode_threads=max_decodes))  # fmt: skip
         self.model_path, self.overrides, self.max_pixels = str(model_path), dict(decoding or {}), max_pixels
-        self.max_decodes = max_decodes
+        self.max_decodes, self.rerank_clip = max_decodes, rerank_clip
 
     def setup(self, device: str) -> None:
         from captioner.captioners import load_captioner
 
         return_large_blocks_to_the_system()
         self.decode_slots = threading.BoundedSemaphore(self.max_decodes)
-        self.captioner = load_captioner(self.model_path, device, **self.overrides)
+        self.captioner = load_captioner(self.model_path, device, self.rerank_clip, **self.overrides)
 
     def decode_request(self, request: Request) -> dict[str, Any]:
         """One request's settings and image, checked before the model sees them (run for each request on its own:
