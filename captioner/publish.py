@@ -2,13 +2,17 @@
 the tokenizer and a model card (`README.md` with YAML metadata: `pipeline_tag: image-to-text`, `base_model`,
 datasets, the test metrics as `model-index`), optionally the ONNX export, pushed to the Hub and loaded back by id.
 
-    python -m captioner publish --ckpt_path best.ckpt --output my-captioner [--onnx] [--push_to_hub user/name]
+    python -m captioner publish --ckpt_path best.ckpt --output my-captioner [--onnx [--quantize int8]]
+        [--measure_dir photos/] [--push_to_hub user/name]
     Captioner.from_pretrained("user/name")            # or a folder; offline, the hub's cache
     python -m captioner caption photo.jpg --ckpt_path user/name
 
 `config.json` holds what a checkpoint's `captioner` entry holds (encoder and decoder classes and options,
 preprocessing, tokenizer, decoding settings): the weights and it rebuild the model with no network and no training
 code path. `huggingface_hub` (`pip install 'captioner[hub]'`) writes the card and talks to the Hub.
+
+With `--measure_dir`, the card also says how fast the model captions (images/s with its saved decoding, on the
+publishing machine, named) and, for the ONNX export, how its captions differ from PyTorch's (int8 changes some).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,8 @@ def is_published(folder: str | Path) -> bool:
 
 
 def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test_metrics: str | Path | None = None,
-            dataset: str | None = None, license: str | None = None) -> Path:  # fmt: skip
+            dataset: str | None = None, license: str | None = None, quantize: str | None = None,
+            measure_dir: str | Path | None = None, measure_images: int = 64) -> Path:  # fmt: skip
     """Write a checkpoint as a published folder.
 
     Args:
@@ -49,6 +56,10 @@ def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test
             checkpoint's run, when there is one).
         dataset: The hub id of the dataset it was trained on, for the card's metadata.
         license: A license identifier for the card (e.g. mit, apache-2.0).
+        quantize: "int8": the ONNX export's decoder graphs quantised (`captioner.export.export_onnx`).
+        measure_dir: Pictures like those the model will caption: the card reports the speed measured on them (and
+            the ONNX export's differences from PyTorch).
+        measure_images: The most of them used.
 
     Returns:
         The folder.
@@ -64,6 +75,9 @@ def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test
     output, checkpoint = Path(output), Path(checkpoint)
     if output.exists() and any(output.iterdir()):
         raise CaptionerError(f"{output} is not empty: publish into a new folder.")
+    if quantize is not None and not onnx:
+        raise CaptionerError(f"--quantize {quantize} quantises the ONNX export: add --onnx.")
+    pictures = _measure_pictures(measure_dir, measure_images) if measure_dir is not None else None
     data = read_checkpoint(checkpoint)
     meta = upgrade(data)
     model = CaptionModel.from_checkpoint(str(checkpoint)).eval()  # every check a checkpoint gets
@@ -80,10 +94,63 @@ def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test
         if onnx:
             from captioner.export import export_onnx
 
-            export_onnx(model, folder / "onnx")
-        model_card(meta, report, run_config, onnx, dataset, license).save(folder / CARD)
+            export_onnx(model, folder / "onnx", quantize=quantize)
+        speed = measure(model, pictures, folder / "onnx" if onnx else None) if pictures else None
+        model_card(meta, report, run_config, onnx, dataset, license, speed).save(folder / CARD)
     log.info("Published %s into %s", checkpoint, output)
     return output
+
+
+def _measure_pictures(folder: str | Path, count: int) -> list[Path]:
+    from captioner.data.images import find_images
+
+    pictures = find_images(folder).images[: max(1, count)]
+    if not pictures:
+        raise CaptionerError(f"--measure_dir {folder} holds no image file (jpg, png, bmp, webp, gif).")
+    return pictures
+
+
+def _timed(caption: Callable[[Sequence[Path]], list], pictures: list[Path], batch_size: int) -> tuple[float, list]:
+    """Images/s of `caption` over `pictures` after one warm-up batch (first-call costs: allocation, graph setup)."""
+    caption(pictures[:batch_size])
+    started = time.perf_counter()
+    predictions = caption(pictures)
+    return len(pictures) / (time.perf_counter() - started), predictions
+
+
+def measure(model: Any, pictures: list[Path], onnx_folder: Path | None = None, batch_size: int = 32) -> dict:
+    """How fast `model` captions `pictures` with its saved decoding (PyTorch, on its device), and with an ONNX
+    export how fast that runs and how its captions differ from PyTorch's.
+
+    Returns:
+        `images`, `batch_size`, `hardware`, `pytorch` (`images_per_s`) and, with `onnx_folder`, `onnx`
+        (`precision`, `images_per_s`, `identical_captions` in %, `mean_abs_score_difference`).
+    """
+    import torch
+
+    from captioner.core.hardware import describe_cpu
+    from captioner.inference import Captioner
+
+    device = next(model.parameters()).device
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
+    captioner = Captioner(model, batch_size=batch_size)
+    rate, reference = _timed(captioner.predict, pictures, batch_size)
+    result: dict[str, Any] = {"images": len(pictures), "batch_size": batch_size, "hardware": hardware,
+                              "pytorch": {"images_per_s": round(rate, 2)}}  # fmt: skip
+    if onnx_folder is not None:
+        from captioner.runtime import OnnxCaptioner
+
+        runtime = OnnxCaptioner(onnx_folder)
+        runtime.batch_size = batch_size
+        onnx_rate, exported = _timed(runtime.predict, pictures, batch_size)
+        pairs = [(a, b) for a, b in zip(reference, exported, strict=True) if a.caption is not None and b.caption]
+        int8 = bool(runtime.manifest["quantized"]["int8"])
+        result["onnx"] = {
+            "precision": "int8 decoder" if int8 else "fp32", "images_per_s": round(onnx_rate, 2),
+            "identical_captions": round(100 * sum(a.caption == b.caption for a, b in pairs) / max(1, len(pairs)), 1),
+            "mean_abs_score_difference": round(sum(abs(a.score - b.score) for a, b in pairs) / max(1, len(pairs)), 4),
+        }  # fmt: skip
+    return result
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
@@ -189,7 +256,7 @@ def _base_models(meta: dict) -> list[str]:
 
 
 def model_card(meta: dict, report: dict | None, run_config: dict | None, onnx: bool, dataset: str | None,
-               license: str | None) -> Any:  # fmt: skip
+               license: str | None, speed: dict | None = None) -> Any:  # fmt: skip
     """The model card: metadata the Hub indexes, then what the model is, how it was measured, and how to use it."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -238,6 +305,19 @@ def model_card(meta: dict, report: dict | None, run_config: dict | None, onnx: b
                       if key in (report["metrics"].get(group) or {})]  # fmt: skip
     else:
         lines.append("No test report was found beside the checkpoint (`python -m captioner test` writes one).")
+    lines += ["", "## Speed", ""]
+    if speed:
+        lines += [f"Measured when it was published, on {speed['hardware']}: {speed['images']} images, "
+                  f"{speed['batch_size']} at a time, with the saved decoding (image decoding included).", "",
+                  "| runtime | precision | images/s | captions identical to PyTorch's | mean abs. log-prob. "
+                  "difference |", "|---|---|---|---|---|",
+                  f"| PyTorch | fp32 | {speed['pytorch']['images_per_s']:.1f} | | |"]  # fmt: skip
+        if "onnx" in speed:
+            exported = speed["onnx"]
+            lines.append(f"| ONNX Runtime | {exported['precision']} | {exported['images_per_s']:.1f} | "
+                         f"{exported['identical_captions']:.1f} % | {exported['mean_abs_score_difference']:.4f} |")
+    else:
+        lines.append("Not measured (`python -m captioner publish ... --measure_dir photos/` measures it).")
     lines += ["", f"Decoding saved with the model: {json.dumps(decoding)}", "", "## Use", "",
               "```python", "from captioner import Captioner", "",
               'captioner = Captioner.from_pretrained("<this repository or folder>")',
@@ -257,6 +337,10 @@ def publish_command(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
     parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--onnx", action="store_true", help="also export to ONNX into onnx/")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="with --onnx: int8 decoder graphs")
+    parser.add_argument("--measure_dir", default=None, help="pictures to measure the speed (and the ONNX export's "
+                        "differences) on, for the card")  # fmt: skip
+    parser.add_argument("--measure_images", type=int, default=64, help="the most pictures measured")
     parser.add_argument("--test_metrics", default=None, help="the test_metrics.json the card reports (default: the "
                         "one beside the checkpoint's run)")  # fmt: skip
     parser.add_argument("--dataset", default=None, help="the hub id of the training data, for the card")
@@ -265,7 +349,7 @@ def publish_command(argv: list[str]) -> None:
     parser.add_argument("--private", action="store_true", help="create the hub repository private")
     options = parser.parse_args(argv)
     folder = publish(options.ckpt_path, options.output, options.onnx, options.test_metrics, options.dataset,
-                     options.license)  # fmt: skip
+                     options.license, options.quantize, options.measure_dir, options.measure_images)  # fmt: skip
     print(f"published: {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if options.push_to_hub:
         print(f"uploaded: {push(folder, options.push_to_hub, options.private)}")

@@ -72,3 +72,34 @@ def test_publishing_refuses_a_full_folder_and_loading_says_what_is_missing(teste
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CaptionerError, match="models--someone--no-such-captioner"):
         Captioner.from_pretrained("someone/no-such-captioner")
+
+
+def test_the_card_reports_the_speed_measured_and_the_int8_exports_differences(tested_run, scenes_source, tmp_path):
+    """`--measure_dir`: the card's speed table from a real measurement on the pictures given (the hardware named),
+    and, with `--onnx --quantize int8`, how the int8 export's captions differ from PyTorch's, measured, not assumed."""
+    from huggingface_hub import ModelCard
+
+    from captioner.publish import measure
+    from captioner.runtime import OnnxCaptioner
+
+    checkpoint, _ = tested_run
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for path in sorted((scenes_source / "Images").iterdir())[:12]:
+        (pictures / path.name).write_bytes(path.read_bytes())
+    folder = tmp_path / "published"
+    main(["publish", "--ckpt_path", checkpoint, "--output", str(folder), "--onnx", "--quantize", "int8",
+          "--measure_dir", str(pictures), "--measure_images", "10"])  # fmt: skip
+    assert OnnxCaptioner(folder / "onnx").manifest["quantized"]["int8"]
+    card = ModelCard.load(folder / "README.md").text
+    speed = card[card.index("## Speed") : card.index("Decoding saved")]
+    assert "10 images" in speed and "| PyTorch | fp32 |" in speed and "| ONNX Runtime | int8 decoder |" in speed
+    # The table's agreement is what comparing the two runtimes' captions gives.
+    pytorch = Captioner.from_checkpoint(checkpoint, device="cpu").predict(sorted(pictures.iterdir())[:10])
+    int8 = OnnxCaptioner(folder / "onnx").predict(sorted(pictures.iterdir())[:10])
+    identical = 100 * sum(a.caption == b.caption for a, b in zip(pytorch, int8)) / 10
+    assert f"| {identical:.1f} % |" in speed
+    measured = measure(Captioner.from_checkpoint(checkpoint, device="cpu").model, sorted(pictures.iterdir())[:4])
+    assert measured["images"] == 4 and measured["pytorch"]["images_per_s"] > 0 and "onnx" not in measured
+    with pytest.raises(SystemExit):  # int8 quantises the export: without --onnx there is nothing to quantise
+        main(["publish", "--ckpt_path", checkpoint, "--output", str(tmp_path / "other"), "--quantize", "int8"])

@@ -114,7 +114,7 @@ def caption_part(captioner: Any, part: InputPart, output: Output, batch_size: in
             for index, row in zip(ok, described):
                 rows[index] = {"image": batch[index].name, "caption": row["caption"], "score": row["score"],
                                "error": None}  # fmt: skip
-                for optional in ("alternatives", "confidence"):
+                for optional in ("alternatives", "confidence", "clip_score"):
                     if optional in row:
                         rows[index][optional] = row[optional]
             for row in rows:

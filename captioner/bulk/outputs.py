@@ -10,8 +10,8 @@ rerun, or a resumed killed run, skips the parts done; `--overwrite` redoes them)
   img2dataset's readers and `captioner.data.formats.WebDataset` read.
 
 A row: `image` (a path relative to the input, or `<shard>#<member>`), `caption`, `score` (log-probability),
-`confidence` (calibrated, in [0, 1], for models fitted with one),
-`alternatives` (`[{caption, score}]` with `--num_return` > 1) and `error` (why an image has no caption).
+`confidence` (calibrated, in [0, 1], for models fitted with one), `clip_score` (CLIP-S, with `--rerank_clip`),
+`alternatives` (`[{caption, score, clip_score}]` with `--num_return` > 1) and `error` (why an image has no caption).
 """
 
 from __future__ import annotations
@@ -124,10 +124,10 @@ class ParquetOutput(Output):
 
     def begin(self, part: InputPart) -> PartOutput:
         pa = self.pyarrow
+        alternative = pa.struct([("caption", pa.string()), ("score", pa.float64()), ("clip_score", pa.float64())])
         schema = pa.schema([("image", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
-                            ("confidence", pa.float64()),
-                            ("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))),
-                            ("error", pa.string())])  # fmt: skip
+                            ("confidence", pa.float64()), ("clip_score", pa.float64()),
+                            ("alternatives", pa.list_(alternative)), ("error", pa.string())])  # fmt: skip
 
         def write(rows: list[dict]) -> None:
             table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema)
@@ -161,8 +161,9 @@ class _Tar(PartOutput):
             members["txt"] = row["caption"].encode()
             metadata = json.loads(members["json"]) if "json" in members else {}
             metadata.update(caption=row["caption"], score=row["score"], source=sample.name)
-            if "confidence" in row:
-                metadata["confidence"] = row["confidence"]
+            for optional in ("confidence", "clip_score"):
+                if optional in row:
+                    metadata[optional] = row[optional]
             members["json"] = json.dumps(metadata, ensure_ascii=False).encode()
             for extension, data in members.items():
                 self._member(f"{sample.key}.{extension}", data)
