@@ -97,3 +97,49 @@ def test_the_calibrator_learns_from_the_captions_the_models_own_decoding_gives(s
     assert cli.model.decoding.num_beams == 2 and seen  # the tiny config decodes with beam 2
     assert {beams for beams, _ in seen} == {2} and sum(rows for _, rows in seen) == 20  # every validation image
     assert cli.model.calibrator is not None
+
+
+def test_with_a_clip_configured_a_second_calibrator_reads_the_captions_clip_cosine(scenes, tmp_path):
+    """`extra_metrics.clip_model` fits a second calibrator with the caption's CLIP cosine as a fourth feature: saved
+    in the checkpoint, measured by `test` (its ECE), and used where that CLIP is loaded beside the model
+    (`rerank_clip` naming it); any other captioner keeps the three-feature confidence."""
+    from captioner import Captioner
+    from captioner.cli import main
+    from captioner.decoding.confidence import with_clip
+    from captioner.evaluation.clip_rerank import ClipReranker
+    from captioner.evaluation.clip_score import write_random_clip
+    from captioner.models import captioning
+    from tests.conftest import tiny_args
+
+    clip_folder = str(write_random_clip(tmp_path / "clip", "a the red blue green circle square triangle".split()))
+    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.num_sanity_val_steps", "0",
+                         "--model.extra_metrics.clip_model", clip_folder))  # fmt: skip
+    model = cli.model
+    assert model.calibrator is not None and model.clip_calibrator is not None
+    assert model.clip_calibrator.clip_model == clip_folder and len(model.clip_calibrator.weights) == 4
+    assert model.clip_calibrator.fitted_on == model.calibrator.fitted_on == 20  # every validation caption
+    cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)
+    extra = model.test_results["report"]["metrics"]
+    assert 0 <= extra["confidence_clip"]["ECE"] <= 100 and extra["confidence_clip"]["captions"] == 20
+
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    plain = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2)
+    assert plain.model.clip_calibrator == model.clip_calibrator  # through the checkpoint
+    beside = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2, rerank_clip=clip_folder)
+    files = sorted((scenes / "Images").iterdir())[:6]
+    pixels = torch.stack([plain.pixels_from_bytes(path.read_bytes()) for path in files])
+    three, four = plain.describe(pixels), beside.describe(pixels)
+    # By hand: the three features of each returned caption, its cosine with the image, the two calibrators.
+    with torch.no_grad():
+        features = plain.model.encode_images(pixels)
+        decoded = captioning.decode_features(plain.model, features, plain.decoding)
+        reranked, cosines = ClipReranker(clip_folder)(pixels, decoded, plain.model.vocabulary)
+        base = captioning.confidence_features(plain.model, features, reranked, plain.decoding)
+        plain_base = captioning.confidence_features(plain.model, features, decoded, plain.decoding)
+    expected = model.clip_calibrator(with_clip(base, cosines[:, 0]))
+    assert [row["confidence"] for row in four] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert [row["confidence"] for row in three] == pytest.approx(model.calibrator(plain_base).tolist(), abs=1e-4)
+    # Another CLIP beside the model (another name) cannot feed the calibrator fitted with this one.
+    other = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2, rerank_clip=clip_folder + "/")
+    rows = other.describe(pixels)
+    assert [row["confidence"] for row in rows] == pytest.approx(model.calibrator(base).tolist(), abs=1e-4)

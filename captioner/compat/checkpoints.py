@@ -83,6 +83,8 @@ def meta_of(model: Any) -> dict[str, Any]:
         "blind": model.hparams.blind,
         "decoding": model.decoding.to_dict(),
         "confidence": model.calibrator.to_dict() if getattr(model, "calibrator", None) is not None else None,
+        "confidence_clip": (model.clip_calibrator.to_dict() if getattr(model, "clip_calibrator", None) is not None
+                            else None),  # fmt: skip
     }
 
 

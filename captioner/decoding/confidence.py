@@ -7,6 +7,9 @@ images. The confidence here is a logistic regression on three features of the re
 - its least likely token's log-probability (one unlikely word is often a wrong one),
 - its length in tokens,
 
+and, when a CLIP model is configured (`--model.extra_metrics.clip_model`), a second calibrator on a fourth: the
+caption's CLIP cosine with its image (as CLIPScore embeds it; `with_clip`), used where that CLIP is loaded beside the
+model (`--rerank_clip` naming it), the three-feature one everywhere else (the exported runtime has no CLIP). Both are
 fitted on the validation captions against whether each is good: its CIDEr-D against its own references at or
 above a threshold (by default the validation captions' median, so 0.5 means "as good as this model's typical
 caption"; an absolute CIDEr-D can be set instead). The token log-probabilities come from replaying the caption
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 FEATURES = ("mean_log_prob", "min_log_prob", "tokens")
+CLIP_FEATURE = "clip_cosine"
 
 
 def replay_log_probs(stepper: Any, tokens: np.ndarray, start: int, ops: Any, rules: list) -> np.ndarray:
@@ -62,6 +66,11 @@ def caption_confidences(calibrator: Calibrator, stepper: Any, decoded: Any, star
     return calibrator(caption_features(replay_log_probs(stepper, tokens, start, ops, rules), lengths))
 
 
+def with_clip(features: np.ndarray, cosines: np.ndarray) -> np.ndarray:
+    """`(B, 4)` features: `caption_features`'s three and each caption's CLIP cosine with its image."""
+    return np.hstack([np.asarray(features, dtype=np.float64), np.asarray(cosines, dtype=np.float64).reshape(-1, 1)])
+
+
 def caption_features(token_log_probs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """`(B, 3)` features (see `FEATURES`) from each caption's token log-probabilities and its length (`<end>`
     included)."""
@@ -82,6 +91,7 @@ class Calibrator:
         weights, bias: The regression on standardised features.
         threshold: The CIDEr-D (x 100) at or above which a caption counted as good.
         fitted_on: How many captions it was fitted on.
+        clip_model: The CLIP whose cosine is its fourth feature (None: the three features alone).
     """
 
     mean: tuple[float, ...]
@@ -90,6 +100,12 @@ class Calibrator:
     bias: float
     threshold: float
     fitted_on: int
+    clip_model: str | None = None
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The names of the features it reads, in order."""
+        return FEATURES + ((CLIP_FEATURE,) if self.clip_model else ())
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """The probability that each caption (a row of `caption_features`) is good."""
@@ -98,13 +114,14 @@ class Calibrator:
 
     @classmethod
     def fit(cls, features: np.ndarray, good: np.ndarray, threshold: float, l2: float = 1e-2,
-            iterations: int = 50) -> Calibrator:  # fmt: skip
+            iterations: int = 50, clip_model: str | None = None) -> Calibrator:  # fmt: skip
         """Maximum likelihood (Newton's method, a little L2 for separable sets) on standardised features.
 
         Args:
-            features: `(N, 3)` caption features.
+            features: `(N, 3)` caption features (`(N, 4)` with `clip_model`: the CLIP cosine last).
             good: `(N,)` whether each caption is good.
             threshold: The CIDEr-D that made a caption good, recorded.
+            clip_model: The CLIP whose cosine is the fourth column.
             l2: Ridge penalty on the weights (not the bias).
             iterations: Newton steps at most (it converges in a handful).
         """
@@ -125,21 +142,28 @@ class Calibrator:
             if np.abs(change).max() < 1e-8:
                 break
         return cls(tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, theta[:-1])), float(theta[-1]),
-                   float(threshold), len(features))  # fmt: skip
+                   float(threshold), len(features), clip_model)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (checkpoints and export manifests hold it)."""
-        return {"features": list(FEATURES), "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold,
-                "fitted_on": self.fitted_on}  # fmt: skip
+        payload = {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                   "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold,
+                   "fitted_on": self.fitted_on}  # fmt: skip
+        if self.clip_model:
+            payload["clip_model"] = self.clip_model
+        return payload
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any] | None) -> Calibrator | None:
         """The calibrator `to_dict` wrote (None for a model without one, or one of other features)."""
-        if not payload or list(payload.get("features", [])) != list(FEATURES):
+        if not payload:
+            return None
+        clip_model = payload.get("clip_model")
+        expected = FEATURES + ((CLIP_FEATURE,) if clip_model else ())
+        if tuple(payload.get("features", ())) != expected:
             return None
         return cls(tuple(payload["mean"]), tuple(payload["scale"]), tuple(payload["weights"]), float(payload["bias"]),
-                   float(payload["threshold"]), int(payload["fitted_on"]))  # fmt: skip
+                   float(payload["threshold"]), int(payload["fitted_on"]), clip_model)  # fmt: skip
 
 
 def expected_calibration_error(confidences: np.ndarray, good: np.ndarray, bins: int = 10) -> float:

@@ -136,15 +136,16 @@ def spice_score(captions: Mapping[str, str], references: Mapping[str, Sequence[s
     return {"SPICE": 100 * float(score), "captions": len(keys)}
 
 
-def confidence_report(rows: Sequence[Mapping[str, Any]], calibrator: Any, bins: int = 10) -> dict[str, Any]:
-    """How reliable the calibrated confidence is on test captions (`confidence`, `token_probability` and `cider_d`
-    in each row): the expected calibration error against being good (CIDEr-D at or above the calibrator's
-    threshold), beside that of the uncalibrated geometric mean token probability, and the reliability bins."""
+def confidence_report(rows: Sequence[Mapping[str, Any]], calibrator: Any, bins: int = 10,
+                      key: str = "confidence") -> dict[str, Any]:  # fmt: skip
+    """How reliable the calibrated confidence is on test captions (`key`, `token_probability` and `cider_d` in each
+    row): the expected calibration error against being good (CIDEr-D at or above the calibrator's threshold),
+    beside that of the uncalibrated geometric mean token probability, and the reliability bins."""
     import numpy as np
 
     from captioner.decoding.confidence import expected_calibration_error, reliability
 
-    confidence = np.array([row["confidence"] for row in rows])
+    confidence = np.array([row[key] for row in rows])
     naive = np.array([row["token_probability"] for row in rows])
     good = np.array([row["cider_d"] >= calibrator.threshold for row in rows])
     return {"ECE": 100 * expected_calibration_error(confidence, good, bins),
@@ -169,6 +170,8 @@ def loggable_extra(scores: Mapping[str, Any], prefix: str = "test/") -> dict[str
         flat[f"{prefix}spice"] = scores["spice"]["SPICE"]
     if "confidence" in scores:
         flat[f"{prefix}confidence_ece"] = scores["confidence"]["ECE"]
+    if "confidence_clip" in scores:
+        flat[f"{prefix}confidence_clip_ece"] = scores["confidence_clip"]["ECE"]
     return flat
 
 
@@ -195,6 +198,9 @@ def extra_table_lines(scores: Mapping[str, Any]) -> list[str]:
                      f"{confidence['threshold_cider_d']:.1f} ({confidence['good_share']:.0f}% of test captions)")
         lines.append(f"{'token-probability ECE':<22}{confidence['ECE_token_probability']:>9.2f}  uncalibrated "
                      "(geometric mean token probability)")  # fmt: skip
+    if "confidence_clip" in scores:
+        lines.append(f"{'confidence ECE, CLIP':<22}{scores['confidence_clip']['ECE']:>9.2f}  calibrated with the "
+                     "CLIP cosine as a fourth feature")  # fmt: skip
     lines += [f"{name:<22}{'-':>9}  skipped: {reason}" for name, reason in scores.get("skipped", {}).items()]
     return lines
 

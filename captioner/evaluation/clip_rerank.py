@@ -48,9 +48,14 @@ class ClipReranker:
     def name(self) -> str:
         return self.clip.name
 
+    @staticmethod
+    def clip_scores(cosines: np.ndarray) -> np.ndarray:
+        """CLIP-S of the cosines `__call__` gave."""
+        return clip_s(cosines)
+
     def __call__(self, pixels: torch.Tensor, decoded: Decoded, vocabulary: Any) -> tuple[Decoded, np.ndarray]:
-        """The alternatives of each image reordered by their CLIP cosine with the image, and their CLIP-S `(B, N)` in
-        the new order (-inf for slots without a finished caption, which stay last).
+        """The alternatives of each image reordered by their CLIP cosine with the image, and those cosines `(B, N)` in
+        the new order (-inf for slots without a finished caption, which stay last; `clip_s` turns them to CLIP-S).
 
         Args:
             pixels: The `(B, 3, S, S)` uint8 images the captions were decoded from.
@@ -73,8 +78,20 @@ class ClipReranker:
         slots = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
         order = np.stack([np.lexsort((slots[i], -cosine[i], ~met[i], ~finished[i])) for i in range(len(scores))])
         reordered = reorder(decoded, torch.as_tensor(order, device=decoded.scores.device))
-        cosine = np.take_along_axis(cosine, order, 1)
-        return reordered, np.where(np.isfinite(cosine), WEIGHT * np.maximum(cosine, 0.0), -np.inf)
+        return reordered, np.take_along_axis(cosine, order, 1)
+
+
+def clip_s(cosines: np.ndarray) -> np.ndarray:
+    """CLIP-S (`2.5 * max(cos, 0)`) of cosines, -inf (no caption) kept."""
+    cosines = np.asarray(cosines, dtype=np.float64)
+    return np.where(np.isfinite(cosines), WEIGHT * np.maximum(cosines, 0.0), -np.inf)
+
+
+def caption_cosines(clip: ClipModel, images: np.ndarray, captions: list[str]) -> np.ndarray:
+    """Each caption's cosine with its image `(N,)`: `images` `(N, D)` normalised embeddings (`embed_pixels`), the
+    captions embedded as CLIPScore embeds them."""
+    texts, _ = clip.embed_texts([PROMPT + caption for caption in captions])
+    return np.sum(images * texts, axis=1) if len(captions) else np.zeros(0)
 
 
 def reorder(decoded: Decoded, order: torch.Tensor) -> Decoded:

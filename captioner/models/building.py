@@ -72,6 +72,7 @@ def check_and_build(model: Any, checkpoint: dict[str, Any]) -> None:
                     ignored=getattr(model.decoder, "training_only_options", ()))  # fmt: skip
     model.encoder.mark_weights_loaded()  # the checkpoint's weights replace whatever the encoder would fetch
     model.calibrator = Calibrator.from_dict(meta.get("confidence"))  # fitted on the validation set, if it was
+    model.clip_calibrator = Calibrator.from_dict(meta.get("confidence_clip"))  # with a CLIP's cosine too
 
 
 def load_weights(model: Any, path: str) -> None:

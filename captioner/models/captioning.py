@@ -10,7 +10,7 @@ import torch
 
 from captioner.core.pixels import image_places
 from captioner.decoding.answers import answer_rows
-from captioner.decoding.confidence import caption_features, replay_log_probs
+from captioner.decoding.confidence import caption_features, replay_log_probs, with_clip
 from captioner.decoding.config import DecodingConfig, SpecialTokens
 from captioner.decoding.rules import rules_for
 from captioner.decoding.search import Decoded
@@ -85,20 +85,25 @@ def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfi
     features = model.encode_images(images)
     searched = config if reranker is None else dataclasses.replace(config, num_return=max(config.num_beams, 1))
     decoded = decode_features(model, features, searched, compiled, image_places(images) if config.do_sample else None)
-    clip = None
+    cosines = None
     if reranker is not None:
-        decoded, clip = reranker(images, decoded, model.vocabulary)
-    rows = answer_rows(decoded, model.vocabulary, config.num_return, confidences_of(model, features, decoded, config),
-                       clip)  # fmt: skip
+        decoded, cosines = reranker(images, decoded, model.vocabulary)
+    confidences = confidences_of(model, features, decoded, config, cosines, getattr(reranker, "name", None))
+    rows = answer_rows(decoded, model.vocabulary, config.num_return, confidences,
+                       None if cosines is None else reranker.clip_scores(cosines))  # fmt: skip
     maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None
     return rows
 
 
-def confidences_of(model: CaptioningModel, features: torch.Tensor, decoded: Decoded, config: DecodingConfig) -> Any:
-    """The best captions' calibrated confidences (None for a model without a calibrator)."""
-    calibrator = getattr(model, "calibrator", None)
+def confidences_of(model: CaptioningModel, features: torch.Tensor, decoded: Decoded, config: DecodingConfig,
+                   cosines: Any = None, clip_model: str | None = None) -> Any:  # fmt: skip
+    """The best captions' calibrated confidences (None for a model without a calibrator): with the CLIP cosines of
+    `decoded`'s captions `(B, N)` from the CLIP its second calibrator was fitted with, that one's."""
+    calibrator, clip_calibrator = getattr(model, "calibrator", None), getattr(model, "clip_calibrator", None)
+    if clip_calibrator is not None and cosines is not None and clip_calibrator.clip_model == clip_model:
+        return clip_calibrator(with_clip(confidence_features(model, features, decoded, config), cosines[:, 0]))
     return None if calibrator is None else calibrator(confidence_features(model, features, decoded, config))
 
 

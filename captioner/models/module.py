@@ -18,7 +18,7 @@ from captioner.compat import checkpoints
 from captioner.core.errors import CaptionerError
 from captioner.core.parts import config_class
 from captioner.data.contract import CaptionData
-from captioner.decoding.confidence import Calibrator
+from captioner.decoding.confidence import Calibrator, with_clip
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
 from captioner.decoding.decoded import Decoded
 from captioner.decoding.rules import rules_for
@@ -26,6 +26,7 @@ from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.encoders.torchvision_models import default_encoder
 from captioner.evaluation.beyond import ExtraMetrics, confidence_report, extra_scores, loggable_extra
+from captioner.evaluation.clip_confidence import ClipCosines
 from captioner.evaluation.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.evaluation.report import evaluate_captions, gathered, loggable, test_report, unique_by_file
 from captioner.models import building, captioning
@@ -124,7 +125,11 @@ class CaptionModel(LightningModule):
         self.predict_attention = False
         # The confidence calibrator: fitted at every validation on its captions, saved with the checkpoint.
         self.calibrator: Calibrator | None = None
-        self._calibration: list[tuple[list[float], float]] = []
+        # With a CLIP configured (extra_metrics.clip_model), a second one with the caption's CLIP cosine as well.
+        self.clip_calibrator: Calibrator | None = None
+        self._clip: ClipCosines | None = None
+        self._clip_loaded = False
+        self._calibration: list[tuple[list[float], float, float | None]] = []
 
     # ---------------------------------------------------------------- building
     @property
@@ -265,7 +270,9 @@ class CaptionModel(LightningModule):
         ciders = [100 * self.val_cider.scorer.score_vectors(w, self.val_cider.reference_vectors[i])
                   for w, i in zip(words, images)]  # fmt: skip
         confidence = captioning.confidence_features(self, features, decoded, self.decoding)
-        self._calibration.extend(zip(confidence.tolist(), ciders))
+        cosines = self._clip_cosines(batch, decoded)
+        self._calibration.extend(zip(confidence.tolist(), ciders,
+                                     cosines.tolist() if cosines is not None else [None] * len(ciders)))  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
         # Every rank holds the same corpus scores (torchmetrics reduces counts and sums); sync_dist only agrees on it.
@@ -276,8 +283,23 @@ class CaptionModel(LightningModule):
         self.val_cider.reset()
         self._fit_calibrator(gathered(self._calibration))
 
-    def _fit_calibrator(self, rows: list[tuple[list[float], float]]) -> None:
-        """The confidence calibrator on this validation's captions (every rank fits the same on the same rows)."""
+    def _clip_cosines(self, batch: dict, decoded: Decoded) -> np.ndarray | None:
+        """The best captions' CLIP cosines with their images (`captioner.evaluation.clip_confidence`), when a CLIP is
+        configured, loads, and every image of the batch is a file (None otherwise)."""
+        if not self.extra_metrics.clip_model or self.data is None:
+            return None
+        if not self._clip_loaded:  # once: a CLIP that cannot load is said once, and training goes on without it
+            self._clip_loaded = True
+            self._clip = ClipCosines.load(self.extra_metrics.clip_model, self.preprocessing, self.device)
+        image_file = getattr(self.data, "image_file", lambda name: None)
+        files = [image_file(name) for name in batch["file_names"]]
+        if self._clip is None or any(path is None for path in files):
+            return None
+        return self._clip(files, self.vocabulary.decode_batch(decoded.best_tokens))
+
+    def _fit_calibrator(self, rows: list[tuple[list[float], float, float | None]]) -> None:
+        """The confidence calibrators on this validation's captions (every rank fits the same on the same rows): on
+        three features, and with every caption's CLIP cosine known, on four."""
         if len(rows) < 8:
             return
         features, ciders = np.array([row[0] for row in rows]), np.array([row[1] for row in rows])
@@ -289,6 +311,10 @@ class CaptionModel(LightningModule):
                      threshold)  # fmt: skip
             return
         self.calibrator = Calibrator.fit(features, good, threshold)
+        if all(row[2] is not None for row in rows):
+            cosines = np.array([row[2] for row in rows])
+            self.clip_calibrator = Calibrator.fit(with_clip(features, cosines), good, threshold,
+                                                  clip_model=self.extra_metrics.clip_model)  # fmt: skip
 
     def on_test_epoch_start(self) -> None:
         self._test_rows, self.test_results = [], None
@@ -300,16 +326,22 @@ class CaptionModel(LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         _, decoded = self._evaluate(batch, "test", self.decoding)
         best = decoded.best_tokens
+        cosines = self._clip_cosines(batch, decoded) if self.clip_calibrator is not None else None
         captions = self.vocabulary.decode_batch(best)
         rows = [{"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
                 for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
                                                          batch["raw_references"])]  # fmt: skip
         if self.calibrator is not None and self._test_cider.scorer is not None:
             confidences = self.calibrator(self._features)
-            for row, words, image, confidence, features in zip(rows, self.vocabulary.words_of(best),
-                                                               batch["index"].tolist(), confidences, self._features):
+            with_cosines = (self.clip_calibrator(with_clip(self._features, cosines)) if cosines is not None
+                            else [None] * len(rows))  # fmt: skip
+            for row, words, image, confidence, clip_confidence, features in zip(
+                    rows, self.vocabulary.words_of(best), batch["index"].tolist(), confidences, with_cosines,
+                    self._features):  # fmt: skip
                 row["confidence"] = round(float(confidence), 4)
                 row["token_probability"] = round(float(np.exp(features[0])), 4)  # the uncalibrated stand-in
+                if clip_confidence is not None:
+                    row["confidence_clip"] = round(float(clip_confidence), 4)
                 vectors = self._test_cider.reference_vectors[image]
                 row["cider_d"] = round(100 * self._test_cider.scorer.score_vectors(words, vectors), 3)
         self._test_rows.extend(rows)  # raw references: the COCO evaluation tokenises them itself
@@ -322,6 +354,8 @@ class CaptionModel(LightningModule):
         extra = self.trainer.strategy.broadcast(self._extra_scores(rows) if self.trainer.is_global_zero else None)
         if self.calibrator is not None and rows and "confidence" in rows[0]:
             extra["confidence"] = confidence_report(rows, self.calibrator)
+        if self.clip_calibrator is not None and rows and all("confidence_clip" in row for row in rows):
+            extra["confidence_clip"] = confidence_report(rows, self.clip_calibrator, key="confidence_clip")
         self.log_dict(loggable_extra(extra), sync_dist=True)
         self.log_dict({f"test/{name}": value for name, value in bleu.items()}, sync_dist=True)
         self.log_dict(loggable(evaluation), sync_dist=True)
