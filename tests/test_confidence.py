@@ -143,3 +143,4 @@ def test_with_a_clip_configured_a_second_calibrator_reads_the_captions_clip_cosi
     other = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2, rerank_clip=clip_folder + "/")
     rows = other.describe(pixels)
     assert [row["confidence"] for row in rows] == pytest.approx(model.calibrator(base).tolist(), abs=1e-4)
+

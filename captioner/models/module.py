@@ -288,12 +288,16 @@ class CaptionModel(LightningModule):
         configured, loads, and every image of the batch is a file (None otherwise)."""
         if not self.extra_metrics.clip_model or self.data is None:
             return None
-        if not self._clip_loaded:  # once: a CLIP that cannot load is said once, and training goes on without it
-            self._clip_loaded = True
-            self._clip = ClipCosines.load(self.extra_metrics.clip_model, self.preprocessing, self.device)
         image_file = getattr(self.data, "image_file", lambda name: None)
         files = [image_file(name) for name in batch["file_names"]]
-        if self._clip is None or any(path is None for path in files):
+        if any(path is None for path in files):
+            return None
+        if not self._clip_loaded:  # once: a CLIP that cannot load is said once, and training goes on without it
+            self._clip_loaded = True
+            # OpenCLIP builds random weights before reading its own: training's random stream is kept as it was.
+            with torch.random.fork_rng(devices=[]):
+                self._clip = ClipCosines.load(self.extra_metrics.clip_model, self.preprocessing, self.device)
+        if self._clip is None:
             return None
         return self._clip(files, self.vocabulary.decode_batch(decoded.best_tokens))
 
