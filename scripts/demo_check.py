@@ -37,6 +37,7 @@ from pathlib import Path
 
 from captioner.callbacks.progress import RunSummary
 from captioner.cli import main
+from captioner.data.splits import image_key
 from captioner.data.synthetic import (
     COLOURS,
     SHAPES,
@@ -125,14 +126,13 @@ def run(extra: list[str], keep: dict | None = None) -> dict:
 
 def scores(folder: Path, captions_file: Path, fit_seconds: float) -> dict:
     """A run's test figures from its folder, the scenes' truth read from the COCO captions file (an image inside a
-    shard, `<shard>#<key>.jpg`, is the key-th image of it)."""
+    shard, `<shard>#<key>.jpg`, is the file whose stem is its key: `write_synthetic_shards`)."""
     report = json.loads((folder / "test_metrics.json").read_text())
-    truth = scenes_of(captions_file)
-    by_index = list(truth.values())
+    truth = {image_key(name): scene for name, scene in scenes_of(captions_file).items()}
     rows = [json.loads(line) for line in (folder / "test_captions.jsonl").read_text().splitlines()]
 
     def scene(name: str) -> dict:
-        return by_index[int(name.rsplit("#", 1)[1].split(".")[0])] if "#" in name else truth[name]
+        return truth[image_key(name)]
 
     colour = sum(first_colour(r["caption"]) == scene(r["file_name"])["colour"] for r in rows) / len(rows)
     stated = [(mentioned_position(r["caption"]), scene(r["file_name"])["position"]) for r in rows]
