@@ -128,3 +128,17 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
     assert "10 images captioned, 1 failed" in again  # every image, again
     rerun = here(*common, "--format", "txt")
     assert "0 images captioned" in rerun and "3 of 3 parts were done" in rerun
+
+    # Reranked by a CLIP: each Parquet row carries the CLIP-S `Captioner` gives the same picture.
+    from captioner.evaluation.clip_score import write_random_clip
+
+    clip = str(write_random_clip(tmp_path / "clip", "a the red blue green circle square triangle left right".split()))
+    here("--input", str(photos), "--format", "parquet", "--output", str(tmp_path / "reranked"), "--num_beams", "3",
+         "--rerank_clip", clip)  # fmt: skip
+    rows = [row for row in pq.read_table(sorted((tmp_path / "reranked").glob("*.parquet"))).to_pylist()
+            if row["caption"]]  # fmt: skip
+    reranking = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=3, rerank_clip=clip)
+    pixels = [reranking.pixels_from_bytes((photos / row["image"]).read_bytes()) for row in rows]
+    answers = reranking.describe(pixels)
+    assert [(row["caption"], row["clip_score"]) for row in rows] == [
+        (answer["caption"], pytest.approx(answer["clip_score"])) for answer in answers]

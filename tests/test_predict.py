@@ -243,3 +243,10 @@ def test_reranking_by_clip_score_returns_the_alternative_clip_prefers(trained, s
     assert answer["caption"] == best[0]["caption"] and answer["clip_score"] == pytest.approx(best[0]["clip_score"])
     with pytest.raises(CaptionerError, match="exported folder.*--rerank_clip"):
         load_captioner(tmp_path, rerank_clip=str(clip_folder))
+    # The server's model copies load the same reranker (`serve --rerank_clip`).
+    from captioner.serve.api import CaptionAPI
+
+    api = CaptionAPI(checkpoint, {"num_beams": 4}, rerank_clip=str(clip_folder))
+    api.setup("cpu")
+    assert api.captioner.reranker.name == str(clip_folder)
+    assert api.captioner.describe(pixels[:2]) == best[:2]
