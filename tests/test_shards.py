@@ -183,3 +183,29 @@ def test_shards_train_the_model_the_coco_format_trains_with_the_same_config(scen
     assert abs(scores["streamed"][0] - scores["coco"][0]) <= 10.0, scores
     assert abs(scores["streamed"][1] - scores["coco"][1]) <= 40.0, scores
     assert min(scores["coco"][0], scores["streamed"][0]) > 20, scores
+
+
+def test_the_shuffle_window_is_narrowed_where_a_wide_one_would_drop_part_of_a_pass(tmp_path):
+    """LitData hands out whole windows and drops what does not fill one: the demo's 2,000 images with windows of
+    7 x 128 kept 1,792 a pass (a tenth dropped, fewer steps than the cache's epoch); the window chosen keeps every
+    whole batch, while a set large enough for the widest window keeps it."""
+    from litdata import StreamingDataset
+    from litdata.streaming.writer import BinaryWriter
+
+    from captioner.features.stream_loader import fitting_window
+
+    def stream(folder, count):
+        writer = BinaryWriter(str(folder), chunk_size=100)
+        for index in range(count):
+            writer[index] = {"index": index}
+        writer.done()
+        writer.merge()
+        return StreamingDataset(str(folder), shuffle=True, drop_last=True, seed=0)
+
+    demo = stream(tmp_path / "demo", 2_000)
+    for workers in (0, 2):
+        window = fitting_window(demo, 128, 64, workers)
+        assert demo.get_len(workers, window * 128) == 2_000 // 128 * 128  # 15 whole batches: only 80 left out
+    assert demo.get_len(2, 7 * 128) == 1_792  # the window used before, for the record
+    large = stream(tmp_path / "large", 20_000)
+    assert fitting_window(large, 4, 16, 2) == 16  # 64-item windows lose under 1 % of 20,000: kept as wide
