@@ -22,7 +22,7 @@ def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str
         CaptionerError: When the path is neither, the settings cannot run on the model, or reranking is asked of an
             exported folder.
     """
-    from captioner.publish import is_published
+    from captioner.published import is_published
 
     path, device = Path(path), None if device in (None, "auto") else device
     if path.is_dir() and is_published(path) or not path.exists() and _looks_like_hub_id(str(path)):

@@ -102,7 +102,7 @@ class Captioner:
         Raises:
             CaptionerError: When it can be neither found nor read.
         """
-        from captioner.publish import model_from_published
+        from captioner.published import model_from_published
 
         return cls(model_from_published(name).to(device or default_device()).eval(), **kwargs)
 

@@ -28,19 +28,15 @@ from typing import Any
 from captioner.compat.checkpoints import CAPTIONER_KEY, read_checkpoint, upgrade
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_folder, write_json
-from captioner.core.hub import hub_error
 from captioner.core.parts import require_library
 from captioner.core.version import __version__
+from captioner.published import CONFIG, PUBLISHED_FORMAT, TOKENIZER, WEIGHTS, is_published, model_from_published
+
+__all__ = ["is_published", "measure", "model_from_published", "publish", "push"]
 
 log = logging.getLogger("captioner")
-PUBLISHED_FORMAT = 1
-WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
+CARD = "README.md"
 CARD_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-
-
-def is_published(folder: str | Path) -> bool:
-    """Whether `folder` is a published captioner (its config and weights)."""
-    return (Path(folder) / CONFIG).is_file() and (Path(folder) / WEIGHTS).is_file()
 
 
 def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test_metrics: str | Path | None = None,
@@ -165,54 +161,6 @@ def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
         raise CaptionerError(f"Could not upload {folder} to {repo_id} ({type(error).__name__}: {error}); log in with "
                              "`hf auth login` (or set HF_TOKEN) and check the network.") from error  # fmt: skip
     return str(getattr(commit, "repo_url", f"https://huggingface.co/{repo_id}"))
-
-
-def published_folder(name: str | Path) -> Path:
-    """A published captioner's folder: `name` itself, or a hub id's snapshot (downloaded, or from the cache offline).
-
-    Raises:
-        CaptionerError: When it is neither a published folder nor a repository the hub (or its cache) has.
-    """
-    if Path(name).is_dir():
-        if not is_published(name):
-            raise CaptionerError(f"{name} holds no published captioner ({CONFIG} and {WEIGHTS}): write one with "
-                                 "`python -m captioner publish`.")  # fmt: skip
-        return Path(name)
-    huggingface_hub = require_library("huggingface_hub", "hub", "from_pretrained")
-    try:
-        folder = Path(huggingface_hub.snapshot_download(repo_id=str(name)))
-    except Exception as error:  # the hub client raises many types when offline or when the id is unknown
-        raise hub_error(str(name), error) from error
-    if not is_published(folder):
-        raise CaptionerError(f"The hub repository {name} holds no published captioner ({CONFIG} and {WEIGHTS}).")
-    return folder
-
-
-def model_from_published(name: str | Path, **overrides: Any) -> Any:
-    """A `CaptionModel` rebuilt from a published folder or hub id; `overrides`: decoding settings.
-
-    Raises:
-        CaptionerError: When the folder cannot be found or read, or is of a newer format.
-    """
-    from safetensors.torch import load_file
-
-    from captioner.models import building
-    from captioner.models.module import CaptionModel
-
-    folder = published_folder(name)
-    try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        state = load_file(folder / WEIGHTS)
-    except (OSError, ValueError) as error:
-        raise CaptionerError(f"{folder} is not a readable published captioner ({type(error).__name__}: "
-                             f"{error}).") from error  # fmt: skip
-    if not isinstance(config, dict) or CAPTIONER_KEY not in config:
-        raise CaptionerError(f"{folder / CONFIG} is not a captioner config (no {CAPTIONER_KEY!r} entry).")
-    if int(config.get("captioner_format", 0)) > PUBLISHED_FORMAT:
-        raise CaptionerError(f"{folder} was published by a newer captioner (format {config['captioner_format']}): "
-                             "upgrade captioner.")  # fmt: skip
-    checkpoint = {CAPTIONER_KEY: config[CAPTIONER_KEY], "state_dict": state}
-    return building.model_from_checkpoint_data(CaptionModel, checkpoint, f"The published model {name}", **overrides)
 
 
 # ------------------------------------------------------------------ the model card
