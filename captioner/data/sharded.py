@@ -31,6 +31,7 @@ import numpy as np
 
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, read_json, require_keys, write_json
+from captioner.data.formats.webdataset import shard_of
 from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.splits import SPLITS, image_key, key_hash
 
@@ -47,7 +48,7 @@ class _KeysSeen:
 
     def new(self, names: list[str]) -> list[bool]:
         """Whether each image's key (its name inside its shard) is new, and remember them."""
-        hashes = np.array([key_hash(image_key(name), -1) for name in names], dtype=np.uint64)
+        hashes = np.array([key_hash(shard_of(name)[1], -1) for name in names], dtype=np.uint64)
         fresh = ~np.isin(hashes, self.seen)
         _, first = np.unique(hashes, return_index=True)
         once = np.zeros(len(names), dtype=bool)
