@@ -23,7 +23,7 @@ from typing import Literal
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys, write_json
 from captioner.data.formats.karpathy import read_karpathy_entries
-from captioner.data.formats.webdataset import SHARD_SEPARATOR
+from captioner.data.formats.webdataset import SHARD_SEPARATOR, split_member
 from captioner.data.records import CaptionRecord, DataReport
 
 SPLITS = ("train", "val", "test")
@@ -35,7 +35,7 @@ def image_key(file_name: str) -> str:
     WebDataset groups members (`Images/cat.jpg` -> `cat`; inside a shard, `00003.tar#cat.jpg` -> `cat`), so one
     image named by a COCO file, a CSV or a shard member splits the same, and re-sharding a set keeps its splits."""
     base = file_name.rpartition(SHARD_SEPARATOR)[2].rpartition("/")[2]
-    return base.partition(".")[0] or base
+    return split_member(base)[0] or base
 
 
 def key_hash(name: str, seed: int) -> int:
