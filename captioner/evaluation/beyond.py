@@ -40,7 +40,7 @@ class ExtraMetrics:
 
 def extra_scores(settings: ExtraMetrics, captions: Mapping[str, str], references: Mapping[str, Sequence[str]],
                  image_file: Callable[[str], Path | None], objects_file: Path | None,
-                 device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+                 device: str = "cpu", clip: Any = None) -> dict[str, Any]:  # fmt: skip
     """The metrics `settings` asks for that can run, by group (`chair`, `clip`, `bertscore`, `spice`), and one
     `skipped` line for each that cannot.
 
@@ -51,6 +51,7 @@ def extra_scores(settings: ExtraMetrics, captions: Mapping[str, str], references
         image_file: Image -> its file (None when not on disk).
         objects_file: The images' object annotations (None: no CHAIR).
         device: Where CLIP and BERTScore run.
+        clip: `settings.clip_model` already loaded (a `ClipModel`; None: loaded here).
     """
     scores: dict[str, Any] = {"skipped": {}}
     if settings.chair:
@@ -70,7 +71,7 @@ def extra_scores(settings: ExtraMetrics, captions: Mapping[str, str], references
         if not files:
             scores["skipped"]["CLIPScore"] = "no image files (images inside shards are not read back)"
         else:
-            model = ClipModel(settings.clip_model, device)
+            model = clip if clip is not None else ClipModel(settings.clip_model, device)
             scores["clip"] = score_captions(model, captions, files, references, settings.cache_dir)
     if settings.bertscore_model:
         scores["bertscore"] = bert_scores(captions, references, settings.bertscore_model, device)

@@ -376,8 +376,8 @@ class CaptionModel(LightningModule):
         references = {row["file_name"]: row["references"] for row in rows}
         image_file = getattr(data, "image_file", lambda name: None)
         objects_file = data.objects_file() if hasattr(data, "objects_file") else None
-        return extra_scores(self.extra_metrics, captions, references, image_file, objects_file,
-                            str(self.device))  # fmt: skip
+        return extra_scores(self.extra_metrics, captions, references, image_file, objects_file, str(self.device),
+                            self._clip.clip if self._clip is not None else None)  # the confidence's CLIP, if loaded
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return captioning.prediction_rows(self, batch, self.predict_attention)
