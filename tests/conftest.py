@@ -77,6 +77,14 @@ def scenes(scenes_source, tmp_path) -> Path:
     return Path(shutil.copytree(scenes_source, tmp_path / "scenes"))
 
 
+def copy_scenes(scenes: Path, folder: Path, count: int) -> Path:
+    """The first `count` scene pictures copied into a new `folder` (photos to caption, measure or calibrate on)."""
+    folder.mkdir()
+    for path in sorted((scenes / "Images").iterdir())[:count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
 def tiny_args(subcommand: str, data_dir: Path, work_dir: Path, root: Path, *extra: str) -> list[str]:
     """Arguments for `main` on the tiny config with every output under temporary folders."""
     return [

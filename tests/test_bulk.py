@@ -14,7 +14,7 @@ import pytest
 from captioner import Captioner
 from captioner.bulk.job import read_rows
 from captioner.data.synthetic import write_synthetic_shards
-from tests.conftest import TESTS
+from tests.conftest import TESTS, copy_scenes
 
 ROOT = TESTS.parent
 SLOW_CAPTIONING = """
@@ -95,12 +95,9 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
         return capsys.readouterr().err
 
     checkpoint = trained[0]
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for path in sorted((scenes_source / "Images").iterdir())[:9]:
-        (photos / path.name).write_bytes(path.read_bytes())
+    photos = copy_scenes(scenes_source, tmp_path / "photos", 9)
     (photos / "nested").mkdir()
-    (photos / "nested" / "deeper.jpg").write_bytes((scenes_source / "Images" / path.name).read_bytes())
+    (photos / "nested" / "deeper.jpg").write_bytes(sorted(photos.glob("*.jpg"))[-1].read_bytes())
     (photos / "notes.jpg").write_bytes(b"not a picture")
     common = ["--input", str(photos), "--files_per_part", "4", "--do_sample", "--seed", "3", "--temperature", "1.5"]
     expected = dict(zip(

@@ -21,7 +21,7 @@ from captioner.models.decoders import AttentionDecoder, LSTMDecoder, PrefixLMDec
 from captioner.models.module import CaptionModel
 from captioner.runtime import OnnxCaptioner
 from captioner.text import Bpe, Vocabulary
-from tests.conftest import TESTS
+from tests.conftest import TESTS, copy_scenes
 from tests.plugins import GRUDecoder
 
 ROOT = TESTS.parent
@@ -217,10 +217,7 @@ def test_a_model_that_cannot_be_exported_says_why(scenes_source, tmp_path):
 def test_a_calibrated_static_int8_encoder_keeps_the_features_and_captions(trained, scenes_source, tmp_path):
     checkpoint, _ = trained
     images = sorted((scenes_source / "Images").iterdir())
-    calibration = tmp_path / "samples"
-    calibration.mkdir()
-    for path in images[:24]:
-        (calibration / path.name).write_bytes(path.read_bytes())
+    calibration = copy_scenes(scenes_source, tmp_path / "samples", 24)
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "fp32")])
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "int8"), "--quantize", "int8",
           "--quantize_encoder", "--calibration_dir", str(calibration)])  # fmt: skip

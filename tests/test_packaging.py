@@ -11,7 +11,7 @@ import pytest
 
 from captioner.core.errors import CaptionerError
 from captioner.shipped import resolve_config, shipped_configs, with_shipped_configs
-from tests.conftest import TESTS, TINY_CONFIG
+from tests.conftest import TESTS, TINY_CONFIG, copy_scenes
 
 ROOT = TESTS.parent
 
@@ -83,10 +83,7 @@ def test_the_configs_command_lists_what_each_is_for(capsys):
 def test_an_old_config_naming_callbacks_still_runs_with_one_deprecation_line(trained, scenes_source, tmp_path):
     """Outside the checkout (no `callbacks/` folder on the path), as an installed captioner runs."""
     checkpoint, _ = trained
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for path in sorted((scenes_source / "Images").iterdir())[:2]:
-        (photos / path.name).write_bytes(path.read_bytes())
+    photos = copy_scenes(scenes_source, tmp_path / "photos", 2)
     old = tmp_path / "old.yaml"
     old.write_text(TINY_CONFIG.read_text().replace("captioner.callbacks.LastCheckpoint", "callbacks.LastCheckpoint"))
     args = ["predict", "--config", str(old), "--ckpt_path", str(checkpoint), "--data.predict_dir", str(photos),

@@ -11,7 +11,7 @@ import pytest
 from captioner import Captioner
 from captioner.cli import main
 from captioner.core.errors import CaptionerError
-from tests.conftest import tiny_args
+from tests.conftest import copy_scenes, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +83,7 @@ def test_the_card_reports_the_speed_measured_and_the_int8_exports_differences(te
     from captioner.runtime import OnnxCaptioner
 
     checkpoint, _ = tested_run
-    pictures = tmp_path / "pictures"
-    pictures.mkdir()
-    for path in sorted((scenes_source / "Images").iterdir())[:12]:
-        (pictures / path.name).write_bytes(path.read_bytes())
+    pictures = copy_scenes(scenes_source, tmp_path / "pictures", 12)
     folder = tmp_path / "published"
     main(["publish", "--ckpt_path", checkpoint, "--output", str(folder), "--onnx", "--quantize", "int8",
           "--measure_dir", str(pictures), "--measure_images", "10"])  # fmt: skip
