@@ -65,13 +65,11 @@ class ClipReranker:
         scores = decoded.scores.detach().cpu().numpy()
         finished = np.isfinite(scores)
         tokens = decoded.tokens.detach().cpu()
-        texts = [PROMPT + text for image in range(len(scores))
+        texts = [text for image in range(len(scores))
                  for text, done in zip(vocabulary.decode_batch(tokens[image]), finished[image]) if done]  # fmt: skip
-        images = self.clip.embed_pixels(pixels)
-        captions, _ = self.clip.embed_texts(texts)
         owners = np.repeat(np.arange(len(scores)), finished.sum(axis=1))
         cosine = np.full(scores.shape, -np.inf)
-        cosine[finished] = np.sum(images[owners] * captions, axis=1)
+        cosine[finished] = caption_cosines(self.clip, self.clip.embed_pixels(pixels)[owners], texts)
         met = decoded.met.detach().cpu().numpy() if decoded.met is not None else np.ones(scores.shape, dtype=bool)
         # lexsort sorts by its last key first: finished captions, then those holding the forced words, then the
         # cosine; ties keep the model's own order (the slot's index).
