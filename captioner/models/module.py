@@ -330,13 +330,13 @@ class CaptionModel(LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         _, decoded = self._evaluate(batch, "test", self.decoding)
         best = decoded.best_tokens
-        cosines = self._clip_cosines(batch, decoded) if self.clip_calibrator is not None else None
         captions = self.vocabulary.decode_batch(best)
         rows = [{"file_name": name, "image_id": image_id, "caption": caption, "references": refs}
                 for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions,
                                                          batch["raw_references"])]  # fmt: skip
         if self.calibrator is not None and self._test_cider.scorer is not None:
             confidences = self.calibrator(self._features)
+            cosines = self._clip_cosines(batch, decoded) if self.clip_calibrator is not None else None
             with_cosines = (self.clip_calibrator(with_clip(self._features, cosines)) if cosines is not None
                             else [None] * len(rows))  # fmt: skip
             for row, words, image, confidence, clip_confidence, features in zip(
