@@ -98,11 +98,12 @@ def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test
 
 
 def _measure_pictures(folder: str | Path, count: int) -> list[Path]:
-    from captioner.data.images import find_images
+    from captioner.data.images import IMAGE_EXTENSIONS, find_images
 
     pictures = find_images(folder).images[: max(1, count)]
     if not pictures:
-        raise CaptionerError(f"--measure_dir {folder} holds no image file (jpg, png, bmp, webp, gif).")
+        kinds = ", ".join(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
+        raise CaptionerError(f"--measure_dir {folder} holds no image file ({kinds}).")
     return pictures
 
 
