@@ -216,3 +216,35 @@ def test_fine_tuning_and_prefix_lm_steps_train_in_bf16_on_the_gpu(extra, scenes,
     assert all(torch.isfinite(value).all() for value in weights.values())
     captioner = Captioner.from_checkpoint(last_checkpoint(cli.trainer))
     assert captioner.caption(sorted((scenes / "Images").iterdir())[0])[0]
+
+
+def sampled_on(device: str, decoder_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded top-p sampling of a seeded random decoder over 37 images on `device`: the tokens and their scores."""
+    from captioner.decoding import DecodingConfig, SpecialTokens
+    from captioner.models.decoders import LSTMDecoder, TransformerDecoder
+    from captioner.models.stepping import decode_with
+    from captioner.text.words import Vocabulary
+
+    torch.manual_seed(0)
+    vocabulary = Vocabulary([f"w{i}" for i in range(500)], max_length=20)
+    if decoder_kind == "lstm":
+        model = LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0)
+        features = torch.randn(37, 64)
+    else:
+        model = TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4)
+        features = torch.randn(37, 9, 64)
+    config = DecodingConfig(num_beams=1, do_sample=True, seed=7, top_p=0.8, temperature=0.9)
+    decoded = decode_with(model.to(device).eval(), features.to(device), config, SpecialTokens.of(vocabulary), 20)
+    return decoded.tokens.cpu(), decoded.scores.cpu()
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_a_seeded_sample_on_the_gpu_is_the_cpus(decoder, monkeypatch):
+    """Each image's random stream is drawn on the host, so the device changes only the model's float rounding: in
+    fp32 (TF32 off, which would round the GPU's products to 10 bits) the GPU samples the CPU's captions."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    on_cpu, on_gpu = sampled_on("cpu", decoder), sampled_on("cuda", decoder)
+    assert len({tuple(row.flatten().tolist()) for row in on_cpu[0]}) > 30  # sampled: the captions differ
+    assert torch.equal(on_cpu[0], on_gpu[0])
+    torch.testing.assert_close(on_cpu[1], on_gpu[1], atol=1e-3, rtol=1e-4)
