@@ -24,7 +24,7 @@ from captioner.models import captioning
 from captioner.models.module import CaptionModel
 from captioner.predictions import Prediction, captions_or_error, predict_in_batches
 
-ImageSource = str | Path | Image.Image | torch.Tensor
+ImageSource = str | Path | bytes | Image.Image | torch.Tensor
 
 
 def attention_as_lists(row: dict) -> dict:
@@ -206,6 +206,6 @@ class Captioner:
         """
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
-        elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
+        elif isinstance(images, (str, Path, bytes, Image.Image, torch.Tensor)):
             images = [images]
         return captions_or_error(self.predict(images, **overrides))
