@@ -32,9 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The files that take longest, started first: pytest-xdist hands each worker a whole file (--dist loadfile) in the
 # order collected, so a long file collected last leaves the other worker idle at the end (longest first: the tail is
-# the shortest file). Measured sums on 2 cores, seconds: resume 150, shards 105, distributed 60, serve 55, cli 50.
-LONGEST_FIRST = ["test_resume.py", "test_shards.py", "test_distributed.py", "test_serve.py", "test_cli.py",
-                 "test_encoders.py", "test_evaluation.py", "test_bulk.py", "test_export.py", "test_records_pass.py"]
+# the shortest file). Every file over about 10 s is listed, by its measured sum on 2 cores (seconds, one loaded run):
+# resume 177, serve 76, shards 68, evaluation 57, export 43, cli 36, distributed 36, metrics 33, faults 32, records
+# pass 27, bulk 25, gpu check 23, features 20, encoders 20, packaging 17, protocol 15, predict 13, prefix LM 13.
+LONGEST_FIRST = ["test_resume.py", "test_serve.py", "test_shards.py", "test_evaluation.py", "test_export.py",
+                 "test_cli.py", "test_distributed.py", "test_metrics.py", "test_faults.py", "test_records_pass.py",
+                 "test_bulk.py", "test_gpu_check.py", "test_features.py", "test_encoders.py", "test_packaging.py",
+                 "test_captioner_protocol.py", "test_predict.py", "test_prefix_lm.py", "test_tracking.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -58,6 +58,29 @@ def test_coco_scores_hand_example_perfect_and_disjoint(java, caplog):
         assert caplog.text.count("Java was not found") == 3  # once per call, not once per scorer
 
 
+def test_meteor_starts_once_per_process_and_a_failed_call_ends_it(monkeypatch):
+    """METEOR's Java start (5 s of paraphrase tables) is paid once: later evaluations reuse the process, each scored
+    on its own (equal to COCOEvalCap's own fresh METEOR: tests/test_evaluation.py); a failed call ends the process
+    (its pipes may hold half an answer) so the next starts a clean one."""
+    if not metrics.shutil.which("java"):
+        pytest.skip("no Java on this machine")
+    monkeypatch.setenv(metrics.JAVA_VARIABLE, "1")
+    refs = {"a": ["a red circle on the right", "the red circle sits right"], "b": ["two blue squares side by side"]}
+    corpora = [{"a": "a red circle", "b": "two squares"}, {"a": "a circle on the right", "b": "blue squares"}]
+    started = []
+    real = metrics._owned_meteor
+    monkeypatch.setattr(metrics, "_owned_meteor", lambda: started.append(1) or real())
+    monkeypatch.setattr(metrics, "_METEOR", metrics._MeteorProcess())
+    kept = [coco_caption_scores(corpus, refs)["scores"]["METEOR"] for corpus in [*corpora, corpora[0]]]
+    assert len(started) == 1 and kept[0] == kept[2] != kept[1]  # one start; each corpus scored on its own
+
+    process = metrics._METEOR.meteor.meteor_p
+    monkeypatch.setattr(metrics._METEOR.meteor, "compute_score", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        coco_caption_scores(corpora[0], refs)
+    assert process.wait(timeout=10) is not None and metrics._METEOR.meteor is None  # ended and dropped
+
+
 def test_java_can_be_left_out_where_it_is_installed(monkeypatch):
     monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
     for value, expected in (("0", False), ("off", False), ("1", True)):

@@ -15,11 +15,14 @@ CIDEr-D x 100, so 94.0 means 0.940).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -122,6 +125,68 @@ def _tokenize(captions: Mapping[str, Sequence[str]], use_java: bool) -> dict[str
     return {key: [" ".join(normalize(c)) for c in values] for key, values in captions.items()}
 
 
+class _MeteorProcess:
+    """One METEOR process (pycocoevalcap's `Meteor`, a Java program) kept for this Python process: its start loads
+    paraphrase tables, about 5 s of every evaluation; each EVAL it answers reads only the statistics sent with it,
+    so evaluations through one process score as through fresh ones.
+
+    A call that fails drops the process (its pipes may hold half an answer), and a forked child starts its own
+    rather than writing into its parent's pipes.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.meteor: Any = None
+        atexit.register(self.close)
+
+    def score(self, gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
+        """Corpus METEOR of `res` against `gts` (PTB-tokenized, as pycocoevalcap's scorers take them)."""
+        with self.lock:
+            if self.meteor is None or self.meteor.owner != os.getpid():
+                self.meteor = _owned_meteor()
+            try:
+                return float(self.meteor.compute_score(gts, res)[0])
+            except BaseException:
+                self.meteor.close()
+                self.meteor = None
+                raise
+
+    def close(self) -> None:
+        """End the METEOR process (at exit)."""
+        with self.lock:
+            if self.meteor is not None:
+                self.meteor.close()
+                self.meteor = None
+
+
+def _owned_meteor() -> Any:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    class OwnedMeteor(Meteor):
+        """pycocoevalcap's `Meteor`, closed once and only by the process that started it: a forked child's copy
+        would otherwise kill its parent's METEOR when collected."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.owner, self.closed = os.getpid(), False
+
+        def close(self) -> None:
+            if self.owner == os.getpid() and not self.closed:
+                self.closed = True
+                with contextlib.suppress(Exception):
+                    self.meteor_p.stdin.close()
+                    self.meteor_p.kill()
+                    self.meteor_p.wait(timeout=10)
+
+        def __del__(self) -> None:
+            self.close()
+
+    return OwnedMeteor()
+
+
+_METEOR = _MeteorProcess()
+
+
 def coco_caption_scores(captions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) from pycocoevalcap, on a 0-100 scale.
 
@@ -156,14 +221,7 @@ def coco_caption_scores(captions: Mapping[str, str], references: Mapping[str, Se
         bleu, _ = Bleu(4).compute_score(gts, res)
         scores.update({f"BLEU-{n}": 100.0 * float(value) for n, value in zip(BLEU_ORDERS, bleu)})
         if use_java:
-            from pycocoevalcap.meteor.meteor import Meteor
-
-            meteor = Meteor()
-            try:
-                scores["METEOR"] = 100.0 * float(meteor.compute_score(gts, res)[0])
-            finally:
-                with contextlib.suppress(Exception):
-                    meteor.close()
+            scores["METEOR"] = 100.0 * _METEOR.score(gts, res)
         scores["ROUGE-L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
         scores["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
     return {"scores": scores, "tokenizer": PTB_TOKENIZER if use_java else FALLBACK_TOKENIZER}
