@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import logging
 import netrc
@@ -223,9 +224,11 @@ def caption_command(argv: list[str]) -> int:
         0 when every file was captioned, 1 when some could not be read.
     """
     from captioner.captioners import describe_files, load_captioner
+    from captioner.data.images import IMAGE_EXTENSIONS, files_and_folders
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
-    parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif)")
+    parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif), or folders of them "
+                        "(every image under a folder, sorted)")  # fmt: skip
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, an exported or published "
                         "folder, or a hub id (user/name)")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=32)
@@ -239,8 +242,11 @@ def caption_command(argv: list[str]) -> int:
     captioner = load_captioner(options.ckpt_path, options.device, options.rerank_clip,
                                **decoding.overrides_from(options))  # fmt: skip
     captioner.batch_size = options.batch_size
+    paths, empty = files_and_folders(options.paths)
+    no_images = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder"
+    rows = [{"path": folder, "caption": None, "score": None, "error": no_images} for folder in empty]
     failed = 0
-    for row in describe_files(captioner, options.paths):
+    for row in itertools.chain(describe_files(captioner, paths), rows):
         failed += row["error"] is not None
         if options.json:
             print(json.dumps(row, ensure_ascii=False))
@@ -254,7 +260,7 @@ def caption_command(argv: list[str]) -> int:
         else:
             unmet = "" if row.get("constraints_met", True) else "  [forced words not all met]"
             print(f"{row['path']}: {row['caption']}{unmet}")
-    print(f"{len(options.paths) - failed} captioned, {failed} failed", file=sys.stderr)
+    print(f"{len(paths) + len(empty) - failed} captioned, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -129,6 +129,28 @@ def test_caption_command_prints_captions_and_counts_failures(trained, scenes_sou
     assert "1 captioned, 1 failed" in out.err
 
 
+def test_caption_command_takes_folders_captioning_every_image_under_them(trained, scenes_source, tmp_path, capsys):
+    checkpoint, _ = trained
+    images = sorted((scenes_source / "Images").iterdir())[:3]
+    photos, empty = tmp_path / "photos", tmp_path / "empty"
+    (photos / "sub").mkdir(parents=True)
+    empty.mkdir()
+    for image, place in zip(images, ["a.jpg", "b.jpg", "sub/c.jpg"]):
+        shutil.copy(image, photos / place)
+    (photos / "notes.txt").write_text("not an image: left out of a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(photos), str(empty), "--ckpt_path", str(checkpoint), "--device", "cpu", "--json"])
+    assert exit_info.value.code == 1  # the empty folder
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.strip().splitlines()]
+    found = [str(photos / "a.jpg"), str(photos / "b.jpg"), str(photos / "sub" / "c.jpg")]
+    assert [row["path"] for row in rows] == [*found, str(empty)]
+    expected = Captioner.from_checkpoint(checkpoint, device="cpu").caption(images)
+    assert [row["caption"] for row in rows[:3]] == expected and all(row["error"] is None for row in rows[:3])
+    assert rows[3]["caption"] is None and "no image files" in rows[3]["error"]
+    assert "3 captioned, 1 failed" in out.err
+
+
 def test_caption_command_prints_the_ranked_alternatives_and_json_a_script_reads(trained, scenes_source, capsys):
     checkpoint, _ = trained
     images = sorted((scenes_source / "Images").iterdir())[:2]

@@ -43,3 +43,23 @@ def find_images(folder: str | Path) -> FolderScan:
                 scan.images.append(path)
     scan.images.sort()
     return scan
+
+
+def files_and_folders(paths: list[str | Path]) -> tuple[list[str], list[str]]:
+    """The image files `paths` name, each folder among them replaced by the images under it (`find_images`, in
+    place and sorted); and the folders that hold none (for the caller to report).
+
+    Files are kept as given, whatever their extension, so a file that is not an image is reported by the decoder
+    that refuses it, not dropped without a word.
+    """
+    files: list[str] = []
+    empty: list[str] = []
+    for path in paths:
+        if Path(path).is_dir():
+            found = find_images(path).images
+            files += [str(image) for image in found]
+            if not found:
+                empty.append(str(path))
+        else:
+            files.append(str(path))
+    return files, empty
