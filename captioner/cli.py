@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import itertools
 import json
 import logging
@@ -35,7 +36,7 @@ from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
 from captioner.runs import run_dir, run_to_continue
-from captioner.shipped import configs_command, with_shipped_configs
+from captioner.shipped import with_shipped_configs
 
 log = logging.getLogger("captioner")
 
@@ -264,11 +265,44 @@ def caption_command(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+# The commands of captioner's own (name: module, function, what it does); any other goes to LightningCLI.
+COMMANDS = {
+    "caption": ("captioner.cli", "caption_command", "caption image files or folders, printed (or --json)"),
+    "caption-set": ("captioner.bulk.job", "caption_set_command",
+                    "caption a whole set (folders, file lists, shards) as one resumable, distributed job"),
+    "serve": ("captioner.serve", "serve_command", "serve a model over HTTP: an API with dynamic batching and a page"),
+    "export": ("captioner.export.onnx", "export_command", "export a checkpoint to ONNX: captions without torch"),
+    "publish": ("captioner.publish", "publish_command",
+                "a checkpoint as safetensors, config, tokenizer and a measured model card"),
+    "evaluate": ("captioner.evaluation.evaluate", "evaluate_command", "score a captions file against references"),
+    "configs": ("captioner.shipped", "configs_command", "list the shipped configs (--config demo, ...)"),
+}  # fmt: skip
+LIGHTNING_COMMANDS = {
+    "fit": "train (then test the best checkpoint)",
+    "validate": "score a checkpoint on the validation images",
+    "test": "score a checkpoint on the test images (the COCO suite, written to test_metrics.json)",
+    "predict": "caption a folder into the run folder (predictions.jsonl and .csv)",
+}
+
+
+def command_overview() -> str:
+    """What `python -m captioner` (alone, or with --help) prints: every command and what it does."""
+    rows = [*LIGHTNING_COMMANDS.items(), *((name, about) for name, (_, _, about) in COMMANDS.items())]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name.ljust(width)}  {about}" for name, about in rows]
+    return "\n".join([
+        "usage: python -m captioner COMMAND [options]   (COMMAND --help for its options)", "",
+        "Training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*):", *lines[:4], "",
+        "Using a trained model:", *lines[4:], "",
+        "Start with: python -m captioner fit --config demo   (offline, on generated scenes)",
+    ])  # fmt: skip
+
+
 def main(args: list[str] | None = None) -> CaptionerCLI | None:
     """Run the command line with `args` (default: `sys.argv[1:]`).
 
-    `caption` is handled by `caption_command`; every other subcommand goes
-    to LightningCLI. Expected faults (bad data, missing files, no network)
+    Captioner's own commands (`COMMANDS`: caption, serve, export, ...) go to their functions; every other
+    subcommand goes to LightningCLI. Expected faults (bad data, missing files, no network)
     end with one message and exit status 2 instead of a traceback.
 
     Returns:
@@ -278,38 +312,14 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
     compat.install()
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv[:1] == ["configs"]:
-            configs_command(argv[1:])
+        if argv[:1] in ([], ["-h"], ["--help"]):
+            print(command_overview())
             return None
-        if argv[:1] == ["caption"]:
-            status = caption_command(argv[1:])
-            if status:
+        if argv[0] in COMMANDS:
+            module, function, _ = COMMANDS[argv[0]]
+            status = getattr(importlib.import_module(module), function)(argv[1:])
+            if isinstance(status, int) and status:  # an exit status (some commands return what they did)
                 raise SystemExit(status)
-            return None
-        if argv[:1] == ["serve"]:
-            from captioner.serve import serve_command
-
-            serve_command(argv[1:])
-            return None
-        if argv[:1] == ["caption-set"]:
-            from captioner.bulk.job import caption_set_command
-
-            caption_set_command(argv[1:])
-            return None
-        if argv[:1] == ["publish"]:
-            from captioner.publish import publish_command
-
-            publish_command(argv[1:])
-            return None
-        if argv[:1] == ["evaluate"]:
-            from captioner.evaluation.evaluate import evaluate_command
-
-            evaluate_command(argv[1:])
-            return None
-        if argv[:1] == ["export"]:
-            from captioner.export.onnx import export_command
-
-            export_command(argv[1:])
             return None
         argv = with_shipped_configs(argv)  # `--config demo` means the shipped demo config
         if args is None:

@@ -188,3 +188,20 @@ def test_a_run_without_a_logger_writes_its_config_in_a_folder_of_its_own(scenes,
           "--trainer.callbacks+=captioner.callbacks.CaptionSamples"])  # fmt: skip
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "samples").exists()
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples" / "epoch_000.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"]])
+def test_the_bare_command_lists_every_command_and_each_one_is_there(argv, capsys):
+    import importlib
+
+    from captioner.cli import COMMANDS, LIGHTNING_COMMANDS
+
+    main(argv)
+    overview = capsys.readouterr().out
+    listed = [line.split()[0] for line in overview.splitlines() if line.startswith("  ")]
+    assert listed == [*LIGHTNING_COMMANDS, *COMMANDS]
+    for name, (module, function, _) in COMMANDS.items():  # each name leads to a command that takes its arguments
+        assert callable(getattr(importlib.import_module(module), function)), name
+    with pytest.raises(SystemExit) as help_exit:
+        main(["export", "--help"])  # a command of ours, by its name, with its own options
+    assert help_exit.value.code == 0 and "--ckpt_path" in capsys.readouterr().out
