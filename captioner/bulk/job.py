@@ -191,6 +191,9 @@ def run_job(fabric: Any, options: argparse.Namespace) -> dict[str, Any]:
     failed = sum(summary["failed"].values())
     line = (f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as done; "
             f"{done_before} of {len(parts)} parts were done before this run; {options.format} in {output.folder}")
+    if not pending:
+        line = (f"Nothing left to caption: all {len(parts)} parts were done before this run ({options.format} in "
+                f"{output.folder}); --overwrite captions them again.")  # fmt: skip
     if failed:
         line += " (failed: " + "; ".join(f"{count} {reason}, e.g. {summary['examples'].get(reason, '')}"
                                          for reason, count in summary["failed"].items()) + ")"  # fmt: skip
