@@ -89,6 +89,9 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
     import webdataset as wds
 
     from captioner.bulk.job import caption_set_command
+    from captioner.evaluation.beyond import ExtraMetrics
+    from captioner.evaluation.evaluate import evaluate_results, read_references
+    from captioner.evaluation.metrics import coco_caption_scores
 
     def here(*args: str) -> str:  # the command's own entry point in this process (no start-up each); its stderr
         caption_set_command(["--ckpt_path", str(checkpoint), *args])
@@ -108,6 +111,13 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
     ))  # fmt: skip
     here(*common, "--format", "jsonl", "--output", str(tmp_path / "jsonl"), "--batch_size", "3")
     assert {row["image"]: row["caption"] for row in read_rows(tmp_path / "jsonl") if row["caption"]} == expected
+    # The output folder scores as it is: `evaluate` reads its parts together (the copy under nested/ and the file
+    # that is no picture are not images of the references).
+    scored = evaluate_results(tmp_path / "jsonl", scenes_source / "captions.json", ExtraMetrics())
+    assert scored["images"] == 9 and scored["not_matched"] == 2
+    assert scored["metrics"]["pycocoevalcap"] == pytest.approx(coco_caption_scores(
+        {name: caption for name, caption in expected.items() if "/" not in name},
+        read_references(scenes_source / "captions.json")[0])["scores"], abs=1e-3)  # fmt: skip
 
     here(*common, "--format", "parquet", "--output", str(tmp_path / "parquet"))
     table = pq.read_table(sorted((tmp_path / "parquet").glob("*.parquet")))

@@ -1,8 +1,9 @@
 """`python -m captioner evaluate RESULTS --references CAPTIONS`: any model's captions scored as `test` scores ours.
 
 RESULTS is the COCO results format (`[{"image_id": 42, "caption": "..."}]`, what `test` writes as
-`captions_test_results.json` and the COCO server takes) or JSON Lines with `file_name` (or `path`) and `caption`
-(`test_captions.jsonl`, `predictions.jsonl`, `caption-set` output). CAPTIONS is a COCO captions file
+`captions_test_results.json` and the COCO server takes) or JSON Lines with `file_name` (or `path`, or `image`) and
+`caption` (`test_captions.jsonl`, `predictions.jsonl`), or a folder of JSON Lines files (`caption-set --format jsonl`'s
+output, its parts read together). CAPTIONS is a COCO captions file
 (`captions_val2014.json`, a Karpathy split's, the demo's `captions.json`). Scores: the COCO metrics (pycocoevalcap,
 as `test`), diversity, CHAIR with `--objects`, CLIPScore and RefCLIPScore with `--images` (and `--clip_model`),
 BERTScore with `--bertscore_model`, SPICE with `--spice`; printed as a table and written with `--output`.
@@ -46,15 +47,12 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
     Raises:
         CaptionerError: When the file cannot be read as either format.
     """
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        payload = json.loads(text)
-        rows = payload if isinstance(payload, list) else [payload]
-    except ValueError:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as error:
-            raise CaptionerError(f"{path} is neither a JSON list of results nor JSON Lines: {error}.") from error
+    path = Path(path)
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]  # a folder: caption-set's JSON Lines parts
+    if not files:
+        raise CaptionerError(f"{path} is a folder without JSON Lines files (*.jsonl): give a results file, or the "
+                             "--output folder of `caption-set --format jsonl`.")  # fmt: skip
+    rows = [row for file in files for row in _result_rows(file)]
     captions, unknown = {}, 0
     for row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
@@ -63,7 +61,9 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
         if "image_id" in row and str(row["image_id"]) in names:
             name = names[str(row["image_id"])]
         else:
-            name = Path(str(row.get("file_name") or row.get("path") or "")).name
+            # caption-set names a shard's image `shard.tar#member`, a folder's by its path under the input
+            named = str(row.get("file_name") or row.get("path") or row.get("image") or "")
+            name = Path(named.rsplit("#", 1)[-1]).name
         if name in set(names.values()):
             captions[name] = row["caption"]
         else:
@@ -72,6 +72,19 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
         raise CaptionerError(f"No caption of {path} names an image of the references (by image_id, file_name or "
                              "path): are they of the same set?")  # fmt: skip
     return captions, unknown
+
+
+def _result_rows(path: Path) -> list[Any]:
+    """The rows of one results file: a JSON list (the COCO results format), one JSON object, or JSON Lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        payload = json.loads(text)
+        return payload if isinstance(payload, list) else [payload]
+    except ValueError:
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as error:
+            raise CaptionerError(f"{path} is neither a JSON list of results nor JSON Lines: {error}.") from error
 
 
 def evaluate_results(results: str | Path, references_file: str | Path, settings: ExtraMetrics,
@@ -101,7 +114,8 @@ def evaluate_results(results: str | Path, references_file: str | Path, settings:
 def evaluate_command(argv: list[str]) -> None:
     """`python -m captioner evaluate ...` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m captioner evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="COCO results JSON ([{image_id, caption}]) or JSON Lines (file_name, caption)")
+    parser.add_argument("results", help="COCO results JSON ([{image_id, caption}]), JSON Lines (file_name, caption), "
+                        "or a folder of JSON Lines (caption-set --format jsonl --output FOLDER)")  # fmt: skip
     parser.add_argument("--references", required=True, help="a COCO captions file (images and annotations)")
     parser.add_argument("--images", default=None, help="the images' folder: CLIPScore and RefCLIPScore")
     parser.add_argument("--clip_model", default=PAPER_MODEL, help="OpenCLIP name:tag or a Hugging Face CLIP id or "
