@@ -66,3 +66,25 @@ def test_an_exported_folder_naming_a_foreign_tokenizer_is_refused_even_when_allo
     with pytest.raises(CaptionerError, match=r"'foreign_parts\.Tokenizer'.*only captioner's own classes"):
         OnnxCaptioner(folder)
     assert not foreign_module.exists()
+
+
+class Pickled:
+    """An object a file may hold: unpickling it would run code of the file's choosing."""
+
+
+@pytest.mark.parametrize("content", ["readme", "random", "empty", "object"])
+def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_message_without_unsafe_advice(content, tmp_path, capsys):
+    path = tmp_path / "model.ckpt"
+    if content == "object":
+        torch.save({"state_dict": {}, "thing": Pickled()}, path)
+    else:
+        path.write_bytes({"readme": b"# My captioner\n", "random": bytes(range(256)) * 4, "empty": b""}[content])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(tmp_path), "--ckpt_path", str(path), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(f"error: Checkpoint {path} is empty" if content == "empty"
+                                                          else f"error: {path} is not a captioner checkpoint")
+    assert "weights_only` set to `False`" not in error and "Traceback" not in error  # torch's advice to unpickle
+    assert len(error.strip().splitlines()) == 1
+    if content == "object":
+        assert "Pickled" in error  # what it refused

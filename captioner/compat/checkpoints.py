@@ -63,12 +63,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"Checkpoint {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise CaptionerError(f"Checkpoint {path} is empty (0 bytes): a copy or download cut short?")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         raise CaptionerError(
-            f"{path} is not a usable captioner checkpoint ({type(error).__name__}: {error})."
+            f"{path} is not a captioner checkpoint: it cannot be read as a PyTorch file of tensors and plain data "
+            f"({type(error).__name__}: {_reason(error)}). Give a checkpoint `fit` wrote (last.ckpt, epochNN-*.ckpt), "
+            "or an exported or published folder; a checkpoint holding other objects is refused, never unpickled."
         ) from error
+
+
+def _reason(error: Exception) -> str:
+    """The part of torch's message that says what failed (its weights-only refusal is a page of advice, including
+    to load the file unsafely, which is not ours to give)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
+    if marker is None:
+        return lines[0] if lines else "unreadable"
+    detail = lines[marker].partition("WeightsUnpickler error:")[2].strip()
+    if not detail and marker + 1 < len(lines):
+        detail = lines[marker + 1]
+    return detail.split(". ")[0].rstrip(".") or "not tensors and plain data"
 
 
 def meta_of(model: Any) -> dict[str, Any]:
