@@ -53,7 +53,7 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
         raise CaptionerError(f"{path} is a folder without JSON Lines files (*.jsonl): give a results file, or the "
                              "--output folder of `caption-set --format jsonl`.")  # fmt: skip
     rows = [row for file in files for row in _result_rows(file)]
-    captions, unknown = {}, 0
+    captions, unknown, known = {}, 0, set(names.values())
     for row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
             unknown += 1
@@ -64,7 +64,7 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
             # caption-set names a shard's image `shard.tar#member`, a folder's by its path under the input
             named = str(row.get("file_name") or row.get("path") or row.get("image") or "")
             name = Path(named.rsplit("#", 1)[-1]).name
-        if name in set(names.values()):
+        if name in known:
             captions[name] = row["caption"]
         else:
             unknown += 1
