@@ -31,6 +31,11 @@ FEATURES = ("mean_log_prob", "min_log_prob", "tokens")
 CLIP_FEATURE = "clip_cosine"
 
 
+def feature_names(clip_model: str | None) -> tuple[str, ...]:
+    """The features a calibrator reads, in order: `FEATURES`, and the CLIP cosine last when it has a CLIP."""
+    return FEATURES + ((CLIP_FEATURE,) if clip_model else ())
+
+
 def replay_log_probs(stepper: Any, tokens: np.ndarray, start: int, ops: Any, rules: list) -> np.ndarray:
     """Each token's log-probability as the search scored it, `(B, T)`, for captions `tokens` `(B, T)` (one per image
     of the stepper's batch; after `<end>`, whatever follows is replayed and ignored): the same logits rules, then the
@@ -105,7 +110,7 @@ class Calibrator:
     @property
     def features(self) -> tuple[str, ...]:
         """The names of the features it reads, in order."""
-        return FEATURES + ((CLIP_FEATURE,) if self.clip_model else ())
+        return feature_names(self.clip_model)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """The probability that each caption (a row of `caption_features`) is good."""
@@ -159,8 +164,7 @@ class Calibrator:
         if not payload:
             return None
         clip_model = payload.get("clip_model")
-        expected = FEATURES + ((CLIP_FEATURE,) if clip_model else ())
-        if tuple(payload.get("features", ())) != expected:
+        if tuple(payload.get("features", ())) != feature_names(clip_model):
             return None
         return cls(tuple(payload["mean"]), tuple(payload["scale"]), tuple(payload["weights"]), float(payload["bias"]),
                    float(payload["threshold"]), int(payload["fitted_on"]), clip_model)  # fmt: skip
