@@ -189,9 +189,11 @@ def run_job(fabric: Any, options: argparse.Namespace) -> dict[str, Any]:
                "examples": total["examples"], "output": str(output.folder), "format": options.format}  # fmt: skip
     write_json(state / "summary.json", summary)
     failed = sum(summary["failed"].values())
-    line = (f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as done; "
-            f"{done_before} of {len(parts)} parts were done before this run; {options.format} in {output.folder}")
-    if not pending:
+    if pending:
+        line = (f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as "
+                f"done; {done_before} of {len(parts)} parts were done before this run; {options.format} in "
+                f"{output.folder}")  # fmt: skip
+    else:
         line = (f"Nothing left to caption: all {len(parts)} parts were done before this run ({options.format} in "
                 f"{output.folder}); --overwrite captions them again.")  # fmt: skip
     if failed:
