@@ -171,11 +171,10 @@ def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
     assert len(captions) == 4 and captions[0] == captioner.caption(path)[0]
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
-def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
-    from captioner.decoding import DecodingConfig, SpecialTokens
+def seeded_decoder(kind: str) -> tuple:
+    """A seeded random decoder of `kind` over 500 words, on the CPU, with 37 images' features it reads (pooled for
+    the LSTM, a 3 x 3 grid for the others): `(vocabulary, decoder, features)`."""
     from captioner.models.decoders import AttentionDecoder, LSTMDecoder, TransformerDecoder
-    from captioner.models.stepping import decode_with
     from captioner.text.words import Vocabulary
 
     torch.manual_seed(0)
@@ -183,9 +182,19 @@ def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
     build = {"lstm": lambda: LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0),
              "attention": lambda: AttentionDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, attention_dim=32),
              "transformer": lambda: TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4),
-             }[decoder]  # fmt: skip
-    model = build().cuda().eval()
-    features = torch.randn(37, 64, device="cuda") if decoder == "lstm" else torch.randn(37, 9, 64, device="cuda")
+             }[kind]  # fmt: skip
+    model = build().eval()
+    features = torch.randn(37, 64) if kind == "lstm" else torch.randn(37, 9, 64)
+    return vocabulary, model, features
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
+    from captioner.decoding import DecodingConfig, SpecialTokens
+    from captioner.models.stepping import decode_with
+
+    vocabulary, model, features = seeded_decoder(decoder)
+    model, features = model.cuda(), features.cuda()
     special = SpecialTokens.of(vocabulary)
     for config in (DecodingConfig(num_beams=1), DecodingConfig(num_beams=3, num_return=3)):
         eager = decode_with(model, features, config, special, 20)
@@ -221,20 +230,11 @@ def test_fine_tuning_and_prefix_lm_steps_train_in_bf16_on_the_gpu(extra, scenes,
 def sampled_on(device: str, decoder_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded top-p sampling of a seeded random decoder over 37 images on `device`: the tokens and their scores."""
     from captioner.decoding import DecodingConfig, SpecialTokens
-    from captioner.models.decoders import LSTMDecoder, TransformerDecoder
     from captioner.models.stepping import decode_with
-    from captioner.text.words import Vocabulary
 
-    torch.manual_seed(0)
-    vocabulary = Vocabulary([f"w{i}" for i in range(500)], max_length=20)
-    if decoder_kind == "lstm":
-        model = LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0)
-        features = torch.randn(37, 64)
-    else:
-        model = TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4)
-        features = torch.randn(37, 9, 64)
+    vocabulary, model, features = seeded_decoder(decoder_kind)
     config = DecodingConfig(num_beams=1, do_sample=True, seed=7, top_p=0.8, temperature=0.9)
-    decoded = decode_with(model.to(device).eval(), features.to(device), config, SpecialTokens.of(vocabulary), 20)
+    decoded = decode_with(model.to(device), features.to(device), config, SpecialTokens.of(vocabulary), 20)
     return decoded.tokens.cpu(), decoded.scores.cpu()
 
 
