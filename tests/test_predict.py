@@ -138,6 +138,7 @@ def test_caption_command_takes_folders_captioning_every_image_under_them(trained
     for image, place in zip(images, ["a.jpg", "b.jpg", "sub/c.jpg"]):
         shutil.copy(image, photos / place)
     (photos / "notes.txt").write_text("not an image: left out of a folder")
+    (photos / "elsewhere").symlink_to(photos / "sub", target_is_directory=True)  # not followed, and said so
     with pytest.raises(SystemExit) as exit_info:
         main(["caption", str(photos), str(empty), "--ckpt_path", str(checkpoint), "--device", "cpu", "--json"])
     assert exit_info.value.code == 1  # the empty folder
@@ -149,6 +150,7 @@ def test_caption_command_takes_folders_captioning_every_image_under_them(trained
     assert [row["caption"] for row in rows[:3]] == expected and all(row["error"] is None for row in rows[:3])
     assert rows[3]["caption"] is None and "no image files" in rows[3]["error"]
     assert "3 captioned, 1 failed" in out.err
+    assert f"1 symbolic links were not followed under {photos}" in out.err
 
 
 def test_caption_command_prints_the_ranked_alternatives_and_json_a_script_reads(trained, scenes_source, capsys):

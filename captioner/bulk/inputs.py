@@ -4,7 +4,6 @@ a job shares out over ranks, writes whole, and skips once done."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,6 @@ from captioner.core.errors import CaptionerError
 from captioner.data.formats.webdataset import IMAGE_MEMBERS, is_url, shard_locations, shard_path, shard_samples
 from captioner.data.images import find_images
 
-log = logging.getLogger(__name__)
 FILES_PER_PART = 1000
 
 
@@ -100,9 +98,7 @@ def input_parts(source: str, kind: str = "auto", files_per_part: int = FILES_PER
         if not path.is_dir():
             raise CaptionerError(f"--input {source} is not a folder.")
         scan = find_images(path)
-        if scan.unreadable_folders:
-            log.warning("%d folders under %s could not be read (e.g. %s).", len(scan.unreadable_folders), path,
-                        scan.unreadable_folders[0])  # fmt: skip
+        scan.report(path)
         files, root = [image.relative_to(path).as_posix() for image in scan.images], path
     else:
         raise CaptionerError(f"--input_kind {kind!r}: choose auto, folder, list or shards.")

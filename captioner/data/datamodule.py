@@ -435,12 +435,7 @@ class CaptionDataModule(LightningDataModule):
         if not folder.is_dir():
             raise CaptionerError(f"--data.predict_dir {folder} does not exist or is not a folder.")
         scan = find_images(folder)
-        for problem, items in (
-            ("folders could not be read", scan.unreadable_folders),
-            ("symbolic links were not followed", scan.skipped_links),
-        ):
-            if items:
-                log.warning("%d %s under %s (e.g. %s).", len(items), problem, folder, items[0])
+        scan.report(folder)
         if not scan.images:
             raise CaptionerError(
                 f"--data.predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "

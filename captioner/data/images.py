@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger("captioner")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
@@ -16,6 +19,13 @@ class FolderScan:
     images: list[Path] = field(default_factory=list)
     unreadable_folders: list[str] = field(default_factory=list)
     skipped_links: list[str] = field(default_factory=list)
+
+    def report(self, folder: str | Path) -> None:
+        """Say once, for each kind, what under `folder` was not looked into (the images found go on)."""
+        for problem, items in (("folders could not be read", self.unreadable_folders),
+                               ("symbolic links were not followed", self.skipped_links)):  # fmt: skip
+            if items:
+                log.warning("%d %s under %s (e.g. %s).", len(items), problem, folder, items[0])
 
 
 def find_images(folder: str | Path) -> FolderScan:
@@ -56,7 +66,9 @@ def files_and_folders(paths: list[str | Path]) -> tuple[list[str], list[str]]:
     empty: list[str] = []
     for path in paths:
         if Path(path).is_dir():
-            found = find_images(path).images
+            scan = find_images(path)
+            scan.report(path)
+            found = scan.images
             files += [str(image) for image in found]
             if not found:
                 empty.append(str(path))
