@@ -15,16 +15,19 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from captioner.core.files import atomic_open
 from captioner.core.pixels import open_accepted
+from captioner.decoding.answers import ROW_FIELDS, Prediction
 from captioner.render import attention_figure, captioned_image
 from captioner.runs import run_dir
 
 log = logging.getLogger("captioner")
 
-FIELDS = ("path", "caption", "score", "error")
+# The CSV's columns: every row field but the alternatives (a list; predictions.jsonl holds them).
+CSV_FIELDS = tuple(name for name in ROW_FIELDS if name != "alternatives")
 
 
 class CaptionWriter(BasePredictionWriter):
-    """Write every prediction once: `predictions.jsonl`, `predictions.csv` and, on request, pictures.
+    """Write every prediction once: `predictions.jsonl` (rows of `captioner.decoding.answers.ROW_FIELDS`),
+    `predictions.csv` (the same without the alternatives) and, on request, pictures.
 
     Each process appends its rows to its own part file as batches finish;
     at the end, the first process merges the parts (sorted by path, each path
@@ -71,20 +74,20 @@ class CaptionWriter(BasePredictionWriter):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        prediction: list[dict],
+        prediction: list[Prediction],
         batch_indices: Sequence[int] | None,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        for row in prediction:
-            attention = row.pop("attention", None)
+        for answer in prediction:
+            row = answer.row()
             self._part.write(json.dumps(row, ensure_ascii=False) + "\n")
             if self.write_images and row["caption"] is not None:
                 self._write_picture(row, "captioned", captioned_image, [row["caption"]], self.image_width)
-            if self.attention_maps and attention is not None:
-                words = [*row["caption"].split(), "<end>"][: len(attention)]
-                self._write_picture(row, "attention", attention_figure, words, attention)
+            if self.attention_maps and answer.attention is not None:
+                words = [*row["caption"].split(), "<end>"][: len(answer.attention)]
+                self._write_picture(row, "attention", attention_figure, words, answer.attention)
         self._part.flush()
 
     def _picture_path(self, source: Path, folder: str) -> Path:
@@ -96,7 +99,7 @@ class CaptionWriter(BasePredictionWriter):
 
     def _write_picture(self, row: dict, folder: str, draw, *args) -> None:
         """Draw `draw(image, *args)` for the row's image into `folder`, mirroring the input tree."""
-        source = Path(row["path"])
+        source = Path(row["image"])
         try:
             with open_accepted(source) as image:
                 image.seek(0)
@@ -121,15 +124,14 @@ class CaptionWriter(BasePredictionWriter):
             part = self._part_path(rank)
             for line in part.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
-                rows.setdefault(row["path"], row)
+                rows.setdefault(row["image"], row)
             part.unlink()
         ordered = [rows[path] for path in sorted(rows)]
         with atomic_open(self._folder / "predictions.jsonl", "w") as handle:
             for row in ordered:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         with atomic_open(self._folder / "predictions.csv", "w") as handle:
-            calibrated = ("confidence",) if any("confidence" in row for row in ordered) else ()
-            writer = csv.DictWriter(handle, fieldnames=FIELDS + calibrated, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(ordered)
         failed = sum(row["error"] is not None for row in ordered)

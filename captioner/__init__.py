@@ -1,7 +1,7 @@
 """captioner: image captioning experiments on PyTorch Lightning.
 
-`Captioner` (torch) is imported on first use, so `captioner.runtime` (ONNX
-Runtime, numpy and pillow only) imports on machines without torch.
+`Captioner` (torch) is imported on first use, so `captioner.inference.OnnxCaptioner`
+(ONNX Runtime, numpy and pillow only) imports on machines without torch.
 
 Layers, each importing only those below it: `core` (errors, files, parts,
 pixels, hardware, hub: nothing of ours), `compat` (files and names of older
@@ -13,16 +13,16 @@ versions), `text`, `decoding`, `encoders`, `features`, `data`, `models`,
 from captioner.compat.names import install_moved_modules
 from captioner.core.errors import CaptionerError
 from captioner.core.version import __version__
-from captioner.predictions import Prediction
+from captioner.decoding.answers import Prediction
 
-__all__ = ["Captioner", "CaptionerError", "Prediction", "__version__"]
+__all__ = ["Captioner", "CaptionerError", "OnnxCaptioner", "Prediction", "__version__", "load_captioner"]
 
 install_moved_modules()  # captioner 0.3's module names (captioner.errors, ...) keep working
 
 
 def __getattr__(name: str):
-    if name == "Captioner":
-        from captioner.inference import Captioner
+    if name in ("Captioner", "OnnxCaptioner", "load_captioner"):
+        import captioner.inference
 
-        return Captioner
+        return getattr(captioner.inference, name)
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")

@@ -32,6 +32,7 @@ from captioner.core.parts import add_allow_argument, allow_modules, class_paths_
 from captioner.data.datamodule import CaptionDataModule
 from captioner.decoding import config as decoding
 from captioner.encoders.base import encoder_trains
+from captioner.models.building import check_checkpoint_file
 from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
@@ -154,6 +155,8 @@ class CaptionerCLI(LightningCLI):
         config.trainer.precision = checked_precision(config.trainer.precision, config.trainer.accelerator)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(find_last_checkpoint(config.trainer))
+        if config.get("ckpt_path") and config.ckpt_path not in ("best", "hpc"):
+            check_checkpoint_file(config.ckpt_path)  # one line for a file that is not one, before anything runs
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self._continue_run(config)
         if _uses_wandb(config.trainer) and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
@@ -219,13 +222,15 @@ def _configure_logging() -> None:
 
 def caption_command(argv: list[str]) -> int:
     """`python -m captioner caption FILE... --ckpt_path CKPT`: print a caption per file (with `--num_return N`, the N
-    ranked alternatives with their scores; with `--json`, one JSON object per file).
+    ranked alternatives with their scores; with `--json`, one row per file: `captioner.decoding.answers.ROW_FIELDS`).
 
     Returns:
         0 when every file was captioned, 1 when some could not be read.
     """
-    from captioner.captioners import describe_files, load_captioner
     from captioner.data.images import IMAGE_EXTENSIONS, files_and_folders
+    from captioner.decoding.answers import Prediction
+    from captioner.inference.engine import DEFAULT_DECODE_THREADS
+    from captioner.inference.loading import load_captioner
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif), or folders of them "
@@ -233,42 +238,43 @@ def caption_command(argv: list[str]) -> int:
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, an exported or published "
                         "folder, or a hub id (user/name)")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--decode_threads", type=int, default=DEFAULT_DECODE_THREADS, help="images decoded at once")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per file: path, caption, score, "
-                        "alternatives, constraints_met, error")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="one JSON object per file: image, caption, score, "
+                        "confidence, alternatives, constraints_met, clip_score, error")  # fmt: skip
     decoding.add_arguments(parser)
     add_allow_argument(parser)
     options = parser.parse_args(argv)
     allow_modules(*options.allow_module)
     captioner = load_captioner(options.ckpt_path, options.device, options.rerank_clip,
                                **decoding.overrides_from(options))  # fmt: skip
-    captioner.batch_size = options.batch_size
     paths, empty = files_and_folders(options.paths)
     no_images = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder"
-    rows = [{"path": folder, "caption": None, "score": None, "error": no_images} for folder in empty]
+    engine = captioner.engine(batch_size=options.batch_size, decode_threads=options.decode_threads)
     failed = 0
-    for row in itertools.chain(describe_files(captioner, paths), rows):
-        failed += row["error"] is not None
-        if options.json:
-            print(json.dumps(row, ensure_ascii=False))
-        elif row["error"]:
-            print(f"{row['path']}: ERROR {row['error']}")
-        elif "alternatives" in row:
-            print(f"{row['path']}:")
-            for rank, alternative in enumerate(row["alternatives"], 1):
-                unmet = "" if alternative.get("constraints_met", True) else "  [forced words not all met]"
-                print(f"  {rank}. {alternative['caption']}  ({alternative['score']:.3f}){unmet}")
-        else:
-            unmet = "" if row.get("constraints_met", True) else "  [forced words not all met]"
-            print(f"{row['path']}: {row['caption']}{unmet}")
+    for prediction in itertools.chain(engine.predictions(paths), (Prediction.failed(f, no_images) for f in empty)):
+        failed += prediction.error is not None
+        print(json.dumps(prediction.row(), ensure_ascii=False) if options.json else shown(prediction))
     print(f"{len(paths) + len(empty) - failed} captioned, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def shown(prediction) -> str:
+    """One image's answer as `caption` prints it: its caption, or its ranked alternatives, or its error."""
+    unmet = "  [forced words not all met]"
+    if prediction.error:
+        return f"{prediction.image}: ERROR {prediction.error}"
+    if prediction.alternatives is not None:
+        return "\n".join([f"{prediction.image}:", *(
+            f"  {rank}. {entry['caption']}  ({entry['score']:.3f}){'' if entry.get('constraints_met', True) else unmet}"
+            for rank, entry in enumerate(prediction.alternatives, 1))])
+    return f"{prediction.image}: {prediction.caption}{'' if prediction.constraints_met is not False else unmet}"
 
 
 # The commands of captioner's own (name: module, function, what it does); any other goes to LightningCLI.
 COMMANDS = {
     "caption": ("captioner.cli", "caption_command", "caption image files or folders, printed (or --json)"),
-    "caption-set": ("captioner.bulk.job", "caption_set_command",
+    "caption-set": ("captioner.bulk.command", "caption_set_command",
                     "caption a whole set (folders, file lists, shards) as one resumable, distributed job"),
     "serve": ("captioner.serve", "serve_command", "serve a model over HTTP: an API with dynamic batching and a page"),
     "export": ("captioner.export.onnx", "export_command", "export a checkpoint to ONNX: captions without torch"),

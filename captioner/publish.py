@@ -135,7 +135,7 @@ def measure(model: Any, pictures: list[Path], onnx_folder: Path | None = None, b
     result: dict[str, Any] = {"images": len(pictures), "batch_size": batch_size, "hardware": hardware,
                               "pytorch": {"images_per_s": round(rate, 2)}}  # fmt: skip
     if onnx_folder is not None:
-        from captioner.runtime import OnnxCaptioner
+        from captioner.inference import OnnxCaptioner
 
         runtime = OnnxCaptioner(onnx_folder)
         runtime.batch_size = batch_size
@@ -274,7 +274,7 @@ def model_card(meta: dict, report: dict | None, run_config: dict | None, onnx: b
               "python -m captioner caption photo.jpg --ckpt_path <this repository or folder> --num_beams 5", "```"]
     if onnx:
         lines += ["", "Without torch (`pip install onnxruntime numpy pillow` beside captioner):", "", "```python",
-                  "from captioner.runtime import OnnxCaptioner", "",
+                  "from captioner.inference import OnnxCaptioner", "",
                   'print(OnnxCaptioner("<folder>/onnx").caption(["photo.jpg"]))', "```"]  # fmt: skip
     lines += ["", f"Published with captioner {__version__}."]
     return ModelCard("\n".join(lines))

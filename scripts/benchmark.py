@@ -352,9 +352,9 @@ def main() -> None:
                                     images_dir=images_dir, names=served, clients=32, batch_size=16)  # fmt: skip
             # Bulk captioning: the job, one process and two, against Captioner on the same files and batches.
             folder, many = image_folder(images_dir, names, str(tmp / "bulk-images"), sizes["bulk"])
-            bulk = dict(checkpoint=checkpoint, images_dir=folder, batch_size=16, threads=4)
-            measure(r, "bulk_captioner", "bulk: Captioner, timed by stage", caption_files, names=many, **bulk)
-            for processes in (1, 2):
+            bulk = dict(checkpoint=checkpoint, images_dir=folder, batch_size=16, threads=4, device=device)
+            measure(r, "bulk_captioner", "bulk: Captioner.predict (the engine)", caption_files, names=many, **bulk)
+            for processes in (1, 2) if not cuda or torch.cuda.device_count() > 1 else (1,):
                 measure(r, f"bulk_job_{processes}", f"bulk: caption-set, {processes} process(es)", caption_set,
                         work=str(tmp / "bulk"), processes=processes, **bulk)  # fmt: skip
         # The records pass over captions-only shards: time and peak memory against the number of records.

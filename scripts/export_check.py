@@ -27,8 +27,8 @@ from captioner.data.prepared import PreparedData  # noqa: E402
 from captioner.data.splits import load_splits  # noqa: E402
 from captioner.evaluation.report import evaluate_captions  # noqa: E402
 from captioner.export.onnx import export_onnx  # noqa: E402
+from captioner.inference import OnnxCaptioner  # noqa: E402
 from captioner.models.module import CaptionModel  # noqa: E402
-from captioner.runtime import OnnxCaptioner  # noqa: E402
 
 # Decoding compared: greedy, and 5 beams with a length penalty (the runtime's normalisation against PyTorch's).
 SETTINGS = ({"num_beams": 1}, {"num_beams": 5, "length_penalty": 0.6})

@@ -1,4 +1,4 @@
-"""The contract every captioner keeps (`captioner.predictions.CaptionerProtocol`), run on each implementation as the
+"""The contract every captioner keeps (`captioner.inference.CaptionerProtocol`), run on each implementation as the
 decoder suite runs on each decoder: the PyTorch `Captioner` and the torch-free `OnnxCaptioner`, built from one
 trained checkpoint. Code written against the protocol (the server, `caption`, `caption-set`) works with either."""
 
@@ -11,8 +11,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.core.errors import CaptionerError
 from captioner.core.pixels import DECODE_ERRORS
-from captioner.predictions import CaptionerProtocol
-from captioner.runtime import OnnxCaptioner
+from captioner.inference import CaptionerProtocol, OnnxCaptioner
 
 BACKENDS = ["pytorch", "onnx"]
 
@@ -60,7 +59,7 @@ def test_an_unreadable_image_fails_alone_in_predict_and_by_name_in_caption(capti
     broken.write_bytes(b"not a picture at all")
     mixed = [*images[:4], broken, *images[4:]]
     predictions = captioner.predict(mixed)
-    assert [p.source for p in predictions] == [str(p) for p in mixed]
+    assert [p.image for p in predictions] == [str(p) for p in mixed]
     assert predictions[4].caption is None and predictions[4].score is None and predictions[4].error
     good = [p for i, p in enumerate(predictions) if i != 4]
     assert [p.caption for p in good] == captioner.caption(images) and all(p.error is None for p in good)
@@ -116,5 +115,5 @@ def test_pixels_from_bytes_is_the_encoders_input_or_a_decode_error(captioners, b
 def test_both_captioners_answer_alike(captioners, images):
     """The same contract, the same answers: captions, errors and sources match across the two."""
     ours, theirs = (captioners[backend].predict(images) for backend in BACKENDS)
-    assert [(p.source, p.caption, p.error) for p in ours] == [(p.source, p.caption, p.error) for p in theirs]
+    assert [(p.image, p.caption, p.error) for p in ours] == [(p.image, p.caption, p.error) for p in theirs]
     assert np.allclose([p.score for p in ours], [p.score for p in theirs], atol=1e-3)

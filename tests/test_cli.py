@@ -12,6 +12,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.cli import main
 from captioner.decoding import DecodingConfig
+from captioner.decoding.answers import ROW_FIELDS
 from captioner.runs import run_dir
 from tests.conftest import TESTS, TINY_CONFIG, predict_args, tiny_args, wandb_logger_args
 
@@ -157,9 +158,9 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
     predicted = main(predict_args(best, photos, tmp_path / "pred", "--trainer.callbacks.attention_maps", "true", *args))
     folder = run_dir(predicted.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(set(row) == {"path", "caption", "score", "confidence", "error"} for row in rows)
+    assert len(rows) == 3 and all(tuple(row) == ROW_FIELDS and row["confidence"] is not None for row in rows)
     for row in rows:
-        with Image.open(folder / "attention" / (Path(row["path"]).name + ".png")) as figure:
+        with Image.open(folder / "attention" / (Path(row["image"]).name + ".png")) as figure:
             panels = 1 + len(row["caption"].split()) + 1  # the input, each word, <end>
             assert figure.width == 160 * min(5, panels) and figure.height >= 160 * 0.75 * ((panels + 4) // 5)
 

@@ -66,7 +66,7 @@ def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
     assert "9 captioned, 0 failed" in result.stdout
     (predictions,) = (tmp_path / "pred").rglob("predictions.jsonl")
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows) == sorted(p.name for p in photos.iterdir())
+    assert sorted(row["image"].rsplit("/", 1)[-1] for row in rows) == sorted(p.name for p in photos.iterdir())
 
 
 @pytest.mark.slow

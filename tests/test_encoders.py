@@ -23,9 +23,9 @@ from captioner.encoders import HuggingFaceEncoder, OpenClipEncoder, TimmEncoder,
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.export.onnx import export_onnx
 from captioner.features.cache import FEATURES_FILE, INDEX_FILE
+from captioner.inference import OnnxCaptioner
 from captioner.models import captioning
 from captioner.models.module import CaptionModel
-from captioner.runtime import OnnxCaptioner
 from tests.conftest import last_checkpoint, tiny_args
 
 SAMPLE_DATA = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
@@ -118,7 +118,7 @@ def test_each_family_trains_tests_captions_and_exports_with_one_pixel_definition
         captioned = captioner.model.encoder(pixels, grid=grid).numpy()
     exported = export_onnx(captioner.model, tmp_path / "onnx")
     runtime = OnnxCaptioner(exported)  # the checkpoint's decoding settings, from the manifest
-    runtime_pixels = np.stack([runtime._pixels(path) for path in images])
+    runtime_pixels = np.stack([runtime.pixels_from_bytes(path.read_bytes()) for path in images])
     assert np.abs(runtime_pixels.astype(int) - pixels.numpy().astype(int)).max() <= 1  # within one grey level
     from_runtime = runtime.features(runtime_pixels)
     centre = captioned.mean(axis=0)

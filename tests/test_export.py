@@ -17,9 +17,9 @@ from captioner.core.errors import CaptionerError
 from captioner.decoding.confidence import Calibrator
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.export.onnx import export_onnx
+from captioner.inference import OnnxCaptioner
 from captioner.models.decoders import AttentionDecoder, LSTMDecoder, PrefixLMDecoder, TransformerDecoder
 from captioner.models.module import CaptionModel
-from captioner.runtime import OnnxCaptioner
 from captioner.text import Bpe, Vocabulary
 from tests.conftest import TESTS, copy_scenes
 from tests.plugins import GRUDecoder
@@ -86,7 +86,8 @@ def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_sou
         else:
             assert len({b.caption for b in theirs}) > 3  # captions that differ between images, not one for all
         # The graphs and the search alone, on the same pixels: the same captions and log-probabilities.
-        captions, scores = runtime.caption_pixels(pixels.numpy(), **settings)
+        answers = runtime.describe_pixels(pixels.numpy(), runtime.settings(**settings))
+        captions, scores = [a["caption"] for a in answers], [a["score"] for a in answers]
         expected, expected_scores = reference.caption_tensor(pixels, **settings)
         assert captions == expected, (kind, settings)
         assert np.abs(np.array(scores) - np.array(expected_scores)).max() < 1e-3, (kind, settings)
@@ -112,7 +113,7 @@ def captions_without_torch(folder, images) -> tuple[list[str], str]:
         "import json, sys\n"
         "for name in ('torch', 'torchvision', 'lightning', 'pytorch_lightning', 'torchmetrics'):\n"
         "    sys.modules[name] = None  # importing any of them now fails\n"
-        "from captioner.runtime import OnnxCaptioner\n"
+        "from captioner.inference import OnnxCaptioner\n"
         f"captioner = OnnxCaptioner({str(folder)!r})\n"
         f"print(json.dumps([p.caption for p in captioner.predict({[str(i) for i in images]!r})]))\n"
         "loaded = [n for n, m in sys.modules.items() if m is not None and n.split('.')[0] in ('torch', 'lightning')]\n"
@@ -228,7 +229,7 @@ def test_a_calibrated_static_int8_encoder_keeps_the_features_and_captions(traine
     operators = {node.op_type for node in onnx.load(tmp_path / "int8" / "encoder.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= operators and "ConvInteger" not in operators  # not dynamic
     fp32, int8 = OnnxCaptioner(tmp_path / "fp32"), OnnxCaptioner(tmp_path / "int8")
-    held_out = np.stack([fp32._pixels(path) for path in images[60:92]])  # not calibrated on
+    held_out = np.stack([fp32.pixels_from_bytes(path.read_bytes()) for path in images[60:92]])  # not calibrated on
     a, b = fp32.features(held_out), int8.features(held_out)
     centre = a.mean(axis=0)
     cosine = (

@@ -199,7 +199,7 @@ def test_predict_handles_names_with_spaces_and_non_ascii(trained, scenes_source,
     cli = main(predict_args(checkpoint, photos, tmp_path / "runs", "--trainer.callbacks.write_images", "true"))
     folder = run_dir(cli.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["plage à Nice.jpg", "写真 1.png"]
+    assert sorted(r["image"].rsplit("/", 1)[-1] for r in rows) == ["plage à Nice.jpg", "写真 1.png"]
     assert all(r["caption"] for r in rows)
     assert (folder / "captioned" / "été 2024" / "plage à Nice.jpg.png").is_file()
 

@@ -1,5 +1,6 @@
 import logging
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_reused_when_nothing_changed_and_recomputed_when_the_key_changes(tmp_pat
     # The decode path and the precision are part of the key: a CPU-built cache is not what a GPU would compute.
     encoder = TorchvisionEncoder(**ENCODER)
     keys = {cache_key(encoder.spec(), encoder.preprocessing, names, decode=decode, precision=precision)
-            for decode in ("pil", "nvjpeg+pil") for precision in ("fp32", "bf16")}  # fmt: skip
+            for decode in ("pil-reduced", "nvjpeg+pil") for precision in ("fp32", "bf16")}  # fmt: skip
     assert len(keys) == 4 and spec_of().key(names, "cpu") in keys
     other = build(tmp_path, scenes, names[:-1])  # a different image list
     assert other.directory != first.directory and len(calls) == 1
@@ -119,23 +120,35 @@ def test_interrupted_extraction_resumes_at_the_parts_it_finished_to_an_identical
     assert not (directory / PARTS_DIR).exists()  # assembled, then cleaned up
 
 
-def test_ranks_share_the_parts_and_rank_0_assembles_the_cache_a_single_process_makes(tmp_path, scenes):
-    """Two ranks (run one after the other here, as the barriers would order them) each extract every other part."""
+def test_ranks_claim_the_parts_and_rank_0_assembles_the_cache_a_single_process_makes(tmp_path, scenes):
+    """Two ranks at once (threads, with a barrier as DDP's): each claims its next part when it finishes one, every
+    part is extracted once, and rank 0 assembles the cache one process alone makes."""
     names = names_of(scenes)
-    reference = build(tmp_path / "reference", scenes, names, per_part=8)
+    reference = build(tmp_path / "reference", scenes, names, per_part=4)
     spec = spec_of()
     key = spec.key(names)
     directory = spec.directory(tmp_path / "shared", key)
     directory.mkdir(parents=True)
     sink = CacheSink(directory, key, spec, names, scenes / "Images")
-    parts = folder_parts(names, scenes / "Images", 8)
-    extraction_module.extract_parts(parts, spec, sink, batch_size=8, threads=2, rank=1, world_size=2)
-    assert not sink.done(parts[0]) and sink.done(parts[1]) and not sink.done(parts[2])  # rank 0 has not run yet
-    with pytest.raises(CaptionerError, match="does not exist"):  # rank 1 never assembles
-        open_cache(directory, key)
-    extraction_module.extract_parts(parts, spec, sink, batch_size=8, threads=2, rank=0, world_size=2)
+    parts = folder_parts(names, scenes / "Images", 4)
+    written, barrier = [], threading.Barrier(2)
+    writer = sink.writer
+    sink.writer = lambda part: written.append((threading.current_thread().name, part.name)) or writer(part)
+
+    def rank(number: int) -> None:
+        extraction_module.extract_parts(parts, spec, sink, batch_size=4, threads=1, rank=number, world_size=2,
+                                        barrier=barrier.wait)  # fmt: skip
+
+    threads = [threading.Thread(target=rank, args=(number,), name=f"rank{number}") for number in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(name for _, name in written) == sorted(part.name for part in parts)  # each part once
+    assert {who for who, _ in written} == {"rank0", "rank1"}  # both ranks worked
     shared = open_cache(directory, key)
     np.testing.assert_array_equal(np.asarray(shared.features), np.asarray(reference.features))
+    assert not (directory / "claims").exists()
 
 
 def test_a_truncated_complete_cache_is_refused_and_kept_until_the_user_removes_it(tmp_path, scenes):

@@ -11,7 +11,7 @@ ROOT = TESTS.parent
 # Lowest first. A module may import its own layer's modules and those of lower layers, never a higher layer's.
 LAYERS = [
     ("captioner.core", "captioner.compat.names"),
-    ("captioner.text", "captioner.decoding", "captioner.predictions"),
+    ("captioner.text", "captioner.decoding", "captioner.jobs"),
     ("captioner.encoders",),
     ("captioner.compat",),
     ("captioner.features", "captioner.data", "captioner.evaluation"),
@@ -80,6 +80,7 @@ def test_each_layer_imports_only_its_own_and_lower_layers():
 
 
 def test_the_package_and_the_exported_runtime_import_no_torch():
-    code = "import sys, captioner, captioner.runtime, captioner.predictions; assert 'torch' not in sys.modules"
+    code = ("import sys, captioner, captioner.inference.exported, captioner.inference.engine; "
+            "assert 'torch' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr

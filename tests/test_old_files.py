@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from captioner import Captioner
-from captioner.runtime import OnnxCaptioner
+from captioner.inference import OnnxCaptioner
 from tests.old_files import OLD, rebuilt_checkpoint, rebuilt_export
 
 

@@ -68,7 +68,7 @@ def test_a_decoder_from_a_test_file_trains_tests_and_predicts_by_class_path_alon
         Captioner.from_checkpoint(best, device="cpu")
     monkeypatch.setenv("CAPTIONER_ALLOW_MODULES", "tests")
     captions = Captioner.from_checkpoint(best, device="cpu").caption(sorted(photos.iterdir()))
-    assert captions == [row["caption"] for row in sorted(rows, key=lambda row: row["path"])]
+    assert captions == [row["caption"] for row in sorted(rows, key=lambda row: row["image"])]
 
 
 def test_a_checkpoint_of_another_decoder_size_is_refused_naming_the_difference(scenes, tmp_path, capsys):
@@ -92,7 +92,7 @@ def test_the_transformer_trains_and_its_cross_attention_feeds_the_attention_pict
                                   *TRANSFORMER))  # fmt: skip
     folder = run_dir(predicted.trainer)
     for row in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines()):
-        with Image.open(folder / "attention" / (Path(row["path"]).name + ".png")) as figure:
+        with Image.open(folder / "attention" / (Path(row["image"]).name + ".png")) as figure:
             panels = 1 + len(row["caption"].split()) + 1  # the input, each word, <end>
             assert figure.width == 160 * min(5, panels)
 

@@ -50,8 +50,8 @@ def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes
     assert f"{good} captioned, {bad} failed" in capsys.readouterr().out
     folder = run_dir(cli.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == good + bad and len({r["path"] for r in rows}) == len(rows)
-    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert len(rows) == good + bad and len({r["image"] for r in rows}) == len(rows)
+    by_name = {r["image"].rsplit("/", 1)[-1]: r for r in rows}
     for name in ("not_an_image.jpg", "empty.png", "truncated.jpg"):
         assert by_name[name]["caption"] is None and by_name[name]["error"]
     for name in (
@@ -71,8 +71,9 @@ def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes
         assert not any(token in row["caption"] for token in ("<start>", "<end>", "<pad>", "<unk>"))
     with (folder / "predictions.csv").open(newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert [r["path"] for r in table] == [r["path"] for r in rows]
-    assert table[0].keys() == {"path", "caption", "score", "confidence", "error"}  # calibrated on validation
+    assert [r["image"] for r in table] == [r["image"] for r in rows]
+    # Every row field but the alternatives (a list, in predictions.jsonl); a confidence: calibrated on validation.
+    assert tuple(table[0]) == ("image", "caption", "score", "confidence", "constraints_met", "clip_score", "error")
     assert all(0 <= float(r["confidence"]) <= 1 for r in table if not r["error"])
     pictures = sorted((folder / "captioned").rglob("*.png"))
     assert len(pictures) == good
@@ -145,7 +146,7 @@ def test_caption_command_takes_folders_captioning_every_image_under_them(trained
     out = capsys.readouterr()
     rows = [json.loads(line) for line in out.out.strip().splitlines()]
     found = [str(photos / "a.jpg"), str(photos / "b.jpg"), str(photos / "sub" / "c.jpg")]
-    assert [row["path"] for row in rows] == [*found, str(empty)]
+    assert [row["image"] for row in rows] == [*found, str(empty)]
     expected = Captioner.from_checkpoint(checkpoint, device="cpu").caption(images)
     assert [row["caption"] for row in rows[:3]] == expected and all(row["error"] is None for row in rows[:3])
     assert rows[3]["caption"] is None and "no image files" in rows[3]["error"]
@@ -167,7 +168,7 @@ def test_caption_command_prints_the_ranked_alternatives_and_json_a_script_reads(
     main(["caption", *map(str, images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--num_return", "3",
           "--force_words", "circle|square|triangle", "--json"])  # fmt: skip
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [row["path"] for row in rows] == list(map(str, images)) and all(row["error"] is None for row in rows)
+    assert [row["image"] for row in rows] == list(map(str, images)) and all(row["error"] is None for row in rows)
     for row in rows:
         assert len(row["alternatives"]) == 3 and row["caption"] == row["alternatives"][0]["caption"]
         for alternative in row["alternatives"]:
@@ -219,8 +220,8 @@ def test_reranking_by_clip_score_returns_the_alternative_clip_prefers(trained, s
     import torchvision.transforms.v2.functional as TF
     import transformers
 
-    from captioner.captioners import load_captioner
     from captioner.evaluation.clip_score import PROMPT, write_random_clip
+    from captioner.inference import load_captioner
 
     checkpoint, _ = trained
     words = "a an the red blue green yellow circle square triangle on left right of small large photo depicts"

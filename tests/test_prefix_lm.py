@@ -170,8 +170,8 @@ def test_every_language_model_family_trains_captions_and_exports_to_the_same_cap
 
     from captioner.decoding import DecodingConfig
     from captioner.export import export_onnx
+    from captioner.inference import OnnxCaptioner
     from captioner.models.module import CaptionModel
-    from captioner.runtime import OnnxCaptioner
     from captioner.text.words import Vocabulary
     from tests.plugins import TinyConvEncoder
 
@@ -227,8 +227,8 @@ def test_lora_checkpoints_hold_the_adapters_and_export_merges_them_into_the_same
 
     from captioner.decoding import DecodingConfig
     from captioner.export import export_onnx
+    from captioner.inference import OnnxCaptioner
     from captioner.models.module import CaptionModel
-    from captioner.runtime import OnnxCaptioner
     from captioner.text.words import Vocabulary
     from tests.plugins import TinyConvEncoder
 

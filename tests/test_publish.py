@@ -51,7 +51,7 @@ def test_publish_writes_the_hubs_layout_and_from_pretrained_captions_as_the_chec
     images = sorted((scenes_source / "Images").iterdir())[:6]
     expected = Captioner.from_checkpoint(checkpoint, device="cpu").caption(images)
     assert Captioner.from_pretrained(folder, device="cpu").caption(images) == expected
-    from captioner.runtime import OnnxCaptioner
+    from captioner.inference import OnnxCaptioner
 
     assert OnnxCaptioner(folder / "onnx").caption(images) == expected  # the export in the folder, torch-free
     capsys.readouterr()
@@ -79,8 +79,8 @@ def test_the_card_reports_the_speed_measured_and_the_int8_exports_differences(te
     and, with `--onnx --quantize int8`, how the int8 export's captions differ from PyTorch's, measured, not assumed."""
     from huggingface_hub import ModelCard
 
+    from captioner.inference import OnnxCaptioner
     from captioner.publish import measure
-    from captioner.runtime import OnnxCaptioner
 
     checkpoint, _ = tested_run
     pictures = copy_scenes(scenes_source, tmp_path / "pictures", 12)

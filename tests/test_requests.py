@@ -1,6 +1,7 @@
 """One request at a time, in this process: every decoding setting a request may set, the model's limits checked
-before it runs, and the batching loop answering each request of a batch on its own."""
+before it runs, decodes bounded, and the batcher answering each request of a batch on its own."""
 
+import asyncio
 import base64
 import dataclasses
 import io
@@ -10,7 +11,6 @@ import time
 import pytest
 import torch
 from fastapi import HTTPException
-from litserve.utils import LitAPIStatus, PickleableHTTPException
 from PIL import Image
 
 from captioner import Captioner
@@ -20,7 +20,7 @@ from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.models.decoders import TransformerDecoder
 from captioner.models.module import CaptionModel
 from captioner.serve.api import CaptionAPI, request_bounds
-from captioner.serve.batching import IsolatingBatchedLoop
+from captioner.serve.batching import RequestBatcher
 from captioner.text.words import Vocabulary
 
 VOCABULARY = Vocabulary(["a", "red", "blue", "circle", "square", "on", "the", "left"], max_length=12)
@@ -39,8 +39,13 @@ def transformer_captioner(max_length: int = 16) -> Captioner:
 @pytest.fixture(scope="module")
 def api() -> CaptionAPI:
     api = CaptionAPI("unused.ckpt", max_decodes=2)
-    api.captioner, api.decode_slots = transformer_captioner(), threading.BoundedSemaphore(2)
+    api.attach(transformer_captioner())
     return api
+
+
+def decoded(api: CaptionAPI, request: dict) -> dict:
+    """`decode_request` as the server runs it (in an event loop)."""
+    return asyncio.run(api.decode_request(request))
 
 
 def jpeg(colour: str = "red") -> str:
@@ -65,13 +70,13 @@ def test_a_request_may_set_every_decoding_setting_for_itself(api):
     names = {field.name for field in dataclasses.fields(DecodingConfig)}
     assert set(request_bounds(api.captioner.limits)) == names == set(EVERY_SETTING)
     together = {name: value for name, value in EVERY_SETTING.items() if name != "force_words"}  # not with groups
-    decoded = api.decode_request({"image": jpeg(), **{name: sent for name, (sent, _) in together.items()}})
-    assert decoded["decoding"] == DecodingConfig(**{name: meant for name, (_, meant) in together.items()})
-    assert decoded["image"].shape == (3, 32, 32)
+    request = decoded(api, {"image": jpeg(), **{name: sent for name, (sent, _) in together.items()}})
+    assert request["decoding"] == DecodingConfig(**{name: meant for name, (_, meant) in together.items()})
+    assert request["pixels"].shape == (3, 32, 32)
     # Each setting alone, on top of the server's own.
     for name, (sent, meant) in EVERY_SETTING.items():
         request = {"image": jpeg(), name: sent, **({"num_beams": 4} if name in ("num_beam_groups",) else {})}
-        assert getattr(api.decode_request(request)["decoding"], name) == meant, name
+        assert getattr(decoded(api, request)["decoding"], name) == meant, name
 
 
 @pytest.mark.parametrize(("request_fields", "status", "says"), [
@@ -86,7 +91,7 @@ def test_a_request_may_set_every_decoding_setting_for_itself(api):
 ])  # fmt: skip
 def test_a_setting_the_model_cannot_honour_is_a_4xx_naming_the_limit(api, request_fields, status, says):
     with pytest.raises(HTTPException) as refused:
-        api.decode_request({"image": jpeg(), **request_fields})
+        decoded(api, {"image": jpeg(), **request_fields})
     assert refused.value.status_code == status and says in refused.value.detail
 
 
@@ -100,75 +105,88 @@ def test_the_python_api_refuses_the_same_settings_before_the_model_runs():
     assert len(captioner.caption(image, max_length=15, min_length=15)[0].split()) >= 15  # the limit itself runs
 
 
-class Transport:
-    """What the loop sends back, by request id."""
+class SlowCaptioner:
+    """Decodes take a while and are counted (how many at once); "bad" uploads fail to decode; "model-fails" fails in
+    the model."""
 
-    def __init__(self) -> None:
-        self.sent: dict[str, tuple] = {}
-
-    def send(self, item, consumer_id) -> None:
-        uid, (data, status, *_) = item
-        self.sent[uid] = (data, status)
-
-
-class Callbacks:
-    def trigger_event(self, *args, **kwargs) -> None:
-        pass
-
-
-class SlowDecodes:
-    """A LitAPI whose requests take a while to decode, counting how many decode at once; "bad" ones fail."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots, self.lock = threading.BoundedSemaphore(slots), threading.Lock()
+    def __init__(self, captioner: Captioner) -> None:
+        self.inner, self.lock = captioner, threading.Lock()
         self.running = self.most = 0
         self.batches: list[list[str]] = []
+        self.decoding, self.limits = captioner.decoding, captioner.limits
 
-    def decode_request(self, request: str) -> str:
-        with self.slots:
-            with self.lock:
-                self.running += 1
-                self.most = max(self.most, self.running)
-            time.sleep(0.05)
-            with self.lock:
-                self.running -= 1
-        if request.startswith("bad"):
-            raise HTTPException(422, f"{request} cannot be decoded")
-        if request == "crash":
-            raise RuntimeError("a bug")
-        return request
+    def pixel_decoder(self):
+        return self.inner.pixel_decoder()
 
-    def batch(self, inputs):
-        return inputs
+    def pixels_from_bytes(self, data: bytes, max_pixels=None):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return self.inner.pixels_from_bytes(data, max_pixels)
 
-    def predict(self, inputs):
-        self.batches.append(list(inputs))
-        return [ValueError("this one failed in the model") if item == "model-fails" else f"caption of {item}"
-                for item in inputs]  # fmt: skip
-
-    def unbatch(self, outputs):
-        return outputs
-
-    def encode_response(self, output):
-        return {"caption": output}
+    def describe_pixels(self, pixels, config, attention=False):
+        return self.inner.describe_pixels(pixels, config, attention)
 
 
-def test_each_request_of_a_batch_is_decoded_and_answered_on_its_own_with_decodes_bounded():
-    api, transport, loop = SlowDecodes(slots=3), Transport(), IsolatingBatchedLoop(decode_threads=3)
-    loop.start_decoders()  # what the worker does before its first batch
-    requests = [f"good{i}" for i in range(9)] + ["bad-jpeg", "crash", "model-fails"]
-    batch = [(0, f"uid-{name}", name) for name in requests]
+def test_each_request_is_decoded_and_answered_on_its_own_with_decodes_bounded():
+    """Twelve requests at once through the server's own path (decode, batch, answer): three decodes at a time, never
+    more; the bad upload gets its 415, the out-of-range setting its 400, and the rest their captions, batched."""
+    api = CaptionAPI("unused.ckpt", max_decodes=3, max_batch_size=16, batch_timeout=0.2)
+    slow = SlowCaptioner(transformer_captioner())
+    api.attach(slow)
+    requests = [{"image": jpeg(colour)} for colour in ("red", "blue", "green") * 3]
+    requests += [{"image": base64.b64encode(b"garbage").decode()}, {"image": jpeg(), "max_length": 100}]
+
+    async def served(request: dict):
+        try:
+            return await api.encode_response(await api.predict(await api.decode_request(request)))
+        except HTTPException as refused:
+            return refused
+
+    async def all_at_once():
+        return await asyncio.gather(*(served(request) for request in requests))
+
     started = time.perf_counter()
-    loop.serve_batch(api, batch, transport, Callbacks())
+    answers = asyncio.run(all_at_once())
     took = time.perf_counter() - started
+    assert slow.most == 3 and took < 10 * 0.05  # decodes ran three at a time, overlapping, never more
+    good = answers[:9]
+    assert all(answer["caption"] and answer["error"] is None for answer in good)
+    assert max(answer["time_ms"]["batch_size"] for answer in good) > 1  # those that arrived together were batched
+    expected = slow.inner.caption([Image.new("RGB", (40, 30), c) for c in ("red", "blue", "green")])
+    assert [answer["caption"] for answer in good[:3]] == expected
+    assert answers[9].status_code == 415 and answers[10].status_code == 400
 
-    assert api.most == 3  # decodes ran three at a time, never more
-    assert took < 12 * 0.05  # so the batch's decodes overlapped
-    assert api.batches == [[f"good{i}" for i in range(9)] + ["model-fails"]]  # only what decoded reached the model
-    for i in range(9):
-        assert transport.sent[f"uid-good{i}"] == ({"caption": f"caption of good{i}"}, LitAPIStatus.OK)
-    refused, status = transport.sent["uid-bad-jpeg"]
-    assert status == LitAPIStatus.ERROR and isinstance(refused, PickleableHTTPException)
-    assert refused.status_code == 422 and "bad-jpeg cannot be decoded" in refused.detail
-    assert transport.sent["uid-crash"][1] == LitAPIStatus.ERROR
-    assert transport.sent["uid-model-fails"][1] == LitAPIStatus.ERROR
+
+def test_the_batcher_answers_each_request_with_its_own_result_or_error():
+    """A request whose result is an error gets it alone; a batch that fails as a whole tells each of its requests;
+    requests gathered within the window share a batch of at most `max_size`."""
+    batches: list[list[str]] = []
+
+    def run(items: list[str]) -> list:
+        batches.append(items)
+        if "crash" in items:
+            raise RuntimeError("the model failed")
+        return [ValueError(f"{item} failed") if item.startswith("bad") else f"caption of {item}" for item in items]
+
+    batcher = RequestBatcher(run, max_size=4, timeout=0.2)
+
+    async def submitted(item: str):
+        try:
+            return await batcher.submit(item)
+        except Exception as error:
+            return error
+
+    async def main():
+        first = await asyncio.gather(*(submitted(item) for item in ["a", "bad-b", "c", "d", "e"]))
+        second = await asyncio.gather(*(submitted(item) for item in ["f", "crash"]))
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first[0] == "caption of a" and str(first[1]) == "bad-b failed"
+    assert first[2:] == ["caption of c", "caption of d", "caption of e"]
+    assert [len(batch) for batch in batches[:2]] == [4, 1]  # five at once: a full batch, then the rest
+    assert all(isinstance(answer, RuntimeError) for answer in second)  # the batch failed: both are told

@@ -3,6 +3,7 @@
 import base64
 import contextlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -127,10 +128,10 @@ def test_a_request_decodes_with_its_own_settings(server, pictures, trained):
 
     def served(**settings) -> dict:
         body = post(server, pictures[5], **settings).json()
-        return {key: body[key] for key in ("caption", "score", "alternatives") if key in body}
+        return {key: body[key] for key in ("caption", "score", "alternatives") if body[key] is not None}
 
     greedy = post(server, pictures[5], num_beams=1, num_return=1).json()
-    assert "alternatives" not in greedy
+    assert greedy["alternatives"] is None
     for settings in (
         {"num_beams": 5, "num_return": 5, "length_penalty": 0.6},
         {"num_beams": 4, "num_return": 4, "num_beam_groups": 2, "diversity_penalty": 2.0, "early_stopping": "never"},
@@ -487,3 +488,88 @@ def test_the_0_2_beams_option_of_serve_still_works_as_num_return(capsys, monkeyp
     with pytest.raises(CaptionerError, match="both beams=3 and num_return=2"):
         given("--beams", "3", "--num_return", "2")
     assert capsys.readouterr().err.count("'beams' is deprecated; it is 'num_return' now") == 1  # once a process
+
+
+# The same images and settings through every entry point: `Captioner`, `OnnxCaptioner`, `caption --json`, `caption-set`,
+# Lightning's `predict` and the server. (Here, beside the server this file already runs.)
+CASES = {
+    "default": ({}, [], []),
+    "constrained": ({"num_beams": 3, "force_words": ("red",)}, ["--num_beams", "3", "--force_words", "red"],
+                    ["--model.decoding.num_beams", "3", "--model.decoding.force_words", '["red"]']),
+    "sampled": ({"do_sample": True, "seed": 5, "temperature": 1.5},
+                ["--do_sample", "--seed", "5", "--temperature", "1.5"],
+                ["--model.decoding.num_beams", "1", "--model.decoding.do_sample", "true", "--model.decoding.seed", "5",
+                 "--model.decoding.temperature", "1.5"]),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def conformance_images(pictures, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("conformance") / "images"
+    folder.mkdir()
+    for picture in pictures[:5]:
+        (folder / picture.name).write_bytes(picture.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a picture at all")
+    return folder
+
+
+def by_name(rows) -> dict[str, dict]:
+    return {Path(row["image"]).name: row for row in rows}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_entry_point_gives_the_same_rows_fields_and_errors(case, server, trained, conformance_images,
+                                                                 tmp_path, capsys):  # fmt: skip
+    from captioner.bulk.command import caption_set_command
+    from captioner.bulk.job import read_rows
+    from captioner.cli import main
+    from captioner.decoding.answers import ROW_FIELDS
+    from captioner.inference import OnnxCaptioner
+    from captioner.runs import run_dir
+    from tests.conftest import predict_args
+
+    settings, flags, config = CASES[case]
+    checkpoint = trained[0]
+    paths = sorted(conformance_images.iterdir())
+    rows = {"Captioner": by_name(p.row() for p in Captioner.from_checkpoint(checkpoint, device="cpu",
+                                                                           batch_size=4).predict(paths, **settings))}
+    exported = tmp_path / "exported"
+    main(["export", "--ckpt_path", str(checkpoint), "--output", str(exported)])
+    rows["OnnxCaptioner"] = by_name(p.row() for p in OnnxCaptioner(exported, batch_size=4).predict(paths, **settings))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # exit status 1: one file failed
+        main(["caption", str(conformance_images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--json", *flags])
+    rows["caption"] = by_name(json.loads(line) for line in capsys.readouterr().out.splitlines())
+    caption_set_command(["--ckpt_path", str(checkpoint), "--input", str(conformance_images), "--output",
+                         str(tmp_path / "set"), *flags])  # fmt: skip
+    rows["caption-set"] = by_name(read_rows(tmp_path / "set"))
+    predicted = main(predict_args(checkpoint, conformance_images, tmp_path / "predict", *config))
+    rows["predict"] = by_name(json.loads(line) for line in (run_dir(predicted.trainer) / "predictions.jsonl")
+                              .read_text().splitlines())  # fmt: skip
+    served = {}
+    for path in paths:
+        response = post(server, path, as_json=True, **{k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in settings.items()})  # fmt: skip
+        served[path.name] = response.json() if response.status_code == 200 else {"status": response.status_code}
+    rows["serve"] = served
+
+    reference = rows["Captioner"]
+    assert reference["broken.jpg"]["error"] and reference["broken.jpg"]["caption"] is None
+    assert served["broken.jpg"] == {"status": 415}  # the server answers a bad upload with its own status
+    for entry_point, got in rows.items():
+        assert sorted(got) == sorted(reference), entry_point
+        for name, row in got.items():
+            if entry_point == "serve" and name == "broken.jpg":
+                continue
+            assert tuple(row)[: len(ROW_FIELDS)] == ROW_FIELDS, (entry_point, name)  # every field, in order
+            expected = reference[name]
+            assert row["caption"] == expected["caption"], (entry_point, case, name)
+            assert row["error"] == expected["error"], (entry_point, name)
+            if expected["caption"] is not None:
+                assert row["score"] == pytest.approx(expected["score"], abs=1e-3), (entry_point, name)
+                assert row["confidence"] == pytest.approx(expected["confidence"], abs=2e-3), (entry_point, name)
+                assert row["constraints_met"] == expected["constraints_met"], (entry_point, name)
+    if case == "constrained":
+        assert all(row["constraints_met"] for row in reference.values() if row["caption"])
+    else:
+        assert all(row["constraints_met"] is None for row in reference.values())

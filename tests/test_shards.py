@@ -161,11 +161,12 @@ def test_streamed_extraction_and_training_killed_and_resumed_match_the_coco_run(
 
 @pytest.mark.slow
 def test_shards_train_the_model_the_coco_format_trains_with_the_same_config(scenes_and_shards, tmp_path):
-    """The same scenes, config and split, only `data_dir` changed: the same captions per step, both learning (an
-    untrained decoder repeats one word: BLEU-4 near 0), held-out BLEU-4 within 10 points and CIDEr within 40 (one
-    process each; the order of the captions is all that differs). At this size (139 training images, 6 epochs) three
-    seeds of one format spread over 5 BLEU-4 and 20 CIDEr points, so only a broken stream fails here; the demo's
-    2,400 scenes compare the two formats closely (`scripts/demo_check.py --shards`, in the README)."""
+    """The same scenes, config and split, only `data_dir` changed: both learning (an untrained decoder repeats one
+    word: BLEU-4 near 0) and held-out CIDEr within 20 points (one process each; the order of the captions is all that
+    differs). At this size (139 training images, 6 epochs) BLEU-4 is too noisy to compare: three seeds of the
+    streamed format spread over 17 BLEU-4 points on a 2-core Xeon (36 to 53), while CIDEr stayed within 8 of each
+    seed's COCO run (75 to 83 for both formats; an untrained model scores near 0): only a broken stream fails here.
+    The demo's 2,400 scenes compare the two formats closely (`scripts/demo_check.py --shards`, in the README)."""
     from captioner.cli import main
 
     coco, shards = scenes_and_shards
@@ -180,9 +181,9 @@ def test_shards_train_the_model_the_coco_format_trains_with_the_same_config(scen
     # Steps per epoch: 139 images x 5 captions in batches of 16 (the cache drops one last partial batch, the stream
     # one per pass): within a pass's share of each other.
     assert abs(scores["streamed"][2] - scores["coco"][2]) <= 6 * 5, scores
-    assert abs(scores["streamed"][0] - scores["coco"][0]) <= 10.0, scores
-    assert abs(scores["streamed"][1] - scores["coco"][1]) <= 40.0, scores
+    assert abs(scores["streamed"][1] - scores["coco"][1]) <= 20.0, scores
     assert min(scores["coco"][0], scores["streamed"][0]) > 20, scores
+    assert min(scores["coco"][1], scores["streamed"][1]) > 30, scores
 
 
 def test_the_shuffle_window_is_narrowed_where_a_wide_one_would_drop_part_of_a_pass(tmp_path):

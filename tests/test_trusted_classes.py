@@ -11,8 +11,8 @@ from captioner import Captioner
 from captioner.cli import main
 from captioner.core.errors import CaptionerError
 from captioner.export.onnx import export_onnx
+from captioner.inference import OnnxCaptioner
 from captioner.models.module import CaptionModel
-from captioner.runtime import OnnxCaptioner
 
 FOREIGN = '''
 from pathlib import Path
@@ -88,3 +88,44 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_message_without_unsaf
     assert len(error.strip().splitlines()) == 1
     if content == "object":
         assert "Pickled" in error  # what it refused
+
+
+class RunsCode:
+    """Unpickling this writes a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+COMMANDS_THAT_LOAD_A_MODEL = {
+    "serve": ["serve", "--port", "1"],
+    "caption-set": ["caption-set", "--input", "{photos}", "--output", "{out}"],
+    "test": ["test", "--config", "{tiny}"],
+    "validate": ["validate", "--config", "{tiny}"],
+    "predict": ["predict", "--config", "{tiny}", "--data.predict_dir", "{photos}"],
+    "fit": ["fit", "--config", "{tiny}"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS_THAT_LOAD_A_MODEL))
+def test_every_command_refuses_a_file_that_would_run_code_in_one_line_before_it_starts(command, tmp_path, capsys):
+    """A pickle that would run code given to `serve`, `caption-set`, `test`, `validate`, `predict` or `fit
+    --ckpt_path`: the one line `caption` prints, exit 2, before any server, job or run starts, and no code ran."""
+    from tests.conftest import TINY_CONFIG
+
+    marker = tmp_path / "the code ran"
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCode(str(marker))}, path)
+    (tmp_path / "photos").mkdir()
+    filled = {"photos": str(tmp_path / "photos"), "out": str(tmp_path / "out"), "tiny": str(TINY_CONFIG)}
+    argv = [part.format(**filled) for part in COMMANDS_THAT_LOAD_A_MODEL[command]]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--ckpt_path", str(path)])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and not marker.exists()
+    assert error.startswith(f"error: {path} is not a captioner checkpoint") and len(error.splitlines()) == 1, error
+    assert "io.open was not an allowed global" in error and "weights_only" not in error  # what it refused
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("**/lightning_logs"))  # nothing started

@@ -1,245 +1,334 @@
-"""Captioning a set of images as one job: resumable, idempotent, shared out over the processes Lightning launches.
+"""Captioning a set of images as one job over parts: any worker claims the next part, every part written whole,
+resumable, and refusing to mix two models' or two settings' captions in one output (the command and its launchers:
+`captioner.bulk.command`).
 
-    python -m captioner caption-set --ckpt_path best.ckpt --input photos/ --format txt
-    python -m captioner caption-set --ckpt_path best.ckpt --input 'shards/{00000..00099}.tar' --format webdataset \\
-        --output recaptioned/ --trainer.devices 8 --trainer.num_nodes 2 --num_beams 3
+Workers, launched by Lightning (`--trainer.devices`, `--trainer.num_nodes`), or started on their own
+(`--launcher none`), or mapped by Ray Data (`--launcher ray`, `captioner.bulk.ray_data`), share the parts through
+claims in the output's state folder (`captioner.jobs.claims`): a worker claims its next part when it finishes one,
+so a slow worker never holds the job, and a dead worker's part is taken over once its lease runs out. Each part's
+images go through the captioning engine (`captioner.inference.engine`: decoded in threads, the next batches
+decoding while this one is captioned), and its output is put in place whole when the part is done
+(`captioner.bulk.outputs`), with its provenance; the part's record (`.captioner-job/parts/<part>.json`) then marks it
+done. A rerun, or a killed run started again, does only the parts not done, so every image is captioned once into
+the outputs.
 
-Every rank (Lightning Fabric's launch: `--trainer.devices`, `--trainer.num_nodes`,
-DDP) takes its share of the parts not done (rank 0 decides which, for all), decodes
-their images in threads, captions them in batches and writes each part's output
-atomically when the part is done (`captioner.bulk.outputs`). A rerun, or a killed
-run started again, does only the parts not done, so no image is captioned twice
-into the outputs; `--overwrite` redoes everything. Rank 0 shows one progress bar
-(images/s and ETA over all ranks) and prints one summary at the end: captioned,
-failed with their reasons, skipped as done.
+A job knows what it is: its fingerprint (the model's digest, the decoding settings, the reranker, the output
+format, the input, captioner's version) is kept in `.captioner-job/job.json`, and a rerun or resume with another is
+refused in one line naming what differs (`--overwrite` redoes the job; another `--output` starts a new one). The
+summary (printed, and `.captioner-job/summary.json`) adds up every part: captioned, failed by reason, the
+calibrated confidence's distribution, the share of duplicate captions and of captions that repeat themselves; with
+`--review_below X` the images under that confidence go to `review/index.html` and `review/review.jsonl` for a
+curator.
 
-An image's caption does not depend on its batch-mates, its rank or the entry point:
-the same search as `caption`, `Captioner` and the server, seeded sampling included
-(each image's random stream is seeded by its pixels).
+An image's caption does not depend on its batch-mates, its worker or the entry point: the same search as
+`caption`, `Captioner` and the server, seeded sampling included (each image's random stream is seeded by its pixels).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
-import sys
+import socket
 import time
-from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from captioner.bulk.inputs import FILES_PER_PART, InputPart, Sample, input_parts
-from captioner.bulk.outputs import FORMATS, Output, output_for
+from captioner.bulk.inputs import InputPart, input_parts
+from captioner.bulk.outputs import Output, output_for
+from captioner.bulk.quality import CaptionTally
+from captioner.bulk.review import gathered_review, review_row, write_part_review, write_review
 from captioner.core.errors import CaptionerError
-from captioner.core.files import read_json, write_json
-from captioner.core.parts import add_allow_argument, allow_modules
-from captioner.core.pixels import DECODE_ERRORS, describe_error
+from captioner.core.files import read_json, remove_leftovers, write_json
+from captioner.core.pipeline import ImageInput
+from captioner.core.version import __version__
 from captioner.decoding import config as decoding_config
+from captioner.jobs.claims import Claims, new_worker_id, work_through
+from captioner.jobs.state import PARTS_DIR, JobState, fingerprint_digest
 
 log = logging.getLogger("captioner")
 STATE_DIR = ".captioner-job"
 PROGRESS_EVERY_S = 1.0
 
 
-def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    batch = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def model_identity(path: str | Path) -> dict[str, str]:
+    """What identifies a model in a job's fingerprint: the SHA-256 of a checkpoint file, of an exported folder's
+    manifest (which holds every file's digest), or of a published folder's files; a hub id by its name."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        return {"sha256": digest.hexdigest()}
+    if path.is_dir():
+        files = [path / "manifest.json"] if (path / "manifest.json").is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file())  # fmt: skip
+        for file in files:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
+        return {"sha256": digest.hexdigest()}
+    return {"hub_id": str(path)}
 
 
-class Tally:
-    """What a rank did: images captioned, failed (by reason), skipped as done; written for rank 0 to add up."""
+def input_identity(source: str, parts: list[InputPart]) -> dict[str, Any]:
+    """The input in a job's fingerprint: where it is, and a digest of its parts (names, files, shards)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps([part.name, part.shard, part.files]).encode())
+    return {"source": source, "parts": len(parts), "digest": digest.hexdigest()[:16]}
 
-    def __init__(self, folder: Path, rank: int) -> None:
-        self.path = folder / f"rank{rank}.json"
-        self.captioned, self.skipped, self.failed = 0, 0, Counter()
-        self.examples: dict[str, str] = {}
-        self.saved = 0.0
 
-    def fail(self, name: str, reason: str) -> None:
-        kind = reason.split(":")[0].split(" (")[0]
-        self.failed[kind] += 1
-        self.examples.setdefault(kind, f"{name}: {reason}")
+def job_fingerprint(options: argparse.Namespace, captioner: Any, parts: list[InputPart]) -> dict[str, Any]:
+    """Everything the captions depend on: the model, the decoding settings it runs with (its own, overridden), the
+    reranker, the output format, the input and captioner's version."""
+    return {"model": model_identity(options.ckpt_path), "decoding": captioner.decoding.to_dict(),
+            "rerank_clip": options.rerank_clip, "format": options.format,
+            "input": input_identity(options.input, parts), "captioner": __version__}  # fmt: skip
 
-    def save(self, force: bool = False) -> None:
-        if force or time.monotonic() - self.saved > PROGRESS_EVERY_S:
-            write_json(self.path, {"captioned": self.captioned, "skipped": self.skipped, "failed": dict(self.failed),
-                                   "examples": self.examples})  # fmt: skip
-            self.saved = time.monotonic()
 
-    @staticmethod
-    def total(folder: Path) -> dict[str, Any]:
-        """Every rank's counts added up."""
-        total = {"captioned": 0, "skipped": 0, "failed": Counter(), "examples": {}}
-        for path in folder.glob("rank*.json"):
+class Progress:
+    """What a worker has done in this run, written every second for whoever shows the job's progress."""
+
+    def __init__(self, folder: Path, worker: str) -> None:
+        self.folder = folder / "workers"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.images, self.saved = self.folder / f"{worker}.json", 0, 0.0
+
+    def add(self, images: int) -> None:
+        self.images += images
+        if time.monotonic() - self.saved > PROGRESS_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        write_json(self.path, {"images": self.images})
+        self.saved = time.monotonic()
+
+    def total(self) -> int:
+        """Images every worker of this run has gone through so far."""
+        count = 0
+        for path in self.folder.glob("*.json"):
             try:
-                counts = read_json(path, "Job progress")
-            except CaptionerError:  # being replaced right now: read at the next refresh
+                count += int(read_json(path, "A worker's progress")["images"])
+            except (CaptionerError, KeyError, TypeError, ValueError):  # being replaced right now
                 continue
-            total["captioned"] += counts["captioned"]
-            total["skipped"] += counts["skipped"]
-            total["failed"].update(counts["failed"])
-            total["examples"].update(counts["examples"])
-        return total
+        return count
 
 
-def _wanted(part: InputPart, output: Output, overwrite: bool, tally: Tally) -> Iterator[Sample]:
-    """The part's images that still need a caption (the others counted as skipped)."""
+def _samples(part: InputPart, output: Output, replace: bool, tally: CaptionTally) -> Iterator[ImageInput]:
+    """The part's images that need a caption, as the engine's inputs (the others counted as skipped)."""
     for sample in part.samples():
-        if output.wanted(part, sample, overwrite):
-            yield sample
+        if output.wanted(part, sample, replace):
+            yield ImageInput(sample.name, sample.data, sample)
         else:
             tally.skipped += 1
 
 
-def caption_part(captioner: Any, part: InputPart, output: Output, batch_size: int, pool: ThreadPoolExecutor,
-                 tally: Tally, overwrite: bool, bar: Any = None, state: Path | None = None) -> None:  # fmt: skip
-    """Caption one part's images in batches and write its output, complete, at the end."""
-    written = output.begin(part)
+def caption_part(engine: Any, config: Any, part: InputPart, output: Output, provenance: dict[str, Any],
+                 replace: bool = False, review_below: float | None = None, progress: Progress | None = None,
+                 still_held: Any = lambda: True) -> tuple[CaptionTally, list[dict[str, Any]]] | None:  # fmt: skip
+    """Caption one part's images through the engine and put its output in place whole.
+
+    Returns:
+        The part's tally and its rows to review, or None when the part was given up (`still_held()` said another
+        worker took it over: its copy is dropped).
+    """
+    tally, review = CaptionTally(), []
+    written = output.begin(part, provenance)
     try:
-        for batch in _batches(_wanted(part, output, overwrite, tally), batch_size):
-            decoded = list(pool.map(lambda sample: _pixels(captioner, sample), batch))
-            ok = [index for index, pixels in enumerate(decoded) if not isinstance(pixels, str)]
-            described = captioner.describe([decoded[i] for i in ok]) if ok else []
-            rows = [{"image": sample.name, "caption": None, "score": None, "error": pixels}
-                    if isinstance(pixels, str) else None for sample, pixels in zip(batch, decoded)]  # fmt: skip
-            for index, row in zip(ok, described):
-                rows[index] = {"image": batch[index].name, "caption": row["caption"], "score": row["score"],
-                               "error": None}  # fmt: skip
-                for optional in ("alternatives", "confidence", "clip_score"):
-                    if optional in row:
-                        rows[index][optional] = row[optional]
-            for row in rows:
-                if row["error"]:
-                    tally.fail(row["image"], row["error"])
-            written.add(rows, batch)
-            tally.captioned += len(ok)
-            tally.save()
-            if bar is not None and state is not None and time.monotonic() - bar.last_print_t > 1.0:
-                total = Tally.total(state)  # every rank's count: one bar for the whole job
-                bar.update(total["captioned"] + sum(total["failed"].values()) - bar.n)
+        for batch in engine.batches(_samples(part, output, replace, tally), config):
+            rows = [prediction.row() for _, prediction in batch]
+            for (item, _), row in zip(batch, rows):
+                tally.add(item.name, row["caption"], row["confidence"], row["error"])
+                if review_below is not None and row["confidence"] is not None and row["confidence"] < review_below:
+                    review.append(review_row(item.name, row["caption"], row["confidence"], row["score"],
+                                             item.data))  # fmt: skip
+            written.add(rows, [item.payload for item, _ in batch])
+            if progress is not None:
+                progress.add(len(batch))
+        if not still_held():
+            log.warning("Part %s was taken over by another worker while this one captioned it: this copy is dropped.",
+                        part.name)  # fmt: skip
+            written.abandon()
+            return None
         written.finish()
     except BaseException:
         written.abandon()
         raise
+    return tally, review
 
 
-def _pixels(captioner: Any, sample: Sample) -> Any:
-    """The encoder's input for one image, or why it cannot be read (a string)."""
-    if isinstance(sample.data, BaseException):
-        return describe_error(sample.data) if isinstance(sample.data, DECODE_ERRORS) else str(sample.data)
-    try:
-        return captioner.pixels_from_bytes(sample.data)
-    except DECODE_ERRORS as error:
-        return describe_error(error)
+class Worker:
+    """One worker of a job: its captioner, engine and share of the parts (see the module docstring).
+
+    Args:
+        options: The command's options.
+        device: Where the model runs ("auto": a GPU when there is one).
+        worker: This worker's name.
+    """
+
+    def __init__(self, options: argparse.Namespace, device: str | None, worker: str | None = None) -> None:
+        from captioner.inference.loading import check_model, load_captioner
+
+        check_model(options.ckpt_path)
+        self.options, self.worker = options, worker or new_worker_id()
+        self.parts = input_parts(options.input, options.input_kind, options.files_per_part)
+        self.output = output_for(options.format, options.output, self.parts)
+        self.state = JobState(self.output.folder / STATE_DIR, "captions")
+        settings = decoding_config.overrides_from(options)
+        self.captioner = load_captioner(options.ckpt_path, device, options.rerank_clip, **settings)
+        self.fingerprint = job_fingerprint(options, self.captioner, self.parts)
+        self.digest = fingerprint_digest(self.fingerprint)
+
+    @property
+    def names(self) -> list[str]:
+        return [part.name for part in self.parts]
+
+    def remove_leftovers(self, older_than: float) -> None:
+        """Remove what writers killed mid-write left in the output and state folders, last changed over `older_than`
+        seconds ago (0: a launcher whose workers are all its own, starting)."""
+        removed = sum(remove_leftovers(folder, older_than) for folder in (self.output.folder, self.state.folder,
+                                                                           self.state.folder / PARTS_DIR))  # fmt: skip
+        if removed:
+            log.info("Removed %d files a killed run left half-written in %s.", removed, self.output.folder)
+
+    def start_over(self) -> None:
+        """`--overwrite`: forget the job and remove its outputs (only a launcher whose workers are all its own)."""
+        for part in self.parts:
+            self.output.remove(part)
+        self.state.reset()
+
+    def adopt(self, replaces: bool) -> dict[str, Any]:
+        """Record the job's fingerprint here, or refuse a folder that holds another job's captions.
+
+        Raises:
+            CaptionerError: When the folder holds captions of another job, or of an earlier captioner that kept no
+                record of what wrote them.
+        """
+        if self.state.fingerprint() is None and any(self.output.exists(part) for part in self.parts):
+            raise CaptionerError(
+                f"{self.output.folder} holds captions that record no job (an earlier captioner, or another tool): "
+                "they could be another model's. Give --overwrite to caption everything again, or a new --output."
+            )
+        return self.state.adopt(self.fingerprint, {"replaces_existing": replaces})
+
+    def provenance(self, part: InputPart) -> dict[str, Any]:
+        return {"job": self.digest, "part": part.name, "model": self.fingerprint["model"],
+                "decoding": self.fingerprint["decoding"], "rerank_clip": self.options.rerank_clip,
+                "captioner": __version__, "worker": self.worker, "host": socket.gethostname(),
+                "started": time.time()}  # fmt: skip
+
+    def run(self, replaces: bool, wait_for_others: bool = True, start: int = 0, bar: Any = None) -> int:
+        """Claim and caption parts until none is left (or, without `wait_for_others`, none is free).
+
+        Returns:
+            The parts this worker completed.
+        """
+        options = self.options
+        claims = Claims(self.state.folder, self.worker, options.lease_seconds)
+        engine = self.captioner.engine(batch_size=options.batch_size, decode_threads=options.threads,
+                                       prefetch=options.prefetch)  # fmt: skip
+        progress = Progress(self.state.folder, self.worker)
+        config, completed = self.captioner.decoding, 0
+        by_name = {part.name: part for part in self.parts}
+        for lease in work_through(claims, self.names, self.state.done, wait_for_others=wait_for_others, start=start):
+            part = by_name[lease.part]
+            try:
+                provenance = self.provenance(part)
+                waited, busy = engine.stats.waited_s, engine.stats.busy_s
+                result = caption_part(engine, config, part, self.output, provenance, replaces, options.review_below,
+                                      progress, lease.held)  # fmt: skip
+                if result is not None:
+                    tally, review = result
+                    if options.review_below is not None:
+                        write_part_review(self.state.folder, part.name, review)
+                    timing = {"model_s": round(engine.stats.busy_s - busy, 4),
+                              "waited_for_images_s": round(engine.stats.waited_s - waited, 4)}  # fmt: skip
+                    self.state.mark_done(part.name, {**provenance, "finished": time.time(), **timing,
+                                                     "review_below": options.review_below,
+                                                     "tally": tally.to_dict()})  # fmt: skip
+                    completed += 1
+            finally:
+                lease.release()
+            if bar is not None:
+                bar.update(progress.total() - bar.n)
+        progress.save()
+        if completed:
+            stats = engine.stats
+            log.info("Worker %s: %d parts, %.1f images/s while captioning; the model waited for images %.0f%% of "
+                     "the time.", self.worker, completed, stats.images / max(stats.busy_s + stats.waited_s, 1e-9),
+                     100 * stats.waiting_share)  # fmt: skip
+        return completed
+
+    def summary(self, done_before: int) -> dict[str, Any]:
+        """The whole job's summary from every part's record (printed once, written to `summary.json`)."""
+        records = list(self.state.records(self.names))
+        total = CaptionTally()
+        for record in records:
+            total.merge(CaptionTally.from_dict(record["tally"]))
+        model_s = sum(record.get("model_s", 0.0) for record in records)
+        waited_s = sum(record.get("waited_for_images_s", 0.0) for record in records)
+        summary: dict[str, Any] = {
+            "job": self.digest, "parts": len(self.parts), "parts_done": len(records),
+            "parts_done_before": done_before, "captioned": total.captioned, "failed": dict(total.failed),
+            "skipped_as_done": total.skipped, "examples": total.examples, "output": str(self.output.folder),
+            "format": self.options.format, "fingerprint": self.fingerprint, "quality": total.quality(),
+            "workers": sorted({record["worker"] for record in records}),
+            # Over every part: images per second of the workers' captioning time (model and waiting), and the share
+            # of it the model spent waiting for images to be decoded (0: the decoding kept up).
+            "images_per_worker_s": round((total.captioned + sum(total.failed.values())) / max(model_s + waited_s,
+                                                                                             1e-9), 2),
+            "model_waited_share": round(waited_s / max(model_s + waited_s, 1e-9), 4),
+        }  # fmt: skip
+        below = self.options.review_below
+        if below is not None and len(records) == len(self.parts):
+            rows = gathered_review(self.state.folder, self.names, below)
+            listing, page = write_review(self.output.folder, rows, below, self.digest)
+            without = [r["part"] for r in records if r.get("review_below") is None or r["review_below"] < below]
+            summary["review"] = {"below": below, "images": len(rows), "page": str(page), "listing": str(listing),
+                                 "parts_without_review": len(without)}  # fmt: skip
+        write_json(self.state.folder / "summary.json", summary)
+        return summary
 
 
-def run_job(fabric: Any, options: argparse.Namespace) -> dict[str, Any]:
-    """One rank's share of the job, then (rank 0) the summary of all. Every rank calls it."""
-    from captioner.captioners import load_captioner
-
-    parts = input_parts(options.input, options.input_kind, options.files_per_part)
-    output = output_for(options.format, options.output, parts)
-    state = output.folder / STATE_DIR
-    if fabric.global_rank == 0:
-        if options.overwrite:
-            for part in parts:
-                output.remove(part)
-        state.mkdir(parents=True, exist_ok=True)
-        for old in state.glob("rank*.json"):
-            old.unlink()
-    fabric.barrier()
-    pending = fabric.broadcast([part.name for part in parts if not output.done(part)] if fabric.global_rank == 0
-                               else None)  # fmt: skip
-    by_name = {part.name: part for part in parts}
-    mine = [by_name[name] for name in pending[fabric.global_rank :: fabric.world_size]]
-    settings = decoding_config.overrides_from(options)
-    captioner = load_captioner(options.ckpt_path, str(fabric.device), options.rerank_clip, **settings)
-    captioner.batch_size = options.batch_size
-    tally = Tally(state, fabric.global_rank)
-    done_before = len(parts) - len(pending)
-    bar = None
-    if fabric.global_rank == 0:
-        from tqdm.auto import tqdm
-
-        known = sum(len(part.files) for part in parts if part.name in set(pending) and part.shard is None)
-        bar = tqdm(total=known or None, unit="img", desc="captioning", dynamic_ncols=True, file=sys.stderr,
-                   mininterval=1.0)  # fmt: skip
-    with ThreadPoolExecutor(max(1, options.threads), thread_name_prefix="bulk-decode") as pool:
-        for part in mine:
-            caption_part(captioner, part, output, options.batch_size, pool, tally, options.overwrite, bar, state)
-    tally.save(force=True)
-    fabric.barrier()
-    if fabric.global_rank != 0:
-        return {}
-    total = Tally.total(state)
-    if bar is not None:
-        bar.update(total["captioned"] + sum(total["failed"].values()) - bar.n)
-        bar.close()
-    summary = {"parts": len(parts), "parts_done_before": done_before, "captioned": total["captioned"],
-               "failed": dict(total["failed"]), "skipped_as_done": total["skipped"],
-               "examples": total["examples"], "output": str(output.folder), "format": options.format}  # fmt: skip
-    write_json(state / "summary.json", summary)
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """What the job prints when it ends."""
     failed = sum(summary["failed"].values())
-    if pending:
-        line = (f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as "
-                f"done; {done_before} of {len(parts)} parts were done before this run; {options.format} in "
-                f"{output.folder}")  # fmt: skip
+    where = f"{summary['format']} in {summary['output']}"
+    if summary["parts_done_before"] == summary["parts"]:
+        lines = [f"Nothing left to caption: all {summary['parts']} parts were done before this run ({where}); "
+                 "--overwrite captions them again."]  # fmt: skip
     else:
-        line = (f"Nothing left to caption: all {len(parts)} parts were done before this run ({options.format} in "
-                f"{output.folder}); --overwrite captions them again.")  # fmt: skip
+        lines = [f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as "
+                 f"done; {summary['parts_done_before']} of {summary['parts']} parts were done before this run; "
+                 f"{where}"]  # fmt: skip
     if failed:
-        line += " (failed: " + "; ".join(f"{count} {reason}, e.g. {summary['examples'].get(reason, '')}"
-                                         for reason, count in summary["failed"].items()) + ")"  # fmt: skip
-    print(line, file=sys.stderr)
-    return summary
-
-
-def caption_set_parser() -> argparse.ArgumentParser:
-    """The options of `python -m captioner caption-set`."""
-    parser = argparse.ArgumentParser(prog="python -m captioner caption-set", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit, or an exported folder")
-    parser.add_argument("--input", required=True,
-                        help="a folder of images (recursive), a text file listing image paths, or WebDataset shards "
-                             "(a folder of *.tar, a brace pattern, URLs)")  # fmt: skip
-    parser.add_argument("--input_kind", default="auto", choices=["auto", "folder", "list", "shards"])
-    parser.add_argument("--format", default="jsonl", choices=FORMATS,
-                        help="txt: a .txt beside each image; jsonl or parquet: one file per part; webdataset: new "
-                             "shards with the caption added")  # fmt: skip
-    parser.add_argument("--output", default=None, help="the output folder (txt: mirror the input tree there)")
-    parser.add_argument("--overwrite", action="store_true", help="caption again what a previous run did")
-    parser.add_argument("--batch_size", type=int, default=32, help="images captioned together")
-    parser.add_argument("--threads", type=int, default=8, help="images decoded at once")
-    parser.add_argument("--files_per_part", type=int, default=FILES_PER_PART,
-                        help="image files per part (a shard is one part): the unit of resuming")  # fmt: skip
-    parser.add_argument("--trainer.accelerator", dest="accelerator", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--trainer.devices", dest="devices", default="1", help="processes per node (GPUs), or auto")
-    parser.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
-    parser.add_argument("--trainer.strategy", dest="strategy", default=None, help="auto, ddp, ... (Lightning's)")
-    decoding_config.add_arguments(parser)
-    add_allow_argument(parser)
-    return parser
-
-
-def caption_set_command(argv: list[str]) -> dict[str, Any]:
-    """`python -m captioner caption-set ...`: the whole job, launched by Lightning Fabric on every rank."""
-    from lightning.fabric import Fabric
-
-    options = caption_set_parser().parse_args(argv)
-    allow_modules(*options.allow_module)
-    devices = options.devices if options.devices == "auto" else int(options.devices)
-    several = devices == "auto" or devices > 1 or options.num_nodes > 1
-    strategy = options.strategy or ("ddp" if several else "auto")
-    fabric = Fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes, strategy=strategy)
-    return fabric.launch(run_job, options) or {}
+        lines[0] += " (failed: " + "; ".join(f"{count} {reason}, e.g. {summary['examples'].get(reason, '')}"
+                                             for reason, count in summary["failed"].items()) + ")"  # fmt: skip
+    quality = summary["quality"]
+    measures = []
+    if "confidence" in quality:
+        confidence = quality["confidence"]
+        measures.append(f"confidence mean {confidence['mean']:.2f}, median {confidence['median']:.2f}, "
+                        f"{100 * confidence['below_0.5']:.0f}% under 0.5")  # fmt: skip
+    if "duplicate_share" in quality:
+        measures.append(f"{100 * quality['duplicate_share']:.1f}% of images share their caption with another "
+                        f"({quality['distinct_captions']} distinct), {100 * quality['degenerate_share']:.1f}% "
+                        "repeat themselves")  # fmt: skip
+    if measures:
+        lines.append("Captions: " + "; ".join(measures) + ".")
+    model = summary["fingerprint"]["model"]
+    lines.append(f"Job {summary['job']}: model {model.get('sha256', model.get('hub_id', ''))[:12]}, "
+                 f"{len(summary['workers'])} worker(s); every part records its provenance.")  # fmt: skip
+    if "review" in summary:
+        review = summary["review"]
+        line = f"Review: {review['images']} images under confidence {review['below']:g} in {review['page']}"
+        if review["parts_without_review"]:
+            line += (f" ({review['parts_without_review']} parts were captioned without --review_below "
+                     f"{review['below']:g}: their images are not in it; --overwrite captions them again)")  # fmt: skip
+        lines.append(line + ".")
+    return lines
 
 
 def read_rows(folder: str | Path) -> list[dict[str, Any]]:

@@ -1,17 +1,21 @@
-"""Where a bulk job's captions go, a part at a time, each part's output written atomically when the part is done (a
-rerun, or a resumed killed run, skips the parts done; `--overwrite` redoes them):
+"""Where a bulk job's captions go, a part at a time, each part's output written atomically when the part is done
+(the job's state records it done afterwards: a rerun, or a resumed killed run, skips the parts done; `--overwrite`
+redoes them), each with its provenance (the job, the model, the settings, who captioned it and when):
 
 - `txt`: a `.txt` beside each image (`photo.jpg` -> `photo.txt`; the layout LoRA and diffusion training sets use), in
-  the input tree or mirrored under `--output`; images whose `.txt` exists are skipped one by one;
-- `jsonl`: `<output>/<part>.jsonl`, one JSON object per image;
-- `parquet`: `<output>/<part>.parquet` (pyarrow), the same columns;
+  the input tree or mirrored under `--output`; images whose `.txt` exists are skipped one by one; the provenance is
+  in the job's state (`.captioner-job/parts/<part>.json`);
+- `jsonl`: `<output>/<part>.jsonl`, one row per image, and `<part>.provenance.json` beside it;
+- `parquet`: `<output>/<part>.parquet` (pyarrow), the same columns, the provenance in the file's key-value metadata
+  (`captioner.provenance`);
 - `webdataset`: `<output>/<part>.tar`, each sample's members copied with the caption as `<key>.txt` (a `.txt` it
-  had is kept as `<key>.original.txt`) and `<key>.json` holding the caption, its score and the source: shards that
-  img2dataset's readers and `captioner.data.formats.WebDataset` read.
+  had is kept as `<key>.original.txt`) and `<key>.json` holding the row and `captioned_by` (the job, the model's
+  digest, captioner's version): shards that img2dataset's readers and `captioner.data.formats.WebDataset` read.
 
-A row: `image` (a path relative to the input, or `<shard>#<member>`), `caption`, `score` (log-probability),
-`confidence` (calibrated, in [0, 1], for models fitted with one), `clip_score` (CLIP-S, with `--rerank_clip`),
-`alternatives` (`[{caption, score, clip_score}]` with `--num_return` > 1) and `error` (why an image has no caption).
+A row is `captioner.decoding.answers.ROW_FIELDS`: `image` (a path relative to the input, or `<shard>#<member>`),
+`caption`, `score` (log-probability), `confidence` (calibrated, in [0, 1], for models fitted with one),
+`alternatives` (`[{caption, score, ...}]` with `--num_return` > 1), `constraints_met` (with `--force_words`),
+`clip_score` (CLIP-S, with `--rerank_clip`) and `error` (why an image has no caption).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, plain_file_mode, write_json
 from captioner.core.parts import require_library
 
-DONE_DIR = ".captioner-done"
 FORMATS = ("txt", "jsonl", "parquet", "webdataset")  # OUTPUTS' names, for the command line
+PROVENANCE_KEY = "captioner.provenance"
 
 
 class PartOutput:
-    """One part's output while it is captioned: `add` rows as batches finish, `finish` makes it complete."""
+    """One part's output while it is captioned: `add` rows as batches finish, `finish` puts it in place whole."""
 
     def add(self, rows: list[dict[str, Any]], samples: list[Sample]) -> None:
         raise NotImplementedError
@@ -62,20 +66,23 @@ class Output:
         return cls(Path(folder))
 
     def path(self, part: InputPart) -> Path:
+        """The part's output file."""
         raise NotImplementedError
 
-    def done(self, part: InputPart) -> bool:
+    def exists(self, part: InputPart) -> bool:
+        """Whether the part's output is there (a job's records say whether it is complete)."""
         return self.path(part).exists()
 
     def wanted(self, part: InputPart, sample: Sample, overwrite: bool) -> bool:
         """Whether this image still needs a caption (all of a part's, unless the format keeps them one by one)."""
         return True
 
-    def begin(self, part: InputPart) -> PartOutput:
+    def begin(self, part: InputPart, provenance: dict[str, Any]) -> PartOutput:
+        """An output for the part, which records `provenance` as the format allows."""
         raise NotImplementedError
 
     def remove(self, part: InputPart) -> None:
-        """Forget a done part (`--overwrite`)."""
+        """Remove a part's output (`--overwrite`)."""
         self.path(part).unlink(missing_ok=True)
 
 
@@ -93,20 +100,47 @@ class _Rows(PartOutput):
 
 
 class JsonlOutput(Output):
-    """`<output>/<part>.jsonl`."""
+    """`<output>/<part>.jsonl`, its provenance in `<part>.provenance.json`."""
 
     name = "jsonl"
 
     def path(self, part: InputPart) -> Path:
         return self.folder / f"{part.name}.jsonl"
 
-    def begin(self, part: InputPart) -> PartOutput:
+    def provenance_path(self, part: InputPart) -> Path:
+        return self.folder / f"{part.name}.provenance.json"
+
+    def begin(self, part: InputPart, provenance: dict[str, Any]) -> PartOutput:
         def write(rows: list[dict]) -> None:
+            write_json(self.provenance_path(part), provenance)
             with atomic_open(self.path(part)) as handle:
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
         return _Rows(write)
+
+    def remove(self, part: InputPart) -> None:
+        super().remove(part)
+        self.provenance_path(part).unlink(missing_ok=True)
+
+
+def row_schema(provenance: dict[str, Any] | None = None) -> Any:
+    """The Arrow schema of rows (`captioner.decoding.answers.ROW_FIELDS`), with the provenance as key-value metadata:
+    the columns of every Parquet output (`caption-set --format parquet`, the Ray Data path)."""
+    pa = require_library("pyarrow", "bulk", "Parquet output")
+    alternative = pa.struct([("caption", pa.string()), ("score", pa.float64()), ("constraints_met", pa.bool_()),
+                             ("clip_score", pa.float64())])  # fmt: skip
+    return pa.schema([("image", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
+                      ("confidence", pa.float64()), ("alternatives", pa.list_(alternative)),
+                      ("constraints_met", pa.bool_()), ("clip_score", pa.float64()), ("error", pa.string())],
+                     metadata=None if provenance is None else {PROVENANCE_KEY: json.dumps(provenance)})  # fmt: skip
+
+
+def rows_table(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> Any:
+    """Rows as an Arrow table of `row_schema`."""
+    pa = require_library("pyarrow", "bulk", "Parquet output")
+    schema = row_schema(provenance)
+    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema)
 
 
 class ParquetOutput(Output):
@@ -116,21 +150,14 @@ class ParquetOutput(Output):
 
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
-        self.pyarrow = require_library("pyarrow", "bulk", "Parquet output")
         self.parquet = require_library("pyarrow.parquet", "bulk", "Parquet output")
 
     def path(self, part: InputPart) -> Path:
         return self.folder / f"{part.name}.parquet"
 
-    def begin(self, part: InputPart) -> PartOutput:
-        pa = self.pyarrow
-        alternative = pa.struct([("caption", pa.string()), ("score", pa.float64()), ("clip_score", pa.float64())])
-        schema = pa.schema([("image", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
-                            ("confidence", pa.float64()), ("clip_score", pa.float64()),
-                            ("alternatives", pa.list_(alternative)), ("error", pa.string())])  # fmt: skip
-
+    def begin(self, part: InputPart, provenance: dict[str, Any]) -> PartOutput:
         def write(rows: list[dict]) -> None:
-            table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema)
+            table = rows_table(rows, provenance)
             with atomic_open(self.path(part), "wb") as handle:
                 self.parquet.write_table(table, handle)
 
@@ -140,8 +167,9 @@ class ParquetOutput(Output):
 class _Tar(PartOutput):
     """A tar written as the part goes, renamed into place when done."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, provenance: dict[str, Any]) -> None:
         self.path = path
+        self.captioned_by = {key: provenance[key] for key in ("job", "model", "captioner") if key in provenance}
         self.tmp = path.with_name(f".{path.name}.partial")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tar = tarfile.open(self.tmp, "w")
@@ -160,10 +188,8 @@ class _Tar(PartOutput):
                 members["original.txt"] = members.pop("txt")
             members["txt"] = row["caption"].encode()
             metadata = json.loads(members["json"]) if "json" in members else {}
-            metadata.update(caption=row["caption"], score=row["score"], source=sample.name)
-            for optional in ("confidence", "clip_score"):
-                if optional in row:
-                    metadata[optional] = row[optional]
+            metadata.update({name: value for name, value in row.items() if name not in ("image", "error")},
+                            source=sample.name, captioned_by=self.captioned_by)  # fmt: skip
             members["json"] = json.dumps(metadata, ensure_ascii=False).encode()
             for extension, data in members.items():
                 self._member(f"{sample.key}.{extension}", data)
@@ -188,11 +214,13 @@ class WebDatasetOutput(Output):
         name = part.shard.replace("/", "_") if part.shard is not None else f"{part.name}.tar"
         return self.folder / (name if name.endswith(".tar") else f"{name}.tar")
 
-    def begin(self, part: InputPart) -> PartOutput:
-        return _Tar(self.path(part))
+    def begin(self, part: InputPart, provenance: dict[str, Any]) -> PartOutput:
+        return _Tar(self.path(part), provenance)
 
 
 class _Sidecars(PartOutput):
+    """A `.txt` per image, each written atomically as its batch finishes (the job's state says the part is done)."""
+
     def __init__(self, output: TxtOutput, part: InputPart) -> None:
         self.output, self.part = output, part
 
@@ -203,7 +231,7 @@ class _Sidecars(PartOutput):
                     handle.write(row["caption"] + "\n")
 
     def finish(self) -> None:
-        write_json(self.output.path(self.part), {"part": self.part.name, "images": len(self.part.files)})
+        pass
 
 
 class TxtOutput(Output):
@@ -220,7 +248,15 @@ class TxtOutput(Output):
         return cls(Path(folder) if folder else None, input_root)
 
     def path(self, part: InputPart) -> Path:
-        return self.folder / DONE_DIR / f"{part.name}.json"
+        """The sidecars have no file of their part: the job's state (`parts/<part>.json`) is its record."""
+        raise NotImplementedError
+
+    def exists(self, part: InputPart) -> bool:
+        return False
+
+    def remove(self, part: InputPart) -> None:
+        """Nothing: with `--overwrite` every image is captioned again and its `.txt` replaced as it is (removing them
+        first would leave images without a caption if the run stopped)."""
 
     def sidecar(self, part: InputPart, sample: Sample) -> Path:
         relative = Path(sample.name)
@@ -229,7 +265,7 @@ class TxtOutput(Output):
     def wanted(self, part: InputPart, sample: Sample, overwrite: bool) -> bool:
         return overwrite or not self.sidecar(part, sample).exists()
 
-    def begin(self, part: InputPart) -> PartOutput:
+    def begin(self, part: InputPart, provenance: dict[str, Any]) -> PartOutput:
         if part.shard is not None:
             raise CaptionerError("--format txt writes a .txt beside each image file; for images inside shards, "
                                  "use --format webdataset (new shards with the caption added), jsonl or parquet.")

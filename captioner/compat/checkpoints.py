@@ -54,8 +54,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, handle)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint file (tensors and plain data only: nothing in it is executed).
+
+    Args:
+        path: The file.
+        mmap: Map the tensors instead of reading them (to check a file before a command starts: cheap).
 
     Raises:
         CaptionerError: When the file is missing or cannot be read as a checkpoint.
@@ -66,7 +70,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CaptionerError(f"Checkpoint {path} is empty (0 bytes): a copy or download cut short?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         raise CaptionerError(
             f"{path} is not a captioner checkpoint: it cannot be read as a PyTorch file of tensors and plain data "

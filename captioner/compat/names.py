@@ -5,7 +5,8 @@
   `captioner.core`), `captioner.checkpointing` (now `captioner.compat.checkpoints`,
   as configs name `captioner.checkpointing.AtomicCheckpointIO`), `captioner.metrics`,
   `captioner.cider`, `captioner.evaluation`'s functions (now `captioner.evaluation.*`),
-  `captioner.quantization`, `captioner.encoders.hub` and `captioner.models.search`.
+  `captioner.quantization`, `captioner.encoders.hub`, `captioner.models.search`, and the Python API's 0.4 modules
+  `captioner.runtime`, `captioner.predictions` and `captioner.captioners` (now in `captioner.inference`).
 - Configs that say `callbacks.CaptionWriter` (captioner 0.2 installed its
   callbacks as a top-level package, `callbacks`; they are `captioner.callbacks` now).
 
@@ -34,6 +35,9 @@ MOVED_MODULES = {
     "captioner.cider": "captioner.evaluation.cider",
     "captioner.quantization": "captioner.export.quantization",
     "captioner.models.search": "captioner.models.stepping",
+    "captioner.runtime": "captioner.inference.exported",
+    "captioner.predictions": "captioner.inference.protocol",
+    "captioner.captioners": "captioner.inference.loading",
 }
 
 

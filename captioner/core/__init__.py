@@ -3,5 +3,5 @@
 `errors` (the one exception for faults a user can fix), `files` (atomic writes, validated reads), `parts` (class
 paths, specs, trusted imports), `pixels` (accepted image formats, decoding without torch), `hardware` (CPU and GPU
 facts, precision) and `hub` (where the Hugging Face hub keeps downloads). Importing this package imports none of
-them: `captioner.runtime` uses some without torch.
+them: `captioner.inference.exported` uses some without torch.
 """

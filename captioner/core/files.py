@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -99,6 +100,27 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_leftovers(folder: str | Path, older_than: float = 0.0) -> int:
+    """Remove what writers killed mid-write left in `folder` (not below it): `atomic_open`'s temporary files and
+    partial files (`.<name>.partial`), those last changed more than `older_than` seconds ago (a writer still at work
+    may be renewing its own).
+
+    Returns:
+        How many were removed.
+    """
+    folder, removed, now = Path(folder), 0, time.time()
+    if not folder.is_dir():
+        return 0
+    for path in [*folder.glob(".*.tmp"), *folder.glob(".*.partial")]:
+        try:
+            if now - path.stat().st_mtime >= older_than and path.is_file():
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # another worker removed it, or its writer finished
+            continue
+    return removed
 
 
 @contextlib.contextmanager

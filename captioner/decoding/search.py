@@ -1,7 +1,7 @@
 """Greedy decoding, sampling and beam search, written once over a step function and `captioner.decoding.ops`.
 
 The PyTorch captioner steps a `CaptionDecoder` (`captioner.models.stepping`);
-the torch-free runtime steps ONNX graphs (`captioner.runtime`). Both call
+the torch-free runtime steps ONNX graphs (`captioner.inference.exported`). Both call
 `decode` here, so they follow one algorithm and one set of rules:
 
 - every image, beam and sample of a batch advances in one step call; the

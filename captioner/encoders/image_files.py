@@ -1,20 +1,21 @@
-"""Image files to the encoder's input: datasets of files decoded by workers, and batched decoding on a GPU.
+"""Image files to the encoder's input: a dataset of files decoded by loader workers (Lightning's `predict`), and
+`TorchPixels`, the engine's decoder for checkpoints (`captioner.inference.engine`), which decodes on the host with
+PIL or JPEGs in batches on a GPU.
 
-Every path follows the encoder's `captioner.encoders.preprocessing.Preprocessing`: the CPU path
-decodes with PIL in DataLoader workers; the device path sends JPEG bytes to
-the GPU (nvJPEG) and resizes them there with the same torch resize. Files the
-device cannot decode (other formats, CMYK JPEGs, truncated files) take the CPU
+Every path follows the encoder's `captioner.encoders.preprocessing.Preprocessing`: the CPU path decodes with PIL
+(large JPEGs reduced in the DCT); the device path sends JPEG bytes to the GPU (nvJPEG) and resizes them there with
+the same torch resize. Files the device cannot decode (other formats, CMYK JPEGs, truncated files) take the CPU
 path, so a bad file fails alone, the same way on both paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,8 +28,8 @@ from captioner.encoders.preprocessing import DECODE_ERRORS, Preprocessing
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 DEVICE_DECODABLE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB; CMYK and others go through PIL
 
-# Names the decode path in cache keys and checkpoints.
-CPU_DECODE = "pil"
+# Names the decode path in feature cache keys ("pil" before large JPEGs were decoded reduced).
+CPU_DECODE = "pil-reduced"
 DEVICE_DECODE = "nvjpeg+pil"
 
 
@@ -71,17 +72,15 @@ def collate_images(items: list[tuple[int, str, torch.Tensor | None, str | None]]
     """Stack the readable images of a batch and keep the errors of the others.
 
     Returns:
-        A dict with `positions` and `paths` (all items), `images`
-        (`(n_ok, 3, S, S)` uint8), `ok` (positions of the stacked images) and
-        `errors` (position -> reason).
+        A dict with `paths` (all items), `images` (`(n_ok, 3, S, S)` uint8), `ok` (the positions in the batch of the
+        stacked images) and `errors` (position in the batch -> reason): a `DecodedBatch`'s fields.
     """
-    ok = [(position, image) for position, _, image, _ in items if image is not None]
+    ok = [(index, image) for index, (_, _, image, _) in enumerate(items) if image is not None]
     return {
-        "positions": [position for position, _, _, _ in items],
         "paths": [path for _, path, _, _ in items],
-        "ok": [position for position, _ in ok],
+        "ok": [index for index, _ in ok],
         "images": torch.stack([image for _, image in ok]) if ok else torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-        "errors": {position: error for position, _, _, error in items if error is not None},
+        "errors": {index: error for index, (_, _, _, error) in enumerate(items) if error is not None},
     }
 
 
@@ -100,43 +99,6 @@ def device_decodable(data: bytes) -> bool:
         return False
     with open_accepted(data) as image:
         return image.format == "JPEG" and image.mode in DEVICE_DECODABLE_MODES
-
-
-class EncodedFileDataset(Dataset):
-    """Image files for decoding on the device that runs the encoder (GPU JPEG decoding).
-
-    Complete RGB and greyscale JPEGs come back as their raw bytes, to be decoded
-    in batches by `decode_on_device`; anything else is decoded here, on the CPU.
-    Items: `(position, path, jpeg bytes or None, image or None, error or None)`.
-    """
-
-    def __init__(self, paths: Sequence[str | Path], preprocessing: Preprocessing) -> None:
-        self.paths = list(paths)
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int):
-        path = str(self.paths[position])
-        try:
-            data = Path(path).read_bytes()
-            if device_decodable(data):
-                return position, path, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None
-            return position, path, None, self.preprocessing.from_file(io.BytesIO(data)), None
-        except DECODE_ERRORS as error:
-            return position, path, None, None, describe_error(error)
-
-
-def collate_encoded(items: list) -> dict:
-    """Keep JPEG bytes and CPU-decoded images apart until `decode_on_device` joins them."""
-    return {
-        "positions": [item[0] for item in items],
-        "paths": [item[1] for item in items],
-        "jpegs": {item[0]: item[2] for item in items if item[2] is not None},
-        "decoded": {item[0]: item[3] for item in items if item[3] is not None},
-        "errors": {item[0]: item[4] for item in items if item[4] is not None},
-    }
 
 
 def _wait_for_device(device: torch.device) -> None:
@@ -162,67 +124,90 @@ def _resized_by_shape(positions: list[int], images: list[torch.Tensor], preproce
     return resized
 
 
-def decode_on_device(batch: dict, preprocessing: Preprocessing, device: torch.device | str) -> dict:
-    """Decode a `collate_encoded` batch's JPEGs on `device` (nvJPEG on CUDA), resize there, and stack.
-
-    The JPEGs of a batch are decoded in one call; if that fails each is
-    retried alone, and then on the CPU with PIL, so one bad file never costs
-    the others and fails the way it would on the CPU path.
-
-    Returns:
-        The same dict as `collate_images`, with `images` on `device`.
-    """
-    device = torch.device(device)
-    images = {p: image.to(device, non_blocking=True) for p, image in batch["decoded"].items()}
-    errors = dict(batch["errors"])
-    positions, raws = list(batch["jpegs"]), list(batch["jpegs"].values())
-    if raws:
+def _decode_on_device(encoded: list[bytes], preprocessing: Preprocessing, device: torch.device) -> list[Any]:
+    """JPEGs decoded on `device` in one call (nvJPEG on CUDA) and resized there: each one's input, or why it cannot
+    be read. If the batched call fails each is retried alone, and then on the CPU with PIL, so one bad file never
+    costs the others and fails the way it would on the CPU path."""
+    raws = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
+    try:
+        decoded = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
+        resized = _resized_by_shape(list(range(len(raws))), decoded, preprocessing)
+        return [resized[index] for index in range(len(raws))]
+    except RuntimeError:
+        _wait_for_device(device)
+    results: list[Any] = []
+    for data, raw in zip(encoded, raws):
         try:
-            decoded = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
-            images.update(_resized_by_shape(positions, decoded, preprocessing))
-        except RuntimeError:
+            results.append(preprocessing.resize_tensor(decode_jpeg(raw, ImageReadMode.RGB, device=device)))
             _wait_for_device(device)
-            for position, raw in zip(positions, raws):
-                try:
-                    images[position] = preprocessing.resize_tensor(decode_jpeg(raw, ImageReadMode.RGB, device=device))
-                    _wait_for_device(device)
-                except RuntimeError:
-                    try:
-                        images[position] = preprocessing.from_file(io.BytesIO(raw.numpy().tobytes())).to(device)
-                    except DECODE_ERRORS as error:
-                        errors[position] = describe_error(error)
-    ok = [p for p in batch["positions"] if p in images]
-    size = preprocessing.image_size
-    stacked = torch.stack([images[p] for p in ok]) if ok else torch.empty(0, 3, size, size, dtype=torch.uint8)
-    _wait_for_device(device)
-    return {"positions": batch["positions"], "paths": batch["paths"], "ok": ok, "images": stacked.to(device),
-            "errors": errors}  # fmt: skip
+        except RuntimeError:
+            try:
+                results.append(preprocessing.from_file(data, reduced=False).to(device))
+            except DECODE_ERRORS as error:
+                results.append(error)
+    return results
 
 
-def decoded_ahead(batches: Iterable[dict], preprocessing: Preprocessing, device: torch.device | str,
-                  threads: int = 2) -> Iterator[dict]:  # fmt: skip
-    """`decode_on_device` over `collate_encoded` batches, up to `threads` batches ahead in threads of their own,
-    each with its own CUDA stream; batches come back in order.
+class TorchPixels:
+    """How a checkpoint's images become its encoder's input (`captioner.inference.engine.PixelDecoder`): PIL on the
+    host (large JPEGs decoded reduced), and, with `device_decode` on a GPU, JPEGs decoded there by nvJPEG in batches.
 
-    The device decodes (and nvJPEG's host side runs, without the GIL) the next batches while the caller encodes
-    this one: one decode thread left the encoder idle for every decode, and bound extraction to one decode stream.
+    Batches are assembled in the engine's threads, each with a CUDA stream of its own: the copy of host pixels (from
+    pinned memory, without blocking) and the device's decoding overlap the model's work on the previous batch, and a
+    batch is handed over only once its stream is done.
+
+    Args:
+        preprocessing: The encoder's definition.
+        device: Where the model runs.
+        device_decode: Decode complete RGB and greyscale JPEGs on the device (None: on a GPU).
     """
-    device = torch.device(device)
-    local = threading.local()
 
-    def decode(batch: dict) -> dict:
-        if device.type != "cuda":
-            return decode_on_device(batch, preprocessing, device)
-        if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(local.stream):
-            return decode_on_device(batch, preprocessing, device)  # which waits for its work before returning
+    def __init__(self, preprocessing: Preprocessing, device: torch.device | str = "cpu",
+                 device_decode: bool | None = None) -> None:  # fmt: skip
+        self.preprocessing, self.device = preprocessing, torch.device(device)
+        self.device_decode = self.device.type == "cuda" if device_decode is None else device_decode
+        self._local = threading.local()
 
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="device-decode") as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.submit(decode, batch))
-            if len(pending) > max(1, threads):
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    def host(self, data: Any, max_pixels: int | None = None) -> torch.Tensor:
+        """Bytes, a PIL image, an `(H, W, 3)` uint8 array or an image tensor as a `(3, S, S)` uint8 CPU tensor.
+
+        Raises:
+            One of `DECODE_ERRORS`; TypeError for anything that is not an image.
+        """
+        if isinstance(data, (bytes, bytearray, io.BytesIO)):
+            return self.preprocessing.from_file(data if not isinstance(data, bytearray) else bytes(data), max_pixels)
+        if isinstance(data, Image.Image):
+            return self.preprocessing.from_pil(data)
+        if isinstance(data, torch.Tensor):
+            return self.preprocessing.from_tensor(data)
+        if hasattr(data, "__array__") and getattr(data, "ndim", 0) == 3 and data.shape[-1] in (1, 3):
+            return self.preprocessing.from_tensor(torch.as_tensor(data).permute(2, 0, 1))
+        raise TypeError(f"not an image: {type(data).__name__} (give a path, bytes, a PIL image, an array or a tensor)")
+
+    def for_device(self, data: bytes) -> bool:
+        return self.device_decode and device_decodable(data)
+
+    def _stream(self):
+        """The calling thread's own CUDA stream (a no-op context elsewhere)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._local.stream)
+
+    def on_device(self, encoded: list[bytes]) -> list[Any]:
+        with self._stream():
+            return _decode_on_device(encoded, self.preprocessing, self.device)
+
+    def stack(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """One batch on the device: host pixels stacked (in pinned memory on a GPU) and copied without blocking."""
+        if self.device.type == "cpu":
+            return torch.stack([image.cpu() for image in pixels])
+        with self._stream():
+            if all(image.device.type == "cpu" for image in pixels):
+                batch = torch.stack(pixels).pin_memory().to(self.device, non_blocking=True)
+            else:
+                batch = torch.stack([image.to(self.device, non_blocking=True) for image in pixels])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # complete before another stream reads it
+            return batch

@@ -1,5 +1,5 @@
 """Export: a checkpoint as a self-describing ONNX folder (`onnx`), optionally int8 (`quantization`), which
-`captioner.runtime` captions with, torch-free."""
+`captioner.inference.exported` captions with, torch-free."""
 
 from captioner.export.onnx import export_command, export_onnx
 

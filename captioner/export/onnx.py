@@ -1,4 +1,4 @@
-"""Export a checkpoint to a self-describing ONNX folder that `captioner.runtime` captions with, torch-free.
+"""Export a checkpoint to a self-describing ONNX folder that `captioner.inference.exported` captions with, torch-free.
 
     python -m captioner export --ckpt_path best.ckpt --output captioner-onnx/ [--quantize int8]
         [--quantize_encoder --calibration_dir photos/]
@@ -32,8 +32,8 @@ from captioner.core.files import atomic_folder, write_json
 from captioner.core.parts import add_allow_argument, allow_modules
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.export.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
+from captioner.inference.exported import EXPORT_VERSION, MANIFEST
 from captioner.models.module import CaptionModel
-from captioner.runtime import EXPORT_VERSION, MANIFEST
 
 log = logging.getLogger("captioner")
 OPSET = 17
@@ -226,7 +226,7 @@ Precision: {quantized if manifest["quantized"]["int8"] else "fp32"}.
 Caption with ONNX Runtime, NumPy and Pillow only (no torch):
 
     pip install --no-deps captioner onnxruntime numpy pillow
-    python -c "from captioner.runtime import OnnxCaptioner; print(OnnxCaptioner('.').caption(['photo.jpg']))"
+    python -c "from captioner.inference import OnnxCaptioner; print(OnnxCaptioner('.').caption(['photo.jpg']))"
 
 or serve it: `python -m captioner serve --ckpt_path <this folder>`.
 

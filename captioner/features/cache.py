@@ -182,7 +182,7 @@ class CacheSink:
                  require_some: bool = True) -> None:  # fmt: skip
         self.directory, self.key, self.spec, self.file_names = directory, key, spec, file_names
         self.images_dir, self.require_some = images_dir, require_some
-        self.parts = directory / PARTS_DIR
+        self.parts, self.folder = directory / PARTS_DIR, directory
 
     def done(self, part: ImagePart) -> bool:
         record = self.parts / f"{part.name}.json"

@@ -1,10 +1,13 @@
-"""The one extraction pipeline every feature store uses: image parts decoded in threads (JPEGs with nvJPEG on a GPU),
-batched, encoded, and handed to the store's writer a part at a time; parts done are skipped (resume), parts are shared
-out over the ranks of a distributed run, and rank 0 assembles them when all are done.
+"""The one extraction pipeline every feature store uses: image parts decoded by the one decode pipeline
+(`captioner.core.pipeline`: threads, JPEGs with nvJPEG on a GPU, batches assembled ahead), encoded, and handed to
+the store's writer a part at a time; parts done are skipped (resume), each rank of a
+distributed run claims its next part when it finishes one (the job engine's claims, as bulk captioning's), and
+rank 0 assembles them when all are done.
 
     parts ─> decoded batches ─> encoder (bf16 autocast where native; chunks halved on out-of-memory)
           ─> PartWriter.write(names, features, failures) ─> PartWriter.finish(part)  (atomic: the part is done)
-    every rank its parts, barrier, rank 0: FeatureSink.assemble(parts), barrier
+    every rank claims its next part until none is left (captioner.jobs.claims), barrier,
+    rank 0: FeatureSink.assemble(parts), barrier
 
 A store supplies the `FeatureSink` (where parts go and how they become one set):
 the memory-mapped cache (`captioner.features.cache`) and the streamed shards
@@ -14,9 +17,11 @@ the memory-mapped cache (`captioner.features.cache`) and the streamed shards
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,10 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from captioner.core.errors import CaptionerError
-from captioner.core.pixels import DECODE_ERRORS, describe_error
-from captioner.encoders.image_files import collate_encoded, decoded_ahead, device_decodable
+from captioner.core.pipeline import DecodedBatch, ImageInput, decoded_batches
+from captioner.encoders.image_files import DEVICE_DECODE, TorchPixels
 from captioner.features.keys import FeatureSpec, extraction_method
 from captioner.features.sources import ImagePart
+from captioner.jobs.claims import DEFAULT_LEASE_SECONDS, Claims, work_through
 
 log = logging.getLogger(__name__)
 
@@ -61,75 +67,12 @@ def encode_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], images: to
         log.warning("Out of device memory while extracting features: retrying with batches of %d.", chunk[0])
 
 
-@dataclass
-class DecodedBatch:
-    """Images of a part, decoded: `images` `(n, 3, S, S)` uint8 for `ok` (their names), `errors` for the rest."""
-
-    names: list[str]
-    ok: list[str]
-    images: torch.Tensor
-    errors: dict[str, str]
-
-
-def _decode_one(preprocessing: Any, name: str, data: bytes | BaseException) -> tuple[str, torch.Tensor | str]:
-    if isinstance(data, BaseException):
-        return name, describe_error(data) if isinstance(data, DECODE_ERRORS) else str(data)
-    try:
-        return name, preprocessing.from_file(data)
-    except DECODE_ERRORS as error:
-        return name, describe_error(error)
-
-
-def _for_the_device(preprocessing: Any, name: str, data: bytes | BaseException) -> tuple:
-    """`collate_encoded`'s item: complete RGB or greyscale JPEGs as bytes for nvJPEG, anything else decoded here."""
-    if not isinstance(data, BaseException):
-        try:
-            if device_decodable(data):
-                return 0, name, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None
-        except DECODE_ERRORS as error:
-            return 0, name, None, None, describe_error(error)
-    decoded = _decode_one(preprocessing, name, data)[1]
-    return (0, name, None, decoded, None) if isinstance(decoded, torch.Tensor) else (0, name, None, None, decoded)
-
-
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def decoded_batches(part: ImagePart, preprocessing: Any, device: torch.device, batch_size: int, threads: int,
-                    device_decode: bool) -> Iterator[DecodedBatch]:  # fmt: skip
-    """A part's images, decoded `batch_size` at a time: by PIL in `threads` threads (it releases the interpreter
-    while it decodes), or, with `device_decode`, JPEGs by nvJPEG on the device in threads of their own streams and
-    the rest by PIL. An image that cannot be read or decoded is an error of its own; the batch goes on."""
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
-        if not device_decode:
-            for chunk in _chunks(part.images(), batch_size):
-                decoded = list(pool.map(lambda pair: _decode_one(preprocessing, *pair), chunk))
-                ok = [(name, image) for name, image in decoded if isinstance(image, torch.Tensor)]
-                size = preprocessing.image_size
-                images = torch.stack([image for _, image in ok]) if ok else torch.empty(0, 3, size, size,
-                                                                                         dtype=torch.uint8)  # fmt: skip
-                yield DecodedBatch([name for name, _ in decoded], [name for name, _ in ok], images,
-                                   {name: why for name, why in decoded if isinstance(why, str)})  # fmt: skip
-            return
-
-        def encoded(chunk: list) -> dict:
-            items = [(position, *item[1:]) for position, item in
-                     enumerate(pool.map(lambda pair: _for_the_device(preprocessing, *pair), chunk))]  # fmt: skip
-            return collate_encoded(items)
-
-        for batch in decoded_ahead(map(encoded, _chunks(part.images(), batch_size)), preprocessing, device,
-                                   threads):  # fmt: skip
-            names = batch["paths"]
-            yield DecodedBatch(names, [names[p] for p in batch["ok"]], batch["images"],
-                               {names[p]: why for p, why in batch["errors"].items()})  # fmt: skip
+def decoded_parts(part: ImagePart, pixels: TorchPixels, batch_size: int, threads: int) -> Iterator[DecodedBatch]:
+    """A part's images decoded `batch_size` at a time through the one decode pipeline (`captioner.core.pipeline`):
+    on the host in `threads` threads, JPEGs on the device with nvJPEG where `pixels` says so, the next batches
+    decoding while the encoder works on this one. An image that cannot be read fails alone."""
+    inputs = (ImageInput(name, data) for name, data in part.images())
+    return decoded_batches(inputs, pixels, batch_size, threads)
 
 
 class PartWriter(Protocol):
@@ -143,7 +86,13 @@ class PartWriter(Protocol):
 
 
 class FeatureSink(Protocol):
-    """A store's side of extraction: which parts are done, a writer per part, and one set from all parts."""
+    """A store's side of extraction: which parts are done, a writer per part, and one set from all parts.
+
+    Attributes:
+        folder: Where the set is built (the workers' claims are kept there while it is).
+    """
+
+    folder: Path
 
     def done(self, part: ImagePart) -> bool:
         """Whether this part was extracted already (a resumed run skips it)."""
@@ -158,9 +107,11 @@ class FeatureSink(Protocol):
 def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSink, device: torch.device | str = "cpu",
                   batch_size: int | None = None, threads: int = 4, device_decode: bool | None = None,
                   compile_encoder: bool = False, rank: int = 0, world_size: int = 1,
-                  barrier: Callable[[], None] = lambda: None) -> None:  # fmt: skip
-    """Extract every part not done yet (this rank's share: parts `rank`, `rank + world_size`, ...), then have rank 0
-    assemble them. Every rank must call it (it waits for the others twice).
+                  barrier: Callable[[], None] = lambda: None,
+                  lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:  # fmt: skip
+    """Extract every part not done yet, each process claiming its next part when it finishes one (the job engine's
+    claims, `captioner.jobs.claims`, in the store's folder: a slow rank never holds the others up), then have rank 0
+    assemble them. Every rank must call it (it waits for the others three times).
 
     Args:
         parts: The units of work, in the order of the set (`captioner.features.sources`).
@@ -172,45 +123,63 @@ def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSi
         device_decode: Decode JPEGs on the device (None: on a GPU).
         compile_encoder: Run the encoder through `torch.compile`.
         rank, world_size, barrier: This process among those sharing the work.
+        lease_seconds: How long a claim lives without its process renewing it.
     """
     device = torch.device(device)
     decode, precision = extraction_method(device, device_decode)
-    on_device = decode != "pil"
+    pixels = TorchPixels(spec.preprocessing, device, decode == DEVICE_DECODE)
     batch_size = batch_size or default_batch_size(device)
-    mine = [part for index, part in enumerate(parts) if index % world_size == rank]
-    todo = [part for part in mine if not sink.done(part)]
-    if todo:
-        if len(todo) < len(mine):
-            log.info("Resuming feature extraction: %d of this process's %d parts are done.", len(mine) - len(todo),
-                     len(mine))  # fmt: skip
-        encoder = spec.encoder
-        encoder.load_pretrained()
-        encoder = encoder.to(device).eval()
-        compiled = torch.compile(encoder) if compile_encoder else encoder
-
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            return compiled(images.to(device, non_blocking=True), grid=spec.grid)
-
-        chunk = [batch_size]  # shrinks when the device runs out of memory
-        total = sum(len(part.names) for part in todo) or None  # parts read from a shard index: not known yet
-        with (
-            # Extraction draws no random number of the run's: a run trains the same whether or not it extracted.
-            torch.random.fork_rng(devices=[]),
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
-            tqdm(total=total, unit="img", desc=f"{spec.encoder.name} features", dynamic_ncols=True,
-                 disable=rank != 0) as bar,  # fmt: skip
-        ):
-            for part in todo:
+    claims = Claims(sink.folder, f"{socket.gethostname()}-rank{rank}-{os.getpid()}", lease_seconds)
+    if rank == 0:
+        claims.clear()  # every process extracting here is a rank of this run: older claims are a killed run's
+    barrier()
+    by_name = {part.name: part for part in parts}
+    todo = [part for part in parts if not sink.done(part)]
+    if todo and rank == 0 and len(todo) < len(parts):
+        log.info("Resuming feature extraction: %d of %d parts are done.", len(parts) - len(todo), len(parts))
+    forward, chunk = None, [batch_size]  # the chunk shrinks when the device runs out of memory
+    total = sum(len(part.names) for part in todo) or None  # parts read from a shard index: not known yet
+    with (
+        # Extraction draws no random number of the run's: a run trains the same whether or not it extracted.
+        torch.random.fork_rng(devices=[]),
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        tqdm(total=total, unit="img", desc=f"{spec.encoder.name} features", dynamic_ncols=True,
+             disable=rank != 0 or not todo) as bar,  # fmt: skip
+    ):
+        start = rank * len(parts) // max(1, world_size)
+        for lease in work_through(claims, list(by_name), lambda name: sink.done(by_name[name]), start=start):
+            part = by_name[lease.part]
+            try:
+                if forward is None:
+                    forward = _encoder_forward(spec, device, compile_encoder)
                 writer = sink.writer(part)
-                for batch in decoded_batches(part, spec.preprocessing, device, batch_size, threads, on_device):
+                for batch in decoded_parts(part, pixels, batch_size, threads):
                     rows = np.zeros((0, *spec.row_shape()), dtype=np.float16)
                     if batch.ok:
-                        rows = encode_in_chunks(forward, batch.images, chunk).float().cpu().numpy().astype(np.float16)
-                    writer.write(batch.ok, rows, batch.errors)
+                        rows = encode_in_chunks(forward, batch.pixels, chunk).float().cpu().numpy().astype(np.float16)
+                    writer.write([batch.names[i] for i in batch.ok], rows,
+                                 {batch.names[i]: why for i, why in batch.errors.items()})  # fmt: skip
                     bar.update(len(batch.names))
-                writer.finish()
+                if lease.held():
+                    writer.finish()
+            finally:
+                lease.release()
     barrier()
     if rank == 0:
         sink.assemble(parts)
+        shutil.rmtree(claims.folder, ignore_errors=True)
     barrier()
+
+
+def _encoder_forward(spec: FeatureSpec, device: torch.device, compile_encoder: bool) -> Callable:
+    """The encoder with its pretrained weights on `device`, as a function of a batch of images."""
+    encoder = spec.encoder
+    encoder.load_pretrained()
+    encoder = encoder.to(device).eval()
+    compiled = torch.compile(encoder) if compile_encoder else encoder
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return compiled(images.to(device, non_blocking=True), grid=spec.grid)
+
+    return forward

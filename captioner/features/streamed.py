@@ -189,6 +189,7 @@ class StreamSink:
 
     def __init__(self, directory: Path, key: str, spec: FeatureSpec, splits: dict[str, list[CaptionRecord]]) -> None:
         self.directory, self.key, self.spec = directory, key, spec
+        self.folder = directory
         # Images of parts that do not know their records (runs of a folder's files); a shard's index knows its own.
         self.destination = {record.file_name: (split, record.captions) for split in SPLIT_NAMES
                             for record in splits[split]}  # fmt: skip

@@ -19,6 +19,7 @@ from typing import Any
 from captioner.compat.checkpoints import read_checkpoint, upgrade
 from captioner.core.errors import CaptionerError
 from captioner.core.files import jsonable
+from captioner.core.parts import import_trusted_class
 from captioner.decoding.confidence import Calibrator
 from captioner.decoding.config import DecodingConfig
 from captioner.encoders.base import ImageEncoder, encoder_from_spec
@@ -81,6 +82,27 @@ def load_weights(model: Any, path: str) -> None:
     check_and_build(model, checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     log.info("Starting from the weights of %s", path)
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse, in one line and before a command starts, a file it would load as a model: one that is not a
+    checkpoint (`read_checkpoint`: nothing in it is executed), not captioner's, or that names an encoder, decoder or
+    tokenizer class from a module nobody allowed. Cheap: the tensors are mapped, not read.
+
+    Raises:
+        CaptionerError: Saying what failed and what to give instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"{path} is not a file: give a checkpoint `fit` wrote (last.ckpt, epochNN-*.ckpt).")
+    source = f"The checkpoint {path}"
+    try:
+        meta = upgrade(read_checkpoint(path, mmap=True))
+    except CaptionerError as error:
+        raise CaptionerError(f"{path}: {error}" if str(path) not in str(error) else str(error)) from None
+    import_trusted_class(meta["encoder"]["class_path"], ImageEncoder, "encoder", source)
+    decoder_factory(meta["decoder"], source)
+    tokenizer_from_dict(meta["vocabulary"], source)
 
 
 def model_from_checkpoint(cls: type, path: str | Path, **overrides: Any) -> Any:

@@ -1,18 +1,19 @@
-"""Captioning a batch with a `CaptionModel`: features, the one search, the answer rows, and (on request) where each
-word looked. The inference path of `predict`, `caption`, `Captioner` and the server; training never calls it."""
+"""A `CaptionModel` as the side `captioner.decoding.answers.describe` runs on (`CheckpointSide`): features, the one
+search over its decoder, the replayed confidence, and where each word looked. Inference (`predict`, `caption`,
+`Captioner`, the server, `caption-set`) describes through it; training decodes its validation and test batches with
+`decode_features` and `confidence_features` here."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from captioner.core.pixels import image_places
-from captioner.decoding.answers import answer_rows
-from captioner.decoding.confidence import caption_features, replay_log_probs, with_clip
+from captioner.core.pipeline import DecodedBatch
+from captioner.decoding import answers
+from captioner.decoding.answers import Prediction, caption_decoded
 from captioner.decoding.config import DecodingConfig, SpecialTokens
-from captioner.decoding.rules import rules_for
 from captioner.decoding.search import Decoded
 from captioner.decoding.torch_ops import TorchOps
 from captioner.models.stepping import DecoderStepper, decode_with
@@ -68,71 +69,54 @@ def attention_maps(model: CaptioningModel, features: torch.Tensor, tokens: torch
     return [w[:n].float().view(-1, rows, columns).cpu() for w, n in zip(output.attention, lengths.tolist())]
 
 
+class CheckpointSide:
+    """A `CaptionModel` as `captioner.decoding.answers.ModelSide`.
+
+    Args:
+        model: The model, with its vocabulary.
+        compiled: Step the decoder through `torch.compile` (None: as the model's `compile_search` says).
+    """
+
+    def __init__(self, model: CaptioningModel, compiled: bool | None = None) -> None:
+        self.model, self.compiled = model, compiled
+        self.vocabulary = model.vocabulary
+        self.calibrator = getattr(model, "calibrator", None)
+        self.clip_calibrator = getattr(model, "clip_calibrator", None)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixels)
+
+    def search(self, features: torch.Tensor, config: DecodingConfig, places: list[int] | None) -> Decoded:
+        return decode_features(self.model, features, config, self.compiled, places)
+
+    def stepper(self, features: torch.Tensor) -> DecoderStepper:
+        return DecoderStepper(self.model.require_decoder(), self.model.image_features(features))
+
+    def ops(self, features: torch.Tensor) -> TorchOps:
+        return TorchOps(features.device)
+
+    def attention(self, features: torch.Tensor, decoded: Decoded) -> list[torch.Tensor] | None:
+        return attention_maps(self.model, features, decoded.best_tokens, decoded.best_lengths)
+
+
 @torch.no_grad()
 def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfig | None = None,
              attention: bool = False, compiled: bool | None = None,
              reranker: Any = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Everything inference can tell about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
-
-    Keys: `caption`, `score` (log-probability), `alternatives` (with `num_return` > 1; see
-    `captioner.decoding.answers`) and `attention` (per-word maps, only when asked for and the decoder attends;
-    else None). Sampling draws each image's words from a stream seeded by its pixels
-    (`captioner.core.pixels.image_places`): the same caption whatever its batch-mates. A `reranker`
-    (`captioner.evaluation.clip_rerank.ClipReranker`) reorders all `num_beams` alternatives before the best is
-    taken, and each caption gains its `clip_score`.
-    """
-    config = config or model.decoding
-    features = model.encode_images(images)
-    searched = config if reranker is None else dataclasses.replace(config, num_return=max(config.num_beams, 1))
-    decoded = decode_features(model, features, searched, compiled, image_places(images) if config.do_sample else None)
-    cosines = None
-    if reranker is not None:
-        decoded, cosines = reranker(images, decoded, model.vocabulary)
-    confidences = confidences_of(model, features, decoded, config, cosines, getattr(reranker, "name", None))
-    rows = answer_rows(decoded, model.vocabulary, config.num_return, confidences,
-                       None if cosines is None else reranker.clip_scores(cosines))  # fmt: skip
-    maps = attention_maps(model, features, decoded.best_tokens, decoded.best_lengths) if attention else None
-    for index, row in enumerate(rows):
-        row["attention"] = maps[index] if maps is not None else None
-    return rows
-
-
-def confidences_of(model: CaptioningModel, features: torch.Tensor, decoded: Decoded, config: DecodingConfig,
-                   cosines: Any = None, clip_model: str | None = None) -> Any:  # fmt: skip
-    """The best captions' calibrated confidences (None for a model without a calibrator): with the CLIP cosines of
-    `decoded`'s captions `(B, N)` from the CLIP its second calibrator was fitted with, that one's."""
-    calibrator, clip_calibrator = getattr(model, "calibrator", None), getattr(model, "clip_calibrator", None)
-    if clip_calibrator is not None and cosines is not None and clip_calibrator.clip_model == clip_model:
-        return clip_calibrator(with_clip(confidence_features(model, features, decoded, config), cosines[:, 0]))
-    return None if calibrator is None else calibrator(confidence_features(model, features, decoded, config))
+    """`captioner.decoding.answers.describe` of a `(B, 3, S, S)` uint8 batch of preprocessed images with `model`
+    (its own decoding settings unless `config` is given)."""
+    return answers.describe(CheckpointSide(model, compiled), images, config or model.decoding, attention, reranker)
 
 
 @torch.no_grad()
 def confidence_features(model: CaptioningModel, features: torch.Tensor, decoded: Decoded,
-                        config: DecodingConfig) -> Any:  # fmt: skip
-    """`(B, 3)` confidence features of the best captions (`captioner.decoding.confidence.caption_features`), from
-    one replay of them through the decoder under `config`'s rules."""
-    stepper = DecoderStepper(model.require_decoder(), model.image_features(features))
-    special = SpecialTokens.of(model.vocabulary)
-    rules = rules_for(config, special, model.vocabulary, config.max_words(model.vocabulary.max_length))
-    tokens = decoded.best_tokens.cpu().numpy()
-    return caption_features(replay_log_probs(stepper, tokens, special.start, TorchOps(features.device), rules),
-                            decoded.best_lengths.cpu().numpy())  # fmt: skip
+                        config: DecodingConfig) -> np.ndarray:  # fmt: skip
+    """`(B, 3)` confidence features of the best captions (`captioner.decoding.answers.confidence_features`)."""
+    return answers.confidence_features(CheckpointSide(model), features, decoded, config)
 
 
-def prediction_rows(model: CaptioningModel, batch: dict, attention: bool = False) -> list[dict[str, Any]]:
-    """`predict`'s rows for a `collate_images` batch: every file with its caption and score, or its error (and, on
-    request, the attention maps the writer draws)."""
-    described = describe(model, batch["images"], attention=attention) if batch["ok"] else []
-    found = dict(zip(batch["ok"], described))
-    rows = []
-    for position, path in zip(batch["positions"], batch["paths"]):
-        row = {"path": path, "caption": None, "score": None, "error": batch["errors"].get(position)}
-        if position in found:
-            row.update(caption=found[position]["caption"], score=found[position]["score"])
-            if "confidence" in found[position]:
-                row["confidence"] = found[position]["confidence"]
-            if found[position]["attention"] is not None:  # for CaptionWriter's pictures, not the tables
-                row["attention"] = found[position]["attention"]
-        rows.append(row)
-    return rows
+def prediction_rows(model: CaptioningModel, batch: dict, attention: bool = False) -> list[Prediction]:
+    """`predict`'s rows for a `collate_images` batch: every file with its caption, or its error (and, on request,
+    the attention maps the writer draws)."""
+    decoded = DecodedBatch(batch["paths"], batch["images"], batch["ok"], batch["errors"])
+    return caption_decoded(lambda pixels: describe(model, pixels, attention=attention), decoded)

@@ -18,6 +18,7 @@ from captioner.compat import checkpoints
 from captioner.core.errors import CaptionerError
 from captioner.core.parts import config_class
 from captioner.data.contract import CaptionData
+from captioner.decoding.answers import Prediction
 from captioner.decoding.confidence import Calibrator, with_clip
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
 from captioner.decoding.decoded import Decoded
@@ -379,7 +380,7 @@ class CaptionModel(LightningModule):
         return extra_scores(self.extra_metrics, captions, references, image_file, objects_file, str(self.device),
                             self._clip.clip if self._clip is not None else None)  # the confidence's CLIP, if loaded
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: dict, batch_idx: int) -> list[Prediction]:
         return captioning.prediction_rows(self, batch, self.predict_attention)
 
     # ---------------------------------------------------------------- optimisation

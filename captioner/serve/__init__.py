@@ -17,7 +17,6 @@ import logging
 import os
 from pathlib import Path
 
-from captioner.core.errors import CaptionerError
 from captioner.core.parts import add_allow_argument, allow_modules
 from captioner.core.pixels import ACCEPTED_FORMATS
 from captioner.decoding import config as decoding_config
@@ -135,8 +134,9 @@ def serve_command(argv: list[str]) -> int:
     allow_modules(*options.allow_module)
     api_key = options.api_key or os.environ.get(API_KEY_VARIABLE) or None
     path = Path(options.ckpt_path)
-    if not path.exists():
-        raise CaptionerError(f"--ckpt_path {path} does not exist.")
+    from captioner.inference.loading import check_model
+
+    check_model(path)  # refused here, in one line, before the server says it serves anything
     devices = options.devices if options.devices == "auto" else int(options.devices)
     server = build_server(path, options.device, devices, options.workers, decoding_overrides(options),
                           options.max_batch_size, options.batch_timeout, options.max_upload_mb, options.max_pixels,

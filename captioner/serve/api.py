@@ -13,7 +13,10 @@ and `attention` (per-word attention weights, for decoders that attend; null
 otherwise). Requests that arrive within `batch_timeout` of each other, up to
 `max_batch_size`, are captioned in one batch, but each is decoded, checked and
 answered on its own (`captioner.serve.batching`): a bad request gets its own
-4xx JSON answer saying what was wrong, its neighbours their captions.
+4xx JSON answer saying what was wrong, its neighbours their captions. The answer
+is the row every output shares (`captioner.decoding.answers.ROW_FIELDS`: image,
+caption, score, confidence, alternatives, constraints_met, clip_score, error),
+with `time_ms` and, on request, `attention`.
 
 Memory: an image is brought to the encoder's input size as soon as it is
 decoded (the encoder's one preprocessing definition), so a request waiting for
@@ -24,12 +27,14 @@ allocator hands large blocks back to the system when they are freed.
 
 # No `from __future__ import annotations` here: LitServe reads `decode_request`'s annotation as a class to decide
 # to parse forms and JSON for it.
+import asyncio
 import base64
 import binascii
 import ctypes
 import ctypes.util
-import threading
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +43,12 @@ from fastapi import HTTPException, Request
 
 from captioner.core.errors import CaptionerError
 from captioner.core.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
+from captioner.decoding.answers import Prediction
 from captioner.decoding.config import DecodingConfig, ModelLimits
-from captioner.serve.batching import IsolatingBatchedLoop
+from captioner.inference.protocol import attention_as_lists
+from captioner.serve.batching import RequestBatcher
+
+log = logging.getLogger("captioner")
 
 MAX_BEAMS = 10
 MAX_WORDS = 100  # the longest caption a request may ask for, when the decoder itself has no limit
@@ -160,8 +169,9 @@ def request_decoding(request: Any, base: DecodingConfig, limits: ModelLimits) ->
         raise HTTPException(400, str(error)) from None
 
 
-def image_bytes(request: Any) -> bytes:
-    """The image's bytes from a multipart form (field `image`) or a JSON object (`image`, base64).
+def image_bytes(request: Any) -> tuple[bytes, str]:
+    """The image's bytes from a multipart form (field `image`) or a JSON object (`image`, base64), and the name its
+    row gives it (the upload's file name, else `upload`).
 
     Raises:
         HTTPException: 400 when the field is missing, empty or not base64.
@@ -169,8 +179,9 @@ def image_bytes(request: Any) -> bytes:
     field = request.get("image") if hasattr(request, "get") else None
     if field is None:
         raise HTTPException(400, 'No image: send a multipart field \'image\' (a file) or JSON {"image": "<base64>"}.')
+    name = "upload"
     if hasattr(field, "file"):  # an uploaded file, kept in memory by RequestGuard
-        data = field.file.read()
+        data, name = field.file.read(), getattr(field, "filename", None) or name
     elif isinstance(field, str):
         text = field.split(",", 1)[1] if field.startswith("data:") else field  # a data URL is fine too
         try:
@@ -181,11 +192,14 @@ def image_bytes(request: Any) -> bytes:
         raise HTTPException(400, "'image' must be a file upload or a base64 string.")
     if not data:
         raise HTTPException(400, "The image is empty (0 bytes).")
-    return data
+    return data, name
 
 
 class CaptionAPI(ls.LitAPI):
-    """Caption images with a checkpoint or an exported folder (see `captioner.captioners.load_captioner`).
+    """Caption images with a checkpoint or an exported folder (see `captioner.inference.load_captioner`).
+
+    LitServe hands each request to this API on its own (an async API, one request per call); `RequestBatcher`
+    captions the requests that arrive together in one batch (`captioner.serve.batching`).
 
     Args:
         model_path: A checkpoint (`.ckpt`) or a folder written by `python -m captioner export`.
@@ -201,33 +215,47 @@ class CaptionAPI(ls.LitAPI):
         self, model_path: str | Path, decoding: dict | None = None, max_pixels: int = 40_000_000,
         max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2, rerank_clip: str | None = None,
     ) -> None:  # fmt: skip
-        max_decodes = max(1, max_decodes)
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict",
-                         loop=IsolatingBatchedLoop(decode_threads=max_decodes))  # fmt: skip
+        super().__init__(max_batch_size=1, api_path="/predict", enable_async=True)
         self.model_path, self.overrides, self.max_pixels = str(model_path), dict(decoding or {}), max_pixels
-        self.max_decodes, self.rerank_clip = max_decodes, rerank_clip
+        self.max_decodes, self.rerank_clip = max(1, max_decodes), rerank_clip
+        self.batch_size, self.batch_timeout_s = max_batch_size, batch_timeout
 
     def setup(self, device: str) -> None:
-        from captioner.captioners import load_captioner
+        from captioner.inference.loading import load_captioner
 
         return_large_blocks_to_the_system()
-        self.decode_slots = threading.BoundedSemaphore(self.max_decodes)
-        self.captioner = load_captioner(self.model_path, device, self.rerank_clip, **self.overrides)
+        self.attach(load_captioner(self.model_path, device, self.rerank_clip, **self.overrides))
 
-    def decode_request(self, request: Request) -> dict[str, Any]:
-        """One request's settings and image, checked before the model sees them (run for each request on its own:
-        see `captioner.serve.batching`).
+    def attach(self, captioner: Any) -> None:
+        """Serve with `captioner` (`setup` loads it from `model_path`; a test hands one in)."""
+        self.captioner = captioner
+        self.pixels = captioner.pixel_decoder()
+        # The full-size picture exists only inside a decode: at most `max_decodes` of them at once.
+        self.decodes = ThreadPoolExecutor(self.max_decodes, thread_name_prefix="captioner-decode")
+        self.batcher = RequestBatcher(self.caption_batch, self.batch_size, self.batch_timeout_s)
+
+    async def decode_request(self, request: Request) -> dict[str, Any]:
+        """One request's settings and image, checked before the model sees them.
 
         Raises:
-            HTTPException: 4xx saying what is wrong with this request.
+            HTTPException: 4xx saying what is wrong with this request (it alone is answered so).
         """
         started = time.perf_counter()
         decoding = request_decoding(request, self.captioner.decoding, self.captioner.limits)  # cheap: first
         attention = _flag(request.get("attention"), "attention")
-        data = image_bytes(request)
+        data, name = image_bytes(request)
+        pixels = await asyncio.get_running_loop().run_in_executor(self.decodes, self.decode_image, data)
+        return {"image": name, "pixels": pixels, "decoding": decoding, "attention": attention, "started": started,
+                "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
+
+    def decode_image(self, data: bytes) -> Any:
+        """The encoder's input from an upload's bytes.
+
+        Raises:
+            HTTPException: 413 over `max_pixels`, 415 for what is not an accepted image, 422 when it is corrupt.
+        """
         try:
-            with self.decode_slots:  # the full-size picture exists only inside this block
-                pixels = self.captioner.pixels_from_bytes(data, self.max_pixels)
+            return self.captioner.pixels_from_bytes(data, self.max_pixels)
         except TooManyPixelsError as error:
             raise HTTPException(413, f"The image is too large to decode safely: {error} (--max_pixels).") from None
         except UnsupportedFormatError:
@@ -235,47 +263,50 @@ class CaptionAPI(ls.LitAPI):
                                 ) from None  # fmt: skip
         except DECODE_ERRORS as error:
             raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({error}).") from None
-        return {"image": pixels, "decoding": decoding, "attention": attention, "started": started,
-                "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
 
-    def batch(self, inputs: list[dict]) -> list[dict]:
-        return inputs
+    async def predict(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.batcher.submit(request)
 
-    def predict(self, inputs: list[dict]) -> list[dict | Exception]:
-        """Caption a batch: requests that ask for the same decoding settings are searched together; a group that
-        fails answers its own requests with the error, not its neighbours'."""
+    def caption_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        """Caption decoded requests together: those asking for the same decoding settings are searched as one batch;
+        a group that fails answers its own requests with the error, not its neighbours'."""
         started = time.perf_counter()
-        rows: list[dict | Exception | None] = [None] * len(inputs)
+        results: list[dict[str, Any] | Exception | None] = [None] * len(requests)
         groups: dict[DecodingConfig, list[int]] = {}
-        for index, item in enumerate(inputs):
-            groups.setdefault(item["decoding"], []).append(index)
+        for index, request in enumerate(requests):
+            groups.setdefault(request["decoding"], []).append(index)
         for config, members in groups.items():
+            attention = any(requests[i]["attention"] for i in members)
             try:
-                described = self.captioner.describe([inputs[i]["image"] for i in members],
-                                                    attention=any(inputs[i]["attention"] for i in members),
-                                                    **config.to_dict())  # fmt: skip
+                pixels = self.pixels.stack([requests[i]["pixels"] for i in members])
+                answers = [attention_as_lists(row) for row in self.captioner.describe_pixels(pixels, config,
+                                                                                             attention)]  # fmt: skip
+                found: list[Any] = [Prediction.answered(requests[i]["image"], answer)
+                                    for i, answer in zip(members, answers)]  # fmt: skip
             except CaptionerError as error:
-                described = [HTTPException(400, str(error))] * len(members)
-            except Exception as error:  # a fault of the model with these settings: logged by the loop, 500
-                described = [error] * len(members)
-            for index, row in zip(members, described):
-                rows[index] = row
+                found = [HTTPException(400, str(error))] * len(members)
+            except Exception as error:  # a fault of the model with these settings: logged, 500 for these requests
+                log.error("Captioning %d requests failed: %s: %s", len(members), type(error).__name__, error,
+                          exc_info=error)  # fmt: skip
+                found = [error] * len(members)
+            for index, result in zip(members, found):
+                results[index] = result
         model_ms = 1000 * (time.perf_counter() - started)
-        return [row if isinstance(row, Exception) else
-                {**row, "request": item, "model_ms": model_ms, "batch_size": len(inputs)}
-                for row, item in zip(rows, inputs)]  # fmt: skip
+        return [result if isinstance(result, Exception) else
+                {"prediction": result, "request": request, "model_ms": model_ms, "batch_size": len(requests)}
+                for result, request in zip(results, requests)]  # fmt: skip
 
-    def unbatch(self, output: list[dict]) -> list[dict]:
-        return output
-
-    def encode_response(self, output: dict) -> dict[str, Any]:
-        request = output["request"]
-        response = {"caption": output["caption"], "score": round(output["score"], 5)}
-        if "alternatives" in output:
-            response["alternatives"] = [{"caption": a["caption"], "score": round(a["score"], 5)}
-                                        for a in output["alternatives"]]  # fmt: skip
+    async def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        """The row (`captioner.decoding.answers.ROW_FIELDS`, scores rounded), the attention when asked for, and where
+        the time went."""
+        request, prediction = output["request"], output["prediction"]
+        response = prediction.row()
+        response["score"] = round(prediction.score, 5)
+        if prediction.alternatives is not None:
+            response["alternatives"] = [{**entry, "score": round(entry["score"], 5)} for entry in response[
+                "alternatives"]]  # fmt: skip
         if request["attention"]:
-            response["attention"] = output["attention"]
+            response["attention"] = prediction.attention
         response["time_ms"] = {"decode": round(request["decode_ms"], 2), "model": round(output["model_ms"], 2),
                                "total": round(1000 * (time.perf_counter() - request["started"]), 2),
                                "batch_size": output["batch_size"]}  # fmt: skip

@@ -98,9 +98,9 @@ def exported_lm_decode(family: str, work: str, count: int, words: int = 20) -> d
     from captioner.decoding import DecodingConfig
     from captioner.encoders.torchvision_models import TorchvisionEncoder
     from captioner.export.onnx import export_onnx
+    from captioner.inference import OnnxCaptioner
     from captioner.models.decoders import PrefixLMDecoder
     from captioner.models.module import CaptionModel
-    from captioner.runtime import OnnxCaptioner
     from captioner.text.words import Vocabulary
 
     torch.manual_seed(0)

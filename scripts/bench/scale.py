@@ -1,6 +1,6 @@
 """Phases at the user's scale: the records pass over web-scale shards (time and peak memory against the number of
 records), and bulk captioning (`caption-set`, one process and two) against `Captioner.predict` on the same files,
-with where a batch's time goes (decoding the files, the encoder, the search)."""
+both through the captioning engine, with the share of the model's time spent waiting for images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import ROOT
@@ -53,47 +52,50 @@ def image_folder(images_dir: str, names: list[str], folder: str, count: int) -> 
     return str(target), made
 
 
-def caption_files(checkpoint: str, images_dir: str, names: list[str], batch_size: int, threads: int) -> dict:
-    """`Captioner` over the files, the same batches the bulk job makes, timed by stage: decoding the files (in
-    `threads` threads, as the job does), the encoder, and the search."""
-    import torch
-
+def caption_files(checkpoint: str, images_dir: str, names: list[str], batch_size: int, threads: int,
+                  device: str = "cpu") -> dict:
+    """The Python API over the files, model loading included (as the job's figure includes it): `Captioner.predict`
+    through the captioning engine, and the share of the model's time it waited for images."""
     from captioner.inference import Captioner
-    from captioner.models import captioning
 
-    captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
     paths = [Path(images_dir) / name for name in names]
-    stages = {"decode_s": 0.0, "encode_s": 0.0, "search_s": 0.0}
     started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool, torch.no_grad():
-        for start in range(0, len(paths), batch_size):
-            moment = time.perf_counter()
-            pixels = list(pool.map(lambda path: captioner.pixels_from_bytes(path.read_bytes()),
-                                   paths[start : start + batch_size]))  # fmt: skip
-            stages["decode_s"] += time.perf_counter() - moment
-            moment = time.perf_counter()
-            features = captioner.model.encode_images(torch.stack(pixels))
-            stages["encode_s"] += time.perf_counter() - moment
-            moment = time.perf_counter()
-            captioning.decode_features(captioner.model, features, captioner.decoding)
-            stages["search_s"] += time.perf_counter() - moment
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, batch_size=batch_size, decode_threads=threads)
+    engine = captioner.engine()
+    captioned = sum(prediction.caption is not None for prediction in engine.predictions(paths))
     elapsed = time.perf_counter() - started
-    return {"images_per_s": len(paths) / elapsed, "images": len(paths),
-            **{key: value / elapsed for key, value in stages.items()}}  # fmt: skip
+    stats = engine.stats
+    return {"images_per_s": len(paths) / elapsed, "images": len(paths), "captioned": captioned,
+            "model_waited_share": stats.waiting_share,
+            "captioning_images_per_s": stats.images / max(stats.busy_s + stats.waited_s, 1e-9)}  # fmt: skip
 
 
-def caption_set(checkpoint: str, images_dir: str, work: str, processes: int, batch_size: int, threads: int) -> dict:
-    """`python -m captioner caption-set` over the folder into JSON Lines, `processes` processes (DDP on the CPU):
-    images per second of the whole job, start-up and model loading included."""
+def caption_set(checkpoint: str, images_dir: str, work: str, processes: int, batch_size: int, threads: int,
+                device: str = "cpu") -> dict:
+    """`caption-set` over the folder into JSON Lines: one process in this one (`--launcher none`, model loading
+    included, process start-up not, as for the API), or `processes` processes launched by Lightning (DDP, start-up
+    included); images per second of the whole job, and the model's waiting share from its summary."""
     output = Path(work) / f"caption-set-{processes}"
-    command = [sys.executable, "-m", "captioner", "caption-set", "--ckpt_path", checkpoint, "--input", images_dir,
-               "--format", "jsonl", "--output", str(output), "--batch_size", str(batch_size), "--threads",
-               str(threads), "--trainer.devices", str(processes), "--trainer.accelerator", "cpu"]  # fmt: skip
+    options = ["--ckpt_path", checkpoint, "--input", images_dir, "--format", "jsonl", "--output", str(output),
+               "--batch_size", str(batch_size), "--threads", str(threads), "--trainer.accelerator", device]  # fmt: skip
     started = time.perf_counter()
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
-    if done.returncode:
-        raise RuntimeError(f"caption-set failed: {done.stderr[-1500:]}")
+    if processes == 1:
+        import contextlib
+        import io
+
+        from captioner.bulk.command import caption_set_command
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            caption_set_command([*options, "--launcher", "none"])
+    else:
+        command = [sys.executable, "-m", "captioner", "caption-set", *options, "--trainer.devices", str(processes)]
+        environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
+        if done.returncode:
+            raise RuntimeError(f"caption-set failed: {done.stderr[-1500:]}")
     elapsed = time.perf_counter() - started
     summary = json.loads((output / ".captioner-job" / "summary.json").read_text())
-    return {"images_per_s": summary["captioned"] / elapsed, "images": summary["captioned"], "processes": processes}
+    images = summary["captioned"] + sum(summary["failed"].values())
+    return {"images_per_s": images / elapsed, "images": images, "processes": processes,
+            "model_waited_share": summary["model_waited_share"],
+            "captioning_images_per_s": summary["images_per_worker_s"]}  # fmt: skip

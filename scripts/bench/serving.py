@@ -38,7 +38,7 @@ def export_models(checkpoint: str, folder: str, calibration_dir: str) -> dict:
 
 def onnx_extract(folder: str, images_dir: str, names: list[str], batch_size: int) -> dict:
     """ONNX Runtime extraction, file to features: decode and resize (NumPy), then the encoder graph."""
-    from captioner.runtime import OnnxCaptioner
+    from captioner.inference import OnnxCaptioner
 
     runtime = OnnxCaptioner(folder)
     paths = [Path(images_dir) / name for name in names]
@@ -51,7 +51,7 @@ def onnx_extract(folder: str, images_dir: str, names: list[str], batch_size: int
 
 def onnx_decode(folder: str, features_file: str, count: int, beam_size: int, batch_size: int) -> dict:
     """ONNX Runtime decoding of cached features, search in NumPy."""
-    from captioner.runtime import OnnxCaptioner
+    from captioner.inference import OnnxCaptioner
 
     runtime = OnnxCaptioner(folder, num_beams=beam_size)
     features = np.asarray(np.load(features_file, mmap_mode="r")[:count], dtype=np.float32)

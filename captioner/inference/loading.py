@@ -1,15 +1,13 @@
-"""A captioner for whatever a user points at: a checkpoint file (`Captioner`, torch) or an exported folder
-(`OnnxCaptioner`, ONNX Runtime); both implement `captioner.predictions.CaptionerProtocol`."""
+"""A captioner for whatever a user points at: a checkpoint file or a published folder or hub id (`Captioner`, torch),
+or an exported folder (`OnnxCaptioner`, ONNX Runtime); both implement `CaptionerProtocol`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from captioner.core.errors import CaptionerError
-from captioner.core.pixels import DECODE_ERRORS, describe_error
-from captioner.predictions import CaptionerProtocol
+from captioner.inference.protocol import CaptionerProtocol
 
 
 def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str | None = None,
@@ -26,12 +24,12 @@ def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str
 
     path, device = Path(path), None if device in (None, "auto") else device
     if path.is_dir() and is_published(path) or not path.exists() and _looks_like_hub_id(str(path)):
-        from captioner.inference import Captioner
+        from captioner.inference.checkpoint import Captioner
 
         return Captioner.from_pretrained(path if path.is_dir() else str(path), device, rerank_clip=rerank_clip,
                                          **overrides)  # fmt: skip
     if path.is_dir():
-        from captioner.runtime import OnnxCaptioner
+        from captioner.inference.exported import OnnxCaptioner
 
         if rerank_clip is not None:
             raise CaptionerError(f"{path} is an exported folder, run without torch: reranking by CLIPScore runs CLIP "
@@ -41,7 +39,7 @@ def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str
     if not path.is_file():
         raise CaptionerError(f"{path} is neither a checkpoint file, an exported or published folder, nor a hub id "
                              "(user/name).")  # fmt: skip
-    from captioner.inference import Captioner
+    from captioner.inference.checkpoint import Captioner
 
     return Captioner.from_checkpoint(path, device, rerank_clip=rerank_clip, **overrides)
 
@@ -52,23 +50,32 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def describe_files(captioner: CaptionerProtocol, paths: Sequence[str | Path],
-                   **settings: Any) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """Every file's answer in order, `captioner.batch_size` files at a time: `path`, `caption`, `score`,
-    `alternatives` (with `num_return` > 1), `constraints_met` (with forced words) and `error` (a file that cannot be
-    read gets its reason; the rest go on)."""
-    for start in range(0, len(paths), captioner.batch_size):
-        batch, pixels, rows = paths[start : start + captioner.batch_size], [], []
-        for path in batch:
-            try:
-                pixels.append(captioner.pixels_from_bytes(Path(path).read_bytes()))
-                rows.append({"path": str(path), "error": None})
-            except (OSError, *DECODE_ERRORS) as error:
-                rows.append({"path": str(path), "caption": None, "score": None, "error": describe_error(error)})
-        described = iter(captioner.describe(pixels, **settings) if pixels else [])
-        for row in rows:
-            if row["error"] is None:
-                answer = next(described)
-                answer.pop("attention", None)
-                row.update(answer)
-            yield row
+def check_model(path: str | Path) -> None:
+    """Refuse, in the one line `caption` prints and before anything starts (a server, a job), what a command would
+    load as a model: a checkpoint that is not one or names classes nobody allowed
+    (`captioner.models.building.check_checkpoint_file`), an exported folder that does not check out against its
+    manifest, or a path that is none of a checkpoint, an exported or published folder and a hub id.
+
+    Raises:
+        CaptionerError: Saying what failed and what to give instead.
+    """
+    from captioner.published import is_published
+
+    path = Path(path)
+    if path.is_dir():
+        if is_published(path):
+            return
+        from captioner.inference.exported import MANIFEST, read_manifest
+        from captioner.text.base import tokenizer_from_dict
+
+        manifest = read_manifest(path)
+        tokenizer_from_dict(manifest.get("vocabulary"), str(path / MANIFEST), built_in_only=True)
+        return
+    if not path.exists():
+        if _looks_like_hub_id(str(path)):
+            return
+        raise CaptionerError(f"{path} does not exist: give a checkpoint `fit` wrote, an exported or published "
+                             "folder, or a hub id (user/name).")  # fmt: skip
+    from captioner.models.building import check_checkpoint_file
+
+    check_checkpoint_file(path)

@@ -1,9 +1,10 @@
-"""A captioner for exported folders that needs only ONNX Runtime, NumPy and Pillow: no torch, no Lightning.
+"""The exported runtime: a captioner for exported folders that needs only ONNX Runtime, NumPy and Pillow, no torch
+and no Lightning.
 
-    from captioner.runtime import OnnxCaptioner
+    from captioner.inference import OnnxCaptioner
     captioner = OnnxCaptioner("captioner-onnx/")
     captioner.caption(["a.jpg", "b.png"])           # -> list[str]
-    captioner.predict(paths)                         # -> [Prediction(source, caption, score, error)]
+    captioner.predict(paths)                         # -> [Prediction(image, caption, score, ...)]
 
 The folder (written by `python -m captioner export`) holds the encoder, the
 decoder's `prepare` and `step` graphs, the vocabulary, the preprocessing and
@@ -16,21 +17,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from captioner.core.errors import CaptionerError
-from captioner.core.pixels import image_places, open_image, preprocess_array, to_rgb
-from captioner.decoding.answers import answer_rows
-from captioner.decoding.confidence import Calibrator, caption_confidences
+from captioner.core.pixels import open_image, preprocess_array, to_rgb
+from captioner.decoding.answers import describe
+from captioner.decoding.confidence import Calibrator
 from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.ops import NumpyOps
-from captioner.decoding.rules import rules_for
 from captioner.decoding.search import Decoded, decode
-from captioner.predictions import Prediction, captions_or_error, predict_in_batches
+from captioner.inference.engine import DEFAULT_DECODE_THREADS
+from captioner.inference.protocol import ImageCaptioner
 from captioner.text.base import tokenizer_from_dict
 
 EXPORT_VERSION = 3
@@ -118,7 +120,64 @@ class OnnxStepper:
         return [part[rows] for part in state]
 
 
-class OnnxCaptioner:
+class NumpyPixels:
+    """How an export's images become its encoder's input, in NumPy (`captioner.inference.engine.PixelDecoder`): the
+    encoder's preprocessing definition computed without torch, large JPEGs decoded reduced as on the torch path."""
+
+    def __init__(self, definition: dict) -> None:
+        self.definition = definition
+
+    def host(self, data: Any, max_pixels: int | None = None) -> np.ndarray:
+        """Bytes, a PIL image or an `(H, W, 3)` uint8 array as the `(3, S, S)` uint8 input.
+
+        Raises:
+            One of `captioner.core.pixels.DECODE_ERRORS`; TypeError for anything that is not an image.
+        """
+        if isinstance(data, (bytes, bytearray)):
+            image = np.asarray(open_image(bytes(data), max_pixels, self.definition))
+        elif isinstance(data, Image.Image):
+            image = np.asarray(to_rgb(data))
+        elif isinstance(data, np.ndarray) and data.ndim == 3 and data.shape[-1] == 3 and data.dtype == np.uint8:
+            image = data
+        else:
+            raise TypeError(f"not an image: {type(data).__name__} (give a path, bytes, a PIL image or an (H, W, 3) "
+                            "uint8 array)")
+        return preprocess_array(image, self.definition)
+
+    def for_device(self, data: bytes) -> bool:
+        return False
+
+    def on_device(self, encoded: list[bytes]) -> list[Any]:
+        raise NotImplementedError("the exported runtime decodes on the host")
+
+    def stack(self, pixels: list[np.ndarray]) -> np.ndarray:
+        return np.stack(pixels)
+
+
+class ExportSide:
+    """An export's graphs as `captioner.decoding.answers.ModelSide` (no attention maps: they need the checkpoint)."""
+
+    def __init__(self, captioner: OnnxCaptioner) -> None:
+        self.captioner = captioner
+        self.vocabulary, self.calibrator, self.clip_calibrator = captioner.vocabulary, captioner.calibrator, None
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.captioner.features(pixels)
+
+    def search(self, features: np.ndarray, config: DecodingConfig, places: list[int] | None) -> Decoded:
+        return self.captioner.decode_features(features, config, places)
+
+    def stepper(self, features: np.ndarray) -> OnnxStepper:
+        return OnnxStepper(self.captioner, features)
+
+    def ops(self, features: np.ndarray) -> NumpyOps:
+        return NumpyOps()
+
+    def attention(self, features: np.ndarray, decoded: Decoded) -> None:
+        return None
+
+
+class OnnxCaptioner(ImageCaptioner):
     """Caption images with an exported folder, on the CPU (or another ONNX Runtime provider).
 
     Args:
@@ -127,11 +186,13 @@ class OnnxCaptioner:
         providers: ONNX Runtime execution providers (None: the CPU).
         threads: Threads per session (None: ONNX Runtime's choice).
         decoding: How to decode (None: the export's settings).
+        decode_threads: Images decoded at once.
         overrides: Decoding settings changed from those (`num_beams=5`, ...; the 0.2 name `beam_size` works too).
     """
 
     def __init__(self, folder: str | Path, batch_size: int = 32, providers: Sequence[str] | None = None,
-                 threads: int | None = None, decoding: DecodingConfig | None = None, **overrides) -> None:  # fmt: skip
+                 threads: int | None = None, decoding: DecodingConfig | None = None,
+                 decode_threads: int = DEFAULT_DECODE_THREADS, **overrides) -> None:  # fmt: skip
         import onnxruntime
 
         self.folder = Path(folder)
@@ -157,42 +218,17 @@ class OnnxCaptioner:
                                   self.vocabulary)  # fmt: skip
         self.decoding = (decoding or saved).with_overrides(**overrides).checked(self.limits)
         self.preprocessing = manifest["preprocessing"]  # the encoder's definition, computed in numpy
-        self.batch_size = batch_size
+        self.batch_size, self.decode_threads = batch_size, decode_threads
         self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
         self.context_per_image = manifest["context_per_image"]
         self.calibrator = Calibrator.from_dict(manifest.get("confidence"))  # exports before 0.3: none
 
-    # ------------------------------------------------------------ images
-    def _pixels(self, source) -> np.ndarray:
-        """A path, bytes or PIL image as a `(3, S, S)` uint8 array, preprocessed as in training."""
-        if isinstance(source, Image.Image):
-            image = to_rgb(source)
-        elif isinstance(source, (bytes, bytearray)):
-            image = open_image(bytes(source))
-        else:
-            image = open_image(Path(source).read_bytes())
-        return preprocess_array(np.asarray(image), self.preprocessing)
-
-    def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        """An image file's bytes as the encoder's `(3, S, S)` uint8 input (the full-size picture is not kept).
-
-        Raises:
-            One of `captioner.core.pixels.DECODE_ERRORS` (`TooManyPixelsError`, `UnsupportedFormatError`, ...).
-        """
-        return preprocess_array(np.asarray(open_image(data, max_pixels)), self.preprocessing)
+    def pixel_decoder(self) -> NumpyPixels:
+        return NumpyPixels(self.preprocessing)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """Encoder features of a `(B, 3, S, S)` uint8 batch."""
         return self.encoder.run(None, {"images": pixels})[0]
-
-    # ------------------------------------------------------------ search
-    def settings(self, **overrides) -> DecodingConfig:
-        """This captioner's decoding settings with `overrides`, checked against the model.
-
-        Raises:
-            CaptionerError: Naming a setting that is unknown, out of range, or more than the model can do.
-        """
-        return self.decoding.with_overrides(**overrides).checked(self.limits)
 
     def decode_features(self, features: np.ndarray, config: DecodingConfig | None = None,
                         places: list[int] | None = None) -> Decoded:  # fmt: skip
@@ -202,46 +238,8 @@ class OnnxCaptioner:
         return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(),
                       config.max_words(self.vocabulary.max_length), self.vocabulary, places)  # fmt: skip
 
-    def caption_pixels(self, pixels: np.ndarray, **overrides) -> tuple[list[str], list[float]]:
-        """Captions and log-probabilities of a `(B, 3, S, S)` uint8 batch (sampling: each image's stream seeded by
-        its pixels, as the PyTorch captioner's)."""
-        config = self.settings(**overrides)
-        decoded = self.decode_features(self.features(pixels), config,
-                                       image_places(pixels) if config.do_sample else None)  # fmt: skip
-        return self.vocabulary.decode_batch(decoded.best_tokens), [float(s) for s in decoded.best_scores]
-
-    # ------------------------------------------------------------ the Captioner interface
-    def iter_predict(self, images: Iterable, **overrides) -> Iterator[Prediction]:
-        """Caption paths, bytes or PIL images batch by batch; an unreadable one gets an error, the rest go on."""
-        yield from predict_in_batches(list(images), self.batch_size, self._pixels,
-                                      lambda pixels: self.caption_pixels(np.stack(pixels), **overrides))  # fmt: skip
-
-    def predict(self, images: Iterable, **overrides) -> list[Prediction]:
-        """Caption every image; unreadable ones get an error instead of stopping the rest."""
-        return list(self.iter_predict(images, **overrides))
-
-    def caption(self, images, **overrides) -> list[str]:
-        """Captions for one image or a list of them (`overrides`: decoding settings for this call).
-
-        Raises:
-            CaptionerError: Naming the first image that could not be read.
-        """
-        if isinstance(images, (str, Path, Image.Image, bytes)):
-            images = [images]
-        return captions_or_error(self.predict(images, **overrides))
-
-    def describe(self, images: Sequence[Image.Image | np.ndarray], attention: bool = False, **overrides) -> list[dict]:
-        """What the server returns for decoded images (or their `pixels_from_bytes` arrays): caption, score and,
-        with `num_return` > 1, the ranked alternatives (attention maps need the checkpoint: None here)."""
-        config = self.settings(**overrides)
-        pixels = np.stack([self._pixels(image) if isinstance(image, Image.Image) else image for image in images])
-        features = self.features(pixels)
-        places = image_places(pixels) if config.do_sample else None
-        decoded = self.decode_features(features, config, places)
-        confidences = None
-        if self.calibrator is not None:
-            rules = rules_for(config, self.special, self.vocabulary, config.max_words(self.vocabulary.max_length))
-            confidences = caption_confidences(self.calibrator, OnnxStepper(self, features), decoded,
-                                              self.special.start, NumpyOps(), rules)  # fmt: skip
-        rows = answer_rows(decoded, self.vocabulary, config.num_return, confidences)
-        return [{**row, "attention": None} for row in rows]
+    def describe_pixels(self, pixels: np.ndarray, config: DecodingConfig,
+                        attention: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """`captioner.decoding.answers.describe` over the export's graphs (attention maps need the checkpoint: None
+        here)."""
+        return describe(ExportSide(self), np.ascontiguousarray(pixels), config)
