@@ -28,7 +28,7 @@ class RecordingDecoder:
             self.events.append(("decode", int(data)))
         return np.full((3, 2, 2), int(data), dtype=np.uint8)
 
-    def for_device(self, data: bytes) -> bool:
+    def for_device(self, data: bytes, max_pixels=None) -> bool:
         return False
 
     def on_device(self, encoded):

@@ -194,3 +194,29 @@ def test_images_of_one_size_are_resized_together_exactly_as_one_by_one():
     assert sorted(resized) == [10, 11, 12, 13, 14]
     for position, image in zip([10, 11, 12, 13, 14], images):
         assert torch.equal(resized[position], preprocessing.resize_tensor(image))
+
+
+def test_one_upload_decodes_as_the_engine_decodes_a_batch_and_keeps_the_pixel_limit_on_either_path(photographs):
+    """The server decodes each request with `pixels_from_bytes`: on a GPU a JPEG goes to nvJPEG as the engine's
+    batches do (else the server's caption could differ from `Captioner`'s), and `--max_pixels` holds on that path
+    too. Here the device path runs on the CPU (torchvision's decoder), the logic the GPU runs."""
+    from captioner.core.pixels import TooManyPixelsError
+    from captioner.inference.protocol import ImageCaptioner
+
+    class Decoding(ImageCaptioner):
+        def __init__(self, pixels: TorchPixels) -> None:
+            self.pixels = pixels
+
+        def pixel_decoder(self) -> TorchPixels:
+            return self.pixels
+
+    data = photographs[0].read_bytes()
+    for device_decode in (True, False):
+        pixels = TorchPixels(Preprocessing(64), "cpu", device_decode=device_decode)
+        alone = Decoding(pixels).pixels_from_bytes(data)
+        (batch,) = decoded_batches([ImageInput("photo", data)], pixels, batch_size=1)
+        assert torch.equal(alone, batch.pixels[0]), device_decode
+        with pytest.raises(TooManyPixelsError):
+            Decoding(pixels).pixels_from_bytes(data, max_pixels=1000)
+    full = TorchPixels(Preprocessing(64), "cpu", device_decode=True)
+    assert torch.equal(Decoding(full).pixels_from_bytes(data), full.on_device([data])[0])  # nvJPEG's way, whole

@@ -85,11 +85,11 @@ class PixelDecoder(Protocol):
             One of `captioner.core.pixels.DECODE_ERRORS`.
         """
 
-    def for_device(self, data: bytes) -> bool:
+    def for_device(self, data: bytes, max_pixels: int | None = None) -> bool:
         """Whether these bytes go to the device's decoder (a header check; False where there is none).
 
         Raises:
-            One of `DECODE_ERRORS` when the header says the image cannot be read.
+            One of `DECODE_ERRORS` when the header says the image cannot be read, or has more than `max_pixels`.
         """
 
     def on_device(self, encoded: list[bytes]) -> list[Any]:
@@ -116,7 +116,7 @@ def prepare(decoder: PixelDecoder, item: ImageInput, max_pixels: int | None) -> 
             data = data.read_bytes()
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data)
-            if decoder.for_device(data):
+            if decoder.for_device(data, max_pixels):
                 return _Deferred(data)
         return decoder.host(data, max_pixels)
     except (*DECODE_ERRORS, TypeError) as error:

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from captioner.core.pixels import describe_error, open_accepted
+from captioner.core.pixels import check_pixels, describe_error, open_accepted
 from captioner.encoders.preprocessing import DECODE_ERRORS, Preprocessing
 
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -84,13 +84,14 @@ def collate_images(items: list[tuple[int, str, torch.Tensor | None, str | None]]
     }
 
 
-def device_decodable(data: bytes) -> bool:
-    """Whether the device should decode these bytes: a complete RGB or greyscale JPEG within PIL's pixel limit.
+def device_decodable(data: bytes, max_pixels: int | None = None) -> bool:
+    """Whether the device should decode these bytes: a complete RGB or greyscale JPEG within the pixel limits.
 
     Reads only the header. A decompression bomb raises here, exactly as it
-    would on the CPU path (`PIL.Image.open` checks the pixel count). A JPEG
-    without its end marker is truncated: it goes to PIL, which refuses it,
-    where nvJPEG might return a half-grey picture.
+    would on the CPU path (`PIL.Image.open` checks the pixel count, and
+    `max_pixels` is checked as the CPU path checks it). A JPEG without its end
+    marker is truncated: it goes to PIL, which refuses it, where nvJPEG might
+    return a half-grey picture.
 
     Raises:
         One of `DECODE_ERRORS` when the header cannot be read or the image is too large.
@@ -98,6 +99,7 @@ def device_decodable(data: bytes) -> bool:
     if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0 \r\n").endswith(JPEG_END):
         return False
     with open_accepted(data) as image:
+        check_pixels(image, max_pixels)
         return image.format == "JPEG" and image.mode in DEVICE_DECODABLE_MODES
 
 
@@ -184,8 +186,8 @@ class TorchPixels:
             return self.preprocessing.from_tensor(torch.as_tensor(data).permute(2, 0, 1))
         raise TypeError(f"not an image: {type(data).__name__} (give a path, bytes, a PIL image, an array or a tensor)")
 
-    def for_device(self, data: bytes) -> bool:
-        return self.device_decode and device_decodable(data)
+    def for_device(self, data: bytes, max_pixels: int | None = None) -> bool:
+        return self.device_decode and device_decodable(data, max_pixels)
 
     def _stream(self):
         """The calling thread's own CUDA stream (a no-op context elsewhere)."""

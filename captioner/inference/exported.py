@@ -144,7 +144,7 @@ class NumpyPixels:
                             "uint8 array)")
         return preprocess_array(image, self.definition)
 
-    def for_device(self, data: bytes) -> bool:
+    def for_device(self, data: bytes, max_pixels: int | None = None) -> bool:
         return False
 
     def on_device(self, encoded: list[bytes]) -> list[Any]:

@@ -93,7 +93,13 @@ class ImageCaptioner:
             One of `captioner.core.pixels.DECODE_ERRORS` (`TooManyPixelsError` over `max_pixels`,
             `UnsupportedFormatError` for formats outside `ACCEPTED_FORMATS`).
         """
-        return self.pixel_decoder().host(data, max_pixels)
+        decoder = self.pixel_decoder()
+        if decoder.for_device(data, max_pixels):  # decoded as the engine decodes it: the same pixels, the same caption
+            (pixels,) = decoder.on_device([data])
+            if isinstance(pixels, BaseException):
+                raise pixels
+            return pixels
+        return decoder.host(data, max_pixels)
 
     # ------------------------------------------------------------ written once
     def settings(self, **overrides: Any) -> DecodingConfig:
