@@ -227,10 +227,10 @@ def caption_command(argv: list[str]) -> int:
     Returns:
         0 when every file was captioned, 1 when some could not be read.
     """
-    from captioner.data.images import IMAGE_EXTENSIONS, files_and_folders
     from captioner.decoding.answers import Prediction
     from captioner.inference.engine import DEFAULT_DECODE_THREADS
     from captioner.inference.loading import load_captioner
+    from captioner.sources.images import IMAGE_EXTENSIONS, files_and_folders
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif), or folders of them "

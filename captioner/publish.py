@@ -25,11 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from captioner.compat.checkpoints import CAPTIONER_KEY, read_checkpoint, upgrade
+from captioner.compat.checkpoints import upgrade
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_folder, write_json
 from captioner.core.parts import require_library
 from captioner.core.version import __version__
+from captioner.models.checkpoints import CAPTIONER_KEY, read_checkpoint
 from captioner.published import CONFIG, PUBLISHED_FORMAT, TOKENIZER, WEIGHTS, is_published, model_from_published
 
 __all__ = ["is_published", "measure", "model_from_published", "publish", "push"]
@@ -98,7 +99,7 @@ def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test
 
 
 def _measure_pictures(folder: str | Path, count: int) -> list[Path]:
-    from captioner.data.images import IMAGE_EXTENSIONS, find_images
+    from captioner.sources.images import IMAGE_EXTENSIONS, find_images
 
     pictures = find_images(folder).images[: max(1, count)]
     if not pictures:

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from captioner.compat.checkpoints import CAPTIONER_KEY
 from captioner.core.errors import CaptionerError
 from captioner.core.hub import hub_error
 from captioner.core.parts import require_library
+from captioner.models.checkpoints import CAPTIONER_KEY
 
 PUBLISHED_FORMAT = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"

@@ -19,11 +19,11 @@ from PIL import Image
 from captioner.cli import main
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, write_json
-from captioner.data.images import find_images
 from captioner.encoders.torchvision_models import TorchvisionEncoder
 from captioner.features.cache import INDEX_FILE, PARTS_DIR, prepare_cache
 from captioner.features.keys import FeatureSpec
 from captioner.runs import run_dir
+from captioner.sources.images import find_images
 from tests.conftest import TESTS, last_checkpoint, predict_args, tiny_args
 
 ROOT = TESTS.parent

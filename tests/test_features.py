@@ -22,7 +22,7 @@ from captioner.features.cache import (
     prepare_cache,
 )
 from captioner.features.keys import FeatureSpec, cache_key
-from captioner.features.sources import folder_parts
+from captioner.sources.parts import folder_parts
 
 ENCODER = {"model": "resnet18", "weights": None, "image_size": 32}
 
@@ -251,9 +251,9 @@ def test_a_streamed_extraction_cut_short_resumes_to_the_set_an_uninterrupted_one
     resumed from the two finished, every item (name, features, captions) as one run without a stop writes."""
     import litdata
 
-    from captioner.data.records import CaptionRecord
-    from captioner.features.sources import folder_parts
     from captioner.features.streamed import prepare_streamed
+    from captioner.sources.parts import folder_parts
+    from captioner.sources.records import CaptionRecord
 
     names = names_of(scenes, 24)
     records = [CaptionRecord(name, (f"caption {i}", f"other {i}")) for i, name in enumerate(names)]

@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from captioner.compat.checkpoints import AtomicCheckpointIO
 from captioner.core.files import atomic_folder, atomic_open, write_json
 from captioner.export.onnx import export_onnx
+from captioner.models.checkpoints import AtomicCheckpointIO
 from captioner.models.module import CaptionModel
 
 

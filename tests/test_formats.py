@@ -9,7 +9,7 @@ import pytest
 from captioner.core.errors import CaptionerError
 from captioner.data.download import read_caption_set
 from captioner.data.formats import Coco, Csv, Jsonl, Karpathy, TextFolder
-from captioner.data.records import DataReport
+from captioner.sources.records import DataReport
 
 
 def write(path: Path, payload) -> Path:

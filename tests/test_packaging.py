@@ -103,7 +103,7 @@ def test_modules_that_moved_still_import_by_their_old_names_with_one_deprecation
     code = ("import captioner.errors, captioner.parts\n"
             "from captioner.checkpointing import AtomicCheckpointIO\n"
             "from captioner.core.errors import CaptionerError\n"
-            "from captioner.compat.checkpoints import AtomicCheckpointIO as New\n"
+            "from captioner.models.checkpoints import AtomicCheckpointIO as New\n"
             "assert captioner.errors.CaptionerError is CaptionerError and AtomicCheckpointIO is New\n"
             "import captioner.errors\n")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -112,4 +112,4 @@ def test_modules_that_moved_still_import_by_their_old_names_with_one_deprecation
     lines = result.stderr.splitlines()
     assert lines == [f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now)." for old, new in (
         ("captioner.errors", "captioner.core.errors"), ("captioner.parts", "captioner.core.parts"),
-        ("captioner.checkpointing", "captioner.compat.checkpoints"))]  # fmt: skip
+        ("captioner.checkpointing", "captioner.models.checkpoints"))]  # fmt: skip

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from captioner.data.formats import WebDataset
-from captioner.data.records import DataReport
 from captioner.data.sharded import SplitDraw, index_shards
 from captioner.data.splits import key_hash
 from captioner.data.synthetic import write_caption_shards
+from captioner.sources.records import DataReport
 from tests.conftest import TESTS
 
 ROOT = TESTS.parent
@@ -21,7 +21,7 @@ import json, sys
 from pathlib import Path
 import webdataset.tariterators  # imported before the baseline, as the records pass needs it
 if sys.argv[3] == "all":  # no Lightning to import for the baseline
-    from captioner.data.records import DataReport
+    from captioner.sources.records import DataReport
     from captioner.data.formats import WebDataset
 else:
     from captioner.data.datamodule import CaptionDataModule

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from captioner.data.formats import WebDataset
-from captioner.data.records import DataReport
 from captioner.data.synthetic import write_synthetic_dataset, write_synthetic_shards
+from captioner.sources.records import DataReport
 from tests.conftest import TESTS, TINY_CONFIG, tiny_args
 
 ROOT = TESTS.parent

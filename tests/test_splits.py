@@ -2,8 +2,8 @@ import pytest
 
 from captioner.core.errors import CaptionerError
 from captioner.data.formats.karpathy import Karpathy
-from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.splits import SPLITS, label_from_split_file, make_splits, split_by_labels, split_records
+from captioner.sources.records import CaptionRecord, DataReport
 from tests.test_formats import karpathy_file
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioner.core.errors import CaptionerError
-from captioner.data.formats.webdataset import IMAGE_MEMBERS, is_url, shard_locations, shard_path, shard_samples
-from captioner.data.images import find_images
+from captioner.sources.images import find_images
+from captioner.sources.shards import IMAGE_MEMBERS, is_url, shard_locations, shard_path, shard_samples
 
 FILES_PER_PART = 1000
 

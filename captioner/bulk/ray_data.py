@@ -124,7 +124,7 @@ def caption_with_ray(options: argparse.Namespace) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False)
     if parts[0].shard is not None:
-        from captioner.data.formats.webdataset import shard_path
+        from captioner.sources.shards import shard_path
 
         dataset = ray.data.read_webdataset([shard_path(part.root, part.shard) for part in parts], decoder=None)
     else:

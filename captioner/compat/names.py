@@ -2,7 +2,7 @@
 
 - Modules that moved: `captioner.errors`, `captioner.files`, `captioner.parts`,
   `captioner.pixels`, `captioner.hardware` (the foundations, now in
-  `captioner.core`), `captioner.checkpointing` (now `captioner.compat.checkpoints`,
+  `captioner.core`), `captioner.checkpointing` (now `captioner.models.checkpoints`,
   as configs name `captioner.checkpointing.AtomicCheckpointIO`), `captioner.metrics`,
   `captioner.cider`, `captioner.evaluation`'s functions (now `captioner.evaluation.*`),
   `captioner.quantization`, `captioner.encoders.hub`, `captioner.models.search`, and the Python API's 0.4 modules
@@ -21,6 +21,9 @@ import importlib.abc
 import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
+
+from captioner.core.errors import CaptionerError
 
 OLD_CALLBACKS, NEW_CALLBACKS = "callbacks", "captioner.callbacks"
 MOVED_MODULES = {
@@ -30,7 +33,7 @@ MOVED_MODULES = {
     "captioner.pixels": "captioner.core.pixels",
     "captioner.hardware": "captioner.core.hardware",
     "captioner.encoders.hub": "captioner.core.hub",
-    "captioner.checkpointing": "captioner.compat.checkpoints",
+    "captioner.checkpointing": "captioner.models.checkpoints",
     "captioner.metrics": "captioner.evaluation.metrics",
     "captioner.cider": "captioner.evaluation.cider",
     "captioner.quantization": "captioner.export.quantization",
@@ -115,3 +118,41 @@ def install() -> None:
     """Make captioner 0.2's `callbacks.X` names importable too (once; the command line does it)."""
     install_moved_modules()
     _append(OldCallbacksFinder)
+
+
+# ---------------------------------------------------------------- decoding settings' old names
+# Old option names, and what they are called now.
+RENAMED = {"beam_size": "num_beams", "max_decode_length": "max_length", "beams": "num_return"}
+_warned: set[str] = set()
+
+
+def moved(name: str, value: Any) -> dict[str, Any]:
+    """A model option that moved into `decoding` (the 0.2 `--model.length_penalty`): the override, with a note."""
+    if value is None:
+        return {}
+    print(f"captioner: --model.{name} is deprecated; it is --model.decoding.{name} now (it works for now).",
+          file=sys.stderr)  # fmt: skip
+    return {name: value}
+
+
+def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict[str, Any]:
+    """Settings with old names replaced by new ones; one deprecation line per old name (unless `quiet`).
+
+    Raises:
+        CaptionerError: When an old and a new name are both given, differently.
+    """
+    settings = dict(settings)
+    for old, new in RENAMED.items():
+        if old not in settings:
+            continue
+        value = settings.pop(old)
+        if value is None:
+            continue
+        if settings.get(new) is not None and settings[new] != value:
+            raise CaptionerError(f"{source}: both {old}={value!r} and {new}={settings[new]!r}; {old} is the old name "
+                                 f"of {new}, give only {new}.")  # fmt: skip
+        settings[new] = value
+        if not quiet and old not in _warned:
+            _warned.add(old)
+            print(f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now).", file=sys.stderr)
+    return settings

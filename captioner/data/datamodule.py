@@ -26,10 +26,7 @@ from captioner.data.datasets import (
 )
 from captioner.data.download import KAGGLE_DATASET, find_caption_set, read_caption_set, resolve_dataset
 from captioner.data.formats import CaptionFormat
-from captioner.data.formats.webdataset import SHARD_SEPARATOR
-from captioner.data.images import IMAGE_EXTENSIONS, find_images
 from captioner.data.prepared import PreparedData
-from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.sampling import ResumableLoader, ResumableSampler, TrainingPosition
 from captioner.data.sharded import SHARDED_FILE, ShardedRecords, index_shards, shards_fingerprint
 from captioner.data.splits import (
@@ -44,8 +41,11 @@ from captioner.encoders.base import ImageEncoder
 from captioner.encoders.image_files import ImageFileDataset, collate_images
 from captioner.encoders.torchvision_models import default_encoder
 from captioner.features.keys import FeatureSpec
-from captioner.features.sources import IMAGES_PER_FOLDER_PART, indexed_parts
 from captioner.features.stores import FeatureStore, StoreRun, store_for
+from captioner.sources.images import IMAGE_EXTENSIONS, find_images
+from captioner.sources.parts import IMAGES_PER_FOLDER_PART, indexed_parts
+from captioner.sources.records import CaptionRecord, DataReport
+from captioner.sources.shards import SHARD_SEPARATOR
 from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
 from captioner.text.words import Words, normalize
 

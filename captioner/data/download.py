@@ -7,8 +7,8 @@ from pathlib import Path
 
 from captioner.core.errors import CaptionerError
 from captioner.data.formats import CaptionFormat, find_format, known_formats
-from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.synthetic import write_synthetic_dataset
+from captioner.sources.records import CaptionRecord, DataReport
 
 log = logging.getLogger(__name__)
 

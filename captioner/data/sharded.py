@@ -31,9 +31,9 @@ import numpy as np
 
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, read_json, require_keys, write_json
-from captioner.data.formats.webdataset import shard_of
-from captioner.data.records import CaptionRecord, DataReport
 from captioner.data.splits import SPLITS, image_key, key_hash
+from captioner.sources.records import CaptionRecord, DataReport
+from captioner.sources.shards import shard_of
 
 HASH_RANGE = 2**64
 SHARDED_VERSION = 2  # 2: splits hash the member's key, not the shard's name

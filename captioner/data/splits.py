@@ -23,8 +23,8 @@ from typing import Literal
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys, write_json
 from captioner.data.formats.karpathy import read_karpathy_entries
-from captioner.data.formats.webdataset import SHARD_SEPARATOR, split_member
-from captioner.data.records import CaptionRecord, DataReport
+from captioner.sources.records import CaptionRecord, DataReport
+from captioner.sources.shards import SHARD_SEPARATOR, split_member
 
 SPLITS = ("train", "val", "test")
 SPLITS_VERSION = 2

@@ -11,16 +11,12 @@ the NumPy runtime.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from captioner.compat.names import RENAMED, upgraded
 from captioner.core.errors import CaptionerError
-
-# Old option names, and what they are called now.
-RENAMED = {"beam_size": "num_beams", "max_decode_length": "max_length", "beams": "num_return"}
-_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -236,38 +232,6 @@ class DecodingConfig:
         if self.prefix and not unwritable and len(tokenizer.prefix_tokens(self.prefix)) > words:
             problems.append(f"prefix {self.prefix!r} is longer than the {words} tokens a caption may have")
         return problems
-
-
-def moved(name: str, value: Any) -> dict[str, Any]:
-    """A model option that moved into `decoding` (the 0.2 `--model.length_penalty`): the override, with a note."""
-    if value is None:
-        return {}
-    print(f"captioner: --model.{name} is deprecated; it is --model.decoding.{name} now (it works for now).",
-          file=sys.stderr)  # fmt: skip
-    return {name: value}
-
-
-def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict[str, Any]:
-    """Settings with old names replaced by new ones; one deprecation line per old name (unless `quiet`).
-
-    Raises:
-        CaptionerError: When an old and a new name are both given, differently.
-    """
-    settings = dict(settings)
-    for old, new in RENAMED.items():
-        if old not in settings:
-            continue
-        value = settings.pop(old)
-        if value is None:
-            continue
-        if settings.get(new) is not None and settings[new] != value:
-            raise CaptionerError(f"{source}: both {old}={value!r} and {new}={settings[new]!r}; {old} is the old name "
-                                 f"of {new}, give only {new}.")  # fmt: skip
-        settings[new] = value
-        if not quiet and old not in _warned:
-            _warned.add(old)
-            print(f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now).", file=sys.stderr)
-    return settings
 
 
 # ---------------------------------------------------------------- on a command line (caption, serve)

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioner.compat import checkpoints
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_folder, write_json
 from captioner.core.parts import add_allow_argument, allow_modules
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.export.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
 from captioner.inference.exported import EXPORT_VERSION, MANIFEST
+from captioner.models import checkpoints
 from captioner.models.module import CaptionModel
 
 log = logging.getLogger("captioner")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from captioner.core.errors import CaptionerError
-from captioner.data.images import find_images
 from captioner.encoders.preprocessing import DECODE_ERRORS, Preprocessing
+from captioner.sources.images import find_images
 
 log = logging.getLogger("captioner")
 CALIBRATION_BATCH = 8

@@ -31,7 +31,7 @@ from captioner.core.errors import CaptionerError
 from captioner.core.files import jsonable, read_json, write_json
 from captioner.features.extraction import extract_parts
 from captioner.features.keys import FEATURES_VERSION, FeatureSpec
-from captioner.features.sources import IMAGES_PER_FOLDER_PART, ImagePart, folder_parts
+from captioner.sources.parts import IMAGES_PER_FOLDER_PART, ImagePart, folder_parts
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from captioner.core.errors import CaptionerError
 from captioner.core.pipeline import DecodedBatch, ImageInput, decoded_batches
 from captioner.encoders.image_files import DEVICE_DECODE, TorchPixels
 from captioner.features.keys import FeatureSpec, extraction_method
-from captioner.features.sources import ImagePart
 from captioner.jobs.claims import DEFAULT_LEASE_SECONDS, Claims, work_through
+from captioner.sources.parts import ImagePart
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSi
     assemble them. Every rank must call it (it waits for the others three times).
 
     Args:
-        parts: The units of work, in the order of the set (`captioner.features.sources`).
+        parts: The units of work, in the order of the set (`captioner.sources.parts`).
         spec: The encoder and the kind of features.
         sink: The store's writer of parts.
         device: Where the encoder runs (its precision and decode path follow: `extraction_method`).

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from captioner.core.errors import CaptionerError
-from captioner.data.datasets import FeatureRows, PixelRows, RowIndex
-from captioner.data.records import CaptionRecord
 from captioner.features.cache import FEATURES_FILE, FeatureCache, prepare_cache
 from captioner.features.keys import FeatureSpec
 from captioner.features.resident import ResidentFeatures, host_budget, memory_budget
-from captioner.features.sources import IMAGES_PER_FOLDER_PART, image_parts
+from captioner.features.rows import FeatureRows, PixelRows, RowIndex
+from captioner.sources.parts import IMAGES_PER_FOLDER_PART, image_parts
+from captioner.sources.records import CaptionRecord
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -36,10 +36,10 @@ import torch
 from captioner.core.errors import CaptionerError
 from captioner.core.files import jsonable, read_json, write_json
 from captioner.core.parts import require_library
-from captioner.data.records import CaptionRecord
 from captioner.features.extraction import extract_parts
 from captioner.features.keys import FeatureSpec, cache_key, extraction_method
-from captioner.features.sources import ImagePart
+from captioner.sources.parts import ImagePart
+from captioner.sources.records import CaptionRecord
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def prepare_streamed(root: str, parts: list[ImagePart], splits: dict[str, list[C
 
     Args:
         root: The folder of streamed sets (`--data.stream_dir`); a URL holds sets extracted and uploaded earlier.
-        parts: The units of extraction (`captioner.features.sources.image_parts`).
+        parts: The units of extraction (`captioner.sources.parts.image_parts`).
         splits: The records of each split.
         spec: The encoder and the kind of features.
         rank, world_size, barrier: This process among those sharing the work.

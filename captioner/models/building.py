@@ -4,7 +4,7 @@
 decoder or blind setting differs from the configured model's (naming the
 difference), else builds the decoder for its tokenizer; `model_from_checkpoint`
 rebuilds a whole model from a checkpoint alone, offline. What a checkpoint
-holds, and reading older ones, is `captioner.compat.checkpoints`'.
+holds is `captioner.models.checkpoints`', and reading older ones `captioner.compat.checkpoints`'.
 
 The model is a `CaptionModel` (`captioner.models.module`), which imports this
 module: nothing here imports it back.
@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from captioner.compat.checkpoints import read_checkpoint, upgrade
+from captioner.compat.checkpoints import upgrade
 from captioner.core.errors import CaptionerError
 from captioner.core.files import jsonable
 from captioner.core.parts import import_trusted_class
@@ -24,6 +24,7 @@ from captioner.decoding.confidence import Calibrator
 from captioner.decoding.config import DecodingConfig
 from captioner.encoders.base import ImageEncoder, encoder_from_spec
 from captioner.encoders.preprocessing import Preprocessing
+from captioner.models.checkpoints import read_checkpoint
 from captioner.models.decoders.base import CaptionDecoder, decoder_factory
 from captioner.text.base import same_tokenizer_message, tokenizer_from_dict
 

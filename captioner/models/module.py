@@ -1,7 +1,7 @@
 """CaptionModel: a thin LightningModule that trains and evaluates an encoder, a decoder and an objective (parts
 from the config). It builds the decoder once the vocabulary is known, feeds the objective its batches and updates
 the metrics; decoding is `captioner.decoding`, inference `captioner.models.captioning`, checkpoint compatibility
-`captioner.compat.checkpoints`. It implements no loss, no search and writes no file."""
+`captioner.models.checkpoints` (older ones: `captioner.compat`). It implements no loss, no search and writes no file."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from captioner.compat import checkpoints
+from captioner.compat.names import moved
 from captioner.core.errors import CaptionerError
 from captioner.core.parts import config_class
 from captioner.data.contract import CaptionData
 from captioner.decoding.answers import Prediction
 from captioner.decoding.confidence import Calibrator, with_clip
-from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens, moved
+from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.decoded import Decoded
 from captioner.decoding.rules import rules_for
 from captioner.encoders.base import ImageEncoder, TrainableBlocks, check_grid
@@ -30,7 +30,7 @@ from captioner.evaluation.beyond import ExtraMetrics, confidence_report, extra_s
 from captioner.evaluation.clip_confidence import ClipCosines
 from captioner.evaluation.metrics import CorpusCider, as_percent, bleu_collection
 from captioner.evaluation.report import evaluate_captions, gathered, loggable, test_report, unique_by_file
-from captioner.models import building, captioning
+from captioner.models import building, captioning, checkpoints
 from captioner.models.decoders.base import CaptionDecoder, decoder_features
 from captioner.models.decoders.lstm import LSTMDecoder
 from captioner.models.objectives.base import Objective, SequenceSpec

@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from captioner.compat.names import upgraded
 from captioner.core.parts import add_allow_argument, allow_modules
 from captioner.core.pixels import ACCEPTED_FORMATS
 from captioner.decoding import config as decoding_config
@@ -92,7 +93,7 @@ def decoding_overrides(options: argparse.Namespace) -> dict:
     """
     overrides = decoding_config.overrides_from(options)
     if options.beams is not None:
-        overrides = decoding_config.upgraded({**overrides, "beams": max(1, options.beams)}, "serve")
+        overrides = upgraded({**overrides, "beams": max(1, options.beams)}, "serve")
     return overrides
 
 

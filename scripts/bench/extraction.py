@@ -63,12 +63,12 @@ def ours_extract_shards(images_dir: str, names: list[str], work: str, device: st
 
     import torch
 
-    from captioner.data.records import CaptionRecord
     from captioner.encoders.base import encoder_from_spec
     from captioner.features.extraction import default_batch_size
     from captioner.features.keys import FeatureSpec
-    from captioner.features.sources import shard_parts
     from captioner.features.streamed import prepare_streamed
+    from captioner.sources.parts import shard_parts
+    from captioner.sources.records import CaptionRecord
 
     shards = Path(work) / "shards"
     shards.mkdir(parents=True)

@@ -16,7 +16,7 @@ def write_checkpoint(path: str) -> dict:
     """The benchmark's LSTM model as a checkpoint file (what `serve` and `export` take)."""
     import torch
 
-    from captioner.compat.checkpoints import meta_of
+    from captioner.models.checkpoints import meta_of
 
     model = _model("lstm")
     torch.save({"state_dict": model.state_dict(), "captioner": meta_of(model)}, path)

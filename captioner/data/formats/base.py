@@ -1,7 +1,7 @@
 """The caption format protocol, and finding which format a folder holds.
 
 A format reads captions as some people have them and produces records
-(`captioner.data.records`); nothing downstream knows which format it was.
+(`captioner.sources.records`); nothing downstream knows which format it was.
 Adding one is one file here (or anywhere importable) with a `CaptionFormat`
 subclass, and a config line naming it:
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from captioner.core.errors import CaptionerError
-from captioner.data.records import CaptionRecord, DataReport
+from captioner.sources.records import CaptionRecord, DataReport
 
 
 class CaptionFormat:

@@ -11,7 +11,7 @@ from pathlib import Path
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys
 from captioner.data.formats.base import CaptionFormat
-from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder
 
 
 class Coco(CaptionFormat):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat
-from captioner.data.images import find_images
-from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.images import find_images
+from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder
 
 
 class TextFolder(CaptionFormat):

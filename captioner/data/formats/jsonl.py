@@ -7,7 +7,7 @@ from pathlib import Path
 
 from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat, single_file
-from captioner.data.records import CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder
 
 
 class Jsonl(CaptionFormat):

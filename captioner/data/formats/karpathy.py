@@ -14,7 +14,7 @@ from pathlib import Path
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys
 from captioner.data.formats.base import CaptionFormat, single_file
-from captioner.data.records import SPLIT_LABELS, CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.records import SPLIT_LABELS, CaptionRecord, DataReport, RecordBuilder
 
 
 def read_karpathy_entries(path: Path) -> list[dict]:

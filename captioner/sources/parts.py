@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioner.data.formats.webdataset import IMAGE_MEMBERS, SHARD_SEPARATOR, shard_path, shard_samples
-from captioner.data.records import CaptionRecord
+from captioner.sources.records import CaptionRecord
+from captioner.sources.shards import IMAGE_MEMBERS, SHARD_SEPARATOR, shard_path, shard_samples
 
 IMAGES_PER_FOLDER_PART = 1000
 
