@@ -15,8 +15,7 @@ from captioner.core.errors import CaptionerError
 from captioner.data.synthetic import describe_scene, random_scene
 from captioner.evaluation.cider import CiderD
 from captioner.text import Bpe, Pretrained, SubwordTokenizer, Vocabulary, Words, normalize, tokenizer_from_dict
-
-from .conftest import tiny_args, write_gpt2_like_tokenizer
+from tests.conftest import tiny_args, write_gpt2_like_tokenizer
 
 
 @pytest.fixture(scope="module")
