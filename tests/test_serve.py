@@ -473,14 +473,14 @@ def test_thousands_of_fuzzed_files_are_refused_with_a_decode_error_only():
 
 
 def test_the_0_2_beams_option_of_serve_still_works_as_num_return(capsys, monkeypatch):
+    from captioner.compat import names
     from captioner.core.errors import CaptionerError
-    from captioner.decoding import config
     from captioner.serve import decoding_overrides, serve_parser
 
     def given(*args: str) -> dict:
         return decoding_overrides(serve_parser().parse_args(["--ckpt_path", "model.ckpt", *args]))
 
-    monkeypatch.setattr(config, "_warned", set())  # as in a fresh process
+    monkeypatch.setattr(names, "_warned", set())  # as in a fresh process
     assert given() == {}
     assert given("--num_beams", "5", "--num_return", "2") == {"num_beams": 5, "num_return": 2}
     assert given("--beams", "0") == {"num_return": 1}  # 0.2: no alternatives, the best caption only

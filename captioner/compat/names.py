@@ -156,3 +156,16 @@ def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict
             _warned.add(old)
             print(f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now).", file=sys.stderr)
     return settings
+
+
+# A server request of captioner 0.2 asked for ranked alternatives with `beams` (0: the best only).
+OLD_REQUEST_FIELDS = ("beams",)
+
+
+def upgraded_request(fields: dict[str, Any]) -> dict[str, Any]:
+    """A request's fields with 0.2's `beams` read as `num_return` (when `num_return` is not given)."""
+    fields = dict(fields)
+    beams = fields.pop("beams", None)
+    if fields.get("num_return") in (None, "") and beams not in (None, ""):
+        fields["num_return"] = beams
+    return fields

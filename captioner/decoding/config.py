@@ -56,80 +56,121 @@ class ModelLimits:
     tokenizer: Any = None
 
 
+# The most a single server request may ask for, whatever the model could do (a request's work is bounded).
+MAX_BEAMS = 10
+MAX_REQUEST_WORDS = 100
+
+
 @dataclass(frozen=True)
-class DecodingConfig:
-    """Every setting of caption decoding (Hugging Face's `GenerationConfig`, for captions).
+class Setting:
+    """One decoding setting, declared once: what it means, its kind, its bounds, and the range a server request may
+    ask for. `DecodingConfig` checks the bounds, and the command-line options (`add_arguments`), the server's request
+    parsing (`request_ranges`) and the reference table (`reference_table`) are made from these declarations.
 
     Attributes:
-        num_beams: Live hypotheses per image (1: greedy decoding, or sampling with `do_sample`).
-        num_return: Ranked captions returned per image (at most `num_beams`; 1: the best only).
-        length_penalty: GNMT alpha for ranking finished captions, `score / ((5 + length) / 6) ** alpha`
-            (0: raw log-probability; > 0 favours longer captions).
-        max_length: Most words per caption (None: the vocabulary's maximum caption length).
-        min_length: `<end>` is not allowed before this many words.
-        no_repeat_ngram_size: No n-gram of this size appears twice in a caption (0: off).
-        bad_endings: Words a caption may not end on ("a", "with", ...): `<end>` is not allowed right after them.
-        prefix: Every caption starts with these words (a trigger word, "a photo of"), forced token by token.
-        force_words: Words or phrases every caption must hold, each entry a phrase ("red", "on the left") or a list
-            of phrases any one of which will do (["circle", "square"]); searched for with constrained beam search
-            (dynamic beam allocation: beams kept for every level of progress through the constraints). A caption
-            that cannot meet them within `max_length` is returned anyway, best first, marked as not meeting them.
-        bad_words: Words or phrases no caption may hold (the last token of a phrase is refused after the others).
-        early_stopping: When an image's beam search stops, once it has `num_beams` finished captions: at once
-            (True); when no live hypothesis beats the worst of them at its current length (False: Hugging Face's
-            heuristic, exact without a length penalty); or only when none could at any length up to `max_length`
-            ("never": exact with any length penalty, slower).
-        num_beam_groups: Diverse beam search (Vijayakumar et al.): beams split into this many groups, each group
-            penalised for the words the earlier groups chose at the same step.
-        diversity_penalty: The penalty per earlier choice of the same word (with `num_beam_groups` > 1).
-        do_sample: Draw each word from the model's distribution instead of searching (with `num_beams` 1).
-        temperature: Divide the scores by this before sampling.
-        top_k: Sample from the k most likely words only (0: all).
-        top_p: Sample from the smallest set of words whose probability reaches p (nucleus sampling; 1: all).
-        seed: Seed of sampling (None: the global generator).
+        help: What it does (one or two sentences).
+        kind: "int", "float", "bool", "words" (single words), "phrase" (some words), "phrases" (phrases, an entry
+            of alternatives allowed) or "stopping" (true, false or "never").
+        low: The least value (None: unbounded), included unless `above`.
+        high: The greatest value (None: unbounded).
+        above: `low` itself is not allowed.
+        request: The range a request may ask for: `(low, high)`, where high may be "longest" (the most words the
+            model writes) or "vocabulary" (its number of tokens); None for a setting that is not a number.
     """
 
-    num_beams: int = 3
-    num_return: int = 1
-    length_penalty: float = 0.0
-    max_length: int | None = None
-    min_length: int = 0
-    no_repeat_ngram_size: int = 0
-    bad_endings: tuple[str, ...] = field(default_factory=tuple)
-    prefix: str | None = None
-    force_words: tuple[str | tuple[str, ...], ...] = field(default_factory=tuple)
-    bad_words: tuple[str, ...] = field(default_factory=tuple)
-    early_stopping: bool | Literal["never"] = False
-    num_beam_groups: int = 1
-    diversity_penalty: float = 0.0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    help: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    request: tuple[float, float | str] | None = None
+
+    def bounds(self) -> str:
+        """The allowed values, for messages and the reference ("at least 1", "in (0, 1]")."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"over {self.low:g}" if self.above else f"at least {self.low:g}"
+        return "any" if self.kind in ("int", "float") else ""
+
+    def allows(self, value: Any) -> bool:
+        if value is None or self.kind not in ("int", "float"):
+            return True
+        if self.low is not None and (value < self.low or (self.above and value == self.low)):
+            return False
+        return self.high is None or value <= self.high
+
+
+def setting(default: Any, help: str, kind: str, **bounds: Any) -> Any:
+    """A `DecodingConfig` field declared with its `Setting`."""
+    return field(default=default, metadata={"setting": Setting(help, kind, **bounds)})
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Every setting of caption decoding (Hugging Face's `GenerationConfig`, for captions): the settings are listed
+    below from their declarations (`Setting`), with their bounds."""
+
+    num_beams: int = setting(3, "Live hypotheses per image (1: greedy decoding, or sampling with do_sample).", "int",
+                             low=1, request=(1, MAX_BEAMS))
+    num_return: int = setting(1, "Ranked captions returned per image (at most num_beams; 1: the best only).", "int",
+                              low=1, request=(0, MAX_BEAMS))
+    length_penalty: float = setting(
+        0.0, "GNMT alpha for ranking finished captions, score / ((5 + length) / 6) ** alpha (0: raw "
+        "log-probability; > 0 favours longer captions).", "float", request=(-5, 5))
+    max_length: int | None = setting(None, "Most words per caption (None: the tokenizer's longest caption).", "int",
+                                     low=1, request=(1, "longest"))
+    min_length: int = setting(0, "<end> is not allowed before this many words.", "int", low=0, request=(0, "longest"))
+    no_repeat_ngram_size: int = setting(0, "No n-gram of this size appears twice in a caption (0: off).", "int",
+                                        low=0, request=(0, 10))
+    bad_endings: tuple[str, ...] = setting(
+        (), "Words a caption may not end on (a, with, ...): <end> is not allowed right after them.", "words")
+    prefix: str | None = setting(
+        None, "Every caption starts with these words (a trigger word, 'a photo of'), forced token by token.", "phrase")
+    force_words: tuple[str | tuple[str, ...], ...] = setting(
+        (), "Words or phrases every caption must hold, each entry a phrase ('red', 'on the left') or a list of phrases "
+        "any one of which will do (['circle', 'square']); searched for with constrained beam search (beams kept for "
+        "every level of progress through the constraints). A caption that cannot meet them within max_length is "
+        "returned anyway, best first, marked as not meeting them.", "phrases")
+    bad_words: tuple[str, ...] = setting(
+        (), "Words or phrases no caption may hold (the last token of a phrase is refused after the others).", "phrases")
+    early_stopping: bool | Literal["never"] = setting(
+        False, "When an image's beam search stops, once it has num_beams finished captions: at once (true); when no "
+        "live hypothesis beats the worst of them at its current length (false: Hugging Face's heuristic, exact "
+        "without a length penalty); or only when none could at any length up to max_length (never: exact with any "
+        "length penalty, slower).", "stopping")
+    num_beam_groups: int = setting(
+        1, "Diverse beam search (Vijayakumar et al.): beams split into this many groups, each group penalised for "
+        "the words the earlier groups chose at the same step (a divisor of num_beams).", "int", low=1,
+        request=(1, MAX_BEAMS))
+    diversity_penalty: float = setting(0.0, "The penalty per earlier choice of the same word (with num_beam_groups "
+                                       "> 1).", "float", low=0, request=(0, 100))
+    do_sample: bool = setting(False, "Draw each word from the model's distribution instead of searching (with "
+                              "num_beams 1).", "bool")
+    temperature: float = setting(1.0, "Divide the scores by this before sampling.", "float", low=0, above=True,
+                                 request=(0.01, 100))
+    top_k: int = setting(0, "Sample from the k most likely words only (0: all).", "int", low=0,
+                         request=(0, "vocabulary"))
+    top_p: float = setting(1.0, "Sample from the smallest set of words whose probability reaches p (nucleus "
+                           "sampling; 1: all).", "float", low=0, high=1, above=True, request=(0, 1))
+    seed: int | None = setting(None, "Seed of sampling (None: fresh entropy every call).", "int", low=0,
+                               request=(0, 2**63 - 1))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bad_endings", tuple(self.bad_endings))
         object.__setattr__(self, "bad_words", tuple(self.bad_words))
         object.__setattr__(self, "force_words", tuple(entry if isinstance(entry, str) else tuple(entry)
                                                       for entry in self.force_words))  # fmt: skip
-        problems = []
-        if self.num_beams < 1:
-            problems.append(f"num_beams={self.num_beams} (at least 1)")
+        problems = [f"{name}={getattr(self, name)!r} ({declared.bounds()})"
+                    for name, declared in settings().items() if not declared.allows(getattr(self, name))]  # fmt: skip
         if not 1 <= self.num_return <= max(self.num_beams, 1):
             problems.append(f"num_return={self.num_return} (1 to num_beams={self.num_beams})")
-        if self.max_length is not None and self.max_length < 1:
-            problems.append(f"max_length={self.max_length} (at least 1)")
-        if self.min_length < 0 or self.no_repeat_ngram_size < 0 or self.top_k < 0:
-            problems.append("min_length, no_repeat_ngram_size and top_k are counts (0 or more)")
-        if self.num_beam_groups < 1 or self.num_beams % self.num_beam_groups:
+        if self.num_beam_groups >= 1 and self.num_beams % self.num_beam_groups:
             problems.append(f"num_beam_groups={self.num_beam_groups} (a divisor of num_beams={self.num_beams})")
         if self.do_sample and self.num_beams != 1:
             problems.append("do_sample with num_beams > 1 (sampling draws one caption per image)")
         if self.early_stopping not in (True, False, "never"):
             problems.append(f"early_stopping={self.early_stopping!r} (true, false or never)")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            problems.append(f"temperature={self.temperature} (> 0) and top_p={self.top_p} (in (0, 1])")
         phrases = [*self.bad_words, *(p for e in self.force_words for p in ([e] if isinstance(e, str) else e))]
         if not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases) or (
                 self.prefix is not None and not self.prefix.strip()):  # fmt: skip
@@ -234,6 +275,56 @@ class DecodingConfig:
         return problems
 
 
+def settings() -> dict[str, Setting]:
+    """Every decoding setting's declaration, in order."""
+    return {item.name: item.metadata["setting"] for item in dataclasses.fields(DecodingConfig)}
+
+
+def request_ranges(limits: ModelLimits) -> dict[str, tuple[str, float | None, float | None]]:
+    """What a server request may set for itself: every setting's kind and, for numbers, the range, the model's own
+    limits included (the most words it writes, capped at `MAX_REQUEST_WORDS`; its vocabulary)."""
+    longest = min(MAX_REQUEST_WORDS, limits.longest_caption or MAX_REQUEST_WORDS)
+    resolved = {"longest": longest, "vocabulary": limits.vocab_size}
+    ranges = {}
+    for name, declared in settings().items():
+        if declared.request is None:
+            ranges[name] = (declared.kind, None, None)
+        else:
+            low, high = declared.request
+            ranges[name] = (declared.kind, low, resolved.get(high, high) if isinstance(high, str) else high)
+    return ranges
+
+
+KIND_NAMES = {"int": "whole number", "float": "number", "bool": "true or false", "words": "words",
+              "phrase": "words", "phrases": "phrases ('a|b': either)", "stopping": "true, false or never"}
+
+
+def reference_table() -> str:
+    """Every decoding setting as a Markdown table (the documentation's reference is made from it)."""
+    rows = ["| setting | kind | default | allowed | a request may ask for | what it does |",
+            "|---|---|---|---|---|---|"]
+    for item in dataclasses.fields(DecodingConfig):
+        declared: Setting = item.metadata["setting"]
+        request = "as allowed" if declared.request is None else (
+            f"{declared.request[0]:g} to " + (f"{declared.request[1]:g}" if not isinstance(declared.request[1], str)
+                                              else f"the model's {declared.request[1]}"))  # fmt: skip
+        rows.append(f"| `{item.name}` | {KIND_NAMES[declared.kind]} | `{item.default!r}` | {declared.bounds() or '-'} "
+                    f"| {request} | {declared.help} |")
+    return "\n".join(rows)
+
+
+def _documented() -> str:
+    """The class docstring's Attributes section, from the declarations (jsonargparse and the docs read it)."""
+    lines = [DecodingConfig.__doc__.rstrip(), "", "    Attributes:"]
+    for name, declared in settings().items():
+        bounds = f" ({declared.bounds()})" if declared.bounds() and declared.bounds() != "any" else ""
+        lines.append(f"        {name}: {declared.help}{bounds}")
+    return "\n".join(lines) + "\n"
+
+
+DecodingConfig.__doc__ = _documented()
+
+
 # ---------------------------------------------------------------- on a command line (caption, serve)
 def phrases_argument(values: list[str] | None) -> tuple | None:
     """Phrases given on a command line or in a form: each value a phrase, `|` between phrases any one of which will
@@ -244,24 +335,25 @@ def phrases_argument(values: list[str] | None) -> tuple | None:
 
 
 def add_arguments(parser: Any) -> None:
-    """Every decoding setting as an `argparse` option (`--num_beams 5`, `--bad_endings a with`,
+    """Every decoding setting as an `argparse` option, from its declaration (`--num_beams 5`, `--bad_endings a with`,
     `--force_words red "on the left" "circle|square"`), default: the model's own; the 0.2 names `--beam_size` and
-    `--max_decode_length` too."""
+    `--max_decode_length` too, and `--rerank_clip`."""
     group = parser.add_argument_group("decoding (default: the model's own settings)")
-    kinds = {"int": int, "float": float}
-    for item in dataclasses.fields(DecodingConfig):
-        kind = kinds.get(str(item.type).split("|")[0].strip(), str)
-        if item.name in ("bad_endings", "bad_words"):
-            group.add_argument(f"--{item.name}", nargs="*", default=None, metavar="WORDS")
-        elif item.name == "force_words":
-            group.add_argument("--force_words", nargs="*", default=None, metavar="PHRASE",
-                               help="phrases every caption holds; 'a|b': either")  # fmt: skip
-        elif item.name in ("do_sample",):
-            group.add_argument(f"--{item.name}", action="store_true", default=None)
-        elif item.name == "early_stopping":
-            group.add_argument("--early_stopping", choices=["true", "false", "never"], default=None)
+    for name, declared in settings().items():
+        bounds = f" ({declared.bounds()})" if declared.bounds() not in ("", "any") else ""
+        help_text = declared.help.replace("%", "%%") + bounds
+        if declared.kind == "words":
+            group.add_argument(f"--{name}", nargs="*", default=None, metavar="WORD", help=help_text)
+        elif declared.kind == "phrases":
+            group.add_argument(f"--{name}", nargs="*", default=None, metavar="PHRASE",
+                               help=help_text + " 'a|b': either.")  # fmt: skip
+        elif declared.kind == "bool":
+            group.add_argument(f"--{name}", action="store_true", default=None, help=help_text)
+        elif declared.kind == "stopping":
+            group.add_argument(f"--{name}", choices=["true", "false", "never"], default=None, help=help_text)
         else:
-            group.add_argument(f"--{item.name}", type=kind, default=None)
+            group.add_argument(f"--{name}", type={"int": int, "float": float}.get(declared.kind, str), default=None,
+                               help=help_text)  # fmt: skip
     for old, new in RENAMED.items():
         if old != "beams":
             group.add_argument(f"--{old}", type=int, default=None, help=f"deprecated: --{new}")
@@ -276,6 +368,7 @@ def overrides_from(options: Any) -> dict[str, Any]:
     chosen = {name: getattr(options, name) for name in names if getattr(options, name, None) is not None}
     if "early_stopping" in chosen:
         chosen["early_stopping"] = {"true": True, "false": False}.get(chosen["early_stopping"], "never")
-    if "force_words" in chosen:
-        chosen["force_words"] = phrases_argument(chosen["force_words"])
+    for name, declared in settings().items():
+        if declared.kind == "phrases" and name in chosen:
+            chosen[name] = phrases_argument(chosen[name])
     return chosen

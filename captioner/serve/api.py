@@ -41,17 +41,16 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException, Request
 
+from captioner.compat.names import OLD_REQUEST_FIELDS, upgraded_request
 from captioner.core.errors import CaptionerError
 from captioner.core.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsError, UnsupportedFormatError
 from captioner.decoding.answers import Prediction
-from captioner.decoding.config import DecodingConfig, ModelLimits
+from captioner.decoding.config import DecodingConfig, ModelLimits, request_ranges
 from captioner.inference.protocol import attention_as_lists
 from captioner.serve.batching import RequestBatcher
 
 log = logging.getLogger("captioner")
 
-MAX_BEAMS = 10
-MAX_WORDS = 100  # the longest caption a request may ask for, when the decoder itself has no limit
 MAX_LISTED_WORDS = 50
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -129,18 +128,20 @@ def _phrases(value: Any, name: str) -> tuple:
     return tuple(phrases)
 
 
+# How a request's field of each kind of setting (`captioner.decoding.config.Setting.kind`) is read.
+PARSERS = {"bool": _flag, "words": _words, "phrase": _phrase, "phrases": _phrases, "stopping": _early_stopping}
+LIST_KINDS = ("words", "phrases")  # an empty value is a setting (none), not a missing field
+
+
 def request_bounds(limits: ModelLimits) -> dict[str, tuple[Any, ...]]:
-    """What a request may set for itself: every `DecodingConfig` field with its parser and, for numbers, the range,
-    the model's own limits included (its longest caption, its vocabulary)."""
-    longest = min(MAX_WORDS, limits.longest_caption or MAX_WORDS)
-    return {
-        "num_beams": (int, 1, MAX_BEAMS), "num_return": (int, 0, MAX_BEAMS), "length_penalty": (float, -5, 5),
-        "max_length": (int, 1, longest), "min_length": (int, 0, longest), "no_repeat_ngram_size": (int, 0, 10),
-        "bad_endings": (_words,), "prefix": (_phrase,), "force_words": (_phrases,), "bad_words": (_phrases,),
-        "early_stopping": (_early_stopping,), "num_beam_groups": (int, 1, MAX_BEAMS),
-        "diversity_penalty": (float, 0, 100), "do_sample": (_flag,), "temperature": (float, 0.01, 100),
-        "top_k": (int, 0, limits.vocab_size), "top_p": (float, 0, 1), "seed": (int, 0, 2**63 - 1),
-    }  # fmt: skip
+    """What a request may set for itself, from the settings' declarations (`captioner.decoding.config`): every
+    `DecodingConfig` field with its parser and, for numbers, the range, the model's own limits included (its
+    longest caption, its vocabulary)."""
+    bounds = {}
+    for name, (kind, low, high) in request_ranges(limits).items():
+        bounds[name] = (int, low, high) if kind == "int" else (float, low, high) if kind == "float" else (
+            PARSERS[kind],)  # fmt: skip
+    return bounds
 
 
 def request_decoding(request: Any, base: DecodingConfig, limits: ModelLimits) -> DecodingConfig:
@@ -150,19 +151,17 @@ def request_decoding(request: Any, base: DecodingConfig, limits: ModelLimits) ->
         HTTPException: 400 naming the field that is not understood, out of range, or more than the model can do.
     """
     bounds = request_bounds(limits)
-    fields = {name: request.get(name) for name in (*bounds, "beams")}
-    if fields["num_return"] in (None, "") and fields["beams"] not in (None, ""):
-        fields["num_return"] = fields["beams"]  # the 0.2 name
+    kinds = {name: kind for name, (kind, _, _) in request_ranges(limits).items()}
+    fields = {name: request.get(name) for name in (*bounds, *OLD_REQUEST_FIELDS)}
+    fields = upgraded_request(fields)
     overrides = {}
     for name, (parse, *interval) in bounds.items():
-        value = fields[name]
-        if value is None or (value == "" and name not in ("bad_endings", "bad_words", "force_words")):
+        value = fields.get(name)
+        if value is None or (value == "" and kinds[name] not in LIST_KINDS):
             continue
         overrides[name] = _number(value, name, parse, *interval) if interval else parse(value, name)
     if overrides.get("num_return") == 0:  # 0.2 clients asked for no alternatives with beams=0
         overrides["num_return"] = 1
-    if "num_return" in overrides and "num_beams" not in overrides:
-        overrides["num_beams"] = max(base.num_beams, overrides["num_return"])
     try:
         return base.with_overrides(**overrides).checked(limits)
     except CaptionerError as error:
