@@ -142,7 +142,7 @@ def measure(model: Any, pictures: list[Path], onnx_folder: Path | None = None, b
         runtime.batch_size = batch_size
         onnx_rate, exported = _timed(runtime.predict, pictures, batch_size)
         pairs = [(a, b) for a, b in zip(reference, exported, strict=True) if a.caption is not None and b.caption]
-        int8 = bool(runtime.manifest["quantized"]["int8"])
+        int8 = bool(runtime.manifest.quantized["int8"])
         result["onnx"] = {
             "precision": "int8 decoder" if int8 else "fp32", "images_per_s": round(onnx_rate, 2),
             "identical_captions": round(100 * sum(a.caption == b.caption for a, b in pairs) / max(1, len(pairs)), 1),

@@ -87,7 +87,7 @@ def test_the_card_reports_the_speed_measured_and_the_int8_exports_differences(te
     folder = tmp_path / "published"
     main(["publish", "--ckpt_path", checkpoint, "--output", str(folder), "--onnx", "--quantize", "int8",
           "--measure_dir", str(pictures), "--measure_images", "10"])  # fmt: skip
-    assert OnnxCaptioner(folder / "onnx").manifest["quantized"]["int8"]
+    assert OnnxCaptioner(folder / "onnx").manifest.quantized["int8"]
     card = ModelCard.load(folder / "README.md").text
     speed = card[card.index("## Speed") : card.index("Decoding saved")]
     assert "10 images" in speed and "| PyTorch | fp32 |" in speed and "| ONNX Runtime | int8 decoder |" in speed

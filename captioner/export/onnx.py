@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import warnings
@@ -27,11 +26,11 @@ import torch
 from torch import nn
 
 from captioner.core.errors import CaptionerError
-from captioner.core.files import atomic_folder, write_json
+from captioner.core.files import atomic_folder
 from captioner.core.parts import add_allow_argument, allow_modules
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.export.quantization import calibration_batches, quantize_dynamic_graph, quantize_static_encoder
-from captioner.inference.exported import EXPORT_VERSION, MANIFEST
+from captioner.inference.manifest import MANIFEST, README, ExportManifest, file_digest
 from captioner.models import checkpoints
 from captioner.models.module import CaptionModel
 
@@ -186,42 +185,31 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         elif quantize is not None:
             raise CaptionerError(f"--quantize {quantize!r}: only int8 is supported.")
         meta = checkpoints.meta_of(model)
-        manifest = {
-            "version": EXPORT_VERSION,
-            "graphs": GRAPHS,
-            "decoder": meta["decoder"],
-            "encoder": meta["encoder"],
-            "encoder_name": model.encoder.name,
-            "features": decoder.features,
-            "grid_shape": list(model.encoder.grid_shape) if model.encoder.grid_shape else None,
-            "preprocessing": meta["preprocessing"],
-            "vocabulary": meta["vocabulary"],
-            "decoding": meta["decoding"],
-            "blind": meta["blind"],
-            "longest_caption": decoder.longest_caption(),
-            "confidence": meta.get("confidence"),
-            "state_count": len(states),
-            "context_count": len(contexts),
-            "context_per_image": context_per_image,
-            "quantized": {"int8": quantize == "int8", "encoder": encoder_quantization},
-            "opset": OPSET,
-            "files": {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in GRAPHS.values()},
-        }
-        (tmp / "README.md").write_text(_readme(manifest), encoding="utf-8")
-        write_json(tmp / MANIFEST, manifest)
+        manifest = ExportManifest(
+            graphs=GRAPHS, files={name: file_digest(tmp / name) for name in GRAPHS.values()},
+            decoder=meta["decoder"], encoder=meta["encoder"], encoder_name=model.encoder.name,
+            features=decoder.features,
+            grid_shape=list(model.encoder.grid_shape) if model.encoder.grid_shape else None,
+            preprocessing=meta["preprocessing"], vocabulary=meta["vocabulary"], decoding=meta["decoding"],
+            blind=meta["blind"], longest_caption=decoder.longest_caption(), confidence=meta.get("confidence"),
+            state_count=len(states), context_count=len(contexts), context_per_image=context_per_image,
+            quantized={"int8": quantize == "int8", "encoder": encoder_quantization}, opset=OPSET,
+        )  # fmt: skip
+        (tmp / README).write_text(_readme(manifest), encoding="utf-8")
+        manifest.write(tmp)
     return output
 
 
-def _readme(manifest: dict) -> str:
-    decoder = manifest["decoder"]["class_path"].rsplit(".", 1)[-1]
-    size = manifest["preprocessing"]["image_size"]
-    preprocessing = Preprocessing.from_dict(manifest["preprocessing"]).describe()
-    encoder = manifest["quantized"]["encoder"]
+def _readme(manifest: ExportManifest) -> str:
+    decoder = manifest.decoder["class_path"].rsplit(".", 1)[-1]
+    size = manifest.preprocessing["image_size"]
+    preprocessing = Preprocessing.from_dict(manifest.preprocessing).describe()
+    encoder = manifest.quantized["encoder"]
     quantized = "int8 (dynamic) decoder" + (f", int8 ({encoder['method']}) encoder" if encoder else "")
     return f"""# An exported captioner
 
-A {decoder} over {manifest["encoder_name"]} features, exported by `python -m captioner export`.
-Precision: {quantized if manifest["quantized"]["int8"] else "fp32"}.
+A {decoder} over {manifest.encoder_name} features, exported by `python -m captioner export`.
+Precision: {quantized if manifest.quantized["int8"] else "fp32"}.
 
 Caption with ONNX Runtime, NumPy and Pillow only (no torch):
 

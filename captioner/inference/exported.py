@@ -15,8 +15,6 @@ captioner's (`captioner.decoding.search`, with `captioner.decoding.ops.NumpyOps`
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from captioner.core.errors import CaptionerError
 from captioner.core.pixels import open_image, preprocess_array, to_rgb
 from captioner.decoding.answers import describe
 from captioner.decoding.confidence import Calibrator
@@ -32,61 +29,9 @@ from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
 from captioner.decoding.ops import NumpyOps
 from captioner.decoding.search import Decoded, decode
 from captioner.inference.engine import DEFAULT_DECODE_THREADS
+from captioner.inference.manifest import MANIFEST, ExportManifest
 from captioner.inference.protocol import ImageCaptioner
 from captioner.text.base import tokenizer_from_dict
-
-EXPORT_VERSION = 3
-# Version 1: ResNet exports of captioner 0.2, squashed images; 1 and 2: the step graph gives log-probabilities with
-# the special tokens masked (version 3 gives logits; the search's rules and normalisation treat both alike).
-READABLE_VERSIONS = (1, 2, EXPORT_VERSION)
-MANIFEST = "manifest.json"
-README = "README.md"
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The folder's manifest, with the folder checked as a whole against it.
-
-    Every graph the runtime opens is listed with its SHA-256, every file in the
-    folder besides the manifest and its README is listed, every listed file is
-    there, unaltered, and no name leads out of the folder.
-
-    Raises:
-        CaptionerError: Naming the missing, extra, altered or escaping file, or the unreadable manifest.
-    """
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CaptionerError(f"{folder} is not an exported captioner: it has no {MANIFEST}.")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CaptionerError(f"{path} is not valid JSON ({error}); export the model again.") from error
-    if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:
-        raise CaptionerError(f"{path} is of another export version; export the model again with this captioner.")
-    files, graphs = manifest.get("files"), manifest.get("graphs")
-    if not isinstance(files, dict) or not isinstance(graphs, dict):
-        raise CaptionerError(f"{path} lists no files or graphs; export the model again.")
-    for name in [*files, *graphs.values()]:
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise CaptionerError(f"{path} names {name!r}, which is not a file inside the folder: refused.")
-    for graph, name in graphs.items():
-        if name not in files:
-            raise CaptionerError(f"The {graph} graph {name} is not listed with a digest in {path}: refused.")
-    extra = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, README) and p.name not in files)
-    if extra:
-        raise CaptionerError(f"{folder} holds {', '.join(extra)}, which its manifest does not list: refused. "
-                             "Export the model again into an empty folder.")  # fmt: skip
-    for name, digest in files.items():
-        file = folder / name
-        if not file.is_file():
-            raise CaptionerError(f"{folder} lacks {name}, which its manifest lists; export the model again.")
-        if _digest(file) != digest:
-            raise CaptionerError(f"{file} was altered since export (its SHA-256 differs from the manifest's).")
-    return manifest
 
 
 class OnnxStepper:
@@ -196,32 +141,31 @@ class OnnxCaptioner(ImageCaptioner):
         import onnxruntime
 
         self.folder = Path(folder)
-        self.manifest = manifest = read_manifest(self.folder)
+        self.manifest = manifest = ExportManifest.read(self.folder)
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         providers = list(providers or ["CPUExecutionProvider"])
 
         def session(name: str):
-            return onnxruntime.InferenceSession(str(self.folder / manifest["graphs"][name]), options,
+            return onnxruntime.InferenceSession(str(self.folder / manifest.graphs[name]), options,
                                                 providers=providers)  # fmt: skip
 
         self.encoder, self.prepare, self.step = session("encoder"), session("prepare"), session("step")
         self.step_inputs = {item.name for item in self.step.get_inputs()}
         # Only captioner's own tokenizers: the folder may come from anyone, and nothing it names is imported.
-        self.vocabulary = tokenizer_from_dict(manifest["vocabulary"], str(self.folder / MANIFEST), built_in_only=True)
+        self.vocabulary = tokenizer_from_dict(manifest.vocabulary, str(self.folder / MANIFEST), built_in_only=True)
         self.special = SpecialTokens.of(self.vocabulary)
-        saved = DecodingConfig.from_dict(manifest["decoding"], str(self.folder / MANIFEST))
-        # Exports before 0.4 do not record the decoder's limit: their graphs fail on their own past it.
-        self.limits = ModelLimits(len(self.vocabulary), self.vocabulary.max_length, manifest.get("longest_caption"),
-                                  manifest["decoder"]["class_path"].rsplit(".", 1)[-1], self.vocabulary.stoi,
+        saved = DecodingConfig.from_dict(manifest.decoding, str(self.folder / MANIFEST))
+        self.limits = ModelLimits(len(self.vocabulary), self.vocabulary.max_length, manifest.longest_caption,
+                                  manifest.decoder["class_path"].rsplit(".", 1)[-1], self.vocabulary.stoi,
                                   self.vocabulary)  # fmt: skip
         self.decoding = (decoding or saved).with_overrides(**overrides).checked(self.limits)
-        self.preprocessing = manifest["preprocessing"]  # the encoder's definition, computed in numpy
+        self.preprocessing = manifest.preprocessing  # the encoder's definition, computed in numpy
         self.batch_size, self.decode_threads = batch_size, decode_threads
-        self.state_count, self.context_count = manifest["state_count"], manifest["context_count"]
-        self.context_per_image = manifest["context_per_image"]
-        self.calibrator = Calibrator.from_dict(manifest.get("confidence"))  # exports before 0.3: none
+        self.state_count, self.context_count = manifest.state_count, manifest.context_count
+        self.context_per_image = manifest.context_per_image
+        self.calibrator = Calibrator.from_dict(manifest.confidence)
 
     def pixel_decoder(self) -> NumpyPixels:
         return NumpyPixels(self.preprocessing)

@@ -65,11 +65,11 @@ def check_model(path: str | Path) -> None:
     if path.is_dir():
         if is_published(path):
             return
-        from captioner.inference.exported import MANIFEST, read_manifest
+        from captioner.inference.manifest import MANIFEST, ExportManifest
         from captioner.text.base import tokenizer_from_dict
 
-        manifest = read_manifest(path)
-        tokenizer_from_dict(manifest.get("vocabulary"), str(path / MANIFEST), built_in_only=True)
+        manifest = ExportManifest.read(path)
+        tokenizer_from_dict(manifest.vocabulary, str(path / MANIFEST), built_in_only=True)
         return
     if not path.exists():
         if _looks_like_hub_id(str(path)):
