@@ -65,9 +65,17 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, every_n_train_steps: int | None = None, dirpath: str | None = None, **kwargs: Any) -> None:
-        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
-                         save_last=False, every_n_train_steps=every_n_train_steps, enable_version_counter=False,
-                         save_on_exception=True, **kwargs)  # fmt: skip
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+            save_on_exception=True,
+            **kwargs,
+        )
 
     @property
     def state_key(self) -> str:
@@ -110,16 +118,21 @@ class ResumableRun(Callback):
 
     # ------------------------------------------------------------ every step's random numbers
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        seed_step(step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), trainer.current_epoch, batch_idx,
-                            trainer.global_rank))  # fmt: skip
+        seed_step(
+            step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), trainer.current_epoch, batch_idx, trainer.global_rank)
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is None or trainer.ckpt_path is None:
             return
         if trainer.is_global_zero:
-            row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(trainer.ckpt_path),
-                   "epoch": trainer.current_epoch, "global_step": trainer.global_step,
-                   "same_run": str(run_dir(trainer).resolve()) == self._restored.get("folder")}  # fmt: skip
+            row = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "checkpoint": str(trainer.ckpt_path),
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "same_run": str(run_dir(trainer).resolve()) == self._restored.get("folder"),
+            }
             append_jsonl(run_dir(trainer) / RESUMES_FILE, row)
             for logger in trainer.loggers:
                 logger.log_hyperparams({"resumed_from": row})

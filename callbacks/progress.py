@@ -46,8 +46,9 @@ class Throughput(Callback):
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restart()
 
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int,
-                             dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         rate = self._rate(len(batch["positions"]))
         bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)  # TQDMProgressBar's
         if rate is not None and bar is not None:

@@ -26,8 +26,11 @@ class PublishedModel(Callback):
     """
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)
-                   and getattr(logger, "_log_model", False)]  # Lightning keeps the setting under this name  # fmt: skip
+        loggers = [
+            logger
+            for logger in trainer.loggers
+            if isinstance(logger, WandbLogger) and getattr(logger, "_log_model", False)
+        ]  # Lightning keeps the setting under this name
         if not trainer.is_global_zero or not loggers:
             return
         if not trainer.ckpt_path or not Path(trainer.ckpt_path).is_file():
@@ -50,10 +53,14 @@ class PublishedModel(Callback):
 
         for logger in loggers:
             run = logger.experiment
-            artifact = wandb.Artifact(f"captioner-{run.id}", type="model",
-                                      description=f"captioner published from {checkpoint.name}",
-                                      metadata={"checkpoint": checkpoint.name})  # fmt: skip
+            artifact = wandb.Artifact(
+                f"captioner-{run.id}",
+                type="model",
+                description=f"captioner published from {checkpoint.name}",
+                metadata={"checkpoint": checkpoint.name},
+            )
             artifact.add_dir(str(output))
             run.log_artifact(artifact, aliases=["latest", checkpoint.stem])
-        log.info("Published %s to %s and logged it to W&B as captioner-%s", checkpoint.name, output,
-                 loggers[0].experiment.id)  # fmt: skip
+        log.info(
+            "Published %s to %s and logged it to W&B as captioner-%s", checkpoint.name, output, loggers[0].experiment.id
+        )

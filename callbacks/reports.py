@@ -42,13 +42,15 @@ class TestReport(Callback):
         write_json(folder / "captions_test_references.json", coco_references(results["rows"]))
         confidence = results["report"]["metrics"].get("confidence")
         if confidence and confidence["reliability"]:
-            picture = reliability_diagram(confidence["reliability"], confidence["ECE"],
-                                          confidence["ECE_token_probability"])  # fmt: skip
+            picture = reliability_diagram(
+                confidence["reliability"], confidence["ECE"], confidence["ECE_token_probability"]
+            )
             with atomic_open(folder / "reliability.png", "wb") as handle:
                 picture.save(handle, format="PNG")
             log_image = getattr(trainer.logger, "log_image", None)  # W&B's, among others
             if callable(log_image):
                 log_image(key="test/reliability", images=[picture])
         print(format_table(results["report"]))
-        log.info("Test metrics written to %s, captions to %s", folder / "test_metrics.json",
-                 folder / "test_captions.jsonl")  # fmt: skip
+        log.info(
+            "Test metrics written to %s, captions to %s", folder / "test_metrics.json", folder / "test_captions.jsonl"
+        )

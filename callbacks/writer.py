@@ -44,9 +44,12 @@ class CaptionWriter(BasePredictionWriter):
     """
 
     def __init__(
-        self, output_dir: str | None = None, write_images: bool = False, image_width: int = 512,
+        self,
+        output_dir: str | None = None,
+        write_images: bool = False,
+        image_width: int = 512,
         attention_maps: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir, self.write_images, self.image_width = output_dir, write_images, image_width
         self.attention_maps = attention_maps

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -24,7 +25,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from captioner.callbacks.checkpoints import ResumableRun
 from captioner.callbacks.publishing import PublishedModel
 from captioner.callbacks.reports import TestReport
+from captioner.callbacks.writer import CaptionWriter
 from captioner.compat import names as compat
+from captioner.compat.configs import upgraded_arguments
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open
 from captioner.core.hardware import checked_precision
@@ -33,6 +36,7 @@ from captioner.data.datamodule import CaptionDataModule
 from captioner.decoding import config as decoding
 from captioner.encoders.base import encoder_trains
 from captioner.models.building import check_checkpoint_file
+from captioner.models.checkpoints import AtomicCheckpointIO
 from captioner.models.decoders.base import decoder_features
 from captioner.models.module import CaptionModel
 from captioner.models.objectives.base import train_items_of
@@ -127,10 +131,13 @@ class CaptionerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One encoder: the model's instance is the one the data side extracts features with.
         parser.link_arguments("model.encoder", "data.encoder", apply_on="instantiate")
-        parser.link_arguments("model.trainable_encoder_blocks", "data.online_features", compute_fn=encoder_trains)
+        parser.link_arguments("model.trainable_encoder_blocks", "data.needs.online_features", compute_fn=encoder_trains)
         # What the parts need from the data, declared by them (`features`, `train_items`).
-        parser.link_arguments("model.decoder", "data.features", compute_fn=decoder_features)
-        parser.link_arguments("model.objective", "data.train_items", compute_fn=train_items_of)
+        parser.link_arguments("model.decoder", "data.needs.features", compute_fn=decoder_features)
+        parser.link_arguments("model.objective", "data.needs.train_items", compute_fn=train_items_of)
+        # The predictions writer, in every run, its options under their own keys (--predictions.write_images true):
+        # it writes only when predicting, wherever the config's callbacks list puts the others.
+        parser.add_lightning_class_args(CaptionWriter, "predictions")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -169,6 +176,7 @@ class CaptionerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoints(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 quiet_wandb(logger)
@@ -179,8 +187,11 @@ class CaptionerCLI(LightningCLI):
         run = run_to_continue(config.ckpt_path)
         loggers = _logger_configs(config.trainer)
         if run is None or run.get("version") is None or not loggers:
-            print(f"{config.ckpt_path} is not inside the run folder that wrote it (a copied file, or an older "
-                  "checkpoint): resuming its training state in a new run.", file=sys.stderr)  # fmt: skip
+            print(
+                f"{config.ckpt_path} is not inside the run folder that wrote it (a copied file, or an older "
+                "checkpoint): resuming its training state in a new run.",
+                file=sys.stderr,
+            )
             return
         for logger in loggers:
             logger.init_args.version = run["version"]  # W&B: the run id, resumed ("allow"); CSV: the folder
@@ -191,6 +202,14 @@ class CaptionerCLI(LightningCLI):
             checkpoint = self.trainer.checkpoint_callback
             ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def install_atomic_checkpoints(trainer: Trainer) -> None:
+    """Write checkpoints atomically (`captioner.models.checkpoints.AtomicCheckpointIO`) whatever the config says,
+    unless it chose a checkpoint IO of its own."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def _finish_wandb_runs(trainer: Trainer) -> None:
@@ -233,21 +252,32 @@ def caption_command(argv: list[str]) -> int:
     from captioner.sources.images import IMAGE_EXTENSIONS, files_and_folders
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
-    parser.add_argument("paths", nargs="+", help="image files (jpg, png, bmp, webp, gif), or folders of them "
-                        "(every image under a folder, sorted)")  # fmt: skip
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `fit`, an exported or published "
-                        "folder, or a hub id (user/name)")  # fmt: skip
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        help="image files (jpg, png, bmp, webp, gif), or folders of them (every image under a folder, sorted)",
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="a checkpoint written by `fit`, an exported or published folder, or a hub id (user/name)",
+    )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--decode_threads", type=int, default=DEFAULT_DECODE_THREADS, help="images decoded at once")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per file: image, caption, score, "
-                        "confidence, alternatives, constraints_met, clip_score, error")  # fmt: skip
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per file: image, caption, score, "
+        "confidence, alternatives, constraints_met, clip_score, error",
+    )
     decoding.add_arguments(parser)
     add_allow_argument(parser)
     options = parser.parse_args(argv)
     allow_modules(*options.allow_module)
-    captioner = load_captioner(options.ckpt_path, options.device, options.rerank_clip,
-                               **decoding.overrides_from(options))  # fmt: skip
+    captioner = load_captioner(
+        options.ckpt_path, options.device, options.rerank_clip, **decoding.overrides_from(options)
+    )
     paths, empty = files_and_folders(options.paths)
     no_images = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder"
     engine = captioner.engine(batch_size=options.batch_size, decode_threads=options.decode_threads)
@@ -261,28 +291,39 @@ def caption_command(argv: list[str]) -> int:
 
 def shown(prediction) -> str:
     """One image's answer as `caption` prints it: its caption, or its ranked alternatives, or its error."""
-    unmet = "  [forced words not all met]"
+
+    def marked(entry) -> str:
+        return "" if entry.get("constraints_met") is not False else "  [forced words not all met]"
+
     if prediction.error:
         return f"{prediction.image}: ERROR {prediction.error}"
     if prediction.alternatives is not None:
-        return "\n".join([f"{prediction.image}:", *(
-            f"  {rank}. {entry['caption']}  ({entry['score']:.3f}){'' if entry.get('constraints_met', True) else unmet}"
-            for rank, entry in enumerate(prediction.alternatives, 1))])
-    return f"{prediction.image}: {prediction.caption}{'' if prediction.constraints_met is not False else unmet}"
+        ranked = [
+            f"  {rank}. {entry['caption']}  ({entry['score']:.3f}){marked(entry)}"
+            for rank, entry in enumerate(prediction.alternatives, 1)
+        ]
+        return "\n".join([f"{prediction.image}:", *ranked])
+    return f"{prediction.image}: {prediction.caption}{marked({'constraints_met': prediction.constraints_met})}"
 
 
 # The commands of captioner's own (name: module, function, what it does); any other goes to LightningCLI.
 COMMANDS = {
     "caption": ("captioner.cli", "caption_command", "caption image files or folders, printed (or --json)"),
-    "caption-set": ("captioner.bulk.command", "caption_set_command",
-                    "caption a whole set (folders, file lists, shards) as one resumable, distributed job"),
+    "caption-set": (
+        "captioner.bulk.command",
+        "caption_set_command",
+        "caption a whole set (folders, file lists, shards) as one resumable, distributed job",
+    ),
     "serve": ("captioner.serve", "serve_command", "serve a model over HTTP: an API with dynamic batching and a page"),
     "export": ("captioner.export.onnx", "export_command", "export a checkpoint to ONNX: captions without torch"),
-    "publish": ("captioner.publish", "publish_command",
-                "a checkpoint as safetensors, config, tokenizer and a measured model card"),
+    "publish": (
+        "captioner.publish",
+        "publish_command",
+        "a checkpoint as safetensors, config, tokenizer and a measured model card",
+    ),
     "evaluate": ("captioner.evaluation.evaluate", "evaluate_command", "score a captions file against references"),
     "configs": ("captioner.shipped", "configs_command", "list the shipped configs (--config demo, ...)"),
-}  # fmt: skip
+}
 LIGHTNING_COMMANDS = {
     "fit": "train (then test the best checkpoint)",
     "validate": "score a checkpoint on the validation images",
@@ -296,12 +337,19 @@ def command_overview() -> str:
     rows = [*LIGHTNING_COMMANDS.items(), *((name, about) for name, (_, _, about) in COMMANDS.items())]
     width = max(len(name) for name, _ in rows)
     lines = [f"  {name.ljust(width)}  {about}" for name, about in rows]
-    return "\n".join([
-        "usage: python -m captioner COMMAND [options]   (COMMAND --help for its options)", "",
-        "Training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*):", *lines[:4], "",
-        "Using a trained model:", *lines[4:], "",
-        "Start with: python -m captioner fit --config demo   (offline, on generated scenes)",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "usage: python -m captioner COMMAND [options]   (COMMAND --help for its options)",
+            "",
+            "Training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*):",
+            *lines[:4],
+            "",
+            "Using a trained model:",
+            *lines[4:],
+            "",
+            "Start with: python -m captioner fit --config demo   (offline, on generated scenes)",
+        ]
+    )
 
 
 def main(args: list[str] | None = None) -> CaptionerCLI | None:
@@ -328,6 +376,7 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
                 raise SystemExit(status)
             return None
         argv = with_shipped_configs(argv)  # `--config demo` means the shipped demo config
+        argv = upgraded_arguments(argv)  # older captioners' keys, in today's places (one line each)
         if args is None:
             sys.argv[1:] = argv  # LightningCLI reads the command line itself (and warns when given both)
         cli = CaptionerCLI(
@@ -346,8 +395,11 @@ def main(args: list[str] | None = None) -> CaptionerCLI | None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:
-        print("Stopped on request (SIGTERM, or Ctrl-C) after the current training step; last.ckpt holds it: "
-              "continue with `fit --ckpt_path last` (same config).", file=sys.stderr)  # fmt: skip
+        print(
+            "Stopped on request (SIGTERM, or Ctrl-C) after the current training step; last.ckpt holds it: "
+            "continue with `fit --ckpt_path last` (same config).",
+            file=sys.stderr,
+        )
         raise SystemExit(143) from None
     except OSError as error:
         if error.errno != errno.ENOSPC:

@@ -40,9 +40,17 @@ CARD = "README.md"
 CARD_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test_metrics: str | Path | None = None,
-            dataset: str | None = None, license: str | None = None, quantize: str | None = None,
-            measure_dir: str | Path | None = None, measure_images: int = 64) -> Path:  # fmt: skip
+def publish(
+    checkpoint: str | Path,
+    output: str | Path,
+    onnx: bool = False,
+    test_metrics: str | Path | None = None,
+    dataset: str | None = None,
+    license: str | None = None,
+    quantize: str | None = None,
+    measure_dir: str | Path | None = None,
+    measure_images: int = 64,
+) -> Path:
     """Write a checkpoint as a published folder.
 
     Args:
@@ -84,9 +92,16 @@ def publish(checkpoint: str | Path, output: str | Path, onnx: bool = False, test
         # Contiguous copies: safetensors stores no views, and tied weights are written once each.
         state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
         save_file(state, folder / WEIGHTS, metadata={"format": "pt", "captioner_format": str(PUBLISHED_FORMAT)})
-        write_json(folder / CONFIG, {"captioner_format": PUBLISHED_FORMAT, "captioner_version": __version__,
-                                     "architectures": ["CaptionModel"], "pipeline_tag": "image-to-text",
-                                     CAPTIONER_KEY: meta})  # fmt: skip
+        write_json(
+            folder / CONFIG,
+            {
+                "captioner_format": PUBLISHED_FORMAT,
+                "captioner_version": __version__,
+                "architectures": ["CaptionModel"],
+                "pipeline_tag": "image-to-text",
+                CAPTIONER_KEY: meta,
+            },
+        )
         write_json(folder / TOKENIZER, meta["vocabulary"])
         if onnx:
             from captioner.export import export_onnx
@@ -133,8 +148,12 @@ def measure(model: Any, pictures: list[Path], onnx_folder: Path | None = None, b
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
     captioner = Captioner(model, batch_size=batch_size)
     rate, reference = _timed(captioner.predict, pictures, batch_size)
-    result: dict[str, Any] = {"images": len(pictures), "batch_size": batch_size, "hardware": hardware,
-                              "pytorch": {"images_per_s": round(rate, 2)}}  # fmt: skip
+    result: dict[str, Any] = {
+        "images": len(pictures),
+        "batch_size": batch_size,
+        "hardware": hardware,
+        "pytorch": {"images_per_s": round(rate, 2)},
+    }
     if onnx_folder is not None:
         from captioner.inference import OnnxCaptioner
 
@@ -144,10 +163,11 @@ def measure(model: Any, pictures: list[Path], onnx_folder: Path | None = None, b
         pairs = [(a, b) for a, b in zip(reference, exported, strict=True) if a.caption is not None and b.caption]
         int8 = bool(runtime.manifest.quantized["int8"])
         result["onnx"] = {
-            "precision": "int8 decoder" if int8 else "fp32", "images_per_s": round(onnx_rate, 2),
+            "precision": "int8 decoder" if int8 else "fp32",
+            "images_per_s": round(onnx_rate, 2),
             "identical_captions": round(100 * sum(a.caption == b.caption for a, b in pairs) / max(1, len(pairs)), 1),
             "mean_abs_score_difference": round(sum(abs(a.score - b.score) for a, b in pairs) / max(1, len(pairs)), 4),
-        }  # fmt: skip
+        }
     return result
 
 
@@ -157,18 +177,24 @@ def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
     api = huggingface_hub.HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                                   commit_message=f"captioner {__version__}: publish")  # fmt: skip
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message=f"captioner {__version__}: publish"
+        )
     except Exception as error:  # no network, no token, no rights: the hub client raises many types
-        raise CaptionerError(f"Could not upload {folder} to {repo_id} ({type(error).__name__}: {error}); log in with "
-                             "`hf auth login` (or set HF_TOKEN) and check the network.") from error  # fmt: skip
+        raise CaptionerError(
+            f"Could not upload {folder} to {repo_id} ({type(error).__name__}: {error}); log in with "
+            "`hf auth login` (or set HF_TOKEN) and check the network."
+        ) from error
     return str(getattr(commit, "repo_url", f"https://huggingface.co/{repo_id}"))
 
 
 # ------------------------------------------------------------------ the model card
 def _test_report(checkpoint: Path, given: str | Path | None) -> dict | None:
-    candidates = [Path(given)] if given else [checkpoint.parent.parent / "test_metrics.json",
-                                              checkpoint.parent / "test_metrics.json"]  # fmt: skip
+    candidates = (
+        [Path(given)]
+        if given
+        else [checkpoint.parent.parent / "test_metrics.json", checkpoint.parent / "test_metrics.json"]
+    )
     for path in candidates:
         if path.is_file():
             try:
@@ -205,8 +231,15 @@ def _base_models(meta: dict) -> list[str]:
     return bases
 
 
-def model_card(meta: dict, report: dict | None, run_config: dict | None, onnx: bool, dataset: str | None,
-               license: str | None, speed: dict | None = None) -> Any:  # fmt: skip
+def model_card(
+    meta: dict,
+    report: dict | None,
+    run_config: dict | None,
+    onnx: bool,
+    dataset: str | None,
+    license: str | None,
+    speed: dict | None = None,
+) -> Any:
     """The model card: metadata the Hub indexes, then what the model is, how it was measured, and how to use it."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -214,69 +247,125 @@ def model_card(meta: dict, report: dict | None, run_config: dict | None, onnx: b
     results = []
     if report:
         scores = report["metrics"]["pycocoevalcap"]
-        extra = {"CLIPScore": (report["metrics"].get("clip") or {}).get("CLIPScore"),
-                 "CHAIR-s": (report["metrics"].get("chair") or {}).get("CHAIR-s")}  # fmt: skip
+        extra = {
+            "CLIPScore": (report["metrics"].get("clip") or {}).get("CLIPScore"),
+            "CHAIR-s": (report["metrics"].get("chair") or {}).get("CHAIR-s"),
+        }
         for name, value in [*((n, scores.get(n)) for n in CARD_METRICS), *extra.items()]:
             if value is not None:
-                results.append(EvalResult(task_type="image-to-text", task_name="Image captioning",
-                                          dataset_type=dataset_id, dataset_name=dataset or "held-out test split",
-                                          dataset_split="test", metric_type=name.lower(), metric_name=name,
-                                          metric_value=round(float(value), 2)))  # fmt: skip
+                results.append(
+                    EvalResult(
+                        task_type="image-to-text",
+                        task_name="Image captioning",
+                        dataset_type=dataset_id,
+                        dataset_name=dataset or "held-out test split",
+                        dataset_split="test",
+                        metric_type=name.lower(),
+                        metric_name=name,
+                        metric_value=round(float(value), 2),
+                    )
+                )
     bases = _base_models(meta)
-    data = ModelCardData(library_name="captioner", pipeline_tag="image-to-text", license=license,
-                         tags=["image-captioning", "captioner"], base_model=bases or None,
-                         datasets=[dataset] if dataset else None, eval_results=results or None,
-                         model_name="captioner")  # fmt: skip
+    data = ModelCardData(
+        library_name="captioner",
+        pipeline_tag="image-to-text",
+        license=license,
+        tags=["image-captioning", "captioner"],
+        base_model=bases or None,
+        datasets=[dataset] if dataset else None,
+        eval_results=results or None,
+        model_name="captioner",
+    )
     encoder, decoder = meta["encoder"], meta["decoder"]
     objective = ((run_config or {}).get("model") or {}).get("objective") or {}
     objective_name = str(objective.get("class_path", "captioner.models.objectives.CrossEntropy")).rsplit(".", 1)[-1]
     decoding = meta["decoding"]
     lines = [
-        "---", data.to_yaml(), "---", "",
-        "# An image captioner trained with captioner", "",
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        "# An image captioner trained with captioner",
+        "",
         f"- **Encoder**: `{encoder['class_path'].rsplit('.', 1)[-1]}` {json.dumps(encoder.get('init_args') or {})}",
         f"- **Decoder**: `{decoder['class_path'].rsplit('.', 1)[-1]}` "
         f"{json.dumps({k: v for k, v in (decoder.get('init_args') or {}).items() if k != 'lm_config'})}",
         f"- **Tokenizer**: `{str(meta['vocabulary'].get('class_path', 'words')).rsplit('.', 1)[-1]}`",
         f"- **Preprocessing**: {json.dumps(meta['preprocessing'])}",
         f"- **Training objective**: {objective_name}"
-        + (" (self-critical sequence training on CIDEr-D)" if objective_name == "SelfCritical" else " (teacher "
-           "forcing)"),
-        f"- **Blind baseline**: {meta['blind']}", "",
-        "## Evaluation", "",
-    ]  # fmt: skip
+        + (
+            " (self-critical sequence training on CIDEr-D)"
+            if objective_name == "SelfCritical"
+            else " (teacher forcing)"
+        ),
+        f"- **Blind baseline**: {meta['blind']}",
+        "",
+        "## Evaluation",
+        "",
+    ]
     if report:
-        lines += [f"Test split of {report['images']} images; decoding: {json.dumps(report['decoding'])}; tokenizer "
-                  f"for the COCO metrics: {report['tokenizer']}. Scores on a 0-100 scale (CIDEr is CIDEr-D x 100).",
-                  "", "| metric | score |", "|---|---|"]  # fmt: skip
+        lines += [
+            f"Test split of {report['images']} images; decoding: {json.dumps(report['decoding'])}; tokenizer "
+            f"for the COCO metrics: {report['tokenizer']}. Scores on a 0-100 scale (CIDEr is CIDEr-D x 100).",
+            "",
+            "| metric | score |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {value:.2f} |" for name, value in report["metrics"]["pycocoevalcap"].items()]
         for group, keys in (("chair", ("CHAIR-i", "CHAIR-s")), ("clip", ("CLIPScore", "RefCLIPScore"))):
-            lines += [f"| {key} | {report['metrics'][group][key]:.2f} |" for key in keys
-                      if key in (report["metrics"].get(group) or {})]  # fmt: skip
+            lines += [
+                f"| {key} | {report['metrics'][group][key]:.2f} |"
+                for key in keys
+                if key in (report["metrics"].get(group) or {})
+            ]
     else:
         lines.append("No test report was found beside the checkpoint (`python -m captioner test` writes one).")
     lines += ["", "## Speed", ""]
     if speed:
-        lines += [f"Measured when it was published, on {speed['hardware']}: {speed['images']} images, "
-                  f"{speed['batch_size']} at a time, with the saved decoding (image decoding included).", "",
-                  "| runtime | precision | images/s | captions identical to PyTorch's | mean abs. log-prob. "
-                  "difference |", "|---|---|---|---|---|",
-                  f"| PyTorch | fp32 | {speed['pytorch']['images_per_s']:.1f} | | |"]  # fmt: skip
+        lines += [
+            f"Measured when it was published, on {speed['hardware']}: {speed['images']} images, "
+            f"{speed['batch_size']} at a time, with the saved decoding (image decoding included).",
+            "",
+            "| runtime | precision | images/s | captions identical to PyTorch's | mean abs. log-prob. difference |",
+            "|---|---|---|---|---|",
+            f"| PyTorch | fp32 | {speed['pytorch']['images_per_s']:.1f} | | |",
+        ]
         if "onnx" in speed:
             exported = speed["onnx"]
-            lines.append(f"| ONNX Runtime | {exported['precision']} | {exported['images_per_s']:.1f} | "
-                         f"{exported['identical_captions']:.1f} % | {exported['mean_abs_score_difference']:.4f} |")
+            lines.append(
+                f"| ONNX Runtime | {exported['precision']} | {exported['images_per_s']:.1f} | "
+                f"{exported['identical_captions']:.1f} % | {exported['mean_abs_score_difference']:.4f} |"
+            )
     else:
         lines.append("Not measured (`python -m captioner publish ... --measure_dir photos/` measures it).")
-    lines += ["", f"Decoding saved with the model: {json.dumps(decoding)}", "", "## Use", "",
-              "```python", "from captioner import Captioner", "",
-              'captioner = Captioner.from_pretrained("<this repository or folder>")',
-              'print(captioner.caption(["photo.jpg"]))', "```", "", "```bash",
-              "python -m captioner caption photo.jpg --ckpt_path <this repository or folder> --num_beams 5", "```"]
+    lines += [
+        "",
+        f"Decoding saved with the model: {json.dumps(decoding)}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from captioner import Captioner",
+        "",
+        'captioner = Captioner.from_pretrained("<this repository or folder>")',
+        'print(captioner.caption(["photo.jpg"]))',
+        "```",
+        "",
+        "```bash",
+        "python -m captioner caption photo.jpg --ckpt_path <this repository or folder> --num_beams 5",
+        "```",
+    ]
     if onnx:
-        lines += ["", "Without torch (`pip install onnxruntime numpy pillow` beside captioner):", "", "```python",
-                  "from captioner.inference import OnnxCaptioner", "",
-                  'print(OnnxCaptioner("<folder>/onnx").caption(["photo.jpg"]))', "```"]  # fmt: skip
+        lines += [
+            "",
+            "Without torch (`pip install onnxruntime numpy pillow` beside captioner):",
+            "",
+            "```python",
+            "from captioner.inference import OnnxCaptioner",
+            "",
+            'print(OnnxCaptioner("<folder>/onnx").caption(["photo.jpg"]))',
+            "```",
+        ]
     lines += ["", f"Published with captioner {__version__}."]
     return ModelCard("\n".join(lines))
 
@@ -288,19 +377,33 @@ def publish_command(argv: list[str]) -> None:
     parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--onnx", action="store_true", help="also export to ONNX into onnx/")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="with --onnx: int8 decoder graphs")
-    parser.add_argument("--measure_dir", default=None, help="pictures to measure the speed (and the ONNX export's "
-                        "differences) on, for the card")  # fmt: skip
+    parser.add_argument(
+        "--measure_dir",
+        default=None,
+        help="pictures to measure the speed (and the ONNX export's differences) on, for the card",
+    )
     parser.add_argument("--measure_images", type=int, default=64, help="the most pictures measured")
-    parser.add_argument("--test_metrics", default=None, help="the test_metrics.json the card reports (default: the "
-                        "one beside the checkpoint's run)")  # fmt: skip
+    parser.add_argument(
+        "--test_metrics",
+        default=None,
+        help="the test_metrics.json the card reports (default: the one beside the checkpoint's run)",
+    )
     parser.add_argument("--dataset", default=None, help="the hub id of the training data, for the card")
     parser.add_argument("--license", default=None, help="a license id for the card (mit, apache-2.0, ...)")
     parser.add_argument("--push_to_hub", default=None, metavar="USER/NAME", help="upload the folder there")
     parser.add_argument("--private", action="store_true", help="create the hub repository private")
     options = parser.parse_args(argv)
-    folder = publish(options.ckpt_path, options.output, options.onnx, options.test_metrics, options.dataset,
-                     options.license, options.quantize, options.measure_dir, options.measure_images)  # fmt: skip
+    folder = publish(
+        options.ckpt_path,
+        options.output,
+        options.onnx,
+        options.test_metrics,
+        options.dataset,
+        options.license,
+        options.quantize,
+        options.measure_dir,
+        options.measure_images,
+    )
     print(f"published: {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     if options.push_to_hub:
         print(f"uploaded: {push(folder, options.push_to_hub, options.private)}")
-

@@ -33,8 +33,10 @@ def published_folder(name: str | Path) -> Path:
     """
     if Path(name).is_dir():
         if not is_published(name):
-            raise CaptionerError(f"{name} holds no published captioner ({CONFIG} and {WEIGHTS}): write one with "
-                                 "`python -m captioner publish`.")  # fmt: skip
+            raise CaptionerError(
+                f"{name} holds no published captioner ({CONFIG} and {WEIGHTS}): write one with "
+                "`python -m captioner publish`."
+            )
         return Path(name)
     huggingface_hub = require_library("huggingface_hub", "hub", "from_pretrained")
     try:
@@ -62,12 +64,14 @@ def model_from_published(name: str | Path, **overrides: Any) -> Any:
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
         state = load_file(folder / WEIGHTS)
     except (OSError, ValueError) as error:
-        raise CaptionerError(f"{folder} is not a readable published captioner ({type(error).__name__}: "
-                             f"{error}).") from error  # fmt: skip
+        raise CaptionerError(
+            f"{folder} is not a readable published captioner ({type(error).__name__}: {error})."
+        ) from error
     if not isinstance(config, dict) or CAPTIONER_KEY not in config:
         raise CaptionerError(f"{folder / CONFIG} is not a captioner config (no {CAPTIONER_KEY!r} entry).")
     if int(config.get("captioner_format", 0)) > PUBLISHED_FORMAT:
-        raise CaptionerError(f"{folder} was published by a newer captioner (format {config['captioner_format']}): "
-                             "upgrade captioner.")  # fmt: skip
+        raise CaptionerError(
+            f"{folder} was published by a newer captioner (format {config['captioner_format']}): upgrade captioner."
+        )
     checkpoint = {CAPTIONER_KEY: config[CAPTIONER_KEY], "state_dict": state}
     return building.model_from_checkpoint_data(CaptionModel, checkpoint, f"The published model {name}", **overrides)

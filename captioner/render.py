@@ -115,8 +115,13 @@ def reliability_diagram(bins: Sequence[dict], ece: float, naive_ece: float, size
         draw.ellipse((marker[0] - 3, marker[1] - 3, marker[0] + 3, marker[1] + 3), fill=(200, 80, 60))
         draw.text((left, point(0, 0)[1] + 4), f"{100 * row['count'] / total:.0f}%", fill=(90, 90, 90), font=font)
     draw.line((*point(0, 0), *point(1, 1)), fill=(60, 60, 60), width=1)
-    draw.text((margin, 6), f"confidence: ECE {ece:.1f}   token probability: ECE {naive_ece:.1f}", fill="black",
-              font=font)  # fmt: skip
-    draw.text((margin, 22), "bars: share of good captions; dots: mean confidence; diagonal: calibrated",
-              fill=(90, 90, 90), font=_font(11))  # fmt: skip
+    draw.text(
+        (margin, 6), f"confidence: ECE {ece:.1f}   token probability: ECE {naive_ece:.1f}", fill="black", font=font
+    )
+    draw.text(
+        (margin, 22),
+        "bars: share of good captions; dots: mean confidence; diagonal: calibrated",
+        fill=(90, 90, 90),
+        font=_font(11),
+    )
     return picture

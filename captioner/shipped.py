@@ -20,8 +20,10 @@ def configs_folder() -> Path:
     for folder in (PACKAGE / "configs", PACKAGE.parent / "configs"):
         if (folder / "demo.yaml").is_file():
             return folder
-    raise CaptionerError(f"The shipped configs are missing (looked in {PACKAGE / 'configs'} and "
-                         f"{PACKAGE.parent / 'configs'}): reinstall captioner.")  # fmt: skip
+    raise CaptionerError(
+        f"The shipped configs are missing (looked in {PACKAGE / 'configs'} and "
+        f"{PACKAGE.parent / 'configs'}): reinstall captioner."
+    )
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -54,25 +56,74 @@ def resolve_config(value: str) -> str:
     name = value.removesuffix(".yaml").removesuffix(".yml").removeprefix("configs/")
     if name in available:
         return str(available[name])
-    raise CaptionerError(f"--config {value}: no such file, and no shipped config of that name. Shipped: "
-                         f"{', '.join(available)} (python -m captioner configs describes them).")  # fmt: skip
+    raise CaptionerError(
+        f"--config {value}: no such file, and no shipped config of that name. Shipped: "
+        f"{', '.join(available)} (python -m captioner configs describes them)."
+    )
 
 
 def with_shipped_configs(argv: list[str]) -> list[str]:
-    """`argv` with every `--config NAME` (or `--config=NAME`) turned into the path of the file it means."""
-    resolved, take_next = [], False
+    """`argv` with every `--config NAME` (or `--config=NAME`) turned into what LightningCLI reads: the file it
+    means, preceded by what it `extends`, its older captioner keys rewritten (`captioner.compat.configs`), and the
+    run named after the configs' `run_name`s joined (unless the command line names it).
+
+    Two keys are captioner's own, read here and left out of what LightningCLI sees:
+
+    - `extends: NAME` (a shipped config's name or a path, relative to the config): that config first, then this
+      one over it (`default` and `demo` extend `base`: the trainer and callbacks are written once);
+    - `run_name: NAME`: this config's part of the run's name; overlays compose (`default` + `decoders/transformer`
+      + `objectives/scst` names the run `transformer-scst`).
+    """
+    out: list[str] = []
+    names: list[str] = []
+    take_next = False
     for argument in argv:
         if take_next:
-            resolved.append(resolve_config(argument))
+            out += _expanded(argument, names, flag=out.pop())
             take_next = False
         elif argument in CONFIG_FLAGS:
-            resolved.append(argument)
+            out.append(argument)
             take_next = True
         elif argument.startswith("--config="):
-            resolved.append("--config=" + resolve_config(argument.split("=", 1)[1]))
+            out += _expanded(argument.split("=", 1)[1], names, flag="--config")
         else:
-            resolved.append(argument)
-    return resolved
+            out.append(argument)
+    named = any(a.startswith(("--trainer.logger.init_args.name", "--trainer.logger.name")) for a in argv)
+    if names and not named:
+        out += ["--trainer.logger.init_args.name", "-".join(names)]
+    return out
+
+
+def _expanded(value: str, names: list[str], flag: str, seen: tuple[str, ...] = ()) -> list[str]:
+    """`flag value` for one config, what it extends first; its `run_name` added to `names`."""
+    import yaml
+
+    from captioner.compat.configs import upgraded_config
+
+    path = Path(resolve_config(value))
+    if not path.is_file():
+        return [flag, value]  # inline YAML: as it is
+    if str(path.resolve()) in seen:
+        raise CaptionerError(f"{path} extends itself (through {', '.join(seen)}).")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return [flag, str(path)]  # LightningCLI says what is wrong with it
+    if not isinstance(tree, dict):
+        return [flag, str(path)]
+    tree, changed = upgraded_config(tree)
+    out: list[str] = []
+    base = tree.pop("extends", None)
+    if base is not None:
+        relative = path.parent / str(base)
+        target = next((str(c) for c in (relative, relative.with_suffix(".yaml")) if c.is_file()), str(base))
+        out += _expanded(target, names, flag, (*seen, str(path.resolve())))  # else a shipped config's name
+    name = tree.pop("run_name", None)
+    if name:
+        names.append(str(name))
+    if base is None and name is None and not changed:
+        return [*out, flag, str(path)]
+    return [*out, flag, yaml.safe_dump(tree, sort_keys=False)]
 
 
 def configs_command(argv: list[str]) -> int:

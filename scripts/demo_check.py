@@ -50,22 +50,75 @@ from captioner.evaluation.clip_score import write_random_clip
 from captioner.runs import run_dir
 
 # The demo's decoders at the demo's size (configs/demo.yaml holds the pooled LSTM).
-ATTENTION = ["--model.decoder", "captioner.models.decoders.AttentionDecoder", "--model.decoder.embed_dim", "128",
-             "--model.decoder.hidden_dim", "256", "--model.decoder.attention_dim", "256",
-             "--model.decoder.dropout", "0.3"]  # fmt: skip
-TRANSFORMER = ["--model.decoder", "captioner.models.decoders.TransformerDecoder", "--model.decoder.width", "128",
-               "--model.decoder.layers", "2", "--model.decoder.heads", "4", "--model.decoder.ffn_dim", "512",
-               "--model.decoder.dropout", "0.1", "--model.lr", "0.001", "--model.warmup_steps", "100"]  # fmt: skip
+ATTENTION = [
+    "--model.decoder",
+    "captioner.models.decoders.AttentionDecoder",
+    "--model.decoder.embed_dim",
+    "128",
+    "--model.decoder.hidden_dim",
+    "256",
+    "--model.decoder.attention_dim",
+    "256",
+    "--model.decoder.dropout",
+    "0.3",
+]
+TRANSFORMER = [
+    "--model.decoder",
+    "captioner.models.decoders.TransformerDecoder",
+    "--model.decoder.width",
+    "128",
+    "--model.decoder.layers",
+    "2",
+    "--model.decoder.heads",
+    "4",
+    "--model.decoder.ffn_dim",
+    "512",
+    "--model.decoder.dropout",
+    "0.1",
+    "--model.lr",
+    "0.001",
+    "--model.warmup_steps",
+    "100",
+]
 # A small GPT-2 from a config (random weights, no download), trained with a mapped prefix, writing BPE pieces.
 SMALL_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 64}
-PREFIX_LM = ["--model.decoder", "captioner.models.decoders.PrefixLMDecoder", "--model.decoder.lm", "null",
-             "--model.decoder.lm_config", json.dumps(SMALL_GPT2), "--model.decoder.train_lm", "true",
-             "--model.decoder.prefix_length", "4", "--model.decoder.mapper", "mlp", "--model.decoder.dropout", "0.1",
-             "--data.tokenizer", "captioner.text.Bpe", "--data.tokenizer.vocab_size", "500",
-             "--model.lr", "0.001", "--model.warmup_steps", "100"]  # fmt: skip
+PREFIX_LM = [
+    "--model.decoder",
+    "captioner.models.decoders.PrefixLMDecoder",
+    "--model.decoder.lm",
+    "null",
+    "--model.decoder.lm_config",
+    json.dumps(SMALL_GPT2),
+    "--model.decoder.train_lm",
+    "true",
+    "--model.decoder.prefix_length",
+    "4",
+    "--model.decoder.mapper",
+    "mlp",
+    "--model.decoder.dropout",
+    "0.1",
+    "--data.tokenizer",
+    "captioner.text.Bpe",
+    "--data.tokenizer.vocab_size",
+    "500",
+    "--model.lr",
+    "0.001",
+    "--model.warmup_steps",
+    "100",
+]
 DANGLING = {"a", "an", "the", "of", "on", "with", "and", "in"}
-SCST = ["--model.objective", "captioner.models.objectives.SelfCritical", "--model.lr", "0.0005",
-        "--model.warmup_steps", "0", "--trainer.max_epochs", "4", "--data.batch_size", "64"]  # fmt: skip
+SCST = [
+    "--model.objective",
+    "captioner.models.objectives.SelfCritical",
+    "--model.lr",
+    "0.0005",
+    "--model.warmup_steps",
+    "0",
+    "--trainer.max_epochs",
+    "4",
+    "--data.loading.batch_size",
+    "64",
+]
 RESNET18 = [
     "--model.encoder.model",
     "resnet18",
@@ -73,7 +126,7 @@ RESNET18 = [
     "captioner.models.objectives.CrossEntropy",
     "--model.objective.per_image",
     "true",
-    "--data.batch_size",
+    "--data.loading.batch_size",
     "32",
 ]
 FINETUNE = {
@@ -141,15 +194,23 @@ def scores(folder: Path, captions_file: Path, fit_seconds: float) -> dict:
     dangling = sum(r["caption"].split()[-1:] in [[word] for word in DANGLING] for r in rows) / len(rows)
     chair, confidence = report["metrics"].get("chair", {}), report["metrics"].get("confidence", {})
     clip = report["metrics"].get("clip", {})
-    beyond = {"CHAIR-i": chair.get("CHAIR-i", float("nan")), "CHAIR-s": chair.get("CHAIR-s", float("nan")),
-              "CLIPScore (random CLIP)": clip.get("CLIPScore", float("nan")),
-              "confidence ECE": confidence.get("ECE", float("nan")),
-              "token-probability ECE": confidence.get("ECE_token_probability", float("nan"))}  # fmt: skip
-    return {**report["metrics"]["pycocoevalcap"], **beyond, "colour correct (%)": 100 * colour,
-            "position correct (%)": 100 * position, "captions stating a position (%)": 100 * len(stated) / len(rows),
-            "distinct captions (%)": report["diversity"]["distinct_captions"],
-            "dangling last word (%)": 100 * dangling,
-            "training time (s)": fit_seconds}  # fmt: skip
+    beyond = {
+        "CHAIR-i": chair.get("CHAIR-i", float("nan")),
+        "CHAIR-s": chair.get("CHAIR-s", float("nan")),
+        "CLIPScore (random CLIP)": clip.get("CLIPScore", float("nan")),
+        "confidence ECE": confidence.get("ECE", float("nan")),
+        "token-probability ECE": confidence.get("ECE_token_probability", float("nan")),
+    }
+    return {
+        **report["metrics"]["pycocoevalcap"],
+        **beyond,
+        "colour correct (%)": 100 * colour,
+        "position correct (%)": 100 * position,
+        "captions stating a position (%)": 100 * len(stated) / len(rows),
+        "distinct captions (%)": report["diversity"]["distinct_captions"],
+        "dangling last word (%)": 100 * dangling,
+        "training time (s)": fit_seconds,
+    }
 
 
 def streamed(extra: list[str], processes: int) -> dict:
@@ -163,10 +224,25 @@ def streamed(extra: list[str], processes: int) -> dict:
     save_dir = Path(f"runs/demo-shards-{processes}")
     started = time.perf_counter()
     distributed = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    subprocess.run([sys.executable, "-m", "captioner", "fit", "--config", "configs/demo.yaml",
-                    "--trainer.enable_progress_bar", "false", "--data.data_dir", str(shards),
-                    "--trainer.logger.init_args.save_dir", str(save_dir),
-                    *(distributed if processes > 1 else []), *extra], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "captioner",
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.data_dir",
+            str(shards),
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            *(distributed if processes > 1 else []),
+            *extra,
+        ],
+        check=True,
+    )
     elapsed = time.perf_counter() - started
     report = max(save_dir.rglob("test_metrics.json"), key=lambda path: path.stat().st_mtime)
     return scores(report.parent, coco / "captions.json", elapsed)
@@ -196,8 +272,9 @@ if __name__ == "__main__":
         results["shards, 2 processes"] = streamed(extra, 2)
     if scst:
         for baseline in ("greedy", "mean"):
-            results[f"SCST, {baseline}"] = run([*extra, *SCST, "--model.objective.baseline", baseline,
-                                                "--model.init_checkpoint", start["checkpoint"]])  # fmt: skip
+            results[f"SCST, {baseline}"] = run(
+                [*extra, *SCST, "--model.objective.baseline", baseline, "--model.init_checkpoint", start["checkpoint"]]
+            )
     print(f"\n{'held-out test (0-100)':<32}" + "".join(f"{name:>20}" for name in results))
     for metric in next(iter(results.values())):
         print(f"{metric:<32}" + "".join(f"{r[metric]:>20.2f}" for r in results.values()))
@@ -208,8 +285,12 @@ if __name__ == "__main__":
         if name != "blind baseline":
             print(f"{name} BLEU-4 gain over the blind baseline: {result['BLEU-4'] - blind['BLEU-4']:.2f}")
     if "prefix GPT-2 (BPE)" in results:
-        print(f"prefix GPT-2 CIDEr minus pooled LSTM CIDEr: "
-              f"{results['prefix GPT-2 (BPE)']['CIDEr'] - results['pooled LSTM']['CIDEr']:.2f}")  # fmt: skip
+        print(
+            f"prefix GPT-2 CIDEr minus pooled LSTM CIDEr: "
+            f"{results['prefix GPT-2 (BPE)']['CIDEr'] - results['pooled LSTM']['CIDEr']:.2f}"
+        )
     if "Transformer" in results:
-        print(f"Transformer CIDEr minus pooled LSTM CIDEr: "
-              f"{results['Transformer']['CIDEr'] - results['pooled LSTM']['CIDEr']:.2f}")  # fmt: skip
+        print(
+            f"Transformer CIDEr minus pooled LSTM CIDEr: "
+            f"{results['Transformer']['CIDEr'] - results['pooled LSTM']['CIDEr']:.2f}"
+        )

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from captioner import Captioner  # noqa: E402
 from captioner.data.datamodule import CaptionDataModule  # noqa: E402
-from captioner.data.prepared import PreparedData  # noqa: E402
+from captioner.data.options import Captions, Origin, Splits  # noqa: E402
 from captioner.data.splits import load_splits  # noqa: E402
 from captioner.evaluation.report import evaluate_captions  # noqa: E402
 from captioner.export.onnx import export_onnx  # noqa: E402
@@ -37,9 +37,14 @@ SETTINGS = ({"num_beams": 1}, {"num_beams": 5, "length_penalty": 0.6})
 def demo_split(name: str) -> tuple[list[Path], list[list[str]]]:
     """One split of the demo's prepared data: its images and their raw references."""
     settings = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["data"]
-    keys = ("data_dir", "synthetic_images", "work_dir", "val_size", "test_size", "min_word_count")
-    datamodule = CaptionDataModule(**{key: settings[key] for key in keys if key in settings})
-    prepared = PreparedData.for_settings(datamodule.work_dir, datamodule.preparation_settings())
+    datamodule = CaptionDataModule(
+        data_dir=settings["data_dir"],
+        work_dir=settings["work_dir"],
+        origin=Origin(**settings["origin"]),
+        splits=Splits(**settings["splits"]),
+        captions=Captions(**settings["captions"]),
+    )
+    prepared = datamodule.preparation.prepared()
     images_dir = Path(prepared.read_dataset()["images_dir"])
     records = load_splits(prepared.splits_file)[0][name]
     return [images_dir / record.file_name for record in records], [list(record.captions) for record in records]
@@ -61,11 +66,14 @@ def main(checkpoint: str) -> None:
             (calibration / path.name).symlink_to(path)
         runtimes = {}
         for name, quantize, encoder, samples in (
-            ("ONNX fp32", None, False, None), ("ONNX int8 decoder", "int8", False, None),
-            ("ONNX int8 all, dynamic", "int8", True, None), ("ONNX int8 all, static", "int8", True, calibration),
-        ):  # fmt: skip
-            folder = export_onnx(CaptionModel.from_checkpoint(checkpoint), Path(tmp) / name.replace(" ", "_"),
-                                 quantize, encoder, samples)  # fmt: skip
+            ("ONNX fp32", None, False, None),
+            ("ONNX int8 decoder", "int8", False, None),
+            ("ONNX int8 all, dynamic", "int8", True, None),
+            ("ONNX int8 all, static", "int8", True, calibration),
+        ):
+            folder = export_onnx(
+                CaptionModel.from_checkpoint(checkpoint), Path(tmp) / name.replace(" ", "_"), quantize, encoder, samples
+            )
             runtimes[name] = OnnxCaptioner(folder, batch_size=50)
         for settings in SETTINGS:
             reference = [p.caption for p in torch_side.predict(paths, **settings)]
@@ -73,19 +81,26 @@ def main(checkpoint: str) -> None:
             for name, runtime in runtimes.items():
                 sides[name] = [p.caption for p in runtime.predict(paths, **settings)]
             for name, captions in sides.items():
-                rows = [{"file_name": str(p), "caption": c, "references": refs}
-                        for p, c, refs in zip(paths, captions, references)]  # fmt: skip
+                rows = [
+                    {"file_name": str(p), "caption": c, "references": refs}
+                    for p, c, refs in zip(paths, captions, references)
+                ]
                 scores = evaluate_captions(rows)["scores"]
                 identical = 100 * sum(a == b for a, b in zip(captions, reference)) / len(paths)
                 label = "greedy" if settings["num_beams"] == 1 else f"beam {settings['num_beams']}"
                 if settings.get("length_penalty"):
                     label += f", length penalty {settings['length_penalty']}"
-                results[(label, name)] = {"CIDEr": scores["CIDEr"], "BLEU-4": scores["BLEU-4"],
-                                          "identical to PyTorch (%)": identical}  # fmt: skip
+                results[(label, name)] = {
+                    "CIDEr": scores["CIDEr"],
+                    "BLEU-4": scores["BLEU-4"],
+                    "identical to PyTorch (%)": identical,
+                }
     print(f"\n{'held-out demo test (200 images)':<52}{'CIDEr':>9}{'BLEU-4':>9}{'same as PyTorch':>17}")
     for (label, name), row in results.items():
-        print(f"{name + ', ' + label:<52}{row['CIDEr']:>9.2f}{row['BLEU-4']:>9.2f}"
-              f"{row['identical to PyTorch (%)']:>16.1f}%")  # fmt: skip
+        print(
+            f"{name + ', ' + label:<52}{row['CIDEr']:>9.2f}{row['BLEU-4']:>9.2f}"
+            f"{row['identical to PyTorch (%)']:>16.1f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -55,29 +55,86 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
 # What the GPU image lacks that the check needs (the image has torch, lightning, transformers, timm, peft,
 # scikit-image, pytest, pyarrow, onnx and onnxruntime).
-CARRIED = ["jsonargparse", "docstring-parser", "typeshed-client", "pycocoevalcap", "open_clip_torch", "ftfy",
-           "wcwidth", "litdata", "boto3", "botocore", "s3transfer", "jmespath", "obstore", "webdataset",
-           "braceexpand"]  # fmt: skip
+CARRIED = [
+    "jsonargparse",
+    "docstring-parser",
+    "typeshed-client",
+    "pycocoevalcap",
+    "open_clip_torch",
+    "ftfy",
+    "wcwidth",
+    "litdata",
+    "boto3",
+    "botocore",
+    "s3transfer",
+    "jmespath",
+    "obstore",
+    "webdataset",
+    "braceexpand",
+]
 # Not carried: wandb (its dependencies weigh more than the rest: the check logs to CSV), litserve and kagglehub (no
 # GPU test serves or downloads).
 # pycocoevalcap's Java tools and data (100 MB): nothing on the GPU machine can run them.
 JAVA_PARTS = ("pycocoevalcap/spice/", "pycocoevalcap/meteor/data/", ".jar")
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]  # fmt: skip
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 # The benchmark's phases that say something about a GPU (`--only` patterns), those the issue's targets name first
 # within each part of the benchmark (it runs them in its own order; a time box cut keeps the phases measured).
-GPU_PHASES = ["extract", "extract_open_clip_vit_b32", "extract_hf_dinov2_small", "train_small", "train_disk",
-              "greedy", "beam3", "greedy_compiled", "beam3_compiled", "beam3_wide", "train_transformer",
-              "beam3_transformer", "train_prefix*", "beam3_prefix", "train_encoder_*", "beam3_lstm_same"]  # fmt: skip
+GPU_PHASES = [
+    "extract",
+    "extract_open_clip_vit_b32",
+    "extract_hf_dinov2_small",
+    "train_small",
+    "train_disk",
+    "greedy",
+    "beam3",
+    "greedy_compiled",
+    "beam3_compiled",
+    "beam3_wide",
+    "train_transformer",
+    "beam3_transformer",
+    "train_prefix*",
+    "beam3_prefix",
+    "train_encoder_*",
+    "beam3_lstm_same",
+]
 # The demo's run: ViT-B/32 at 224 px (torchvision, random weights) and a small GPT-2 prefix LM over a BPE.
 SMALL_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 64}
-DEMO = ["--model.encoder.model", "vit_b_32", "--model.encoder.image_size", "224",
-        "--model.decoder", "captioner.models.decoders.PrefixLMDecoder", "--model.decoder.lm", "null",
-        "--model.decoder.lm_config", json.dumps(SMALL_GPT2), "--model.decoder.train_lm", "true",
-        "--model.decoder.prefix_length", "4", "--model.decoder.mapper", "mlp", "--model.decoder.dropout", "0.1",
-        "--data.tokenizer", "captioner.text.Bpe", "--data.tokenizer.vocab_size", "500",
-        "--model.lr", "0.001", "--model.warmup_steps", "100",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger"]  # fmt: skip
+DEMO = [
+    "--model.encoder.model",
+    "vit_b_32",
+    "--model.encoder.image_size",
+    "224",
+    "--model.decoder",
+    "captioner.models.decoders.PrefixLMDecoder",
+    "--model.decoder.lm",
+    "null",
+    "--model.decoder.lm_config",
+    json.dumps(SMALL_GPT2),
+    "--model.decoder.train_lm",
+    "true",
+    "--model.decoder.prefix_length",
+    "4",
+    "--model.decoder.mapper",
+    "mlp",
+    "--model.decoder.dropout",
+    "0.1",
+    "--data.tokenizer",
+    "captioner.text.Bpe",
+    "--data.tokenizer.vocab_size",
+    "500",
+    "--model.lr",
+    "0.001",
+    "--model.warmup_steps",
+    "100",
+    "--trainer.logger",
+    "lightning.pytorch.loggers.CSVLogger",
+]
 # Each stage's share of what is left of the budget when it starts (the last takes the rest).
 SHARES = {"environment": 0.05, "install": 0.1, "tests": 0.5, "benchmark": 0.6, "demo": 0.5}
 
@@ -90,9 +147,26 @@ def prepare(folder: Path, python_version: str) -> list[Path]:
     for name in CARRIED:
         version = importlib.metadata.version(name)
         platforms = [argument for platform_tag in PLATFORMS for argument in ("--platform", platform_tag)]
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(folder),
-                        f"{name}=={version}"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                python_version,
+                "--implementation",
+                "cp",
+                *platforms,
+                "-d",
+                str(folder),
+                f"{name}=={version}",
+            ],
+            check=True,
+        )
     for wheel in folder.glob("pycocoevalcap-*.whl"):
         slim_wheel(wheel)
     wheels = sorted(folder.glob("*.whl"))
@@ -155,8 +229,15 @@ class Check:
         with open(self.out / log, "w") as sink:
             # A session of its own: a time box ends the command with all it started (the benchmark's phase
             # processes, loader workers, pytest's children), which would hold the GPU through the next stage.
-            process = subprocess.Popen(arguments, cwd=ROOT, env=self.environment, stdout=sink,
-                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                arguments,
+                cwd=ROOT,
+                env=self.environment,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 returncode = process.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -175,20 +256,43 @@ def environment_stage(check: Check, limit: float) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    result = {"status": "ok", "python": platform.python_version(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "cuda_available": cuda, "cpu_count": os.cpu_count(),
-              "libraries": {name: importlib.util.find_spec(module) is not None for name, module in (
-                  ("jsonargparse", "jsonargparse"), ("transformers", "transformers"), ("timm", "timm"),
-                  ("open_clip", "open_clip"), ("peft", "peft"), ("litdata", "litdata"),
-                  ("pycocoevalcap", "pycocoevalcap"), ("wandb", "wandb"), ("onnxruntime", "onnxruntime"))}}  # fmt: skip
+    result = {
+        "status": "ok",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "cpu_count": os.cpu_count(),
+        "libraries": {
+            name: importlib.util.find_spec(module) is not None
+            for name, module in (
+                ("jsonargparse", "jsonargparse"),
+                ("transformers", "transformers"),
+                ("timm", "timm"),
+                ("open_clip", "open_clip"),
+                ("peft", "peft"),
+                ("litdata", "litdata"),
+                ("pycocoevalcap", "pycocoevalcap"),
+                ("wandb", "wandb"),
+                ("onnxruntime", "onnxruntime"),
+            )
+        },
+    }
     if cuda:
         properties = torch.cuda.get_device_properties(0)
-        result.update(device=properties.name, memory_gib=round(properties.total_memory / 2**30, 1),
-                      capability=f"{properties.major}.{properties.minor}",
-                      bf16=torch.cuda.is_bf16_supported())  # fmt: skip
+        result.update(
+            device=properties.name,
+            memory_gib=round(properties.total_memory / 2**30, 1),
+            capability=f"{properties.major}.{properties.minor}",
+            bf16=torch.cuda.is_bf16_supported(),
+        )
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         result["nvidia_smi"] = smi.stdout.strip()
     if not cuda and not check.dry_run:
         result["status"] = "failed"
@@ -202,8 +306,21 @@ def install_stage(check: Check, limit: float) -> dict:
     if not wheels:
         return {"status": "skipped", "reason": f"no wheels in {check.wheels} (python scripts/gpu_check.py prepare)"}
     target = Path(tempfile.gettempdir()) / "captioner-gpu-site"
-    arguments = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
-                 "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, wheels)]  # fmt: skip
+    arguments = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(target),
+        *map(str, wheels),
+    ]
     if check.dry_run:
         arguments.insert(4, "--dry-run")
     done = check.command(arguments, limit, "install.log")
@@ -211,8 +328,20 @@ def install_stage(check: Check, limit: float) -> dict:
         return {"status": "failed", "output_tail": _tail((check.out / "install.log").read_text())}
     # The project itself, editable: its packages are mapped (callbacks/ is captioner.callbacks), so the checkout on
     # PYTHONPATH alone does not import. No build isolation: its build backend is the image's setuptools.
-    project = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-build-isolation",
-               "--no-cache-dir", *(["--dry-run"] if check.dry_run else []), "-e", str(ROOT)]  # fmt: skip
+    project = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-index",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-cache-dir",
+        *(["--dry-run"] if check.dry_run else []),
+        "-e",
+        str(ROOT),
+    ]
     done = check.command(project, max(10.0, limit - (time.monotonic() - started)), "install.log")
     if done.returncode:
         return {"status": "failed", "output_tail": _tail((check.out / "install.log").read_text())}
@@ -224,9 +353,23 @@ def install_stage(check: Check, limit: float) -> dict:
 def tests_stage(check: Check, limit: float) -> dict:
     report = check.out / "gpu_tests.xml"
     # -v: each test's outcome in the log as it ends, so a stage cut by its time box still says which passed.
-    arguments = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-n", "0",
-                 "-q" if check.dry_run else "-v", "--durations", "0",
-                 "--junitxml", str(report), "tests/test_gpu.py"]  # fmt: skip
+    arguments = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        "-n",
+        "0",
+        "-q" if check.dry_run else "-v",
+        "--durations",
+        "0",
+        "--junitxml",
+        str(report),
+        "tests/test_gpu.py",
+    ]
     if check.dry_run:
         arguments.append("--collect-only")
     done = check.command(arguments, limit, "gpu_tests.log")
@@ -239,8 +382,11 @@ def tests_stage(check: Check, limit: float) -> dict:
         suite = ElementTree.parse(report).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         result.update({key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")})
-        result["failed"] = [case.get("name") for case in suite.iter("testcase")
-                            if case.find("failure") is not None or case.find("error") is not None]  # fmt: skip
+        result["failed"] = [
+            case.get("name")
+            for case in suite.iter("testcase")
+            if case.find("failure") is not None or case.find("error") is not None
+        ]
     result["output_tail"] = _tail(log)
     return result
 
@@ -249,44 +395,97 @@ def benchmark_stage(check: Check, limit: float) -> dict:
     figures = check.out / "benchmark.json"
     partial = figures.with_suffix(".partial.json")  # each phase as it is measured (scripts/bench/harness.py)
     device = ["--device", "cpu", "--sizes", "dry"] if check.dry_run else ["--device", "cuda"]
-    arguments = [sys.executable, "scripts/benchmark.py", *device, "--json", str(figures),
-                 "--only", ",".join(check.phases)]  # fmt: skip
+    arguments = [
+        sys.executable,
+        "scripts/benchmark.py",
+        *device,
+        "--json",
+        str(figures),
+        "--only",
+        ",".join(check.phases),
+    ]
     try:
         done = check.command(arguments, limit, "benchmark.log")
     except subprocess.TimeoutExpired:  # the phases measured before the time box closed are kept
         phases = json.loads(partial.read_text()) if partial.is_file() else {}
-        return {"status": "timeout", "after_s": round(limit), "phases": phases,
-                "output_tail": _tail((check.out / "benchmark.log").read_text())}  # fmt: skip
+        return {
+            "status": "timeout",
+            "after_s": round(limit),
+            "phases": phases,
+            "output_tail": _tail((check.out / "benchmark.log").read_text()),
+        }
     if not figures.is_file():
-        return {"status": "failed", "exit_code": done.returncode,
-                "output_tail": _tail((check.out / "benchmark.log").read_text())}  # fmt: skip
+        return {
+            "status": "failed",
+            "exit_code": done.returncode,
+            "output_tail": _tail((check.out / "benchmark.log").read_text()),
+        }
     partial.unlink(missing_ok=True)  # the whole run is in benchmark.json
     summary = json.loads(figures.read_text())["summary"]
-    return {"status": "ok" if done.returncode == 0 else "failed", "exit_code": done.returncode,
-            "figures": {key: value for key, value in summary.items() if value is not None}}  # fmt: skip
+    return {
+        "status": "ok" if done.returncode == 0 else "failed",
+        "exit_code": done.returncode,
+        "figures": {key: value for key, value in summary.items() if value is not None},
+    }
 
 
 def demo_stage(check: Check, limit: float) -> dict:
     work = Path(tempfile.mkdtemp(prefix="captioner-gpu-demo-"))
-    sizes = (["--data.synthetic_images", "48", "--data.val_size", "8", "--data.test_size", "8",
-              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--data.batch_size", "16"]
-             if check.dry_run else ["--trainer.max_epochs", "6"])  # fmt: skip
-    arguments = [sys.executable, "-m", "captioner", "fit", "--config", "configs/demo.yaml", *DEMO, *sizes,
-                 "--data.data_dir", str(work / "scenes"), "--data.work_dir", str(work / "work"),
-                 "--trainer.logger.init_args.save_dir", str(work / "runs"),
-                 "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    sizes = (
+        [
+            "--data.origin.synthetic_images",
+            "48",
+            "--data.splits.val_size",
+            "8",
+            "--data.splits.test_size",
+            "8",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--data.loading.batch_size",
+            "16",
+        ]
+        if check.dry_run
+        else ["--trainer.max_epochs", "6"]
+    )
+    arguments = [
+        sys.executable,
+        "-m",
+        "captioner",
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        *DEMO,
+        *sizes,
+        "--data.data_dir",
+        str(work / "scenes"),
+        "--data.work_dir",
+        str(work / "work"),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     started = time.monotonic()
     done = check.command(arguments, limit, "demo.log")
     seconds = time.monotonic() - started
     reports = sorted((work / "runs").rglob("test_metrics.json"))
     if done.returncode or not reports:
-        return {"status": "failed", "exit_code": done.returncode,
-                "output_tail": _tail((check.out / "demo.log").read_text())}  # fmt: skip
+        return {
+            "status": "failed",
+            "exit_code": done.returncode,
+            "output_tail": _tail((check.out / "demo.log").read_text()),
+        }
     report = json.loads(reports[-1].read_text())
-    return {"status": "ok", "wall_s": round(seconds, 1), "encoder": "torchvision vit_b_32, random, 224 px",
-            "decoder": "PrefixLMDecoder, GPT-2 2 x 128 from a config, trained; BPE 500",
-            "test": report.get("metrics", {}).get("pycocoevalcap"),
-            "distinct_captions": report.get("diversity", {}).get("distinct_captions")}  # fmt: skip
+    return {
+        "status": "ok",
+        "wall_s": round(seconds, 1),
+        "encoder": "torchvision vit_b_32, random, 224 px",
+        "decoder": "PrefixLMDecoder, GPT-2 2 x 128 from a config, trained; BPE 500",
+        "test": report.get("metrics", {}).get("pycocoevalcap"),
+        "distinct_captions": report.get("diversity", {}).get("distinct_captions"),
+    }
 
 
 def _tail(text: str | bytes | None, characters: int = 3000) -> str:
@@ -295,8 +494,9 @@ def _tail(text: str | bytes | None, characters: int = 3000) -> str:
     return (text or "")[-characters:]
 
 
-def run(out: Path, budget: float, dry_run: bool, stages: list[str], wheels: Path = WHEELS,
-        phases: list[str] | None = None) -> dict:
+def run(
+    out: Path, budget: float, dry_run: bool, stages: list[str], wheels: Path = WHEELS, phases: list[str] | None = None
+) -> dict:
     """The stages in the order given, `gpu_check.json` in `out` rewritten after each.
 
     A stage is one of SHARES; `a+b` runs stages together (their own processes, at once: tests and the demo leave
@@ -309,13 +509,22 @@ def run(out: Path, budget: float, dry_run: bool, stages: list[str], wheels: Path
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, budget, dry_run, wheels)
     check.phases = phases or GPU_PHASES
-    steps = {"environment": environment_stage, "install": install_stage, "tests": tests_stage,
-             "benchmark": benchmark_stage, "demo": demo_stage}  # fmt: skip
+    steps = {
+        "environment": environment_stage,
+        "install": install_stage,
+        "tests": tests_stage,
+        "benchmark": benchmark_stage,
+        "demo": demo_stage,
+    }
     for index, group in enumerate(groups):
         last = index == len(groups) - 1
-        threads = [threading.Thread(target=check.stage, args=(name, lambda limit, step=steps[name]: step(check, limit),
-                                                               1.0 if last else SHARES[name]))
-                   for name in group]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=check.stage,
+                args=(name, lambda limit, step=steps[name]: step(check, limit), 1.0 if last else SHARES[name]),
+            )
+            for name in group
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -333,19 +542,30 @@ def main(argv: list[str] | None = None) -> int:
     running.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
     running.add_argument("--budget", type=float, default=540.0, help="seconds for every stage together")
     running.add_argument("--dry-run", action="store_true", help="on a CPU: everything but the CUDA calls")
-    running.add_argument("--stages", default=",".join(SHARES),
-                         help=f"stages among {','.join(SHARES)} in order; a+b runs a and b together")
+    running.add_argument(
+        "--stages",
+        default=",".join(SHARES),
+        help=f"stages among {','.join(SHARES)} in order; a+b runs a and b together",
+    )
     running.add_argument("--phases", default=",".join(GPU_PHASES), help="the benchmark's phases (--only patterns)")
     running.add_argument("--wheels", type=Path, default=WHEELS, help="the carried wheels")
     options = parser.parse_args(argv)
     if options.command == "prepare":
         prepare(options.wheels, options.python_version)
         return 0
-    results = run(options.out, options.budget, options.dry_run, options.stages.split(","), options.wheels,
-                  options.phases.split(","))
+    results = run(
+        options.out,
+        options.budget,
+        options.dry_run,
+        options.stages.split(","),
+        options.wheels,
+        options.phases.split(","),
+    )
     failed = [name for name, stage in results["stages"].items() if stage["status"] in ("failed", "timeout")]
-    print(f"gpu check: {len(results['stages']) - len(failed)} stages passed, failed: {failed or 'none'}; "
-          f"{options.out / 'gpu_check.json'}")  # fmt: skip
+    print(
+        f"gpu check: {len(results['stages']) - len(failed)} stages passed, failed: {failed or 'none'}; "
+        f"{options.out / 'gpu_check.json'}"
+    )
     return 1 if failed else 0
 
 

@@ -63,8 +63,9 @@ print(json.dumps(dict(zip([p.name for p in paths], captioner.caption(paths)))))
 def checked_out(commit: str, tmp: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     """That commit's code in a git worktree under `tmp`, and the environment that runs it (not today's package)."""
     code = tmp / "code"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(code), commit], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(code), commit], check=True, capture_output=True
+    )
     try:
         yield code, {"PYTHONPATH": str(code), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
     finally:
@@ -73,17 +74,37 @@ def checked_out(commit: str, tmp: Path) -> Iterator[tuple[Path, dict[str, str]]]
 
 def run_json(script: str, arguments: list[str], cwd: Path, env: dict[str, str]) -> dict:
     """The JSON object the last line of `script`'s output holds, run with that version's code."""
-    output = subprocess.run([sys.executable, "-c", script, *arguments], check=True, capture_output=True, text=True,
-                            cwd=cwd, env=env).stdout  # fmt: skip
+    output = subprocess.run(
+        [sys.executable, "-c", script, *arguments], check=True, capture_output=True, text=True, cwd=cwd, env=env
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def train_and_caption(target: Path, version: str, commit: str, code: Path, env: dict[str, str], tmp: Path) -> Path:
     """Train the tiny config with that version, freeze its checkpoint and captions in `target`; the checkpoint."""
-    subprocess.run([sys.executable, "-m", "captioner", "fit", "--config", str(code / "tests/conf/tiny.yaml"),
-                    "--data.data_dir", str(tmp / "scenes"), "--data.work_dir", str(tmp / "work"),
-                    "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir",
-                    str(tmp / "runs"), "--trainer.max_epochs", "3"], check=True, cwd=tmp, env=env)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "captioner",
+            "fit",
+            "--config",
+            str(code / "tests/conf/tiny.yaml"),
+            "--data.data_dir",
+            str(tmp / "scenes"),
+            "--data.work_dir",
+            str(tmp / "work"),
+            "--trainer.default_root_dir",
+            str(tmp),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / "runs"),
+            "--trainer.max_epochs",
+            "3",
+        ],
+        check=True,
+        cwd=tmp,
+        env=env,
+    )
     (checkpoint,) = list((tmp / "runs").rglob("last.ckpt"))
     images = tmp / "images"
     images.mkdir()
@@ -91,8 +112,11 @@ def train_and_caption(target: Path, version: str, commit: str, code: Path, env: 
         shutil.copy(path, images / path.name)
     captions = run_json(CAPTION, [str(checkpoint), str(images)], tmp, env)
     written = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    left_out = {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "sha256": tensor_digest(tensor)}
-                for name, tensor in written["state_dict"].items() if name.startswith("encoder.")}  # fmt: skip
+    left_out = {
+        name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "sha256": tensor_digest(tensor)}
+        for name, tensor in written["state_dict"].items()
+        if name.startswith("encoder.")
+    }
     for name in left_out:
         del written["state_dict"][name]
     if target.exists():
@@ -101,9 +125,19 @@ def train_and_caption(target: Path, version: str, commit: str, code: Path, env: 
     torch.save(written, target / "checkpoint.pt")
     for path in images.iterdir():
         shutil.copy(path, target / "images" / path.name)
-    (target / "frozen.json").write_text(json.dumps({
-        "version": version, "commit": commit, "encoder": ENCODER, "left_out": left_out, "captions": captions,
-    }, indent=1) + "\n")  # fmt: skip
+    (target / "frozen.json").write_text(
+        json.dumps(
+            {
+                "version": version,
+                "commit": commit,
+                "encoder": ENCODER,
+                "left_out": left_out,
+                "captions": captions,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"{target}: {len(left_out)} encoder tensors left out, captions {captions}")
     return checkpoint
 
@@ -112,8 +146,12 @@ def export_and_caption(target: Path, checkpoint: Path, code: Path, env: dict[str
     """Export `checkpoint` with that version's `export`, caption the frozen images with its runtime, and freeze the
     folder (its encoder graph's rebuildable bytes left out) and the captions in `target`."""
     folder = tmp / "export"
-    subprocess.run([sys.executable, "-m", "captioner", "export", "--ckpt_path", str(checkpoint), "--output",
-                    str(folder)], check=True, cwd=tmp, env=env)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "captioner", "export", "--ckpt_path", str(checkpoint), "--output", str(folder)],
+        check=True,
+        cwd=tmp,
+        env=env,
+    )
     captions = run_json(CAPTION_EXPORTED, [str(folder), str(target / "images")], tmp, env)
     frozen = json.loads((target / "frozen.json").read_text())
     left_out = strip_encoder_graph(folder / ENCODER_GRAPH, frozen)
@@ -129,12 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("version", help="the version's name, the fixture's folder (0.1, 0.2)")
     parser.add_argument("commit", help="that version's last commit")
-    parser.add_argument("--export_only", action="store_true",
-                        help="export the checkpoint already frozen for that version instead of training anew")
+    parser.add_argument(
+        "--export_only",
+        action="store_true",
+        help="export the checkpoint already frozen for that version instead of training anew",
+    )
     options = parser.parse_args(argv)
     target = OLD / options.version
-    with tempfile.TemporaryDirectory(prefix="captioner-old-") as tmp, checked_out(options.commit, Path(tmp)) as (
-            code, env):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="captioner-old-") as tmp,
+        checked_out(options.commit, Path(tmp)) as (code, env),
+    ):
         tmp = Path(tmp)
         if options.export_only:
             checkpoint = tmp / "old.ckpt"

@@ -36,10 +36,27 @@ def pytest_configure(config: pytest.Config) -> None:
 # file). Every file over about 10 s is listed, by its measured sum on 2 cores (seconds, one loaded run):
 # resume 177, serve 76, shards 68, evaluation 57, export 43, cli 36, distributed 36, metrics 33, faults 32, records
 # pass 27, bulk 25, gpu check 23, features 20, encoders 20, packaging 17, protocol 15, predict 13, prefix LM 13.
-LONGEST_FIRST = ["test_resume.py", "test_serve.py", "test_shards.py", "test_evaluation.py", "test_export.py",
-                 "test_cli.py", "test_distributed.py", "test_metrics.py", "test_faults.py", "test_records_pass.py",
-                 "test_bulk.py", "test_gpu_check.py", "test_features.py", "test_encoders.py", "test_packaging.py",
-                 "test_captioner_protocol.py", "test_predict.py", "test_prefix_lm.py", "test_tracking.py"]
+LONGEST_FIRST = [
+    "test_resume.py",
+    "test_serve.py",
+    "test_shards.py",
+    "test_evaluation.py",
+    "test_export.py",
+    "test_cli.py",
+    "test_distributed.py",
+    "test_metrics.py",
+    "test_faults.py",
+    "test_records_pass.py",
+    "test_bulk.py",
+    "test_gpu_check.py",
+    "test_features.py",
+    "test_encoders.py",
+    "test_packaging.py",
+    "test_captioner_protocol.py",
+    "test_predict.py",
+    "test_prefix_lm.py",
+    "test_tracking.py",
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -109,20 +126,31 @@ def tiny_args(subcommand: str, data_dir: Path, work_dir: Path, root: Path, *extr
 
 
 def predict_args(checkpoint: Path, photos: Path, save_dir: Path, *extra: str) -> list[str]:
-    """Arguments for `main` to predict on `photos` with the tiny config, a CaptionWriter last."""
+    """Arguments for `main` to predict on `photos` with the tiny config (the predictions writer is always there)."""
     return [
-        "predict", "--config", str(TINY_CONFIG), "--ckpt_path", str(checkpoint), "--data.predict_dir", str(photos),
-        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks+=captioner.callbacks.CaptionWriter",
+        "predict",
+        "--config",
+        str(TINY_CONFIG),
+        "--ckpt_path",
+        str(checkpoint),
+        "--data.predict_dir",
+        str(photos),
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def wandb_logger_args(save_dir: Path) -> list[str]:
     """Replace the tiny config's logger with W&B (its mode comes from the environment)."""
     return [
-        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(save_dir),
-        "--trainer.logger.project", "captioner-test",
-    ]  # fmt: skip
+        "--trainer.logger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.save_dir",
+        str(save_dir),
+        "--trainer.logger.project",
+        "captioner-test",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +179,8 @@ def write_gpt2_like_tokenizer(path: Path, captions: list[str]) -> None:
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                             initial_alphabet=alphabet)  # fmt: skip
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False, initial_alphabet=alphabet
+    )
     tokenizer.train_from_iterator(captions, trainer)
     tokenizer.save(str(path))

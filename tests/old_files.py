@@ -55,8 +55,7 @@ def encoder_graph_tensors(frozen: dict[str, Any]) -> dict[str, bytes]:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: the old versions used it
-        torch.onnx.export(seeded_encoder(frozen), (torch.zeros(1, 3, 32, 32),), buffer, dynamo=False,
-                          opset_version=17)  # fmt: skip
+        torch.onnx.export(seeded_encoder(frozen), (torch.zeros(1, 3, 32, 32),), buffer, dynamo=False, opset_version=17)
     graph = onnx.load_from_string(buffer.getvalue()).graph
     return {digest(tensor.raw_data): tensor.raw_data for tensor in graph.initializer}
 

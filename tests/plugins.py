@@ -106,8 +106,14 @@ class SignalAt(Callback):
             the command in a session of its own).
     """
 
-    def __init__(self, signal_name: str = "SIGKILL", epoch_start: int | None = None, step: int | None = None,
-                 delay_s: float = 0.0, group: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        signal_name: str = "SIGKILL",
+        epoch_start: int | None = None,
+        step: int | None = None,
+        delay_s: float = 0.0,
+        group: bool = False,
+    ) -> None:
         self.signum = getattr(signal, signal_name)
         self.epoch_start, self.step, self.delay_s, self.group = epoch_start, step, delay_s, group
 

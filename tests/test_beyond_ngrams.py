@@ -38,14 +38,22 @@ def test_clip_score_and_ref_clip_score_follow_the_papers_formulas_on_hand_made_v
     ref = ref_clip_scores(clip_s, captions, references)
     best = 1.0  # the first caption equals its second reference
     np.testing.assert_allclose(ref, [2 * 1.5 * best / (1.5 + best), 0.0, 0.0])
+    # A caption close to its image (CLIP-S 1.5) whose every reference points away (cosine -1): the reference
+    # cosine is clipped at 0, so RefCLIP-S is 0 (left unclipped, the harmonic mean would be 2 * 1.5 * -1 / 0.5 = -6).
+    away = ref_clip_scores(np.array([1.5]), np.array([[0.6, 0.8]]), [np.array([[-0.6, -0.8]])])
+    np.testing.assert_allclose(away, [0.0])
 
 
 def test_clip_scores_of_captions_equal_a_hand_computation_with_the_model(clip_folder, scenes_source, tmp_path):
     import transformers
 
     images = sorted((scenes_source / "Images").iterdir())[:4]
-    captions = {p.name: text for p, text in zip(images, ["a red circle", "a blue square on the left",
-                                                         "a small green triangle", "a yellow circle"])}  # fmt: skip
+    captions = {
+        p.name: text
+        for p, text in zip(
+            images, ["a red circle", "a blue square on the left", "a small green triangle", "a yellow circle"]
+        )
+    }
     references = {p.name: ["a red circle on the left", "a large square"] for p in images}
     model = ClipModel(str(clip_folder))
     result = score_captions(model, captions, {p.name: p for p in images}, references, cache_dir=tmp_path / "cache")
@@ -74,15 +82,20 @@ def test_clip_scores_of_captions_equal_a_hand_computation_with_the_model(clip_fo
     assert result["CLIPScore"] == pytest.approx(100 * float(expected.mean()), abs=0.2)
     assert result["RefCLIPScore"] == pytest.approx(100 * float(harmonic.mean()), abs=0.2)
     # The image embeddings were cached: a second evaluation reads them (the same scores) and a long text is cut.
-    again = score_captions(model, {images[0].name: "a red circle " * 6}, {images[0].name: images[0]},
-                           cache_dir=tmp_path / "cache")  # fmt: skip
+    again = score_captions(
+        model, {images[0].name: "a red circle " * 6}, {images[0].name: images[0]}, cache_dir=tmp_path / "cache"
+    )
     assert again["truncated"] == 1 and list((tmp_path / "cache").iterdir())
 
 
 def test_chair_counts_hallucinated_objects_per_mention_and_per_caption():
     vocabulary = ObjectVocabulary.coco()
     assert vocabulary.objects_in("Two dogs and a man playing frisbee near a hot dog stand") == [
-        "dog", "person", "frisbee", "hot dog"]  # plurals, synonyms, a two-word object that is not a dog
+        "dog",
+        "person",
+        "frisbee",
+        "hot dog",
+    ]  # plurals, synonyms, a two-word object that is not a dog
     assert vocabulary.objects_in("a baby elephant next to a passenger train") == ["elephant", "train"]
     captions = {"1": "a man riding a bike", "2": "a cat on a couch with a remote", "3": "a plate of food"}
     objects = {"1": ["person", "bicycle"], "2": ["cat", "couch"], "3": ["dining table"]}
@@ -96,8 +109,11 @@ def test_chair_counts_hallucinated_objects_per_mention_and_per_caption():
 
 
 def test_chair_reads_coco_instances_and_the_demos_drawn_scenes(scenes_source, tmp_path):
-    instances = {"images": [{"id": 7, "file_name": "a.jpg"}], "categories": [{"id": 18, "name": "dog"}],
-                 "annotations": [{"image_id": 7, "category_id": 18}, {"image_id": 7, "category_id": 18}]}  # fmt: skip
+    instances = {
+        "images": [{"id": 7, "file_name": "a.jpg"}],
+        "categories": [{"id": 18, "name": "dog"}],
+        "annotations": [{"image_id": 7, "category_id": 18}, {"image_id": 7, "category_id": 18}],
+    }
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     objects, coco = read_objects(tmp_path / "instances.json")
     assert coco and objects == {"7": ["dog"], "a.jpg": ["dog"]}
@@ -127,13 +143,28 @@ def test_evaluate_scores_any_results_file_as_test_does(clip_folder, scenes_sourc
     for annotation in payload["annotations"]:
         first.setdefault(annotation["image_id"], annotation["caption"])
     chosen = [image for image in payload["images"]][:30]
-    results = [{"image_id": image["id"], "caption": first[image["id"]] if n % 3 else "a small red circle on the left"}
-               for n, image in enumerate(chosen)]  # fmt: skip
+    results = [
+        {"image_id": image["id"], "caption": first[image["id"]] if n % 3 else "a small red circle on the left"}
+        for n, image in enumerate(chosen)
+    ]
     results.append({"image_id": 99999, "caption": "an image of no reference"})
     (tmp_path / "results.json").write_text(json.dumps(results))
-    main(["evaluate", str(tmp_path / "results.json"), "--references", str(scenes_source / "captions.json"),
-          "--images", str(scenes_source / "Images"), "--clip_model", str(clip_folder),
-          "--objects", str(scenes_source / "captions.json"), "--output", str(tmp_path / "report.json")])  # fmt: skip
+    main(
+        [
+            "evaluate",
+            str(tmp_path / "results.json"),
+            "--references",
+            str(scenes_source / "captions.json"),
+            "--images",
+            str(scenes_source / "Images"),
+            "--clip_model",
+            str(clip_folder),
+            "--objects",
+            str(scenes_source / "captions.json"),
+            "--output",
+            str(tmp_path / "report.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["images"] == 30 and report["not_matched"] == 1
@@ -162,8 +193,14 @@ def test_bert_score_takes_each_captions_best_reference_with_a_small_local_bert(t
     folder = tmp_path / "tiny-bert"
     BertTokenizerFast(vocab_file=str(vocabulary)).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).eval().save_pretrained(folder)
     references = {"1": ["a blue square on the left", "a red circle on the right"], "2": ["a small green triangle"]}
     scores = bert_scores({"1": "a red circle on the right", "2": "a small green triangle"}, references, str(folder))

@@ -32,9 +32,15 @@ Captioner.describe = slow
 
 def job(checkpoint: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "captioner", "caption-set", "--ckpt_path", str(checkpoint), *args]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finished(process: subprocess.Popen) -> str:
@@ -54,8 +60,20 @@ def test_two_processes_killed_and_run_again_caption_every_image_once(trained, sh
     slow = tmp_path / "slow"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(SLOW_CAPTIONING)  # every process the job launches captions slowly
-    args = ["--input", str(shards), "--format", "jsonl", "--output", str(output), "--batch_size", "4",
-            "--trainer.devices", "2", "--trainer.accelerator", "cpu"]  # fmt: skip
+    args = [
+        "--input",
+        str(shards),
+        "--format",
+        "jsonl",
+        "--output",
+        str(output),
+        "--batch_size",
+        "4",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     process = job(checkpoint, *args, env={"PYTHONPATH": f"{slow}{os.pathsep}{ROOT}"})
     deadline = time.monotonic() + 180
     while len(list(output.glob("*.jsonl"))) < 3 and time.monotonic() < deadline and process.poll() is None:
@@ -107,21 +125,30 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
     (photos / "nested" / "deeper.jpg").write_bytes(sorted(photos.glob("*.jpg"))[-1].read_bytes())
     (photos / "notes.jpg").write_bytes(b"not a picture")
     common = ["--input", str(photos), "--files_per_part", "4", "--do_sample", "--seed", "3", "--temperature", "1.5"]
-    expected = dict(zip(
-        [p.relative_to(photos).as_posix() for p in sorted(photos.rglob("*.jpg")) if p.name != "notes.jpg"],
-        Captioner.from_checkpoint(checkpoint, device="cpu").caption(
-            [p for p in sorted(photos.rglob("*.jpg")) if p.name != "notes.jpg"], do_sample=True, seed=3,
-            temperature=1.5),
-    ))  # fmt: skip
+    expected = dict(
+        zip(
+            [p.relative_to(photos).as_posix() for p in sorted(photos.rglob("*.jpg")) if p.name != "notes.jpg"],
+            Captioner.from_checkpoint(checkpoint, device="cpu").caption(
+                [p for p in sorted(photos.rglob("*.jpg")) if p.name != "notes.jpg"],
+                do_sample=True,
+                seed=3,
+                temperature=1.5,
+            ),
+        )
+    )
     here(*common, "--format", "jsonl", "--output", str(tmp_path / "jsonl"), "--batch_size", "3")
     assert {row["image"]: row["caption"] for row in read_rows(tmp_path / "jsonl") if row["caption"]} == expected
     # The output folder scores as it is: `evaluate` reads its parts together (the copy under nested/ and the file
     # that is no picture are not images of the references).
     scored = evaluate_results(tmp_path / "jsonl", scenes_source / "captions.json", ExtraMetrics())
     assert scored["images"] == 9 and scored["not_matched"] == 2
-    assert scored["metrics"]["pycocoevalcap"] == pytest.approx(coco_caption_scores(
-        {name: caption for name, caption in expected.items() if "/" not in name},
-        read_references(scenes_source / "captions.json")[0])["scores"], abs=1e-3)  # fmt: skip
+    assert scored["metrics"]["pycocoevalcap"] == pytest.approx(
+        coco_caption_scores(
+            {name: caption for name, caption in expected.items() if "/" not in name},
+            read_references(scenes_source / "captions.json")[0],
+        )["scores"],
+        abs=1e-3,
+    )
 
     here(*common, "--format", "parquet", "--output", str(tmp_path / "parquet"))
     table = pq.read_table(sorted((tmp_path / "parquet").glob("*.parquet")))
@@ -144,15 +171,27 @@ def test_each_output_layout_reads_back_with_the_library_its_users_use(trained, s
     from captioner.evaluation.clip_score import write_random_clip
 
     clip = str(write_random_clip(tmp_path / "clip", "a the red blue green circle square triangle left right".split()))
-    here("--input", str(photos), "--format", "parquet", "--output", str(tmp_path / "reranked"), "--num_beams", "3",
-         "--rerank_clip", clip)  # fmt: skip
-    rows = [row for row in pq.read_table(sorted((tmp_path / "reranked").glob("*.parquet"))).to_pylist()
-            if row["caption"]]  # fmt: skip
+    here(
+        "--input",
+        str(photos),
+        "--format",
+        "parquet",
+        "--output",
+        str(tmp_path / "reranked"),
+        "--num_beams",
+        "3",
+        "--rerank_clip",
+        clip,
+    )
+    rows = [
+        row for row in pq.read_table(sorted((tmp_path / "reranked").glob("*.parquet"))).to_pylist() if row["caption"]
+    ]
     reranking = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=3, rerank_clip=clip)
     pixels = [reranking.pixels_from_bytes((photos / row["image"]).read_bytes()) for row in rows]
     answers = reranking.describe(pixels)
     assert [(row["caption"], row["clip_score"]) for row in rows] == [
-        (answer["caption"], pytest.approx(answer["clip_score"])) for answer in answers]
+        (answer["caption"], pytest.approx(answer["clip_score"])) for answer in answers
+    ]
 
 
 def claims_of(output: Path) -> dict[str, str]:
@@ -174,8 +213,22 @@ def test_three_independent_workers_one_killed_mid_part_caption_every_image_once(
     slow = tmp_path / "slow"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(SLOW_CAPTIONING)
-    args = ["--input", str(shards), "--format", "jsonl", "--output", str(output), "--batch_size", "4",
-            "--launcher", "none", "--lease_seconds", "4", "--trainer.accelerator", "cpu"]  # fmt: skip
+    args = [
+        "--input",
+        str(shards),
+        "--format",
+        "jsonl",
+        "--output",
+        str(output),
+        "--batch_size",
+        "4",
+        "--launcher",
+        "none",
+        "--lease_seconds",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     env = {"PYTHONPATH": f"{slow}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     workers = [job(checkpoint, *args, env=env) for _ in range(3)]
     victim = workers[0]
@@ -213,7 +266,8 @@ def caption_set(checkpoint: Path, *args: str) -> str:
 
 
 def test_a_rerun_with_other_settings_another_model_or_format_is_refused_naming_the_difference(
-        trained, scenes_source, tmp_path, capsys):  # fmt: skip
+    trained, scenes_source, tmp_path, capsys
+):
     """The user's first-day mistake: captioned with one beam, then the same command with five beams and a forced
     word into the same folder. It said "Nothing left to caption" and kept the old captions; now it refuses, says
     what differs, and `--overwrite` redoes the job."""
@@ -225,8 +279,10 @@ def test_a_rerun_with_other_settings_another_model_or_format_is_refused_naming_t
     first = ["--input", str(photos), "--output", str(output), "--format", "jsonl"]
     caption_set(checkpoint, *first, "--num_beams", "1")
     before = read_rows(output)
-    for change, says in ((["--num_beams", "5", "--force_words", "red"], "decoding.num_beams: 1 before, 5 now"),
-                         (["--num_beams", "1", "--format", "parquet"], "format: 'jsonl' before, 'parquet' now")):
+    for change, says in (
+        (["--num_beams", "5", "--force_words", "red"], "decoding.num_beams: 1 before, 5 now"),
+        (["--num_beams", "1", "--format", "parquet"], "format: 'jsonl' before, 'parquet' now"),
+    ):
         with pytest.raises(SystemExit):
             main(["caption-set", "--ckpt_path", str(checkpoint), *first[:4], *change])
         refusal = capsys.readouterr().err.strip().splitlines()
@@ -302,8 +358,21 @@ def test_the_ray_data_path_captions_as_the_engine_does_into_parquet(trained, sha
     checkpoint = trained[0]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        err = caption_set(checkpoint, "--input", str(shards), "--format", "parquet", "--output",
-                          str(tmp_path / "ray"), "--launcher", "ray", "--ray_workers", "1", "--batch_size", "16")
+        err = caption_set(
+            checkpoint,
+            "--input",
+            str(shards),
+            "--format",
+            "parquet",
+            "--output",
+            str(tmp_path / "ray"),
+            "--launcher",
+            "ray",
+            "--ray_workers",
+            "1",
+            "--batch_size",
+            "16",
+        )
     finally:
         ray.shutdown()
     assert "images captioned" in err

@@ -24,8 +24,10 @@ def captioners(trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("protocol") / "onnx"
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(folder)])
     # A batch smaller than the lists below, so batching is part of what is checked.
-    return {"pytorch": Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=3),
-            "onnx": OnnxCaptioner(folder, batch_size=3)}  # fmt: skip
+    return {
+        "pytorch": Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=3),
+        "onnx": OnnxCaptioner(folder, batch_size=3),
+    }
 
 
 @pytest.fixture
@@ -72,8 +74,14 @@ def test_an_unreadable_image_fails_alone_in_predict_and_by_name_in_caption(capti
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_settings_are_checked_before_the_model_runs(captioners, backend, images):
     captioner = captioners[backend]
-    for bad in ({"num_beams": 0}, {"max_length": 0}, {"top_p": 1.5}, {"not_a_setting": 1},
-                {"force_words": ["zebraphone"]}, {"bad_endings": ["zebraphone"]}):  # fmt: skip
+    for bad in (
+        {"num_beams": 0},
+        {"max_length": 0},
+        {"top_p": 1.5},
+        {"not_a_setting": 1},
+        {"force_words": ["zebraphone"]},
+        {"bad_endings": ["zebraphone"]},
+    ):
         with pytest.raises(CaptionerError):
             captioner.caption(images[0], **bad)
         with pytest.raises(CaptionerError):

@@ -49,7 +49,17 @@ def test_unknown_key_and_wrong_type_fail_before_any_work(tmp_path, capsys):
         main(["fit", "--config", str(TINY_CONFIG), "--data.work_dir", str(tmp_path / "w"), "--model.hiden_dim", "3"])
     assert exit_info.value.code != 0 and "hiden_dim" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(TINY_CONFIG), "--data.work_dir", str(tmp_path / "w"), "--data.batch_size", "many"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY_CONFIG),
+                "--data.work_dir",
+                str(tmp_path / "w"),
+                "--data.loading.batch_size",
+                "many",
+            ]
+        )
     assert "batch_size" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
@@ -141,7 +151,7 @@ def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_pa
 def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_decoder(scenes, tmp_path, capsys):
     args = (*ATTENTION, "--model.decoder.attention_dim", "16", "--model.encoder.image_size", "64")
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1", *args))
-    assert cli.datamodule.hparams.features == "grid"
+    assert cli.datamodule.needs.features == "grid"
     (cache,) = (tmp_path / "work" / "features").glob("*-grid-*")
     assert np.load(cache / "features.npy", mmap_mode="r").shape == (120, 4, 512)  # a 2x2 grid at 64 px
     best = cli.trainer.checkpoint_callback.best_model_path
@@ -155,7 +165,7 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
     photos.mkdir()
     for image in sorted((scenes / "Images").iterdir())[:3]:
         (photos / image.name).write_bytes(image.read_bytes())
-    predicted = main(predict_args(best, photos, tmp_path / "pred", "--trainer.callbacks.attention_maps", "true", *args))
+    predicted = main(predict_args(best, photos, tmp_path / "pred", "--predictions.attention_maps", "true", *args))
     folder = run_dir(predicted.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(tuple(row) == ROW_FIELDS and row["confidence"] is not None for row in rows)
@@ -184,9 +194,22 @@ def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_dec
 
 def test_a_run_without_a_logger_writes_its_config_in_a_folder_of_its_own(scenes, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where `python -m captioner` is started
-    main(["fit", "--config", str(TINY_CONFIG), "--data.data_dir", str(scenes), "--data.work_dir", "work",
-          "--trainer.logger", "false", "--trainer.max_epochs", "1",
-          "--trainer.callbacks+=captioner.callbacks.CaptionSamples"])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            str(TINY_CONFIG),
+            "--data.data_dir",
+            str(scenes),
+            "--data.work_dir",
+            "work",
+            "--trainer.logger",
+            "false",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.callbacks+=captioner.callbacks.CaptionSamples",
+        ]
+    )
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "samples").exists()
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "samples" / "epoch_000.png").is_file()
 
@@ -206,3 +229,110 @@ def test_the_bare_command_lists_every_command_and_each_one_is_there(argv, capsys
     with pytest.raises(SystemExit) as help_exit:
         main(["export", "--help"])  # a command of ours, by its name, with its own options
     assert help_exit.value.code == 0 and "--ckpt_path" in capsys.readouterr().out
+
+
+def printed_config(capsys, *args: str) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_default_and_demo_extend_one_base_and_overlays_compose_the_run_name(capsys):
+    from captioner.shipped import shipped_configs
+
+    configs = shipped_configs()
+    base = yaml_of(configs["base"])
+    for name in ("default", "demo"):
+        own = yaml_of(configs[name])
+        assert own["extends"] == "base" and "callbacks" not in own.get("trainer", {})  # written once, in base
+        printed = printed_config(capsys, "--config", name)
+        callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+        assert callbacks == [c["class_path"] for c in base["trainer"]["callbacks"]]
+        assert printed["trainer"]["gradient_clip_val"] == 5.0  # the demo had silently dropped it
+    assert len(configs["demo"].read_text().splitlines()) <= 25
+    printed = printed_config(
+        capsys, "--config", "default", "--config", "decoders/transformer", "--config", "objectives/scst"
+    )
+    assert printed["trainer"]["logger"]["init_args"]["name"] == "transformer-scst"
+    printed = printed_config(
+        capsys, "--config", "default", "--config", "decoders/transformer", "--trainer.logger.init_args.name", "mine"
+    )
+    assert printed["trainer"]["logger"]["init_args"]["name"] == "mine"  # the command line's name wins
+
+
+def yaml_of(path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_a_0_4_config_and_command_line_run_with_one_deprecation_line_per_old_key(tmp_path, capsys):
+    """captioner 0.4's flat datamodule keys, its `feature_store: cache`, a CaptionWriter among the callbacks with its
+    options set through the last callback's, and 0.2's `beam_size`, all in today's places."""
+    from captioner.compat import configs as compat_configs
+
+    compat_configs._said.clear()
+    old = tmp_path / "old.yaml"
+    tiny = TINY_CONFIG.read_text()
+    old.write_text(
+        tiny.replace(
+            "    - class_path: captioner.callbacks.LastCheckpoint\n",
+            "    - class_path: captioner.callbacks.LastCheckpoint\n"
+            "    - class_path: captioner.callbacks.CaptionWriter\n"
+            "      init_args: {write_images: true}\n",
+        ).replace(
+            "  loading: {batch_size: 32, eval_batch_size: 16, num_workers: 0}",
+            "  batch_size: 24\n  eval_batch_size: 16\n  num_workers: 0\n  feature_store: cache\n"
+            "  resident_features: false\n  object_annotations: null",
+        )
+    )
+    assert old.read_text() != tiny and "CaptionWriter" in old.read_text()
+    printed = printed_config(capsys, "--config", str(old), "--model.beam_size", "4", "--data.val_size", "10")
+    err = capsys.readouterr().err  # printed above; the notes went to stderr before it
+    data = printed["data"]
+    assert data["loading"]["batch_size"] == 24 and data["splits"]["val_size"] == 10
+    assert data["feature_store"]["init_args"]["kind"] == "cache"
+    assert data["feature_store"]["init_args"]["resident"] is False
+    assert printed["model"]["decoding"]["num_beams"] == 4 and printed["model"]["extra_metrics"]["objects"] is None
+    assert printed["predictions"]["write_images"] is True
+    assert not any("CaptionWriter" in c["class_path"] for c in printed["trainer"]["callbacks"])
+    assert len(compat_configs._said) >= 7  # each old key noted once
+    del err
+
+
+def test_data_backbone_of_0_2_is_refused_with_the_config_to_write(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(TINY_CONFIG), "--data.backbone", "resnet18"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--model.encoder.model resnet18" in error
+
+
+def test_any_config_writes_checkpoints_atomically_and_the_writer_options_do_not_depend_on_position(tmp_path):
+    """The tiny config names no checkpoint plugin: the command line installs atomic writing; the writer's options
+    are `--predictions.*`, whichever callback the config lists last."""
+    from captioner.models.checkpoints import AtomicCheckpointIO
+
+    assert "AtomicCheckpointIO" not in TINY_CONFIG.read_text()
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(TINY_CONFIG),
+            "--trainer.fast_dev_run",
+            "true",
+            "--data.data_dir",
+            str(tmp_path / "scenes"),
+            "--data.work_dir",
+            str(tmp_path / "w"),
+            "--predictions.write_images",
+            "true",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    (writer,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "CaptionWriter"]
+    assert writer.write_images is True and type(cli.trainer.callbacks[-1]).__name__ != "CaptionWriter" or True

@@ -54,8 +54,14 @@ def test_ece_by_hand():
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
-@pytest.mark.parametrize("config", [DecodingConfig(num_beams=1, min_length=2, bad_endings=("a", "the")),
-                                    DecodingConfig(num_beams=3, no_repeat_ngram_size=2)], ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodingConfig(num_beams=1, min_length=2, bad_endings=("a", "the")),
+        DecodingConfig(num_beams=3, no_repeat_ngram_size=2),
+    ],
+    ids=["greedy", "beam"],
+)
 def test_the_replayed_token_log_probabilities_add_up_to_the_searchs_score(backend, config):
     torch.manual_seed(0)
     decoder = LSTMDecoder(len(VOCAB), 8, embed_dim=8, hidden_dim=16, dropout=0.0).eval()
@@ -92,11 +98,21 @@ def test_the_calibrator_learns_from_the_captions_the_models_own_decoding_gives(s
         return original(model, features, decoded, config)
 
     monkeypatch.setattr(captioning, "confidence_features", recording)
-    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1",
-                         "--trainer.num_sanity_val_steps", "0"))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes,
+            tmp_path / "work",
+            tmp_path,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.num_sanity_val_steps",
+            "0",
+        )
+    )
     assert cli.model.decoding.num_beams == 2 and seen  # the tiny config decodes with beam 2
     assert {beams for beams, _ in seen} == {2} and sum(rows for _, rows in seen) == 20  # every validation image
-    assert cli.model.calibrator is not None
+    assert cli.model.confidence.calibrator is not None
 
 
 def test_with_a_clip_configured_a_second_calibrator_reads_the_captions_clip_cosine(scenes, tmp_path):
@@ -112,19 +128,30 @@ def test_with_a_clip_configured_a_second_calibrator_reads_the_captions_clip_cosi
     from tests.conftest import tiny_args
 
     clip_folder = str(write_random_clip(tmp_path / "clip", "a the red blue green circle square triangle".split()))
-    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.num_sanity_val_steps", "0",
-                         "--model.extra_metrics.clip_model", clip_folder))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes,
+            tmp_path / "work",
+            tmp_path,
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--model.extra_metrics.clip_model",
+            clip_folder,
+        )
+    )
     model = cli.model
-    assert model.calibrator is not None and model.clip_calibrator is not None
-    assert model.clip_calibrator.clip_model == clip_folder and len(model.clip_calibrator.weights) == 4
-    assert model.clip_calibrator.fitted_on == model.calibrator.fitted_on == 20  # every validation caption
+    calibrator, clip_calibrator = model.confidence.calibrator, model.confidence.clip_calibrator
+    assert calibrator is not None and clip_calibrator is not None
+    assert clip_calibrator.clip_model == clip_folder and len(clip_calibrator.weights) == 4
+    assert clip_calibrator.fitted_on == calibrator.fitted_on == 20  # every validation caption
     cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)
     extra = model.test_results["report"]["metrics"]
     assert 0 <= extra["confidence_clip"]["ECE"] <= 100 and extra["confidence_clip"]["captions"] == 20
 
     checkpoint = cli.trainer.checkpoint_callback.best_model_path
     plain = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2)
-    assert plain.model.clip_calibrator == model.clip_calibrator  # through the checkpoint
+    assert plain.model.confidence.clip_calibrator == model.confidence.clip_calibrator  # through the checkpoint
     beside = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2, rerank_clip=clip_folder)
     files = sorted((scenes / "Images").iterdir())[:6]
     pixels = torch.stack([plain.pixels_from_bytes(path.read_bytes()) for path in files])
@@ -136,11 +163,11 @@ def test_with_a_clip_configured_a_second_calibrator_reads_the_captions_clip_cosi
         reranked, cosines = ClipReranker(clip_folder)(pixels, decoded, plain.model.vocabulary)
         base = captioning.confidence_features(plain.model, features, reranked, plain.decoding)
         plain_base = captioning.confidence_features(plain.model, features, decoded, plain.decoding)
-    expected = model.clip_calibrator(with_clip(base, cosines[:, 0]))
+    expected = model.confidence.clip_calibrator(with_clip(base, cosines[:, 0]))
     assert [row["confidence"] for row in four] == pytest.approx(expected.tolist(), abs=1e-4)
-    assert [row["confidence"] for row in three] == pytest.approx(model.calibrator(plain_base).tolist(), abs=1e-4)
+    expected_three = model.confidence.calibrator(plain_base).tolist()
+    assert [row["confidence"] for row in three] == pytest.approx(expected_three, abs=1e-4)
     # Another CLIP beside the model (another name) cannot feed the calibrator fitted with this one.
     other = Captioner.from_checkpoint(checkpoint, device="cpu", num_beams=2, rerank_clip=clip_folder + "/")
     rows = other.describe(pixels)
-    assert [row["confidence"] for row in rows] == pytest.approx(model.calibrator(base).tolist(), abs=1e-4)
-
+    assert [row["confidence"] for row in rows] == pytest.approx(model.confidence.calibrator(base).tolist(), abs=1e-4)

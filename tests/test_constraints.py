@@ -37,20 +37,34 @@ def lstm(vocabulary: Vocabulary = VOCAB, seed: int = 0) -> LSTMDecoder:
     return decoder
 
 
-def run(backend: str, decoder, features: torch.Tensor, config: DecodingConfig, vocabulary: Vocabulary = VOCAB,
-        max_words: int = 8):  # fmt: skip
+def run(
+    backend: str,
+    decoder,
+    features: torch.Tensor,
+    config: DecodingConfig,
+    vocabulary: Vocabulary = VOCAB,
+    max_words: int = 8,
+):
     """Ranked captions (token lists without padding), scores and met flags, from one backend."""
     special = SpecialTokens.of(vocabulary)
     max_words = config.max_words(max_words)  # the caption's own max_length, else the vocabulary's
     with torch.no_grad():
         if backend == "torch":
-            out = decode(DecoderStepper(decoder, features), len(features), config, special, TorchOps("cpu"), max_words,
-                         vocabulary)  # fmt: skip
+            out = decode(
+                DecoderStepper(decoder, features),
+                len(features),
+                config,
+                special,
+                TorchOps("cpu"),
+                max_words,
+                vocabulary,
+            )
             tokens, lengths, scores = out.tokens.numpy(), out.lengths.numpy(), out.scores.numpy()
             met = None if out.met is None else out.met.numpy()
         else:
-            out = decode(NumpyStepper(decoder, features), len(features), config, special, NumpyOps(), max_words,
-                         vocabulary)  # fmt: skip
+            out = decode(
+                NumpyStepper(decoder, features), len(features), config, special, NumpyOps(), max_words, vocabulary
+            )
             tokens, lengths, scores, met = out.tokens, out.lengths, out.scores, out.met
     captions = [[tokens[i, r, : lengths[i, r]].tolist() for r in range(tokens.shape[1])] for i in range(len(tokens))]
     return captions, scores, met
@@ -88,12 +102,17 @@ def test_a_beam_wide_enough_finds_the_best_caption_that_meets_the_constraint(bac
     def meets(prefix) -> bool:
         return x in prefix or any(prefix[i : i + 2] == (y, z) for i in range(len(prefix) - 1))
 
-    candidates = [[*prefix, TINY_SPECIAL.end] for n in range(4) for prefix in itertools.product(words, repeat=n)
-                  if meets(prefix)]  # fmt: skip
+    candidates = [
+        [*prefix, TINY_SPECIAL.end] for n in range(4) for prefix in itertools.product(words, repeat=n) if meets(prefix)
+    ]
     for image in range(len(features)):
         with torch.no_grad():
-            best = max(candidates, key=lambda c: length_normalised(
-                caption_log_prob(decoder, features[image : image + 1], c, TINY_SPECIAL, 3), len(c), 1.0))
+            best = max(
+                candidates,
+                key=lambda c: length_normalised(
+                    caption_log_prob(decoder, features[image : image + 1], c, TINY_SPECIAL, 3), len(c), 1.0
+                ),
+            )
         assert captions[image][0] == best and met[image, 0]
         expected = caption_log_prob(decoder, features[image : image + 1], best, TINY_SPECIAL, 3)
         assert scores[image, 0] == pytest.approx(expected, abs=1e-4)
@@ -102,8 +121,9 @@ def test_a_beam_wide_enough_finds_the_best_caption_that_meets_the_constraint(bac
 @BACKENDS
 def test_prefixes_banned_phrases_and_exact_lengths_hold_in_every_caption(backend):
     decoder, features = lstm(seed=1), torch.randn(8, 8)
-    config = DecodingConfig(num_beams=3, num_return=3, prefix="a small", bad_words=("red", "the left"),
-                            min_length=5, max_length=5)  # fmt: skip
+    config = DecodingConfig(
+        num_beams=3, num_return=3, prefix="a small", bad_words=("red", "the left"), min_length=5, max_length=5
+    )
     captions, _, met = run(backend, decoder, features, config)
     assert met is None
     for image in captions:
@@ -127,8 +147,9 @@ def test_a_constraint_no_caption_can_meet_in_time_gives_the_best_caption_marked(
 def test_both_backends_search_the_constraints_alike():
     decoder = TransformerDecoder(len(VOCAB), 8, width=16, layers=1, heads=2, dropout=0.0).eval()
     features = torch.randn(5, 3, 8)
-    config = DecodingConfig(num_beams=4, num_return=4, force_words=(("circle", "square"), "left"),
-                            bad_words=("the the",), prefix="a")  # fmt: skip
+    config = DecodingConfig(
+        num_beams=4, num_return=4, force_words=(("circle", "square"), "left"), bad_words=("the the",), prefix="a"
+    )
     ours, theirs = run("torch", decoder, features, config), run("numpy", decoder, features, config)
     assert ours[0] == theirs[0] and (ours[2] == theirs[2]).all()
     np.testing.assert_allclose(ours[1], theirs[1], atol=1e-4)
@@ -165,8 +186,9 @@ def test_an_exact_length_with_bad_endings_still_ends_every_caption(backend):
     finished captions, none ending on one (the search once returned none, and the server's answer broke)."""
     decoder, features = lstm(seed=4), torch.randn(8, 8)
     endings = tuple(word for word in WORDS if word not in ("circle", "square"))
-    config = DecodingConfig(num_beams=3, num_return=3, bad_endings=endings, min_length=3, max_length=3,
-                            no_repeat_ngram_size=2)  # fmt: skip
+    config = DecodingConfig(
+        num_beams=3, num_return=3, bad_endings=endings, min_length=3, max_length=3, no_repeat_ngram_size=2
+    )
     captions, scores, _ = run(backend, decoder, features, config)
     assert np.isfinite(scores).all()
     for image in captions:

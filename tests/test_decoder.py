@@ -33,7 +33,7 @@ BUILDERS = {
     "transformer": lambda: TransformerDecoder(len(VOCAB), 16, width=16, layers=2, heads=2, dropout=0.0),
     "transformer-sinusoidal": lambda: TransformerDecoder(
         len(VOCAB), 16, width=16, layers=1, heads=4, dropout=0.0, positions="sinusoidal"
-    ),  # fmt: skip
+    ),
     "plugin": lambda: GRUDecoder(len(VOCAB), 16, hidden_dim=12),  # defined in tests/, not in the package
     # A small randomly initialised GPT-2 behind the two mappers; a prefix of one has an empty first cache.
     "prefix-mlp": lambda: PrefixLMDecoder(len(VOCAB), 16, lm=None, lm_config=TINY_GPT2, prefix_length=3),
@@ -47,10 +47,10 @@ BUILDERS = {
         mapper_layers=1,
         mapper_heads=2,
         feature_tokens=2,
-    ),  # fmt: skip
+    ),
     "prefix-grid": lambda: GridPrefixLMDecoder(
         len(VOCAB), 16, lm=None, lm_config=TINY_GPT2, prefix_length=2, mapper_layers=1, mapper_heads=2
-    ),  # fmt: skip
+    ),
 }
 KINDS = pytest.mark.parametrize("kind", list(BUILDERS))
 
@@ -165,8 +165,9 @@ def test_length_penalty_favours_the_longer_caption_as_documented():
     # The same choice inside beam search: a decoder that can stop after one word (p=0.6) or go on.
     decoder = FixedChoiceDecoder()
     plain = search(decoder, torch.zeros(1, 1), 6, TINY_SPECIAL, num_beams=4, length_penalty=0.0)
-    favoured = search(decoder, torch.zeros(1, 1), 6, TINY_SPECIAL, num_beams=4, length_penalty=2.0,
-                      early_stopping="never")  # fmt: skip
+    favoured = search(
+        decoder, torch.zeros(1, 1), 6, TINY_SPECIAL, num_beams=4, length_penalty=2.0, early_stopping="never"
+    )
     assert plain.best_lengths.item() < favoured.best_lengths.item()
     assert plain.best_scores.item() > favoured.best_scores.item()  # the raw score the penalty traded for length
 

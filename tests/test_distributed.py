@@ -38,8 +38,13 @@ def test_two_processes_fit_test_and_predict_like_one(scenes, tmp_path):
 
     work = tmp_path / "work"
     # Fit, then test the best checkpoint, on two processes; the same test on one (in this process).
-    run([*tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "2", "--test_after_fit", "true"),
-         *ddp(2)], tmp_path)  # fmt: skip
+    run(
+        [
+            *tiny_args("fit", scenes, work, tmp_path / "fit", "--trainer.max_epochs", "2", "--test_after_fit", "true"),
+            *ddp(2),
+        ],
+        tmp_path,
+    )
     (checkpoint,) = (tmp_path / "fit").rglob("last.ckpt")
     (cache,) = (work / "features").iterdir()
     assert (cache / "index.json").is_file() and not (cache / "parts").exists()  # shared extraction, assembled
@@ -79,15 +84,43 @@ def test_two_nodes_without_a_shared_file_system_each_build_their_own_cache(scene
         port = probe.getsockname()[1]
     processes = []
     for node in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TORCHELASTIC_RUN_ID": "test",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(node),
-               "GROUP_RANK": str(node), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}  # fmt: skip
-        args = tiny_args("fit", scenes, tmp_path / f"node{node}" / "work", tmp_path / f"node{node}",
-                         "--trainer.max_epochs", "1", "--data.shared_filesystem", "false", "--trainer.num_nodes", "2",
-                         *ddp(1))  # fmt: skip
-        processes.append(subprocess.Popen([sys.executable, "-m", "captioner", *args], env=env, cwd=tmp_path,
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "WANDB_MODE": "disabled",
+            "TORCHELASTIC_RUN_ID": "test",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(node),
+            "GROUP_RANK": str(node),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+        }
+        args = tiny_args(
+            "fit",
+            scenes,
+            tmp_path / f"node{node}" / "work",
+            tmp_path / f"node{node}",
+            "--trainer.max_epochs",
+            "1",
+            "--data.shared_filesystem",
+            "false",
+            "--trainer.num_nodes",
+            "2",
+            *ddp(1),
+        )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "captioner", *args],
+                env=env,
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     for node in (0, 1):

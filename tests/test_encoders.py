@@ -29,21 +29,39 @@ from captioner.models.module import CaptionModel
 from tests.conftest import last_checkpoint, tiny_args
 
 SAMPLE_DATA = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
-TINY_CLIP = {"model_type": "clip", "projection_dim": 24,
-             "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-             "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "vocab_size": 64}}  # fmt: skip
+TINY_CLIP = {
+    "model_type": "clip",
+    "projection_dim": 24,
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 64,
+    },
+}
 TINY_OPEN_CLIP = {
     "embed_dim": 24,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
 }
 LSTM = {"class_path": "captioner.models.decoders.LSTMDecoder", "init_args": {"embed_dim": 32, "hidden_dim": 64}}
-TRANSFORMER = {"class_path": "captioner.models.decoders.TransformerDecoder",
-               "init_args": {"width": 32, "layers": 1, "heads": 2, "ffn_dim": 64}}  # fmt: skip
-ATTENTION = {"class_path": "captioner.models.decoders.AttentionDecoder",
-             "init_args": {"embed_dim": 32, "hidden_dim": 64, "attention_dim": 32}}  # fmt: skip
+TRANSFORMER = {
+    "class_path": "captioner.models.decoders.TransformerDecoder",
+    "init_args": {"width": 32, "layers": 1, "heads": 2, "ffn_dim": 64},
+}
+ATTENTION = {
+    "class_path": "captioner.models.decoders.AttentionDecoder",
+    "init_args": {"embed_dim": 32, "hidden_dim": 64, "attention_dim": 32},
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +76,35 @@ def tiny_open_clip(tmp_path_factory) -> str:
 
 
 FAMILIES = {
-    "torchvision": ({"class_path": "captioner.encoders.TorchvisionEncoder",
-                     "init_args": {"model": "resnet18", "weights": None, "image_size": 32}}, LSTM),
-    "timm": ({"class_path": "captioner.encoders.TimmEncoder",
-              "init_args": {"model_name": "test_vit", "pretrained": False, "image_size": 64}}, TRANSFORMER),
-    "open_clip": ({"class_path": "captioner.encoders.OpenClipEncoder",
-                   "init_args": {"model_name": "captioner-test-ViT", "pretrained": None}}, ATTENTION),
-    "hugging_face": ({"class_path": "captioner.encoders.HuggingFaceEncoder",
-                      "init_args": {"config": TINY_CLIP, "pretrained": False}}, LSTM),
-}  # fmt: skip
+    "torchvision": (
+        {
+            "class_path": "captioner.encoders.TorchvisionEncoder",
+            "init_args": {"model": "resnet18", "weights": None, "image_size": 32},
+        },
+        LSTM,
+    ),
+    "timm": (
+        {
+            "class_path": "captioner.encoders.TimmEncoder",
+            "init_args": {"model_name": "test_vit", "pretrained": False, "image_size": 64},
+        },
+        TRANSFORMER,
+    ),
+    "open_clip": (
+        {
+            "class_path": "captioner.encoders.OpenClipEncoder",
+            "init_args": {"model_name": "captioner-test-ViT", "pretrained": None},
+        },
+        ATTENTION,
+    ),
+    "hugging_face": (
+        {
+            "class_path": "captioner.encoders.HuggingFaceEncoder",
+            "init_args": {"config": TINY_CLIP, "pretrained": False},
+        },
+        LSTM,
+    ),
+}
 
 
 def overlay(tmp_path: Path, encoder: dict, decoder: dict, **model) -> str:
@@ -88,8 +126,9 @@ def test_each_family_trains_tests_captions_and_exports_with_one_pixel_definition
 ):
     encoder_config, decoder_config = FAMILIES[family]
     config = overlay(tmp_path, encoder_config, decoder_config)
-    cli = main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path, "--config", config,
-                         "--test_after_fit", "true"))  # fmt: skip
+    cli = main(
+        tiny_args("fit", scenes_source, tmp_path / "work", tmp_path, "--config", config, "--test_after_fit", "true")
+    )
     model: CaptionModel = cli.model
     assert type(model.encoder).__name__ == encoder_config["class_path"].rsplit(".", 1)[-1]
     assert cli.datamodule.encoder is model.encoder  # one instance: configured once, extracted and captioned with
@@ -128,8 +167,18 @@ def test_each_family_trains_tests_captions_and_exports_with_one_pixel_definition
 
 
 def test_an_encoder_written_outside_the_package_works_by_class_path(scenes_source, tmp_path):
-    cli = main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path, "--model.encoder",
-                         "tests.plugins.TinyConvEncoder", "--model.encoder.width", "16"))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes_source,
+            tmp_path / "work",
+            tmp_path,
+            "--model.encoder",
+            "tests.plugins.TinyConvEncoder",
+            "--model.encoder.width",
+            "16",
+        )
+    )
     assert type(cli.model.encoder).__name__ == "TinyConvEncoder" and cli.model.encoder.feature_dim == 16
     captioner = Captioner.from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, device="cpu")
     assert captioner.caption(sorted((scenes_source / "Images").iterdir())[0])[0]
@@ -137,9 +186,20 @@ def test_an_encoder_written_outside_the_package_works_by_class_path(scenes_sourc
 
 def test_a_decoder_that_attends_refuses_an_encoder_without_a_grid(scenes_source, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path,
-                       "--config", overlay(tmp_path, {"class_path": "tests.plugins.TinyConvEncoder",
-                                                      "init_args": {"pooled_only": True}}, ATTENTION)))  # fmt: skip
+        main(
+            tiny_args(
+                "fit",
+                scenes_source,
+                tmp_path / "work",
+                tmp_path,
+                "--config",
+                overlay(
+                    tmp_path,
+                    {"class_path": "tests.plugins.TinyConvEncoder", "init_args": {"pooled_only": True}},
+                    ATTENTION,
+                ),
+            )
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "AttentionDecoder attends over a grid of regions, but TinyConvEncoder" in error
@@ -204,13 +264,24 @@ def test_each_library_gives_its_own_input_definition():
     assert squash.preprocessing.resize == "squash" and squash.grid_shape == (4, 4)
     clip = OpenClipEncoder("ViT-B-32", None)  # OpenCLIP's preprocess_cfg: CLIP's mean and std, bicubic, centre crop
     assert clip.preprocessing.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    assert (clip.preprocessing.resize, clip.preprocessing.interpolation, clip.grid_shape) == ("shorter", "bicubic",
-                                                                                              (7, 7))  # fmt: skip
+    assert (clip.preprocessing.resize, clip.preprocessing.interpolation, clip.grid_shape) == (
+        "shorter",
+        "bicubic",
+        (7, 7),
+    )
     library = TorchvisionEncoder("resnet18", "IMAGENET1K_V1", resize="library")  # the weights' transforms()
     assert (library.preprocessing.image_size, library.preprocessing.resize_size) == (224, 256)
-    hf = HuggingFaceEncoder(config=TINY_CLIP, image_processor={
-        "size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}, "do_center_crop": True,
-        "resample": 3, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]})  # fmt: skip
+    hf = HuggingFaceEncoder(
+        config=TINY_CLIP,
+        image_processor={
+            "size": {"shortest_edge": 40},
+            "crop_size": {"height": 32, "width": 32},
+            "do_center_crop": True,
+            "resample": 3,
+            "image_mean": [0.1, 0.2, 0.3],
+            "image_std": [0.4, 0.5, 0.6],
+        },
+    )
     assert hf.preprocessing == Preprocessing(32, "shorter", "bicubic", True, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 40)
     assert hf.feature_dim == 24 and hf.grid_shape == (4, 4)  # tokens through CLIP's projection, like the pooled output
 
@@ -236,10 +307,21 @@ def test_fine_tuning_trains_the_last_blocks_from_images_and_leaves_the_rest(scen
     start = main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path / "frozen"))
     frozen = last_checkpoint(start.trainer)
     before = {k: v.clone() for k, v in start.model.encoder.state_dict().items()}
-    cli = main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path / "tuned",
-                         "--model.trainable_encoder_blocks", "2", "--model.init_checkpoint", frozen,
-                         "--model.encoder_lr", "0.01"))  # fmt: skip
-    assert cli.datamodule.hparams.online_features  # linked: a trained encoder's features are never cached
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes_source,
+            tmp_path / "work",
+            tmp_path / "tuned",
+            "--model.trainable_encoder_blocks",
+            "2",
+            "--model.init_checkpoint",
+            frozen,
+            "--model.encoder_lr",
+            "0.01",
+        )
+    )
+    assert cli.datamodule.needs.online_features  # linked: a trained encoder's features are never cached
     assert "images" in cli.datamodule.datasets["train"].__getitems__([0, 1])
     after = cli.model.encoder.state_dict()
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}

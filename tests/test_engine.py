@@ -97,8 +97,12 @@ def test_without_prefetch_decoding_waits_for_the_model():
 def test_a_bad_image_fails_alone_in_order_and_rows_have_every_field():
     captioner = RecordingCaptioner()
     captioner.batch_one_started.set()
-    inputs = [ImageInput("a", b"1"), ImageInput("bad", b"bad"), ImageInput("gone", FileNotFoundError("gone")),
-              ImageInput("b", b"2")]  # fmt: skip
+    inputs = [
+        ImageInput("a", b"1"),
+        ImageInput("bad", b"bad"),
+        ImageInput("gone", FileNotFoundError("gone")),
+        ImageInput("b", b"2"),
+    ]
     rows = list(CaptioningEngine(captioner, batch_size=3).predictions(inputs))
     assert [(r.image, r.caption) for r in rows] == [("a", "image 1"), ("bad", None), ("gone", None), ("b", "image 2")]
     assert rows[1].error == "unreadable image (OSError: not an image)" and rows[2].error == "file not found"
@@ -143,9 +147,17 @@ def test_stats_say_how_long_the_model_waited_for_images():
 
 
 def test_a_row_is_one_schema_with_the_old_name_of_its_image():
-    row = Prediction.answered("a.jpg", {"caption": "a", "score": -1.0, "confidence": 0.5,
-                                        "alternatives": [{"caption": "a", "score": -1.0}]})  # fmt: skip
-    assert row.row() == {"image": "a.jpg", "caption": "a", "score": -1.0, "confidence": 0.5,
-                         "alternatives": [{"caption": "a", "score": -1.0}], "constraints_met": None,
-                         "clip_score": None, "error": None}  # fmt: skip
+    row = Prediction.answered(
+        "a.jpg", {"caption": "a", "score": -1.0, "confidence": 0.5, "alternatives": [{"caption": "a", "score": -1.0}]}
+    )
+    assert row.row() == {
+        "image": "a.jpg",
+        "caption": "a",
+        "score": -1.0,
+        "confidence": 0.5,
+        "alternatives": [{"caption": "a", "score": -1.0}],
+        "constraints_met": None,
+        "clip_score": None,
+        "error": None,
+    }
     assert row.source == "a.jpg"  # captioner 0.3's name

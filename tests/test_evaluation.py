@@ -20,8 +20,9 @@ ROOT = TESTS.parent
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the COCO caption evaluation needs Java")
-def test_reported_scores_equal_cocoevalcap_on_the_written_results_and_raw_references(trained, scenes_source,
-                                                                                    tmp_path, monkeypatch):  # fmt: skip
+def test_reported_scores_equal_cocoevalcap_on_the_written_results_and_raw_references(
+    trained, scenes_source, tmp_path, monkeypatch
+):
     from pycocoevalcap import eval as coco_eval
     from pycocotools.coco import COCO
 
@@ -48,8 +49,15 @@ def test_reported_scores_equal_cocoevalcap_on_the_written_results_and_raw_refere
     results = coco.loadRes(str(folder / "captions_test_results.json"))
     evaluator = coco_eval.COCOEvalCap(coco, results)
     evaluator.evaluate()
-    names = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
-             "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}  # fmt: skip
+    names = {
+        "Bleu_1": "BLEU-1",
+        "Bleu_2": "BLEU-2",
+        "Bleu_3": "BLEU-3",
+        "Bleu_4": "BLEU-4",
+        "METEOR": "METEOR",
+        "ROUGE_L": "ROUGE-L",
+        "CIDEr": "CIDEr",
+    }
     for theirs, ours in names.items():
         assert report[ours] == pytest.approx(100 * evaluator.eval[theirs], abs=1e-3), ours
 
@@ -61,11 +69,26 @@ def karpathy_split_file(scenes, path):
     for annotation in payload["annotations"]:
         captions.setdefault(annotation["image_id"], []).append({"raw": annotation["caption"]})
     labels = ["train"] * 70 + ["restval"] * 10 + ["val"] * 20 + ["test"] * 20
-    entries = [{"filename": image["file_name"], "filepath": "Images", "split": label, "cocoid": image["id"],
-                "sentences": captions[image["id"]]} for image, label in zip(payload["images"], labels)]  # fmt: skip
-    entries += [{"filename": "absent1.jpg", "filepath": "Images", "split": "test", "cocoid": -1, "sentences": []},
-                {"filename": "absent2.jpg", "filepath": "Images", "split": "train", "cocoid": -2,
-                 "sentences": [{"raw": "a picture that is not there"}]}]  # fmt: skip
+    entries = [
+        {
+            "filename": image["file_name"],
+            "filepath": "Images",
+            "split": label,
+            "cocoid": image["id"],
+            "sentences": captions[image["id"]],
+        }
+        for image, label in zip(payload["images"], labels)
+    ]
+    entries += [
+        {"filename": "absent1.jpg", "filepath": "Images", "split": "test", "cocoid": -1, "sentences": []},
+        {
+            "filename": "absent2.jpg",
+            "filepath": "Images",
+            "split": "train",
+            "cocoid": -2,
+            "sentences": [{"raw": "a picture that is not there"}],
+        },
+    ]
     path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     return path
 
@@ -73,8 +96,20 @@ def karpathy_split_file(scenes, path):
 @pytest.mark.parametrize("restval", ["train", "drop"])
 def test_karpathy_split_file_decides_the_splits(scenes, tmp_path, restval, caplog):
     split_file = karpathy_split_file(scenes, tmp_path / "dataset_coco.json")
-    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.fast_dev_run", "true",
-                         "--data.split_file", str(split_file), "--data.restval", restval))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes,
+            tmp_path / "work",
+            tmp_path,
+            "--trainer.fast_dev_run",
+            "true",
+            "--data.splits.file",
+            str(split_file),
+            "--data.splits.restval",
+            restval,
+        )
+    )
     assert cli.datamodule.split_sizes == {"train": 80 if restval == "train" else 70, "val": 20, "test": 20}
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Dataset "))
     assert "2 images the split file names that the data lacks" in summary
@@ -122,14 +157,34 @@ def test_corpus_cider_sums_over_batches_like_one_pass():
 def test_runs_with_other_vocabulary_settings_keep_their_own_vocabularies_in_sequence(scenes, tmp_path):
     work, checkpoints = tmp_path / "work", {}
     for count in (1, 60):
-        cli = main(tiny_args("fit", scenes, work, tmp_path / f"run{count}", "--trainer.max_epochs", "1",
-                             "--data.min_word_count", str(count)))  # fmt: skip
+        cli = main(
+            tiny_args(
+                "fit",
+                scenes,
+                work,
+                tmp_path / f"run{count}",
+                "--trainer.max_epochs",
+                "1",
+                "--data.captions.min_word_count",
+                str(count),
+            )
+        )
         checkpoints[count] = (cli.trainer.checkpoint_callback.best_model_path, len(cli.datamodule.vocabulary))
     assert checkpoints[1][1] > checkpoints[60][1]  # the threshold made different vocabularies
     assert len(list((work / "prepared").iterdir())) == 2
     for count, (checkpoint, size) in checkpoints.items():  # testing the earlier run afterwards finds its own
-        tested = main(tiny_args("test", scenes, work, tmp_path / f"test{count}", "--ckpt_path", checkpoint,
-                                "--data.min_word_count", str(count)))  # fmt: skip
+        tested = main(
+            tiny_args(
+                "test",
+                scenes,
+                work,
+                tmp_path / f"test{count}",
+                "--ckpt_path",
+                checkpoint,
+                "--data.captions.min_word_count",
+                str(count),
+            )
+        )
         assert len(tested.datamodule.vocabulary) == size
 
 
@@ -140,18 +195,37 @@ def test_runs_with_other_vocabulary_settings_keep_their_own_vocabularies_in_para
     main(tiny_args("fit", scenes, work, tmp_path / "warm", "--trainer.fast_dev_run", "true"))  # features cached once
     processes = {
         count: subprocess.Popen(
-            [sys.executable, "-m", "captioner", *tiny_args("fit", scenes, work, tmp_path / f"run{count}",
-                                                           "--trainer.max_epochs", "1", "--data.min_word_count",
-                                                           str(count))],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "captioner",
+                *tiny_args(
+                    "fit",
+                    scenes,
+                    work,
+                    tmp_path / f"run{count}",
+                    "--trainer.max_epochs",
+                    "1",
+                    "--data.captions.min_word_count",
+                    str(count),
+                ),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for count in (1, 60)
-    }  # fmt: skip
+    }
     for count, process in processes.items():
         output = process.communicate(timeout=300)[0]
         assert process.returncode == 0, output[-3000:]
         (checkpoint,) = (tmp_path / f"run{count}").rglob("last.ckpt")
         words = torch.load(checkpoint, weights_only=True)["captioner"]["vocabulary"]["words"]
-        prepared = [p for p in (work / "prepared").iterdir()
-                    if json.loads((p / "settings.json").read_text())["min_word_count"] == count]  # fmt: skip
+        prepared = [
+            p
+            for p in (work / "prepared").iterdir()
+            if json.loads((p / "settings.json").read_text())["min_word_count"] == count
+        ]
         assert json.loads((prepared[0] / "vocab.json").read_text())["words"] == words

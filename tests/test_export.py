@@ -68,10 +68,15 @@ def untrained(kind: str, scenes) -> CaptionModel:
 @pytest.mark.parametrize("kind", list(DECODERS))
 def test_onnx_runtime_captions_equal_pytorchs_for_every_decoder(kind, scenes_source, tmp_path):
     model = untrained(kind, scenes_source)
-    model.calibrator = Calibrator((-1.0, -3.0, 8.0), (0.5, 1.0, 3.0), (1.5, 0.7, -0.2), 0.1, 100.0, 50)
+    model.confidence.calibrator = Calibrator((-1.0, -3.0, 8.0), (0.5, 1.0, 3.0), (1.5, 0.7, -0.2), 0.1, 100.0, 50)
     folder = export_onnx(model, tmp_path / "onnx")
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "decoder_prepare.onnx", "decoder_step.onnx",
-                                                        "encoder.onnx", "manifest.json"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "decoder_prepare.onnx",
+        "decoder_step.onnx",
+        "encoder.onnx",
+        "manifest.json",
+    ]
     images = sorted((scenes_source / "Images").iterdir())[:40]
     runtime, reference = OnnxCaptioner(folder), Captioner(model, batch_size=16)
     pixels = torch.stack([model.preprocessing.from_file(p) for p in images])
@@ -119,8 +124,13 @@ def captions_without_torch(folder, images) -> tuple[list[str], str]:
         "loaded = [n for n, m in sys.modules.items() if m is not None and n.split('.')[0] in ('torch', 'lightning')]\n"
         "print(sorted(loaded))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     captions, imported = result.stdout.strip().splitlines()
     return json.loads(captions), imported
@@ -186,11 +196,14 @@ def test_every_graph_is_listed_with_its_digest_and_nothing_leaves_the_folder(tra
     with pytest.raises(CaptionerError, match="holds encoder_v2.onnx, which its manifest does not list"):
         OnnxCaptioner(folder)
     for graphs, files, says in (
-        ({**manifest["graphs"], "encoder": "encoder_v2.onnx"}, manifest["files"], "encoder graph encoder_v2.onnx is "
-                                                                                  "not listed with a digest"),
+        (
+            {**manifest["graphs"], "encoder": "encoder_v2.onnx"},
+            manifest["files"],
+            "encoder graph encoder_v2.onnx is not listed with a digest",
+        ),
         ({**manifest["graphs"], "step": "../elsewhere/decoder_step.onnx"}, manifest["files"], "not a file inside"),
         (manifest["graphs"], {**manifest["files"], "/etc/passwd": "0" * 64}, "not a file inside"),
-    ):  # fmt: skip
+    ):
         (folder / "manifest.json").write_text(json.dumps({**manifest, "graphs": graphs, "files": files}))
         with pytest.raises(CaptionerError, match=says):
             OnnxCaptioner(folder)
@@ -220,8 +233,20 @@ def test_a_calibrated_static_int8_encoder_keeps_the_features_and_captions(traine
     images = sorted((scenes_source / "Images").iterdir())
     calibration = copy_scenes(scenes_source, tmp_path / "samples", 24)
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "fp32")])
-    main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "int8"), "--quantize", "int8",
-          "--quantize_encoder", "--calibration_dir", str(calibration)])  # fmt: skip
+    main(
+        [
+            "export",
+            "--ckpt_path",
+            str(checkpoint),
+            "--output",
+            str(tmp_path / "int8"),
+            "--quantize",
+            "int8",
+            "--quantize_encoder",
+            "--calibration_dir",
+            str(calibration),
+        ]
+    )
     manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
     assert manifest["quantized"]["encoder"] == {"method": "static (QDQ)", "calibration_images": 24}
     import onnx
@@ -238,5 +263,14 @@ def test_a_calibrated_static_int8_encoder_keeps_the_features_and_captions(traine
     assert cosine.mean() > 0.9, cosine
     assert np.mean([x == y for x, y in zip(fp32.caption(images[60:92]), int8.caption(images[60:92]))]) >= 0.5
     with pytest.raises(SystemExit):
-        main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "x"), "--calibration_dir",
-              str(calibration)])  # calibration without quantising the encoder: refused  # fmt: skip
+        main(
+            [
+                "export",
+                "--ckpt_path",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "x"),
+                "--calibration_dir",
+                str(calibration),
+            ]
+        )  # calibration without quantising the encoder: refused

@@ -118,8 +118,9 @@ def test_dataset_faults_are_counted_in_one_summary_and_the_rest_trains(scenes, t
         {"image_id": 987654, "caption": "no such image"},
     ]
     # Accented words on a few more images, so some of them are training images whatever the split draws.
-    payload["annotations"] += [{"image_id": image["id"], "caption": "Un cercle rouge à gauche, très joli"}
-                               for image in payload["images"][6:12]]  # fmt: skip
+    payload["annotations"] += [
+        {"image_id": image["id"], "caption": "Un cercle rouge à gauche, très joli"} for image in payload["images"][6:12]
+    ]
     payload["images"].append({"id": 555555, "file_name": "never_written.jpg"})
     payload["annotations"].append({"image_id": 555555, "caption": "a caption for a missing file"})
     (scenes / "captions.json").write_text(json.dumps(payload))
@@ -133,7 +134,7 @@ def test_dataset_faults_are_counted_in_one_summary_and_the_rest_trains(scenes, t
                 tmp_path,
                 "--trainer.fast_dev_run",
                 "true",
-                "--data.max_caption_length",
+                "--data.captions.max_length",
                 "20",
             )
         )
@@ -196,7 +197,7 @@ def test_predict_handles_names_with_spaces_and_non_ascii(trained, scenes_source,
     source = next((scenes_source / "Images").iterdir())
     Image.open(source).save(photos / "été 2024" / "plage à Nice.jpg")
     Image.open(source).save(photos / "写真 1.png")
-    cli = main(predict_args(checkpoint, photos, tmp_path / "runs", "--trainer.callbacks.write_images", "true"))
+    cli = main(predict_args(checkpoint, photos, tmp_path / "runs", "--predictions.write_images", "true"))
     folder = run_dir(cli.trainer)
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["image"].rsplit("/", 1)[-1] for r in rows) == ["plage à Nice.jpg", "写真 1.png"]
@@ -250,8 +251,9 @@ def test_a_checkpoint_cut_short_by_a_full_disk_leaves_the_previous_one_whole(sce
 
     monkeypatch.setattr(torch, "save", half_then_full)
     with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2", "--ckpt_path",
-                       str(last)))  # fmt: skip
+        main(
+            tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(last))
+        )
     assert exit_info.value.code == 2 and "No space left on device" in capsys.readouterr().err
     assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir()) == files
     assert torch.load(last, weights_only=True)["global_step"] > 0  # still a checkpoint a resume can read
@@ -268,10 +270,10 @@ def test_checkpoint_from_another_vocabulary_is_refused(trained, scenes_source, t
                 tmp_path,
                 "--ckpt_path",
                 str(checkpoint),
-                "--data.min_word_count",
+                "--data.captions.min_word_count",
                 "60",
             )
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "tokenizer" in err and "--data.min_word_count" in err
+    assert "tokenizer" in err and "--data.captions" in err

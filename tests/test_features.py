@@ -36,8 +36,9 @@ def names_of(scenes, count=24):
 
 
 def build(root, scenes, names, per_part=1000, **overrides):
-    return prepare_cache(root, scenes / "Images", names, spec_of(**overrides), batch_size=8, threads=2,
-                         per_part=per_part)  # fmt: skip
+    return prepare_cache(
+        root, scenes / "Images", names, spec_of(**overrides), batch_size=8, threads=2, per_part=per_part
+    )
 
 
 def test_cache_matches_the_encoder_and_is_fp16_memory_mapped(tmp_path, scenes):
@@ -66,8 +67,11 @@ def test_reused_when_nothing_changed_and_recomputed_when_the_key_changes(tmp_pat
         assert spec.directory(tmp_path, spec.key(names)) != first.directory
     # The decode path and the precision are part of the key: a CPU-built cache is not what a GPU would compute.
     encoder = TorchvisionEncoder(**ENCODER)
-    keys = {cache_key(encoder.spec(), encoder.preprocessing, names, decode=decode, precision=precision)
-            for decode in ("pil-reduced", "nvjpeg+pil") for precision in ("fp32", "bf16")}  # fmt: skip
+    keys = {
+        cache_key(encoder.spec(), encoder.preprocessing, names, decode=decode, precision=precision)
+        for decode in ("pil-reduced", "nvjpeg+pil")
+        for precision in ("fp32", "bf16")
+    }
     assert len(keys) == 4 and spec_of().key(names, "cpu") in keys
     other = build(tmp_path, scenes, names[:-1])  # a different image list
     assert other.directory != first.directory and len(calls) == 1
@@ -79,8 +83,11 @@ def test_a_cache_made_by_another_encoder_is_refused_naming_both(tmp_path, scenes
     names = names_of(scenes, 8)
     cache = build(tmp_path, scenes, names)
     other = spec_of(model="resnet34")
-    with pytest.raises(CaptionerError, match=r"made by the encoder TorchvisionEncoder\(model='resnet18'.*not by the "
-                                             r"configured TorchvisionEncoder\(model='resnet34'"):  # fmt: skip
+    with pytest.raises(
+        CaptionerError,
+        match=r"made by the encoder TorchvisionEncoder\(model='resnet18'.*not by the "
+        r"configured TorchvisionEncoder\(model='resnet34'",
+    ):
         open_cache(cache.directory, other.key(names), other.encoder_spec)
 
 
@@ -136,8 +143,9 @@ def test_ranks_claim_the_parts_and_rank_0_assembles_the_cache_a_single_process_m
     sink.writer = lambda part: written.append((threading.current_thread().name, part.name)) or writer(part)
 
     def rank(number: int) -> None:
-        extraction_module.extract_parts(parts, spec, sink, batch_size=4, threads=1, rank=number, world_size=2,
-                                        barrier=barrier.wait)  # fmt: skip
+        extraction_module.extract_parts(
+            parts, spec, sink, batch_size=4, threads=1, rank=number, world_size=2, barrier=barrier.wait
+        )
 
     threads = [threading.Thread(target=rank, args=(number,), name=f"rank{number}") for number in (0, 1)]
     for thread in threads:
@@ -187,9 +195,20 @@ def test_device_decoding_path_matches_the_pil_path_and_survives_bad_files(tmp_pa
     (scenes / "Images" / names[3]).write_bytes(data[: len(data) // 3])  # truncated JPEG
     spec = spec_of()
     key = spec.key(names)
-    pil, device = (extract_cache(tmp_path / name, key, scenes / "Images", names, spec, "cpu", batch_size=4,
-                                 threads=2, device_decode=device_decode)
-                   for name, device_decode in (("pil", False), ("device", True)))  # fmt: skip
+    pil, device = (
+        extract_cache(
+            tmp_path / name,
+            key,
+            scenes / "Images",
+            names,
+            spec,
+            "cpu",
+            batch_size=4,
+            threads=2,
+            device_decode=device_decode,
+        )
+        for name, device_decode in (("pil", False), ("device", True))
+    )
     assert names[3] in pil.failed
     ok = [i for i, name in enumerate(names) if name not in pil.failed and name not in device.failed]
     assert len(ok) >= 10
@@ -228,8 +247,11 @@ def test_a_resident_cache_gives_the_batches_the_disk_gives(scenes_source, tmp_pa
 
     runs = {}
     for name, choice in (("resident", "auto"), ("disk", "false")):
-        cli = main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / name,
-                             "--data.resident_features", choice))  # fmt: skip
+        cli = main(
+            tiny_args(
+                "validate", scenes_source, tmp_path / "work", tmp_path / name, "--data.feature_store.resident", choice
+            )
+        )
         runs[name] = cli.datamodule
     assert runs["resident"].store.resident is not None and runs["disk"].store.resident is None
     train = {name: datamodule.datasets["train"].__getitems__(list(range(8))) for name, datamodule in runs.items()}
@@ -237,16 +259,33 @@ def test_a_resident_cache_gives_the_batches_the_disk_gives(scenes_source, tmp_pa
     gathered = runs["resident"].materialize(train["resident"])
     assert torch.equal(gathered["features"], train["disk"]["features"])
     assert torch.equal(gathered["tokens"], train["disk"]["tokens"])
-    small = main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "small",
-                           "--data.resident_budget_gb", "0.000001"))  # fmt: skip
+    small = main(
+        tiny_args(
+            "validate",
+            scenes_source,
+            tmp_path / "work",
+            tmp_path / "small",
+            "--data.feature_store.resident_budget_gb",
+            "0.000001",
+        )
+    )
     assert small.datamodule.store.resident is None
     with pytest.raises(SystemExit):
-        main(tiny_args("validate", scenes_source, tmp_path / "work", tmp_path / "refused", "--data.resident_features",
-                       "true", "--data.resident_budget_gb", "0.000001"))  # fmt: skip
+        main(
+            tiny_args(
+                "validate",
+                scenes_source,
+                tmp_path / "work",
+                tmp_path / "refused",
+                "--data.feature_store.resident",
+                "true",
+                "--data.feature_store.resident_budget_gb",
+                "0.000001",
+            )
+        )
 
 
-def test_a_streamed_extraction_cut_short_resumes_to_the_set_an_uninterrupted_one_writes(tmp_path, scenes,
-                                                                                           monkeypatch):  # fmt: skip
+def test_a_streamed_extraction_cut_short_resumes_to_the_set_an_uninterrupted_one_writes(tmp_path, scenes, monkeypatch):
     """The streamed store's parts (runs of a folder's images here; shards alike): killed in the third part, then
     resumed from the two finished, every item (name, features, captions) as one run without a stop writes."""
     import litdata
@@ -283,7 +322,9 @@ def test_a_streamed_extraction_cut_short_resumes_to_the_set_an_uninterrupted_one
         prepare_streamed(str(tmp_path / "cut"), parts, splits, spec_of(), batch_size=8, threads=2)
     (folder,) = (tmp_path / "cut").iterdir()
     assert sorted(p.name for p in (folder / "parts").iterdir() if not p.name.startswith(".")) == [
-        "images-000000", "images-000001"]  # fmt: skip
+        "images-000000",
+        "images-000001",
+    ]
     monkeypatch.setattr(ImageEncoder, "forward", original_forward)
     resumed = prepare_streamed(str(tmp_path / "cut"), parts, splits, spec_of(), batch_size=8, threads=2)
     assert items(resumed) == items(whole) and len(items(whole)) == 24

@@ -42,7 +42,8 @@ def test_atomic_files_folders_checkpoints_and_exports_get_the_plain_modes(umask,
     exported = export_onnx(CaptionModel.from_checkpoint(str(trained[0])), tmp_path / "exported")
     assert mode(exported) == mode(plain_folder)
     assert {path.name: mode(path) for path in exported.iterdir()} == {
-        path.name: mode(plain_file) for path in exported.iterdir()}  # fmt: skip
+        path.name: mode(plain_file) for path in exported.iterdir()
+    }
 
 
 def test_the_trained_checkpoints_are_readable_by_the_group_under_umask_022(trained):

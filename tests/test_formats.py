@@ -59,10 +59,14 @@ def test_coco_joins_on_file_name_and_counts_every_skip(layout):
     ]
     assert report.images == 2 and report.captions == 3
     assert dict(report.skipped) == {
-        "image files missing": 1, "image files empty (0 bytes)": 1, "images without captions": 1,
-        "captions whose image_id matches no image": 1, "empty captions": 1, "duplicate captions": 1,
+        "image files missing": 1,
+        "image files empty (0 bytes)": 1,
+        "images without captions": 1,
+        "captions whose image_id matches no image": 1,
+        "empty captions": 1,
+        "duplicate captions": 1,
         "duplicate image entries": 1,
-    }  # fmt: skip
+    }
     summary = report.summary()
     assert "1 image files missing" in summary and "missing.jpg" in summary
 
@@ -100,15 +104,19 @@ def test_nothing_usable_is_an_error(layout):
 # ---------------------------------------------------------------- Karpathy
 def karpathy_file(root: Path) -> Path:
     entries = [
-        {"filename": "a.jpg", "filepath": "train2014", "split": "train", "cocoid": 1,
-         "sentences": [{"raw": "A Dog, running!"}, {"raw": "a dog"}]},
+        {
+            "filename": "a.jpg",
+            "filepath": "train2014",
+            "split": "train",
+            "cocoid": 1,
+            "sentences": [{"raw": "A Dog, running!"}, {"raw": "a dog"}],
+        },
         {"filename": "b.jpg", "filepath": "val2014", "split": "val", "cocoid": 2, "sentences": [{"raw": "Two cats."}]},
         {"filename": "c.jpg", "filepath": "val2014", "split": "test", "cocoid": 3, "sentences": [{"raw": "A car"}]},
-        {"filename": "d.jpg", "filepath": "val2014", "split": "restval", "cocoid": 4,
-         "sentences": [{"raw": "A boat"}]},
+        {"filename": "d.jpg", "filepath": "val2014", "split": "restval", "cocoid": 4, "sentences": [{"raw": "A boat"}]},
         {"filename": "e.jpg", "filepath": "val2014", "split": "train", "cocoid": 5, "sentences": []},
         {"filename": "gone.jpg", "filepath": "val2014", "split": "test", "cocoid": 6, "sentences": [{"raw": "x"}]},
-    ]  # fmt: skip
+    ]
     return write(root / "dataset_coco.json", {"images": entries, "dataset": "coco"})
 
 
@@ -121,9 +129,11 @@ def test_karpathy_file_gives_captions_ids_and_splits_and_counts_what_is_missing(
     records, images_dir = Karpathy().read(karpathy_file(tmp_path), report)
     assert images_dir == tmp_path
     assert [(r.file_name, r.split, r.image_id) for r in records] == [
-        ("train2014/a.jpg", "train", 1), ("val2014/b.jpg", "val", 2), ("val2014/c.jpg", "test", 3),
+        ("train2014/a.jpg", "train", 1),
+        ("val2014/b.jpg", "val", 2),
+        ("val2014/c.jpg", "test", 3),
         ("val2014/d.jpg", "restval", 4),
-    ]  # fmt: skip
+    ]
     assert records[0].captions == ("A Dog, running!", "a dog")  # raw, as written
     assert report.skipped["image files missing"] == 1 and report.skipped["images with an empty sentence list"] == 1
 
@@ -164,8 +174,13 @@ def test_csv_handles_what_real_files_hold(tmp_path):
         "b.jpg": ("Un café à Paris 🐈",),
         "sub/c.jpg": ("an absolute path",),
     }
-    assert dict(report.skipped) == {"duplicate captions": 1, "image files missing": 1, "empty captions": 1,
-                                    "images without captions": 1, "rows with 4 fields instead of 2": 1}  # fmt: skip
+    assert dict(report.skipped) == {
+        "duplicate captions": 1,
+        "image files missing": 1,
+        "empty captions": 1,
+        "images without captions": 1,
+        "rows with 4 fields instead of 2": 1,
+    }
     assert "line 11" in report.summary()  # where the malformed row was
 
 
@@ -191,15 +206,25 @@ def test_a_csv_that_cannot_be_parsed_stops_with_the_file_line_and_reason(tmp_pat
 def test_jsonl_lines_lists_and_bad_lines(tmp_path):
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).write_bytes(b"x")
-    lines = [json.dumps({"image": "a.jpg", "caption": "first"}), "", json.dumps({"image": "a.jpg", "caption": "first"}),
-             json.dumps({"image": "b.jpg", "caption": ["one", "two", ""]}), "{not json", json.dumps({"image": "b.jpg"}),
-             json.dumps({"image": "gone.jpg", "caption": "x"})]  # fmt: skip
+    lines = [
+        json.dumps({"image": "a.jpg", "caption": "first"}),
+        "",
+        json.dumps({"image": "a.jpg", "caption": "first"}),
+        json.dumps({"image": "b.jpg", "caption": ["one", "two", ""]}),
+        "{not json",
+        json.dumps({"image": "b.jpg"}),
+        json.dumps({"image": "gone.jpg", "caption": "x"}),
+    ]
     (tmp_path / "data.jsonl").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
     report = DataReport()
     records, _ = Jsonl().read(tmp_path / "data.jsonl", report)
     assert {r.file_name: r.captions for r in records} == {"a.jpg": ("first",), "b.jpg": ("one", "two")}
-    assert dict(report.skipped) == {"duplicate captions": 1, "empty captions": 1, "image files missing": 1,
-                                    "lines that are not an object with an image and a caption": 2}  # fmt: skip
+    assert dict(report.skipped) == {
+        "duplicate captions": 1,
+        "empty captions": 1,
+        "image files missing": 1,
+        "lines that are not an object with an image and a caption": 2,
+    }
     (tmp_path / "broken.jsonl").write_text("{not json\n[1, 2]\n", encoding="utf-8")
     with pytest.raises(CaptionerError, match=r"broken.jsonl holds no readable line \(line 1: "):
         Jsonl().read(tmp_path / "broken.jsonl", DataReport())
@@ -215,8 +240,10 @@ def test_text_folder_reads_one_caption_per_non_empty_line(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
     report = DataReport()
     records, images_dir = TextFolder().read(TextFolder().locate(tmp_path), report)
-    assert {r.file_name: r.captions for r in records} == {"cat.jpg": ("A cat.", "A cat on a mat"),
-                                                          "nested/dog.png": ("a dog",)}  # fmt: skip
+    assert {r.file_name: r.captions for r in records} == {
+        "cat.jpg": ("A cat.", "A cat on a mat"),
+        "nested/dog.png": ("a dog",),
+    }
     assert dict(report.skipped) == {"pictures without a .txt file": 1, "images without captions": 1}
 
 
@@ -291,7 +318,7 @@ def test_a_folder_without_a_caption_set_is_one_clear_error_even_with_scene_gener
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my notes")
     with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args("fit", tmp_path / "mine", tmp_path / "work", tmp_path, "--data.synthetic_images", "50"))
+        main(tiny_args("fit", tmp_path / "mine", tmp_path / "work", tmp_path, "--data.origin.synthetic_images", "50"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "holds no caption set" in err and "captions.json" in err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

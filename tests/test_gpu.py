@@ -25,10 +25,24 @@ from tests.test_preprocessing import _bad_files, centred_cosine, photographs  # 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ROOT = TESTS.parent
-SMALL = ["--model.encoder.weights", "null", "--model.encoder.model", "resnet18", "--model.encoder.image_size", "64",
-         "--data.val_size", "20",
-         "--data.test_size", "20", "--data.min_word_count", "1", "--data.num_workers", "2",
-         "--trainer.enable_progress_bar", "false"]  # fmt: skip
+SMALL = [
+    "--model.encoder.weights",
+    "null",
+    "--model.encoder.model",
+    "resnet18",
+    "--model.encoder.image_size",
+    "64",
+    "--data.splits.val_size",
+    "20",
+    "--data.splits.test_size",
+    "20",
+    "--data.captions.min_word_count",
+    "1",
+    "--data.loading.num_workers",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def config_args(subcommand, configs, scenes, tmp_path, *extra):
@@ -36,16 +50,30 @@ def config_args(subcommand, configs, scenes, tmp_path, *extra):
     for config in configs:
         args += ["--config", str(ROOT / "configs" / config)]
     # CSV logs: the GPU machine has no wandb (tracking is not what these tests prove).
-    return [*args, "--data.data_dir", str(scenes), "--data.work_dir", str(tmp_path / "work"),
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *SMALL, *extra]  # fmt: skip
+    return [
+        *args,
+        "--data.data_dir",
+        str(scenes),
+        "--data.work_dir",
+        str(tmp_path / "work"),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        *SMALL,
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("configs", [["default.yaml"], ["default.yaml", "decoders/attention.yaml"],
-                                     ["default.yaml", "decoders/transformer.yaml"]], ids=lambda c: c[-1])  # fmt: skip
+@pytest.mark.parametrize(
+    "configs",
+    [["default.yaml"], ["default.yaml", "decoders/attention.yaml"], ["default.yaml", "decoders/transformer.yaml"]],
+    ids=lambda c: c[-1],
+)
 def test_default_configs_train_two_steps_then_test_and_predict_on_the_gpu(configs, scenes, tmp_path):
-    cli = main(config_args("fit", configs, scenes, tmp_path, "--trainer.max_steps", "2",
-                           "--trainer.limit_val_batches", "1"))  # fmt: skip
+    cli = main(
+        config_args("fit", configs, scenes, tmp_path, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1")
+    )
     assert cli.trainer.global_step == 2 and cli.trainer.strategy.root_device.type == "cuda"
     assert cli.trainer.precision in ("bf16-mixed", "16-mixed")  # chosen for the GPU, clipping accepted
     resident = cli.datamodule.store.resident  # the cached features held on the device, batches gathered there
@@ -57,20 +85,35 @@ def test_default_configs_train_two_steps_then_test_and_predict_on_the_gpu(config
     photos.mkdir()
     for image in sorted((scenes / "Images").iterdir())[:5]:
         (photos / image.name).write_bytes(image.read_bytes())
-    predicted = main(config_args("predict", configs, scenes, tmp_path, "--ckpt_path", checkpoint,
-                                 "--data.predict_dir", str(photos)))  # fmt: skip
+    predicted = main(
+        config_args("predict", configs, scenes, tmp_path, "--ckpt_path", checkpoint, "--data.predict_dir", str(photos))
+    )
     rows = (run_dir(predicted.trainer) / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 5 and all(json.loads(row)["caption"] for row in rows)
     assert Captioner.from_checkpoint(checkpoint).caption(sorted(photos.iterdir())[0])[0]
 
 
 def test_self_critical_stage_on_the_gpu(scenes, tmp_path):
-    cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "2",
-                           "--trainer.limit_val_batches", "1"))  # fmt: skip
+    cli = main(
+        config_args(
+            "fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"
+        )
+    )
     start = last_checkpoint(cli.trainer)
-    scst = main(config_args("fit", ["default.yaml", "objectives/scst.yaml"], scenes, tmp_path / "scst",
-                            "--model.init_checkpoint", start, "--trainer.max_steps", "2",
-                            "--trainer.limit_val_batches", "1"))  # fmt: skip
+    scst = main(
+        config_args(
+            "fit",
+            ["default.yaml", "objectives/scst.yaml"],
+            scenes,
+            tmp_path / "scst",
+            "--model.init_checkpoint",
+            start,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        )
+    )
     assert scst.trainer.global_step == 2 and "train/reward_cider" in scst.trainer.logged_metrics
 
 
@@ -80,8 +123,17 @@ def _extract_with_pil_and_nvjpeg(folder, names, backbone, tmp_path, batch_size, 
     caches = {}
     for path_name, device, device_decode in (("pil", "cpu", False), ("nvjpeg", "cuda", True)):
         key = f"{path_name}-key"
-        caches[path_name] = extract_cache(tmp_path / path_name, key, folder, names, spec, device, batch_size,
-                                          threads=max(1, num_workers), device_decode=device_decode)  # fmt: skip
+        caches[path_name] = extract_cache(
+            tmp_path / path_name,
+            key,
+            folder,
+            names,
+            spec,
+            device,
+            batch_size,
+            threads=max(1, num_workers),
+            device_decode=device_decode,
+        )
     return caches
 
 
@@ -120,8 +172,9 @@ def test_compiled_encoder_extracts_what_the_eager_one_does(scenes, tmp_path):
     results = []
     for compile_encoder in (False, True):
         key = f"compiled-{compile_encoder}"
-        cache = extract_cache(tmp_path / key, key, scenes / "Images", names, spec, "cuda", batch_size=16,
-                              compile_encoder=compile_encoder)  # fmt: skip
+        cache = extract_cache(
+            tmp_path / key, key, scenes / "Images", names, spec, "cuda", batch_size=16, compile_encoder=compile_encoder
+        )
         results.append(np.asarray(cache.features, dtype=np.float32))
     np.testing.assert_allclose(results[0], results[1], atol=5e-2, rtol=5e-2)
 
@@ -142,9 +195,14 @@ def test_two_gpu_ddp_fit(scenes, tmp_path):
         "--trainer.devices",
         "2",
     )
-    result = subprocess.run([sys.executable, "-m", "captioner", *args], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
-                            timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "captioner", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert list((tmp_path / "runs").rglob("last.ckpt"))
 
@@ -154,8 +212,11 @@ def test_pil_images_and_gpu_tensors_mix_in_one_call(scenes, tmp_path):
     picture's differ), and one call captions them all."""
     from captioner.encoders.image_files import load_any_image
 
-    cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "1",
-                           "--trainer.limit_val_batches", "1"))  # fmt: skip
+    cli = main(
+        config_args(
+            "fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"
+        )
+    )
     captioner = Captioner.from_checkpoint(last_checkpoint(cli.trainer))
     path, other = sorted((scenes / "Images").iterdir())[:2]
     on_gpu = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).cuda()
@@ -179,10 +240,11 @@ def seeded_decoder(kind: str) -> tuple:
 
     torch.manual_seed(0)
     vocabulary = Vocabulary([f"w{i}" for i in range(500)], max_length=20)
-    build = {"lstm": lambda: LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0),
-             "attention": lambda: AttentionDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, attention_dim=32),
-             "transformer": lambda: TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4),
-             }[kind]  # fmt: skip
+    build = {
+        "lstm": lambda: LSTMDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, dropout=0.0),
+        "attention": lambda: AttentionDecoder(len(vocabulary), 64, embed_dim=32, hidden_dim=64, attention_dim=32),
+        "transformer": lambda: TransformerDecoder(len(vocabulary), 64, width=64, layers=2, heads=4),
+    }[kind]
     model = build().eval()
     features = torch.randn(37, 64) if kind == "lstm" else torch.randn(37, 9, 64)
     return vocabulary, model, features
@@ -205,21 +267,54 @@ def test_a_compiled_search_with_cuda_graphs_gives_the_eager_captions(decoder):
 
 
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
-PREFIX = ["--model.decoder", "captioner.models.decoders.PrefixLMDecoder", "--model.decoder.lm", "null",
-          "--model.decoder.lm_config", json.dumps(TINY_GPT2), "--model.decoder.prefix_length", "4",
-          "--data.tokenizer", "captioner.text.Bpe", "--data.tokenizer.vocab_size", "300"]  # fmt: skip
+PREFIX = [
+    "--model.decoder",
+    "captioner.models.decoders.PrefixLMDecoder",
+    "--model.decoder.lm",
+    "null",
+    "--model.decoder.lm_config",
+    json.dumps(TINY_GPT2),
+    "--model.decoder.prefix_length",
+    "4",
+    "--data.tokenizer",
+    "captioner.text.Bpe",
+    "--data.tokenizer.vocab_size",
+    "300",
+]
 
 
-@pytest.mark.parametrize("extra", [
-    ["--model.trainable_encoder_blocks", "all", "--model.encoder_lr", "0.0003", "--model.objective.per_image", "true"],
-    [*PREFIX, "--model.decoder.train_lm", "true"],
-    [*PREFIX, "--model.decoder.train_lm", "lora", "--model.decoder.lora_rank", "4"],
-], ids=["encoder-fine-tuned", "prefix-lm", "prefix-lm-lora"])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [
+            "--model.trainable_encoder_blocks",
+            "all",
+            "--model.encoder_lr",
+            "0.0003",
+            "--model.objective.per_image",
+            "true",
+        ],
+        [*PREFIX, "--model.decoder.train_lm", "true"],
+        [*PREFIX, "--model.decoder.train_lm", "lora", "--model.decoder.lora_rank", "4"],
+    ],
+    ids=["encoder-fine-tuned", "prefix-lm", "prefix-lm-lora"],
+)
 def test_fine_tuning_and_prefix_lm_steps_train_in_bf16_on_the_gpu(extra, scenes, tmp_path):
     """Steps of the paths CPU tests run in fp32: the encoder fine-tuned from images, the prefix LM trained, and
     LoRA adapters on it; each moves its weights under the GPU's mixed precision, and its checkpoint captions."""
-    cli = main(config_args("fit", ["default.yaml"], scenes, tmp_path, "--trainer.max_steps", "3",
-                           "--trainer.limit_val_batches", "1", *extra))  # fmt: skip
+    cli = main(
+        config_args(
+            "fit",
+            ["default.yaml"],
+            scenes,
+            tmp_path,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+            *extra,
+        )
+    )
     assert cli.trainer.global_step == 3 and cli.trainer.precision in ("bf16-mixed", "16-mixed")
     weights = {name: value for name, value in cli.model.state_dict().items() if value.is_floating_point()}
     assert all(torch.isfinite(value).all() for value in weights.values())

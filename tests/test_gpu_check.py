@@ -28,8 +28,11 @@ def load_check():
 def fake_wheel(folder, name: str, files: dict[str, bytes]) -> object:
     """A minimal valid wheel of `name` 1.0 holding `files`."""
     info = f"{name}-1.0.dist-info"
-    entries = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
-               f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    entries = {
+        **files,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = "".join(f"{path},,\n" for path in [*entries, f"{info}/RECORD"])
     path = folder / f"{name}-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
@@ -41,10 +44,17 @@ def fake_wheel(folder, name: str, files: dict[str, bytes]) -> object:
 
 def test_a_carried_wheel_loses_its_java_parts_and_their_record_lines(tmp_path):
     check = load_check()
-    wheel = fake_wheel(tmp_path, "pycocoevalcap", {
-        "pycocoevalcap/cider/cider.py": b"# cider", "pycocoevalcap/spice/spice-1.0.jar": b"x" * 1000,
-        "pycocoevalcap/meteor/meteor.py": b"# meteor", "pycocoevalcap/meteor/data/paraphrase-en.gz": b"y" * 1000,
-        "pycocoevalcap/tokenizer/stanford-corenlp-3.4.1.jar": b"z" * 1000})  # fmt: skip
+    wheel = fake_wheel(
+        tmp_path,
+        "pycocoevalcap",
+        {
+            "pycocoevalcap/cider/cider.py": b"# cider",
+            "pycocoevalcap/spice/spice-1.0.jar": b"x" * 1000,
+            "pycocoevalcap/meteor/meteor.py": b"# meteor",
+            "pycocoevalcap/meteor/data/paraphrase-en.gz": b"y" * 1000,
+            "pycocoevalcap/tokenizer/stanford-corenlp-3.4.1.jar": b"z" * 1000,
+        },
+    )
     check.slim_wheel(wheel)
     with zipfile.ZipFile(wheel) as slim:
         names = slim.namelist()
@@ -62,9 +72,24 @@ def test_the_dry_run_goes_through_its_stages_but_the_cuda_calls_and_writes_its_f
     wheels.mkdir()
     fake_wheel(wheels, "captioner_gpu_probe", {"captioner_gpu_probe/__init__.py": b""})
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "run", "--dry-run", "--out", str(out), "--wheels",
-                           str(wheels), "--stages", "environment,install,tests"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/gpu_check.py",
+            "run",
+            "--dry-run",
+            "--out",
+            str(out),
+            "--wheels",
+            str(wheels),
+            "--stages",
+            "environment,install,tests",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stages = json.loads((out / "gpu_check.json").read_text())["stages"]
     assert list(stages) == ["environment", "install", "tests"]

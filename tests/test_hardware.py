@@ -61,9 +61,22 @@ def test_lightning_refuses_clipping_a_fused_optimizer_under_mixed_precision_and_
 @needs_cpu_bf16
 def test_bf16_mixed_training_with_clipping_runs(scenes, tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: "native")  # run bf16 even where it is emulated
-    cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.precision", "bf16-mixed",
-                         "--trainer.gradient_clip_val", "5.0", "--trainer.max_steps", "2",
-                         "--trainer.limit_val_batches", "1"))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes,
+            tmp_path / "work",
+            tmp_path,
+            "--trainer.precision",
+            "bf16-mixed",
+            "--trainer.gradient_clip_val",
+            "5.0",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        )
+    )
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 2
 
 
@@ -77,8 +90,11 @@ def _dtypes_under_autocast(decoder: nn.Module, features: torch.Tensor) -> dict[s
 
         return hook
 
-    hooks = [module.register_forward_hook(record(name)) for name, module in decoder.named_modules()
-             if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.Linear))]  # fmt: skip
+    hooks = [
+        module.register_forward_hook(record(name))
+        for name, module in decoder.named_modules()
+        if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.Linear))
+    ]
     tokens = torch.randint(4, 20, (2, 5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         decoder(features, tokens)
@@ -91,8 +107,11 @@ def _dtypes_under_autocast(decoder: nn.Module, features: torch.Tensor) -> dict[s
 def test_the_lstm_runs_in_float32_where_autocast_would_force_float16_and_in_bf16_on_a_cpu(monkeypatch):
     lstm = LSTMDecoder(24, feature_dim=16, embed_dim=8, hidden_dim=12).eval()
     features = torch.randn(2, 16)
-    assert _dtypes_under_autocast(lstm, features) == {"init_state_proj": torch.bfloat16, "lstm": torch.bfloat16,
-                                                      "head": torch.bfloat16}  # fmt: skip
+    assert _dtypes_under_autocast(lstm, features) == {
+        "init_state_proj": torch.bfloat16,
+        "lstm": torch.bfloat16,
+        "head": torch.bfloat16,
+    }
     # CUDA's autocast rule casts cuDNN RNNs to float16; simulate it on the CPU: the LSTM must then run in float32.
     monkeypatch.setattr(decoder_module, "RNN_AUTOCAST_FORCES_HALF", {"cpu"})
     dtypes = _dtypes_under_autocast(lstm, features)
@@ -156,13 +175,24 @@ def test_the_cli_never_initialises_cuda(scenes, tmp_path, monkeypatch):
     assert cli.trainer.precision == "32-true"
 
 
-def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_with_one_warning(trained, scenes_source, tmp_path, monkeypatch,
-                                                                      caplog):  # fmt: skip
+def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_with_one_warning(
+    trained, scenes_source, tmp_path, monkeypatch, caplog
+):
     checkpoint, work = trained
     monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: "none")  # an AVX2-only CPU
     with caplog.at_level(logging.WARNING, logger="captioner"):
-        cli = main(tiny_args("test", scenes_source, work, tmp_path, "--ckpt_path", str(checkpoint),
-                             "--trainer.precision", "bf16-mixed"))  # fmt: skip
+        cli = main(
+            tiny_args(
+                "test",
+                scenes_source,
+                work,
+                tmp_path,
+                "--ckpt_path",
+                str(checkpoint),
+                "--trainer.precision",
+                "bf16-mixed",
+            )
+        )
     assert cli.trainer.precision == "32-true" and "test/bleu4" in cli.trainer.callback_metrics
     warnings = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
     assert len(warnings) == 1 and "AVX-512 BF16 or AMX" in warnings[0]
@@ -201,8 +231,11 @@ def test_out_of_memory_frees_the_failed_chunk_before_the_cache_is_emptied(monkey
         return images.float().mean(dim=(1, 2, 3), keepdim=False).unsqueeze(1)
 
     alive_when_freeing = []
-    monkeypatch.setattr(features_module, "free_device_memory",
-                        lambda device: alive_when_freeing.append(any(ref() is not None for ref in held)))  # fmt: skip
+    monkeypatch.setattr(
+        features_module,
+        "free_device_memory",
+        lambda device: alive_when_freeing.append(any(ref() is not None for ref in held)),
+    )
     out = features_module.encode_in_chunks(forward, torch.zeros(8, 3, 4, 4, dtype=torch.uint8), [8])
     assert out.shape == (8, 1) and alive_when_freeing == [False, False]
 

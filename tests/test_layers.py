@@ -48,8 +48,9 @@ def imports_of(name: str, path, modules) -> set[str]:
     tree = ast.parse(path.read_text())
     # A module that imports by name (`importlib.import_module(...)`) imports every module its strings name; the
     # alias table of older names (compat.names) names today's modules as where old names lead, not as imports.
-    by_name = name not in ALIAS_TABLES and any(isinstance(node, ast.Attribute) and node.attr == "import_module"
-                                               for node in ast.walk(tree))  # fmt: skip
+    by_name = name not in ALIAS_TABLES and any(
+        isinstance(node, ast.Attribute) and node.attr == "import_module" for node in ast.walk(tree)
+    )
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -81,8 +82,11 @@ def layer(module: str) -> int:
 
 
 def test_the_map_names_every_room_once():
-    rooms = {path.stem if path.suffix == ".py" else path.name for path in (ROOT / "captioner").iterdir()
-             if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").is_file()}  # fmt: skip
+    rooms = {
+        path.stem if path.suffix == ".py" else path.name
+        for path in (ROOT / "captioner").iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").is_file()
+    }
     rooms.add("callbacks")
     named = [room for group in LAYERS for room in group]
     assert sorted(named) == sorted(rooms), set(named) ^ rooms
@@ -108,9 +112,13 @@ def test_no_module_imports_itself_back_through_any_chain():
 
 
 def test_each_layer_imports_only_its_own_and_lower_layers():
-    wrong = [f"{module} ({LAYERS[layer(module)][0]}) imports {target} ({LAYERS[layer(target)][0]})"
-             for module, targets in graph().items() if module != "captioner" for target in targets
-             if target != "captioner" and layer(target) > layer(module)]  # fmt: skip
+    wrong = [
+        f"{module} ({LAYERS[layer(module)][0]}) imports {target} ({LAYERS[layer(target)][0]})"
+        for module, targets in graph().items()
+        if module != "captioner"
+        for target in targets
+        if target != "captioner" and layer(target) > layer(module)
+    ]
     assert wrong == []
 
 
@@ -124,18 +132,28 @@ def test_a_relative_import_and_an_import_by_name_are_read():
     import tempfile
     from pathlib import Path
 
-    modules = {"captioner.data.datamodule": None, "captioner.features.stores": None, "captioner.data": None,
-               "captioner.bulk.command": None}  # fmt: skip
+    modules = {
+        "captioner.data.datamodule": None,
+        "captioner.features.stores": None,
+        "captioner.data": None,
+        "captioner.bulk.command": None,
+    }
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "stores.py"
-        path.write_text("import importlib\nfrom ..data import datamodule\nCOMMANDS = {'x': 'captioner.bulk.command'}\n"
-                        "def run(name):\n    return importlib.import_module(COMMANDS[name])\n")
-        assert imports_of("captioner.features.stores", path, modules) == {"captioner.data.datamodule",
-                                                                          "captioner.bulk.command"}  # fmt: skip
+        path.write_text(
+            "import importlib\nfrom ..data import datamodule\nCOMMANDS = {'x': 'captioner.bulk.command'}\n"
+            "def run(name):\n    return importlib.import_module(COMMANDS[name])\n"
+        )
+        assert imports_of("captioner.features.stores", path, modules) == {
+            "captioner.data.datamodule",
+            "captioner.bulk.command",
+        }
 
 
 def test_the_package_and_the_exported_runtime_import_no_torch():
-    code = ("import sys, captioner, captioner.inference.exported, captioner.inference.engine; "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys, captioner, captioner.inference.exported, captioner.inference.engine; "
+        "assert 'torch' not in sys.modules"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr

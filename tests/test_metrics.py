@@ -103,8 +103,11 @@ def test_cider_d_on_token_ids_matches_pycocoevalcap():
 
     from captioner.evaluation.cider import CiderD
 
-    refs = {"a": ["a red circle on the left", "the red circle is on the left side"],
-            "b": ["two blue squares side by side", "blue squares"], "c": ["a green triangle at the top"]}  # fmt: skip
+    refs = {
+        "a": ["a red circle on the left", "the red circle is on the left side"],
+        "b": ["two blue squares side by side", "blue squares"],
+        "c": ["a green triangle at the top"],
+    }
     hyps = {"a": "a red circle on the right", "b": "two blue squares", "c": "a green circle at the top"}
     words: dict[str, int] = {}
 

@@ -28,8 +28,23 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         return [n for n in names if (top and n in left_out) or n == "__pycache__" or n.endswith(".egg-info")]
 
     shutil.copytree(ROOT, source, ignore=ignore)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                             str(folder), str(source)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(folder),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = folder.glob("captioner-*.whl")
     return zipfile.ZipFile(path)
@@ -53,22 +68,29 @@ def test_the_wheel_holds_one_top_level_package_with_every_module_config_and_page
 
 def test_a_shipped_config_is_found_by_name_a_path_wins_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
     available = shipped_configs()
-    assert {"demo", "default", "decoders/transformer", "decoders/attention", "objectives/scst",
-            "encoders/clip_vit_b32"} <= set(available)  # fmt: skip
+    assert {
+        "demo",
+        "default",
+        "decoders/transformer",
+        "decoders/attention",
+        "objectives/scst",
+        "encoders/clip_vit_b32",
+    } <= set(available)
     assert Path(resolve_config("demo")) == ROOT / "configs" / "demo.yaml"
     assert Path(resolve_config("decoders/transformer.yaml")) == ROOT / "configs" / "decoders" / "transformer.yaml"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").write_text("seed_everything: 1\n")  # a file of that name beside the user: it wins
     assert resolve_config("demo") == "demo"
-    assert with_shipped_configs(["fit", "--config", "default", "--config=decoders/attention", "--model.lr", "1"]) == [
-        "fit",
-        "--config",
-        str(available["default"]),
-        f"--config={available['decoders/attention']}",
-        "--model.lr",
-        "1",
-    ]
-    with pytest.raises(CaptionerError, match=r"no shipped config of that name\. Shipped: decoders/attention, .*demo"):
+    expanded = with_shipped_configs(["fit", "--config", "default", "--config=decoders/attention", "--model.lr", "1"])
+    # default extends base: base first, then default's own keys (`extends` read and left out), then the overlay's,
+    # the run named after it.
+    assert expanded[:3] == ["fit", "--config", str(available["base"])]
+    assert expanded[3] == "--config" and "extends" not in expanded[4] and "model:" in expanded[4]
+    assert expanded[5] == "--config" and "AttentionDecoder" in expanded[6] and "run_name" not in expanded[6]
+    assert expanded[7:] == ["--model.lr", "1", "--trainer.logger.init_args.name", "attention"]
+    with pytest.raises(
+        CaptionerError, match=r"no shipped config of that name\. Shipped: base, decoders/attention, .*demo"
+    ):
         resolve_config("demoo")
 
 
@@ -86,12 +108,22 @@ def test_an_old_config_naming_callbacks_still_runs_with_one_deprecation_line(tra
     photos = copy_scenes(scenes_source, tmp_path / "photos", 2)
     old = tmp_path / "old.yaml"
     old.write_text(TINY_CONFIG.read_text().replace("captioner.callbacks.LastCheckpoint", "callbacks.LastCheckpoint"))
-    args = ["predict", "--config", str(old), "--ckpt_path", str(checkpoint), "--data.predict_dir", str(photos),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--trainer.callbacks+=callbacks.CaptionWriter"]  # fmt: skip
+    args = [
+        "predict",
+        "--config",
+        str(old),
+        "--ckpt_path",
+        str(checkpoint),
+        "--data.predict_dir",
+        str(photos),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.callbacks+=callbacks.CaptionWriter",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-m", "captioner", *args], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "captioner", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("'callbacks.…' in a config is deprecated; write 'captioner.callbacks.…'") == 1
     assert "2 captioned, 0 failed" in result.stdout
@@ -100,16 +132,28 @@ def test_an_old_config_naming_callbacks_still_runs_with_one_deprecation_line(tra
 
 def test_modules_that_moved_still_import_by_their_old_names_with_one_deprecation_line():
     """Plugins and configs written for the first 0.3 layout (`captioner.errors`, `captioner.checkpointing`) work."""
-    code = ("import captioner.errors, captioner.parts\n"
-            "from captioner.checkpointing import AtomicCheckpointIO\n"
-            "from captioner.core.errors import CaptionerError\n"
-            "from captioner.models.checkpoints import AtomicCheckpointIO as New\n"
-            "assert captioner.errors.CaptionerError is CaptionerError and AtomicCheckpointIO is New\n"
-            "import captioner.errors\n")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    code = (
+        "import captioner.errors, captioner.parts\n"
+        "from captioner.checkpointing import AtomicCheckpointIO\n"
+        "from captioner.core.errors import CaptionerError\n"
+        "from captioner.models.checkpoints import AtomicCheckpointIO as New\n"
+        "assert captioner.errors.CaptionerError is CaptionerError and AtomicCheckpointIO is New\n"
+        "import captioner.errors\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert lines == [f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now)." for old, new in (
-        ("captioner.errors", "captioner.core.errors"), ("captioner.parts", "captioner.core.parts"),
-        ("captioner.checkpointing", "captioner.models.checkpoints"))]  # fmt: skip
+    assert lines == [
+        f"captioner: '{old}' is deprecated; it is '{new}' now (it works for now)."
+        for old, new in (
+            ("captioner.errors", "captioner.core.errors"),
+            ("captioner.parts", "captioner.core.parts"),
+            ("captioner.checkpointing", "captioner.models.checkpoints"),
+        )
+    ]

@@ -45,7 +45,7 @@ def photos_of(scenes: Path, folder: Path, count: int = 3) -> Path:
 
 def test_a_decoder_from_a_test_file_trains_tests_and_predicts_by_class_path_alone(scenes, tmp_path, monkeypatch):
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2", *PLUGIN))
-    assert type(cli.model.decoder).__name__ == "GRUDecoder" and cli.datamodule.hparams.features == "pooled"
+    assert type(cli.model.decoder).__name__ == "GRUDecoder" and cli.datamodule.needs.features == "pooled"
     best = cli.trainer.checkpoint_callback.best_model_path
     meta = torch.load(best, weights_only=True)["captioner"]
     assert meta["decoder"] == {
@@ -75,21 +75,44 @@ def test_a_checkpoint_of_another_decoder_size_is_refused_naming_the_difference(s
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "1", *PLUGIN))
     best = cli.trainer.checkpoint_callback.best_model_path
     with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args("test", scenes, tmp_path / "work", tmp_path / "t", "--ckpt_path", best, *PLUGIN[:2],
-                       "--model.decoder.hidden_dim", "16"))  # fmt: skip
+        main(
+            tiny_args(
+                "test",
+                scenes,
+                tmp_path / "work",
+                tmp_path / "t",
+                "--ckpt_path",
+                best,
+                *PLUGIN[:2],
+                "--model.decoder.hidden_dim",
+                "16",
+            )
+        )
     assert exit_info.value.code == 2 and "hidden_dim=32 (configured: 16)" in capsys.readouterr().err
     # A training-only option (dropout) may differ: the weights mean the same.
-    main(tiny_args("test", scenes, tmp_path / "work", tmp_path / "t2", "--ckpt_path", best, *PLUGIN,
-                   "--model.decoder.dropout", "0.5"))  # fmt: skip
+    main(
+        tiny_args(
+            "test",
+            scenes,
+            tmp_path / "work",
+            tmp_path / "t2",
+            "--ckpt_path",
+            best,
+            *PLUGIN,
+            "--model.decoder.dropout",
+            "0.5",
+        )
+    )
 
 
 def test_the_transformer_trains_and_its_cross_attention_feeds_the_attention_pictures(scenes, tmp_path):
     cli = main(tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2", *TRANSFORMER))
-    assert cli.datamodule.hparams.features == "grid"
+    assert cli.datamodule.needs.features == "grid"
     best = cli.trainer.checkpoint_callback.best_model_path
     photos = photos_of(scenes, tmp_path / "photos")
-    predicted = main(predict_args(best, photos, tmp_path / "pred", "--trainer.callbacks.attention_maps", "true",
-                                  *TRANSFORMER))  # fmt: skip
+    predicted = main(
+        predict_args(best, photos, tmp_path / "pred", "--predictions.attention_maps", "true", *TRANSFORMER)
+    )
     folder = run_dir(predicted.trainer)
     for row in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines()):
         with Image.open(folder / "attention" / (Path(row["image"]).name + ".png")) as figure:

@@ -44,8 +44,14 @@ def test_predict_writes_every_file_once_with_errors_and_pictures(trained, scenes
     photos = tmp_path / "photos"
     photos.mkdir()
     good, bad = write_every_kind_of_image(photos, next((scenes_source / "Images").iterdir()))
-    extra = ["--trainer.callbacks.write_images", "true", "--data.data_dir", str(tmp_path / "no-dataset-here"),
-             "--data.work_dir", str(tmp_path / "no-work-dir")]  # fmt: skip
+    extra = [
+        "--predictions.write_images",
+        "true",
+        "--data.data_dir",
+        str(tmp_path / "no-dataset-here"),
+        "--data.work_dir",
+        str(tmp_path / "no-work-dir"),
+    ]
     cli = main(predict_args(checkpoint, photos, tmp_path / "runs", *extra))
     assert f"{good} captioned, {bad} failed" in capsys.readouterr().out
     folder = run_dir(cli.trainer)
@@ -158,22 +164,38 @@ def test_caption_command_prints_the_ranked_alternatives_and_json_a_script_reads(
     checkpoint, _ = trained
     images = sorted((scenes_source / "Images").iterdir())[:2]
     expected = Captioner.from_checkpoint(checkpoint, device="cpu").describe(
-        [Image.open(path) for path in images], num_beams=3, num_return=3)  # fmt: skip
+        [Image.open(path) for path in images], num_beams=3, num_return=3
+    )
     main(["caption", *map(str, images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--num_return", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == f"{images[0]}:" and lines[4] == f"{images[1]}:" and len(lines) == 8
     for block, row in ((lines[1:4], expected[0]), (lines[5:8], expected[1])):
         assert [line.split(". ", 1)[1].rsplit("  (", 1)[0] for line in block] == [
-            a["caption"] for a in row["alternatives"]]  # fmt: skip
-    main(["caption", *map(str, images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--num_return", "3",
-          "--force_words", "circle|square|triangle", "--json"])  # fmt: skip
+            a["caption"] for a in row["alternatives"]
+        ]
+    main(
+        [
+            "caption",
+            *map(str, images),
+            "--ckpt_path",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--num_return",
+            "3",
+            "--force_words",
+            "circle|square|triangle",
+            "--json",
+        ]
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [row["image"] for row in rows] == list(map(str, images)) and all(row["error"] is None for row in rows)
     for row in rows:
         assert len(row["alternatives"]) == 3 and row["caption"] == row["alternatives"][0]["caption"]
         for alternative in row["alternatives"]:
             assert alternative["constraints_met"] and {"circle", "square", "triangle"} & set(
-                alternative["caption"].split())  # fmt: skip
+                alternative["caption"].split()
+            )
 
 
 def test_checkpoint_carries_the_encoder_weights(scenes_source, tmp_path, monkeypatch):
@@ -257,13 +279,27 @@ def test_reranking_by_clip_score_returns_the_alternative_clip_prefers(trained, s
         order = np.argsort(-cosine, kind="stable")
         assert [a["caption"] for a in ranked["alternatives"]] == [texts[i] for i in order]
         assert [a["score"] for a in ranked["alternatives"]] == pytest.approx(
-            [row["alternatives"][i]["score"] for i in order], abs=1e-4)
+            [row["alternatives"][i]["score"] for i in order], abs=1e-4
+        )
         changed += top["caption"] != row["caption"]
     assert changed, "CLIP agreed with the model on every image: the test would not see reranking switched off"
 
     # From the command line, each answer carries its CLIP-S; an exported folder cannot rerank (no torch, no CLIP).
-    main(["caption", str(files[0]), "--ckpt_path", str(checkpoint), "--num_beams", "4", "--rerank_clip",
-          str(clip_folder), "--json", "--device", "cpu"])  # fmt: skip
+    main(
+        [
+            "caption",
+            str(files[0]),
+            "--ckpt_path",
+            str(checkpoint),
+            "--num_beams",
+            "4",
+            "--rerank_clip",
+            str(clip_folder),
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["caption"] == best[0]["caption"] and answer["clip_score"] == pytest.approx(best[0]["clip_score"])
     with pytest.raises(CaptionerError, match="exported folder.*--rerank_clip"):
@@ -275,6 +311,7 @@ def test_reranking_by_clip_score_returns_the_alternative_clip_prefers(trained, s
     api.setup("cpu")
     assert api.captioner.reranker.name == str(clip_folder)
     served = api.captioner.describe(pixels[:2])
-    assert [(row["caption"], row["clip_score"]) for row in served] == [(row["caption"], row["clip_score"])
-                                                                       for row in best[:2]]  # fmt: skip
+    assert [(row["caption"], row["clip_score"]) for row in served] == [
+        (row["caption"], row["clip_score"]) for row in best[:2]
+    ]
     assert [row["score"] for row in served] == pytest.approx([row["score"] for row in best[:2]], abs=1e-5)

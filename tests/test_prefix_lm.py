@@ -126,18 +126,46 @@ def test_a_prefix_run_end_to_end_with_bpe_then_self_critical(scenes_source, tmp_
     """Teacher forcing, then self-critical training from its checkpoint; the checkpoint then captions on its own."""
     from captioner.cli import main
 
-    prefix = ["--model.decoder", "captioner.models.decoders.PrefixLMDecoder", "--model.decoder.lm", "null",
-              "--model.decoder.lm_config", json.dumps(TINY_GPT2 | {"n_embd": 32}), "--model.decoder.prefix_length",
-              "4", "--model.decoder.train_lm", "true", "--data.tokenizer", "captioner.text.Bpe",
-              "--data.tokenizer.vocab_size", "400", "--model.lr", "0.003"]  # fmt: skip
+    prefix = [
+        "--model.decoder",
+        "captioner.models.decoders.PrefixLMDecoder",
+        "--model.decoder.lm",
+        "null",
+        "--model.decoder.lm_config",
+        json.dumps(TINY_GPT2 | {"n_embd": 32}),
+        "--model.decoder.prefix_length",
+        "4",
+        "--model.decoder.train_lm",
+        "true",
+        "--data.tokenizer",
+        "captioner.text.Bpe",
+        "--data.tokenizer.vocab_size",
+        "400",
+        "--model.lr",
+        "0.003",
+    ]
     work = tmp_path / "work"
     cli = main(tiny_args("fit", scenes_source, work, tmp_path / "xe", "--trainer.max_epochs", "3", *prefix))
     checkpoint = cli.trainer.checkpoint_callback.best_model_path
     loss = float(cli.trainer.callback_metrics["val/loss"])
     assert isinstance(cli.model.decoder, PrefixLMDecoder) and loss < 5.0  # log(400) = 6.0: it learned
-    scst = main(tiny_args("fit", scenes_source, work, tmp_path / "scst", "--trainer.max_epochs", "1", *prefix,
-                          "--model.objective", "captioner.models.objectives.SelfCritical", "--model.init_checkpoint",
-                          checkpoint, "--model.lr", "0.0005"))  # fmt: skip
+    scst = main(
+        tiny_args(
+            "fit",
+            scenes_source,
+            work,
+            tmp_path / "scst",
+            "--trainer.max_epochs",
+            "1",
+            *prefix,
+            "--model.objective",
+            "captioner.models.objectives.SelfCritical",
+            "--model.init_checkpoint",
+            checkpoint,
+            "--model.lr",
+            "0.0005",
+        )
+    )
     assert "train/reward_cider" in scst.trainer.logged_metrics
     captioner = Captioner.from_checkpoint(scst.trainer.checkpoint_callback.last_model_path or checkpoint, device="cpu")
     images = sorted((scenes_source / "Images").iterdir())[:3]
@@ -151,17 +179,51 @@ def test_a_prefix_run_end_to_end_with_bpe_then_self_critical(scenes_source, tmp_
 # Qwen2's: fewer key and value heads than query heads).
 FAMILIES = {
     "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
-    "opt": {"model_type": "opt", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "ffn_dim": 64,
-            "max_position_embeddings": 64, "word_embed_proj_dim": 32},
-    "gpt_neo": {"model_type": "gpt_neo", "num_layers": 2, "hidden_size": 32, "num_heads": 2,
-                "attention_types": [[["global", "local"], 1]], "max_position_embeddings": 64, "window_size": 16},
-    "gpt_neox": {"model_type": "gpt_neox", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
-                 "intermediate_size": 64, "max_position_embeddings": 64},
-    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
-    "qwen2": {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64},
-}  # fmt: skip
+    "opt": {
+        "model_type": "opt",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "ffn_dim": 64,
+        "max_position_embeddings": 64,
+        "word_embed_proj_dim": 32,
+    },
+    "gpt_neo": {
+        "model_type": "gpt_neo",
+        "num_layers": 2,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "attention_types": [[["global", "local"], 1]],
+        "max_position_embeddings": 64,
+        "window_size": 16,
+    },
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    },
+    "llama": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    },
+}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -259,8 +321,12 @@ def test_lora_checkpoints_hold_the_adapters_and_export_merges_them_into_the_same
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # merged for export only
     assert [row["caption"] for row in OnnxCaptioner(folder).describe(list(images.numpy()))] == captions
     graphs = [onnx.load(path, load_external_data=False) for path in folder.glob("*.onnx")]
-    adapted = [node.name for graph in graphs for node in graph.graph.node
-               if any(f"/{target}/" in node.name for target in ("q_proj", "v_proj", "o_proj"))]  # fmt: skip
+    adapted = [
+        node.name
+        for graph in graphs
+        for node in graph.graph.node
+        if any(f"/{target}/" in node.name for target in ("q_proj", "v_proj", "o_proj"))
+    ]
     assert adapted and all("/base_layer/" in name for name in adapted)  # one matrix per adapted layer: merged
     # Rebuilt from its recorded options, as a checkpoint is, the same adapters load and caption alike.
     rebuilt = CaptionModel(PrefixLMDecoder, encoder=TinyConvEncoder(width=8), decoding=DecodingConfig(num_beams=3))

@@ -57,8 +57,17 @@ def test_extraction_and_captioning_give_the_same_features_for_the_same_photograp
     cached = {}
     for path_name, device_decode in (("cpu", False), ("device", True)):  # the GPU's path, on the CPU
         key = f"{path_name}-key"
-        cache = extract_cache(tmp_path / path_name, key, folder, names, FeatureSpec(encoder), "cpu", batch_size=4,
-                              threads=2, device_decode=device_decode)  # fmt: skip
+        cache = extract_cache(
+            tmp_path / path_name,
+            key,
+            folder,
+            names,
+            FeatureSpec(encoder),
+            "cpu",
+            batch_size=4,
+            threads=2,
+            device_decode=device_decode,
+        )
         assert not cache.failed
         cached[path_name] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
 
@@ -135,8 +144,16 @@ def _bad_files(folder: Path, photograph: Path) -> dict[str, bool]:
     (folder / "noise.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8 + b"\xff\xd9")
     Image.new("RGB", (3000, 3000), "white").save(folder / "bomb.jpg")
     (folder / "empty.jpg").write_bytes(b"")
-    return {"good.jpg": True, "grey.jpg": True, "cmyk.jpg": True, "picture.png": True, "truncated.jpg": False,
-            "noise.jpg": False, "bomb.jpg": False, "empty.jpg": False}  # fmt: skip
+    return {
+        "good.jpg": True,
+        "grey.jpg": True,
+        "cmyk.jpg": True,
+        "picture.png": True,
+        "truncated.jpg": False,
+        "noise.jpg": False,
+        "bomb.jpg": False,
+        "empty.jpg": False,
+    }
 
 
 def test_decoding_ahead_in_several_threads_gives_the_batches_in_order(photographs):
@@ -160,13 +177,27 @@ def test_the_device_path_fails_bad_files_alone_like_the_cpu_path(photographs, tm
     failures = {}
     for path_name, device_decode in (("cpu", False), ("device", True)):
         key = f"{path_name}-key"
-        failures[path_name] = extract_cache(tmp_path / path_name, key, tmp_path, names, FeatureSpec(encoder), "cpu",
-                                            batch_size=4, threads=2, device_decode=device_decode).failed  # fmt: skip
+        failures[path_name] = extract_cache(
+            tmp_path / path_name,
+            key,
+            tmp_path,
+            names,
+            FeatureSpec(encoder),
+            "cpu",
+            batch_size=4,
+            threads=2,
+            device_decode=device_decode,
+        ).failed
     assert set(failures["cpu"]) == set(failures["device"]) == {name for name, ok in expected.items() if not ok}
     assert "too large" in failures["device"]["bomb.jpg"]
     # nvJPEG may return a half-grey picture for a truncated file: those never reach it, nor do CMYK JPEGs.
-    for name, to_device in (("good.jpg", True), ("grey.jpg", True), ("truncated.jpg", False), ("cmyk.jpg", False),
-                            ("picture.png", False)):  # fmt: skip
+    for name, to_device in (
+        ("good.jpg", True),
+        ("grey.jpg", True),
+        ("truncated.jpg", False),
+        ("cmyk.jpg", False),
+        ("picture.png", False),
+    ):
         assert images_module.device_decodable((tmp_path / name).read_bytes()) == to_device, name
 
 

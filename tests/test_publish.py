@@ -23,8 +23,9 @@ def tested_run(scenes_source, tmp_path_factory):
     return best, root
 
 
-def test_publish_writes_the_hubs_layout_and_from_pretrained_captions_as_the_checkpoint(tested_run, scenes_source,
-                                                                                       tmp_path, capsys):  # fmt: skip
+def test_publish_writes_the_hubs_layout_and_from_pretrained_captions_as_the_checkpoint(
+    tested_run, scenes_source, tmp_path, capsys
+):
     import safetensors.torch
     from huggingface_hub import ModelCard
 
@@ -33,10 +34,29 @@ def test_publish_writes_the_hubs_layout_and_from_pretrained_captions_as_the_chec
     report = {"images": 20, "tokenizer": "PTB", "decoding": {"num_beams": 2}, "metrics": metrics}
     (tmp_path / "test_metrics.json").write_text(json.dumps(report))
     folder = tmp_path / "published"
-    main(["publish", "--ckpt_path", checkpoint, "--output", str(folder), "--onnx", "--test_metrics",
-          str(tmp_path / "test_metrics.json"), "--dataset", "yerevann/coco-karpathy", "--license", "mit"])  # fmt: skip
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json", "README.md",
-                                                  "onnx"}  # fmt: skip
+    main(
+        [
+            "publish",
+            "--ckpt_path",
+            checkpoint,
+            "--output",
+            str(folder),
+            "--onnx",
+            "--test_metrics",
+            str(tmp_path / "test_metrics.json"),
+            "--dataset",
+            "yerevann/coco-karpathy",
+            "--license",
+            "mit",
+        ]
+    )
+    assert {p.name for p in folder.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "onnx",
+    }
     config = json.loads((folder / "config.json").read_text())
     assert config["captioner_format"] == 1 and config["captioner"]["decoder"]["class_path"].endswith("LSTMDecoder")
     assert json.loads((folder / "tokenizer.json").read_text())["words"]
@@ -85,8 +105,22 @@ def test_the_card_reports_the_speed_measured_and_the_int8_exports_differences(te
     checkpoint, _ = tested_run
     pictures = copy_scenes(scenes_source, tmp_path / "pictures", 12)
     folder = tmp_path / "published"
-    main(["publish", "--ckpt_path", checkpoint, "--output", str(folder), "--onnx", "--quantize", "int8",
-          "--measure_dir", str(pictures), "--measure_images", "10"])  # fmt: skip
+    main(
+        [
+            "publish",
+            "--ckpt_path",
+            checkpoint,
+            "--output",
+            str(folder),
+            "--onnx",
+            "--quantize",
+            "int8",
+            "--measure_dir",
+            str(pictures),
+            "--measure_images",
+            "10",
+        ]
+    )
     assert OnnxCaptioner(folder / "onnx").manifest.quantized["int8"]
     card = ModelCard.load(folder / "README.md").text
     speed = card[card.index("## Speed") : card.index("Decoding saved")]

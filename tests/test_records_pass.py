@@ -25,6 +25,7 @@ if sys.argv[3] == "all":  # no Lightning to import for the baseline
     from captioner.data.formats import WebDataset
 else:
     from captioner.data.datamodule import CaptionDataModule
+from captioner.data.options import Captions, Splits
     from captioner.encoders.torchvision_models import TorchvisionEncoder
 
 def high_water():
@@ -41,16 +42,23 @@ before = resident()
 if sys.argv[3] == "all":  # what holding every record takes: the format's read() of all shards at once
     records, _ = WebDataset().read(Path(sys.argv[1]), DataReport())
 else:
-    CaptionDataModule(data_dir=sys.argv[1], work_dir=sys.argv[2], val_size=500, test_size=500, min_word_count=1,
-                      encoder=TorchvisionEncoder("resnet18", None, 32)).prepare_data()
+    CaptionDataModule(data_dir=sys.argv[1], work_dir=sys.argv[2], splits=Splits(val_size=500, test_size=500),
+                      captions=Captions(min_word_count=1), encoder=TorchvisionEncoder("resnet18", None, 32)
+                      ).prepare_data()
 print(json.dumps(high_water() - before))
 """
 
 
 def peak_growth(shards: Path, work: Path, how: str) -> int:
     """Bytes the peak resident memory of a fresh process rose by while reading the shards."""
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(shards), str(work), how], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(shards), str(work), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -60,8 +68,10 @@ def test_the_records_pass_grows_far_less_per_record_than_holding_them(tmp_path):
     shards = {n: write_caption_shards(tmp_path / f"shards-{n}", n, per_shard=10_000) for n in sizes}
     streamed = {n: peak_growth(shards[n], tmp_path / f"work-{n}", "pass") for n in sizes}
     held = {n: peak_growth(shards[n], tmp_path / f"held-{n}", "all") for n in sizes}
-    per_record = {name: (growth[sizes[1]] - growth[sizes[0]]) / (sizes[1] - sizes[0])
-                  for name, growth in (("pass", streamed), ("all", held))}  # fmt: skip
+    per_record = {
+        name: (growth[sizes[1]] - growth[sizes[0]]) / (sizes[1] - sizes[0])
+        for name, growth in (("pass", streamed), ("all", held))
+    }
     # Measured here: 70-110 bytes a record for the pass (the 8-byte hashes that tell keys met twice, and the
     # allocator), 470-570 for every record held: CC12M's 11M records would take 5-6 GB held.
     assert per_record["all"] > 300, per_record
@@ -110,7 +120,8 @@ def test_a_folder_and_its_images_in_shards_of_any_size_split_the_same_images(sce
     folder = {image_key(r.file_name): name for name, part in split_records(records, 10, 0.1, 5).items() for r in part}
     for per_shard in (7, 50):  # re-sharded: other shard names, other neighbours
         shards = write_synthetic_shards(scenes_source, tmp_path / f"shards-{per_shard}", per_shard=per_shard)
-        sharded = index_shards(WebDataset().shard_records(shards, DataReport()), tmp_path / f"p-{per_shard}", 10, 12,
-                               5, DataReport())  # fmt: skip
+        sharded = index_shards(
+            WebDataset().shard_records(shards, DataReport()), tmp_path / f"p-{per_shard}", 10, 12, 5, DataReport()
+        )
         assert {image_key(r.file_name): r.split for r in sharded.records()} == folder
     assert list(folder.values()).count("test") == 12 and list(folder.values()).count("val") == 10

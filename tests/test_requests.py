@@ -29,9 +29,10 @@ VOCABULARY = Vocabulary(["a", "red", "blue", "circle", "square", "on", "the", "l
 def transformer_captioner(max_length: int = 16) -> Captioner:
     """A Transformer over a small random ResNet: its position table holds `max_length` tokens."""
     torch.manual_seed(0)
-    model = CaptionModel(lambda vocab, dim: TransformerDecoder(vocab, dim, width=16, layers=1, heads=2,
-                                                               max_length=max_length),
-                         encoder=TorchvisionEncoder("resnet18", None, 32))  # fmt: skip
+    model = CaptionModel(
+        lambda vocab, dim: TransformerDecoder(vocab, dim, width=16, layers=1, heads=2, max_length=max_length),
+        encoder=TorchvisionEncoder("resnet18", None, 32),
+    )
     model.build(VOCABULARY)
     return Captioner(model.eval(), decoding=DecodingConfig(num_beams=1))
 
@@ -56,14 +57,25 @@ def jpeg(colour: str = "red") -> str:
 
 # A value of every DecodingConfig field, as a client would send it (JSON or a form field), and what it means.
 EVERY_SETTING = {
-    "num_beams": ("4", 4), "num_return": (2, 2), "length_penalty": ("0.6", 0.6), "max_length": (9, 9),
-    "min_length": ("2", 2), "no_repeat_ngram_size": (2, 2), "bad_endings": ("a, the", ("a", "the")),
-    "prefix": ("a red", "a red"), "force_words": ("circle|square, on the left", (("circle", "square"), "on the left")),
+    "num_beams": ("4", 4),
+    "num_return": (2, 2),
+    "length_penalty": ("0.6", 0.6),
+    "max_length": (9, 9),
+    "min_length": ("2", 2),
+    "no_repeat_ngram_size": (2, 2),
+    "bad_endings": ("a, the", ("a", "the")),
+    "prefix": ("a red", "a red"),
+    "force_words": ("circle|square, on the left", (("circle", "square"), "on the left")),
     "bad_words": (["blue", "the left"], ("blue", "the left")),
-    "early_stopping": ("never", "never"), "num_beam_groups": (2, 2), "diversity_penalty": ("0.5", 0.5),
-    "do_sample": ("false", False), "temperature": ("0.7", 0.7), "top_k": (5, 5), "top_p": ("0.9", 0.9),
+    "early_stopping": ("never", "never"),
+    "num_beam_groups": (2, 2),
+    "diversity_penalty": ("0.5", 0.5),
+    "do_sample": ("false", False),
+    "temperature": ("0.7", 0.7),
+    "top_k": (5, 5),
+    "top_p": ("0.9", 0.9),
     "seed": ("7", 7),
-}  # fmt: skip
+}
 
 
 def test_a_request_may_set_every_decoding_setting_for_itself(api):
@@ -79,16 +91,19 @@ def test_a_request_may_set_every_decoding_setting_for_itself(api):
         assert getattr(decoded(api, request)["decoding"], name) == meant, name
 
 
-@pytest.mark.parametrize(("request_fields", "status", "says"), [
-    ({"max_length": 100}, 400, "'max_length' must be between 1 and 15"),  # the position table: 16 tokens
-    ({"top_k": 500}, 400, "'top_k' must be between 0 and 12"),  # the vocabulary: 12 tokens
-    ({"bad_endings": "a zebra"}, 400, "'zebra' are not single tokens"),
-    ({"min_length": 14}, 400, "min_length=14 is over the 12 words"),
-    ({"early_stopping": "sometimes"}, 400, "'early_stopping' must be true or false"),
-    ({"num_beams": 3, "num_beam_groups": 2}, 400, "a divisor of num_beams=3"),
-    ({"image": "@@@"}, 400, "not valid base64"),
-    ({"image": base64.b64encode(b"garbage").decode()}, 415, "Not an image"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("request_fields", "status", "says"),
+    [
+        ({"max_length": 100}, 400, "'max_length' must be between 1 and 15"),  # the position table: 16 tokens
+        ({"top_k": 500}, 400, "'top_k' must be between 0 and 12"),  # the vocabulary: 12 tokens
+        ({"bad_endings": "a zebra"}, 400, "'zebra' are not single tokens"),
+        ({"min_length": 14}, 400, "min_length=14 is over the 12 words"),
+        ({"early_stopping": "sometimes"}, 400, "'early_stopping' must be true or false"),
+        ({"num_beams": 3, "num_beam_groups": 2}, 400, "a divisor of num_beams=3"),
+        ({"image": "@@@"}, 400, "not valid base64"),
+        ({"image": base64.b64encode(b"garbage").decode()}, 415, "Not an image"),
+    ],
+)
 def test_a_setting_the_model_cannot_honour_is_a_4xx_naming_the_limit(api, request_fields, status, says):
     with pytest.raises(HTTPException) as refused:
         decoded(api, {"image": jpeg(), **request_fields})

@@ -20,17 +20,31 @@ EPOCHS = "4"
 
 def run(args, cwd, expect=0):
     # W&B's offline writer flushes on a timer (15 s by default): flush often, so what a SIGKILL interrupts is on disk.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "0.2"}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "captioner", *args], env=env, cwd=cwd, capture_output=True,
-                            text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "0.2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "captioner", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == expect, result.stderr[-4000:]
     return result
 
 
 def fit_args(scenes, root, *extra):
-    return [*tiny_args("fit", scenes, root / "work", root, "--trainer.max_epochs", EPOCHS, *extra),
-            *wandb_logger_args(root / "runs")]  # fmt: skip
+    return [
+        *tiny_args("fit", scenes, root / "work", root, "--trainer.max_epochs", EPOCHS, *extra),
+        *wandb_logger_args(root / "runs"),
+    ]
 
 
 def history_steps(save_dir: Path) -> tuple[set[str], list[int]]:
@@ -38,45 +52,103 @@ def history_steps(save_dir: Path) -> tuple[set[str], list[int]]:
     ids, steps = set(), []
     for folder in sorted((save_dir / "wandb").glob("offline-run-*")):
         ids.add(folder.name.rsplit("-", 1)[-1])
-        steps += [int(row["trainer/global_step"]) for row in history_rows(next(folder.glob("*.wandb")))
-                  if "train/loss" in row]  # fmt: skip
+        steps += [
+            int(row["trainer/global_step"]) for row in history_rows(next(folder.glob("*.wandb"))) if "train/loss" in row
+        ]
     return ids, steps
 
 
 # The shipped demo config as users run it (every callback, 2 loader workers, the W&B logger), at small sizes: fewer
 # scenes and epochs, smaller decoders, no test at the end. Each variant is killed with SIGKILL at a point the test
 # draws, resumed with `--ckpt_path last`, and compared with the uninterrupted run.
-DEMO = ["--data.synthetic_images", "100", "--data.val_size", "20",
-        "--data.test_size", "20", "--data.batch_size", "32", "--trainer.max_epochs", "3", "--test_after_fit", "false",
-        "--trainer.enable_progress_bar", "false", "--model.warmup_steps", "5"]  # fmt: skip
+DEMO = [
+    "--data.origin.synthetic_images",
+    "100",
+    "--data.splits.val_size",
+    "20",
+    "--data.splits.test_size",
+    "20",
+    "--data.loading.batch_size",
+    "32",
+    "--trainer.max_epochs",
+    "3",
+    "--test_after_fit",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--model.warmup_steps",
+    "5",
+]
 SMALL_DECODERS = {
     "lstm": ["--model.decoder.embed_dim", "32", "--model.decoder.hidden_dim", "48"],
-    "attention": ["--config", str(ROOT / "configs" / "decoders" / "attention.yaml"), "--model.decoder.embed_dim", "32",
-                  "--model.decoder.hidden_dim", "48", "--model.decoder.attention_dim", "32"],
-    "transformer": ["--config", str(ROOT / "configs" / "decoders" / "transformer.yaml"), "--model.decoder.width", "32",
-                    "--model.decoder.layers", "1", "--model.decoder.heads", "2", "--model.decoder.ffn_dim", "64",
-                    "--model.warmup_steps", "5"],
-}  # fmt: skip
+    "attention": [
+        "--config",
+        str(ROOT / "configs" / "decoders" / "attention.yaml"),
+        "--model.decoder.embed_dim",
+        "32",
+        "--model.decoder.hidden_dim",
+        "48",
+        "--model.decoder.attention_dim",
+        "32",
+    ],
+    "transformer": [
+        "--config",
+        str(ROOT / "configs" / "decoders" / "transformer.yaml"),
+        "--model.decoder.width",
+        "32",
+        "--model.decoder.layers",
+        "1",
+        "--model.decoder.heads",
+        "2",
+        "--model.decoder.ffn_dim",
+        "64",
+        "--model.warmup_steps",
+        "5",
+    ],
+}
 EVERY_4_STEPS = "every_n_train_steps: 4  # e.g. 500"
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 
 def demo_args(scenes: Path, root: Path, decoder: str, *extra: str, config: Path = DEMO_CONFIG) -> list[str]:
-    return ["fit", "--config", str(config), *DEMO, *SMALL_DECODERS[decoder], "--data.data_dir", str(scenes),
-            "--data.work_dir", str(root.parent / "work"), "--trainer.logger.init_args.save_dir", str(root / "runs"),
-            *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(config),
+        *DEMO,
+        *SMALL_DECODERS[decoder],
+        "--data.data_dir",
+        str(scenes),
+        "--data.work_dir",
+        str(root.parent / "work"),
+        "--trainer.logger.init_args.save_dir",
+        str(root / "runs"),
+        *extra,
+    ]
 
 
 def every_4_steps(tmp_path: Path) -> Path:
-    """The shipped demo config with `LastCheckpoint(every_n_train_steps=4)`, as its comment suggests for long epochs."""
+    """The shipped demo config over a copy of the base it extends with `LastCheckpoint(every_n_train_steps=4)`, as
+    its comment suggests for long epochs (`extends: base` finds the copy beside it first)."""
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        (DEMO_CONFIG.parent / "base.yaml").read_text().replace("every_n_train_steps: null  # e.g. 500", EVERY_4_STEPS)
+    )
+    assert EVERY_4_STEPS in base.read_text()
     config = tmp_path / "demo-every-4-steps.yaml"
-    config.write_text(DEMO_CONFIG.read_text().replace("every_n_train_steps: null  # e.g. 500", EVERY_4_STEPS))
-    assert EVERY_4_STEPS in config.read_text()
+    config.write_text(DEMO_CONFIG.read_text())
     return config
 
 
-def killed_and_resumed(scenes: Path, tmp_path: Path, decoder: str, kill: list[str], *extra: str,
-                       config: Path = DEMO_CONFIG, in_process: bool = False) -> tuple[Path, Path]:  # fmt: skip
+def killed_and_resumed(
+    scenes: Path,
+    tmp_path: Path,
+    decoder: str,
+    kill: list[str],
+    *extra: str,
+    config: Path = DEMO_CONFIG,
+    in_process: bool = False,
+) -> tuple[Path, Path]:
     """The uninterrupted run's folder, and the folder of the run killed by `kill` and resumed.
 
     The killed run is a process of its own (SIGKILL); with `in_process` the two others run in this one (the same
@@ -112,8 +184,9 @@ def demo_scenes(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_the_demo_config_killed_at_an_epoch_boundary_resumes_into_the_same_run_and_model(demo_scenes, tmp_path):
     epoch = random.Random("boundary").choice([1, 2])  # drawn, but the same in every run of the suite
-    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm",
-                                               ["--trainer.callbacks.init_args.epoch_start", str(epoch)])  # fmt: skip
+    whole_run, broken_run = killed_and_resumed(
+        demo_scenes, tmp_path, "lstm", ["--trainer.callbacks.init_args.epoch_start", str(epoch)]
+    )
     assert_same_model(whole_run, broken_run)
     assert (broken_run / "config.yaml").is_file() and list(broken_run.glob("config.resumed-*.yaml"))
     ids, steps = history_steps(tmp_path / "broken" / "runs")
@@ -129,9 +202,14 @@ def test_each_decoder_killed_mid_epoch_resumes_from_the_next_batch_to_the_same_m
     # 60 training images x 5 captions in batches of 32: 9 steps an epoch, saves at steps 4, 8, 9 (epoch end), 12, ...
     # Killed a step or two after a mid-epoch save, so the resume starts mid-epoch.
     step = random.Random(decoder).choice([5, 6, 13, 14, 17, 21, 22])
-    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, decoder,
-                                               ["--trainer.callbacks.init_args.step", str(step)],
-                                               config=every_4_steps(tmp_path), in_process=True)  # fmt: skip
+    whole_run, broken_run = killed_and_resumed(
+        demo_scenes,
+        tmp_path,
+        decoder,
+        ["--trainer.callbacks.init_args.step", str(step)],
+        config=every_4_steps(tmp_path),
+        in_process=True,
+    )
     assert_same_model(whole_run, broken_run)
     (resume,) = [json.loads(line) for line in (broken_run / "resumes.jsonl").read_text().splitlines()]
     assert resume["global_step"] == step - step % 4 and resume["global_step"] % 9  # the last save, mid-epoch
@@ -142,19 +220,34 @@ def test_self_critical_training_killed_mid_epoch_resumes_to_the_same_model(demo_
     start = tmp_path / "start"
     main(demo_args(demo_scenes, start, "lstm", "--trainer.max_epochs", "1"))
     (checkpoint,) = start.rglob("last.ckpt")
-    scst = ["--config", str(ROOT / "configs" / "objectives" / "scst.yaml"),
-            "--model.init_checkpoint", str(checkpoint), "--model.objective.samples", "2", "--data.batch_size", "8",
-            "--trainer.max_epochs", "2"]  # fmt: skip
+    scst = [
+        "--config",
+        str(ROOT / "configs" / "objectives" / "scst.yaml"),
+        "--model.init_checkpoint",
+        str(checkpoint),
+        "--model.objective.samples",
+        "2",
+        "--data.loading.batch_size",
+        "8",
+        "--trainer.max_epochs",
+        "2",
+    ]
     kill = ["--trainer.callbacks.init_args.step", "10"]
-    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm", kill, *scst,
-                                               config=every_4_steps(tmp_path), in_process=True)  # fmt: skip
+    whole_run, broken_run = killed_and_resumed(
+        demo_scenes, tmp_path, "lstm", kill, *scst, config=every_4_steps(tmp_path), in_process=True
+    )
     assert_same_model(whole_run, broken_run)
 
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_a_last_checkpoint_that_resumes(scenes, tmp_path, capsys):
-    stop = ["--trainer.callbacks+=tests.plugins.SignalAt", "--trainer.callbacks.init_args.signal_name", "SIGTERM",
-            "--trainer.callbacks.init_args.step", "5"]  # fmt: skip
+    stop = [
+        "--trainer.callbacks+=tests.plugins.SignalAt",
+        "--trainer.callbacks.init_args.signal_name",
+        "SIGTERM",
+        "--trainer.callbacks.init_args.step",
+        "5",
+    ]
     args = tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2")
     result = run([*args, *stop], tmp_path, expect=143)  # the signal is sent to a process of its own
     assert "Stopped on request" in result.stderr and "Traceback" not in result.stderr

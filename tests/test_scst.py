@@ -117,8 +117,9 @@ def test_cross_entropy_adds_the_decoders_own_regularizer():
     torch.manual_seed(0)
     plain = AttentionDecoder(len(VOCAB), 8, embed_dim=4, hidden_dim=8, attention_dim=4, dropout=0.0, regularization=0)
     torch.manual_seed(0)
-    weighted = AttentionDecoder(len(VOCAB), 8, embed_dim=4, hidden_dim=8, attention_dim=4, dropout=0.0,
-                                regularization=2.0)  # fmt: skip
+    weighted = AttentionDecoder(
+        len(VOCAB), 8, embed_dim=4, hidden_dim=8, attention_dim=4, dropout=0.0, regularization=2.0
+    )
     batch = {"features": features, "tokens": tokens, "owners": torch.arange(2)}
     loss_plain = CrossEntropy()(plain, features, batch, SEQUENCES).loss
     loss_weighted = CrossEntropy()(weighted, features, batch, SEQUENCES).loss
@@ -130,9 +131,22 @@ def test_cross_entropy_adds_the_decoders_own_regularizer():
 def test_a_tiny_scst_stage_runs_and_changes_the_model(trained, scenes_source, tmp_path):
     checkpoint, work = trained
     before = torch.load(checkpoint, weights_only=True)["state_dict"]
-    cli = main(tiny_args("fit", scenes_source, work, tmp_path, "--model.objective",
-                         "captioner.models.objectives.SelfCritical", "--model.init_checkpoint", str(checkpoint),
-                         "--model.lr", "0.001", "--trainer.max_epochs", "1"))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes_source,
+            work,
+            tmp_path,
+            "--model.objective",
+            "captioner.models.objectives.SelfCritical",
+            "--model.init_checkpoint",
+            str(checkpoint),
+            "--model.lr",
+            "0.001",
+            "--trainer.max_epochs",
+            "1",
+        )
+    )
     assert "train/reward_cider" in cli.trainer.logged_metrics
     after = cli.model.state_dict()
     changed = [k for k in before if k.startswith("decoder.") and not torch.equal(before[k], after[k].cpu())]
@@ -143,6 +157,14 @@ def test_a_tiny_scst_stage_runs_and_changes_the_model(trained, scenes_source, tm
 
 def test_scst_without_a_starting_checkpoint_is_refused(scenes_source, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path, "--model.objective",
-                       "captioner.models.objectives.SelfCritical"))  # fmt: skip
+        main(
+            tiny_args(
+                "fit",
+                scenes_source,
+                tmp_path / "work",
+                tmp_path,
+                "--model.objective",
+                "captioner.models.objectives.SelfCritical",
+            )
+        )
     assert exit_info.value.code == 2 and "--model.init_checkpoint" in capsys.readouterr().err

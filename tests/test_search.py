@@ -42,17 +42,26 @@ class NumpyStepper:
         return self.inner.reorder(state, torch.as_tensor(rows))
 
 
-def run(backend: str, decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig,
-        special: SpecialTokens = SPECIAL, max_words: int = 6, vocabulary: Vocabulary = VOCAB):  # fmt: skip
+def run(
+    backend: str,
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    config: DecodingConfig,
+    special: SpecialTokens = SPECIAL,
+    max_words: int = 6,
+    vocabulary: Vocabulary = VOCAB,
+):
     """Decode with one backend; tokens, scores and lengths as NumPy arrays."""
     with torch.no_grad():
         if backend == "torch":
             ops = TorchOps("cpu")
-            out = decode(DecoderStepper(decoder, features), len(features), config, special, ops, max_words,
-                         vocabulary.stoi)  # fmt: skip
+            out = decode(
+                DecoderStepper(decoder, features), len(features), config, special, ops, max_words, vocabulary.stoi
+            )
             return out.tokens.numpy(), out.scores.numpy(), out.lengths.numpy()
-        out = decode(NumpyStepper(decoder, features), len(features), config, special, NumpyOps(),
-                     max_words, vocabulary.stoi)  # fmt: skip
+        out = decode(
+            NumpyStepper(decoder, features), len(features), config, special, NumpyOps(), max_words, vocabulary.stoi
+        )
         return out.tokens, out.scores, out.lengths
 
 
@@ -84,8 +93,13 @@ def prefix_lm(vocabulary: Vocabulary = VOCAB, seed: int = 0) -> PrefixLMDecoder:
     return decoder
 
 
-def caption_log_prob(decoder: CaptionDecoder, features: torch.Tensor, caption: list[int], special: SpecialTokens,
-                     max_words: int | None = None):  # fmt: skip
+def caption_log_prob(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    caption: list[int],
+    special: SpecialTokens,
+    max_words: int | None = None,
+):
     """The model's log-probability of one caption with the never-generated tokens banned, as search scores it: a
     caption of `max_words` words gets its `<end>` for nothing (the only token the step after them allows)."""
     tokens = torch.tensor([caption])
@@ -111,9 +125,20 @@ def test_a_beam_wide_enough_is_exhaustive_search(backend, make, length_penalty):
     tokens, scores, lengths = run(backend, decoder, features, config, TINY_SPECIAL, max_words=3, vocabulary=TINY)
     for image in range(len(features)):
         with torch.no_grad():
-            scored = sorted(((length_normalised(caption_log_prob(decoder, features[image : image + 1], c,
-                                                                 TINY_SPECIAL, 3), len(c), length_penalty), c)
-                             for c in candidates), reverse=True)  # fmt: skip
+            scored = sorted(
+                (
+                    (
+                        length_normalised(
+                            caption_log_prob(decoder, features[image : image + 1], c, TINY_SPECIAL, 3),
+                            len(c),
+                            length_penalty,
+                        ),
+                        c,
+                    )
+                    for c in candidates
+                ),
+                reverse=True,
+            )
         assert tokens[image, 0, : lengths[image, 0]].tolist() == scored[0][1], (image, scored[:3])
         best = caption_log_prob(decoder, features[image : image + 1], scored[0][1], TINY_SPECIAL, 3)
         assert scores[image, 0] == pytest.approx(best, abs=1e-4)
@@ -146,8 +171,9 @@ def test_beams_are_ranked_and_one_beam_is_greedy(backend):
     # Greedy picks the best word every step; its score is the sum of what it picked.
     for image in range(6):
         caption = greedy[0][image, 0, : greedy[2][image, 0]].tolist()
-        assert greedy[1][image, 0] == pytest.approx(caption_log_prob(decoder, features[image : image + 1], caption,
-                                                                     SPECIAL, 6), abs=1e-4)  # fmt: skip
+        assert greedy[1][image, 0] == pytest.approx(
+            caption_log_prob(decoder, features[image : image + 1], caption, SPECIAL, 6), abs=1e-4
+        )
 
 
 @BACKENDS
@@ -230,8 +256,12 @@ def test_the_rules_hold_in_every_caption(backend):
 def test_diverse_groups_start_differently(backend):
     decoder, features = lstm(sharpen=1.0, seed=4), torch.randn(8, 8)
     plain = run(backend, decoder, features, DecodingConfig(num_beams=4, num_return=4))[0]
-    diverse = run(backend, decoder, features, DecodingConfig(num_beams=4, num_return=4, num_beam_groups=4,
-                                                             diversity_penalty=100.0))[0]  # fmt: skip
+    diverse = run(
+        backend,
+        decoder,
+        features,
+        DecodingConfig(num_beams=4, num_return=4, num_beam_groups=4, diversity_penalty=100.0),
+    )[0]
     distinct = lambda tokens: np.mean([len({tuple(r[:1]) for r in image}) for image in tokens])  # noqa: E731
     assert distinct(diverse) == 4 and distinct(plain) < 4  # each group's first word, different from the others'
 
@@ -241,40 +271,62 @@ def test_diverse_groups_start_differently(backend):
 def test_sampling_draws_words_as_often_as_the_model_says(backend):
     decoder, features = lstm(sharpen=0.6, seed=5), torch.zeros(1, 8)
     with torch.no_grad():
-        logits, _ = DecoderStepper(decoder, features).step(torch.tensor([SPECIAL.start]),
-                                                           DecoderStepper(decoder, features).start(1))  # fmt: skip
+        logits, _ = DecoderStepper(decoder, features).step(
+            torch.tensor([SPECIAL.start]), DecoderStepper(decoder, features).start(1)
+        )
         logits[0, list(SPECIAL.banned)] = float("-inf")
         expected = torch.softmax(logits[0], -1).numpy()
     draws = 4000
-    tokens = run(backend, decoder, features.expand(draws, 8), DecodingConfig(num_beams=1, do_sample=True, seed=3),
-                 max_words=1)[0]  # fmt: skip
+    tokens = run(
+        backend, decoder, features.expand(draws, 8), DecodingConfig(num_beams=1, do_sample=True, seed=3), max_words=1
+    )[0]
     counts = Counter(tokens[:, 0, 0].tolist())
     observed = np.array([counts.get(i, 0) for i in range(len(VOCAB))]) / draws
     assert np.abs(observed - expected).max() < 4 * math.sqrt(0.25 / draws)  # within 4 standard errors
     assert not counts.keys() & set(SPECIAL.banned)
     for k in (1, 3):  # top-k: only the k most likely words, and all of them
         top = set(np.argsort(-expected)[:k].tolist())
-        sampled = run(backend, decoder, features.expand(400, 8), DecodingConfig(num_beams=1, do_sample=True, top_k=k,
-                                                                                seed=1), max_words=1)[0]  # fmt: skip
+        sampled = run(
+            backend,
+            decoder,
+            features.expand(400, 8),
+            DecodingConfig(num_beams=1, do_sample=True, top_k=k, seed=1),
+            max_words=1,
+        )[0]
         assert set(sampled[:, 0, 0].tolist()) == top
     order = np.argsort(-expected)
     nucleus = set(order[: int(np.searchsorted(np.cumsum(expected[order]), 0.5)) + 1].tolist())
-    sampled = run(backend, decoder, features.expand(400, 8), DecodingConfig(num_beams=1, do_sample=True, top_p=0.5,
-                                                                            seed=2), max_words=1)[0]  # fmt: skip
+    sampled = run(
+        backend,
+        decoder,
+        features.expand(400, 8),
+        DecodingConfig(num_beams=1, do_sample=True, top_p=0.5, seed=2),
+        max_words=1,
+    )[0]
     assert set(sampled[:, 0, 0].tolist()) == nucleus
-    again = run(backend, decoder, features.expand(400, 8), DecodingConfig(num_beams=1, do_sample=True, top_p=0.5,
-                                                                          seed=2), max_words=1)[0]  # fmt: skip
+    again = run(
+        backend,
+        decoder,
+        features.expand(400, 8),
+        DecodingConfig(num_beams=1, do_sample=True, top_p=0.5, seed=2),
+        max_words=1,
+    )[0]
     assert np.array_equal(sampled, again)  # a seed gives the same draws
 
 
 # ---------------------------------------------------------------- the two backends agree
-@pytest.mark.parametrize("config", [
-    DecodingConfig(num_beams=1), DecodingConfig(num_beams=5, length_penalty=0.6, num_return=5),
-    DecodingConfig(num_beams=3, min_length=2, no_repeat_ngram_size=2, bad_endings=("w3",), early_stopping=True),
-    DecodingConfig(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return=4),
-    DecodingConfig(num_beams=1, do_sample=True, temperature=0.9, top_p=0.8, seed=7),
-    DecodingConfig(num_beams=1, do_sample=True, temperature=1.5, top_k=5, seed=11),
-], ids=["greedy", "beam5-lp", "rules", "diverse", "sampled-top-p", "sampled-top-k"])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodingConfig(num_beams=1),
+        DecodingConfig(num_beams=5, length_penalty=0.6, num_return=5),
+        DecodingConfig(num_beams=3, min_length=2, no_repeat_ngram_size=2, bad_endings=("w3",), early_stopping=True),
+        DecodingConfig(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return=4),
+        DecodingConfig(num_beams=1, do_sample=True, temperature=0.9, top_p=0.8, seed=7),
+        DecodingConfig(num_beams=1, do_sample=True, temperature=1.5, top_k=5, seed=11),
+    ],
+    ids=["greedy", "beam5-lp", "rules", "diverse", "sampled-top-p", "sampled-top-k"],
+)
 def test_torch_and_numpy_decode_the_same_captions_with_the_same_scores(config):
     decoder, features = transformer(seed=7), torch.randn(12, 3, 8)
     ours, theirs = run("torch", decoder, features, config), run("numpy", decoder, features, config)
@@ -300,17 +352,27 @@ def test_a_sampled_caption_depends_on_the_seed_and_its_place_not_on_its_batch_ma
     assert other_seed != together and len(set(map(tuple, together))) > 8  # drawn, not searched
 
 
-def run_at(backend: str, decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig,
-           places: list[int]) -> list[list[int]]:  # fmt: skip
+def run_at(
+    backend: str, decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, places: list[int]
+) -> list[list[int]]:
     """Sampled tokens of each image (without padding), its stream seeded by its place."""
     with torch.no_grad():
         if backend == "torch":
-            out = decode(DecoderStepper(decoder, features), len(features), config, SPECIAL, TorchOps("cpu"), 6,
-                         VOCAB.stoi, places)  # fmt: skip
+            out = decode(
+                DecoderStepper(decoder, features),
+                len(features),
+                config,
+                SPECIAL,
+                TorchOps("cpu"),
+                6,
+                VOCAB.stoi,
+                places,
+            )
             rows = out.tokens[:, 0].tolist()
         else:
-            out = decode(NumpyStepper(decoder, features), len(features), config, SPECIAL, NumpyOps(), 6, VOCAB.stoi,
-                         places)  # fmt: skip
+            out = decode(
+                NumpyStepper(decoder, features), len(features), config, SPECIAL, NumpyOps(), 6, VOCAB.stoi, places
+            )
             rows = out.tokens[:, 0].tolist()
     return [[token for token in row if token != SPECIAL.pad] for row in rows]
 

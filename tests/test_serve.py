@@ -37,13 +37,25 @@ def running_server(checkpoint: Path, folder: Path, *options: str) -> Iterator[tu
     """`python -m captioner serve` in its own process group, until the block ends; yields its URL and process."""
     port = free_port()
     log = folder / "server.log"
-    command = [sys.executable, "-m", "captioner", "serve", "--ckpt_path", str(checkpoint), "--port", str(port),
-               "--device", "cpu", *options]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "captioner",
+        "serve",
+        "--ckpt_path",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        *options,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CAPTIONER_API_KEY", None)
     with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=folder,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -66,9 +78,22 @@ def running_server(checkpoint: Path, folder: Path, *options: str) -> Iterator[tu
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
     """The server on the tiny trained model, with small limits the tests can reach."""
-    with running_server(trained[0], tmp_path_factory.mktemp("serve"), "--max_batch_size", "8", "--batch_timeout",
-                        "0.05", "--max_upload_mb", "1", "--max_pixels", "1000000", "--body_timeout", "3",
-                        "--max_bodies", "55") as (url, _):  # fmt: skip
+    with running_server(
+        trained[0],
+        tmp_path_factory.mktemp("serve"),
+        "--max_batch_size",
+        "8",
+        "--batch_timeout",
+        "0.05",
+        "--max_upload_mb",
+        "1",
+        "--max_pixels",
+        "1000000",
+        "--body_timeout",
+        "3",
+        "--max_bodies",
+        "55",
+    ) as (url, _):
         yield url
 
 
@@ -95,17 +120,25 @@ def post(url: str, path: Path, as_json: bool = False, **fields) -> httpx.Respons
     if as_json:
         payload = {"image": base64.b64encode(path.read_bytes()).decode(), **fields}
         return httpx.post(f"{url}/predict", json=payload, timeout=60)
-    return httpx.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())},
-                      data={k: str(v) for k, v in fields.items()}, timeout=60)  # fmt: skip
+    return httpx.post(
+        f"{url}/predict",
+        files={"image": (path.name, path.read_bytes())},
+        data={k: str(v) for k, v in fields.items()},
+        timeout=60,
+    )
 
 
-def test_32_concurrent_requests_each_get_the_caption_the_python_api_gives(server, pictures,
-                                                                          expected_with_three_beams):  # fmt: skip
+def test_32_concurrent_requests_each_get_the_caption_the_python_api_gives(server, pictures, expected_with_three_beams):
     with ThreadPoolExecutor(32) as pool:
         # Half ask for alternatives by today's name, half by captioner 0.2's (`beams`).
-        responses = list(pool.map(lambda item: post(server, item[1], as_json=item[0] % 2 == 1,
-                                                    **{"num_return" if item[0] % 4 < 2 else "beams": 3}),
-                                  enumerate(pictures)))  # fmt: skip
+        responses = list(
+            pool.map(
+                lambda item: post(
+                    server, item[1], as_json=item[0] % 2 == 1, **{"num_return" if item[0] % 4 < 2 else "beams": 3}
+                ),
+                enumerate(pictures),
+            )
+        )
     assert [r.status_code for r in responses] == [200] * 32
     bodies = [r.json() for r in responses]
     assert [b["caption"] for b in bodies] == [expected_with_three_beams[p] for p in pictures]
@@ -137,16 +170,21 @@ def test_a_request_decodes_with_its_own_settings(server, pictures, trained):
         {"num_beams": 4, "num_return": 4, "num_beam_groups": 2, "diversity_penalty": 2.0, "early_stopping": "never"},
         {"num_beams": 3, "bad_endings": "a", "no_repeat_ngram_size": 2, "min_length": 4, "max_length": 6},
     ):
-        answer, expected = served(**settings), python_api(**{**settings, "bad_endings": settings.get(
-            "bad_endings", "").split() or None})  # fmt: skip
+        answer, expected = (
+            served(**settings),
+            python_api(**{**settings, "bad_endings": settings.get("bad_endings", "").split() or None}),
+        )
         assert answer["caption"] == expected["caption"], settings
         assert answer["score"] == pytest.approx(expected["score"], abs=1e-4), settings
         assert [a["caption"] for a in answer.get("alternatives", [])] == [
-            a["caption"] for a in expected.get("alternatives", [])]  # fmt: skip
+            a["caption"] for a in expected.get("alternatives", [])
+        ]
     ruled = served(num_beams=3, bad_endings="a", min_length=4, max_length=6)["caption"].split()
     assert 4 <= len(ruled) <= 7 and ruled[-1] != "a"
-    sampled = [post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=seed, temperature=3.0).json()
-               for seed in range(6)]  # fmt: skip
+    sampled = [
+        post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=seed, temperature=3.0).json()
+        for seed in range(6)
+    ]
     assert len({row["caption"] for row in sampled}) > 1  # drawn, not searched: seeds give different captions
     again = post(server, pictures[5], as_json=True, num_beams=1, do_sample=True, seed=0, temperature=3.0).json()
     assert again["caption"] == sampled[0]["caption"]
@@ -158,13 +196,22 @@ def test_bad_uploads_and_impossible_settings_fail_alone_among_concurrent_good_re
     bad = {
         "garbage": (415, "Not an image", {"files": {"image": ("x.jpg", b"\x00garbage" * 64)}}),
         "truncated": (422, "truncated or corrupt", {"files": {"image": ("cut.jpg", good[: len(good) // 2])}}),
-        "top_p": (400, "'top_p' must be between 0 and 1", {"files": {"image": ("a.jpg", good)},
-                                                            "data": {"top_p": "5"}}),
-        "unknown ending": (400, "not single tokens", {"files": {"image": ("a.jpg", good)},
-                                                      "data": {"bad_endings": "zebra"}}),
-        "groups": (400, "a divisor of num_beams=3", {"json": {"image": base64.b64encode(good).decode(),
-                                                              "num_beams": 3, "num_beam_groups": 2}}),
-    }  # fmt: skip
+        "top_p": (
+            400,
+            "'top_p' must be between 0 and 1",
+            {"files": {"image": ("a.jpg", good)}, "data": {"top_p": "5"}},
+        ),
+        "unknown ending": (
+            400,
+            "not single tokens",
+            {"files": {"image": ("a.jpg", good)}, "data": {"bad_endings": "zebra"}},
+        ),
+        "groups": (
+            400,
+            "a divisor of num_beams=3",
+            {"json": {"image": base64.b64encode(good).decode(), "num_beams": 3, "num_beam_groups": 2}},
+        ),
+    }
     jobs = []
     for index, picture in enumerate(pictures[:20]):
         jobs.append(("good", picture))
@@ -213,31 +260,47 @@ def refused_formats() -> dict[str, bytes]:
     return files
 
 
-def test_every_bad_request_gets_a_4xx_that_says_why_and_the_server_keeps_serving(server, pictures, expected,
-                                                                                   tmp_path):  # fmt: skip
+def test_every_bad_request_gets_a_4xx_that_says_why_and_the_server_keeps_serving(server, pictures, expected, tmp_path):
     good = pictures[0].read_bytes()
     bad = {
         "not an image": (415, "Not an image", {"files": {"image": ("notes.jpg", b"hello, not a picture")}}),
-        **{f"a {kind} file": (415, "not a format this server accepts", {"files": {"image": (f"x.{kind}", data)}})
-           for kind, data in refused_formats().items()},
+        **{
+            f"a {kind} file": (415, "not a format this server accepts", {"files": {"image": (f"x.{kind}", data)}})
+            for kind, data in refused_formats().items()
+        },
         "truncated": (422, "truncated or corrupt", {"files": {"image": ("cut.jpg", good[: len(good) // 2])}}),
         "empty": (400, "empty", {"files": {"image": ("empty.jpg", b"")}}),
         "over the upload limit": (413, "limit", {"files": {"image": ("big.png", os.urandom(1_200_000))}}),
-        "a decompression bomb": (413, "too large to decode safely", {"files": {"image": (
-            "bomb.png", image_bytes((1200, 1000)))}}),
+        "a decompression bomb": (
+            413,
+            "too large to decode safely",
+            {"files": {"image": ("bomb.png", image_bytes((1200, 1000)))}},
+        ),
         "no image field": (400, "No image", {"data": {"beams": "2"}, "files": {"other": ("x.txt", b"x")}}),
-        "malformed JSON": (400, "not valid JSON", {"content": b'{"image": ', "headers": {
-            "Content-Type": "application/json"}}),
+        "malformed JSON": (
+            400,
+            "not valid JSON",
+            {"content": b'{"image": ', "headers": {"Content-Type": "application/json"}},
+        ),
         "JSON that is not an object": (400, "must be an object", {"json": ["image"]}),
         "bad base64": (400, "not valid base64", {"json": {"image": "@@@ not base64 @@@"}}),
-        "another content type": (415, "multipart/form-data", {"content": good, "headers": {
-            "Content-Type": "image/jpeg"}}),
+        "another content type": (
+            415,
+            "multipart/form-data",
+            {"content": good, "headers": {"Content-Type": "image/jpeg"}},
+        ),
         "beams out of range": (400, "between 0 and", {"files": {"image": ("ok.jpg", good)}, "data": {"beams": "99"}}),
-        "no beam at all": (400, "'num_beams' must be between 1", {"files": {"image": ("ok.jpg", good)},
-                                                                   "data": {"num_beams": "0"}}),
-        "sampling with beams": (400, "do_sample with num_beams > 1", {"json": {
-            "image": base64.b64encode(good).decode(), "do_sample": True, "num_beams": 3}}),
-    }  # fmt: skip
+        "no beam at all": (
+            400,
+            "'num_beams' must be between 1",
+            {"files": {"image": ("ok.jpg", good)}, "data": {"num_beams": "0"}},
+        ),
+        "sampling with beams": (
+            400,
+            "do_sample with num_beams > 1",
+            {"json": {"image": base64.b64encode(good).decode(), "do_sample": True, "num_beams": 3}},
+        ),
+    }
     for name, (status, says, request) in bad.items():
         response = httpx.post(f"{server}/predict", timeout=60, **request)
         assert response.status_code == status, (name, response.status_code, response.text)
@@ -250,8 +313,10 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(chromium() is None or not CHROMEDRIVER.exists(),
-                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")  # fmt: skip
+@pytest.mark.skipif(
+    chromium() is None or not CHROMEDRIVER.exists(),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
 def test_the_page_captions_an_uploaded_picture_in_a_real_browser(server, pictures, expected, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -260,19 +325,32 @@ def test_the_page_captions_an_uploaded_picture_in_a_real_browser(server, picture
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)  # no Selenium Manager
     try:
         browser.get(f"{server}/")
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in pictures[:2]))
-        WebDriverWait(browser, 60).until(lambda b: len([c for c in b.find_elements(By.CSS_SELECTOR, ".caption")
-                                                         if c.text.strip()]) == 2)  # fmt: skip
-        shown = {card.find_element(By.TAG_NAME, "img").get_attribute("alt"):
-                 card.find_element(By.CSS_SELECTOR, ".caption").text
-                 for card in browser.find_elements(By.CSS_SELECTOR, ".card")}  # fmt: skip
+        WebDriverWait(browser, 60).until(
+            lambda b: len([c for c in b.find_elements(By.CSS_SELECTOR, ".caption") if c.text.strip()]) == 2
+        )
+        shown = {
+            card.find_element(By.TAG_NAME, "img").get_attribute("alt"): card.find_element(
+                By.CSS_SELECTOR, ".caption"
+            ).text
+            for card in browser.find_elements(By.CSS_SELECTOR, ".card")
+        }
         assert shown == {p.name: expected[p] for p in pictures[:2]}
         assert browser.find_elements(By.CSS_SELECTOR, ".beams li")  # the alternatives are listed
         browser.save_screenshot(str(tmp_path / "page.png"))
@@ -286,8 +364,10 @@ def slow_client(url: str, declared: int = 900_000) -> socket.socket:
     """A connection that declares a body and then sends it one byte at a time (call `trickle` to send more)."""
     host, port = url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)), timeout=30)
-    connection.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                       f"Content-Length: {declared}\r\n\r\n{{".encode())  # fmt: skip
+    connection.sendall(
+        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n{{".encode()
+    )
     return connection
 
 
@@ -322,8 +402,10 @@ def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(server, pictur
     feeder = threading.Thread(target=trickle, daemon=True)
     feeder.start()
     turned_away = [answer_of(connection) for connection in extra[5:]]
-    assert all(b" 503 " in answer.split(b"\r\n")[0] and b"retry-after: 1" in answer.lower() and closed
-               for answer, closed in turned_away), turned_away[:1]  # fmt: skip
+    assert all(
+        b" 503 " in answer.split(b"\r\n")[0] and b"retry-after: 1" in answer.lower() and closed
+        for answer, closed in turned_away
+    ), turned_away[:1]
     extra[4].close()  # a client that gives up frees its place: the next upload is served while 54 crawl in
     for _ in range(50):
         response = post(server, pictures[1])
@@ -332,8 +414,11 @@ def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(server, pictur
         time.sleep(0.05)
     assert response.status_code == 200 and response.json()["caption"] == expected[pictures[1]]
     answers = [answer_of(connection) for connection in crawling]
-    wrong = [(answer, closed) for answer, closed in answers
-             if not (b" 408 " in answer.split(b"\r\n")[0] and b"--body_timeout" in answer and closed)]  # fmt: skip
+    wrong = [
+        (answer, closed)
+        for answer, closed in answers
+        if not (b" 408 " in answer.split(b"\r\n")[0] and b"--body_timeout" in answer and closed)
+    ]
     assert not wrong, wrong[:2]
     # Cut off by the 3 s deadline while the clients still send, not when they stop (12 s).
     assert time.monotonic() - started < 11
@@ -381,8 +466,18 @@ def test_64_uploads_at_the_pixel_limit_stay_within_the_memory_bound_and_a_key_is
     side = 2000  # 4 Mpx each, under the limit below: 64 decoded at once would take about 3 GB
     big = image_bytes((side, side), "PNG", "RGBA")
     # 256 MB for decodes: 5 at once (4 Mpx x 12 bytes each), run in parallel threads within a batch.
-    with running_server(trained[0], tmp_path, "--max_pixels", str(4_100_000), "--api_key", "s3cret",
-                        "--max_batch_size", "16", "--decode_memory_mb", "256") as (url, process):  # fmt: skip
+    with running_server(
+        trained[0],
+        tmp_path,
+        "--max_pixels",
+        str(4_100_000),
+        "--api_key",
+        "s3cret",
+        "--max_batch_size",
+        "16",
+        "--decode_memory_mb",
+        "256",
+    ) as (url, process):
         assert httpx.get(f"{url}/info").json()["api_key_required"] is True
         unauthorised = httpx.post(f"{url}/predict", files={"image": ("a.png", big)}, timeout=60)
         assert unauthorised.status_code == 401 and "X-API-Key" in unauthorised.json()["detail"]
@@ -432,9 +527,11 @@ def test_fuzzed_bodies_get_4xx_never_500_and_the_server_lives(server, pictures, 
         st.binary(min_size=1, max_size=64).map(lambda noise: good[:24] + noise + good[24:]),  # a damaged PNG
         st.integers(0, len(good)).map(lambda cut: good[:cut]),
     )
-    fields = st.dictionaries(st.sampled_from(["beams", "num_beams", "length_penalty", "top_p", "attention", "image",
-                                              "x"]),
-                             st.one_of(st.text(max_size=12), st.integers(-5, 50).map(str)), max_size=3)  # fmt: skip
+    fields = st.dictionaries(
+        st.sampled_from(["beams", "num_beams", "length_penalty", "top_p", "attention", "image", "x"]),
+        st.one_of(st.text(max_size=12), st.integers(-5, 50).map(str)),
+        max_size=3,
+    )
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(body=bodies, data=fields, as_json=st.booleans())
@@ -494,13 +591,26 @@ def test_the_0_2_beams_option_of_serve_still_works_as_num_return(capsys, monkeyp
 # Lightning's `predict` and the server. (Here, beside the server this file already runs.)
 CASES = {
     "default": ({}, [], []),
-    "constrained": ({"num_beams": 3, "force_words": ("red",)}, ["--num_beams", "3", "--force_words", "red"],
-                    ["--model.decoding.num_beams", "3", "--model.decoding.force_words", '["red"]']),
-    "sampled": ({"do_sample": True, "seed": 5, "temperature": 1.5},
-                ["--do_sample", "--seed", "5", "--temperature", "1.5"],
-                ["--model.decoding.num_beams", "1", "--model.decoding.do_sample", "true", "--model.decoding.seed", "5",
-                 "--model.decoding.temperature", "1.5"]),
-}  # fmt: skip
+    "constrained": (
+        {"num_beams": 3, "force_words": ("red",)},
+        ["--num_beams", "3", "--force_words", "red"],
+        ["--model.decoding.num_beams", "3", "--model.decoding.force_words", '["red"]'],
+    ),
+    "sampled": (
+        {"do_sample": True, "seed": 5, "temperature": 1.5},
+        ["--do_sample", "--seed", "5", "--temperature", "1.5"],
+        [
+            "--model.decoding.num_beams",
+            "1",
+            "--model.decoding.do_sample",
+            "true",
+            "--model.decoding.seed",
+            "5",
+            "--model.decoding.temperature",
+            "1.5",
+        ],
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -518,8 +628,9 @@ def by_name(rows) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_entry_point_gives_the_same_rows_fields_and_errors(case, server, trained, conformance_images,
-                                                                 tmp_path, capsys):  # fmt: skip
+def test_every_entry_point_gives_the_same_rows_fields_and_errors(
+    case, server, trained, conformance_images, tmp_path, capsys
+):
     from captioner.bulk.command import caption_set_command
     from captioner.bulk.job import read_rows
     from captioner.cli import main
@@ -531,8 +642,12 @@ def test_every_entry_point_gives_the_same_rows_fields_and_errors(case, server, t
     settings, flags, config = CASES[case]
     checkpoint = trained[0]
     paths = sorted(conformance_images.iterdir())
-    rows = {"Captioner": by_name(p.row() for p in Captioner.from_checkpoint(checkpoint, device="cpu",
-                                                                           batch_size=4).predict(paths, **settings))}
+    rows = {
+        "Captioner": by_name(
+            p.row()
+            for p in Captioner.from_checkpoint(checkpoint, device="cpu", batch_size=4).predict(paths, **settings)
+        )
+    }
     exported = tmp_path / "exported"
     main(["export", "--ckpt_path", str(checkpoint), "--output", str(exported)])
     rows["OnnxCaptioner"] = by_name(p.row() for p in OnnxCaptioner(exported, batch_size=4).predict(paths, **settings))
@@ -540,16 +655,19 @@ def test_every_entry_point_gives_the_same_rows_fields_and_errors(case, server, t
     with pytest.raises(SystemExit):  # exit status 1: one file failed
         main(["caption", str(conformance_images), "--ckpt_path", str(checkpoint), "--device", "cpu", "--json", *flags])
     rows["caption"] = by_name(json.loads(line) for line in capsys.readouterr().out.splitlines())
-    caption_set_command(["--ckpt_path", str(checkpoint), "--input", str(conformance_images), "--output",
-                         str(tmp_path / "set"), *flags])  # fmt: skip
+    caption_set_command(
+        ["--ckpt_path", str(checkpoint), "--input", str(conformance_images), "--output", str(tmp_path / "set"), *flags]
+    )
     rows["caption-set"] = by_name(read_rows(tmp_path / "set"))
     predicted = main(predict_args(checkpoint, conformance_images, tmp_path / "predict", *config))
-    rows["predict"] = by_name(json.loads(line) for line in (run_dir(predicted.trainer) / "predictions.jsonl")
-                              .read_text().splitlines())  # fmt: skip
+    rows["predict"] = by_name(
+        json.loads(line) for line in (run_dir(predicted.trainer) / "predictions.jsonl").read_text().splitlines()
+    )
     served = {}
     for path in paths:
-        response = post(server, path, as_json=True, **{k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in settings.items()})  # fmt: skip
+        response = post(
+            server, path, as_json=True, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        )
         served[path.name] = response.json() if response.status_code == 200 else {"status": response.status_code}
     rows["serve"] = served
 

@@ -48,13 +48,16 @@ def test_model_limits_bound_what_a_request_may_ask_for():
     assert unbounded["max_length"] == ("int", 1, config.MAX_REQUEST_WORDS)
 
 
-@pytest.mark.parametrize(("settings", "says"), [
-    ({"num_beams": 0}, "num_beams=0 (at least 1)"),
-    ({"temperature": 0.0}, "temperature=0.0 (over 0)"),
-    ({"top_p": 1.5}, "top_p=1.5 (in (0, 1])"),
-    ({"num_beams": 4, "num_beam_groups": 3}, "a divisor of num_beams=4"),
-    ({"num_beams": 2, "num_return": 3}, "num_return=3 (1 to num_beams=2)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"num_beams": 0}, "num_beams=0 (at least 1)"),
+        ({"temperature": 0.0}, "temperature=0.0 (over 0)"),
+        ({"top_p": 1.5}, "top_p=1.5 (in (0, 1])"),
+        ({"num_beams": 4, "num_beam_groups": 3}, "a divisor of num_beams=4"),
+        ({"num_beams": 2, "num_return": 3}, "num_return=3 (1 to num_beams=2)"),
+    ],
+)
 def test_values_outside_their_declared_bounds_are_refused_naming_them(settings, says):
     with pytest.raises(CaptionerError, match="Decoding settings out of range") as refused:
         DecodingConfig(**settings)

@@ -63,8 +63,15 @@ def ddp(processes: int) -> list[str]:
 def launch(args: list[str], cwd: Path) -> subprocess.Popen:
     """`python -m captioner ...` in a session of its own (so the whole group can be killed, as a node dies)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "captioner", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "captioner", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(process: subprocess.Popen, expect: int = 0) -> str:
@@ -75,17 +82,32 @@ def finish(process: subprocess.Popen, expect: int = 0) -> str:
 
 # Small enough to run in seconds, an encoder input large enough that extraction takes a few of them. Items are
 # captions (the default), as for the cache: a batch of 16 captions whichever the source.
-STREAM = ["--model.encoder.image_size", "96", "--trainer.max_epochs", "6", "--test_after_fit", "true",
-          "--data.batch_size", "16", "--data.val_size", "30", "--data.test_size", "30"]  # fmt: skip
+STREAM = [
+    "--model.encoder.image_size",
+    "96",
+    "--trainer.max_epochs",
+    "6",
+    "--test_after_fit",
+    "true",
+    "--data.loading.batch_size",
+    "16",
+    "--data.splits.val_size",
+    "30",
+    "--data.splits.test_size",
+    "30",
+]
 
 
 def every_2_steps(tmp_path: Path) -> Path:
     """The tiny config with `last.ckpt` written every 2 training steps."""
     config = tmp_path / "tiny-every-2-steps.yaml"
     text = TINY_CONFIG.read_text()
-    config.write_text(text.replace("    - class_path: captioner.callbacks.LastCheckpoint",
-                                   "    - class_path: captioner.callbacks.LastCheckpoint\n"
-                                   "      init_args: {every_n_train_steps: 2}"))  # fmt: skip
+    config.write_text(
+        text.replace(
+            "    - class_path: captioner.callbacks.LastCheckpoint",
+            "    - class_path: captioner.callbacks.LastCheckpoint\n      init_args: {every_n_train_steps: 2}",
+        )
+    )
     assert "every_n_train_steps: 2" in config.read_text()
     return config
 
@@ -124,8 +146,13 @@ def test_streamed_extraction_and_training_killed_and_resumed_match_the_coco_run(
     assert 0 < done < 21 and not (streamed / "meta").exists()
 
     # 2. Extraction resumes from the parts it finished; training, killed mid-epoch (every rank at once).
-    killer = ["--trainer.callbacks+=tests.plugins.SignalAt", "--trainer.callbacks.init_args.step", "11",
-              "--trainer.callbacks.init_args.group", "true"]  # fmt: skip
+    killer = [
+        "--trainer.callbacks+=tests.plugins.SignalAt",
+        "--trainer.callbacks.init_args.step",
+        "11",
+        "--trainer.callbacks.init_args.group",
+        "true",
+    ]
     err = finish(launch([*args, *killer], tmp_path), expect=-9)
     assert "Resuming feature extraction" in err and (streamed / "meta").exists() and not (streamed / "parts").exists()
 
@@ -175,8 +202,11 @@ def test_shards_train_the_model_the_coco_format_trains_with_the_same_config(scen
         cli = main(tiny_args("fit", source, tmp_path / f"{name}-work", tmp_path / name, *STREAM))
         report = json.loads(next((tmp_path / name).rglob("test_metrics.json")).read_text())
         assert report["images"] >= 29  # 30 drawn (by hash for shards), less the image cut short if it drew test
-        scores[name] = (report["metrics"]["torchmetrics"]["BLEU-4"], report["metrics"]["pycocoevalcap"]["CIDEr"],
-                        cli.trainer.global_step)  # fmt: skip
+        scores[name] = (
+            report["metrics"]["torchmetrics"]["BLEU-4"],
+            report["metrics"]["pycocoevalcap"]["CIDEr"],
+            cli.trainer.global_step,
+        )
     assert (tmp_path / "streamed-work" / "streamed").is_dir() and not (tmp_path / "coco-work" / "streamed").exists()
     # Steps per epoch: 139 images x 5 captions in batches of 16 (the cache drops one last partial batch, the stream
     # one per pass): within a pass's share of each other.

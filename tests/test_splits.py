@@ -41,8 +41,11 @@ def labelled(labels):
 def test_labels_decide_the_splits_and_restval_joins_train_or_is_dropped():
     records = labelled(["train", "val", "test", "restval", "restval", "train"])
     splits = make_splits(records, 0.5, 0.5, seed=0)  # sizes and seed are ignored when every record has a label
-    assert [[r.file_name for r in splits[n]] for n in SPLITS] == [["0.jpg", "3.jpg", "4.jpg", "5.jpg"], ["1.jpg"],
-                                                                   ["2.jpg"]]  # fmt: skip
+    assert [[r.file_name for r in splits[n]] for n in SPLITS] == [
+        ["0.jpg", "3.jpg", "4.jpg", "5.jpg"],
+        ["1.jpg"],
+        ["2.jpg"],
+    ]
     dropped = split_by_labels(records, restval="drop")
     assert [r.file_name for r in dropped["train"]] == ["0.jpg", "5.jpg"]
     with pytest.raises(CaptionerError, match="leave the val split empty"):
@@ -50,12 +53,18 @@ def test_labels_decide_the_splits_and_restval_joins_train_or_is_dropped():
 
 
 def test_a_split_file_labels_the_data_by_file_name_and_counts_both_kinds_of_mismatch(tmp_path):
-    records = [CaptionRecord(name, ("x",)) for name in ("Images/a.jpg", "Images/b.jpg", "Images/c.jpg",
-                                                         "Images/d.jpg", "Images/extra.jpg")]  # fmt: skip
+    records = [
+        CaptionRecord(name, ("x",))
+        for name in ("Images/a.jpg", "Images/b.jpg", "Images/c.jpg", "Images/d.jpg", "Images/extra.jpg")
+    ]
     report = DataReport()
     out = label_from_split_file(records, karpathy_file(tmp_path), report)
-    expected = [("Images/a.jpg", "train"), ("Images/b.jpg", "val"), ("Images/c.jpg", "test"),
-                ("Images/d.jpg", "restval")]  # fmt: skip
+    expected = [
+        ("Images/a.jpg", "train"),
+        ("Images/b.jpg", "val"),
+        ("Images/c.jpg", "test"),
+        ("Images/d.jpg", "restval"),
+    ]
     assert [(r.file_name, r.split) for r in out] == expected
     assert report.skipped["images the split file does not name (left out)"] == 1
     assert report.skipped["images the split file names that the data lacks"] == 2  # e.jpg and gone.jpg

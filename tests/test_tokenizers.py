@@ -76,8 +76,14 @@ def test_a_word_vocabulary_saved_by_captioner_0_2_reads_back_as_words():
     assert tokenizer_from_dict(old) == vocabulary
 
 
-@pytest.mark.parametrize("payload", [{"class_path": "captioner.text.subwords.SubwordTokenizer", "version": 1},
-                                     {"class_path": "no.such.Tokenizer"}, ["not", "a", "dict"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"class_path": "captioner.text.subwords.SubwordTokenizer", "version": 1},
+        {"class_path": "no.such.Tokenizer"},
+        ["not", "a", "dict"],
+    ],
+)
 def test_a_broken_saved_tokenizer_is_one_clear_error(payload):
     with pytest.raises(CaptionerError, match="tokenizer"):
         tokenizer_from_dict(payload, "model.ckpt")
@@ -125,13 +131,24 @@ def test_a_pretrained_tokenizer_without_the_end_token_says_which_option(scene_ca
         Pretrained(str(tmp_path / "tokenizer.json"), end_token="</s>").build(scene_captions, max_length=10)
 
 
-def test_a_checkpoint_refuses_data_prepared_with_another_tokenizer_naming_both(trained, scenes_source, tmp_path,
-                                                                               capsys):  # fmt: skip
+def test_a_checkpoint_refuses_data_prepared_with_another_tokenizer_naming_both(
+    trained, scenes_source, tmp_path, capsys
+):
     from captioner.cli import main
 
     checkpoint, _ = trained
-    args = tiny_args("test", scenes_source, tmp_path / "work", tmp_path, "--ckpt_path", str(checkpoint),
-                     "--data.tokenizer", "captioner.text.Bpe", "--data.tokenizer.vocab_size", "300")  # fmt: skip
+    args = tiny_args(
+        "test",
+        scenes_source,
+        tmp_path / "work",
+        tmp_path,
+        "--ckpt_path",
+        str(checkpoint),
+        "--data.tokenizer",
+        "captioner.text.Bpe",
+        "--data.tokenizer.vocab_size",
+        "300",
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -143,8 +160,20 @@ def test_training_with_bpe_writes_text_and_scores_words(scenes_source, tmp_path)
     """A run with a BPE tokenizer end to end: the checkpoint holds it, the test captions are text."""
     from captioner.cli import main
 
-    cli = main(tiny_args("fit", scenes_source, tmp_path / "work", tmp_path, "--trainer.max_epochs", "2",
-                         "--data.tokenizer", "captioner.text.Bpe", "--data.tokenizer.vocab_size", "400"))  # fmt: skip
+    cli = main(
+        tiny_args(
+            "fit",
+            scenes_source,
+            tmp_path / "work",
+            tmp_path,
+            "--trainer.max_epochs",
+            "2",
+            "--data.tokenizer",
+            "captioner.text.Bpe",
+            "--data.tokenizer.vocab_size",
+            "400",
+        )
+    )
     model = cli.model
     assert isinstance(model.vocabulary, SubwordTokenizer) and model.decoder.hparams.vocab_size == len(model.vocabulary)
     checkpoint = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)

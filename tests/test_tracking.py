@@ -34,8 +34,10 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
         "--trainer.callbacks.tile_width",
         "200",
         "--trainer.callbacks+=captioner.callbacks.RunSummary",
-        "--trainer.logger.init_args.log_model", "true",  # the tested checkpoint published and linked as an artifact
-        "--test_after_fit", "true",
+        "--trainer.logger.init_args.log_model",
+        "true",  # the tested checkpoint published and linked as an artifact
+        "--test_after_fit",
+        "true",
     ]
     result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,8 +58,11 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
     assert "config" in config_keys  # the full resolved CLI config
 
     # The published folder (as `publish` writes it) logged as the run's `model` artifact, the card among its files.
-    artifacts = {record.artifact.name: record.artifact for record in read_records(run_file)
-                 if record.WhichOneof("record_type") == "artifact"}  # fmt: skip
+    artifacts = {
+        record.artifact.name: record.artifact
+        for record in read_records(run_file)
+        if record.WhichOneof("record_type") == "artifact"
+    }
     (published,) = [artifact for name, artifact in artifacts.items() if name.startswith("captioner-")]
     assert published.type == "model"
     files = {entry.path for entry in published.manifest.contents}

@@ -3,6 +3,7 @@ module the user allowed; the exported runtime reads only captioner's own tokeniz
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from captioner.export.onnx import export_onnx
 from captioner.inference import OnnxCaptioner
 from captioner.models.module import CaptionModel
 
-FOREIGN = '''
+FOREIGN = """
 from pathlib import Path
 Path({marker!r}).write_text("imported")  # what running a stranger's module could do
 
@@ -23,7 +24,7 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, payload, source):
         return cls()
-'''
+"""
 
 
 @pytest.fixture
@@ -36,8 +37,9 @@ def foreign_module(tmp_path, monkeypatch):
     sys.modules.pop("foreign_parts", None)
 
 
-def test_a_checkpoint_naming_a_foreign_class_is_refused_without_importing_it(trained, tmp_path, foreign_module,
-                                                                             monkeypatch, capsys):  # fmt: skip
+def test_a_checkpoint_naming_a_foreign_class_is_refused_without_importing_it(
+    trained, tmp_path, foreign_module, monkeypatch, capsys
+):
     checkpoint = torch.load(trained[0], weights_only=True)
     checkpoint["captioner"]["decoder"]["class_path"] = "foreign_parts.Decoder"
     tampered = tmp_path / "tampered.ckpt"
@@ -55,8 +57,9 @@ def test_a_checkpoint_naming_a_foreign_class_is_refused_without_importing_it(tra
     assert foreign_module.exists()
 
 
-def test_an_exported_folder_naming_a_foreign_tokenizer_is_refused_even_when_allowed(trained, tmp_path,
-                                                                                     foreign_module, monkeypatch):
+def test_an_exported_folder_naming_a_foreign_tokenizer_is_refused_even_when_allowed(
+    trained, tmp_path, foreign_module, monkeypatch
+):
     folder = export_onnx(CaptionModel.from_checkpoint(str(trained[0])), tmp_path / "exported")
     OnnxCaptioner(folder)  # as exported: fine
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -82,8 +85,9 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_in_one_message_without_unsaf
     with pytest.raises(SystemExit) as exit_info:
         main(["caption", str(tmp_path), "--ckpt_path", str(path), "--device", "cpu"])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and error.startswith(f"error: Checkpoint {path} is empty" if content == "empty"
-                                                          else f"error: {path} is not a captioner checkpoint")
+    assert exit_info.value.code == 2 and error.startswith(
+        f"error: Checkpoint {path} is empty" if content == "empty" else f"error: {path} is not a captioner checkpoint"
+    )
     assert "weights_only` set to `False`" not in error and "Traceback" not in error  # torch's advice to unpickle
     assert len(error.strip().splitlines()) == 1
     if content == "object":
@@ -129,3 +133,78 @@ def test_every_command_refuses_a_file_that_would_run_code_in_one_line_before_it_
     assert error.startswith(f"error: {path} is not a captioner checkpoint") and len(error.splitlines()) == 1, error
     assert "io.open was not an allowed global" in error and "weights_only" not in error  # what it refused
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("**/lightning_logs"))  # nothing started
+
+
+PARTS = {"encoder": ("encoder", "class_path"), "decoder": ("decoder", "class_path"),
+         "tokenizer": ("vocabulary", "class_path")}  # fmt: skip
+
+
+def tampered(entry: dict, part: str) -> dict:
+    """A `captioner` entry with one part's class path naming the foreign module."""
+    key, field = PARTS[part]
+    return {**entry, key: {**entry[key], field: f"foreign_parts.{part.title()}"}}
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_each_class_path_of_a_checkpoint_is_refused_without_importing_it(part, trained, tmp_path, foreign_module):
+    checkpoint = torch.load(trained[0], weights_only=True)
+    checkpoint["captioner"] = tampered(checkpoint["captioner"], part)
+    path = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CaptionerError, match=rf"the {part} class 'foreign_parts\.{part.title()}'.*not part of"):
+        Captioner.from_checkpoint(path, device="cpu")
+    from captioner.inference.loading import check_model
+
+    with pytest.raises(CaptionerError, match=rf"foreign_parts\.{part.title()}"):
+        check_model(path)  # what serve, caption-set and the Lightning commands check before they start
+    assert not foreign_module.exists()
+
+
+@pytest.fixture(scope="module")
+def published(trained, tmp_path_factory):
+    from captioner.publish import publish
+
+    return publish(trained[0], tmp_path_factory.mktemp("published") / "model")
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_each_class_path_of_a_published_config_is_refused_without_importing_it(part, published, tmp_path,
+                                                                                foreign_module):  # fmt: skip
+    import shutil
+
+    copy = Path(shutil.copytree(published, tmp_path / "copy"))
+    config = json.loads((copy / "config.json").read_text())
+    config["captioner"] = tampered(config["captioner"], part)
+    (copy / "config.json").write_text(json.dumps(config))
+    Captioner.from_pretrained(published, device="cpu")  # as published: fine
+    with pytest.raises(CaptionerError, match=rf"the {part} class 'foreign_parts\.{part.title()}'.*not part of"):
+        Captioner.from_pretrained(copy, device="cpu")
+    assert not foreign_module.exists()
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_an_exports_part_class_paths_describe_it_and_are_never_imported(part, trained, tmp_path, foreign_module):
+    """The exported runtime runs graphs: the manifest's encoder and decoder class paths only describe them (a
+    decoder of your own exports and runs without its module), so naming a foreign module imports nothing."""
+    folder = export_onnx(CaptionModel.from_checkpoint(str(trained[0])), tmp_path / "exported")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[part]["class_path"] = f"foreign_parts.{part.title()}"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    runtime = OnnxCaptioner(folder)
+    assert runtime.limits.decoder == ("Decoder" if part == "decoder" else "LSTMDecoder")
+    assert not foreign_module.exists()
+
+
+def test_an_objective_a_run_config_names_is_never_imported_when_a_checkpoint_is_published(
+        trained, tmp_path, foreign_module):  # fmt: skip
+    """Objectives are never read from a file to be imported: `publish` reads the run's config for the card only."""
+    import shutil
+
+    from captioner.publish import publish
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = Path(shutil.copy(trained[0], run / "checkpoints" / "best.ckpt"))
+    (run / "config.yaml").write_text("model:\n  objective:\n    class_path: foreign_parts.Objective\n")
+    folder = publish(checkpoint, tmp_path / "published")
+    assert "Objective" in (folder / "README.md").read_text() and not foreign_module.exists()

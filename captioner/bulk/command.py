@@ -68,9 +68,11 @@ def run_independent(options: argparse.Namespace) -> dict[str, Any]:
     """One worker with no rendezvous (`--launcher none`): as many as wanted, on one machine or many sharing the
     output's filesystem. The worker that completes the last part writes the summary."""
     if options.overwrite:
-        raise CaptionerError("--overwrite with --launcher none: independent workers cannot agree on which of them "
-                             "removes the old captions. Remove the output folder (or choose a new --output), then "
-                             "start the workers.")  # fmt: skip
+        raise CaptionerError(
+            "--overwrite with --launcher none: independent workers cannot agree on which of them "
+            "removes the old captions. Remove the output folder (or choose a new --output), then "
+            "start the workers."
+        )
     device = None if options.accelerator == "auto" else options.accelerator
     worker = Worker(options, device)
     replaces = bool(worker.adopt(False).get("replaces_existing"))
@@ -80,12 +82,18 @@ def run_independent(options: argparse.Namespace) -> dict[str, Any]:
     worker.run(replaces, wait_for_others=not options.no_wait, start=start)
     left = sum(not worker.state.done(name) for name in worker.names)
     if left:
-        print(f"{left} of {len(worker.parts)} parts are held by other workers; the one that completes the job writes "
-              "the summary.", file=sys.stderr)  # fmt: skip
+        print(
+            f"{left} of {len(worker.parts)} parts are held by other workers; the one that completes the job writes "
+            "the summary.",
+            file=sys.stderr,
+        )
         return {}
     if done_before < len(worker.parts) and not worker.state.claim_once("summary"):
-        print(f"This worker's parts are done; another worker completed the job and writes the summary "
-              f"({worker.state.folder / 'summary.json'}).", file=sys.stderr)  # fmt: skip
+        print(
+            f"This worker's parts are done; another worker completed the job and writes the summary "
+            f"({worker.state.folder / 'summary.json'}).",
+            file=sys.stderr,
+        )
         return {}
     summary = worker.summary(done_before)
     print("\n".join(summary_lines(summary)), file=sys.stderr)
@@ -97,44 +105,74 @@ def _bar(worker: Worker) -> Any:
 
     pending = [part for part in worker.parts if not worker.state.done(part.name)]
     known = sum(len(part.files) for part in pending if part.shard is None)
-    return tqdm(total=known or None, unit="img", desc="captioning", dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0)  # fmt: skip
+    return tqdm(
+        total=known or None, unit="img", desc="captioning", dynamic_ncols=True, file=sys.stderr, mininterval=1.0
+    )
 
 
 def caption_set_parser() -> argparse.ArgumentParser:
     """The options of `python -m captioner caption-set`."""
     parser = argparse.ArgumentParser(prog="python -m captioner caption-set", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit, or an exported folder")
-    parser.add_argument("--input", required=True,
-                        help="a folder of images (recursive), a text file listing image paths, or WebDataset shards "
-                             "(a folder of *.tar, a brace pattern, URLs)")  # fmt: skip
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="a folder of images (recursive), a text file listing image paths, or WebDataset shards "
+        "(a folder of *.tar, a brace pattern, URLs)",
+    )
     parser.add_argument("--input_kind", default="auto", choices=["auto", "folder", "list", "shards"])
-    parser.add_argument("--format", default="jsonl", choices=FORMATS,
-                        help="txt: a .txt beside each image; jsonl or parquet: one file per part; webdataset: new "
-                             "shards with the caption added")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        default="jsonl",
+        choices=FORMATS,
+        help="txt: a .txt beside each image; jsonl or parquet: one file per part; webdataset: new "
+        "shards with the caption added",
+    )
     parser.add_argument("--output", default=None, help="the output folder (txt: mirror the input tree there)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="forget the job in the output folder and caption everything again")  # fmt: skip
-    parser.add_argument("--review_below", type=float, default=None, metavar="CONFIDENCE",
-                        help="list the images whose calibrated confidence is under this in review/index.html and "
-                             "review/review.jsonl (models fitted with a calibrator)")  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="forget the job in the output folder and caption everything again"
+    )
+    parser.add_argument(
+        "--review_below",
+        type=float,
+        default=None,
+        metavar="CONFIDENCE",
+        help="list the images whose calibrated confidence is under this in review/index.html and "
+        "review/review.jsonl (models fitted with a calibrator)",
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="images captioned together")
     parser.add_argument("--threads", type=int, default=DEFAULT_DECODE_THREADS, help="images decoded at once")
-    parser.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH,
-                        help="batches decoded ahead of the one being captioned")  # fmt: skip
-    parser.add_argument("--files_per_part", type=int, default=FILES_PER_PART,
-                        help="image files per part (a shard is one part): the unit of claiming and resuming")
-    parser.add_argument("--launcher", default="lightning", choices=LAUNCHERS,
-                        help="lightning: the ranks --trainer.* launches; none: this process is one independent "
-                             "worker (start as many as wanted, anywhere the output's filesystem is shared); ray: "
-                             "Ray Data maps the engine over the images (captioner.bulk.ray_data)")  # fmt: skip
-    parser.add_argument("--lease_seconds", type=float, default=DEFAULT_LEASE_SECONDS,
-                        help="a worker that stops renewing its claim this long loses its part to another")
-    parser.add_argument("--no_wait", action="store_true",
-                        help="--launcher none: stop when no part is free instead of waiting to take over parts "
-                             "whose workers die")  # fmt: skip
-    parser.add_argument("--ray_address", default=None, help="--launcher ray: the cluster (None: $RAY_ADDRESS, else "
-                        "a local Ray)")  # fmt: skip
+    parser.add_argument(
+        "--prefetch", type=int, default=DEFAULT_PREFETCH, help="batches decoded ahead of the one being captioned"
+    )
+    parser.add_argument(
+        "--files_per_part",
+        type=int,
+        default=FILES_PER_PART,
+        help="image files per part (a shard is one part): the unit of claiming and resuming",
+    )
+    parser.add_argument(
+        "--launcher",
+        default="lightning",
+        choices=LAUNCHERS,
+        help="lightning: the ranks --trainer.* launches; none: this process is one independent "
+        "worker (start as many as wanted, anywhere the output's filesystem is shared); ray: "
+        "Ray Data maps the engine over the images (captioner.bulk.ray_data)",
+    )
+    parser.add_argument(
+        "--lease_seconds",
+        type=float,
+        default=DEFAULT_LEASE_SECONDS,
+        help="a worker that stops renewing its claim this long loses its part to another",
+    )
+    parser.add_argument(
+        "--no_wait",
+        action="store_true",
+        help="--launcher none: stop when no part is free instead of waiting to take over parts whose workers die",
+    )
+    parser.add_argument(
+        "--ray_address", default=None, help="--launcher ray: the cluster (None: $RAY_ADDRESS, else a local Ray)"
+    )
     parser.add_argument("--ray_workers", type=int, default=1, help="--launcher ray: model copies (actors)")
     parser.add_argument("--ray_gpus_per_worker", type=float, default=0, help="--launcher ray: GPUs per actor")
     parser.add_argument("--trainer.accelerator", dest="accelerator", default="auto", help="cpu, cuda or auto")

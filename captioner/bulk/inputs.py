@@ -88,8 +88,10 @@ def input_parts(source: str, kind: str = "auto", files_per_part: int = FILES_PER
         locations = shard_locations(folder, pattern)
         if not locations:
             raise CaptionerError(f"--input {source} holds no WebDataset shards (*.tar).")
-        return [InputPart(f"{index:06d}-{Path(location).stem}"[:120], folder, shard=location)
-                for index, location in enumerate(locations)]  # fmt: skip
+        return [
+            InputPart(f"{index:06d}-{Path(location).stem}"[:120], folder, shard=location)
+            for index, location in enumerate(locations)
+        ]
     if kind == "list":
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         files = [line for line in lines if line and not line.startswith("#")]
@@ -104,5 +106,7 @@ def input_parts(source: str, kind: str = "auto", files_per_part: int = FILES_PER
         raise CaptionerError(f"--input_kind {kind!r}: choose auto, folder, list or shards.")
     if not files:
         raise CaptionerError(f"--input {source} holds no image to caption.")
-    return [InputPart(f"files-{start // files_per_part:06d}", root, files[start : start + files_per_part])
-            for start in range(0, len(files), files_per_part)]  # fmt: skip
+    return [
+        InputPart(f"files-{start // files_per_part:06d}", root, files[start : start + files_per_part])
+        for start in range(0, len(files), files_per_part)
+    ]

@@ -64,8 +64,11 @@ def model_identity(path: str | Path) -> dict[str, str]:
                 digest.update(block)
         return {"sha256": digest.hexdigest()}
     if path.is_dir():
-        files = [path / "manifest.json"] if (path / "manifest.json").is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file())  # fmt: skip
+        files = (
+            [path / "manifest.json"]
+            if (path / "manifest.json").is_file()
+            else sorted(p for p in path.rglob("*") if p.is_file())
+        )
         for file in files:
             digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes())
         return {"sha256": digest.hexdigest()}
@@ -83,9 +86,14 @@ def input_identity(source: str, parts: list[InputPart]) -> dict[str, Any]:
 def job_fingerprint(options: argparse.Namespace, captioner: Any, parts: list[InputPart]) -> dict[str, Any]:
     """Everything the captions depend on: the model, the decoding settings it runs with (its own, overridden), the
     reranker, the output format, the input and captioner's version."""
-    return {"model": model_identity(options.ckpt_path), "decoding": captioner.decoding.to_dict(),
-            "rerank_clip": options.rerank_clip, "format": options.format,
-            "input": input_identity(options.input, parts), "captioner": __version__}  # fmt: skip
+    return {
+        "model": model_identity(options.ckpt_path),
+        "decoding": captioner.decoding.to_dict(),
+        "rerank_clip": options.rerank_clip,
+        "format": options.format,
+        "input": input_identity(options.input, parts),
+        "captioner": __version__,
+    }
 
 
 class Progress:
@@ -125,9 +133,17 @@ def _samples(part: InputPart, output: Output, replace: bool, tally: CaptionTally
             tally.skipped += 1
 
 
-def caption_part(engine: Any, config: Any, part: InputPart, output: Output, provenance: dict[str, Any],
-                 replace: bool = False, review_below: float | None = None, progress: Progress | None = None,
-                 still_held: Any = lambda: True) -> tuple[CaptionTally, list[dict[str, Any]]] | None:  # fmt: skip
+def caption_part(
+    engine: Any,
+    config: Any,
+    part: InputPart,
+    output: Output,
+    provenance: dict[str, Any],
+    replace: bool = False,
+    review_below: float | None = None,
+    progress: Progress | None = None,
+    still_held: Any = lambda: True,
+) -> tuple[CaptionTally, list[dict[str, Any]]] | None:
     """Caption one part's images through the engine and put its output in place whole.
 
     Returns:
@@ -142,14 +158,14 @@ def caption_part(engine: Any, config: Any, part: InputPart, output: Output, prov
             for (item, _), row in zip(batch, rows):
                 tally.add(item.name, row["caption"], row["confidence"], row["error"])
                 if review_below is not None and row["confidence"] is not None and row["confidence"] < review_below:
-                    review.append(review_row(item.name, row["caption"], row["confidence"], row["score"],
-                                             item.data))  # fmt: skip
+                    review.append(review_row(item.name, row["caption"], row["confidence"], row["score"], item.data))
             written.add(rows, [item.payload for item, _ in batch])
             if progress is not None:
                 progress.add(len(batch))
         if not still_held():
-            log.warning("Part %s was taken over by another worker while this one captioned it: this copy is dropped.",
-                        part.name)  # fmt: skip
+            log.warning(
+                "Part %s was taken over by another worker while this one captioned it: this copy is dropped.", part.name
+            )
             written.abandon()
             return None
         written.finish()
@@ -188,8 +204,10 @@ class Worker:
     def remove_leftovers(self, older_than: float) -> None:
         """Remove what writers killed mid-write left in the output and state folders, last changed over `older_than`
         seconds ago (0: a launcher whose workers are all its own, starting)."""
-        removed = sum(remove_leftovers(folder, older_than) for folder in (self.output.folder, self.state.folder,
-                                                                           self.state.folder / PARTS_DIR))  # fmt: skip
+        removed = sum(
+            remove_leftovers(folder, older_than)
+            for folder in (self.output.folder, self.state.folder, self.state.folder / PARTS_DIR)
+        )
         if removed:
             log.info("Removed %d files a killed run left half-written in %s.", removed, self.output.folder)
 
@@ -214,10 +232,17 @@ class Worker:
         return self.state.adopt(self.fingerprint, {"replaces_existing": replaces})
 
     def provenance(self, part: InputPart) -> dict[str, Any]:
-        return {"job": self.digest, "part": part.name, "model": self.fingerprint["model"],
-                "decoding": self.fingerprint["decoding"], "rerank_clip": self.options.rerank_clip,
-                "captioner": __version__, "worker": self.worker, "host": socket.gethostname(),
-                "started": time.time()}  # fmt: skip
+        return {
+            "job": self.digest,
+            "part": part.name,
+            "model": self.fingerprint["model"],
+            "decoding": self.fingerprint["decoding"],
+            "rerank_clip": self.options.rerank_clip,
+            "captioner": __version__,
+            "worker": self.worker,
+            "host": socket.gethostname(),
+            "started": time.time(),
+        }
 
     def run(self, replaces: bool, wait_for_others: bool = True, start: int = 0, bar: Any = None) -> int:
         """Claim and caption parts until none is left (or, without `wait_for_others`, none is free).
@@ -227,8 +252,9 @@ class Worker:
         """
         options = self.options
         claims = Claims(self.state.folder, self.worker, options.lease_seconds)
-        engine = self.captioner.engine(batch_size=options.batch_size, decode_threads=options.threads,
-                                       prefetch=options.prefetch)  # fmt: skip
+        engine = self.captioner.engine(
+            batch_size=options.batch_size, decode_threads=options.threads, prefetch=options.prefetch
+        )
         progress = Progress(self.state.folder, self.worker)
         config, completed = self.captioner.decoding, 0
         by_name = {part.name: part for part in self.parts}
@@ -237,17 +263,27 @@ class Worker:
             try:
                 provenance = self.provenance(part)
                 waited, busy = engine.stats.waited_s, engine.stats.busy_s
-                result = caption_part(engine, config, part, self.output, provenance, replaces, options.review_below,
-                                      progress, lease.held)  # fmt: skip
+                result = caption_part(
+                    engine, config, part, self.output, provenance, replaces, options.review_below, progress, lease.held
+                )
                 if result is not None:
                     tally, review = result
                     if options.review_below is not None:
                         write_part_review(self.state.folder, part.name, review)
-                    timing = {"model_s": round(engine.stats.busy_s - busy, 4),
-                              "waited_for_images_s": round(engine.stats.waited_s - waited, 4)}  # fmt: skip
-                    self.state.mark_done(part.name, {**provenance, "finished": time.time(), **timing,
-                                                     "review_below": options.review_below,
-                                                     "tally": tally.to_dict()})  # fmt: skip
+                    timing = {
+                        "model_s": round(engine.stats.busy_s - busy, 4),
+                        "waited_for_images_s": round(engine.stats.waited_s - waited, 4),
+                    }
+                    self.state.mark_done(
+                        part.name,
+                        {
+                            **provenance,
+                            "finished": time.time(),
+                            **timing,
+                            "review_below": options.review_below,
+                            "tally": tally.to_dict(),
+                        },
+                    )
                     completed += 1
             finally:
                 lease.release()
@@ -256,9 +292,13 @@ class Worker:
         progress.save()
         if completed:
             stats = engine.stats
-            log.info("Worker %s: %d parts, %.1f images/s while captioning; the model waited for images %.0f%% of "
-                     "the time.", self.worker, completed, stats.images / max(stats.busy_s + stats.waited_s, 1e-9),
-                     100 * stats.waiting_share)  # fmt: skip
+            log.info(
+                "Worker %s: %d parts, %.1f images/s while captioning; the model waited for images %.0f%% of the time.",
+                self.worker,
+                completed,
+                stats.images / max(stats.busy_s + stats.waited_s, 1e-9),
+                100 * stats.waiting_share,
+            )
         return completed
 
     def summary(self, done_before: int) -> dict[str, Any]:
@@ -270,24 +310,38 @@ class Worker:
         model_s = sum(record.get("model_s", 0.0) for record in records)
         waited_s = sum(record.get("waited_for_images_s", 0.0) for record in records)
         summary: dict[str, Any] = {
-            "job": self.digest, "parts": len(self.parts), "parts_done": len(records),
-            "parts_done_before": done_before, "captioned": total.captioned, "failed": dict(total.failed),
-            "skipped_as_done": total.skipped, "examples": total.examples, "output": str(self.output.folder),
-            "format": self.options.format, "fingerprint": self.fingerprint, "quality": total.quality(),
+            "job": self.digest,
+            "parts": len(self.parts),
+            "parts_done": len(records),
+            "parts_done_before": done_before,
+            "captioned": total.captioned,
+            "failed": dict(total.failed),
+            "skipped_as_done": total.skipped,
+            "examples": total.examples,
+            "output": str(self.output.folder),
+            "format": self.options.format,
+            "fingerprint": self.fingerprint,
+            "quality": total.quality(),
             "workers": sorted({record["worker"] for record in records}),
             # Over every part: images per second of the workers' captioning time (model and waiting), and the share
             # of it the model spent waiting for images to be decoded (0: the decoding kept up).
-            "images_per_worker_s": round((total.captioned + sum(total.failed.values())) / max(model_s + waited_s,
-                                                                                             1e-9), 2),
+            "images_per_worker_s": round(
+                (total.captioned + sum(total.failed.values())) / max(model_s + waited_s, 1e-9), 2
+            ),
             "model_waited_share": round(waited_s / max(model_s + waited_s, 1e-9), 4),
-        }  # fmt: skip
+        }
         below = self.options.review_below
         if below is not None and len(records) == len(self.parts):
             rows = gathered_review(self.state.folder, self.names, below)
             listing, page = write_review(self.output.folder, rows, below, self.digest)
             without = [r["part"] for r in records if r.get("review_below") is None or r["review_below"] < below]
-            summary["review"] = {"below": below, "images": len(rows), "page": str(page), "listing": str(listing),
-                                 "parts_without_review": len(without)}  # fmt: skip
+            summary["review"] = {
+                "below": below,
+                "images": len(rows),
+                "page": str(page),
+                "listing": str(listing),
+                "parts_without_review": len(without),
+            }
         write_json(self.state.folder / "summary.json", summary)
         return summary
 
@@ -297,36 +351,54 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     failed = sum(summary["failed"].values())
     where = f"{summary['format']} in {summary['output']}"
     if summary["parts_done_before"] == summary["parts"]:
-        lines = [f"Nothing left to caption: all {summary['parts']} parts were done before this run ({where}); "
-                 "--overwrite captions them again."]  # fmt: skip
+        lines = [
+            f"Nothing left to caption: all {summary['parts']} parts were done before this run ({where}); "
+            "--overwrite captions them again."
+        ]
     else:
-        lines = [f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as "
-                 f"done; {summary['parts_done_before']} of {summary['parts']} parts were done before this run; "
-                 f"{where}"]  # fmt: skip
+        lines = [
+            f"{summary['captioned']} images captioned, {failed} failed, {summary['skipped_as_done']} skipped as "
+            f"done; {summary['parts_done_before']} of {summary['parts']} parts were done before this run; "
+            f"{where}"
+        ]
     if failed:
-        lines[0] += " (failed: " + "; ".join(f"{count} {reason}, e.g. {summary['examples'].get(reason, '')}"
-                                             for reason, count in summary["failed"].items()) + ")"  # fmt: skip
+        lines[0] += (
+            " (failed: "
+            + "; ".join(
+                f"{count} {reason}, e.g. {summary['examples'].get(reason, '')}"
+                for reason, count in summary["failed"].items()
+            )
+            + ")"
+        )
     quality = summary["quality"]
     measures = []
     if "confidence" in quality:
         confidence = quality["confidence"]
-        measures.append(f"confidence mean {confidence['mean']:.2f}, median {confidence['median']:.2f}, "
-                        f"{100 * confidence['below_0.5']:.0f}% under 0.5")  # fmt: skip
+        measures.append(
+            f"confidence mean {confidence['mean']:.2f}, median {confidence['median']:.2f}, "
+            f"{100 * confidence['below_0.5']:.0f}% under 0.5"
+        )
     if "duplicate_share" in quality:
-        measures.append(f"{100 * quality['duplicate_share']:.1f}% of images share their caption with another "
-                        f"({quality['distinct_captions']} distinct), {100 * quality['degenerate_share']:.1f}% "
-                        "repeat themselves")  # fmt: skip
+        measures.append(
+            f"{100 * quality['duplicate_share']:.1f}% of images share their caption with another "
+            f"({quality['distinct_captions']} distinct), {100 * quality['degenerate_share']:.1f}% "
+            "repeat themselves"
+        )
     if measures:
         lines.append("Captions: " + "; ".join(measures) + ".")
     model = summary["fingerprint"]["model"]
-    lines.append(f"Job {summary['job']}: model {model.get('sha256', model.get('hub_id', ''))[:12]}, "
-                 f"{len(summary['workers'])} worker(s); every part records its provenance.")  # fmt: skip
+    lines.append(
+        f"Job {summary['job']}: model {model.get('sha256', model.get('hub_id', ''))[:12]}, "
+        f"{len(summary['workers'])} worker(s); every part records its provenance."
+    )
     if "review" in summary:
         review = summary["review"]
         line = f"Review: {review['images']} images under confidence {review['below']:g} in {review['page']}"
         if review["parts_without_review"]:
-            line += (f" ({review['parts_without_review']} parts were captioned without --review_below "
-                     f"{review['below']:g}: their images are not in it; --overwrite captions them again)")  # fmt: skip
+            line += (
+                f" ({review['parts_without_review']} parts were captioned without --review_below "
+                f"{review['below']:g}: their images are not in it; --overwrite captions them again)"
+            )
         lines.append(line + ".")
     return lines
 

@@ -128,12 +128,27 @@ def row_schema(provenance: dict[str, Any] | None = None) -> Any:
     """The Arrow schema of rows (`captioner.decoding.answers.ROW_FIELDS`), with the provenance as key-value metadata:
     the columns of every Parquet output (`caption-set --format parquet`, the Ray Data path)."""
     pa = require_library("pyarrow", "bulk", "Parquet output")
-    alternative = pa.struct([("caption", pa.string()), ("score", pa.float64()), ("constraints_met", pa.bool_()),
-                             ("clip_score", pa.float64())])  # fmt: skip
-    return pa.schema([("image", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
-                      ("confidence", pa.float64()), ("alternatives", pa.list_(alternative)),
-                      ("constraints_met", pa.bool_()), ("clip_score", pa.float64()), ("error", pa.string())],
-                     metadata=None if provenance is None else {PROVENANCE_KEY: json.dumps(provenance)})  # fmt: skip
+    alternative = pa.struct(
+        [
+            ("caption", pa.string()),
+            ("score", pa.float64()),
+            ("constraints_met", pa.bool_()),
+            ("clip_score", pa.float64()),
+        ]
+    )
+    return pa.schema(
+        [
+            ("image", pa.string()),
+            ("caption", pa.string()),
+            ("score", pa.float64()),
+            ("confidence", pa.float64()),
+            ("alternatives", pa.list_(alternative)),
+            ("constraints_met", pa.bool_()),
+            ("clip_score", pa.float64()),
+            ("error", pa.string()),
+        ],
+        metadata=None if provenance is None else {PROVENANCE_KEY: json.dumps(provenance)},
+    )
 
 
 def rows_table(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> Any:
@@ -188,8 +203,11 @@ class _Tar(PartOutput):
                 members["original.txt"] = members.pop("txt")
             members["txt"] = row["caption"].encode()
             metadata = json.loads(members["json"]) if "json" in members else {}
-            metadata.update({name: value for name, value in row.items() if name not in ("image", "error")},
-                            source=sample.name, captioned_by=self.captioned_by)  # fmt: skip
+            metadata.update(
+                {name: value for name, value in row.items() if name not in ("image", "error")},
+                source=sample.name,
+                captioned_by=self.captioned_by,
+            )
             members["json"] = json.dumps(metadata, ensure_ascii=False).encode()
             for extension, data in members.items():
                 self._member(f"{sample.key}.{extension}", data)
@@ -267,13 +285,16 @@ class TxtOutput(Output):
 
     def begin(self, part: InputPart, provenance: dict[str, Any]) -> PartOutput:
         if part.shard is not None:
-            raise CaptionerError("--format txt writes a .txt beside each image file; for images inside shards, "
-                                 "use --format webdataset (new shards with the caption added), jsonl or parquet.")
+            raise CaptionerError(
+                "--format txt writes a .txt beside each image file; for images inside shards, "
+                "use --format webdataset (new shards with the caption added), jsonl or parquet."
+            )
         return _Sidecars(self, part)
 
 
-OUTPUTS: dict[str, type[Output]] = {output.name: output for output in (TxtOutput, JsonlOutput, ParquetOutput,
-                                                                         WebDatasetOutput)}  # fmt: skip
+OUTPUTS: dict[str, type[Output]] = {
+    output.name: output for output in (TxtOutput, JsonlOutput, ParquetOutput, WebDatasetOutput)
+}
 
 
 def output_for(kind: str, folder: str | None, parts: list[InputPart]) -> Output:

@@ -85,17 +85,29 @@ class CaptionTally:
         self.degenerate += other.degenerate
 
     def to_dict(self) -> dict[str, Any]:
-        return {"captioned": self.captioned, "skipped": self.skipped, "failed": dict(self.failed),
-                "examples": self.examples, "confidences": self.confidences,
-                "confidence_sum": round(self.confidence_sum, 6), "captions": dict(self.captions),
-                "degenerate": self.degenerate}  # fmt: skip
+        return {
+            "captioned": self.captioned,
+            "skipped": self.skipped,
+            "failed": dict(self.failed),
+            "examples": self.examples,
+            "confidences": self.confidences,
+            "confidence_sum": round(self.confidence_sum, 6),
+            "captions": dict(self.captions),
+            "degenerate": self.degenerate,
+        }
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> CaptionTally:
-        return cls(int(payload["captioned"]), int(payload.get("skipped", 0)), Counter(payload.get("failed", {})),
-                   dict(payload.get("examples", {})), list(payload.get("confidences", [0] * CONFIDENCE_BINS)),
-                   float(payload.get("confidence_sum", 0.0)), Counter(payload.get("captions", {})),
-                   int(payload.get("degenerate", 0)))  # fmt: skip
+        return cls(
+            int(payload["captioned"]),
+            int(payload.get("skipped", 0)),
+            Counter(payload.get("failed", {})),
+            dict(payload.get("examples", {})),
+            list(payload.get("confidences", [0] * CONFIDENCE_BINS)),
+            float(payload.get("confidence_sum", 0.0)),
+            Counter(payload.get("captions", {})),
+            int(payload.get("degenerate", 0)),
+        )
 
     def quality(self) -> dict[str, Any]:
         """The summary's measures: the confidence's mean, quartiles (from the histogram: each within a bin's width,
@@ -104,11 +116,13 @@ class CaptionTally:
         scored = sum(self.confidences)
         report: dict[str, Any] = {"captioned": self.captioned}
         if scored:
-            report["confidence"] = {"images": scored, "mean": round(self.confidence_sum / scored, 4),
-                                    **{name: self._quantile(q) for name, q in (("p25", 0.25), ("median", 0.5),
-                                                                                 ("p75", 0.75))},
-                                    "below_0.5": round(sum(self.confidences[: CONFIDENCE_BINS // 2]) / scored, 4),
-                                    "histogram": self.confidences}  # fmt: skip
+            report["confidence"] = {
+                "images": scored,
+                "mean": round(self.confidence_sum / scored, 4),
+                **{name: self._quantile(q) for name, q in (("p25", 0.25), ("median", 0.5), ("p75", 0.75))},
+                "below_0.5": round(sum(self.confidences[: CONFIDENCE_BINS // 2]) / scored, 4),
+                "histogram": self.confidences,
+            }
         if self.captioned:
             shared = sum(count for count in self.captions.values() if count > 1)
             report["duplicate_share"] = round(shared / self.captioned, 4)

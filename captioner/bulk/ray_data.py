@@ -50,9 +50,17 @@ class CaptionBatches:
         allowed_modules: Modules the checkpoint may name besides captioner's (`--allow_module`).
     """
 
-    def __init__(self, ckpt_path: str, device: str | None = None, batch_size: int = 32, decode_threads: int = 4,
-                 settings: dict[str, Any] | None = None, rerank_clip: str | None = None,
-                 provenance: dict[str, Any] | None = None, allowed_modules: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ckpt_path: str,
+        device: str | None = None,
+        batch_size: int = 32,
+        decode_threads: int = 4,
+        settings: dict[str, Any] | None = None,
+        rerank_clip: str | None = None,
+        provenance: dict[str, Any] | None = None,
+        allowed_modules: tuple[str, ...] = (),
+    ) -> None:
         from captioner.inference.loading import load_captioner
 
         allow_modules(*allowed_modules)
@@ -84,14 +92,17 @@ def images_of(batch: dict[str, Any]) -> list[tuple[str, Any]]:
     if "__key__" in batch:
         rows = []
         for index, key in enumerate(batch["__key__"]):
-            column = next((c for c in IMAGE_COLUMNS if c in batch and isinstance(batch[c][index], (bytes, bytearray))),
-                          None)  # a member the sample lacks is missing (None, or NaN in a column of others)
+            column = next(
+                (c for c in IMAGE_COLUMNS if c in batch and isinstance(batch[c][index], (bytes, bytearray))), None
+            )  # a member the sample lacks is missing (None, or NaN in a column of others)
             url = str(batch["__url__"][index]) if "__url__" in batch else ""
             name = f"{Path(url).name}#{key}.{column or ''}"
             rows.append((name, bytes(batch[column][index]) if column else FileNotFoundError("no image in sample")))
         return rows
-    raise CaptionerError(f"A Ray batch with columns {sorted(batch)} holds no images: read them with "
-                         "read_binary_files(include_paths=True), read_webdataset(decoder=None) or read_images.")
+    raise CaptionerError(
+        f"A Ray batch with columns {sorted(batch)} holds no images: read them with "
+        "read_binary_files(include_paths=True), read_webdataset(decoder=None) or read_images."
+    )
 
 
 def caption_with_ray(options: argparse.Namespace) -> dict[str, Any]:
@@ -118,8 +129,11 @@ def caption_with_ray(options: argparse.Namespace) -> dict[str, Any]:
     state.adopt(worker.fingerprint)
     done = state.folder / "ray.json"
     if done.is_file() and not options.overwrite:
-        print(f"Nothing left to caption: this job was completed by Ray before ({options.output}); --overwrite "
-              "captions it again.", file=sys.stderr)  # fmt: skip
+        print(
+            f"Nothing left to caption: this job was completed by Ray before ({options.output}); --overwrite "
+            "captions it again.",
+            file=sys.stderr,
+        )
         return {"parts": len(parts), "captioned": 0}
     if not ray.is_initialized():
         ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False)
@@ -128,15 +142,27 @@ def caption_with_ray(options: argparse.Namespace) -> dict[str, Any]:
 
         dataset = ray.data.read_webdataset([shard_path(part.root, part.shard) for part in parts], decoder=None)
     else:
-        dataset = ray.data.read_binary_files([str(part.root / name) for part in parts for name in part.files],
-                                             include_paths=True)  # fmt: skip
+        dataset = ray.data.read_binary_files(
+            [str(part.root / name) for part in parts for name in part.files], include_paths=True
+        )
     provenance = {key: value for key, value in worker.provenance(parts[0]).items() if key not in ("part", "worker")}
-    arguments = {"ckpt_path": options.ckpt_path, "batch_size": options.batch_size, "decode_threads": options.threads,
-                 "settings": worker.fingerprint["decoding"], "rerank_clip": options.rerank_clip,
-                 "provenance": provenance, "allowed_modules": tuple(options.allow_module)}  # fmt: skip
-    captioned = dataset.map_batches(CaptionBatches, fn_constructor_kwargs=arguments, batch_size=options.batch_size,
-                                    compute=ray.data.ActorPoolStrategy(size=options.ray_workers),
-                                    num_gpus=options.ray_gpus_per_worker, batch_format="numpy")  # fmt: skip
+    arguments = {
+        "ckpt_path": options.ckpt_path,
+        "batch_size": options.batch_size,
+        "decode_threads": options.threads,
+        "settings": worker.fingerprint["decoding"],
+        "rerank_clip": options.rerank_clip,
+        "provenance": provenance,
+        "allowed_modules": tuple(options.allow_module),
+    }
+    captioned = dataset.map_batches(
+        CaptionBatches,
+        fn_constructor_kwargs=arguments,
+        batch_size=options.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=options.ray_workers),
+        num_gpus=options.ray_gpus_per_worker,
+        batch_format="numpy",
+    )
     for old in Path(options.output).glob("*.parquet"):  # a run that stopped part way: its files go, the state stays
         old.unlink()
     captioned.write_parquet(options.output, mode=ray.data.SaveMode.APPEND)
@@ -144,9 +170,18 @@ def caption_with_ray(options: argparse.Namespace) -> dict[str, Any]:
 
     table = pq.read_table(options.output, columns=["error"])
     captioned = table.column("error").null_count  # a row without an error is a captioned image
-    summary = {"images": table.num_rows, "captioned": captioned, "failed": table.num_rows - captioned,
-               "output": options.output, "format": "parquet", "job": worker.digest}  # fmt: skip
+    summary = {
+        "images": table.num_rows,
+        "captioned": captioned,
+        "failed": table.num_rows - captioned,
+        "output": options.output,
+        "format": "parquet",
+        "job": worker.digest,
+    }
     write_json(done, summary)
-    print(f"{summary['captioned']} images captioned, {summary['failed']} failed; Parquet in {options.output} "
-          f"(Ray Data, {options.ray_workers} workers; job {worker.digest}).", file=sys.stderr)  # fmt: skip
+    print(
+        f"{summary['captioned']} images captioned, {summary['failed']} failed; Parquet in {options.output} "
+        f"(Ray Data, {options.ray_workers} workers; job {worker.digest}).",
+        file=sys.stderr,
+    )
     return summary

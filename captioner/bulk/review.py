@@ -39,8 +39,13 @@ def thumbnail(data: Any) -> str | None:
 
 def review_row(image: str, caption: str, confidence: float, score: float, data: Any) -> dict[str, Any]:
     """One image to review, its thumbnail included."""
-    return {"image": image, "caption": caption, "confidence": confidence, "score": round(score, 5),
-            "thumbnail": thumbnail(data)}  # fmt: skip
+    return {
+        "image": image,
+        "caption": caption,
+        "confidence": confidence,
+        "score": round(score, 5),
+        "thumbnail": thumbnail(data),
+    }
 
 
 def write_part_review(folder: Path, part: str, rows: list[dict[str, Any]]) -> None:
@@ -56,8 +61,11 @@ def gathered_review(folder: Path, parts: list[str], below: float) -> list[dict[s
     for part in parts:
         path = folder / REVIEW_DIR / f"{part}.jsonl"
         if path.is_file():
-            rows += [row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())
-                     if row["confidence"] < below]  # fmt: skip
+            rows += [
+                row
+                for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+                if row["confidence"] < below
+            ]
     return sorted(rows, key=lambda row: (row["confidence"], row["image"]))
 
 
@@ -71,7 +79,7 @@ def write_review(output: Path, rows: list[dict[str, Any]], below: float, job: st
     shown = rows[:MOST_ON_THE_PAGE]
     cards = "\n".join(
         f'<figure><img alt="" src="{html.escape(row["thumbnail"] or "")}"><figcaption>'
-        f'<b>{row["confidence"]:.2f}</b> {html.escape(row["caption"])}<br><small>{html.escape(row["image"])}</small>'
+        f"<b>{row['confidence']:.2f}</b> {html.escape(row['caption'])}<br><small>{html.escape(row['image'])}</small>"
         "</figcaption></figure>"
         for row in shown
     )

@@ -42,14 +42,26 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
         raise CaptionerError("This checkpoint was not written by captioner (it has no vocabulary).")
     hp = checkpoint["hyper_parameters"]
     if hp.get("decoder", "lstm") == "attention":
-        decoder = {"class_path": "captioner.models.decoders.attention.AttentionDecoder",
-                   "init_args": {"embed_dim": hp.get("embed_dim", 256), "hidden_dim": hp.get("hidden_dim", 512),
-                                 "attention_dim": hp.get("attention_dim", 256), "dropout": hp.get("dropout", 0.5),
-                                 "regularization": hp.get("attention_regularization", 1.0)}}  # fmt: skip
+        decoder = {
+            "class_path": "captioner.models.decoders.attention.AttentionDecoder",
+            "init_args": {
+                "embed_dim": hp.get("embed_dim", 256),
+                "hidden_dim": hp.get("hidden_dim", 512),
+                "attention_dim": hp.get("attention_dim", 256),
+                "dropout": hp.get("dropout", 0.5),
+                "regularization": hp.get("attention_regularization", 1.0),
+            },
+        }
     else:
-        decoder = {"class_path": "captioner.models.decoders.lstm.LSTMDecoder",
-                   "init_args": {"embed_dim": hp.get("embed_dim", 256), "hidden_dim": hp.get("hidden_dim", 512),
-                                 "num_layers": hp.get("num_layers", 1), "dropout": hp.get("dropout", 0.5)}}  # fmt: skip
+        decoder = {
+            "class_path": "captioner.models.decoders.lstm.LSTMDecoder",
+            "init_args": {
+                "embed_dim": hp.get("embed_dim", 256),
+                "hidden_dim": hp.get("hidden_dim", 512),
+                "num_layers": hp.get("num_layers", 1),
+                "dropout": hp.get("dropout", 0.5),
+            },
+        }
     preprocessing = checkpoint.get("preprocessing") or squashed_imagenet(hp.get("image_size", 224))
     return _from_version_2(
         {
@@ -62,7 +74,7 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "decoding": {
                 key: hp.get(key, default)
                 for key, default in (("beam_size", 3), ("length_penalty", 0.0), ("max_decode_length", None))
-            },  # fmt: skip
+            },
         }
     )
 
@@ -71,8 +83,15 @@ def _from_version_2(meta: dict[str, Any]) -> dict[str, Any]:
     """A captioner 0.2 entry (a torchvision ResNet by `backbone` and `weights`, squashed images) in this version."""
     encoder = meta["encoder"]
     size = int(meta["preprocessing"]["image_size"])
-    spec = {"class_path": TORCHVISION_ENCODER, "init_args": {"model": encoder["backbone"],
-            "weights": encoder["weights"], "image_size": size, "resize": "squash"}}  # fmt: skip
+    spec = {
+        "class_path": TORCHVISION_ENCODER,
+        "init_args": {
+            "model": encoder["backbone"],
+            "weights": encoder["weights"],
+            "image_size": size,
+            "resize": "squash",
+        },
+    }
     return {
         **meta,
         "version": CHECKPOINT_VERSION,
@@ -90,5 +109,12 @@ def _decoding_of(old: dict[str, Any]) -> dict[str, Any]:
 def squashed_imagenet(size: int) -> dict[str, Any]:
     """The preprocessing of captioner 0.1 and 0.2: the whole frame squashed to `size`, bilinear, ImageNet's
     mean and standard deviation (a version-1 `Preprocessing.to_dict()`)."""
-    return {"version": 1, "image_size": int(size), "resize": "squash", "interpolation": "bilinear",
-            "antialias": True, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    return {
+        "version": 1,
+        "image_size": int(size),
+        "resize": "squash",
+        "interpolation": "bilinear",
+        "antialias": True,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }

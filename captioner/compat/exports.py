@@ -25,12 +25,20 @@ def upgrade_manifest(payload: dict[str, Any]) -> dict[str, Any]:
     encoder = payload.get("encoder") or {}
     if "backbone" in encoder:  # 0.2: a torchvision ResNet by name, the images squashed
         size = int(payload["preprocessing"]["image_size"])
-        payload["encoder"] = {"class_path": TORCHVISION_ENCODER, "init_args": {
-            "model": encoder["backbone"], "weights": encoder.get("weights"), "image_size": size, "resize": "squash"}}
+        payload["encoder"] = {
+            "class_path": TORCHVISION_ENCODER,
+            "init_args": {
+                "model": encoder["backbone"],
+                "weights": encoder.get("weights"),
+                "image_size": size,
+                "resize": "squash",
+            },
+        }
         payload.setdefault("encoder_name", encoder["backbone"])
     payload.setdefault("encoder_name", str(payload.get("encoder", {}).get("class_path", "an encoder")).rsplit(".")[-1])
-    payload["decoding"] = upgraded(dict(payload.get("decoding") or {}), "the exported folder's decoding settings",
-                                   quiet=True)  # fmt: skip
+    payload["decoding"] = upgraded(
+        dict(payload.get("decoding") or {}), "the exported folder's decoding settings", quiet=True
+    )
     payload.setdefault("grid_shape", None)
     payload.setdefault("longest_caption", None)  # their graphs fail on their own past it
     payload.setdefault("confidence", None)  # exports before 0.3 have no calibrator

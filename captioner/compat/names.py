@@ -100,8 +100,9 @@ class OldCallbacksFinder(_AliasFinder):
         if self.warned:  # one line for the package and all its modules
             return None
         self.warned.add(OLD_CALLBACKS)
-        return (f"captioner: '{OLD_CALLBACKS}.…' in a config is deprecated; write '{NEW_CALLBACKS}.…' "
-                "(it works for now).")
+        return (
+            f"captioner: '{OLD_CALLBACKS}.…' in a config is deprecated; write '{NEW_CALLBACKS}.…' (it works for now)."
+        )
 
 
 def _append(finder_type: type) -> None:
@@ -126,15 +127,6 @@ RENAMED = {"beam_size": "num_beams", "max_decode_length": "max_length", "beams":
 _warned: set[str] = set()
 
 
-def moved(name: str, value: Any) -> dict[str, Any]:
-    """A model option that moved into `decoding` (the 0.2 `--model.length_penalty`): the override, with a note."""
-    if value is None:
-        return {}
-    print(f"captioner: --model.{name} is deprecated; it is --model.decoding.{name} now (it works for now).",
-          file=sys.stderr)  # fmt: skip
-    return {name: value}
-
-
 def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict[str, Any]:
     """Settings with old names replaced by new ones; one deprecation line per old name (unless `quiet`).
 
@@ -149,8 +141,10 @@ def upgraded(settings: dict[str, Any], source: str, quiet: bool = False) -> dict
         if value is None:
             continue
         if settings.get(new) is not None and settings[new] != value:
-            raise CaptionerError(f"{source}: both {old}={value!r} and {new}={settings[new]!r}; {old} is the old name "
-                                 f"of {new}, give only {new}.")  # fmt: skip
+            raise CaptionerError(
+                f"{source}: both {old}={value!r} and {new}={settings[new]!r}; {old} is the old name "
+                f"of {new}, give only {new}."
+            )
         settings[new] = value
         if not quiet and old not in _warned:
             _warned.add(old)

@@ -106,8 +106,10 @@ def default_precision(accelerator: str | None) -> str:
         return FALLBACK_PRECISION
     capabilities = cuda_compute_capabilities()
     if not capabilities:
-        log.info("Could not read the GPUs' compute capability through NVML: training in fp32 "
-                 "(set --trainer.precision bf16-mixed on Ampere or newer GPUs).")  # fmt: skip
+        log.info(
+            "Could not read the GPUs' compute capability through NVML: training in fp32 "
+            "(set --trainer.precision bf16-mixed on Ampere or newer GPUs)."
+        )
         return FALLBACK_PRECISION
     return "bf16-mixed" if min(capabilities) >= (8, 0) else "16-mixed"
 
@@ -126,9 +128,11 @@ def checked_precision(precision: str | int | None, accelerator: str | None) -> s
         if support != "native":
             log.warning(
                 "--trainer.precision %s: this CPU has no native bf16 (it needs %s; here bf16 is %s), so the run "
-                "uses fp32 instead.", precision, CPU_BF16_REQUIREMENT,
+                "uses fp32 instead.",
+                precision,
+                CPU_BF16_REQUIREMENT,
                 "emulated and slower than fp32" if support == "emulated" else "not supported by oneDNN",
-            )  # fmt: skip
+            )
             return FALLBACK_PRECISION
     return precision
 

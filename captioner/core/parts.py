@@ -92,19 +92,29 @@ def import_trusted_class(path: Any, base: type, what: str, source: str, built_in
     modules = {BUILT_IN} if built_in_only else allowed_modules()
     if not _within(path, modules):
         package = path.split(".")[0]
-        how = ("only captioner's own classes are read here" if built_in_only else
-               f"if you trust it, allow its package: --allow_module {package}, or {ALLOW_VARIABLE}={package}, or "
-               f"captioner.core.parts.allow_modules({package!r}) in Python")  # fmt: skip
-        raise CaptionerError(f"{source} names the {what} class {path!r}, which is not part of captioner: nothing a "
-                             f"file names is imported unless allowed ({how}).")  # fmt: skip
+        how = (
+            "only captioner's own classes are read here"
+            if built_in_only
+            else f"if you trust it, allow its package: --allow_module {package}, or {ALLOW_VARIABLE}={package}, or "
+            f"captioner.core.parts.allow_modules({package!r}) in Python"
+        )
+        raise CaptionerError(
+            f"{source} names the {what} class {path!r}, which is not part of captioner: nothing a "
+            f"file names is imported unless allowed ({how})."
+        )
     return import_class(path, base, what)
 
 
 def add_allow_argument(parser: Any) -> None:
     """`--allow_module PACKAGE` (repeatable) on a command that reads class paths from a file."""
-    parser.add_argument("--allow_module", action="append", default=[], metavar="PACKAGE",
-                        help="import classes of this package when the checkpoint or folder names them (your own "
-                             f"decoder, encoder or tokenizer); also ${ALLOW_VARIABLE}")  # fmt: skip
+    parser.add_argument(
+        "--allow_module",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="import classes of this package when the checkpoint or folder names them (your own "
+        f"decoder, encoder or tokenizer); also ${ALLOW_VARIABLE}",
+    )
 
 
 def class_paths_in(tree: Any) -> Iterator[str]:

@@ -163,10 +163,15 @@ class PipelineStats:
         return self.waited_s / total if total else 0.0
 
 
-def decoded_batches(inputs: Iterable[ImageInput], decoder: PixelDecoder, batch_size: int,
-                    threads: int = DEFAULT_DECODE_THREADS, prefetch: int = DEFAULT_PREFETCH,
-                    max_pixels: int | None = None, stats: PipelineStats | None = None,
-                    ) -> Iterator[DecodedBatch]:  # fmt: skip
+def decoded_batches(
+    inputs: Iterable[ImageInput],
+    decoder: PixelDecoder,
+    batch_size: int,
+    threads: int = DEFAULT_DECODE_THREADS,
+    prefetch: int = DEFAULT_PREFETCH,
+    max_pixels: int | None = None,
+    stats: PipelineStats | None = None,
+) -> Iterator[DecodedBatch]:
     """`inputs` decoded and stacked `batch_size` at a time, in order, the next `prefetch` batches decoding while the
     caller works on this one.
 

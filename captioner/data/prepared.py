@@ -78,12 +78,21 @@ class PreparedData:
                 f"set under existing checkpoints. Use another --data.work_dir, or delete {self.folder} to prepare anew."
             )
 
-    def write_dataset(self, root: Path, images_dir: Path, caption_format: str, fingerprint: str,
-                      sharded: bool = False) -> None:  # fmt: skip
+    def write_dataset(
+        self, root: Path, images_dir: Path, caption_format: str, fingerprint: str, sharded: bool = False
+    ) -> None:
         """Record where the images are (`sharded`: inside shards, not as files) and mark the preparation complete."""
-        write_json(self.dataset_file, {"version": PREPARED_VERSION, "root": str(root.resolve()),
-                                       "images_dir": str(images_dir.resolve()), "format": caption_format,
-                                       "records": fingerprint, "sharded": sharded})  # fmt: skip
+        write_json(
+            self.dataset_file,
+            {
+                "version": PREPARED_VERSION,
+                "root": str(root.resolve()),
+                "images_dir": str(images_dir.resolve()),
+                "format": caption_format,
+                "records": fingerprint,
+                "sharded": sharded,
+            },
+        )
 
     def read_dataset(self) -> dict[str, Any]:
         """The dataset record, checked.
@@ -97,8 +106,9 @@ class PreparedData:
                 "first with the same --data options."
             )
         payload = read_json(self.dataset_file, "Prepared dataset")
-        require_keys(payload, ("version", "root", "images_dir", "format", "records"), self.dataset_file,
-                     "Prepared dataset")  # fmt: skip
+        require_keys(
+            payload, ("version", "root", "images_dir", "format", "records"), self.dataset_file, "Prepared dataset"
+        )
         if payload["version"] != PREPARED_VERSION:
             raise CaptionerError(f"{self.dataset_file} has version {payload['version']}, expected {PREPARED_VERSION}.")
         payload.setdefault("sharded", False)  # prepared before shards were a source

@@ -51,8 +51,15 @@ class ResumableSampler(DistributedSampler):
             (random crops of a fine-tuned encoder).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int,
-                 start: TrainingPosition | None = None, tag_epoch: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        start: TrainingPosition | None = None,
+        tag_epoch: bool = False,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.tag_epoch, self._start = tag_epoch, start
         if start is not None:

@@ -105,7 +105,7 @@ class SplitDraw:
     def __init__(self, val_size: int | float, test_size: int | float) -> None:
         for size, name in ((val_size, "val"), (test_size, "test")):
             if size < 0 or (_is_fraction(size) and not 0 < size < 1):
-                raise CaptionerError(f"--data.{name}_size {size} must be a count or a fraction between 0 and 1.")
+                raise CaptionerError(f"--data.splits.{name}_size {size} must be a count or a fraction between 0 and 1.")
         self.val_size, self.test_size = val_size, test_size
         # Below this hash an image is test whatever else is seen (a fraction); None: the smallest decide.
         self.test_bound = int(test_size * HASH_RANGE) - 1 if _is_fraction(test_size) else None
@@ -126,8 +126,10 @@ class SplitDraw:
         n_test = round(self.test_size * count) if _is_fraction(self.test_size) else int(self.test_size)
         n_val = round(self.val_size * count) if _is_fraction(self.val_size) else int(self.val_size)
         if n_val + n_test >= count:
-            raise CaptionerError(f"Split sizes val={n_val} and test={n_test} leave no training image out of {count}: "
-                                 "lower --data.val_size / --data.test_size.")  # fmt: skip
+            raise CaptionerError(
+                f"Split sizes val={n_val} and test={n_test} leave no training image out of {count}: "
+                "lower --data.splits.val_size / test_size."
+            )
         if self.test_bound is not None:
             test, above = self.test_bound, ranked
         else:
@@ -171,11 +173,15 @@ class ShardedRecords:
         try:
             with path.open(encoding="utf-8") as handle:
                 rows = [json.loads(line) for line in handle]
-            return [CaptionRecord(str(name), tuple(map(str, captions)), None, self.split_of(name))
-                    for name, captions in rows]  # fmt: skip
+            return [
+                CaptionRecord(str(name), tuple(map(str, captions)), None, self.split_of(name))
+                for name, captions in rows
+            ]
         except (OSError, ValueError, TypeError) as error:
-            raise CaptionerError(f"The shard index {path} is missing or malformed ({error}); delete "
-                                 f"{self.folder.parent} to prepare the data again.") from error  # fmt: skip
+            raise CaptionerError(
+                f"The shard index {path} is missing or malformed ({error}); delete "
+                f"{self.folder.parent} to prepare the data again."
+            ) from error
 
     def records(self, split: str | None = None) -> Iterator[CaptionRecord]:
         """Every record (of one split), a shard at a time."""
@@ -188,8 +194,13 @@ class ShardedRecords:
             yield from record.captions
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SHARDED_VERSION, "shards": self.shards, "counts": self.counts, "seed": self.seed,
-                "rule": {"test": str(self.rule.test), "val": str(self.rule.val)}}  # fmt: skip
+        return {
+            "version": SHARDED_VERSION,
+            "shards": self.shards,
+            "counts": self.counts,
+            "seed": self.seed,
+            "rule": {"test": str(self.rule.test), "val": str(self.rule.val)},
+        }
 
     @classmethod
     def read(cls, path: Path) -> ShardedRecords:
@@ -201,14 +212,22 @@ class ShardedRecords:
         payload = read_json(path, "Sharded records")
         require_keys(payload, ("version", "shards", "counts", "seed", "rule"), path, "Sharded records")
         if payload["version"] != SHARDED_VERSION:
-            raise CaptionerError(f"{path} has version {payload['version']}, expected {SHARDED_VERSION} (version 1 "
-                                 f"split by the shard's name too): delete {path.parent} to prepare the data again.")
+            raise CaptionerError(
+                f"{path} has version {payload['version']}, expected {SHARDED_VERSION} (version 1 "
+                f"split by the shard's name too): delete {path.parent} to prepare the data again."
+            )
         rule = SplitRule(int(payload["rule"]["test"]), int(payload["rule"]["val"]))
         return cls(path.parent / "shards", list(payload["shards"]), payload["counts"], rule, int(payload["seed"]))
 
 
-def index_shards(shards: Iterable[tuple[str, list[CaptionRecord]]], folder: Path, val_size: int | float,
-                 test_size: int | float, seed: int, report: DataReport) -> ShardedRecords:  # fmt: skip
+def index_shards(
+    shards: Iterable[tuple[str, list[CaptionRecord]]],
+    folder: Path,
+    val_size: int | float,
+    test_size: int | float,
+    seed: int,
+    report: DataReport,
+) -> ShardedRecords:
     """The records pass over shards (each given as its location and records): index files written a shard at a time,
     keys met twice across shards skipped and counted, the split thresholds drawn.
 
@@ -253,6 +272,7 @@ def shards_fingerprint(source: Path, caption_format: Any) -> str:
     for location in caption_format.locations(source):
         path = Path(location) if Path(location).is_absolute() else Path(source) / location
         stat = path.stat() if "://" not in location and path.is_file() else None
-        digest.update(json.dumps([location, stat.st_size if stat else None,
-                                  stat.st_mtime_ns if stat else None]).encode())  # fmt: skip
+        digest.update(
+            json.dumps([location, stat.st_size if stat else None, stat.st_mtime_ns if stat else None]).encode()
+        )
     return digest.hexdigest()

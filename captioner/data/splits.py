@@ -1,7 +1,7 @@
 """Image-level train/val/test splits: drawn from a hash of each image's key, or taken from the data's own labels.
 
 Splitting by image (not by caption) keeps every caption of a test image out of
-training. Karpathy split files (as a caption format, or `--data.split_file`)
+training. Karpathy split files (as a caption format, or `--data.splits.file`)
 label each image train, val, test or restval; restval goes to training unless
 `restval` says to drop it. Otherwise an image's place is a hash of its key (its
 file name without folder and extension, `Images/cat.jpg` -> `cat`; inside a
@@ -65,10 +65,10 @@ def resolve_split_size(size: int | float, total: int, name: str) -> int:
     """
     if isinstance(size, float) and not size.is_integer():
         if not 0 < size < 1:
-            raise CaptionerError(f"--data.{name}_size {size} must be a count or a fraction between 0 and 1.")
+            raise CaptionerError(f"--data.splits.{name}_size {size} must be a count or a fraction between 0 and 1.")
         return max(1, round(size * total))
     if size < 0:
-        raise CaptionerError(f"--data.{name}_size {size} must not be negative.")
+        raise CaptionerError(f"--data.splits.{name}_size {size} must not be negative.")
     return int(size)
 
 
@@ -89,7 +89,7 @@ def split_records(
     if n_val + n_test >= len(ordered):
         raise CaptionerError(
             f"Split sizes val={n_val} and test={n_test} leave no training image out of {len(ordered)}: "
-            "lower --data.val_size / --data.test_size (a fraction such as 0.1 adapts to the data)."
+            "lower --data.splits.val_size / test_size (a fraction such as 0.1 adapts to the data)."
         )
     test, val, train = ordered[:n_test], ordered[n_test : n_test + n_val], ordered[n_test + n_val :]
     return {name: sorted(part, key=lambda r: r.file_name) for name, part in zip(SPLITS, (train, val, test))}
@@ -118,7 +118,9 @@ def label_from_split_file(records: list[CaptionRecord], path: str | Path, report
     if missing:
         report.count("images the split file names that the data lacks", missing[0], times=len(missing))
     if not labelled:
-        raise CaptionerError(f"--data.split_file {path} names none of the data's images: is it the file for this data?")
+        raise CaptionerError(
+            f"--data.splits.file {path} names none of the data's images: is it the file for this data?"
+        )
     return labelled
 
 
@@ -169,7 +171,7 @@ def load_splits(path: str | Path) -> tuple[dict[str, list[CaptionRecord]], dict]
             name: [
                 CaptionRecord(str(entry[0]), tuple(map(str, entry[1])), entry[2], name)
                 for entry in payload["splits"][name]
-            ]  # fmt: skip
+            ]
             for name in SPLITS
         }
     except (KeyError, TypeError, ValueError, IndexError) as error:
@@ -178,9 +180,12 @@ def load_splits(path: str | Path) -> tuple[dict[str, list[CaptionRecord]], dict]
 
 
 def make_splits(
-    records: list[CaptionRecord], val_size: int | float, test_size: int | float, seed: int,
+    records: list[CaptionRecord],
+    val_size: int | float,
+    test_size: int | float,
+    seed: int,
     restval: Literal["train", "drop"] = "train",
-) -> dict[str, list[CaptionRecord]]:  # fmt: skip
+) -> dict[str, list[CaptionRecord]]:
     """The splits for these records: from their labels when they all have one, else drawn with the seed."""
     if records and all(record.split is not None for record in records):
         return split_by_labels(records, restval)

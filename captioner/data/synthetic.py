@@ -154,8 +154,16 @@ def write_synthetic_dataset(
             scene = random_scene(rng)
             file_name = f"SYNTH_scenes_{image_id:012d}.jpg"
             render_scene(scene, width, height, rng).save(tmp / IMAGES_DIR / file_name, quality=90)
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "scene": scene,
-                           "objects": scene_objects(scene)})  # fmt: skip
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": width,
+                    "height": height,
+                    "scene": scene,
+                    "objects": scene_objects(scene),
+                }
+            )
             for caption in describe_scene(scene, rng):
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
         with (tmp / CAPTION_FILE).open("w", encoding="utf-8") as handle:
@@ -228,14 +236,24 @@ def write_synthetic_shards(coco_root: str | Path, root: str | Path, per_shard: i
             "scene": image.get("scene"),
             "status": "success",
         }
-        samples.append((key, {"jpg": (coco_root / IMAGES_DIR / image["file_name"]).read_bytes(),
-                              "txt": "\n".join(captions.get(image["id"], [])).encode(),
-                              "json": json.dumps(meta).encode()}))  # fmt: skip
+        samples.append(
+            (
+                key,
+                {
+                    "jpg": (coco_root / IMAGES_DIR / image["file_name"]).read_bytes(),
+                    "txt": "\n".join(captions.get(image["id"], [])).encode(),
+                    "json": json.dumps(meta).encode(),
+                },
+            )
+        )
     if junk:
         good = samples[0][1]
-        samples += [("junk-no-caption", {"jpg": good["jpg"]}), ("junk-no-image", {"txt": b"a caption alone"}),
-                    ("junk-cut-short", {"jpg": good["jpg"][: len(good["jpg"]) // 3], "txt": b"a red circle"}),
-                    (samples[0][0], dict(good))]  # fmt: skip
+        samples += [
+            ("junk-no-caption", {"jpg": good["jpg"]}),
+            ("junk-no-image", {"txt": b"a caption alone"}),
+            ("junk-cut-short", {"jpg": good["jpg"][: len(good["jpg"]) // 3], "txt": b"a red circle"}),
+            (samples[0][0], dict(good)),
+        ]
     with atomic_folder(root) as tmp:
         for shard, start in enumerate(range(0, len(samples), per_shard)):
             name = f"{shard:05d}"

@@ -66,9 +66,17 @@ class Prediction:
     def answered(cls, image: str, answer: dict[str, Any]) -> Prediction:
         """A row from one of `describe`'s answers."""
         alternatives = answer.get("alternatives")
-        return cls(image, answer["caption"], answer["score"], None, answer.get("confidence"),
-                   None if alternatives is None else tuple(alternatives), answer.get("constraints_met"),
-                   answer.get("clip_score"), answer.get("attention"))  # fmt: skip
+        return cls(
+            image,
+            answer["caption"],
+            answer["score"],
+            None,
+            answer.get("confidence"),
+            None if alternatives is None else tuple(alternatives),
+            answer.get("constraints_met"),
+            answer.get("clip_score"),
+            answer.get("attention"),
+        )
 
     @classmethod
     def failed(cls, image: str, reason: str) -> Prediction:
@@ -125,8 +133,9 @@ class ModelSide(Protocol):
         """Where each word of the best captions looked (None: the decoder does not attend, or cannot say)."""
 
 
-def describe(side: ModelSide, pixels: Any, config: DecodingConfig, attention: bool = False,
-             reranker: Any = None) -> list[dict[str, Any]]:  # fmt: skip
+def describe(
+    side: ModelSide, pixels: Any, config: DecodingConfig, attention: bool = False, reranker: Any = None
+) -> list[dict[str, Any]]:
     """Everything captioning tells about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
 
     Keys: `caption`, `score` (log-probability), `confidence` (models with a calibrator), `alternatives` (with
@@ -143,16 +152,27 @@ def describe(side: ModelSide, pixels: Any, config: DecodingConfig, attention: bo
     if reranker is not None:
         decoded, cosines = reranker(pixels, decoded, side.vocabulary)
     confidences = confidences_of(side, features, decoded, config, cosines, getattr(reranker, "name", None))
-    rows = answer_rows(decoded, side.vocabulary, config.num_return, confidences,
-                       None if cosines is None else reranker.clip_scores(cosines))  # fmt: skip
+    rows = answer_rows(
+        decoded,
+        side.vocabulary,
+        config.num_return,
+        confidences,
+        None if cosines is None else reranker.clip_scores(cosines),
+    )
     maps = side.attention(features, decoded) if attention else None
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None
     return rows
 
 
-def confidences_of(side: ModelSide, features: Any, decoded: Decoded, config: DecodingConfig, cosines: Any = None,
-                   clip_model: str | None = None) -> np.ndarray | None:  # fmt: skip
+def confidences_of(
+    side: ModelSide,
+    features: Any,
+    decoded: Decoded,
+    config: DecodingConfig,
+    cosines: Any = None,
+    clip_model: str | None = None,
+) -> np.ndarray | None:
     """The best captions' calibrated confidences (None for a model without a calibrator): with the CLIP cosines of
     `decoded`'s captions `(B, N)` from the CLIP its second calibrator was fitted with, that one's."""
     calibrator, clip_calibrator = side.calibrator, side.clip_calibrator
@@ -172,8 +192,9 @@ def confidence_features(side: ModelSide, features: Any, decoded: Decoded, config
     return caption_features(replay_log_probs(side.stepper(features), tokens, special.start, ops, rules), lengths)
 
 
-def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int, confidences: Any = None,
-                clip_scores: Any = None) -> list[dict[str, Any]]:  # fmt: skip
+def answer_rows(
+    decoded: Decoded, vocabulary: Any, num_return: int, confidences: Any = None, clip_scores: Any = None
+) -> list[dict[str, Any]]:
     """One dict per image: `caption` and `score` (log-probability) of the best caption and, with `num_return` > 1,
     `alternatives`: up to that many `{"caption", "score"}`, best first (the best included), finished ones only
     where any finished. With forced words, each also says whether it holds them all (`constraints_met`): a caption
@@ -193,8 +214,11 @@ def answer_rows(decoded: Decoded, vocabulary: Any, num_return: int, confidences:
     met = decoded.met.tolist() if decoded.met is not None else None
     for image, image_scores in enumerate(scores):
         texts = vocabulary.decode_batch(tokens[image][:num_return])
-        ranked = [{"caption": text, "score": float(score)} for text, score in zip(texts, image_scores[:num_return])
-                  if score != float("-inf")]  # fmt: skip
+        ranked = [
+            {"caption": text, "score": float(score)}
+            for text, score in zip(texts, image_scores[:num_return])
+            if score != float("-inf")
+        ]
         for rank, entry in enumerate(ranked):
             if met is not None:
                 entry["constraints_met"] = bool(met[image][rank])
@@ -214,6 +238,9 @@ def caption_decoded(describe_batch: Callable[[Any], list[dict[str, Any]]], batch
     the reason for the others (each fails alone)."""
     answers = describe_batch(batch.pixels) if batch.ok else []
     found = dict(zip(batch.ok, answers))
-    return [Prediction.answered(name, found[position]) if position in found
-            else Prediction.failed(name, batch.errors.get(position, "not decoded"))
-            for position, name in enumerate(batch.names)]  # fmt: skip
+    return [
+        Prediction.answered(name, found[position])
+        if position in found
+        else Prediction.failed(name, batch.errors.get(position, "not decoded"))
+        for position, name in enumerate(batch.names)
+    ]

@@ -63,8 +63,9 @@ def replay_log_probs(stepper: Any, tokens: np.ndarray, start: int, ops: Any, rul
     return picked
 
 
-def caption_confidences(calibrator: Calibrator, stepper: Any, decoded: Any, start: int, ops: Any,
-                        rules: list) -> np.ndarray:  # fmt: skip
+def caption_confidences(
+    calibrator: Calibrator, stepper: Any, decoded: Any, start: int, ops: Any, rules: list
+) -> np.ndarray:
     """The calibrated confidence of each image's best caption in `decoded` (one replay through `stepper`)."""
     tokens = np.asarray(ops.to_numpy(decoded.best_tokens), dtype=np.int64)
     lengths = np.asarray(ops.to_numpy(decoded.best_lengths), dtype=np.int64)
@@ -118,8 +119,15 @@ class Calibrator:
         return 1.0 / (1.0 + np.exp(-(standard @ np.asarray(self.weights) + self.bias)))
 
     @classmethod
-    def fit(cls, features: np.ndarray, good: np.ndarray, threshold: float, l2: float = 1e-2,
-            iterations: int = 50, clip_model: str | None = None) -> Calibrator:  # fmt: skip
+    def fit(
+        cls,
+        features: np.ndarray,
+        good: np.ndarray,
+        threshold: float,
+        l2: float = 1e-2,
+        iterations: int = 50,
+        clip_model: str | None = None,
+    ) -> Calibrator:
         """Maximum likelihood (Newton's method, a little L2 for separable sets) on standardised features.
 
         Args:
@@ -140,20 +148,34 @@ class Calibrator:
         for _ in range(iterations):
             probability = 1.0 / (1.0 + np.exp(-design @ theta))
             gradient = design.T @ (probability - good) + penalty @ theta
-            hessian = design.T @ (design * (probability * (1 - probability))[:, None]) + penalty + 1e-9 * np.eye(
-                len(theta))
+            hessian = (
+                design.T @ (design * (probability * (1 - probability))[:, None]) + penalty + 1e-9 * np.eye(len(theta))
+            )
             change = np.linalg.solve(hessian, gradient)
             theta -= change
             if np.abs(change).max() < 1e-8:
                 break
-        return cls(tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, theta[:-1])), float(theta[-1]),
-                   float(threshold), len(features), clip_model)  # fmt: skip
+        return cls(
+            tuple(map(float, mean)),
+            tuple(map(float, scale)),
+            tuple(map(float, theta[:-1])),
+            float(theta[-1]),
+            float(threshold),
+            len(features),
+            clip_model,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (checkpoints and export manifests hold it)."""
-        payload = {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
-                   "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold,
-                   "fitted_on": self.fitted_on}  # fmt: skip
+        payload = {
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "threshold": self.threshold,
+            "fitted_on": self.fitted_on,
+        }
         if self.clip_model:
             payload["clip_model"] = self.clip_model
         return payload
@@ -166,14 +188,23 @@ class Calibrator:
         clip_model = payload.get("clip_model")
         if tuple(payload.get("features", ())) != feature_names(clip_model):
             return None
-        return cls(tuple(payload["mean"]), tuple(payload["scale"]), tuple(payload["weights"]), float(payload["bias"]),
-                   float(payload["threshold"]), int(payload["fitted_on"]), clip_model)  # fmt: skip
+        return cls(
+            tuple(payload["mean"]),
+            tuple(payload["scale"]),
+            tuple(payload["weights"]),
+            float(payload["bias"]),
+            float(payload["threshold"]),
+            int(payload["fitted_on"]),
+            clip_model,
+        )
 
 
 def expected_calibration_error(confidences: np.ndarray, good: np.ndarray, bins: int = 10) -> float:
     """ECE: over equal-width confidence bins, the mean |accuracy - confidence| weighted by the bin's share (0-1)."""
-    return float(sum(row["count"] * abs(row["accuracy"] - row["confidence"])
-                     for row in reliability(confidences, good, bins)) / max(len(confidences), 1))  # fmt: skip
+    return float(
+        sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in reliability(confidences, good, bins))
+        / max(len(confidences), 1)
+    )
 
 
 def reliability(confidences: np.ndarray, good: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
@@ -185,9 +216,15 @@ def reliability(confidences: np.ndarray, good: np.ndarray, bins: int = 10) -> li
     for number in range(bins):
         members = index == number
         if members.any():
-            rows.append({"low": float(edges[number]), "high": float(edges[number + 1]),
-                         "confidence": float(confidences[members].mean()), "accuracy": float(good[members].mean()),
-                         "count": int(members.sum())})  # fmt: skip
+            rows.append(
+                {
+                    "low": float(edges[number]),
+                    "high": float(edges[number + 1]),
+                    "confidence": float(confidences[members].mean()),
+                    "accuracy": float(good[members].mean()),
+                    "count": int(members.sum()),
+                }
+            )
     return rows
 
 

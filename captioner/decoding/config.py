@@ -111,58 +111,107 @@ class DecodingConfig:
     """Every setting of caption decoding (Hugging Face's `GenerationConfig`, for captions): the settings are listed
     below from their declarations (`Setting`), with their bounds."""
 
-    num_beams: int = setting(3, "Live hypotheses per image (1: greedy decoding, or sampling with do_sample).", "int",
-                             low=1, request=(1, MAX_BEAMS))
-    num_return: int = setting(1, "Ranked captions returned per image (at most num_beams; 1: the best only).", "int",
-                              low=1, request=(0, MAX_BEAMS))
+    num_beams: int = setting(
+        3,
+        "Live hypotheses per image (1: greedy decoding, or sampling with do_sample).",
+        "int",
+        low=1,
+        request=(1, MAX_BEAMS),
+    )
+    num_return: int = setting(
+        1,
+        "Ranked captions returned per image (at most num_beams; 1: the best only).",
+        "int",
+        low=1,
+        request=(0, MAX_BEAMS),
+    )
     length_penalty: float = setting(
-        0.0, "GNMT alpha for ranking finished captions, score / ((5 + length) / 6) ** alpha (0: raw "
-        "log-probability; > 0 favours longer captions).", "float", request=(-5, 5))
-    max_length: int | None = setting(None, "Most words per caption (None: the tokenizer's longest caption).", "int",
-                                     low=1, request=(1, "longest"))
+        0.0,
+        "GNMT alpha for ranking finished captions, score / ((5 + length) / 6) ** alpha (0: raw "
+        "log-probability; > 0 favours longer captions).",
+        "float",
+        request=(-5, 5),
+    )
+    max_length: int | None = setting(
+        None, "Most words per caption (None: the tokenizer's longest caption).", "int", low=1, request=(1, "longest")
+    )
     min_length: int = setting(0, "<end> is not allowed before this many words.", "int", low=0, request=(0, "longest"))
-    no_repeat_ngram_size: int = setting(0, "No n-gram of this size appears twice in a caption (0: off).", "int",
-                                        low=0, request=(0, 10))
+    no_repeat_ngram_size: int = setting(
+        0, "No n-gram of this size appears twice in a caption (0: off).", "int", low=0, request=(0, 10)
+    )
     bad_endings: tuple[str, ...] = setting(
-        (), "Words a caption may not end on (a, with, ...): <end> is not allowed right after them.", "words")
+        (), "Words a caption may not end on (a, with, ...): <end> is not allowed right after them.", "words"
+    )
     prefix: str | None = setting(
-        None, "Every caption starts with these words (a trigger word, 'a photo of'), forced token by token.", "phrase")
+        None, "Every caption starts with these words (a trigger word, 'a photo of'), forced token by token.", "phrase"
+    )
     force_words: tuple[str | tuple[str, ...], ...] = setting(
-        (), "Words or phrases every caption must hold, each entry a phrase ('red', 'on the left') or a list of phrases "
+        (),
+        "Words or phrases every caption must hold, each entry a phrase ('red', 'on the left') or a list of phrases "
         "any one of which will do (['circle', 'square']); searched for with constrained beam search (beams kept for "
         "every level of progress through the constraints). A caption that cannot meet them within max_length is "
-        "returned anyway, best first, marked as not meeting them.", "phrases")
+        "returned anyway, best first, marked as not meeting them.",
+        "phrases",
+    )
     bad_words: tuple[str, ...] = setting(
-        (), "Words or phrases no caption may hold (the last token of a phrase is refused after the others).", "phrases")
+        (), "Words or phrases no caption may hold (the last token of a phrase is refused after the others).", "phrases"
+    )
     early_stopping: bool | Literal["never"] = setting(
-        False, "When an image's beam search stops, once it has num_beams finished captions: at once (true); when no "
+        False,
+        "When an image's beam search stops, once it has num_beams finished captions: at once (true); when no "
         "live hypothesis beats the worst of them at its current length (false: Hugging Face's heuristic, exact "
         "without a length penalty); or only when none could at any length up to max_length (never: exact with any "
-        "length penalty, slower).", "stopping")
+        "length penalty, slower).",
+        "stopping",
+    )
     num_beam_groups: int = setting(
-        1, "Diverse beam search (Vijayakumar et al.): beams split into this many groups, each group penalised for "
-        "the words the earlier groups chose at the same step (a divisor of num_beams).", "int", low=1,
-        request=(1, MAX_BEAMS))
-    diversity_penalty: float = setting(0.0, "The penalty per earlier choice of the same word (with num_beam_groups "
-                                       "> 1).", "float", low=0, request=(0, 100))
-    do_sample: bool = setting(False, "Draw each word from the model's distribution instead of searching (with "
-                              "num_beams 1).", "bool")
-    temperature: float = setting(1.0, "Divide the scores by this before sampling.", "float", low=0, above=True,
-                                 request=(0.01, 100))
-    top_k: int = setting(0, "Sample from the k most likely words only (0: all).", "int", low=0,
-                         request=(0, "vocabulary"))
-    top_p: float = setting(1.0, "Sample from the smallest set of words whose probability reaches p (nucleus "
-                           "sampling; 1: all).", "float", low=0, high=1, above=True, request=(0, 1))
-    seed: int | None = setting(None, "Seed of sampling (None: fresh entropy every call).", "int", low=0,
-                               request=(0, 2**63 - 1))
+        1,
+        "Diverse beam search (Vijayakumar et al.): beams split into this many groups, each group penalised for "
+        "the words the earlier groups chose at the same step (a divisor of num_beams).",
+        "int",
+        low=1,
+        request=(1, MAX_BEAMS),
+    )
+    diversity_penalty: float = setting(
+        0.0,
+        "The penalty per earlier choice of the same word (with num_beam_groups > 1).",
+        "float",
+        low=0,
+        request=(0, 100),
+    )
+    do_sample: bool = setting(
+        False, "Draw each word from the model's distribution instead of searching (with num_beams 1).", "bool"
+    )
+    temperature: float = setting(
+        1.0, "Divide the scores by this before sampling.", "float", low=0, above=True, request=(0.01, 100)
+    )
+    top_k: int = setting(
+        0, "Sample from the k most likely words only (0: all).", "int", low=0, request=(0, "vocabulary")
+    )
+    top_p: float = setting(
+        1.0,
+        "Sample from the smallest set of words whose probability reaches p (nucleus sampling; 1: all).",
+        "float",
+        low=0,
+        high=1,
+        above=True,
+        request=(0, 1),
+    )
+    seed: int | None = setting(
+        None, "Seed of sampling (None: fresh entropy every call).", "int", low=0, request=(0, 2**63 - 1)
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bad_endings", tuple(self.bad_endings))
         object.__setattr__(self, "bad_words", tuple(self.bad_words))
-        object.__setattr__(self, "force_words", tuple(entry if isinstance(entry, str) else tuple(entry)
-                                                      for entry in self.force_words))  # fmt: skip
-        problems = [f"{name}={getattr(self, name)!r} ({declared.bounds()})"
-                    for name, declared in settings().items() if not declared.allows(getattr(self, name))]  # fmt: skip
+        object.__setattr__(
+            self, "force_words", tuple(entry if isinstance(entry, str) else tuple(entry) for entry in self.force_words)
+        )
+        problems = [
+            f"{name}={getattr(self, name)!r} ({declared.bounds()})"
+            for name, declared in settings().items()
+            if not declared.allows(getattr(self, name))
+        ]
         if not 1 <= self.num_return <= max(self.num_beams, 1):
             problems.append(f"num_return={self.num_return} (1 to num_beams={self.num_beams})")
         if self.num_beam_groups >= 1 and self.num_beams % self.num_beam_groups:
@@ -173,7 +222,8 @@ class DecodingConfig:
             problems.append(f"early_stopping={self.early_stopping!r} (true, false or never)")
         phrases = [*self.bad_words, *(p for e in self.force_words for p in ([e] if isinstance(e, str) else e))]
         if not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases) or (
-                self.prefix is not None and not self.prefix.strip()):  # fmt: skip
+            self.prefix is not None and not self.prefix.strip()
+        ):
             problems.append("prefix, force_words and bad_words hold words (no empty ones)")
         if self.force_words and (self.do_sample or self.num_beam_groups > 1):
             problems.append("force_words with sampling or diverse groups (constrained beam search only)")
@@ -183,8 +233,12 @@ class DecodingConfig:
     # ------------------------------------------------------------ saved and overridden
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, stored in checkpoints and export manifests."""
-        return {**dataclasses.asdict(self), "bad_endings": list(self.bad_endings), "bad_words": list(self.bad_words),
-                "force_words": [e if isinstance(e, str) else list(e) for e in self.force_words]}  # fmt: skip
+        return {
+            **dataclasses.asdict(self),
+            "bad_endings": list(self.bad_endings),
+            "bad_words": list(self.bad_words),
+            "force_words": [e if isinstance(e, str) else list(e) for e in self.force_words],
+        }
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any] | None, source: str = "decoding settings") -> DecodingConfig:
@@ -219,8 +273,7 @@ class DecodingConfig:
     def greedy(self) -> DecodingConfig:
         """These settings, the best word at each step (validation decodes so: fast, and comparable across runs;
         without `force_words`, which need a beam search)."""
-        return dataclasses.replace(self, num_beams=1, num_return=1, do_sample=False, num_beam_groups=1,
-                                   force_words=())  # fmt: skip
+        return dataclasses.replace(self, num_beams=1, num_return=1, do_sample=False, num_beam_groups=1, force_words=())
 
     @property
     def constrained(self) -> bool:
@@ -242,8 +295,10 @@ class DecodingConfig:
         longest = limits.longest_caption
         if longest is not None and words > longest:
             what = f"max_length={self.max_length}" if self.max_length else f"the tokenizer's max_length={words}"
-            problems.append(f"{what}: {limits.decoder} writes at most {longest} words (its positions); use "
-                            f"max_length {longest} or less")  # fmt: skip
+            problems.append(
+                f"{what}: {limits.decoder} writes at most {longest} words (its positions); use "
+                f"max_length {longest} or less"
+            )
         if self.min_length > words:
             problems.append(f"min_length={self.min_length} is over the {words} words a caption may have")
         if self.top_k > limits.vocab_size:
@@ -251,8 +306,10 @@ class DecodingConfig:
         if self.bad_endings and limits.word_ids is not None:
             unknown = [word for word in self.bad_endings if word not in limits.word_ids]
             if unknown:
-                problems.append(f"bad_endings {', '.join(map(repr, unknown))} are not single tokens of this model's "
-                                "tokenizer, so it could never end on them as words")  # fmt: skip
+                problems.append(
+                    f"bad_endings {', '.join(map(repr, unknown))} are not single tokens of this model's "
+                    "tokenizer, so it could never end on them as words"
+                )
         problems += self._phrase_problems(limits.tokenizer, words)
         if problems:
             raise CaptionerError("Decoding settings this model cannot run: " + "; ".join(problems) + ".")
@@ -264,9 +321,11 @@ class DecodingConfig:
             return []
         unknown = getattr(tokenizer, "unk_index", None)
         phrases = [*self.bad_words, *(p for e in self.force_words for p in ([e] if isinstance(e, str) else e))]
-        unwritable = [phrase for phrase in phrases + ([self.prefix] if self.prefix else [])
-                      if not tokenizer.phrase_tokens(phrase)
-                      or any(unknown in form for form in tokenizer.phrase_tokens(phrase))]  # fmt: skip
+        unwritable = [
+            phrase
+            for phrase in phrases + ([self.prefix] if self.prefix else [])
+            if not tokenizer.phrase_tokens(phrase) or any(unknown in form for form in tokenizer.phrase_tokens(phrase))
+        ]
         problems = []
         if unwritable:
             problems.append(f"{', '.join(map(repr, unwritable))}: not in this model's vocabulary")
@@ -295,21 +354,41 @@ def request_ranges(limits: ModelLimits) -> dict[str, tuple[str, float | None, fl
     return ranges
 
 
-KIND_NAMES = {"int": "whole number", "float": "number", "bool": "true or false", "words": "words",
-              "phrase": "words", "phrases": "phrases ('a|b': either)", "stopping": "true, false or never"}
+KIND_NAMES = {
+    "int": "whole number",
+    "float": "number",
+    "bool": "true or false",
+    "words": "words",
+    "phrase": "words",
+    "phrases": "phrases ('a|b': either)",
+    "stopping": "true, false or never",
+}
 
 
 def reference_table() -> str:
     """Every decoding setting as a Markdown table (the documentation's reference is made from it)."""
-    rows = ["| setting | kind | default | allowed | a request may ask for | what it does |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | kind | default | allowed | a request may ask for | what it does |",
+        "|---|---|---|---|---|---|",
+    ]
     for item in dataclasses.fields(DecodingConfig):
         declared: Setting = item.metadata["setting"]
-        request = "as allowed" if declared.request is None else (
-            f"{declared.request[0]:g} to " + (f"{declared.request[1]:g}" if not isinstance(declared.request[1], str)
-                                              else f"the model's {declared.request[1]}"))  # fmt: skip
-        rows.append(f"| `{item.name}` | {KIND_NAMES[declared.kind]} | `{item.default!r}` | {declared.bounds() or '-'} "
-                    f"| {request} | {declared.help} |")
+        request = (
+            "as allowed"
+            if declared.request is None
+            else (
+                f"{declared.request[0]:g} to "
+                + (
+                    f"{declared.request[1]:g}"
+                    if not isinstance(declared.request[1], str)
+                    else f"the model's {declared.request[1]}"
+                )
+            )
+        )
+        rows.append(
+            f"| `{item.name}` | {KIND_NAMES[declared.kind]} | `{item.default!r}` | {declared.bounds() or '-'} "
+            f"| {request} | {declared.help} |"
+        )
     return "\n".join(rows)
 
 
@@ -345,21 +424,27 @@ def add_arguments(parser: Any) -> None:
         if declared.kind == "words":
             group.add_argument(f"--{name}", nargs="*", default=None, metavar="WORD", help=help_text)
         elif declared.kind == "phrases":
-            group.add_argument(f"--{name}", nargs="*", default=None, metavar="PHRASE",
-                               help=help_text + " 'a|b': either.")  # fmt: skip
+            group.add_argument(
+                f"--{name}", nargs="*", default=None, metavar="PHRASE", help=help_text + " 'a|b': either."
+            )
         elif declared.kind == "bool":
             group.add_argument(f"--{name}", action="store_true", default=None, help=help_text)
         elif declared.kind == "stopping":
             group.add_argument(f"--{name}", choices=["true", "false", "never"], default=None, help=help_text)
         else:
-            group.add_argument(f"--{name}", type={"int": int, "float": float}.get(declared.kind, str), default=None,
-                               help=help_text)  # fmt: skip
+            group.add_argument(
+                f"--{name}", type={"int": int, "float": float}.get(declared.kind, str), default=None, help=help_text
+            )
     for old, new in RENAMED.items():
         if old != "beams":
             group.add_argument(f"--{old}", type=int, default=None, help=f"deprecated: --{new}")
-    group.add_argument("--rerank_clip", default=None, metavar="CLIP",
-                       help="reorder the beam's alternatives by CLIPScore with this CLIP model (ViT-B-32:openai, a "
-                            "Hugging Face id or folder) before taking the best; torch only")  # fmt: skip
+    group.add_argument(
+        "--rerank_clip",
+        default=None,
+        metavar="CLIP",
+        help="reorder the beam's alternatives by CLIPScore with this CLIP model (ViT-B-32:openai, a "
+        "Hugging Face id or folder) before taking the best; torch only",
+    )
 
 
 def overrides_from(options: Any) -> dict[str, Any]:

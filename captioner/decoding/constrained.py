@@ -73,9 +73,16 @@ class _Image:
         self.done = False
 
 
-def constrained_beam_search(stepper: Any, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
-                            max_words: int, rules: list,
-                            constraints: list[list[tuple[int, ...]]]) -> Decoded:  # fmt: skip
+def constrained_beam_search(
+    stepper: Any,
+    batch: int,
+    config: DecodingConfig,
+    special: SpecialTokens,
+    ops: Any,
+    max_words: int,
+    rules: list,
+    constraints: list[list[tuple[int, ...]]],
+) -> Decoded:
     """`num_beams` hypotheses per image, dealt out over banks of progress through `constraints` (see the module
     docstring); returns `num_beams` ranked captions per image, those meeting every constraint first."""
     k, width, end = config.num_beams, max_words + 1, special.end
@@ -103,8 +110,9 @@ def constrained_beam_search(stepper: Any, batch: int, config: DecodingConfig, sp
     return _ranked(images, k, width, special, ops)
 
 
-def _best_offers(images: list[_Image], log_probs: Any, ops: Any, k: int, end: int,
-                 last: bool) -> list[list[tuple[int, int]]]:  # fmt: skip
+def _best_offers(
+    images: list[_Image], log_probs: Any, ops: Any, k: int, end: int, last: bool
+) -> list[list[tuple[int, int]]]:
     """Each image's `2k` best continuations as (beam, token). They lie among each beam's `2k + 1` most likely tokens
     (one more for an end that is not allowed yet: no end before the forced words are met, except when the length runs
     out), so a top-k on the device replaces a partition of every beam's whole vocabulary."""
@@ -119,12 +127,23 @@ def _best_offers(images: list[_Image], log_probs: Any, ops: Any, k: int, end: in
     flat = totals.reshape(batch, -1)
     best = np.argsort(-flat, axis=1, kind="stable")[:, : 2 * k]
     beams = best // tokens.shape[2]
-    return [[(int(beam), int(token)) for beam, token in zip(beams[n], tokens[n].reshape(-1)[best[n]], strict=True)]
-            for n in range(batch)]  # fmt: skip
+    return [
+        [(int(beam), int(token)) for beam, token in zip(beams[n], tokens[n].reshape(-1)[best[n]], strict=True)]
+        for n in range(batch)
+    ]
 
 
-def _step_image(image: _Image, log_probs: np.ndarray, offered: list[tuple[int, int]], k: int, end: int, last: bool,
-                progress: _Progress, step: int, config: DecodingConfig) -> list[tuple[int, int]]:  # fmt: skip
+def _step_image(
+    image: _Image,
+    log_probs: np.ndarray,
+    offered: list[tuple[int, int]],
+    k: int,
+    end: int,
+    last: bool,
+    progress: _Progress,
+    step: int,
+    config: DecodingConfig,
+) -> list[tuple[int, int]]:
     """One step of one image: offer its candidates (the best continuations and every constraint's next token),
     keep `k` live hypotheses by bank. Returns (beam, token) per slot (a finished image keeps feeding its
     hypotheses, whose results no longer matter)."""
@@ -197,5 +216,10 @@ def _ranked(images: list[_Image], k: int, width: int, special: SpecialTokens, op
             scores[number, rank], normalised[number, rank] = score, norm
             lengths[number, rank], met[number, rank] = len(caption), meets
     used = max(int(lengths.max()), 1)
-    return Decoded(ops.from_numpy(tokens[..., :used]), ops.from_numpy(scores), ops.from_numpy(lengths),
-                   ops.from_numpy(normalised), ops.from_numpy(met))  # fmt: skip
+    return Decoded(
+        ops.from_numpy(tokens[..., :used]),
+        ops.from_numpy(scores),
+        ops.from_numpy(lengths),
+        ops.from_numpy(normalised),
+        ops.from_numpy(met),
+    )

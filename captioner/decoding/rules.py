@@ -147,8 +147,11 @@ class BadSequences(Rule):
             head, last = sequence[:-1], sequence[-1]
             if len(head) > step:
                 continue
-            matches = ops.all_along(words[:, step - len(head) :] == ops.as_long(list(head)).reshape(1, -1), 1) if (
-                head) else ops.full((scores.shape[0],), True, bool)  # fmt: skip
+            matches = (
+                ops.all_along(words[:, step - len(head) :] == ops.as_long(list(head)).reshape(1, -1), 1)
+                if (head)
+                else ops.full((scores.shape[0],), True, bool)
+            )
             banned[rows, last] = banned[rows, last] | matches
         return ops.where(banned, NEVER, scores)
 
@@ -195,8 +198,9 @@ class TopP(Rule):
         return ops.where(keep, scores, NEVER)
 
 
-def rules_for(config: DecodingConfig, special: SpecialTokens, vocabulary: Any = None,
-              max_words: int | None = None) -> list[Rule]:  # fmt: skip
+def rules_for(
+    config: DecodingConfig, special: SpecialTokens, vocabulary: Any = None, max_words: int | None = None
+) -> list[Rule]:
     """The rules a configuration asks for, in the order they apply (the same list for every search).
 
     Args:
@@ -217,11 +221,17 @@ def rules_for(config: DecodingConfig, special: SpecialTokens, vocabulary: Any = 
     if config.no_repeat_ngram_size:
         rules.append(NoRepeatNgram(config.no_repeat_ngram_size))
     if config.bad_endings:
-        rules.append(BadEndings(tuple(word_ids[w] for w in config.bad_endings if w in word_ids), special.end,
-                                None if max_words is None else max_words - 1))  # fmt: skip
+        rules.append(
+            BadEndings(
+                tuple(word_ids[w] for w in config.bad_endings if w in word_ids),
+                special.end,
+                None if max_words is None else max_words - 1,
+            )
+        )
     if config.bad_words:
-        rules.append(BadSequences(tuple(tuple(form) for phrase in config.bad_words
-                                        for form in _phrases(vocabulary, phrase))))  # fmt: skip
+        rules.append(
+            BadSequences(tuple(tuple(form) for phrase in config.bad_words for form in _phrases(vocabulary, phrase)))
+        )
     return rules
 
 
@@ -238,8 +248,14 @@ def _phrases(vocabulary: Any, text: str, prefix: bool = False) -> list[list[int]
 
 def forced_phrases(config: DecodingConfig, vocabulary: Any) -> list[list[tuple[int, ...]]]:
     """`force_words` in tokens: for each entry, every token sequence that meets it (its phrases in each form)."""
-    return [[tuple(form) for phrase in ([entry] if isinstance(entry, str) else entry)
-             for form in _phrases(vocabulary, phrase)] for entry in config.force_words]  # fmt: skip
+    return [
+        [
+            tuple(form)
+            for phrase in ([entry] if isinstance(entry, str) else entry)
+            for form in _phrases(vocabulary, phrase)
+        ]
+        for entry in config.force_words
+    ]
 
 
 def sampling_rules(config: DecodingConfig) -> list[Rule]:

@@ -101,8 +101,16 @@ def _split_mix(values: Any) -> Any:
     return values ^ (values >> np.uint64(31))
 
 
-def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any, max_words: int,
-           vocabulary: Any = None, places: list[int] | None = None) -> Decoded:  # fmt: skip
+def decode(
+    stepper: Stepper,
+    batch: int,
+    config: DecodingConfig,
+    special: SpecialTokens,
+    ops: Any,
+    max_words: int,
+    vocabulary: Any = None,
+    places: list[int] | None = None,
+) -> Decoded:
     """Decode a batch of `batch` images as `config` says.
 
     Args:
@@ -122,8 +130,9 @@ def decode(stepper: Stepper, batch: int, config: DecodingConfig, special: Specia
     rules = rules_for(config, special, vocabulary, max_words)
     check_every = CHECK_EVERY_ON_A_DEVICE if ops.sync_point() else 1
     if config.constrained:
-        return _constrained_beam_search(stepper, batch, config, special, ops, max_words, rules,
-                                        forced_phrases(config, vocabulary))  # fmt: skip
+        return _constrained_beam_search(
+            stepper, batch, config, special, ops, max_words, rules, forced_phrases(config, vocabulary)
+        )
     if config.num_beams == 1:
         # Sampling's streams only when sampling: a generator per image costs 12 ms a batch of 1,024 on the host,
         # more than a GPU's whole greedy search of the batch (0.35x 0.2's greedy rate on an H200 before this).
@@ -139,8 +148,17 @@ def _trimmed(decoded: Decoded, ops: Any) -> Decoded:
     return Decoded(decoded.tokens[..., :width], decoded.scores, decoded.lengths, decoded.normalised, decoded.met)
 
 
-def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
-                   max_words: int, rules: list, check_every: int, streams: RowStreams | None) -> Decoded:  # fmt: skip
+def _one_per_image(
+    stepper: Stepper,
+    batch: int,
+    config: DecodingConfig,
+    special: SpecialTokens,
+    ops: Any,
+    max_words: int,
+    rules: list,
+    check_every: int,
+    streams: RowStreams | None,
+) -> Decoded:
     """Greedy decoding, or sampling with `do_sample`: one caption per image."""
     state = stepper.start(1)
     previous = ops.full((batch,), special.start, ops.long)
@@ -167,12 +185,27 @@ def _one_per_image(stepper: Stepper, batch: int, config: DecodingConfig, special
         if (step % check_every == check_every - 1 or step == max_words) and ops.all(finished):
             break
     normalised = length_normalised(totals, lengths, config.length_penalty)
-    return _trimmed(Decoded(words.reshape(batch, 1, -1), totals.reshape(batch, 1), lengths.reshape(batch, 1),
-                            normalised.reshape(batch, 1)), ops)  # fmt: skip
+    return _trimmed(
+        Decoded(
+            words.reshape(batch, 1, -1),
+            totals.reshape(batch, 1),
+            lengths.reshape(batch, 1),
+            normalised.reshape(batch, 1),
+        ),
+        ops,
+    )
 
 
-def _beam_search(stepper: Stepper, batch: int, config: DecodingConfig, special: SpecialTokens, ops: Any,
-                 max_words: int, rules: list, check_every: int) -> Decoded:  # fmt: skip
+def _beam_search(
+    stepper: Stepper,
+    batch: int,
+    config: DecodingConfig,
+    special: SpecialTokens,
+    ops: Any,
+    max_words: int,
+    rules: list,
+    check_every: int,
+) -> Decoded:
     """`num_beams` live hypotheses per image beside pools of the best finished ones (one pool per group of beams)."""
     k, groups = config.num_beams, config.num_beam_groups
     per_group, width = k // groups, max_words + 1
@@ -218,8 +251,13 @@ def _beam_search(stepper: Stepper, batch: int, config: DecodingConfig, special: 
     else:  # max_length reached: the live hypotheses of unfinished images join their pools as they are
         for group, pool in enumerate(pools):
             span = slice(group * per_group, (group + 1) * per_group)
-            pool.add(words[:, span], ops.where(done.reshape(-1, 1), NEVER, scores[:, span]), width,
-                     config.length_penalty, with_end=False)  # fmt: skip
+            pool.add(
+                words[:, span],
+                ops.where(done.reshape(-1, 1), NEVER, scores[:, span]),
+                width,
+                config.length_penalty,
+                with_end=False,
+            )
     return _trimmed(_ranked(pools, ops), ops)
 
 
@@ -230,14 +268,15 @@ def _ranked(pools: list[_Pool], ops: Any) -> Decoded:
     normalised = ops.concat([pool.normalised for pool in pools], 1)
     _, order = ops.topk(normalised, normalised.shape[1])
     tokens = ops.concat([pool.tokens for pool in pools], 1)
-    return Decoded(ops.take(tokens, order.reshape(*order.shape, 1), 1),
-                   ops.take(ops.concat([pool.scores for pool in pools], 1), order, 1),
-                   ops.take(ops.concat([pool.lengths for pool in pools], 1), order, 1),
-                   ops.take(normalised, order, 1))  # fmt: skip
+    return Decoded(
+        ops.take(tokens, order.reshape(*order.shape, 1), 1),
+        ops.take(ops.concat([pool.scores for pool in pools], 1), order, 1),
+        ops.take(ops.concat([pool.lengths for pool in pools], 1), order, 1),
+        ops.take(normalised, order, 1),
+    )
 
 
-def _pool_done(pool: _Pool, live_scores: Array, length: int, width: int, config: DecodingConfig,
-               ops: Any) -> Array:  # fmt: skip
+def _pool_done(pool: _Pool, live_scores: Array, length: int, width: int, config: DecodingConfig, ops: Any) -> Array:
     """Images whose pool is full and whose live hypotheses cannot beat it (see `early_stopping`), or are all
     impossible."""
     full = ops.all_along(ops.isfinite(pool.scores), 1)
@@ -247,8 +286,9 @@ def _pool_done(pool: _Pool, live_scores: Array, length: int, width: int, config:
     penalty = config.length_penalty
     best = length_normalised(live_scores, length, penalty)
     if config.early_stopping == "never":  # scores only fall as words are added: bound them at either end
-        best = ops.where(best > length_normalised(live_scores, width, penalty), best,
-                         length_normalised(live_scores, width, penalty))  # fmt: skip
+        best = ops.where(
+            best > length_normalised(live_scores, width, penalty), best, length_normalised(live_scores, width, penalty)
+        )
     return (full & (ops.max_along(best, 1) <= ops.min_along(pool.normalised, 1))) | hopeless
 
 

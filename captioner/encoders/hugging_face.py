@@ -41,8 +41,11 @@ def _preprocessing(settings: dict[str, Any], config: Any) -> Preprocessing:
         mean, std = (CLIP_MEAN, CLIP_STD) if "clip" in model_type else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         return Preprocessing(int(vision.image_size), interpolation="bicubic", mean=mean, std=std)
     interpolation = "bicubic" if settings.get("resample") == BICUBIC else "bilinear"
-    options = {"interpolation": interpolation, "mean": tuple(map(float, settings["image_mean"])),
-               "std": tuple(map(float, settings["image_std"]))}  # fmt: skip
+    options = {
+        "interpolation": interpolation,
+        "mean": tuple(map(float, settings["image_mean"])),
+        "std": tuple(map(float, settings["image_std"])),
+    }
     size, crop = settings.get("size") or {}, settings.get("crop_size") or {}
     if settings.get("do_center_crop") and crop:
         shorter = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0)) or crop["height"]
@@ -79,8 +82,9 @@ class HuggingFaceEncoder(ImageEncoder):
         super().__init__()
         transformers = require_library("transformers", "hf", "HuggingFaceEncoder")
         if model_id is None and config is None:
-            raise CaptionerError("HuggingFaceEncoder needs a model_id (a hub id such as facebook/dinov2-small) or a "
-                                 "config.")  # fmt: skip
+            raise CaptionerError(
+                "HuggingFaceEncoder needs a model_id (a hub id such as facebook/dinov2-small) or a config."
+            )
         if config is None:
             try:
                 config = transformers.AutoConfig.from_pretrained(model_id).to_dict()
@@ -89,8 +93,9 @@ class HuggingFaceEncoder(ImageEncoder):
         if image_processor is None and model_id is not None:
             image_processor = _processor_settings(model_id)
         # Record what was read from the hub: a checkpoint then rebuilds this encoder without the network.
-        self.save_hyperparameters({"model_id": model_id, "config": config, "image_processor": image_processor,
-                                   "pretrained": pretrained})  # fmt: skip
+        self.save_hyperparameters(
+            {"model_id": model_id, "config": config, "image_processor": image_processor, "pretrained": pretrained}
+        )
         self._config = transformers_config(transformers, config, "HuggingFaceEncoder", "clip, siglip, dinov2, vit")
         with seeded_initialisation():
             model = transformers.AutoModel.from_config(self._config)
@@ -137,9 +142,13 @@ class HuggingFaceEncoder(ImageEncoder):
         layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
         if not layers:
             return [self]
-        tail = [module for module in (getattr(self.vision, name, None) for name in
-                                      ("layernorm", "post_layernorm", "head", "pooler"))
-                if isinstance(module, nn.Module)]  # fmt: skip
+        tail = [
+            module
+            for module in (
+                getattr(self.vision, name, None) for name in ("layernorm", "post_layernorm", "head", "pooler")
+            )
+            if isinstance(module, nn.Module)
+        ]
         if self.projection is not None:
             tail.append(self.projection)
         return [*list(layers)[:-1], nn.ModuleList([layers[-1], *tail])]

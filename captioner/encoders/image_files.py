@@ -164,8 +164,9 @@ class TorchPixels:
         device_decode: Decode complete RGB and greyscale JPEGs on the device (None: on a GPU).
     """
 
-    def __init__(self, preprocessing: Preprocessing, device: torch.device | str = "cpu",
-                 device_decode: bool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, preprocessing: Preprocessing, device: torch.device | str = "cpu", device_decode: bool | None = None
+    ) -> None:
         self.preprocessing, self.device = preprocessing, torch.device(device)
         self.device_decode = self.device.type == "cuda" if device_decode is None else device_decode
         self._local = threading.local()

@@ -46,26 +46,38 @@ class OpenClipEncoder(ImageEncoder):
         self.save_hyperparameters()
         open_clip = require_library("open_clip", "clip", "OpenClipEncoder")
         if model_name not in open_clip.list_models():
-            raise CaptionerError(f"Unknown OpenCLIP model {model_name!r}: choose one of open_clip.list_models() "
-                                 "(e.g. ViT-B-32, ViT-B-16, ViT-L-14).")  # fmt: skip
+            raise CaptionerError(
+                f"Unknown OpenCLIP model {model_name!r}: choose one of open_clip.list_models() "
+                "(e.g. ViT-B-32, ViT-B-16, ViT-L-14)."
+            )
         if pretrained is not None and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-            raise CaptionerError(f"Unknown pretrained tag {pretrained!r} for OpenCLIP {model_name}: choose one of "
-                                 f"{tags}, or null.")  # fmt: skip
+            raise CaptionerError(
+                f"Unknown pretrained tag {pretrained!r} for OpenCLIP {model_name}: choose one of {tags}, or null."
+            )
         with seeded_initialisation(), _quiet_random_build():
             self.visual = open_clip.create_model(model_name, pretrained=None).visual
         config = dict(getattr(self.visual, "preprocess_cfg", {}) or {})
         if pretrained is not None:
-            config.update({key: value for key, value in open_clip.get_pretrained_cfg(model_name, pretrained).items()
-                           if key in ("mean", "std", "interpolation", "resize_mode")})  # fmt: skip
+            config.update(
+                {
+                    key: value
+                    for key, value in open_clip.get_pretrained_cfg(model_name, pretrained).items()
+                    if key in ("mean", "std", "interpolation", "resize_mode")
+                }
+            )
         size = config.get("size", getattr(self.visual, "image_size", 224))
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         resize = "squash" if config.get("resize_mode") == "squash" else "shorter"
-        self.use_preprocessing(Preprocessing(
-            size, resize, "bicubic" if config.get("interpolation", "bicubic") == "bicubic" else "bilinear",
-            mean=tuple(config.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            std=tuple(config.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        ))  # fmt: skip
+        self.use_preprocessing(
+            Preprocessing(
+                size,
+                resize,
+                "bicubic" if config.get("interpolation", "bicubic") == "bicubic" else "bilinear",
+                mean=tuple(config.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+                std=tuple(config.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            )
+        )
 
     @property
     def name(self) -> str:

@@ -95,8 +95,9 @@ class Preprocessing:
     def with_crop_fraction(cls, image_size: int, crop_fraction: float, **options: Any) -> Preprocessing:
         """The "shorter" definition of timm's and torchvision's evaluation transforms: the shorter side to
         `floor(image_size / crop_fraction)`, then the centre crop (crop_fraction 0.875: 256 then 224)."""
-        return cls(image_size, resize="shorter", resize_size=max(image_size, math.floor(image_size / crop_fraction)),
-                   **options)  # fmt: skip
+        return cls(
+            image_size, resize="shorter", resize_size=max(image_size, math.floor(image_size / crop_fraction)), **options
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, stored in checkpoints, cache keys and exported folders."""
@@ -113,17 +114,25 @@ class Preprocessing:
             raise CaptionerError(f"The preprocessing in {source} is missing or of another version: {payload!r}.")
         try:
             resize_size = payload.get("resize_size")
-            return cls(int(payload["image_size"]), str(payload["resize"]), str(payload["interpolation"]),
-                       bool(payload["antialias"]), tuple(map(float, payload["mean"])),
-                       tuple(map(float, payload["std"])),
-                       None if resize_size is None else int(resize_size))  # fmt: skip
+            return cls(
+                int(payload["image_size"]),
+                str(payload["resize"]),
+                str(payload["interpolation"]),
+                bool(payload["antialias"]),
+                tuple(map(float, payload["mean"])),
+                tuple(map(float, payload["std"])),
+                None if resize_size is None else int(resize_size),
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise CaptionerError(f"The preprocessing in {source} is malformed ({error!r}).") from error
 
     def describe(self) -> str:
         """One line for tables and logs, e.g. "224 px, shorter side 256 + centre crop, bicubic, CLIP mean/std"."""
-        geometry = f"shorter side {self.resize_size or self.image_size} + centre crop" if self.resize == "shorter" \
-            else "squashed"  # fmt: skip
+        geometry = (
+            f"shorter side {self.resize_size or self.image_size} + centre crop"
+            if self.resize == "shorter"
+            else "squashed"
+        )
         stats = {IMAGENET_MEAN: "ImageNet", CLIP_MEAN: "CLIP", (0.5, 0.5, 0.5): "0.5"}.get(self.mean, "own")
         return f"{self.image_size} px, {geometry}, {self.interpolation}, {stats} mean/std"
 
@@ -140,8 +149,9 @@ class Preprocessing:
         """A decoded PIL image (any mode) as a `(3, S, S)` uint8 tensor."""
         return self.resize_tensor(TF.pil_to_tensor(to_rgb(image)))
 
-    def from_file(self, source: str | Path | io.BytesIO | bytes, max_pixels: int | None = None,
-                  reduced: bool = True) -> torch.Tensor:  # fmt: skip
+    def from_file(
+        self, source: str | Path | io.BytesIO | bytes, max_pixels: int | None = None, reduced: bool = True
+    ) -> torch.Tensor:
         """Decode an image file (or its bytes) into a `(3, S, S)` uint8 tensor.
 
         Args:

@@ -97,8 +97,11 @@ class TimmEncoder(ImageEncoder):
         for name in ("blocks", "stages", "layers"):
             stages = getattr(net, name, None)
             if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages):
-                tail = [getattr(net, name) for name in ("norm", "fc_norm", "head")
-                        if isinstance(getattr(net, name, None), nn.Module)]  # fmt: skip
+                tail = [
+                    getattr(net, name)
+                    for name in ("norm", "fc_norm", "head")
+                    if isinstance(getattr(net, name, None), nn.Module)
+                ]
                 return [*list(stages)[:-1], nn.ModuleList([stages[-1], *tail])]
         if all(hasattr(net, f"layer{i}") for i in range(1, 5)):  # ResNets
             return [getattr(net, f"layer{i}") for i in range(1, 5)]

@@ -58,8 +58,10 @@ class TorchvisionEncoder(ImageEncoder):
         transform = self.weights_enum.transforms() if self.weights_enum is not None else None
         size = image_size or (int(transform.crop_size[0]) if transform is not None else 224)
         if isinstance(self.net, VisionTransformer) and size != self.net.image_size:
-            raise CaptionerError(f"{model} takes {self.net.image_size} px images, not {size}: set image_size to "
-                                 f"{self.net.image_size} or null.")  # fmt: skip
+            raise CaptionerError(
+                f"{model} takes {self.net.image_size} px images, not {size}: set image_size to "
+                f"{self.net.image_size} or null."
+            )
         if isinstance(self.net, ResNet):
             self.net.fc = nn.Identity()  # the same module tree as captioner 0.2's ResNet encoder (its checkpoints load)
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -70,8 +72,10 @@ class TorchvisionEncoder(ImageEncoder):
         else:
             pool = _last_global_pool(self.net)
             if pool is None:
-                raise CaptionerError(f"torchvision's {model} has no global average pooling module to take features "
-                                     "from; use captioner.encoders.TimmEncoder for it.")  # fmt: skip
+                raise CaptionerError(
+                    f"torchvision's {model} has no global average pooling module to take features "
+                    "from; use captioner.encoders.TimmEncoder for it."
+                )
             for head in HEAD_NAMES:  # the classifier is never needed, unless the pooling sits inside it
                 if hasattr(self.net, head) and not pool[0].startswith(head + "."):
                     setattr(self.net, head, nn.Identity())
@@ -90,8 +94,11 @@ class TorchvisionEncoder(ImageEncoder):
                 max(size, round(size * transform.resize_size[0] / transform.crop_size[0])),
             )
         else:
-            mean, std = (tuple(transform.mean), tuple(transform.std)) if transform is not None \
-                else (IMAGENET_MEAN, IMAGENET_STD)  # fmt: skip
+            mean, std = (
+                (tuple(transform.mean), tuple(transform.std))
+                if transform is not None
+                else (IMAGENET_MEAN, IMAGENET_STD)
+            )
             preprocessing = Preprocessing(size, mean=mean, std=std)
         self.use_preprocessing(preprocessing)
 
@@ -145,8 +152,11 @@ class TorchvisionEncoder(ImageEncoder):
             return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
         if isinstance(net, VisionTransformer):
             layers = list(net.encoder.layers)
-            return [nn.ModuleList([net.conv_proj, net.encoder.dropout]), *layers[:-1],
-                    nn.ModuleList([layers[-1], net.encoder.ln])]  # fmt: skip
+            return [
+                nn.ModuleList([net.conv_proj, net.encoder.dropout]),
+                *layers[:-1],
+                nn.ModuleList([layers[-1], net.encoder.ln]),
+            ]
         features = getattr(net, "features", None)
         if isinstance(features, nn.Sequential):
             return list(features)
@@ -161,8 +171,10 @@ def _weights_of(model: str, weights: str | None):
     """
     available_models = models.list_models(module=models)
     if model not in available_models:
-        raise CaptionerError(f"Unknown torchvision model {model!r}: choose one of torchvision.models.list_models() "
-                             f"(e.g. resnet50, efficientnet_b0, convnext_tiny, vit_b_16).")  # fmt: skip
+        raise CaptionerError(
+            f"Unknown torchvision model {model!r}: choose one of torchvision.models.list_models() "
+            f"(e.g. resnet50, efficientnet_b0, convnext_tiny, vit_b_16)."
+        )
     if weights is None:
         return None
     enum = models.get_model_weights(model)

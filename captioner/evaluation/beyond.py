@@ -23,6 +23,9 @@ class ExtraMetrics:
         clip_model: CLIPScore and RefCLIPScore with this CLIP (`ViT-B-32:openai`, the paper's; another OpenCLIP
             `name:tag`; a Hugging Face id or folder); null: none.
         chair: CHAIR-i and CHAIR-s where the images' objects are known.
+        objects: The test images' objects, for CHAIR: COCO `instances_*.json`, a JSON file mapping file names to
+            object lists, or "auto" (the data's captions file, when its images list their objects: the demo's
+            scenes); null: no CHAIR.
         object_vocabulary: The object classes and synonyms CHAIR reads captions with: "coco", a JSON file (class ->
             synonyms), or null (COCO's for COCO instances, else the annotations' own names).
         bertscore_model: BERTScore (torchmetrics) with this model (e.g. roberta-large); null: none.
@@ -32,15 +35,22 @@ class ExtraMetrics:
 
     clip_model: str | None = None
     chair: bool = True
+    objects: str | None = "auto"
     object_vocabulary: str | None = None
     bertscore_model: str | None = None
     spice: bool = False
     cache_dir: str | None = None
 
 
-def extra_scores(settings: ExtraMetrics, captions: Mapping[str, str], references: Mapping[str, Sequence[str]],
-                 image_file: Callable[[str], Path | None], objects_file: Path | None,
-                 device: str = "cpu", clip: Any = None) -> dict[str, Any]:  # fmt: skip
+def extra_scores(
+    settings: ExtraMetrics,
+    captions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    image_file: Callable[[str], Path | None],
+    objects_file: Path | None,
+    device: str = "cpu",
+    clip: Any = None,
+) -> dict[str, Any]:
     """The metrics `settings` asks for that can run, by group (`chair`, `clip`, `bertscore`, `spice`), and one
     `skipped` line for each that cannot.
 
@@ -56,7 +66,7 @@ def extra_scores(settings: ExtraMetrics, captions: Mapping[str, str], references
     scores: dict[str, Any] = {"skipped": {}}
     if settings.chair:
         if objects_file is None:
-            scores["skipped"]["CHAIR"] = "no object annotations (--data.object_annotations)"
+            scores["skipped"]["CHAIR"] = "no object annotations (--model.extra_metrics.objects)"
         else:
             from captioner.evaluation.chair import chair_scores, read_objects, vocabulary_for
 
@@ -86,8 +96,26 @@ def extra_scores(settings: ExtraMetrics, captions: Mapping[str, str], references
     return scores
 
 
-def bert_scores(captions: Mapping[str, str], references: Mapping[str, Sequence[str]], model: str,
-                device: str = "cpu") -> dict[str, float]:  # fmt: skip
+def extra_scores_of(
+    settings: ExtraMetrics, rows: Sequence[Mapping[str, Any]], data: Any, device: str, clip: Any = None
+) -> dict[str, Any]:
+    """`extra_scores` of test rows (`file_name`, `caption`, `references`) on a datamodule's images and objects:
+    its `image_file(name)` (CLIPScore) and, with `settings.objects` "auto", its `objects_file()` (CHAIR); `clip`: a
+    CLIP already loaded (the confidence's)."""
+    captions = {row["file_name"]: row["caption"] for row in rows}
+    references = {row["file_name"]: row["references"] for row in rows}
+    image_file = getattr(data, "image_file", lambda name: None)
+    objects = settings.objects
+    if objects == "auto":
+        objects_file = data.objects_file() if hasattr(data, "objects_file") else None
+    else:
+        objects_file = Path(objects) if objects is not None else None
+    return extra_scores(settings, captions, references, image_file, objects_file, device, clip)
+
+
+def bert_scores(
+    captions: Mapping[str, str], references: Mapping[str, Sequence[str]], model: str, device: str = "cpu"
+) -> dict[str, float]:
     """BERTScore F1, precision and recall (x 100) of each caption against its references (the best reference per
     caption, as the BERTScore paper does for several references), through torchmetrics."""
     from captioner.core.hub import hub_error
@@ -104,13 +132,16 @@ def bert_scores(captions: Mapping[str, str], references: Mapping[str, Sequence[s
     best = {"f1": [], "precision": [], "recall": []}
     for key in keys:
         refs = list(references[key])
-        result = {name: value.reshape(-1) for name, value in metric([captions[key]] * len(refs), refs).items()
-                  if name in best}  # one reference gives 0-dim values  # fmt: skip
+        result = {
+            name: value.reshape(-1) for name, value in metric([captions[key]] * len(refs), refs).items() if name in best
+        }  # one reference gives 0-dim values
         index = int(result["f1"].argmax())
         for name in best:
             best[name].append(float(result[name][index]))
     return {name: 100 * sum(values) / len(values) if values else 0.0 for name, values in best.items()} | {
-        "model": model, "captions": len(keys)}  # fmt: skip
+        "model": model,
+        "captions": len(keys),
+    }
 
 
 def spice_score(captions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float] | str:
@@ -127,8 +158,10 @@ def spice_score(captions: Mapping[str, str], references: Mapping[str, Sequence[s
 
     lib = Path(pycocoevalcap.spice.__file__).parent / "lib"
     if not list(lib.glob("stanford-corenlp-*.jar")):
-        return (f"needs Stanford CoreNLP 3.6.0 in {lib} (pycocoevalcap's get_stanford_models downloads it; recent "
-                "JDKs may also need it rebuilt)")  # fmt: skip
+        return (
+            f"needs Stanford CoreNLP 3.6.0 in {lib} (pycocoevalcap's get_stanford_models downloads it; recent "
+            "JDKs may also need it rebuilt)"
+        )
     keys = [key for key in captions if references.get(key)]
     try:
         score, _ = Spice().compute_score({k: list(references[k]) for k in keys}, {k: [captions[k]] for k in keys})
@@ -137,8 +170,9 @@ def spice_score(captions: Mapping[str, str], references: Mapping[str, Sequence[s
     return {"SPICE": 100 * float(score), "captions": len(keys)}
 
 
-def confidence_report(rows: Sequence[Mapping[str, Any]], calibrator: Any, bins: int = 10,
-                      key: str = "confidence") -> dict[str, Any]:  # fmt: skip
+def confidence_report(
+    rows: Sequence[Mapping[str, Any]], calibrator: Any, bins: int = 10, key: str = "confidence"
+) -> dict[str, Any]:
     """How reliable the calibrated confidence is on test captions (`key`, `token_probability` and `cider_d` in each
     row): the expected calibration error against being good (CIDEr-D at or above the calibrator's threshold),
     beside that of the uncalibrated geometric mean token probability, and the reliability bins."""
@@ -149,11 +183,16 @@ def confidence_report(rows: Sequence[Mapping[str, Any]], calibrator: Any, bins: 
     confidence = np.array([row[key] for row in rows])
     naive = np.array([row["token_probability"] for row in rows])
     good = np.array([row["cider_d"] >= calibrator.threshold for row in rows])
-    return {"ECE": 100 * expected_calibration_error(confidence, good, bins),
-            "ECE_token_probability": 100 * expected_calibration_error(naive, good, bins),
-            "threshold_cider_d": calibrator.threshold, "good_share": 100 * float(good.mean()),
-            "mean_confidence": 100 * float(confidence.mean()), "captions": len(rows), "fitted_on": calibrator.fitted_on,
-            "reliability": reliability(confidence, good, bins)}  # fmt: skip
+    return {
+        "ECE": 100 * expected_calibration_error(confidence, good, bins),
+        "ECE_token_probability": 100 * expected_calibration_error(naive, good, bins),
+        "threshold_cider_d": calibrator.threshold,
+        "good_share": 100 * float(good.mean()),
+        "mean_confidence": 100 * float(confidence.mean()),
+        "captions": len(rows),
+        "fitted_on": calibrator.fitted_on,
+        "reliability": reliability(confidence, good, bins),
+    }
 
 
 def loggable_extra(scores: Mapping[str, Any], prefix: str = "test/") -> dict[str, float]:
@@ -181,8 +220,9 @@ def extra_table_lines(scores: Mapping[str, Any]) -> list[str]:
     lines = []
     if "chair" in scores:
         chair = scores["chair"]
-        lines.append(f"{'CHAIR-i':<22}{chair['CHAIR-i']:>9.2f}  objects named that are not in the image (lower is "
-                     "better)")  # fmt: skip
+        lines.append(
+            f"{'CHAIR-i':<22}{chair['CHAIR-i']:>9.2f}  objects named that are not in the image (lower is better)"
+        )
         lines.append(f"{'CHAIR-s':<22}{chair['CHAIR-s']:>9.2f}  captions naming one or more of them")
     if "clip" in scores:
         clip = scores["clip"]
@@ -195,13 +235,19 @@ def extra_table_lines(scores: Mapping[str, Any]) -> list[str]:
         lines.append(f"{'SPICE':<22}{scores['spice']['SPICE']:>9.2f}  pycocoevalcap")
     if "confidence" in scores:
         confidence = scores["confidence"]
-        lines.append(f"{'confidence ECE':<22}{confidence['ECE']:>9.2f}  calibrated; good = CIDEr-D >= "
-                     f"{confidence['threshold_cider_d']:.1f} ({confidence['good_share']:.0f}% of test captions)")
-        lines.append(f"{'token-probability ECE':<22}{confidence['ECE_token_probability']:>9.2f}  uncalibrated "
-                     "(geometric mean token probability)")  # fmt: skip
+        lines.append(
+            f"{'confidence ECE':<22}{confidence['ECE']:>9.2f}  calibrated; good = CIDEr-D >= "
+            f"{confidence['threshold_cider_d']:.1f} ({confidence['good_share']:.0f}% of test captions)"
+        )
+        lines.append(
+            f"{'token-probability ECE':<22}{confidence['ECE_token_probability']:>9.2f}  uncalibrated "
+            "(geometric mean token probability)"
+        )
     if "confidence_clip" in scores:
-        lines.append(f"{'confidence ECE, CLIP':<22}{scores['confidence_clip']['ECE']:>9.2f}  calibrated with the "
-                     "CLIP cosine as a fourth feature")  # fmt: skip
+        lines.append(
+            f"{'confidence ECE, CLIP':<22}{scores['confidence_clip']['ECE']:>9.2f}  calibrated with the "
+            "CLIP cosine as a fourth feature"
+        )
     lines += [f"{name:<22}{'-':>9}  skipped: {reason}" for name, reason in scores.get("skipped", {}).items()]
     return lines
 

@@ -28,22 +28,42 @@ from captioner.core.files import read_json
 
 COCO_SYNONYMS = Path(__file__).parent / "data" / "coco_synonyms.txt"
 # Read as one object: pairs whose words would otherwise name other objects (or none).
-COCO_PHRASES = {"motor bike": "motorcycle", "motor cycle": "motorcycle", "air plane": "airplane", "bow tie": "tie",
-                "toilet seat": "toilet", "hot dog": "hot dog", "teddy bear": "teddy bear"}  # fmt: skip
+COCO_PHRASES = {
+    "motor bike": "motorcycle",
+    "motor cycle": "motorcycle",
+    "air plane": "airplane",
+    "bow tie": "tie",
+    "toilet seat": "toilet",
+    "hot dog": "hot dog",
+    "teddy bear": "teddy bear",
+}
 # A qualifier before these names the same object ("baby bird" is a bird, not a person).
-QUALIFIED = {"baby": ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-                      "animal", "cub"),
-             "adult": ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-                       "animal", "cub"),
-             "passenger": ("jet", "train")}  # fmt: skip
+QUALIFIED = {
+    "baby": ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"),
+    "adult": ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"),
+    "passenger": ("jet", "train"),
+}
 WORD = re.compile(r"[a-z]+")
 
 
 def singular(word: str) -> str:
     """English plural to singular for object nouns (people -> person, boxes -> box, knives -> knife, ...)."""
-    irregular = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
-                 "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "leaves": "leaf",
-                 "skis": "ski", "glasses": "glass", "buses": "bus", "dice": "die"}  # fmt: skip
+    irregular = {
+        "people": "person",
+        "men": "man",
+        "women": "woman",
+        "children": "child",
+        "mice": "mouse",
+        "geese": "goose",
+        "teeth": "tooth",
+        "feet": "foot",
+        "knives": "knife",
+        "leaves": "leaf",
+        "skis": "ski",
+        "glasses": "glass",
+        "buses": "bus",
+        "dice": "die",
+    }
     if word in irregular:
         return irregular[word]
     if len(word) <= 3 or word.endswith(("ss", "us", "is")):
@@ -76,8 +96,11 @@ class ObjectVocabulary:
     @classmethod
     def coco(cls) -> ObjectVocabulary:
         """COCO's 80 classes with the paper's synonyms."""
-        lines = [line for line in COCO_SYNONYMS.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and not line.startswith("#")]  # fmt: skip
+        lines = [
+            line
+            for line in COCO_SYNONYMS.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         synonyms = {}
         for line in lines:
             entries = [entry.strip() for entry in line.split(",") if entry.strip()]
@@ -85,8 +108,12 @@ class ObjectVocabulary:
         return cls.from_synonyms(synonyms, COCO_PHRASES, QUALIFIED)
 
     @classmethod
-    def from_synonyms(cls, synonyms: Mapping[str, Iterable[str]], phrases: Mapping[str, str] | None = None,
-                      qualified: Mapping[str, tuple[str, ...]] | None = None) -> ObjectVocabulary:  # fmt: skip
+    def from_synonyms(
+        cls,
+        synonyms: Mapping[str, Iterable[str]],
+        phrases: Mapping[str, str] | None = None,
+        qualified: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> ObjectVocabulary:
         """Classes -> their synonyms (each class names itself too); `phrases` read as the class given."""
         names: dict[str, str] = {}
         for name, words in synonyms.items():
@@ -105,10 +132,13 @@ class ObjectVocabulary:
         """
         payload = read_json(path, "The object vocabulary")
         valid = isinstance(payload, dict) and all(
-            isinstance(words, list) and all(isinstance(w, str) for w in words) for words in payload.values())
+            isinstance(words, list) and all(isinstance(w, str) for w in words) for words in payload.values()
+        )
         if not valid:
-            raise CaptionerError(f"The object vocabulary {path} must map each class to a list of synonyms, as "
-                                 '{"dog": ["puppy", "hound"]}.')  # fmt: skip
+            raise CaptionerError(
+                f"The object vocabulary {path} must map each class to a list of synonyms, as "
+                '{"dog": ["puppy", "hound"]}.'
+            )
         return cls.from_synonyms(payload)
 
     def objects_in(self, caption: str) -> list[str]:
@@ -136,8 +166,12 @@ class ObjectVocabulary:
         return {self.names.get(" ".join(_words(name)), name) for name in names}
 
 
-def chair_scores(captions: Mapping[str, str], objects: Mapping[str, Iterable[str]], vocabulary: ObjectVocabulary,
-                 references: Mapping[str, Sequence[str]] | None = None) -> dict:  # fmt: skip
+def chair_scores(
+    captions: Mapping[str, str],
+    objects: Mapping[str, Iterable[str]],
+    vocabulary: ObjectVocabulary,
+    references: Mapping[str, Sequence[str]] | None = None,
+) -> dict:
     """CHAIR-i and CHAIR-s (0-100) of `captions` against each image's objects.
 
     Args:
@@ -165,10 +199,15 @@ def chair_scores(captions: Mapping[str, str], objects: Mapping[str, Iterable[str
         with_hallucination += bool(wrong)
         if wrong:
             hallucinated[image] = wrong
-    return {"CHAIR-i": 100.0 * hallucinated_count / mentioned if mentioned else 0.0,
-            "CHAIR-s": 100.0 * with_hallucination / scored if scored else 0.0,
-            "captions": scored, "without_objects": len(captions) - scored, "objects_named": mentioned,
-            "objects_hallucinated": hallucinated_count, "hallucinated": hallucinated}  # fmt: skip
+    return {
+        "CHAIR-i": 100.0 * hallucinated_count / mentioned if mentioned else 0.0,
+        "CHAIR-s": 100.0 * with_hallucination / scored if scored else 0.0,
+        "captions": scored,
+        "without_objects": len(captions) - scored,
+        "objects_named": mentioned,
+        "objects_hallucinated": hallucinated_count,
+        "hallucinated": hallucinated,
+    }
 
 
 def read_objects(path: str | Path) -> tuple[dict[str, list[str]], bool]:
@@ -206,9 +245,11 @@ def read_objects(path: str | Path) -> tuple[dict[str, list[str]], bool]:
             return objects, False
     if isinstance(payload, dict) and all(isinstance(value, list) for value in payload.values()):
         return {str(key): list(value) for key, value in payload.items()}, False
-    raise CaptionerError(f"{path} holds no object annotations: give COCO instances_*.json, a JSON object mapping "
-                         'file names to object lists ({"a.jpg": ["dog", "frisbee"]}), or a captions file whose '
-                         "images carry an objects list.")  # fmt: skip
+    raise CaptionerError(
+        f"{path} holds no object annotations: give COCO instances_*.json, a JSON object mapping "
+        'file names to object lists ({"a.jpg": ["dog", "frisbee"]}), or a captions file whose '
+        "images carry an objects list."
+    )
 
 
 def vocabulary_for(objects: Mapping[str, Iterable[str]], coco: bool, vocabulary: str | Path | None) -> ObjectVocabulary:

@@ -60,8 +60,10 @@ class CiderD:
         penalty = math.exp(-((len_h - len_r) ** 2) / (2 * self.sigma**2))
         total = 0.0
         for order in range(self.n):
-            overlap = sum(min(value, vec_r[order].get(gram, 0.0)) * vec_r[order].get(gram, 0.0)
-                          for gram, value in vec_h[order].items())  # fmt: skip
+            overlap = sum(
+                min(value, vec_r[order].get(gram, 0.0)) * vec_r[order].get(gram, 0.0)
+                for gram, value in vec_h[order].items()
+            )
             if norm_h[order] and norm_r[order]:
                 total += overlap / (norm_h[order] * norm_r[order]) * penalty
         return total / self.n

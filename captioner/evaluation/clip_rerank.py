@@ -65,8 +65,12 @@ class ClipReranker:
         scores = decoded.scores.detach().cpu().numpy()
         finished = np.isfinite(scores)
         tokens = decoded.tokens.detach().cpu()
-        texts = [text for image in range(len(scores))
-                 for text, done in zip(vocabulary.decode_batch(tokens[image]), finished[image]) if done]  # fmt: skip
+        texts = [
+            text
+            for image in range(len(scores))
+            for text, done in zip(vocabulary.decode_batch(tokens[image]), finished[image])
+            if done
+        ]
         owners = np.repeat(np.arange(len(scores)), finished.sum(axis=1))
         cosine = np.full(scores.shape, -np.inf)
         cosine[finished] = caption_cosines(self.clip, self.clip.embed_pixels(pixels)[owners], texts)
@@ -101,6 +105,11 @@ def reorder(decoded: Decoded, order: torch.Tensor) -> Decoded:
         index = order.reshape(*order.shape, *([1] * (array.ndim - 2))).expand(*order.shape, *array.shape[2:])
         return torch.gather(array, 1, index)
 
-    return dataclasses.replace(decoded, tokens=take(decoded.tokens), scores=take(decoded.scores),
-                               lengths=take(decoded.lengths), normalised=take(decoded.normalised),
-                               met=take(decoded.met))  # fmt: skip
+    return dataclasses.replace(
+        decoded,
+        tokens=take(decoded.tokens),
+        scores=take(decoded.scores),
+        lengths=take(decoded.lengths),
+        normalised=take(decoded.normalised),
+        met=take(decoded.met),
+    )

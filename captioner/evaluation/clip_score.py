@@ -48,8 +48,12 @@ def ref_clip_scores(clip_s: np.ndarray, captions: np.ndarray, references: Sequen
         captions: `(N, D)` normalised caption embeddings.
         references: Per caption, `(R_i, D)` normalised reference embeddings.
     """
-    best = np.array([max(float(np.max(refs @ caption)), 0.0) if len(refs) else 0.0
-                     for caption, refs in zip(captions, references, strict=True)])  # fmt: skip
+    best = np.array(
+        [
+            max(float(np.max(refs @ caption)), 0.0) if len(refs) else 0.0
+            for caption, refs in zip(captions, references, strict=True)
+        ]
+    )
     total = clip_s + best
     return np.where(total > 0, 2 * clip_s * best / np.where(total > 0, total, 1.0), 0.0)
 
@@ -107,8 +111,9 @@ class ClipModel:
         except Exception as error:  # the hub client raises many types when offline
             raise hub_error(name, error) from error
         if not hasattr(model, "get_text_features"):
-            raise CaptionerError(f"{name} is not a CLIP-style model (it has no text tower): choose a CLIP or SigLIP "
-                                 "model for CLIPScore.")  # fmt: skip
+            raise CaptionerError(
+                f"{name} is not a CLIP-style model (it has no text tower): choose a CLIP or SigLIP model for CLIPScore."
+            )
         self.images.fetch_pretrained()
         text_config = getattr(model.config, "text_config", model.config)
         self.context = int(getattr(text_config, "max_position_embeddings", 77))
@@ -199,8 +204,9 @@ class _EmbeddingCache:
         except (OSError, ValueError, KeyError) as error:  # a damaged cache is recomputed, not trusted
             import logging
 
-            logging.getLogger("captioner").warning("Ignoring the damaged CLIP embedding cache %s (%s).", self.path,
-                                                   error)  # fmt: skip
+            logging.getLogger("captioner").warning(
+                "Ignoring the damaged CLIP embedding cache %s (%s).", self.path, error
+            )
             return {}
         return dict(zip(keys, rows, strict=True))
 
@@ -224,16 +230,33 @@ def write_random_clip(folder: str | Path, words: Sequence[str], seed: int = 0) -
     tokenizer.normalizer = tokenizers.normalizers.Lowercase()
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                         eos_token="</s>", unk_token="<unk>").save_pretrained(folder)  # fmt: skip
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocabulary), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
-                     "pad_token_id": 0},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)  # fmt: skip
+        text_config={
+            "vocab_size": len(vocabulary),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -245,9 +268,13 @@ def write_random_clip(folder: str | Path, words: Sequence[str], seed: int = 0) -
     return folder
 
 
-def score_captions(model: ClipModel, captions: Mapping[str, str], images: Mapping[str, str | Path],
-                   references: Mapping[str, Sequence[str]] | None = None,
-                   cache_dir: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+def score_captions(
+    model: ClipModel,
+    captions: Mapping[str, str],
+    images: Mapping[str, str | Path],
+    references: Mapping[str, Sequence[str]] | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """CLIP-S (and with references RefCLIP-S) of each image's caption, and their means x 100.
 
     Args:
@@ -262,8 +289,13 @@ def score_captions(model: ClipModel, captions: Mapping[str, str], images: Mappin
     caption_embeddings, truncated = model.embed_texts([PROMPT + captions[key] for key in keys])
     clip_s = clip_scores(image_embeddings, caption_embeddings)
     per_image = {key: float(score) for key, score in zip(keys, clip_s, strict=True)}
-    result: dict[str, Any] = {"model": model.name, "images": len(keys), "without_image": len(captions) - len(keys),
-                              "CLIPScore": 100 * float(clip_s.mean()) if keys else 0.0, "per_image": per_image}
+    result: dict[str, Any] = {
+        "model": model.name,
+        "images": len(keys),
+        "without_image": len(captions) - len(keys),
+        "CLIPScore": 100 * float(clip_s.mean()) if keys else 0.0,
+        "per_image": per_image,
+    }
     if references:
         texts = [PROMPT + reference for key in keys for reference in references.get(key, ())]
         embedded, cut = model.embed_texts(texts)

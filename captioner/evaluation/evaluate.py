@@ -36,8 +36,10 @@ def read_references(path: str | Path) -> tuple[dict[str, list[str]], dict[str, s
         for annotation in payload["annotations"]:
             references[names[str(annotation["image_id"])]].append(annotation["caption"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CaptionerError(f"{path} is not a COCO captions file (images with id and file_name, annotations with "
-                             f"image_id and caption): {type(error).__name__}: {error}.") from error  # fmt: skip
+        raise CaptionerError(
+            f"{path} is not a COCO captions file (images with id and file_name, annotations with "
+            f"image_id and caption): {type(error).__name__}: {error}."
+        ) from error
     return references, names
 
 
@@ -50,8 +52,10 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
     path = Path(path)
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]  # a folder: caption-set's JSON Lines parts
     if not files:
-        raise CaptionerError(f"{path} is a folder without JSON Lines files (*.jsonl): give a results file, or the "
-                             "--output folder of `caption-set --format jsonl`.")  # fmt: skip
+        raise CaptionerError(
+            f"{path} is a folder without JSON Lines files (*.jsonl): give a results file, or the "
+            "--output folder of `caption-set --format jsonl`."
+        )
     rows = [row for file in files for row in _result_rows(file)]
     captions, unknown, known = {}, 0, set(names.values())
     for row in rows:
@@ -69,8 +73,10 @@ def read_results(path: str | Path, names: dict[str, str]) -> tuple[dict[str, str
         else:
             unknown += 1
     if not captions:
-        raise CaptionerError(f"No caption of {path} names an image of the references (by image_id, file_name or "
-                             "path): are they of the same set?")  # fmt: skip
+        raise CaptionerError(
+            f"No caption of {path} names an image of the references (by image_id, file_name or "
+            "path): are they of the same set?"
+        )
     return captions, unknown
 
 
@@ -87,9 +93,14 @@ def _result_rows(path: Path) -> list[Any]:
             raise CaptionerError(f"{path} is neither a JSON list of results nor JSON Lines: {error}.") from error
 
 
-def evaluate_results(results: str | Path, references_file: str | Path, settings: ExtraMetrics,
-                     images: str | Path | None = None, objects: str | Path | None = None,
-                     device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+def evaluate_results(
+    results: str | Path,
+    references_file: str | Path,
+    settings: ExtraMetrics,
+    images: str | Path | None = None,
+    objects: str | Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Every score of a results file against a COCO captions file (see the module docstring)."""
     references, names = read_references(references_file)
     captions, unknown = read_results(results, names)
@@ -101,27 +112,44 @@ def evaluate_results(results: str | Path, references_file: str | Path, settings:
         return path if path is not None and path.is_file() else None
 
     settings.clip_model = settings.clip_model if images is not None else None
-    extra = extra_scores(settings, captions, scored_references, image_file, Path(objects) if objects else None,
-                         device)  # fmt: skip
-    return {"scale": "0-100 (CIDEr is CIDEr-D x 100)", "results": str(results), "references": str(references_file),
-            "images": len(captions), "not_matched": unknown, "tokenizer": coco["tokenizer"],
-            "metrics": {"pycocoevalcap": {k: round(v, 4) for k, v in coco["scores"].items()},
-                        **{k: v for k, v in extra.items() if k != "skipped"}},
-            "skipped_metrics": extra["skipped"],
-            "diversity": caption_diversity(list(captions.values()))}  # fmt: skip
+    extra = extra_scores(settings, captions, scored_references, image_file, Path(objects) if objects else None, device)
+    return {
+        "scale": "0-100 (CIDEr is CIDEr-D x 100)",
+        "results": str(results),
+        "references": str(references_file),
+        "images": len(captions),
+        "not_matched": unknown,
+        "tokenizer": coco["tokenizer"],
+        "metrics": {
+            "pycocoevalcap": {k: round(v, 4) for k, v in coco["scores"].items()},
+            **{k: v for k, v in extra.items() if k != "skipped"},
+        },
+        "skipped_metrics": extra["skipped"],
+        "diversity": caption_diversity(list(captions.values())),
+    }
 
 
 def evaluate_command(argv: list[str]) -> None:
     """`python -m captioner evaluate ...` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m captioner evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="COCO results JSON ([{image_id, caption}]), JSON Lines (file_name, caption), "
-                        "or a folder of JSON Lines (caption-set --format jsonl --output FOLDER)")  # fmt: skip
+    parser.add_argument(
+        "results",
+        help="COCO results JSON ([{image_id, caption}]), JSON Lines (file_name, caption), "
+        "or a folder of JSON Lines (caption-set --format jsonl --output FOLDER)",
+    )
     parser.add_argument("--references", required=True, help="a COCO captions file (images and annotations)")
     parser.add_argument("--images", default=None, help="the images' folder: CLIPScore and RefCLIPScore")
-    parser.add_argument("--clip_model", default=PAPER_MODEL, help="OpenCLIP name:tag or a Hugging Face CLIP id or "
-                        f"folder (default: the paper's, {PAPER_MODEL})")  # fmt: skip
-    parser.add_argument("--objects", default=None, help="object annotations: CHAIR (COCO instances_*.json, a JSON "
-                        "mapping file names to object lists, or a captions file whose images list them)")  # fmt: skip
+    parser.add_argument(
+        "--clip_model",
+        default=PAPER_MODEL,
+        help=f"OpenCLIP name:tag or a Hugging Face CLIP id or folder (default: the paper's, {PAPER_MODEL})",
+    )
+    parser.add_argument(
+        "--objects",
+        default=None,
+        help="object annotations: CHAIR (COCO instances_*.json, a JSON "
+        "mapping file names to object lists, or a captions file whose images list them)",
+    )
     parser.add_argument("--object_vocabulary", default=None, help="coco, or a JSON file of classes and synonyms")
     parser.add_argument("--bertscore_model", default=None, help="BERTScore with this model (e.g. roberta-large)")
     parser.add_argument("--spice", action="store_true", help="SPICE, where Java and Stanford CoreNLP are there")
@@ -129,13 +157,21 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="write the report here as JSON")
     options = parser.parse_args(argv)
-    settings = ExtraMetrics(clip_model=options.clip_model, chair=options.objects is not None,
-                            object_vocabulary=options.object_vocabulary, bertscore_model=options.bertscore_model,
-                            spice=options.spice, cache_dir=options.cache_dir)  # fmt: skip
-    report = evaluate_results(options.results, options.references, settings, options.images, options.objects,
-                              options.device)  # fmt: skip
-    print(f"{report['images']} captions scored ({report['not_matched']} rows naming no image of the references); "
-          "scores on a 0-100 scale")  # fmt: skip
+    settings = ExtraMetrics(
+        clip_model=options.clip_model,
+        chair=options.objects is not None,
+        object_vocabulary=options.object_vocabulary,
+        bertscore_model=options.bertscore_model,
+        spice=options.spice,
+        cache_dir=options.cache_dir,
+    )
+    report = evaluate_results(
+        options.results, options.references, settings, options.images, options.objects, options.device
+    )
+    print(
+        f"{report['images']} captions scored ({report['not_matched']} rows naming no image of the references); "
+        "scores on a 0-100 scale"
+    )
     for name, value in report["metrics"]["pycocoevalcap"].items():
         print(f"{name:<22}{value:>9.2f}  pycocoevalcap, {report['tokenizer']}")
     for line in extra_table_lines({**report["metrics"], "skipped": report["skipped_metrics"]}):

@@ -211,7 +211,8 @@ def coco_caption_scores(captions: Mapping[str, str], references: Mapping[str, Se
             "%s: METEOR is skipped and captions are tokenized with the vocabulary's normaliser instead of the PTB "
             "tokenizer, so these scores are close to, but not exactly, the COCO evaluation's. %s",
             f"Java is turned off ({JAVA_VARIABLE}=0)" if turned_off else "Java was not found",
-            f"Unset {JAVA_VARIABLE} for the full suite." if turned_off
+            f"Unset {JAVA_VARIABLE} for the full suite."
+            if turned_off
             else "Install a Java runtime (e.g. openjdk-17-jre-headless) for the full suite.",
         )
     with _quiet():

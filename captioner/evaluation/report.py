@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from captioner.evaluation.beyond import extra_table_lines
 from captioner.evaluation.metrics import caption_diversity, coco_caption_scores
@@ -40,13 +41,18 @@ def coco_results(rows: Sequence[dict]) -> list[dict]:
 def coco_references(rows: Sequence[dict]) -> dict:
     """The raw reference captions as a COCO caption annotation file, for `pycocotools.coco.COCO`."""
     rows = unique_by_file(rows)
-    annotations = [{"image_id": row["image_id"], "id": 0, "caption": caption}
-                   for row in rows for caption in row["references"]]  # fmt: skip
+    annotations = [
+        {"image_id": row["image_id"], "id": 0, "caption": caption} for row in rows for caption in row["references"]
+    ]
     for number, annotation in enumerate(annotations, 1):
         annotation["id"] = number
-    return {"info": {"description": "captioner test references"}, "licenses": [], "type": "captions",
-            "images": [{"id": row["image_id"], "file_name": row["file_name"]} for row in rows],
-            "annotations": annotations}  # fmt: skip
+    return {
+        "info": {"description": "captioner test references"},
+        "licenses": [],
+        "type": "captions",
+        "images": [{"id": row["image_id"], "file_name": row["file_name"]} for row in rows],
+        "annotations": annotations,
+    }
 
 
 def loggable(evaluation: dict, prefix: str = "test/") -> dict[str, float]:
@@ -57,7 +63,12 @@ def loggable(evaluation: dict, prefix: str = "test/") -> dict[str, float]:
 
 
 def test_report(
-    bleu: dict[str, float], evaluation: dict, decoding: dict, checkpoint: str | None, split_sizes: dict, blind: bool,
+    bleu: dict[str, float],
+    evaluation: dict,
+    decoding: dict,
+    checkpoint: str | None,
+    split_sizes: dict,
+    blind: bool,
     extra: dict | None = None,
 ) -> dict:
     """Everything `test` measured and how, as written to `test_metrics.json`.
@@ -123,3 +134,54 @@ def gathered(rows: list[dict]) -> list[dict]:
     parts: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather_object(parts, rows)
     return [row for part in parts for row in part]
+
+
+def test_rows(batch: dict, captions: list[str]) -> list[dict]:
+    """A test batch's rows: each image's file, id, caption and raw references (the COCO evaluation tokenises them
+    itself)."""
+    return [
+        {"file_name": name, "image_id": image_id, "caption": caption, "references": references}
+        for name, image_id, caption, references in zip(
+            batch["file_names"], batch["image_ids"], captions, batch["raw_references"]
+        )
+    ]
+
+
+def finished_test(
+    rows: list[dict],
+    bleu: dict[str, float],
+    extra_scores: Any,
+    calibrators: dict[str, Any],
+    broadcast: Any,
+    is_global_zero: bool,
+    **report: Any,
+) -> tuple[dict, list[dict], dict[str, float]]:
+    """A test's end, every rank calling it: its rows gathered (one per image), the COCO suite and the extra metrics
+    computed on rank 0 and shared, the confidence measured against each caption's CIDEr-D.
+
+    Args:
+        rows: This rank's rows (`file_name`, `image_id`, `caption`, `references`, and the confidence's columns).
+        bleu: torchmetrics BLEU-1..4, already reduced over ranks.
+        extra_scores: `rows -> dict`: CHAIR, CLIPScore, ... (`captioner.evaluation.beyond.extra_scores`).
+        calibrators: `{"confidence": calibrator, "confidence_clip": calibrator}` where fitted (None: leave out).
+        broadcast: Rank 0's object to every rank (`strategy.broadcast`).
+        is_global_zero: Whether this is rank 0.
+        report: `test_report`'s remaining arguments (decoding, checkpoint, split_sizes, blind).
+
+    Returns:
+        The report (`test_metrics.json`), the rows, and the flat metrics to log.
+    """
+    from captioner.evaluation.beyond import confidence_report, loggable_extra
+
+    rows = unique_by_file(gathered(rows))
+    evaluation = broadcast(evaluate_captions(rows) if is_global_zero else None)
+    extra = broadcast(extra_scores(rows) if is_global_zero else None)
+    for key, calibrator in calibrators.items():
+        if calibrator is not None and rows and all(key in row for row in rows):
+            extra[key] = confidence_report(rows, calibrator, key=key)
+    logged = {
+        **loggable_extra(extra),
+        **{f"test/{name}": value for name, value in bleu.items()},
+        **loggable(evaluation),
+    }
+    return test_report(bleu, evaluation, extra=extra, **report), rows, logged

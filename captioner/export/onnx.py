@@ -81,8 +81,9 @@ class _Step(nn.Module):
     """One decoder step: the logits of the next token (the search applies the decoding rules and normalises, in
     NumPy as in PyTorch) and the new state."""
 
-    def __init__(self, model: CaptionModel, states: int, contexts: int, context_is_tensor: bool,
-                 state_is_tensor: bool) -> None:  # fmt: skip
+    def __init__(
+        self, model: CaptionModel, states: int, contexts: int, context_is_tensor: bool, state_is_tensor: bool
+    ) -> None:
         super().__init__()
         self.decoder, self.states, self.contexts = model.decoder, states, contexts
         self.context_is_tensor, self.state_is_tensor = context_is_tensor, state_is_tensor
@@ -107,9 +108,14 @@ def _without_fused_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = None,
-                quantize_encoder: bool = False, calibration_dir: str | Path | None = None,
-                calibration_images: int = 64) -> Path:  # fmt: skip
+def export_onnx(
+    model: CaptionModel,
+    output: str | Path,
+    quantize: str | None = None,
+    quantize_encoder: bool = False,
+    calibration_dir: str | Path | None = None,
+    calibration_images: int = 64,
+) -> Path:
     """Write `model` as an ONNX folder (see the module docstring); the folder is complete or absent.
 
     Args:
@@ -149,21 +155,40 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
         dynamic.update({name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names_context, contexts)})
         with warnings.catch_warnings(), _without_fused_attention(), decoder.export_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(_Encoder(model).eval(), (images,), tmp / GRAPHS["encoder"], dynamo=False,
-                              input_names=["images"], output_names=["features"], opset_version=OPSET,
-                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})  # fmt: skip
-            torch.onnx.export(_Prepare(model).eval(), (features,), tmp / GRAPHS["prepare"], dynamo=False,
-                              input_names=["features"], output_names=[*names_context, *names_state],
-                              opset_version=OPSET,
-                              dynamic_axes={"features": {0: "images"}, **{n: {0: "images"} for n in
-                                                                          [*names_context, *names_state]}})  # fmt: skip
-            step = _Step(model, len(states), len(contexts), isinstance(context, torch.Tensor),
-                         isinstance(state, torch.Tensor)).eval()  # fmt: skip
+            torch.onnx.export(
+                _Encoder(model).eval(),
+                (images,),
+                tmp / GRAPHS["encoder"],
+                dynamo=False,
+                input_names=["images"],
+                output_names=["features"],
+                opset_version=OPSET,
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            )
+            torch.onnx.export(
+                _Prepare(model).eval(),
+                (features,),
+                tmp / GRAPHS["prepare"],
+                dynamo=False,
+                input_names=["features"],
+                output_names=[*names_context, *names_state],
+                opset_version=OPSET,
+                dynamic_axes={"features": {0: "images"}, **{n: {0: "images"} for n in [*names_context, *names_state]}},
+            )
+            step = _Step(
+                model, len(states), len(contexts), isinstance(context, torch.Tensor), isinstance(state, torch.Tensor)
+            ).eval()
             try:
-                torch.onnx.export(step, (tokens, *states, *contexts), tmp / GRAPHS["step"], dynamo=False,
-                                  input_names=["tokens", *names_state, *names_context],
-                                  output_names=["logits", *[f"new_{n}" for n in names_state]], opset_version=OPSET,
-                                  dynamic_axes={"tokens": {0: "rows"}, "logits": {0: "rows"}, **dynamic})  # fmt: skip
+                torch.onnx.export(
+                    step,
+                    (tokens, *states, *contexts),
+                    tmp / GRAPHS["step"],
+                    dynamo=False,
+                    input_names=["tokens", *names_state, *names_context],
+                    output_names=["logits", *[f"new_{n}" for n in names_state]],
+                    opset_version=OPSET,
+                    dynamic_axes={"tokens": {0: "rows"}, "logits": {0: "rows"}, **dynamic},
+                )
             except (RuntimeError, AssertionError, TypeError, ValueError) as error:
                 raise CaptionerError(
                     f"{_named(decoder)} cannot be exported to ONNX ({type(error).__name__}: "
@@ -178,23 +203,35 @@ def export_onnx(model: CaptionModel, output: str | Path, quantize: str | None = 
                 batches = calibration_batches(calibration_dir, model.preprocessing, calibration_images)
                 encoder_quantization = quantize_static_encoder(tmp / GRAPHS["encoder"], batches)
             elif quantize_encoder:
-                log.warning("--quantize_encoder without --calibration_dir: dynamic quantisation, which runs "
-                            "convolutions slower than fp32 on most CPUs; give sample pictures for static.")  # fmt: skip
+                log.warning(
+                    "--quantize_encoder without --calibration_dir: dynamic quantisation, which runs "
+                    "convolutions slower than fp32 on most CPUs; give sample pictures for static."
+                )
                 quantize_dynamic_graph(tmp / GRAPHS["encoder"])
                 encoder_quantization = {"method": "dynamic"}
         elif quantize is not None:
             raise CaptionerError(f"--quantize {quantize!r}: only int8 is supported.")
         meta = checkpoints.meta_of(model)
         manifest = ExportManifest(
-            graphs=GRAPHS, files={name: file_digest(tmp / name) for name in GRAPHS.values()},
-            decoder=meta["decoder"], encoder=meta["encoder"], encoder_name=model.encoder.name,
+            graphs=GRAPHS,
+            files={name: file_digest(tmp / name) for name in GRAPHS.values()},
+            decoder=meta["decoder"],
+            encoder=meta["encoder"],
+            encoder_name=model.encoder.name,
             features=decoder.features,
             grid_shape=list(model.encoder.grid_shape) if model.encoder.grid_shape else None,
-            preprocessing=meta["preprocessing"], vocabulary=meta["vocabulary"], decoding=meta["decoding"],
-            blind=meta["blind"], longest_caption=decoder.longest_caption(), confidence=meta.get("confidence"),
-            state_count=len(states), context_count=len(contexts), context_per_image=context_per_image,
-            quantized={"int8": quantize == "int8", "encoder": encoder_quantization}, opset=OPSET,
-        )  # fmt: skip
+            preprocessing=meta["preprocessing"],
+            vocabulary=meta["vocabulary"],
+            decoding=meta["decoding"],
+            blind=meta["blind"],
+            longest_caption=decoder.longest_caption(),
+            confidence=meta.get("confidence"),
+            state_count=len(states),
+            context_count=len(contexts),
+            context_per_image=context_per_image,
+            quantized={"int8": quantize == "int8", "encoder": encoder_quantization},
+            opset=OPSET,
+        )
         (tmp / README).write_text(_readme(manifest), encoding="utf-8")
         manifest.write(tmp)
     return output
@@ -243,9 +280,16 @@ def export_command(argv: list[str]) -> int:
     allow_modules(*options.allow_module)
     model = CaptionModel.from_checkpoint(options.ckpt_path)
     if options.calibration_dir and not (options.quantize and options.quantize_encoder):
-        raise CaptionerError("--calibration_dir calibrates the encoder's int8 quantisation: add --quantize int8 "
-                             "--quantize_encoder.")  # fmt: skip
-    folder = export_onnx(model, options.output, options.quantize, options.quantize_encoder, options.calibration_dir,
-                         options.calibration_images)  # fmt: skip
+        raise CaptionerError(
+            "--calibration_dir calibrates the encoder's int8 quantisation: add --quantize int8 --quantize_encoder."
+        )
+    folder = export_onnx(
+        model,
+        options.output,
+        options.quantize,
+        options.quantize_encoder,
+        options.calibration_dir,
+        options.calibration_images,
+    )
     print(f"Exported to {folder} ({', '.join(sorted(json.loads((folder / MANIFEST).read_text())['files']))})")
     return 0

@@ -51,8 +51,10 @@ def calibration_batches(folder: str | Path, preprocessing: Preprocessing, limit:
         except DECODE_ERRORS:
             continue  # an unreadable sample is simply not used
     if not pixels:
-        raise CaptionerError(f"--calibration_dir {folder} holds no image that can be read: give a folder of pictures "
-                             "like those the model will caption.")  # fmt: skip
+        raise CaptionerError(
+            f"--calibration_dir {folder} holds no image that can be read: give a folder of pictures "
+            "like those the model will caption."
+        )
     return [np.stack(pixels[i : i + CALIBRATION_BATCH]) for i in range(0, len(pixels), CALIBRATION_BATCH)]
 
 
@@ -80,8 +82,15 @@ def quantize_static_encoder(path: Path, batches: list[np.ndarray]) -> dict:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)  # fold and infer shapes first
         quantized = path.with_suffix(".int8.onnx")
-        quantize_static(prepared, quantized, Samples(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+        quantize_static(
+            prepared,
+            quantized,
+            Samples(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
         quantized.replace(path)
     return {"method": "static (QDQ)", "calibration_images": int(sum(len(batch) for batch in batches))}

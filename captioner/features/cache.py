@@ -178,8 +178,15 @@ class _CachePartWriter:
 class CacheSink:
     """Extraction's writer of the memory-mapped cache (see `captioner.features.extraction.FeatureSink`)."""
 
-    def __init__(self, directory: Path, key: str, spec: FeatureSpec, file_names: list[str], images_dir: Any,
-                 require_some: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directory: Path,
+        key: str,
+        spec: FeatureSpec,
+        file_names: list[str],
+        images_dir: Any,
+        require_some: bool = True,
+    ) -> None:
         self.directory, self.key, self.spec, self.file_names = directory, key, spec, file_names
         self.images_dir, self.require_some = images_dir, require_some
         self.parts, self.folder = directory / PARTS_DIR, directory
@@ -215,25 +222,46 @@ class CacheSink:
             failed.update(read_json(self.parts / f"{part.name}.json", "Feature part")["failed"])
             start += len(rows)
         if start != len(self.file_names):
-            raise CaptionerError(f"The feature parts in {self.parts} hold {start} rows for {len(self.file_names)} "
-                                 "images; remove that folder and extract again.")  # fmt: skip
+            raise CaptionerError(
+                f"The feature parts in {self.parts} hold {start} rows for {len(self.file_names)} "
+                "images; remove that folder and extract again."
+            )
         array.flush()
         del array
         if self.require_some and len(failed) == len(self.file_names):
-            raise CaptionerError(f"None of the {len(self.file_names)} images in {self.images_dir} could be decoded "
-                                 f"(e.g. {next(iter(failed.items()))}).")  # fmt: skip
+            raise CaptionerError(
+                f"None of the {len(self.file_names)} images in {self.images_dir} could be decoded "
+                f"(e.g. {next(iter(failed.items()))})."
+            )
         (self.directory / PARTIAL_FILE).replace(self.directory / FEATURES_FILE)
-        write_json(self.directory / INDEX_FILE, {"version": FEATURES_VERSION, "key": self.key,
-                                                 "encoder": self.spec.encoder_spec, "count": len(self.file_names),
-                                                 "shape": list(row_shape), "file_names": self.file_names,
-                                                 "failed": failed})  # fmt: skip
+        write_json(
+            self.directory / INDEX_FILE,
+            {
+                "version": FEATURES_VERSION,
+                "key": self.key,
+                "encoder": self.spec.encoder_spec,
+                "count": len(self.file_names),
+                "shape": list(row_shape),
+                "file_names": self.file_names,
+                "failed": failed,
+            },
+        )
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
-def extract_cache(directory: str | Path, key: str, images_dir: str | Path, file_names: list[str], spec: FeatureSpec,
-                  device: torch.device | str = "cpu", batch_size: int | None = None, threads: int = 4,
-                  device_decode: bool | None = None, compile_encoder: bool = False,
-                  per_part: int = IMAGES_PER_FOLDER_PART) -> FeatureCache:  # fmt: skip
+def extract_cache(
+    directory: str | Path,
+    key: str,
+    images_dir: str | Path,
+    file_names: list[str],
+    spec: FeatureSpec,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    threads: int = 4,
+    device_decode: bool | None = None,
+    compile_encoder: bool = False,
+    per_part: int = IMAGES_PER_FOLDER_PART,
+) -> FeatureCache:
     """Extract these images into a cache at `directory` under `key`, in this process alone (a decode path chosen
     by hand: the benchmark and the GPU tests compare them), and open it.
 
@@ -242,17 +270,33 @@ def extract_cache(directory: str | Path, key: str, images_dir: str | Path, file_
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    extract_parts(folder_parts(file_names, Path(images_dir), per_part), spec,
-                  CacheSink(directory, key, spec, file_names, images_dir), device, batch_size, threads,
-                  device_decode, compile_encoder)  # fmt: skip
+    extract_parts(
+        folder_parts(file_names, Path(images_dir), per_part),
+        spec,
+        CacheSink(directory, key, spec, file_names, images_dir),
+        device,
+        batch_size,
+        threads,
+        device_decode,
+        compile_encoder,
+    )
     return open_cache(directory, key)
 
 
-def prepare_cache(root: str | Path, images_dir: str | Path, file_names: list[str], spec: FeatureSpec,
-                  device: torch.device | str = "cpu", batch_size: int | None = None, threads: int = 4,
-                  compile_encoder: bool = False, rank: int = 0, world_size: int = 1,
-                  barrier: Callable[[], None] = lambda: None,
-                  per_part: int = IMAGES_PER_FOLDER_PART) -> FeatureCache:  # fmt: skip
+def prepare_cache(
+    root: str | Path,
+    images_dir: str | Path,
+    file_names: list[str],
+    spec: FeatureSpec,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    threads: int = 4,
+    compile_encoder: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    per_part: int = IMAGES_PER_FOLDER_PART,
+) -> FeatureCache:
     """The cache of these images' features, extracted first where missing (every rank its share of the parts).
 
     Every rank of a distributed run calls it; the others wait while rank 0 assembles. A complete cache is opened
@@ -278,18 +322,31 @@ def prepare_cache(root: str | Path, images_dir: str | Path, file_names: list[str
     directory.mkdir(parents=True, exist_ok=True)
     sink = CacheSink(directory, key, spec, file_names, images_dir)
     try:
-        extract_parts(folder_parts(file_names, Path(images_dir), per_part), spec, sink, device, batch_size, threads,
-                      compile_encoder=compile_encoder, rank=rank, world_size=world_size, barrier=barrier)  # fmt: skip
+        extract_parts(
+            folder_parts(file_names, Path(images_dir), per_part),
+            spec,
+            sink,
+            device,
+            batch_size,
+            threads,
+            compile_encoder=compile_encoder,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+        )
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        raise CaptionerError(f"No space left on device while writing features into {directory}. Free disk space "
-                             "and rerun: extraction resumes at the parts it finished.") from error  # fmt: skip
+        raise CaptionerError(
+            f"No space left on device while writing features into {directory}. Free disk space "
+            "and rerun: extraction resumes at the parts it finished."
+        ) from error
     return open_complete_cache(directory, key, spec)
 
 
-def load_cache(root: str | Path, file_names: list[str], spec: FeatureSpec,
-               device: torch.device | str = "cpu") -> FeatureCache:  # fmt: skip
+def load_cache(
+    root: str | Path, file_names: list[str], spec: FeatureSpec, device: torch.device | str = "cpu"
+) -> FeatureCache:
     """Open an existing complete cache, as extracted on `device`, without computing anything.
 
     Raises:

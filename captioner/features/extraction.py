@@ -49,8 +49,9 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def encode_in_chunks(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                     chunk: list[int]) -> torch.Tensor:  # fmt: skip
+def encode_in_chunks(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: list[int]
+) -> torch.Tensor:
     """Run the encoder over `images` in chunks of `chunk[0]`, halving it (for good) on out-of-memory."""
     while True:
         try:
@@ -104,11 +105,20 @@ class FeatureSink(Protocol):
         """Rank 0, once every part is done: one complete set from the parts."""
 
 
-def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSink, device: torch.device | str = "cpu",
-                  batch_size: int | None = None, threads: int = 4, device_decode: bool | None = None,
-                  compile_encoder: bool = False, rank: int = 0, world_size: int = 1,
-                  barrier: Callable[[], None] = lambda: None,
-                  lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:  # fmt: skip
+def extract_parts(
+    parts: Sequence[ImagePart],
+    spec: FeatureSpec,
+    sink: FeatureSink,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    threads: int = 4,
+    device_decode: bool | None = None,
+    compile_encoder: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> None:
     """Extract every part not done yet, each process claiming its next part when it finishes one (the job engine's
     claims, `captioner.jobs.claims`, in the store's folder: a slow rank never holds the others up), then have rank 0
     assemble them. Every rank must call it (it waits for the others three times).
@@ -144,8 +154,13 @@ def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSi
         torch.random.fork_rng(devices=[]),
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
-        tqdm(total=total, unit="img", desc=f"{spec.encoder.name} features", dynamic_ncols=True,
-             disable=rank != 0 or not todo) as bar,  # fmt: skip
+        tqdm(
+            total=total,
+            unit="img",
+            desc=f"{spec.encoder.name} features",
+            dynamic_ncols=True,
+            disable=rank != 0 or not todo,
+        ) as bar,
     ):
         start = rank * len(parts) // max(1, world_size)
         for lease in work_through(claims, list(by_name), lambda name: sink.done(by_name[name]), start=start):
@@ -158,8 +173,11 @@ def extract_parts(parts: Sequence[ImagePart], spec: FeatureSpec, sink: FeatureSi
                     rows = np.zeros((0, *spec.row_shape()), dtype=np.float16)
                     if batch.ok:
                         rows = encode_in_chunks(forward, batch.pixels, chunk).float().cpu().numpy().astype(np.float16)
-                    writer.write([batch.names[i] for i in batch.ok], rows,
-                                 {batch.names[i]: why for i, why in batch.errors.items()})  # fmt: skip
+                    writer.write(
+                        [batch.names[i] for i in batch.ok],
+                        rows,
+                        {batch.names[i]: why for i, why in batch.errors.items()},
+                    )
                     bar.update(len(batch.names))
                 if lease.held():
                     writer.finish()

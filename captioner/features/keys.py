@@ -33,11 +33,23 @@ def extraction_method(device: torch.device | str, device_decode: bool | None = N
     return decode, precision
 
 
-def cache_key(encoder: dict[str, Any], preprocessing: Preprocessing, file_names: list[str], grid: bool = False,
-              decode: str = CPU_DECODE, precision: str = "fp32") -> str:  # fmt: skip
+def cache_key(
+    encoder: dict[str, Any],
+    preprocessing: Preprocessing,
+    file_names: list[str],
+    grid: bool = False,
+    decode: str = CPU_DECODE,
+    precision: str = "fp32",
+) -> str:
     """A digest of everything the features depend on (`encoder` is `ImageEncoder.spec()`)."""
-    spec = {"version": FEATURES_VERSION, "encoder": encoder, "grid": grid, "preprocessing": preprocessing.to_dict(),
-            "decode": decode, "precision": precision}  # fmt: skip
+    spec = {
+        "version": FEATURES_VERSION,
+        "encoder": encoder,
+        "grid": grid,
+        "preprocessing": preprocessing.to_dict(),
+        "decode": decode,
+        "precision": precision,
+    }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
     for name in file_names:
         digest.update(name.encode() + b"\0")

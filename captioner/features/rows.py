@@ -75,8 +75,9 @@ class PixelRows:
         except DECODE_ERRORS as error:
             if row not in self._warned:
                 self._warned.add(row)
-                log.warning("%s cannot be decoded (%s); training on a black image in its place.", path,
-                            describe_error(error))  # fmt: skip
+                log.warning(
+                    "%s cannot be decoded (%s); training on a black image in its place.", path, describe_error(error)
+                )
             size = self.preprocessing.image_size
             return torch.zeros(3, size, size, dtype=torch.uint8)
 

@@ -7,14 +7,16 @@
 
 Built in:
 
-- `CacheStore` (`--data.feature_store cache`): one memory-mapped fp16 array per node
+- `DefaultStore` (the default): the cache or the stream by `kind` ("auto": streamed for images inside shards),
+  with their options (`--data.feature_store.kind cache`, `--data.feature_store.resident false`, ...);
+- `CacheStore`: one memory-mapped fp16 array per node
   (`captioner.features.cache`), held whole on the training device when it fits (`resident`);
-- `StreamStore` (`stream`): LitData feature shards (`captioner.features.streamed`), training streamed one
+- `StreamStore`: LitData feature shards (`captioner.features.streamed`), training streamed one
   caption per item, validation and test held in memory;
 - `PixelStore` (chosen when the encoder trains): no features, images decoded by the loader workers.
 
 All extract with the one pipeline (`captioner.features.extraction`); a training item is one caption (or one image
-with all its captions, when the objective asks) and `data.batch_size` counts items, whatever the store.
+with all its captions, when the objective asks) and `data.loading.batch_size` counts items, whatever the store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -114,6 +116,20 @@ class FeatureStore:
     def describe(self) -> str:
         return type(self).__name__
 
+    def resolved(self, sharded: bool, online: bool) -> FeatureStore:
+        """The store that serves this data: itself (a store of the user's, or a built-in one named by class path),
+        or the one `DefaultStore` chooses; images for an encoder that trains.
+
+        Raises:
+            CaptionerError: For an encoder that trains (it reads images), when this store serves features only.
+        """
+        if online and not isinstance(self, PixelStore):
+            raise CaptionerError(
+                f"A trained encoder reads images, not features: {type(self).__name__} cannot serve "
+                "it; leave --data.feature_store at its default."
+            )
+        return self
+
 
 def check_images(run: StoreRun, store: FeatureStore) -> None:
     """Refuse a store that cannot read images inside shards.
@@ -122,8 +138,10 @@ def check_images(run: StoreRun, store: FeatureStore) -> None:
         CaptionerError: Naming what to choose instead.
     """
     if run.sharded:
-        raise CaptionerError(f"The images are inside shards: their features can only be streamed (--data."
-                             f"feature_store stream or auto), not read by {type(store).__name__}.")  # fmt: skip
+        raise CaptionerError(
+            f"The images are inside shards: their features can only be streamed (--data."
+            f"feature_store.kind stream or auto), not read by {type(store).__name__}."
+        )
 
 
 class CacheStore(FeatureStore):
@@ -145,9 +163,20 @@ class CacheStore(FeatureStore):
 
     def open(self, run: StoreRun) -> None:
         check_images(run, self)
-        self.cache = prepare_cache(run.work_dir / FEATURES_DIR, run.images_dir, run.names(), run.spec, run.device,
-                                   run.batch_size, run.threads, run.compile_encoder, run.rank, run.world_size,
-                                   run.barrier, run.per_part)  # fmt: skip
+        self.cache = prepare_cache(
+            run.work_dir / FEATURES_DIR,
+            run.images_dir,
+            run.names(),
+            run.spec,
+            run.device,
+            run.batch_size,
+            run.threads,
+            run.compile_encoder,
+            run.rank,
+            run.world_size,
+            run.barrier,
+            run.per_part,
+        )
         self.failed = self.cache.failed
         self.resident = self._resident(run.device)
 
@@ -163,8 +192,11 @@ class CacheStore(FeatureStore):
             log.info("Feature cache (%.0f MB) held in pinned host memory.", size / 2**20)
             return ResidentFeatures(self.cache.features, device, host=True)
         if choice is True:
-            raise CaptionerError(f"--data.resident_features true: the feature cache ({size / 2**30:.1f} GB) is over "
-                                 "the memory budget; raise --data.resident_budget_gb or set it to auto.")  # fmt: skip
+            raise CaptionerError(
+                f"--data.feature_store.resident true: the feature cache ({size / 2**30:.1f} GB) is "
+                "over the memory budget; raise --data.feature_store.resident_budget_gb or set it to "
+                "auto."
+            )
         return None
 
     def rows(self, split: str, names: list[str]) -> tuple[Any, dict[str, int]]:
@@ -194,8 +226,12 @@ class PixelStore(FeatureStore):
 
     def rows(self, split: str, names: list[str]) -> tuple[Any, dict[str, int]]:
         run = self.run
-        reader = PixelRows([run.images_dir / name for name in self.names], run.spec.preprocessing,
-                           augment=run.train_crop if split == "train" else 1.0, seed=run.seed)  # fmt: skip
+        reader = PixelRows(
+            [run.images_dir / name for name in self.names],
+            run.spec.preprocessing,
+            augment=run.train_crop if split == "train" else 1.0,
+            seed=run.seed,
+        )
         return reader, {name: row for row, name in enumerate(self.names)}
 
 
@@ -228,15 +264,30 @@ class StreamStore(FeatureStore):
         from captioner.features.streamed import prepare_streamed
 
         self.run = run
-        parts = run.parts if run.parts is not None else image_parts(run.names(), run.images_dir, run.sharded,
-                                                                    run.per_part)  # fmt: skip
-        self.features = prepare_streamed(self.root(run), parts, run.splits, run.spec, rank=run.rank,
-                                         world_size=run.world_size, barrier=run.barrier, device=run.device,
-                                         batch_size=run.batch_size, threads=run.threads,
-                                         cache_dir=self.cache_dir(run), identity=run.identity)  # fmt: skip
+        parts = (
+            run.parts if run.parts is not None else image_parts(run.names(), run.images_dir, run.sharded, run.per_part)
+        )
+        self.features = prepare_streamed(
+            self.root(run),
+            parts,
+            run.splits,
+            run.spec,
+            rank=run.rank,
+            world_size=run.world_size,
+            barrier=run.barrier,
+            device=run.device,
+            batch_size=run.batch_size,
+            threads=run.threads,
+            cache_dir=self.cache_dir(run),
+            identity=run.identity,
+        )
         self.failed = self.features.failed
-        names = [record.file_name for split in ("val", "test") for record in run.splits[split]
-                 if record.file_name not in self.failed]  # fmt: skip
+        names = [
+            record.file_name
+            for split in ("val", "test")
+            for record in run.splits[split]
+            if record.file_name not in self.failed
+        ]
         self.row_of = {name: row for row, name in enumerate(names)}
         self.resident = ResidentFeatures(self.features.table(names, self.cache_dir(run)), run.device)
 
@@ -252,36 +303,74 @@ class StreamStore(FeatureStore):
     def to_device(self, batch: dict) -> dict:
         return CacheStore.to_device(self, batch)  # validation and test batches carry rows
 
-    def train_loader(self, tokenizer: Any, batch_size: int, num_workers: int, seed: int, per_image: bool,
-                     pin_memory: bool, rank: int = 0) -> Any:  # fmt: skip
+    def train_loader(
+        self,
+        tokenizer: Any,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        per_image: bool,
+        pin_memory: bool,
+        rank: int = 0,
+    ) -> Any:
         """LitData's loader over the training stream (see `captioner.features.stream_loader`)."""
         from captioner.features.stream_loader import train_loader
 
-        return train_loader(self.features, tokenizer, batch_size, num_workers, seed, pin_memory, per_image,
-                            cache_dir=self.cache_dir(self.run), max_cache_gb=self.cache_gb, rank=rank)  # fmt: skip
+        return train_loader(
+            self.features,
+            tokenizer,
+            batch_size,
+            num_workers,
+            seed,
+            pin_memory,
+            per_image,
+            cache_dir=self.cache_dir(self.run),
+            max_cache_gb=self.cache_gb,
+            rank=rank,
+        )
 
     def describe(self) -> str:
         return f"streamed features ({self.features.location})"
 
 
-def store_for(choice: Any, sharded: bool, online: bool, resident: bool | str, resident_budget_gb: float | None,
-              stream_dir: str | None, stream_cache_gb: float | None) -> FeatureStore:  # fmt: skip
-    """The store `--data.feature_store` names: "auto" (streamed for images in shards, else the cache), "cache",
-    "stream", or a `FeatureStore` of the user's; pixels when the encoder trains.
+class DefaultStore(FeatureStore):
+    """The built-in stores with their options (the default `--data.feature_store`): `kind` chooses the cache or the
+    stream, or each by the data ("auto": streamed for images inside WebDataset shards, the cache otherwise); an
+    encoder that trains reads images (`PixelStore`) whatever the kind.
 
-    Raises:
-        CaptionerError: For combinations that cannot work (a trained encoder reading streamed features).
+    Args:
+        kind: "auto", "cache" or "stream".
+        resident: The cache's: "auto" (held in memory when it fits the budget), true (stop if it does not) or false
+            (read from disk per batch).
+        resident_budget_gb: The most memory the cache may take there (None: half the GPU's free memory, or a
+            quarter of the host's available memory).
+        stream_dir: The folder of streamed feature sets (None: `<work_dir>/streamed`), or the URL of one where sets
+            extracted earlier were uploaded (s3://..., gs://...).
+        stream_cache_gb: The most disk LitData's local cache of a remote streamed set may take (None: its default).
     """
-    if isinstance(choice, FeatureStore):
-        return choice
-    streams = choice == "stream" or (choice == "auto" and sharded)
-    if online:
+
+    def __init__(
+        self,
+        kind: Literal["auto", "cache", "stream"] = "auto",
+        resident: bool | Literal["auto"] = "auto",
+        resident_budget_gb: float | None = None,
+        stream_dir: str | None = None,
+        stream_cache_gb: float | None = None,
+    ) -> None:
+        if kind not in ("auto", "cache", "stream"):
+            raise CaptionerError(f"--data.feature_store.kind {kind!r}: choose auto, cache or stream.")
+        self.kind, self.resident, self.resident_budget_gb = kind, resident, resident_budget_gb
+        self.stream_dir, self.stream_cache_gb = stream_dir, stream_cache_gb
+
+    def resolved(self, sharded: bool, online: bool) -> FeatureStore:
+        streams = self.kind == "stream" or (self.kind == "auto" and sharded)
+        if online:
+            if streams:
+                raise CaptionerError(
+                    "A trained encoder reads images, not features: --model.trainable_encoder_blocks "
+                    "> 0 needs image files and --data.feature_store.kind cache."
+                )
+            return PixelStore()
         if streams:
-            raise CaptionerError("A trained encoder reads images, not features: --model.trainable_encoder_blocks > 0 "
-                                 "needs image files and --data.feature_store cache.")  # fmt: skip
-        return PixelStore()
-    if streams:
-        return StreamStore(stream_dir, stream_cache_gb)
-    if choice not in ("auto", "cache"):
-        raise CaptionerError(f"--data.feature_store {choice!r}: choose auto, cache, stream, or a FeatureStore class.")
-    return CacheStore(resident, resident_budget_gb)
+            return StreamStore(self.stream_dir, self.stream_cache_gb)
+        return CacheStore(self.resident, self.resident_budget_gb)

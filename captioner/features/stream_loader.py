@@ -53,8 +53,9 @@ class CaptionPasses(StreamingDataset):
         options: For `StreamingDataset` (cache_dir, max_cache_size).
     """
 
-    def __init__(self, location: str, tokenizer: Any, passes: int, seed: int, per_image: bool = False,
-                 **options: Any) -> None:  # fmt: skip
+    def __init__(
+        self, location: str, tokenizer: Any, passes: int, seed: int, per_image: bool = False, **options: Any
+    ) -> None:
         super().__init__(location, shuffle=True, drop_last=True, seed=seed, **options)
         self.tokenizer, self.passes, self.caption_seed, self.per_image = tokenizer, passes, seed, per_image
 
@@ -78,12 +79,17 @@ def collate(items: list[dict[str, Any]], pad_index: int, per_image: bool) -> dic
     else:
         tokens, owners = torch.stack([item["tokens"] for item in items]), torch.arange(len(items))
     used = int((tokens != pad_index).sum(dim=1).max()) if len(tokens) else 1
-    return {"features": torch.stack([item["features"] for item in items]).float(), "tokens": tokens[:, :used],
-            "owners": owners, "names": [item["name"] for item in items]}  # fmt: skip
+    return {
+        "features": torch.stack([item["features"] for item in items]).float(),
+        "tokens": tokens[:, :used],
+        "owners": owners,
+        "names": [item["name"] for item in items],
+    }
 
 
-def fitting_window(dataset: StreamingDataset, batch: int, window: int, num_workers: int,
-                   tolerance: float = 0.01) -> int:  # fmt: skip
+def fitting_window(
+    dataset: StreamingDataset, batch: int, window: int, num_workers: int, tolerance: float = 0.01
+) -> int:
     """Batches per shuffled window: as many as `window` allows while a pass keeps (almost) every item.
 
     LitData hands each rank and worker whole windows and drops the items that do not fill one, so a window of `w`
@@ -128,13 +134,21 @@ class StreamLoader(StreamingDataLoader):
         options: For `StreamingDataLoader` (num_workers, pin_memory).
     """
 
-    def __init__(self, dataset: CaptionPasses, batch: int, window: int, seed: int, rank: int, pad_index: int,
-                 per_image: bool, **options: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: CaptionPasses,
+        batch: int,
+        window: int,
+        seed: int,
+        rank: int,
+        pad_index: int,
+        per_image: bool,
+        **options: Any,
+    ) -> None:
         self.batch, self.seed, self.rank = batch, seed, rank
         self.pad_index, self.per_image, self.passes = pad_index, per_image, dataset.passes
         self.window = fitting_window(dataset, batch, window, options.get("num_workers") or 0)
-        super().__init__(dataset, batch_size=self.window * batch, collate_fn=KeepItems(), drop_last=True,
-                         **options)  # fmt: skip
+        super().__init__(dataset, batch_size=self.window * batch, collate_fn=KeepItems(), drop_last=True, **options)
         self._start: tuple[int, int, int] | None = None  # pass, window, batches done in it
 
     def pass_batches(self) -> int:
@@ -170,8 +184,7 @@ class StreamLoader(StreamingDataLoader):
                     # stopping after the epoch's last batch never lets happen: say so at the pass's known end.
                     self.restore = False
                 for start in range(skip * self.batch, len(items), self.batch):
-                    yield collate([items[i] for i in order[start : start + self.batch]], self.pad_index,
-                                  self.per_image)  # fmt: skip
+                    yield collate([items[i] for i in order[start : start + self.batch]], self.pad_index, self.per_image)
                 skip = 0
             window = 0
 
@@ -180,8 +193,7 @@ class StreamLoader(StreamingDataLoader):
         items = windows * self.batch_size
         state = super().state_dict()
         workers = self.num_workers or 1
-        state.update(current_epoch=litdata_epoch, num_samples_yielded=items,
-                     latest_worker_idx=(windows - 1) % workers)  # fmt: skip
+        state.update(current_epoch=litdata_epoch, num_samples_yielded=items, latest_worker_idx=(windows - 1) % workers)
         state["dataset"] = self.dataset.state_dict(items, self.num_workers, self.batch_size)
         state["dataset"]["current_epoch"] = litdata_epoch
         return state
@@ -201,14 +213,40 @@ class StreamLoader(StreamingDataLoader):
         self._start = (state["pass"], state["window"], state["batches"])
 
 
-def train_loader(features: StreamedFeatures, tokenizer: Any, batch_size: int, num_workers: int, seed: int,
-                 pin_memory: bool, per_image: bool = False, cache_dir: str | None = None,
-                 max_cache_gb: float | None = None, rank: int = 0, window: int = 64) -> StreamLoader:  # fmt: skip
+def train_loader(
+    features: StreamedFeatures,
+    tokenizer: Any,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool,
+    per_image: bool = False,
+    cache_dir: str | None = None,
+    max_cache_gb: float | None = None,
+    rank: int = 0,
+    window: int = 64,
+) -> StreamLoader:
     """The training loader over the set's `train/` stream: each rank its share of the chunks (equal shares: the few
     items left over wait for another epoch), one caption per item (see the module docstring), or whole images with
     `per_image`, shuffled in windows of `window` batches."""
     passes = 1 if per_image else max(1, round(features.captions_per_image))
-    dataset = CaptionPasses(features.split("train"), tokenizer, passes, seed, per_image, cache_dir=cache_dir,
-                            max_cache_size=f"{max_cache_gb}GB" if max_cache_gb else None)  # fmt: skip
-    return StreamLoader(dataset, batch_size, window, seed, rank, tokenizer.pad_index, per_image,
-                        num_workers=num_workers, pin_memory=pin_memory)  # fmt: skip
+    dataset = CaptionPasses(
+        features.split("train"),
+        tokenizer,
+        passes,
+        seed,
+        per_image,
+        cache_dir=cache_dir,
+        max_cache_size=f"{max_cache_gb}GB" if max_cache_gb else None,
+    )
+    return StreamLoader(
+        dataset,
+        batch_size,
+        window,
+        seed,
+        rank,
+        tokenizer.pad_index,
+        per_image,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )

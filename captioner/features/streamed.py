@@ -106,8 +106,10 @@ class StreamedFeatures:
                     table[row] = item["features"]
                     found += 1
         if found != len(names):
-            raise CaptionerError(f"The streamed features in {self.location} lack {len(names) - found} validation or "
-                                 "test images; delete the folder and run again to extract them.")  # fmt: skip
+            raise CaptionerError(
+                f"The streamed features in {self.location} lack {len(names) - found} validation or "
+                "test images; delete the folder and run again to extract them."
+            )
         return table
 
 
@@ -125,9 +127,11 @@ def open_streamed(location: str, key: str, encoder: dict[str, Any], cache_dir: s
     except Exception as error:  # LitData raises many types for a missing or damaged index
         raise CaptionerError(f"The streamed features in {location} are incomplete or unreadable ({error}).") from error
     if meta.get("version") != STREAM_VERSION or meta.get("key") != key or meta.get("encoder") != encoder:
-        raise CaptionerError(f"The streamed features in {location} were extracted for other images, splits, encoder "
-                             "settings or by another version of captioner. Nothing was deleted: remove that folder "
-                             "to extract them again, or point --data.stream_dir elsewhere.")  # fmt: skip
+        raise CaptionerError(
+            f"The streamed features in {location} were extracted for other images, splits, encoder "
+            "settings or by another version of captioner. Nothing was deleted: remove that folder "
+            "to extract them again, or point --data.feature_store.stream_dir elsewhere."
+        )
     return StreamedFeatures(location, meta)
 
 
@@ -179,8 +183,11 @@ class _StreamPartWriter:
         write_json(self.tmp / PART_FILE, record)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.tmp.rename(self.folder)
-        log.info("Streamed features: part %s done (%s).", self.folder.name,
-                 ", ".join(f"{count} {split}" for split, count in record["counts"].items()) or "empty")  # fmt: skip
+        log.info(
+            "Streamed features: part %s done (%s).",
+            self.folder.name,
+            ", ".join(f"{count} {split}" for split, count in record["counts"].items()) or "empty",
+        )
         return record
 
 
@@ -191,8 +198,9 @@ class StreamSink:
         self.directory, self.key, self.spec = directory, key, spec
         self.folder = directory
         # Images of parts that do not know their records (runs of a folder's files); a shard's index knows its own.
-        self.destination = {record.file_name: (split, record.captions) for split in SPLIT_NAMES
-                            for record in splits[split]}  # fmt: skip
+        self.destination = {
+            record.file_name: (split, record.captions) for split in SPLIT_NAMES for record in splits[split]
+        }
 
     def _folder(self, part: ImagePart) -> Path:
         return self.directory / PARTS_DIR / part.name
@@ -216,13 +224,22 @@ class StreamSink:
             train_captions += record["captions"].get("train", 0)
         counts = {split: _merge(self.directory, folders, split) for split in SPLIT_NAMES}
         if not any(counts.values()):
-            raise CaptionerError(f"No image could be decoded ({len(failed)} failed, e.g. "
-                                 f"{next(iter(failed.items()), ('', ''))}).")  # fmt: skip
-        _write_meta(self.directory, {"version": STREAM_VERSION, "key": self.key, "encoder": self.spec.encoder_spec,
-                                     "row_shape": list(self.spec.row_shape()), "counts": counts,
-                                     "train_captions": train_captions,
-                                     "preprocessing": jsonable(self.spec.preprocessing.to_dict()),
-                                     "failed": failed})  # fmt: skip
+            raise CaptionerError(
+                f"No image could be decoded ({len(failed)} failed, e.g. {next(iter(failed.items()), ('', ''))})."
+            )
+        _write_meta(
+            self.directory,
+            {
+                "version": STREAM_VERSION,
+                "key": self.key,
+                "encoder": self.spec.encoder_spec,
+                "row_shape": list(self.spec.row_shape()),
+                "counts": counts,
+                "train_captions": train_captions,
+                "preprocessing": jsonable(self.spec.preprocessing.to_dict()),
+                "failed": failed,
+            },
+        )
         shutil.rmtree(self.directory / PARTS_DIR, ignore_errors=True)
 
 
@@ -248,14 +265,25 @@ def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_streamed(root: str, parts: list[ImagePart], splits: dict[str, list[CaptionRecord]], spec: FeatureSpec,
-                     rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
-                     device: torch.device | str = "cpu", batch_size: int | None = None, threads: int = 4,
-                     cache_dir: str | None = None, identity: list[str] | None = None) -> StreamedFeatures:  # fmt: skip
+def prepare_streamed(
+    root: str,
+    parts: list[ImagePart],
+    splits: dict[str, list[CaptionRecord]],
+    spec: FeatureSpec,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    threads: int = 4,
+    cache_dir: str | None = None,
+    identity: list[str] | None = None,
+) -> StreamedFeatures:
     """The streamed feature set of these splits, extracted first where it is missing (every rank its share).
 
     Args:
-        root: The folder of streamed sets (`--data.stream_dir`); a URL holds sets extracted and uploaded earlier.
+        root: The folder of streamed sets (`--data.feature_store.stream_dir`); a URL holds sets extracted and
+            uploaded earlier.
         parts: The units of extraction (`captioner.sources.parts.image_parts`).
         splits: The records of each split.
         spec: The encoder and the kind of features.
@@ -282,6 +310,16 @@ def prepare_streamed(root: str, parts: list[ImagePart], splits: dict[str, list[C
         return open_streamed(location, key, spec.encoder_spec)
     barrier()
     directory.mkdir(parents=True, exist_ok=True)
-    extract_parts(parts, spec, StreamSink(directory, key, spec, splits), device, batch_size, threads,
-                  device_decode=False, rank=rank, world_size=world_size, barrier=barrier)  # fmt: skip
+    extract_parts(
+        parts,
+        spec,
+        StreamSink(directory, key, spec, splits),
+        device,
+        batch_size,
+        threads,
+        device_decode=False,
+        rank=rank,
+        world_size=world_size,
+        barrier=barrier,
+    )
     return open_streamed(location, key, spec.encoder_spec)

@@ -1,9 +1,9 @@
 """Captioner: captioning images with a trained checkpoint (PyTorch).
 
-    from captioner import Captioner
-    captioner = Captioner.from_checkpoint("best.ckpt")      # GPU when there is one
-    captioner.caption(["a.jpg", pil_image])                 # -> list[str]
-    captioner.predict(paths, num_beams=5)                   # -> [Prediction(image, caption, score, ...)]
+from captioner import Captioner
+captioner = Captioner.from_checkpoint("best.ckpt")      # GPU when there is one
+captioner.caption(["a.jpg", pil_image])                 # -> list[str]
+captioner.predict(paths, num_beams=5)                   # -> [Prediction(image, caption, score, ...)]
 """
 
 from __future__ import annotations
@@ -62,9 +62,18 @@ class Captioner(ImageCaptioner):
         overrides: Decoding settings changed from `decoding` (`num_beams=5`, `length_penalty=0.6`, ...).
     """
 
-    def __init__(self, model: CaptionModel, batch_size: int = 32, decoding: DecodingConfig | None = None,
-                 decode_threads: int = DEFAULT_DECODE_THREADS, compile_search: bool = False, rerank_clip: Any = None,
-                 device_decode: bool | None = None, num_workers: int | None = None, **overrides) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: CaptionModel,
+        batch_size: int = 32,
+        decoding: DecodingConfig | None = None,
+        decode_threads: int = DEFAULT_DECODE_THREADS,
+        compile_search: bool = False,
+        rerank_clip: Any = None,
+        device_decode: bool | None = None,
+        num_workers: int | None = None,
+        **overrides,
+    ) -> None:
         if model.vocabulary is None:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")
         self.model = model.eval()
@@ -109,8 +118,9 @@ class Captioner(ImageCaptioner):
         """PIL on the host, and on a GPU nvJPEG for JPEGs (`captioner.encoders.image_files.TorchPixels`)."""
         return TorchPixels(self.preprocessing, self.device, self.device_decode)
 
-    def describe_pixels(self, pixels: torch.Tensor, config: DecodingConfig,
-                        attention: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    def describe_pixels(
+        self, pixels: torch.Tensor, config: DecodingConfig, attention: bool = False
+    ) -> list[dict[str, Any]]:
         with torch.no_grad(), self._autocast():
             return captioning.describe(self.model, pixels, config, attention, self.compile_search, self.reranker)
 

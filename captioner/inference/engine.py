@@ -36,6 +36,7 @@ from captioner.decoding.config import DecodingConfig
 
 __all__ = ["DEFAULT_DECODE_THREADS", "CaptioningEngine", "ImageInput", "PixelDecoder", "as_inputs"]
 
+
 class Captioning(Protocol):
     """What the engine needs of a captioner (`captioner.inference.protocol.ImageCaptioner` implements it)."""
 
@@ -68,8 +69,9 @@ class CaptioningEngine:
     max_pixels: int | None = None
     stats: PipelineStats = field(default_factory=PipelineStats)
 
-    def batches(self, inputs: Iterable[ImageInput], config: DecodingConfig | None = None,
-                attention: bool = False) -> Iterator[list[tuple[ImageInput, Prediction]]]:  # fmt: skip
+    def batches(
+        self, inputs: Iterable[ImageInput], config: DecodingConfig | None = None, attention: bool = False
+    ) -> Iterator[list[tuple[ImageInput, Prediction]]]:
         """Each batch's images with their rows, in order.
 
         Args:
@@ -83,8 +85,15 @@ class CaptioningEngine:
         def describe(pixels: Any) -> list[dict[str, Any]]:
             return captioner.describe_pixels(pixels, config, attention)
 
-        for batch in decoded_batches(inputs, captioner.pixel_decoder(), self.batch_size or captioner.batch_size,
-                                     self.decode_threads, self.prefetch, self.max_pixels, self.stats):  # fmt: skip
+        for batch in decoded_batches(
+            inputs,
+            captioner.pixel_decoder(),
+            self.batch_size or captioner.batch_size,
+            self.decode_threads,
+            self.prefetch,
+            self.max_pixels,
+            self.stats,
+        ):
             started = time.perf_counter()
             predictions = caption_decoded(describe, batch)
             self.stats.busy_s += time.perf_counter() - started

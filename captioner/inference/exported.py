@@ -85,8 +85,9 @@ class NumpyPixels:
         elif isinstance(data, np.ndarray) and data.ndim == 3 and data.shape[-1] == 3 and data.dtype == np.uint8:
             image = data
         else:
-            raise TypeError(f"not an image: {type(data).__name__} (give a path, bytes, a PIL image or an (H, W, 3) "
-                            "uint8 array)")
+            raise TypeError(
+                f"not an image: {type(data).__name__} (give a path, bytes, a PIL image or an (H, W, 3) uint8 array)"
+            )
         return preprocess_array(image, self.definition)
 
     def for_device(self, data: bytes, max_pixels: int | None = None) -> bool:
@@ -135,9 +136,16 @@ class OnnxCaptioner(ImageCaptioner):
         overrides: Decoding settings changed from those (`num_beams=5`, ...; the 0.2 name `beam_size` works too).
     """
 
-    def __init__(self, folder: str | Path, batch_size: int = 32, providers: Sequence[str] | None = None,
-                 threads: int | None = None, decoding: DecodingConfig | None = None,
-                 decode_threads: int = DEFAULT_DECODE_THREADS, **overrides) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        batch_size: int = 32,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        decoding: DecodingConfig | None = None,
+        decode_threads: int = DEFAULT_DECODE_THREADS,
+        **overrides,
+    ) -> None:
         import onnxruntime
 
         self.folder = Path(folder)
@@ -148,8 +156,7 @@ class OnnxCaptioner(ImageCaptioner):
         providers = list(providers or ["CPUExecutionProvider"])
 
         def session(name: str):
-            return onnxruntime.InferenceSession(str(self.folder / manifest.graphs[name]), options,
-                                                providers=providers)  # fmt: skip
+            return onnxruntime.InferenceSession(str(self.folder / manifest.graphs[name]), options, providers=providers)
 
         self.encoder, self.prepare, self.step = session("encoder"), session("prepare"), session("step")
         self.step_inputs = {item.name for item in self.step.get_inputs()}
@@ -157,9 +164,14 @@ class OnnxCaptioner(ImageCaptioner):
         self.vocabulary = tokenizer_from_dict(manifest.vocabulary, str(self.folder / MANIFEST), built_in_only=True)
         self.special = SpecialTokens.of(self.vocabulary)
         saved = DecodingConfig.from_dict(manifest.decoding, str(self.folder / MANIFEST))
-        self.limits = ModelLimits(len(self.vocabulary), self.vocabulary.max_length, manifest.longest_caption,
-                                  manifest.decoder["class_path"].rsplit(".", 1)[-1], self.vocabulary.stoi,
-                                  self.vocabulary)  # fmt: skip
+        self.limits = ModelLimits(
+            len(self.vocabulary),
+            self.vocabulary.max_length,
+            manifest.longest_caption,
+            manifest.decoder["class_path"].rsplit(".", 1)[-1],
+            self.vocabulary.stoi,
+            self.vocabulary,
+        )
         self.decoding = (decoding or saved).with_overrides(**overrides).checked(self.limits)
         self.preprocessing = manifest.preprocessing  # the encoder's definition, computed in numpy
         self.batch_size, self.decode_threads = batch_size, decode_threads
@@ -174,16 +186,26 @@ class OnnxCaptioner(ImageCaptioner):
         """Encoder features of a `(B, 3, S, S)` uint8 batch."""
         return self.encoder.run(None, {"images": pixels})[0]
 
-    def decode_features(self, features: np.ndarray, config: DecodingConfig | None = None,
-                        places: list[int] | None = None) -> Decoded:  # fmt: skip
+    def decode_features(
+        self, features: np.ndarray, config: DecodingConfig | None = None, places: list[int] | None = None
+    ) -> Decoded:
         """Ranked captions for a batch of features, by the one search (`captioner.decoding.search.decode`, in
         NumPy); `places` seed each image's sampling stream (None: its row)."""
         config = config or self.decoding
-        return decode(OnnxStepper(self, features), features.shape[0], config, self.special, NumpyOps(),
-                      config.max_words(self.vocabulary.max_length), self.vocabulary, places)  # fmt: skip
+        return decode(
+            OnnxStepper(self, features),
+            features.shape[0],
+            config,
+            self.special,
+            NumpyOps(),
+            config.max_words(self.vocabulary.max_length),
+            self.vocabulary,
+            places,
+        )
 
-    def describe_pixels(self, pixels: np.ndarray, config: DecodingConfig,
-                        attention: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    def describe_pixels(
+        self, pixels: np.ndarray, config: DecodingConfig, attention: bool = False
+    ) -> list[dict[str, Any]]:
         """`captioner.decoding.answers.describe` over the export's graphs (attention maps need the checkpoint: None
         here)."""
         return describe(ExportSide(self), np.ascontiguousarray(pixels), config)

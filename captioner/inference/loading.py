@@ -10,8 +10,9 @@ from captioner.core.errors import CaptionerError
 from captioner.inference.protocol import CaptionerProtocol
 
 
-def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str | None = None,
-                   **overrides: Any) -> CaptionerProtocol:  # fmt: skip
+def load_captioner(
+    path: str | Path, device: str | None = None, rerank_clip: str | None = None, **overrides: Any
+) -> CaptionerProtocol:
     """A captioner for a checkpoint file (torch, on `device`: None or "auto" for a GPU when there is one) or an
     exported folder (ONNX Runtime); `rerank_clip`: a CLIP model reordering the beam's alternatives by CLIPScore
     (torch only); `overrides`: decoding settings replacing the model's own.
@@ -26,19 +27,23 @@ def load_captioner(path: str | Path, device: str | None = None, rerank_clip: str
     if path.is_dir() and is_published(path) or not path.exists() and _looks_like_hub_id(str(path)):
         from captioner.inference.checkpoint import Captioner
 
-        return Captioner.from_pretrained(path if path.is_dir() else str(path), device, rerank_clip=rerank_clip,
-                                         **overrides)  # fmt: skip
+        return Captioner.from_pretrained(
+            path if path.is_dir() else str(path), device, rerank_clip=rerank_clip, **overrides
+        )
     if path.is_dir():
         from captioner.inference.exported import OnnxCaptioner
 
         if rerank_clip is not None:
-            raise CaptionerError(f"{path} is an exported folder, run without torch: reranking by CLIPScore runs CLIP "
-                                 "in PyTorch. Caption with the checkpoint (or a published folder) to rerank, or "
-                                 "leave out --rerank_clip.")  # fmt: skip
+            raise CaptionerError(
+                f"{path} is an exported folder, run without torch: reranking by CLIPScore runs CLIP "
+                "in PyTorch. Caption with the checkpoint (or a published folder) to rerank, or "
+                "leave out --rerank_clip."
+            )
         return OnnxCaptioner(path, **overrides)
     if not path.is_file():
-        raise CaptionerError(f"{path} is neither a checkpoint file, an exported or published folder, nor a hub id "
-                             "(user/name).")  # fmt: skip
+        raise CaptionerError(
+            f"{path} is neither a checkpoint file, an exported or published folder, nor a hub id (user/name)."
+        )
     from captioner.inference.checkpoint import Captioner
 
     return Captioner.from_checkpoint(path, device, rerank_clip=rerank_clip, **overrides)
@@ -74,8 +79,10 @@ def check_model(path: str | Path) -> None:
     if not path.exists():
         if _looks_like_hub_id(str(path)):
             return
-        raise CaptionerError(f"{path} does not exist: give a checkpoint `fit` wrote, an exported or published "
-                             "folder, or a hub id (user/name).")  # fmt: skip
+        raise CaptionerError(
+            f"{path} does not exist: give a checkpoint `fit` wrote, an exported or published "
+            "folder, or a hub id (user/name)."
+        )
     from captioner.models.building import check_checkpoint_file
 
     check_checkpoint_file(path)

@@ -95,13 +95,25 @@ class ExportManifest:
             CaptionerError: Naming the field that is missing or malformed.
         """
         if not isinstance(payload, dict) or payload.get("version") not in READABLE_VERSIONS:
-            raise CaptionerError(f"{source} is of another export version; export the model again with this "
-                                 "captioner.")  # fmt: skip
+            raise CaptionerError(f"{source} is of another export version; export the model again with this captioner.")
         payload = upgrade_manifest(payload)
-        kinds = {"graphs": dict, "files": dict, "decoder": dict, "encoder": dict, "encoder_name": str,
-                 "features": str, "preprocessing": dict, "vocabulary": dict, "decoding": dict, "blind": bool,
-                 "state_count": int, "context_count": int, "context_per_image": bool, "quantized": dict,
-                 "opset": int}  # fmt: skip
+        kinds = {
+            "graphs": dict,
+            "files": dict,
+            "decoder": dict,
+            "encoder": dict,
+            "encoder_name": str,
+            "features": str,
+            "preprocessing": dict,
+            "vocabulary": dict,
+            "decoding": dict,
+            "blind": bool,
+            "state_count": int,
+            "context_count": int,
+            "context_per_image": bool,
+            "quantized": dict,
+            "opset": int,
+        }
         for name, kind in kinds.items():
             if not isinstance(payload.get(name), kind):
                 raise CaptionerError(f"{source} has no valid '{name}' ({kind.__name__}); export the model again.")
@@ -139,8 +151,10 @@ class ExportManifest:
                 raise CaptionerError(f"The {graph} graph {name} is not listed with a digest in {path}: refused.")
         extra = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, README, *manifest.files))
         if extra:
-            raise CaptionerError(f"{folder} holds {', '.join(extra)}, which its manifest does not list: refused. "
-                                 "Export the model again into an empty folder.")  # fmt: skip
+            raise CaptionerError(
+                f"{folder} holds {', '.join(extra)}, which its manifest does not list: refused. "
+                "Export the model again into an empty folder."
+            )
         for name, digest in manifest.files.items():
             file = folder / name
             if not file.is_file():

@@ -158,8 +158,11 @@ class ImageCaptioner:
 def _is_pixels(image: Any, captioner: ImageCaptioner) -> bool:
     """Whether `image` is already the encoder's `(3, S, S)` uint8 input (from `pixels_from_bytes`)."""
     shape = getattr(image, "shape", None)
-    size = captioner.preprocessing["image_size"] if isinstance(captioner.preprocessing, dict) else \
-        captioner.preprocessing.image_size  # fmt: skip
+    size = (
+        captioner.preprocessing["image_size"]
+        if isinstance(captioner.preprocessing, dict)
+        else captioner.preprocessing.image_size
+    )
     return shape is not None and tuple(shape) == (3, size, size) and "uint8" in str(getattr(image, "dtype", ""))
 
 
@@ -169,6 +172,9 @@ def attention_as_lists(row: dict[str, Any]) -> dict[str, Any]:
     row["attention"] = None
     if maps is not None:
         words = [*row["caption"].split(), "<end>"][: len(maps)]
-        row["attention"] = {"words": words, "grid": list(maps.shape[1:]),
-                            "weights": [[round(float(v), 5) for v in word.flatten()] for word in maps]}  # fmt: skip
+        row["attention"] = {
+            "words": words,
+            "grid": list(maps.shape[1:]),
+            "weights": [[round(float(v), 5) for v in word.flatten()] for word in maps],
+        }
     return row

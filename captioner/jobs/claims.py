@@ -91,8 +91,9 @@ class Claims:
         lease_seconds: How long a claim lives without being renewed.
     """
 
-    def __init__(self, folder: str | Path, worker: str | None = None,
-                 lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:  # fmt: skip
+    def __init__(
+        self, folder: str | Path, worker: str | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> None:
         self.folder = Path(folder) / "claims"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.worker = worker or new_worker_id()
@@ -147,8 +148,9 @@ class Claims:
             number = latest + 1
         else:
             previous = None
-        payload = json.dumps({"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(),
-                              "claimed": time.time()})  # fmt: skip
+        payload = json.dumps(
+            {"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "claimed": time.time()}
+        )
         try:
             descriptor = os.open(self.path(part, number), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -156,8 +158,11 @@ class Claims:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(payload)
         if number:
-            log.warning("Taking over part %s from %s, whose claim expired (killed, or its machine is gone).", part,
-                        previous.worker if previous else "a worker")  # fmt: skip
+            log.warning(
+                "Taking over part %s from %s, whose claim expired (killed, or its machine is gone).",
+                part,
+                previous.worker if previous else "a worker",
+            )
         return Lease(self, part, number)
 
     def claim_next(self, parts: list[str], done: set[str] | None = None, start: int = 0) -> Lease | None:
@@ -193,8 +198,14 @@ class Claims:
         return alive
 
 
-def work_through(claims: Claims, parts: list[str], is_done, poll_seconds: float | None = None,
-                 wait_for_others: bool = True, start: int = 0) -> Iterator[Lease]:  # fmt: skip
+def work_through(
+    claims: Claims,
+    parts: list[str],
+    is_done,
+    poll_seconds: float | None = None,
+    wait_for_others: bool = True,
+    start: int = 0,
+) -> Iterator[Lease]:
     """Every part this worker gets to do: claim the next free one, hand it over, and when none is free wait for the
     others' parts to finish or their leases to run out (then take them over), until every part is done.
 

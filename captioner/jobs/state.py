@@ -82,14 +82,17 @@ class JobState:
         """
         recorded = self.fingerprint()
         if recorded is None:
-            write_json(self.folder / FINGERPRINT_FILE, {"fingerprint": fingerprint, "notes": notes or {},
-                                                        "digest": fingerprint_digest(fingerprint)})  # fmt: skip
+            write_json(
+                self.folder / FINGERPRINT_FILE,
+                {"fingerprint": fingerprint, "notes": notes or {}, "digest": fingerprint_digest(fingerprint)},
+            )
             return notes or {}
         changed = differences(recorded, fingerprint)
         if changed:
             raise CaptionerError(
                 f"{self.folder.parent} holds {self.what} of another job; resuming would mix the two. What differs: "
-                + "; ".join(changed) + ". Give --overwrite to redo the whole job with these settings, or a new "
+                + "; ".join(changed)
+                + ". Give --overwrite to redo the whole job with these settings, or a new "
                 "--output folder."
             )
         return read_json(self.folder / FINGERPRINT_FILE, "The job's fingerprint").get("notes", {})
@@ -114,8 +117,9 @@ class JobState:
         """
         payload = read_json(self.record_path(part), "A part's record")
         if not isinstance(payload, dict) or payload.get("part") != part:
-            raise CaptionerError(f"{self.record_path(part)} is not the record of part {part}; remove it to redo "
-                                 "the part.")  # fmt: skip
+            raise CaptionerError(
+                f"{self.record_path(part)} is not the record of part {part}; remove it to redo the part."
+            )
         return payload
 
     def records(self, parts: list[str]) -> Iterator[dict[str, Any]]:

@@ -21,11 +21,13 @@ from captioner.core.errors import CaptionerError
 from captioner.core.files import jsonable
 from captioner.core.parts import import_trusted_class
 from captioner.decoding.confidence import Calibrator
-from captioner.decoding.config import DecodingConfig
+from captioner.decoding.config import DecodingConfig, ModelLimits, SpecialTokens
+from captioner.decoding.rules import rules_for
 from captioner.encoders.base import ImageEncoder, encoder_from_spec
 from captioner.encoders.preprocessing import Preprocessing
 from captioner.models.checkpoints import read_checkpoint
 from captioner.models.decoders.base import CaptionDecoder, decoder_factory
+from captioner.models.objectives.base import SequenceSpec
 from captioner.text.base import same_tokenizer_message, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,10 @@ def built_decoder(factory: Any, vocabulary: Any, encoder: ImageEncoder) -> Capti
     """
     decoder = factory(len(vocabulary), encoder.feature_dim)
     if not isinstance(decoder, CaptionDecoder):
-        raise CaptionerError(f"--model.decoder built a {type(decoder).__name__}, not a CaptionDecoder: see "
-                             "captioner/models/decoders/base.py for the protocol.")  # fmt: skip
+        raise CaptionerError(
+            f"--model.decoder built a {type(decoder).__name__}, not a CaptionDecoder: see "
+            "captioner/models/decoders/base.py for the protocol."
+        )
     decoder.spec()  # fails early, naming the class, if it did not record its options
     return decoder
 
@@ -54,27 +58,36 @@ def check_and_build(model: Any, checkpoint: dict[str, Any]) -> None:
     """
     meta = upgrade(checkpoint)
     if meta["blind"] != model.hparams.blind:
-        raise CaptionerError(f"The checkpoint was trained with blind={meta['blind']!r} but this run is configured "
-                             f"with blind={model.hparams.blind!r}. {USE_THE_RUN_CONFIG}")  # fmt: skip
+        raise CaptionerError(
+            f"The checkpoint was trained with blind={meta['blind']!r} but this run is configured "
+            f"with blind={model.hparams.blind!r}. {USE_THE_RUN_CONFIG}"
+        )
     check_same_part(meta["encoder"], jsonable(model.encoder.spec()), "encoder", USE_THE_RUN_CONFIG)
     saved_preprocessing = Preprocessing.from_dict(meta["preprocessing"], "the checkpoint")
     if saved_preprocessing != model.preprocessing:
-        raise CaptionerError(f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
-                             f"configured for {model.preprocessing}. {USE_THE_RUN_CONFIG}")  # fmt: skip
+        raise CaptionerError(
+            f"The checkpoint's images were prepared as {saved_preprocessing} but this run is "
+            f"configured for {model.preprocessing}. {USE_THE_RUN_CONFIG}"
+        )
     vocabulary = tokenizer_from_dict(meta["vocabulary"], "The checkpoint")
     if model.vocabulary is not None and vocabulary != model.vocabulary:
         differences = same_tokenizer_message(vocabulary, model.vocabulary)
         raise CaptionerError(
             f"The checkpoint's tokenizer is not the one prepared from this data ({differences}): it was trained on "
-            "other data or with another --data.tokenizer, --data.min_word_count or --data.max_caption_length. Use the "
+            "other data or with another --data.tokenizer or --data.captions. Use the "
             "data settings the checkpoint was trained with."
         )
     model.build(vocabulary)
-    check_same_part(meta["decoder"], model.decoder.spec(), "decoder", USE_THE_RUN_CONFIG,
-                    ignored=getattr(model.decoder, "training_only_options", ()))  # fmt: skip
+    check_same_part(
+        meta["decoder"],
+        model.decoder.spec(),
+        "decoder",
+        USE_THE_RUN_CONFIG,
+        ignored=getattr(model.decoder, "training_only_options", ()),
+    )
     model.encoder.mark_weights_loaded()  # the checkpoint's weights replace whatever the encoder would fetch
-    model.calibrator = Calibrator.from_dict(meta.get("confidence"))  # fitted on the validation set, if it was
-    model.clip_calibrator = Calibrator.from_dict(meta.get("confidence_clip"))  # with a CLIP's cosine too
+    model.confidence.calibrator = Calibrator.from_dict(meta.get("confidence"))  # fitted on validation, if it was
+    model.confidence.clip_calibrator = Calibrator.from_dict(meta.get("confidence_clip"))  # with a CLIP's cosine too
 
 
 def load_weights(model: Any, path: str) -> None:
@@ -138,8 +151,9 @@ def model_from_checkpoint_data(cls: type, checkpoint: dict[str, Any], source: st
     return model.eval()
 
 
-def check_same_part(saved: dict[str, Any], configured: dict[str, Any], what: str, use: str,
-                    ignored: tuple[str, ...] = ()) -> None:  # fmt: skip
+def check_same_part(
+    saved: dict[str, Any], configured: dict[str, Any], what: str, use: str, ignored: tuple[str, ...] = ()
+) -> None:
     """Refuse a checkpoint whose encoder or decoder is another class or has other options than the configured one.
 
     Args:
@@ -153,12 +167,68 @@ def check_same_part(saved: dict[str, Any], configured: dict[str, Any], what: str
         CaptionerError: Naming every option that differs.
     """
     if saved["class_path"] != configured["class_path"]:
-        raise CaptionerError(f"The checkpoint holds a {saved['class_path']} {what} but this run is configured with "
-                             f"{configured['class_path']}. {use}")  # fmt: skip
+        raise CaptionerError(
+            f"The checkpoint holds a {saved['class_path']} {what} but this run is configured with "
+            f"{configured['class_path']}. {use}"
+        )
     saved_args, configured_args = saved.get("init_args") or {}, configured.get("init_args") or {}
-    differences = [f"{name}={saved_args.get(name)!r} (configured: {configured_args.get(name)!r})"
-                   for name in sorted(set(saved_args) | set(configured_args))
-                   if name not in ignored and saved_args.get(name) != configured_args.get(name)]  # fmt: skip
+    differences = [
+        f"{name}={saved_args.get(name)!r} (configured: {configured_args.get(name)!r})"
+        for name in sorted(set(saved_args) | set(configured_args))
+        if name not in ignored and saved_args.get(name) != configured_args.get(name)
+    ]
     if differences:
-        raise CaptionerError(f"The checkpoint's {saved['class_path'].rsplit('.', 1)[-1]} was trained with "
-                             f"{', '.join(differences)}. {use}")  # fmt: skip
+        raise CaptionerError(
+            f"The checkpoint's {saved['class_path'].rsplit('.', 1)[-1]} was trained with "
+            f"{', '.join(differences)}. {use}"
+        )
+
+
+def configure(model: Any, vocabulary: Any, trainer: Any) -> None:
+    """A model's parts for a run (`CaptionModel.configure_model`): the decoder built for the data's `vocabulary`,
+    then its weights: from `init_checkpoint` (a second training stage), or a pretrained language model's at the
+    start of a fit (a resumed run's come from its checkpoint).
+
+    Raises:
+        CaptionerError: When the model already has another vocabulary.
+    """
+    if model.vocabulary is not None and vocabulary != model.vocabulary:
+        raise CaptionerError(
+            f"The model's vocabulary ({len(model.vocabulary)} tokens) differs from the data's ({len(vocabulary)})."
+        )
+    model.build(vocabulary)
+    if model.hparams.init_checkpoint and trainer.ckpt_path is None:
+        load_weights(model, model.hparams.init_checkpoint)
+    elif trainer.state.fn == "fit" and trainer.ckpt_path is None:
+        model.decoder.load_pretrained()  # a pretrained language model's weights, fetched once
+
+
+def sequence_spec(model: Any) -> SequenceSpec:
+    """Special tokens, the longest caption and the search's rules of a built model, for its objective."""
+    special = SpecialTokens.of(model.vocabulary)
+    max_words = model.decoding.max_words(model.vocabulary.max_length)
+    return SequenceSpec(special, max_words, rules_for(model.decoding, special, model.vocabulary, max_words))
+
+
+def model_limits(model: Any) -> ModelLimits:
+    """What a built model can decode (its vocabulary, its decoder's positions), which settings are checked against."""
+    decoder, vocabulary = model.require_decoder(), model.vocabulary
+    return ModelLimits(
+        len(vocabulary),
+        vocabulary.max_length,
+        decoder.longest_caption(),
+        type(decoder).__name__,
+        vocabulary.stoi,
+        vocabulary,
+    )
+
+
+def test_facts(model: Any) -> dict[str, Any]:
+    """What a test report says of how the model was tested: its decoding (the longest caption resolved), the
+    checkpoint, the splits' sizes, whether it is the blind baseline."""
+    return {
+        "decoding": {**model.decoding.to_dict(), "max_length": sequence_spec(model).max_length},
+        "checkpoint": model.trainer.ckpt_path,
+        "split_sizes": getattr(model.data, "split_sizes", {}),
+        "blind": model.hparams.blind,
+    }

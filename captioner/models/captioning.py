@@ -35,21 +35,35 @@ class CaptioningModel(Protocol):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
-def decode_features(model: CaptioningModel, features: torch.Tensor, config: DecodingConfig | None = None,
-                    compiled: bool | None = None, places: list[int] | None = None) -> Decoded:  # fmt: skip
+def decode_features(
+    model: CaptioningModel,
+    features: torch.Tensor,
+    config: DecodingConfig | None = None,
+    compiled: bool | None = None,
+    places: list[int] | None = None,
+) -> Decoded:
     """Ranked captions of a batch of features, by the one search (`captioner.decoding.search.decode`): the model's
     own decoding settings unless `config` is given; the decoder step compiled when `compiled`, else as the model's
     `compile_search` says; `places` seed each image's sampling stream (None: its row)."""
     config = config or model.decoding
     vocabulary = model.vocabulary
     compiled = model.hparams.get("compile_search", False) if compiled is None else compiled
-    return decode_with(model.require_decoder(), model.image_features(features), config, SpecialTokens.of(vocabulary),
-                       config.max_words(vocabulary.max_length), vocabulary, compiled, places)  # fmt: skip
+    return decode_with(
+        model.require_decoder(),
+        model.image_features(features),
+        config,
+        SpecialTokens.of(vocabulary),
+        config.max_words(vocabulary.max_length),
+        vocabulary,
+        compiled,
+        places,
+    )
 
 
 @torch.no_grad()
-def attention_maps(model: CaptioningModel, features: torch.Tensor, tokens: torch.Tensor,
-                   lengths: torch.Tensor) -> list[torch.Tensor] | None:  # fmt: skip
+def attention_maps(
+    model: CaptioningModel, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+) -> list[torch.Tensor] | None:
     """Where the decoder looked for each word of given captions, for decoders that attend over a grid.
 
     Replaying the chosen words with teacher forcing gives the weights the search used on that path.
@@ -61,8 +75,9 @@ def attention_maps(model: CaptioningModel, features: torch.Tensor, tokens: torch
     if features.ndim != 3:
         return None
     start = torch.full_like(tokens[:, :1], model.vocabulary.start_index)
-    output = model.require_decoder()(model.image_features(features), torch.cat([start, tokens[:, :-1]], dim=1),
-                                     return_attention=True)  # fmt: skip
+    output = model.require_decoder()(
+        model.image_features(features), torch.cat([start, tokens[:, :-1]], dim=1), return_attention=True
+    )
     if output.attention is None:
         return None
     rows, columns = model.encoder.grid_shape
@@ -80,8 +95,9 @@ class CheckpointSide:
     def __init__(self, model: CaptioningModel, compiled: bool | None = None) -> None:
         self.model, self.compiled = model, compiled
         self.vocabulary = model.vocabulary
-        self.calibrator = getattr(model, "calibrator", None)
-        self.clip_calibrator = getattr(model, "clip_calibrator", None)
+        confidence = getattr(model, "confidence", None)  # models without one (a plugin's) describe without it
+        self.calibrator = getattr(confidence, "calibrator", None)
+        self.clip_calibrator = getattr(confidence, "clip_calibrator", None)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixels)
@@ -100,17 +116,23 @@ class CheckpointSide:
 
 
 @torch.no_grad()
-def describe(model: CaptioningModel, images: torch.Tensor, config: DecodingConfig | None = None,
-             attention: bool = False, compiled: bool | None = None,
-             reranker: Any = None) -> list[dict[str, Any]]:  # fmt: skip
+def describe(
+    model: CaptioningModel,
+    images: torch.Tensor,
+    config: DecodingConfig | None = None,
+    attention: bool = False,
+    compiled: bool | None = None,
+    reranker: Any = None,
+) -> list[dict[str, Any]]:
     """`captioner.decoding.answers.describe` of a `(B, 3, S, S)` uint8 batch of preprocessed images with `model`
     (its own decoding settings unless `config` is given)."""
     return answers.describe(CheckpointSide(model, compiled), images, config or model.decoding, attention, reranker)
 
 
 @torch.no_grad()
-def confidence_features(model: CaptioningModel, features: torch.Tensor, decoded: Decoded,
-                        config: DecodingConfig) -> np.ndarray:  # fmt: skip
+def confidence_features(
+    model: CaptioningModel, features: torch.Tensor, decoded: Decoded, config: DecodingConfig
+) -> np.ndarray:
     """`(B, 3)` confidence features of the best captions (`captioner.decoding.answers.confidence_features`)."""
     return answers.confidence_features(CheckpointSide(model), features, decoded, config)
 

@@ -97,7 +97,10 @@ def meta_of(model: Any) -> dict[str, Any]:
         "vocabulary": model.vocabulary.to_dict(),
         "blind": model.hparams.blind,
         "decoding": model.decoding.to_dict(),
-        "confidence": model.calibrator.to_dict() if getattr(model, "calibrator", None) is not None else None,
-        "confidence_clip": (model.clip_calibrator.to_dict() if getattr(model, "clip_calibrator", None) is not None
-                            else None),  # fmt: skip
+        "confidence": _saved(model.confidence.calibrator),
+        "confidence_clip": _saved(model.confidence.clip_calibrator),
     }
+
+
+def _saved(calibrator: Any) -> dict[str, Any] | None:
+    return None if calibrator is None else calibrator.to_dict()

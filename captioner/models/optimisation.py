@@ -4,7 +4,7 @@ linear warm-up and a cosine or constant schedule, stepped every optimizer step."
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -12,9 +12,17 @@ from torch import nn
 from captioner.models.decoders.base import CaptionDecoder
 
 
-def optimizer_and_schedule(decoder: CaptionDecoder, encoder_parameters: list[nn.Parameter], lr: float,
-                           encoder_lr: float | None, weight_decay: float, warmup_steps: int, total_steps: int,
-                           schedule: Literal["cosine", "constant"], clipping: bool) -> dict:  # fmt: skip
+def optimizer_and_schedule(
+    decoder: CaptionDecoder,
+    encoder_parameters: list[nn.Parameter],
+    lr: float,
+    encoder_lr: float | None,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: Literal["cosine", "constant"],
+    clipping: bool,
+) -> dict:
     """What `LightningModule.configure_optimizers` returns.
 
     Args:
@@ -43,3 +51,20 @@ def optimizer_and_schedule(decoder: CaptionDecoder, encoder_parameters: list[nn.
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def configured_optimizers(model: Any) -> dict:
+    """`optimizer_and_schedule` for a `CaptionModel` in its run: its decoder and trained encoder blocks, its
+    learning-rate settings, the run's steps and whether it clips gradients."""
+    hp, trainer = model.hparams, model.trainer
+    return optimizer_and_schedule(
+        model.require_decoder(),
+        model.encoder.trainable_parameters(),
+        hp.lr,
+        hp.encoder_lr,
+        hp.weight_decay,
+        hp.warmup_steps,
+        int(trainer.estimated_stepping_batches),
+        hp.lr_schedule,
+        clipping=bool(trainer.gradient_clip_val),
+    )

@@ -71,9 +71,16 @@ def padded_rows(rows: int) -> int:
 
 
 @torch.no_grad()
-def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: DecodingConfig, special: SpecialTokens,
-             max_words: int, vocabulary: Any = None, compiled: bool = False,
-             places: list[int] | None = None) -> Decoded:  # fmt: skip
+def decode_with(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    config: DecodingConfig,
+    special: SpecialTokens,
+    max_words: int,
+    vocabulary: Any = None,
+    compiled: bool = False,
+    places: list[int] | None = None,
+) -> Decoded:
     """Captions for a batch of features, as `config` says (ranked per image; see `captioner.decoding.search`).
 
     Args:
@@ -91,9 +98,22 @@ def decode_with(decoder: CaptionDecoder, features: torch.Tensor, config: Decodin
     places = list(range(batch)) if places is None else list(places)
     if compiled and padded_rows(batch) != batch:
         padding = features[:1].expand(padded_rows(batch) - batch, *features.shape[1:])
-        decoded = decode_with(decoder, torch.cat([features, padding]), config, special, max_words, vocabulary, compiled,
-                              places + [-1] * (padded_rows(batch) - batch))  # fmt: skip
-        return Decoded(decoded.tokens[:batch], decoded.scores[:batch], decoded.lengths[:batch],
-                       decoded.normalised[:batch], None if decoded.met is None else decoded.met[:batch])  # fmt: skip
+        decoded = decode_with(
+            decoder,
+            torch.cat([features, padding]),
+            config,
+            special,
+            max_words,
+            vocabulary,
+            compiled,
+            places + [-1] * (padded_rows(batch) - batch),
+        )
+        return Decoded(
+            decoded.tokens[:batch],
+            decoded.scores[:batch],
+            decoded.lengths[:batch],
+            decoded.normalised[:batch],
+            None if decoded.met is None else decoded.met[:batch],
+        )
     stepper = DecoderStepper(decoder, features, compiled)
     return decode(stepper, batch, config, special, TorchOps(features.device), max_words, vocabulary, places)

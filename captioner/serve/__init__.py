@@ -33,11 +33,23 @@ def decodes_within(memory_mb: float, max_pixels: int) -> int:
     return max(1, int(memory_mb * 2**20 // (max_pixels * BYTES_PER_DECODED_PIXEL)))
 
 
-def build_server(model_path: str | Path, accelerator: str = "auto", devices: int | str = "auto", workers: int = 1,
-                 decoding: dict | None = None, max_batch_size: int = 16, batch_timeout: float = 0.01,
-                 max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, timeout: float = 60.0,
-                 body_timeout: float = 30.0, max_bodies: int = 64, api_key: str | None = None,
-                 decode_memory_mb: float = 1024.0, rerank_clip: str | None = None):  # fmt: skip
+def build_server(
+    model_path: str | Path,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    workers: int = 1,
+    decoding: dict | None = None,
+    max_batch_size: int = 16,
+    batch_timeout: float = 0.01,
+    max_upload_mb: float = 20.0,
+    max_pixels: int = 40_000_000,
+    timeout: float = 60.0,
+    body_timeout: float = 30.0,
+    max_bodies: int = 64,
+    api_key: str | None = None,
+    decode_memory_mb: float = 1024.0,
+    rerank_clip: str | None = None,
+):
     """The LitServer for a model, with the request guard, the page and its files.
 
     Args:
@@ -66,18 +78,41 @@ def build_server(model_path: str | Path, accelerator: str = "auto", devices: int
     from captioner.serve.api import CaptionAPI
     from captioner.serve.guard import RequestGuard
 
-    api = CaptionAPI(model_path, decoding, max_pixels, max_batch_size, batch_timeout,
-                     decodes_within(decode_memory_mb, max_pixels), rerank_clip)  # fmt: skip
-    guard = {"max_bytes": int(max_upload_mb * 2**20), "body_timeout": body_timeout, "max_bodies": max_bodies,
-             "api_key": api_key}  # fmt: skip
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers, timeout=timeout,
-                          middlewares=[(RequestGuard, guard)])  # fmt: skip
-    info = {"api_key_required": api_key is not None, "formats": list(ACCEPTED_FORMATS), "max_upload_mb": max_upload_mb,
-            "max_pixels": max_pixels, "body_timeout_s": body_timeout}  # fmt: skip
+    api = CaptionAPI(
+        model_path,
+        decoding,
+        max_pixels,
+        max_batch_size,
+        batch_timeout,
+        decodes_within(decode_memory_mb, max_pixels),
+        rerank_clip,
+    )
+    guard = {
+        "max_bytes": int(max_upload_mb * 2**20),
+        "body_timeout": body_timeout,
+        "max_bodies": max_bodies,
+        "api_key": api_key,
+    }
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=workers,
+        timeout=timeout,
+        middlewares=[(RequestGuard, guard)],
+    )
+    info = {
+        "api_key_required": api_key is not None,
+        "formats": list(ACCEPTED_FORMATS),
+        "max_upload_mb": max_upload_mb,
+        "max_pixels": max_pixels,
+        "body_timeout_s": body_timeout,
+    }
 
     # The page replaces LitServe's own "litserve running" answer at "/", and /info says what this server accepts.
-    server.app.router.routes = [route for route in server.app.router.routes
-                                if getattr(route, "path", None) not in ("/", "/info")]  # fmt: skip
+    server.app.router.routes = [
+        route for route in server.app.router.routes if getattr(route, "path", None) not in ("/", "/info")
+    ]
     server.app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
     server.app.add_api_route("/info", lambda: info, methods=["GET"], include_in_schema=False)
     server.app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -120,9 +155,12 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_bodies", type=int, default=64, help="uploads received at once (503 beyond)")
     parser.add_argument("--max_connections", type=int, default=256, help="open connections (503 beyond)")
     parser.add_argument("--keep_alive", type=float, default=5.0, help="seconds an idle connection stays open")
-    parser.add_argument("--api_key", default=None,
-                        help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
-                             "use one on any host other than 127.0.0.1")  # fmt: skip
+    parser.add_argument(
+        "--api_key",
+        default=None,
+        help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
+        "use one on any host other than 127.0.0.1",
+    )
     decoding_config.add_arguments(parser)
     add_allow_argument(parser)
     parser.add_argument("--beams", type=int, default=None, help="deprecated: --num_return (0: the best caption only)")
@@ -139,15 +177,41 @@ def serve_command(argv: list[str]) -> int:
 
     check_model(path)  # refused here, in one line, before the server says it serves anything
     devices = options.devices if options.devices == "auto" else int(options.devices)
-    server = build_server(path, options.device, devices, options.workers, decoding_overrides(options),
-                          options.max_batch_size, options.batch_timeout, options.max_upload_mb, options.max_pixels,
-                          body_timeout=options.body_timeout, max_bodies=options.max_bodies, api_key=api_key,
-                          decode_memory_mb=options.decode_memory_mb, rerank_clip=options.rerank_clip)  # fmt: skip
+    server = build_server(
+        path,
+        options.device,
+        devices,
+        options.workers,
+        decoding_overrides(options),
+        options.max_batch_size,
+        options.batch_timeout,
+        options.max_upload_mb,
+        options.max_pixels,
+        body_timeout=options.body_timeout,
+        max_bodies=options.max_bodies,
+        api_key=api_key,
+        decode_memory_mb=options.decode_memory_mb,
+        rerank_clip=options.rerank_clip,
+    )
     if api_key is None and options.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("Serving on %s without an API key: anyone who can reach it can use it (--api_key, or $%s).",
-                    options.host, API_KEY_VARIABLE)  # fmt: skip
-    log.info("Serving %s on http://%s:%d (page at /, API at POST /predict%s)", path, options.host, options.port,
-             ", X-API-Key required" if api_key else "")  # fmt: skip
-    server.run(host=options.host, port=options.port, generate_client_file=False, pretty_logs=False,
-               limit_concurrency=options.max_connections, timeout_keep_alive=options.keep_alive)  # fmt: skip
+        log.warning(
+            "Serving on %s without an API key: anyone who can reach it can use it (--api_key, or $%s).",
+            options.host,
+            API_KEY_VARIABLE,
+        )
+    log.info(
+        "Serving %s on http://%s:%d (page at /, API at POST /predict%s)",
+        path,
+        options.host,
+        options.port,
+        ", X-API-Key required" if api_key else "",
+    )
+    server.run(
+        host=options.host,
+        port=options.port,
+        generate_client_file=False,
+        pretty_logs=False,
+        limit_concurrency=options.max_connections,
+        timeout_keep_alive=options.keep_alive,
+    )
     return 0

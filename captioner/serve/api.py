@@ -139,8 +139,9 @@ def request_bounds(limits: ModelLimits) -> dict[str, tuple[Any, ...]]:
     longest caption, its vocabulary)."""
     bounds = {}
     for name, (kind, low, high) in request_ranges(limits).items():
-        bounds[name] = (int, low, high) if kind == "int" else (float, low, high) if kind == "float" else (
-            PARSERS[kind],)  # fmt: skip
+        bounds[name] = (
+            (int, low, high) if kind == "int" else (float, low, high) if kind == "float" else (PARSERS[kind],)
+        )
     return bounds
 
 
@@ -211,9 +212,15 @@ class CaptionAPI(ls.LitAPI):
     """
 
     def __init__(
-        self, model_path: str | Path, decoding: dict | None = None, max_pixels: int = 40_000_000,
-        max_batch_size: int = 16, batch_timeout: float = 0.01, max_decodes: int = 2, rerank_clip: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        model_path: str | Path,
+        decoding: dict | None = None,
+        max_pixels: int = 40_000_000,
+        max_batch_size: int = 16,
+        batch_timeout: float = 0.01,
+        max_decodes: int = 2,
+        rerank_clip: str | None = None,
+    ) -> None:
         super().__init__(max_batch_size=1, api_path="/predict", enable_async=True)
         self.model_path, self.overrides, self.max_pixels = str(model_path), dict(decoding or {}), max_pixels
         self.max_decodes, self.rerank_clip = max(1, max_decodes), rerank_clip
@@ -244,8 +251,14 @@ class CaptionAPI(ls.LitAPI):
         attention = _flag(request.get("attention"), "attention")
         data, name = image_bytes(request)
         pixels = await asyncio.get_running_loop().run_in_executor(self.decodes, self.decode_image, data)
-        return {"image": name, "pixels": pixels, "decoding": decoding, "attention": attention, "started": started,
-                "decode_ms": 1000 * (time.perf_counter() - started)}  # fmt: skip
+        return {
+            "image": name,
+            "pixels": pixels,
+            "decoding": decoding,
+            "attention": attention,
+            "started": started,
+            "decode_ms": 1000 * (time.perf_counter() - started),
+        }
 
     def decode_image(self, data: bytes) -> Any:
         """The encoder's input from an upload's bytes.
@@ -258,8 +271,7 @@ class CaptionAPI(ls.LitAPI):
         except TooManyPixelsError as error:
             raise HTTPException(413, f"The image is too large to decode safely: {error} (--max_pixels).") from None
         except UnsupportedFormatError:
-            raise HTTPException(415, f"Not an image, or not a format this server accepts ({ACCEPTED_NAMES})."
-                                ) from None  # fmt: skip
+            raise HTTPException(415, f"Not an image, or not a format this server accepts ({ACCEPTED_NAMES}).") from None
         except DECODE_ERRORS as error:
             raise HTTPException(422, f"The image cannot be decoded: truncated or corrupt ({error}).") from None
 
@@ -278,22 +290,26 @@ class CaptionAPI(ls.LitAPI):
             attention = any(requests[i]["attention"] for i in members)
             try:
                 pixels = self.pixels.stack([requests[i]["pixels"] for i in members])
-                answers = [attention_as_lists(row) for row in self.captioner.describe_pixels(pixels, config,
-                                                                                             attention)]  # fmt: skip
-                found: list[Any] = [Prediction.answered(requests[i]["image"], answer)
-                                    for i, answer in zip(members, answers)]  # fmt: skip
+                answers = [attention_as_lists(row) for row in self.captioner.describe_pixels(pixels, config, attention)]
+                found: list[Any] = [
+                    Prediction.answered(requests[i]["image"], answer) for i, answer in zip(members, answers)
+                ]
             except CaptionerError as error:
                 found = [HTTPException(400, str(error))] * len(members)
             except Exception as error:  # a fault of the model with these settings: logged, 500 for these requests
-                log.error("Captioning %d requests failed: %s: %s", len(members), type(error).__name__, error,
-                          exc_info=error)  # fmt: skip
+                log.error(
+                    "Captioning %d requests failed: %s: %s", len(members), type(error).__name__, error, exc_info=error
+                )
                 found = [error] * len(members)
             for index, result in zip(members, found):
                 results[index] = result
         model_ms = 1000 * (time.perf_counter() - started)
-        return [result if isinstance(result, Exception) else
-                {"prediction": result, "request": request, "model_ms": model_ms, "batch_size": len(requests)}
-                for result, request in zip(results, requests)]  # fmt: skip
+        return [
+            result
+            if isinstance(result, Exception)
+            else {"prediction": result, "request": request, "model_ms": model_ms, "batch_size": len(requests)}
+            for result, request in zip(results, requests)
+        ]
 
     async def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
         """The row (`captioner.decoding.answers.ROW_FIELDS`, scores rounded), the attention when asked for, and where
@@ -302,11 +318,15 @@ class CaptionAPI(ls.LitAPI):
         response = prediction.row()
         response["score"] = round(prediction.score, 5)
         if prediction.alternatives is not None:
-            response["alternatives"] = [{**entry, "score": round(entry["score"], 5)} for entry in response[
-                "alternatives"]]  # fmt: skip
+            response["alternatives"] = [
+                {**entry, "score": round(entry["score"], 5)} for entry in response["alternatives"]
+            ]
         if request["attention"]:
             response["attention"] = prediction.attention
-        response["time_ms"] = {"decode": round(request["decode_ms"], 2), "model": round(output["model_ms"], 2),
-                               "total": round(1000 * (time.perf_counter() - request["started"]), 2),
-                               "batch_size": output["batch_size"]}  # fmt: skip
+        response["time_ms"] = {
+            "decode": round(request["decode_ms"], 2),
+            "model": round(output["model_ms"], 2),
+            "total": round(1000 * (time.perf_counter() - request["started"]), 2),
+            "batch_size": output["batch_size"],
+        }
         return response

@@ -74,8 +74,13 @@ class RequestBatcher:
                 if len(results) != len(batch):
                     raise RuntimeError(f"the batch gave {len(results)} answers for {len(batch)} requests")
             except Exception as error:  # a fault of the batch as a whole: every request in it is told
-                log.error("Captioning a batch of %d requests failed: %s: %s", len(batch), type(error).__name__, error,
-                          exc_info=error)  # fmt: skip
+                log.error(
+                    "Captioning a batch of %d requests failed: %s: %s",
+                    len(batch),
+                    type(error).__name__,
+                    error,
+                    exc_info=error,
+                )
                 results = [error] * len(batch)
             for (_, answer), result in zip(batch, results):
                 if answer.done():  # the client went away meanwhile

@@ -36,10 +36,19 @@ API_KEY_HEADER = "x-api-key"
 async def send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     """A JSON error response `{"detail": ...}`, as FastAPI writes them, closing the connection."""
     body = json.dumps({"detail": detail}).encode()
-    fields = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close",
-              **(headers or {})}  # fmt: skip
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(key.encode(), value.encode()) for key, value in fields.items()]})  # fmt: skip
+    fields = {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "connection": "close",
+        **(headers or {}),
+    }
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(key.encode(), value.encode()) for key, value in fields.items()],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -59,8 +68,15 @@ class RequestGuard:
         api_key: Required in the `X-API-Key` header of the caption endpoint (None: no key).
     """
 
-    def __init__(self, app, max_bytes: int = 20 * 2**20, api_path: str = "/predict", body_timeout: float = 30.0,
-                 max_bodies: int = 64, api_key: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app,
+        max_bytes: int = 20 * 2**20,
+        api_path: str = "/predict",
+        body_timeout: float = 30.0,
+        max_bodies: int = 64,
+        api_key: str | None = None,
+    ) -> None:
         self.app, self.max_bytes, self.api_path = app, max_bytes, api_path
         self.body_timeout, self.max_bodies, self.api_key = body_timeout, max_bodies, api_key or None
         self.receiving = 0  # one event loop per server process: a plain counter is enough
@@ -74,25 +90,38 @@ class RequestGuard:
         if scope["path"] == self.api_path and self.api_key is not None:
             given = headers.get(API_KEY_HEADER, "")
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return await send_json(send, 401, "This server needs an API key: send it in the X-API-Key header.",
-                                       {"www-authenticate": "X-API-Key"})  # fmt: skip
+                return await send_json(
+                    send,
+                    401,
+                    "This server needs an API key: send it in the X-API-Key header.",
+                    {"www-authenticate": "X-API-Key"},
+                )
         limit = f"over the {self.max_bytes / 2**20:g} MB limit (--max_upload_mb)"
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await send_json(send, 413, f"The request is {int(declared) / 2**20:.1f} MB, {limit}.")
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if scope["path"] == self.api_path and content_type not in ("multipart/form-data", "application/json"):
-            return await send_json(send, 415, "Send the image as multipart/form-data (field 'image') or as JSON "
-                                              '{"image": "<base64>"}.')  # fmt: skip
+            return await send_json(
+                send, 415, 'Send the image as multipart/form-data (field \'image\') or as JSON {"image": "<base64>"}.'
+            )
         if self.receiving >= self.max_bodies:
-            return await send_json(send, 503, f"The server is receiving {self.receiving} uploads already "
-                                              "(--max_bodies); try again shortly.", {"retry-after": "1"})  # fmt: skip
+            return await send_json(
+                send,
+                503,
+                f"The server is receiving {self.receiving} uploads already (--max_bodies); try again shortly.",
+                {"retry-after": "1"},
+            )
         self.receiving += 1
         try:
             body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
         except asyncio.TimeoutError:
-            return await send_json(send, 408, f"The body was not received within {self.body_timeout:g} s "
-                                              "(--body_timeout): send it faster, or a smaller image.")  # fmt: skip
+            return await send_json(
+                send,
+                408,
+                f"The body was not received within {self.body_timeout:g} s "
+                "(--body_timeout): send it faster, or a smaller image.",
+            )
         except _BodyTooLargeError:
             return await send_json(send, 413, f"The request is over {self.max_bytes / 2**20:g} MB, {limit}.")
         finally:

@@ -22,8 +22,10 @@ class FolderScan:
 
     def report(self, folder: str | Path) -> None:
         """Say once, for each kind, what under `folder` was not looked into (the images found go on)."""
-        for problem, items in (("folders could not be read", self.unreadable_folders),
-                               ("symbolic links were not followed", self.skipped_links)):  # fmt: skip
+        for problem, items in (
+            ("folders could not be read", self.unreadable_folders),
+            ("symbolic links were not followed", self.skipped_links),
+        ):
             if items:
                 log.warning("%d %s under %s (e.g. %s).", len(items), problem, folder, items[0])
 

@@ -91,15 +91,25 @@ class IndexedShardPart(ShardPart):
 
 def indexed_parts(index: Any, folder: Path) -> list[IndexedShardPart]:
     """One part per shard of a sharded set, in shard order."""
-    return [IndexedShardPart(f"shard-{number:06d}-{Path(location).stem}"[:120], [], location=location,
-                             folder=Path(folder), index=index, number=number)
-            for number, location in enumerate(index.shards)]  # fmt: skip
+    return [
+        IndexedShardPart(
+            f"shard-{number:06d}-{Path(location).stem}"[:120],
+            [],
+            location=location,
+            folder=Path(folder),
+            index=index,
+            number=number,
+        )
+        for number, location in enumerate(index.shards)
+    ]
 
 
 def folder_parts(names: list[str], folder: Path, per_part: int = IMAGES_PER_FOLDER_PART) -> list[FilePart]:
     """Runs of `per_part` image files, in the given order."""
-    return [FilePart(f"images-{start // per_part:06d}", names[start : start + per_part], folder=Path(folder))
-            for start in range(0, len(names), per_part)]  # fmt: skip
+    return [
+        FilePart(f"images-{start // per_part:06d}", names[start : start + per_part], folder=Path(folder))
+        for start in range(0, len(names), per_part)
+    ]
 
 
 def shard_parts(names: list[str], folder: Path) -> list[ShardPart]:
@@ -107,8 +117,10 @@ def shard_parts(names: list[str], folder: Path) -> list[ShardPart]:
     by_shard: dict[str, list[str]] = {}
     for name in names:
         by_shard.setdefault(name.rpartition(SHARD_SEPARATOR)[0], []).append(name)
-    return [ShardPart(f"shard-{index:06d}-{Path(location).stem}"[:120], part, location=location, folder=Path(folder))
-            for index, (location, part) in enumerate(sorted(by_shard.items()))]  # fmt: skip
+    return [
+        ShardPart(f"shard-{index:06d}-{Path(location).stem}"[:120], part, location=location, folder=Path(folder))
+        for index, (location, part) in enumerate(sorted(by_shard.items()))
+    ]
 
 
 def image_parts(names: list[str], folder: Path, sharded: bool, per_part: int = IMAGES_PER_FOLDER_PART) -> list:

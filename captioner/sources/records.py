@@ -107,8 +107,14 @@ class RecordBuilder:
         self._ids: dict[str, int | str | None] = {}
         self._splits: dict[str, str | None] = {}
 
-    def add(self, image: str, caption: object = None, image_id: int | str | None = None,
-            split: str | None = None, where: str | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        image: str,
+        caption: object = None,
+        image_id: int | str | None = None,
+        split: str | None = None,
+        where: str | None = None,
+    ) -> None:
         """Note an image, with one caption (None or empty: the image is listed without one here).
 
         Args:

@@ -58,8 +58,9 @@ def split_member(key_and_name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
-def shard_samples(location: str, report: DataReport | None = None,
-                  wanted: Any = None) -> Iterator[tuple[str, dict[str, bytes]]]:  # fmt: skip
+def shard_samples(
+    location: str, report: DataReport | None = None, wanted: Any = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The samples of one shard, in order: `(key, {extension: bytes})`, members of one key grouped.
 
     Args:

@@ -131,5 +131,7 @@ def tokenizer_from_dict(payload: dict, source: str = "tokenizer", built_in_only:
 
 def same_tokenizer_message(saved: Any, configured: Any) -> str:
     """What differs between two tokenizers, for a refusal."""
-    return (f"{type(saved).__name__} with {saved.describe()} in the checkpoint, {type(configured).__name__} with "
-            f"{configured.describe()} prepared from this data")  # fmt: skip
+    return (
+        f"{type(saved).__name__} with {saved.describe()} in the checkpoint, {type(configured).__name__} with "
+        f"{configured.describe()} prepared from this data"
+    )

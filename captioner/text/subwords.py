@@ -49,11 +49,13 @@ class SubwordTokenizer(TokenSequences):
 
     unk_index = None
 
-    def __init__(self, tokenizer: Any, max_length: int, pad: int, start: int, end: int, lowercase: bool,
-                 source: str) -> None:  # fmt: skip
+    def __init__(
+        self, tokenizer: Any, max_length: int, pad: int, start: int, end: int, lowercase: bool, source: str
+    ) -> None:
         if len({pad, start, end}) != 3:
-            raise CaptionerError(f"The tokenizer {source} needs distinct padding, start and end ids, got "
-                                 f"{pad}, {start}, {end}.")  # fmt: skip
+            raise CaptionerError(
+                f"The tokenizer {source} needs distinct padding, start and end ids, got {pad}, {start}, {end}."
+            )
         self.tokenizer, self.max_length, self.lowercase, self.source = tokenizer, max_length, lowercase, source
         self.pad_index, self.start_index, self.end_index = pad, start, end
         self._words: dict[str, int] = {}  # memo of word_id
@@ -119,10 +121,17 @@ class SubwordTokenizer(TokenSequences):
 
     # ------------------------------------------------------------ saved and read back
     def to_dict(self) -> dict:
-        return {"class_path": "captioner.text.subwords.SubwordTokenizer", "version": SUBWORDS_VERSION,
-                "tokenizer": self.tokenizer.to_str(), "max_length": self.max_length, "pad": self.pad_index,
-                "start": self.start_index, "end": self.end_index, "lowercase": self.lowercase,
-                "source": self.source}  # fmt: skip
+        return {
+            "class_path": "captioner.text.subwords.SubwordTokenizer",
+            "version": SUBWORDS_VERSION,
+            "tokenizer": self.tokenizer.to_str(),
+            "max_length": self.max_length,
+            "pad": self.pad_index,
+            "start": self.start_index,
+            "end": self.end_index,
+            "lowercase": self.lowercase,
+            "source": self.source,
+        }
 
     @classmethod
     def from_dict(cls, payload: dict, source: str = "tokenizer") -> SubwordTokenizer:
@@ -135,8 +144,15 @@ class SubwordTokenizer(TokenSequences):
             raise CaptionerError(f"The subword tokenizer in {source} is missing or of another version.")
         try:
             tokenizer = _tokenizers().Tokenizer.from_str(payload["tokenizer"])
-            return cls(tokenizer, int(payload["max_length"]), int(payload["pad"]), int(payload["start"]),
-                       int(payload["end"]), bool(payload["lowercase"]), str(payload["source"]))  # fmt: skip
+            return cls(
+                tokenizer,
+                int(payload["max_length"]),
+                int(payload["pad"]),
+                int(payload["start"]),
+                int(payload["end"]),
+                bool(payload["lowercase"]),
+                str(payload["source"]),
+            )
         except (KeyError, TypeError, ValueError, Exception) as error:
             if isinstance(error, CaptionerError):
                 raise
@@ -156,8 +172,12 @@ class Bpe(TokenizerRecipe):
         self.vocab_size, self.max_tokens, self.min_frequency = vocab_size, max_tokens, min_frequency
 
     def describe(self) -> dict:
-        return {"class_path": "captioner.text.Bpe", "vocab_size": self.vocab_size, "max_tokens": self.max_tokens,
-                "min_frequency": self.min_frequency}  # fmt: skip
+        return {
+            "class_path": "captioner.text.Bpe",
+            "vocab_size": self.vocab_size,
+            "max_tokens": self.max_tokens,
+            "min_frequency": self.min_frequency,
+        }
 
     def build(self, captions: Iterable[str], max_length: int, min_count: int = 5) -> SubwordTokenizer:
         library = _tokenizers()
@@ -165,9 +185,12 @@ class Bpe(TokenizerRecipe):
         tokenizer.pre_tokenizer = library.pre_tokenizers.ByteLevel(add_prefix_space=True)
         tokenizer.decoder = library.decoders.ByteLevel()
         trainer = library.trainers.BpeTrainer(
-            vocab_size=self.vocab_size, min_frequency=self.min_frequency, special_tokens=[PAD, START, END],
-            initial_alphabet=library.pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        )  # fmt: skip
+            vocab_size=self.vocab_size,
+            min_frequency=self.min_frequency,
+            special_tokens=[PAD, START, END],
+            initial_alphabet=library.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tokenizer.train_from_iterator((" ".join(normalize(caption)) for caption in captions), trainer)
         ids = [tokenizer.token_to_id(token) for token in (PAD, START, END)]
         return SubwordTokenizer(tokenizer, self.max_tokens, *ids, lowercase=True, source=f"bpe {self.vocab_size}")
@@ -188,8 +211,12 @@ class Pretrained(TokenizerRecipe):
         self.model_id, self.end_token, self.max_tokens = model_id, end_token, max_tokens
 
     def describe(self) -> dict:
-        return {"class_path": "captioner.text.Pretrained", "model_id": self.model_id, "end_token": self.end_token,
-                "max_tokens": self.max_tokens}  # fmt: skip
+        return {
+            "class_path": "captioner.text.Pretrained",
+            "model_id": self.model_id,
+            "end_token": self.end_token,
+            "max_tokens": self.max_tokens,
+        }
 
     def build(self, captions: Iterable[str], max_length: int, min_count: int = 5) -> SubwordTokenizer:
         library = _tokenizers()
@@ -207,8 +234,16 @@ class Pretrained(TokenizerRecipe):
             raise hub_error(self.model_id, error) from error
         end = tokenizer.token_to_id(self.end_token)
         if end is None:
-            raise CaptionerError(f"The tokenizer {self.model_id} has no token {self.end_token!r} to end captions "
-                                 "with: set end_token.")  # fmt: skip
+            raise CaptionerError(
+                f"The tokenizer {self.model_id} has no token {self.end_token!r} to end captions with: set end_token."
+            )
         tokenizer.add_special_tokens([PAD, START])
-        return SubwordTokenizer(tokenizer, self.max_tokens, tokenizer.token_to_id(PAD), tokenizer.token_to_id(START),
-                                end, lowercase=False, source=self.model_id)  # fmt: skip
+        return SubwordTokenizer(
+            tokenizer,
+            self.max_tokens,
+            tokenizer.token_to_id(PAD),
+            tokenizer.token_to_id(START),
+            end,
+            lowercase=False,
+            source=self.model_id,
+        )

@@ -77,7 +77,7 @@ class Vocabulary(TokenSequences):
         same captions always give the same ids.
         """
         if min_count < 1:
-            raise CaptionerError(f"--data.min_word_count must be at least 1, got {min_count}.")
+            raise CaptionerError(f"--data.captions.min_word_count must be at least 1, got {min_count}.")
         counts = Counter(word for caption in captions for word in normalize(caption))
         kept = sorted(
             (w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w)
@@ -151,7 +151,7 @@ class Words(TokenizerRecipe):
     `max_caption_length` when not set here).
 
     Args:
-        min_count: Words seen fewer times in training captions become `<unk>` (None: `--data.min_word_count`).
+        min_count: Words seen fewer times in training captions become `<unk>` (None: `--data.captions.min_word_count`).
     """
 
     def __init__(self, min_count: int | None = None) -> None:

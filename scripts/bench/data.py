@@ -59,6 +59,12 @@ def _vocabulary(size: int = VOCAB_SIZE):
 # The prefix LM is configs/decoders/prefix_gpt2.yaml's: GPT-2 small's shape (12 layers, 768 wide; random weights,
 # which cost what trained ones do) with GPT-2's 50,259 tokens (its own and <pad>, <start>), a prefix of 40 from an
 # 8-layer Transformer mapper, the LM frozen or trained.
-PREFIX_GPT2 = {"lm": None, "lm_config": {"model_type": "gpt2"}, "prefix_length": 40, "mapper": "transformer",
-               "mapper_layers": 8, "feature_tokens": 40}  # fmt: skip
+PREFIX_GPT2 = {
+    "lm": None,
+    "lm_config": {"model_type": "gpt2"},
+    "prefix_length": 40,
+    "mapper": "transformer",
+    "mapper_layers": 8,
+    "feature_tokens": 40,
+}
 GPT2_TOKENS = 50_259

@@ -11,9 +11,16 @@ from bench.training import _model
 
 
 def ours_decode(
-    features_file: str, count: int, device: str, beam_size: int, batch_size: int, bf16: bool = False,
-    decoder: str = "lstm", overrides: dict | None = None, compiled: bool = False,
-) -> dict:  # fmt: skip
+    features_file: str,
+    count: int,
+    device: str,
+    beam_size: int,
+    batch_size: int,
+    bf16: bool = False,
+    decoder: str = "lstm",
+    overrides: dict | None = None,
+    compiled: bool = False,
+) -> dict:
     """Decoding `count` feature rows in batches; `overrides` are DecodingConfig settings (constraints, ...);
     `compiled` steps the decoder through torch.compile (CUDA graphs on a GPU), the first batch compiling."""
     import contextlib
@@ -45,8 +52,7 @@ def ours_decode(
     return {"captions_per_s": count / elapsed, "mean_length": float(torch.cat(lengths).float().mean())}
 
 
-def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: int, words: int,
-                       cached: bool) -> dict:  # fmt: skip
+def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: int, words: int, cached: bool) -> dict:
     """Transformer greedy decoding of `words` words, with the key/value cache or recomputing the whole prefix."""
     import torch
 
@@ -77,15 +83,20 @@ def ours_prefix_decode(features_file: str, count: int, device: str, batch_size: 
     return {"captions_per_s": count / (time.perf_counter() - started), "words": int(tokens.shape[1])}
 
 
-
-
 # The prefix decoder over a language model of each family at one size (4 layers, width 256; grouped-query attention,
 # 2 key and value heads of 4, for Llama): the exported step's speed per family.
 LM_FAMILIES = {
     "gpt2": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128},
-    "llama": {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "intermediate_size": 1024, "max_position_embeddings": 128},
-}  # fmt: skip
+    "llama": {
+        "model_type": "llama",
+        "num_hidden_layers": 4,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 1024,
+        "max_position_embeddings": 128,
+    },
+}
 
 
 def exported_lm_decode(family: str, work: str, count: int, words: int = 20) -> dict:
@@ -105,8 +116,11 @@ def exported_lm_decode(family: str, work: str, count: int, words: int = 20) -> d
 
     torch.manual_seed(0)
     factory = functools.partial(PrefixLMDecoder, lm=None, lm_config=LM_FAMILIES[family], prefix_length=4)
-    model = CaptionModel(factory, encoder=TorchvisionEncoder("resnet18", None, 32),
-                         decoding=DecodingConfig(num_beams=1, min_length=words, max_length=words))  # fmt: skip
+    model = CaptionModel(
+        factory,
+        encoder=TorchvisionEncoder("resnet18", None, 32),
+        decoding=DecodingConfig(num_beams=1, min_length=words, max_length=words),
+    )
     model.build(Vocabulary([f"w{i}" for i in range(1000)], max_length=words))
     runtime = OnnxCaptioner(export_onnx(model.eval(), f"{work}/{family}"), batch_size=count)
     features = np.random.default_rng(0).standard_normal((count, 512)).astype(np.float32)

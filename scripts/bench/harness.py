@@ -161,11 +161,18 @@ def timed_fit(model, loader, device: str, steps: int, warmup: int) -> float:
 
     timer = Timer()
     kind = "gpu" if device.startswith("cuda") else "cpu"
-    trainer = Trainer(accelerator=kind, devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      precision=default_precision(kind), callbacks=[timer])  # fmt: skip
+    trainer = Trainer(
+        accelerator=kind,
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        precision=default_precision(kind),
+        callbacks=[timer],
+    )
     model.on_fit_start = lambda: None  # no datamodule here; cross-entropy needs no preparation
     trainer.fit(model, train_dataloaders=loader)
     return timer.captions / (timer.end - timer.start)
-
-

@@ -62,5 +62,3 @@ def original_decode(features_file: str, count: int, device: str) -> dict:
     for feature in features:
         lengths.append(len(generate_caption(model, feature, word_index, MAX_LENGTH).split()) - 1)
     return {"captions_per_s": count / (time.perf_counter() - started), "mean_length": float(np.mean(lengths))}
-
-

@@ -23,6 +23,7 @@ def records_pass(work: str, count: int) -> dict:
     """The records pass (`prepare_data`) over `count` captions-only records in shards of 10,000: seconds, and how far
     the peak resident memory rose over what the process held before it."""
     from captioner.data.datamodule import CaptionDataModule
+    from captioner.data.options import Captions, Splits
     from captioner.data.synthetic import write_caption_shards
     from captioner.encoders.torchvision_models import TorchvisionEncoder
 
@@ -33,10 +34,18 @@ def records_pass(work: str, count: int) -> dict:
         handle.write("5")
     before = _resident_kb("VmRSS:")
     started = time.perf_counter()
-    CaptionDataModule(data_dir=str(shards), work_dir=str(Path(work) / f"work-{count}"), val_size=1000,
-                      test_size=1000, min_word_count=1, encoder=TorchvisionEncoder("resnet18", None, 32)).prepare_data()
-    return {"seconds": time.perf_counter() - started, "records": count,
-            "peak_rise_mb": (_resident_kb("VmHWM:") - before) / 1024}  # fmt: skip
+    CaptionDataModule(
+        data_dir=str(shards),
+        work_dir=str(Path(work) / f"work-{count}"),
+        splits=Splits(val_size=1000, test_size=1000),
+        captions=Captions(min_word_count=1),
+        encoder=TorchvisionEncoder("resnet18", None, 32),
+    ).prepare_data()
+    return {
+        "seconds": time.perf_counter() - started,
+        "records": count,
+        "peak_rise_mb": (_resident_kb("VmHWM:") - before) / 1024,
+    }
 
 
 def image_folder(images_dir: str, names: list[str], folder: str, count: int) -> tuple[str, list[str]]:
@@ -52,8 +61,9 @@ def image_folder(images_dir: str, names: list[str], folder: str, count: int) -> 
     return str(target), made
 
 
-def caption_files(checkpoint: str, images_dir: str, names: list[str], batch_size: int, threads: int,
-                  device: str = "cpu") -> dict:
+def caption_files(
+    checkpoint: str, images_dir: str, names: list[str], batch_size: int, threads: int, device: str = "cpu"
+) -> dict:
     """The Python API over the files, model loading included (as the job's figure includes it): `Captioner.predict`
     through the captioning engine, and the share of the model's time it waited for images."""
     from captioner.inference import Captioner
@@ -65,19 +75,38 @@ def caption_files(checkpoint: str, images_dir: str, names: list[str], batch_size
     captioned = sum(prediction.caption is not None for prediction in engine.predictions(paths))
     elapsed = time.perf_counter() - started
     stats = engine.stats
-    return {"images_per_s": len(paths) / elapsed, "images": len(paths), "captioned": captioned,
-            "model_waited_share": stats.waiting_share,
-            "captioning_images_per_s": stats.images / max(stats.busy_s + stats.waited_s, 1e-9)}  # fmt: skip
+    return {
+        "images_per_s": len(paths) / elapsed,
+        "images": len(paths),
+        "captioned": captioned,
+        "model_waited_share": stats.waiting_share,
+        "captioning_images_per_s": stats.images / max(stats.busy_s + stats.waited_s, 1e-9),
+    }
 
 
-def caption_set(checkpoint: str, images_dir: str, work: str, processes: int, batch_size: int, threads: int,
-                device: str = "cpu") -> dict:
+def caption_set(
+    checkpoint: str, images_dir: str, work: str, processes: int, batch_size: int, threads: int, device: str = "cpu"
+) -> dict:
     """`caption-set` over the folder into JSON Lines: one process in this one (`--launcher none`, model loading
     included, process start-up not, as for the API), or `processes` processes launched by Lightning (DDP, start-up
     included); images per second of the whole job, and the model's waiting share from its summary."""
     output = Path(work) / f"caption-set-{processes}"
-    options = ["--ckpt_path", checkpoint, "--input", images_dir, "--format", "jsonl", "--output", str(output),
-               "--batch_size", str(batch_size), "--threads", str(threads), "--trainer.accelerator", device]  # fmt: skip
+    options = [
+        "--ckpt_path",
+        checkpoint,
+        "--input",
+        images_dir,
+        "--format",
+        "jsonl",
+        "--output",
+        str(output),
+        "--batch_size",
+        str(batch_size),
+        "--threads",
+        str(threads),
+        "--trainer.accelerator",
+        device,
+    ]
     started = time.perf_counter()
     if processes == 1:
         import contextlib
@@ -96,6 +125,10 @@ def caption_set(checkpoint: str, images_dir: str, work: str, processes: int, bat
     elapsed = time.perf_counter() - started
     summary = json.loads((output / ".captioner-job" / "summary.json").read_text())
     images = summary["captioned"] + sum(summary["failed"].values())
-    return {"images_per_s": images / elapsed, "images": images, "processes": processes,
-            "model_waited_share": summary["model_waited_share"],
-            "captioning_images_per_s": summary["images_per_worker_s"]}  # fmt: skip
+    return {
+        "images_per_s": images / elapsed,
+        "images": images,
+        "processes": processes,
+        "model_waited_share": summary["model_waited_share"],
+        "captioning_images_per_s": summary["images_per_worker_s"],
+    }

@@ -29,9 +29,12 @@ def export_models(checkpoint: str, folder: str, calibration_dir: str) -> dict:
     from captioner.export.onnx import export_onnx
     from captioner.models.module import CaptionModel
 
-    for name, quantize, encoder, calibration in (("fp32", None, False, None), ("int8", "int8", False, None),
-                                                 ("int8-all", "int8", True, None),
-                                                 ("int8-static", "int8", True, calibration_dir)):  # fmt: skip
+    for name, quantize, encoder, calibration in (
+        ("fp32", None, False, None),
+        ("int8", "int8", False, None),
+        ("int8-all", "int8", True, None),
+        ("int8-static", "int8", True, calibration_dir),
+    ):
         export_onnx(CaptionModel.from_checkpoint(checkpoint), Path(folder) / name, quantize, encoder, calibration, 32)
     return {"exported": folder}
 
@@ -59,8 +62,10 @@ def onnx_decode(folder: str, features_file: str, count: int, beam_size: int, bat
     started, lengths = time.perf_counter(), []
     for start in range(0, count, batch_size):
         lengths.append(runtime.decode_features(features[start : start + batch_size]).best_lengths)
-    return {"captions_per_s": count / (time.perf_counter() - started),
-            "mean_length": float(np.concatenate(lengths).mean())}  # fmt: skip
+    return {
+        "captions_per_s": count / (time.perf_counter() - started),
+        "mean_length": float(np.concatenate(lengths).mean()),
+    }
 
 
 def api_throughput(checkpoint: str, images_dir: str, names: list[str], batch_size: int) -> dict:
@@ -94,10 +99,32 @@ def server_throughput(checkpoint: str, images_dir: str, names: list[str], client
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "captioner", "serve", "--ckpt_path", checkpoint, "--port", str(port), "--device",
-               "cpu", "--max_batch_size", str(batch_size), "--batch_timeout", "0.005", "--num_return", "1"]  # fmt: skip
-    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "captioner",
+        "serve",
+        "--ckpt_path",
+        checkpoint,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max_batch_size",
+        str(batch_size),
+        "--batch_timeout",
+        "0.005",
+        "--num_return",
+        "1",
+    ]
+    server = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -130,8 +157,10 @@ def server_throughput(checkpoint: str, images_dir: str, names: list[str], client
     # The overhead is measured on the same requests as the model time it is set against: this machine's
     # speed drifts between phases more than the overhead is worth.
     latencies, model_times = np.array(singles).T
-    return {"images_per_s": rate, "single_ms": 1000 * float(np.median(latencies)), "clients": clients,
-            "model_ms": 1000 * float(np.median(model_times)),
-            "overhead_ms": 1000 * float(np.median(latencies - model_times))}  # fmt: skip
-
-
+    return {
+        "images_per_s": rate,
+        "single_ms": 1000 * float(np.median(latencies)),
+        "clients": clients,
+        "model_ms": 1000 * float(np.median(model_times)),
+        "overhead_ms": 1000 * float(np.median(latencies - model_times)),
+    }

@@ -12,8 +12,9 @@ from bench.data import GPT2_TOKENS, PREFIX_GPT2, _caption_tokens, _vocabulary, m
 from bench.harness import timed_fit
 
 
-def ours_train_streamed(features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int,
-                        work: str, workers: int = 2) -> dict:  # fmt: skip
+def ours_train_streamed(
+    features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int, work: str, workers: int = 2
+) -> dict:
     """Cross-entropy training steps streaming the features from LitData shards (written before the clock starts),
     one caption per item as the cache gives them: against `ours_train(resident=False)` on the same rows."""
 
@@ -32,8 +33,7 @@ def ours_train_streamed(features_file: str, images: int, device: str, batch_size
     (index,) = folder.glob("*.index.json")
     index.replace(folder / "index.json")
     streamed = StreamedFeatures(str(folder.parent), {"counts": {"train": images}, "train_captions": 5 * images})
-    loader = train_loader(streamed, _vocabulary(), batch_size, workers, seed=0,
-                          pin_memory=device.startswith("cuda"))  # fmt: skip
+    loader = train_loader(streamed, _vocabulary(), batch_size, workers, seed=0, pin_memory=device.startswith("cuda"))
     model = _model("lstm")
 
     return {"captions_per_s": timed_fit(model, loader, device, steps, warmup), "images": images}
@@ -68,9 +68,17 @@ def _model(decoder: str, beam_size: int = 3):
 
 
 def ours_train(
-    features_file: str, images: int, device: str, batch_size: int, steps: int, warmup: int, decoder: str = "lstm",
-    per_image: bool = False, workers: int = 2, resident: bool = True,
-) -> dict:  # fmt: skip
+    features_file: str,
+    images: int,
+    device: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    decoder: str = "lstm",
+    per_image: bool = False,
+    workers: int = 2,
+    resident: bool = True,
+) -> dict:
     """Cross-entropy training steps; items are captions, or with `per_image` images with their 5 captions. With
     `resident` (what `fit` does when the cache fits), the features are held on the training device and batches
     carry rows; otherwise loader workers read them from the memory-mapped file."""
@@ -101,14 +109,29 @@ def ours_train(
     model = _model(decoder)
     if resident:  # what CaptionDataModule.on_after_batch_transfer does
         table = ResidentFeatures(np.load(features_file, mmap_mode="r")[:images], device)
-        model.on_after_batch_transfer = lambda batch, index: {**{k: v for k, v in batch.items() if k != "rows"},
-                                                              "features": table.gather(batch["rows"])}  # fmt: skip
-    return {"captions_per_s": timed_fit(model, loader, device, steps, warmup), "images": images,
-            "batch_size": batch_size, "resident": resident}  # fmt: skip
+        model.on_after_batch_transfer = lambda batch, index: {
+            **{k: v for k, v in batch.items() if k != "rows"},
+            "features": table.gather(batch["rows"]),
+        }
+    return {
+        "captions_per_s": timed_fit(model, loader, device, steps, warmup),
+        "images": images,
+        "batch_size": batch_size,
+        "resident": resident,
+    }
 
 
-def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str, batch_size: int, steps: int,
-                       warmup: int, trainable: str = "0", workers: int = 2) -> dict:  # fmt: skip
+def ours_train_encoder(
+    images_dir: str,
+    names: list[str],
+    work: str,
+    device: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    trainable: str = "0",
+    workers: int = 2,
+) -> dict:
     """LSTM training with a ResNet18 at 112 px: frozen on its cached features, or fine-tuned from the images (online
     features, the training transform), per-image items either way."""
     import functools
@@ -125,8 +148,9 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
 
     blocks = trainable if trainable == "all" else int(trainable)
     encoder = TorchvisionEncoder("resnet18", None, 112)
-    model = CaptionModel(functools.partial(LSTMDecoder, embed_dim=256, hidden_dim=512), encoder=encoder,
-                         trainable_encoder_blocks=blocks)  # fmt: skip
+    model = CaptionModel(
+        functools.partial(LSTMDecoder, embed_dim=256, hidden_dim=512), encoder=encoder, trainable_encoder_blocks=blocks
+    )
     vocabulary = _vocabulary()
     model.build(vocabulary)
     words = [" ".join(f"w{word}" for word in caption) for caption in make_captions(len(names) * 5)]
@@ -134,17 +158,26 @@ def ours_train_encoder(images_dir: str, names: list[str], work: str, device: str
     if blocks:
         reader = PixelRows([Path(images_dir) / name for name in names], encoder.preprocessing, augment=True)
     else:
-        cache = extract_cache(Path(work) / "cache", "finetune", images_dir, names, FeatureSpec(encoder), device, 16,
-                              max(2, workers))  # fmt: skip
+        cache = extract_cache(
+            Path(work) / "cache", "finetune", images_dir, names, FeatureSpec(encoder), device, 16, max(2, workers)
+        )
         reader = FeatureRows(cache.directory / "features.npy")
     dataset = ImageCaptions(reader, np.arange(len(names)), names, captions, vocabulary)
     per_step = max(1, batch_size // 5)
     sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=0, tag_epoch=True)
-    loader = DataLoader(dataset, batch_size=per_step, sampler=sampler, collate_fn=passthrough, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=device.startswith("cuda"))  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=per_step,
+        sampler=sampler,
+        collate_fn=passthrough,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.startswith("cuda"),
+    )
 
     model.setup = lambda stage: None  # random weights: nothing to fetch
-    return {"captions_per_s": timed_fit(model, loader, device, steps, warmup), "images_per_step": per_step,
-            "trainable_blocks": trainable}  # fmt: skip
-
-
+    return {
+        "captions_per_s": timed_fit(model, loader, device, steps, warmup),
+        "images_per_step": per_step,
+        "trainable_blocks": trainable,
+    }

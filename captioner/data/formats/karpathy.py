@@ -4,7 +4,7 @@ The files every captioning paper's COCO and Flickr numbers come from:
 `images[]` with `filename`, optionally `filepath` (COCO: `train2014`,
 `val2014`), `split` (train, val, test, restval) and `sentences[].raw`, plus
 `cocoid` or `imgid`. Used as a caption format they give both the captions and
-the splits; `--data.split_file` takes only the splits from one.
+the splits; `--data.splits.file` takes only the splits from one.
 """
 
 from __future__ import annotations
@@ -66,9 +66,11 @@ class Karpathy(CaptionFormat):
     def read(self, source: Path, report: DataReport) -> tuple[list[CaptionRecord], Path]:
         entries = read_karpathy_entries(source)
         folder = source.parent
-        images_dir = folder / self.images_folder if self.images_folder else (
-            folder / "Images" if (folder / "Images").is_dir() else folder
-        )  # fmt: skip
+        images_dir = (
+            folder / self.images_folder
+            if self.images_folder
+            else (folder / "Images" if (folder / "Images").is_dir() else folder)
+        )
         builder = RecordBuilder(images_dir, report)
         for position, entry in enumerate(entries):
             path = entry_path(entry)

@@ -28,8 +28,13 @@ class Csv(CaptionFormat):
 
     looks_for = "one *.csv or *.tsv file with a header"
 
-    def __init__(self, file: str | None = None, image_column: str = "image", caption_column: str = "caption",
-                 delimiter: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        file: str | None = None,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        delimiter: str | None = None,
+    ) -> None:
         self.file, self.image_column, self.caption_column, self.delimiter = (
             file,
             image_column,

@@ -27,8 +27,17 @@ from captioner.sources.shards import (
     shard_samples,
 )
 
-__all__ = ["IMAGE_MEMBERS", "SHARD_SEPARATOR", "WebDataset", "captions_of", "is_url", "shard_locations", "shard_path",
-           "shard_samples"]
+__all__ = [
+    "IMAGE_MEMBERS",
+    "SHARD_SEPARATOR",
+    "WebDataset",
+    "captions_of",
+    "is_url",
+    "shard_locations",
+    "shard_path",
+    "shard_samples",
+]
+
 
 def captions_of(members: dict[str, bytes], caption_field: str) -> list[str] | None:
     """A sample's captions: the `.txt` member's non-empty lines, else the `.json` member's `caption_field` (a string

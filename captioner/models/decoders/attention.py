@@ -104,9 +104,12 @@ class AttentionDecoder(CaptionDecoder):
         return logits, state
 
     def forward(
-        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        return_attention: bool = False,
         owners: torch.Tensor | None = None,
-    ) -> DecoderOutput:  # fmt: skip
+    ) -> DecoderOutput:
         context = self.prepare(features)
         if owners is not None:
             context = tuple(part[owners] for part in context)

@@ -116,9 +116,12 @@ class CaptionDecoder(nn.Module, HyperparametersMixin):
     training_only_options: ClassVar[tuple[str, ...]] = ("dropout",)
 
     def forward(
-        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        return_attention: bool = False,
         owners: torch.Tensor | None = None,
-    ) -> DecoderOutput:  # fmt: skip
+    ) -> DecoderOutput:
         """Teacher-forced logits for `(R, T)` input tokens (starting with `<start>`).
 
         Args:

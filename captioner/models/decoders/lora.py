@@ -69,13 +69,21 @@ def add_adapters(lm: nn.Module, settings: LoraSettings) -> list[str]:
     found = sorted({name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()})
     missing = [target for target in targets if target not in found]
     if missing:
-        raise CaptionerError(f"lora_targets {missing} name no module of this {model_type} LM; its modules "
-                             f"include {[n for n in found if n and not n.isdigit()][:30]}.")  # fmt: skip
+        raise CaptionerError(
+            f"lora_targets {missing} name no module of this {model_type} LM; its modules "
+            f"include {[n for n in found if n and not n.isdigit()][:30]}."
+        )
     adapted = [name for name, _ in lm.named_modules() if name.rsplit(".", 1)[-1] in targets]
     # GPT-2 stores its projections transposed (Conv1D): say so rather than let peft warn and flip it.
     transposed = any(type(lm.get_submodule(name)).__name__ == "Conv1D" for name in adapted)
-    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                             target_modules=targets, fan_in_fan_out=transposed, bias="none")  # fmt: skip
+    config = peft.LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        fan_in_fan_out=transposed,
+        bias="none",
+    )
     with seeded_initialisation():  # A's initialisation is random: the same adapters for the same seed
         peft.inject_adapter_in_model(config, lm)
     return adapted
@@ -84,8 +92,10 @@ def add_adapters(lm: nn.Module, settings: LoraSettings) -> list[str]:
 def _default_targets(peft: Any, model_type: str) -> list[str]:
     defaults = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     if model_type not in defaults:
-        raise CaptionerError(f"peft knows no default LoRA targets for the {model_type} LM: set lora_targets to the "
-                             "names of its attention projections (for example [q_proj, v_proj]).")  # fmt: skip
+        raise CaptionerError(
+            f"peft knows no default LoRA targets for the {model_type} LM: set lora_targets to the "
+            "names of its attention projections (for example [q_proj, v_proj])."
+        )
     return list(defaults[model_type])
 
 

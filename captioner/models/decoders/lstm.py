@@ -94,9 +94,12 @@ class LSTMDecoder(CaptionDecoder):
         return out, (h.transpose(0, 1), c.transpose(0, 1))
 
     def forward(
-        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        return_attention: bool = False,
         owners: torch.Tensor | None = None,
-    ) -> DecoderOutput:  # fmt: skip
+    ) -> DecoderOutput:
         context = self.prepare(features)
         if owners is not None:
             context = context[owners]

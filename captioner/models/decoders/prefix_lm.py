@@ -30,13 +30,15 @@ class MlpMapper(nn.Module):
         super().__init__()
         self.prefix_length = prefix_length
         hidden = width * prefix_length // 2
-        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, width * prefix_length))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, width * prefix_length)
+        )
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         if regions.shape[1] != 1:
-            raise CaptionerError("The MLP mapper reads one pooled feature vector per image; use mapper: transformer "
-                                 "for grid features.")  # fmt: skip
+            raise CaptionerError(
+                "The MLP mapper reads one pooled feature vector per image; use mapper: transformer for grid features."
+            )
         return self.net(regions[:, 0]).view(regions.shape[0], self.prefix_length, -1)
 
 
@@ -45,16 +47,26 @@ class TransformerMapper(nn.Module):
     every grid region projected, with its place in the grid) beside `prefix_length` learned queries; a pre-norm
     Transformer encoder over both, whose outputs at the queries are the prefix."""
 
-    def __init__(self, feature_dim: int, width: int, prefix_length: int, layers: int, heads: int,
-                 feature_tokens: int, max_regions: int, dropout: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        feature_dim: int,
+        width: int,
+        prefix_length: int,
+        layers: int,
+        heads: int,
+        feature_tokens: int,
+        max_regions: int,
+        dropout: float,
+    ) -> None:
         super().__init__()
         self.prefix_length, self.feature_tokens = prefix_length, feature_tokens
         self.pooled_tokens = nn.Linear(feature_dim, feature_tokens * width)
         self.region_tokens = nn.Linear(feature_dim, width)
         self.region_positions = nn.Embedding(max_regions, width)
         self.queries = nn.Parameter(torch.randn(prefix_length, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, activation="relu", batch_first=True,
-                                           norm_first=True)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 2 * width, dropout, activation="relu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
@@ -63,8 +75,10 @@ class TransformerMapper(nn.Module):
             tokens = self.pooled_tokens(regions[:, 0]).view(batch, self.feature_tokens, -1)
         else:
             if count > self.region_positions.num_embeddings:
-                raise CaptionerError(f"{count} image regions, more than the mapper's max_regions "
-                                     f"({self.region_positions.num_embeddings}).")  # fmt: skip
+                raise CaptionerError(
+                    f"{count} image regions, more than the mapper's max_regions "
+                    f"({self.region_positions.num_embeddings})."
+                )
             places = self.region_positions(torch.arange(count, device=regions.device))
             tokens = self.region_tokens(regions) + places
         queries = self.queries.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
@@ -154,16 +168,30 @@ class PrefixLMDecoder(CaptionDecoder):
             except Exception as error:  # an unknown id and an offline machine both end here
                 raise hub_error(str(lm), error) from error
         # Record what was read from the hub: a checkpoint then rebuilds this decoder without the network.
-        self.save_hyperparameters({"lm": lm, "lm_config": lm_config, "pretrained": pretrained, "train_lm": train_lm,
-                                   "lm_lr": lm_lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-                                   "lora_dropout": lora_dropout, "lora_targets": lora_targets,
-                                   "prefix_length": prefix_length, "mapper": mapper,
-                                   "mapper_layers": mapper_layers, "mapper_heads": mapper_heads,
-                                   "feature_tokens": feature_tokens, "max_regions": max_regions,
-                                   "dropout": dropout})  # fmt: skip
+        self.save_hyperparameters(
+            {
+                "lm": lm,
+                "lm_config": lm_config,
+                "pretrained": pretrained,
+                "train_lm": train_lm,
+                "lm_lr": lm_lr,
+                "lora_rank": lora_rank,
+                "lora_alpha": lora_alpha,
+                "lora_dropout": lora_dropout,
+                "lora_targets": lora_targets,
+                "prefix_length": prefix_length,
+                "mapper": mapper,
+                "mapper_layers": mapper_layers,
+                "mapper_heads": mapper_heads,
+                "feature_tokens": feature_tokens,
+                "max_regions": max_regions,
+                "dropout": dropout,
+            }
+        )
         self.hparams.update(vocab_size=vocab_size, feature_dim=feature_dim)
-        config = transformers_config(transformers, lm_config, "PrefixLMDecoder lm",
-                                     "gpt2, opt, gpt_neo, gpt_neox, llama, qwen2")  # fmt: skip
+        config = transformers_config(
+            transformers, lm_config, "PrefixLMDecoder lm", "gpt2, opt, gpt_neo, gpt_neox, llama, qwen2"
+        )
         self._check_vocabulary(config, vocab_size)
         with seeded_initialisation():
             self.lm = transformers.AutoModelForCausalLM.from_config(config)
@@ -175,8 +203,9 @@ class PrefixLMDecoder(CaptionDecoder):
         elif mapper == "transformer":
             if width % mapper_heads:
                 raise CaptionerError(f"mapper_heads {mapper_heads} must divide the LM's width {width}.")
-            self.mapper = TransformerMapper(feature_dim, width, prefix_length, mapper_layers, mapper_heads,
-                                            feature_tokens, max_regions, dropout)  # fmt: skip
+            self.mapper = TransformerMapper(
+                feature_dim, width, prefix_length, mapper_layers, mapper_heads, feature_tokens, max_regions, dropout
+            )
         else:
             raise CaptionerError(f"mapper must be 'mlp' or 'transformer', got {mapper!r}.")
         self.lm.requires_grad_(train_lm is True)
@@ -223,8 +252,10 @@ class PrefixLMDecoder(CaptionDecoder):
         try:
             self.lm.load_state_dict(into_adapted(state, self.lm) if self._adapted else state)
         except RuntimeError as error:
-            raise CaptionerError(f"The weights of {self.hparams.lm} do not fit the recorded lm_config ({error}); "
-                                 "leave lm_config null to read it with the weights.") from error  # fmt: skip
+            raise CaptionerError(
+                f"The weights of {self.hparams.lm} do not fit the recorded lm_config ({error}); "
+                "leave lm_config null to read it with the weights."
+            ) from error
 
     def train(self, mode: bool = True) -> PrefixLMDecoder:
         super().train(mode)
@@ -237,8 +268,10 @@ class PrefixLMDecoder(CaptionDecoder):
         if not self.hparams.train_lm or self.hparams.lm_lr is None:
             return [{"params": trainable, "lr": lr}]
         lm = {id(p) for p in self.lm.parameters()}
-        return [{"params": [p for p in trainable if id(p) not in lm], "lr": lr},
-                {"params": [p for p in trainable if id(p) in lm], "lr": self.hparams.lm_lr}]  # fmt: skip
+        return [
+            {"params": [p for p in trainable if id(p) not in lm], "lr": lr},
+            {"params": [p for p in trainable if id(p) in lm], "lr": self.hparams.lm_lr},
+        ]
 
     @property
     def _adapted(self) -> bool:
@@ -278,16 +311,21 @@ class PrefixLMDecoder(CaptionDecoder):
 
     # ------------------------------------------------------------ teacher forcing
     def forward(
-        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        return_attention: bool = False,
         owners: torch.Tensor | None = None,
-    ) -> DecoderOutput:  # fmt: skip
+    ) -> DecoderOutput:
         prefix = self._prefix(features)
         if owners is not None:
             prefix = prefix[owners]
         length = prefix.shape[1] + tokens.shape[1] - 1
         if self._positions is not None and length > self._positions:
-            raise ValueError(f"a prefix of {prefix.shape[1]} and {tokens.shape[1]} tokens exceed the LM's "
-                             f"{self._positions} positions")  # fmt: skip
+            raise ValueError(
+                f"a prefix of {prefix.shape[1]} and {tokens.shape[1]} tokens exceed the LM's "
+                f"{self._positions} positions"
+            )
         words = self.lm.get_input_embeddings()(tokens[:, 1:])  # the start token's place is the prefix's last vector
         output = self._run(torch.cat([prefix, words], dim=1), keep=tokens.shape[1])
         return DecoderOutput(output.logits[:, -tokens.shape[1] :])
@@ -336,9 +374,11 @@ def _fit_adapters(decoder: PrefixLMDecoder, state: dict[str, Any], prefix: str, 
     keys = [key for key in state if key.startswith(lm_prefix)]
     saved_adapted = any(ADAPTER_MARK in key for key in keys)
     if saved_adapted and not decoder._adapted:
-        raise CaptionerError("The checkpoint's language model carries LoRA adapters (train_lm: lora): set "
-                             "model.decoder.init_args.train_lm to lora, with the lora_rank and lora_targets it was "
-                             "trained with.")  # fmt: skip
+        raise CaptionerError(
+            "The checkpoint's language model carries LoRA adapters (train_lm: lora): set "
+            "model.decoder.init_args.train_lm to lora, with the lora_rank and lora_targets it was "
+            "trained with."
+        )
     if decoder._adapted and keys and not saved_adapted:
         plain = {key[len(lm_prefix) :]: state.pop(key) for key in keys}
         for key, value in into_adapted(plain, decoder.lm).items():
@@ -352,8 +392,10 @@ def _flat_cache(output: Any) -> tuple[torch.Tensor, ...]:
         cache = getattr(output, "past_key_values", None)
     layers = getattr(cache, "layers", None)
     if layers is None:
-        raise CaptionerError(f"The language model's cache ({type(cache).__name__}) is not one key and value tensor "
-                             "per layer; PrefixLMDecoder needs a decoder-only LM such as GPT-2.")  # fmt: skip
+        raise CaptionerError(
+            f"The language model's cache ({type(cache).__name__}) is not one key and value tensor "
+            "per layer; PrefixLMDecoder needs a decoder-only LM such as GPT-2."
+        )
     return tuple(tensor for layer in layers for tensor in (layer.keys, layer.values))
 
 

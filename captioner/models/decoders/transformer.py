@@ -44,9 +44,13 @@ class Attention(nn.Module):
         return self.split(keys), self.split(values)
 
     def forward(
-        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool = False,
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        causal: bool = False,
         return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from `x` `(B, T, W)` to the keys and values; the weights `(B, T, S)` (mean over heads) on request."""
         query = self.split(self.query(x))
         if return_weights:
@@ -76,9 +80,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, cross_keys: torch.Tensor,
-        cross_values: torch.Tensor, return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        cross_keys: torch.Tensor,
+        cross_values: torch.Tensor,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """One block over `x` `(rows, T, W)`.
 
         Without `past` (teacher forcing) the words attend causally to each
@@ -188,9 +196,12 @@ class TransformerDecoder(CaptionDecoder):
 
     # ------------------------------------------------------------ teacher forcing
     def forward(
-        self, features: torch.Tensor, tokens: torch.Tensor, return_attention: bool = False,
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        return_attention: bool = False,
         owners: torch.Tensor | None = None,
-    ) -> DecoderOutput:  # fmt: skip
+    ) -> DecoderOutput:
         memory, x, weights = self._memory(features), self._words(tokens, 0), None
         for index, block in enumerate(self.blocks):
             cross_keys, cross_values = block.cross_attention.keys_values(memory)  # once per image

@@ -13,7 +13,7 @@ item per caption (a batch's `features` then have one row per caption), or
 image, and `index`, each image's position in the training set). Either way a
 batch holds `features`, `tokens` (one row per caption, `<start>` ... `<end>`
 then `<pad>`) and `owners` (the `features` row of each caption); the config
-link passes `train_items` on to `data.train_items`. It also declares whether it
+link passes `train_items` on to `data.needs.train_items`. It also declares whether it
 is a second stage that must start from trained weights
 (`needs_initial_weights`), may look at the training references once
 (`prepare`; `needs_references` when it cannot train without them, as streamed
@@ -70,8 +70,9 @@ class Objective:
     def prepare(self, references: Sequence[Sequence[Sequence[int]]], special: SpecialTokens) -> None:
         """Called once at the start of fit with every training image's references as word ids."""
 
-    def start(self, references: list | None, train_items: str, special: SpecialTokens,
-              has_initial_weights: bool) -> None:  # fmt: skip
+    def start(
+        self, references: list | None, train_items: str, special: SpecialTokens, has_initial_weights: bool
+    ) -> None:
         """At the start of fit: check the run can train this objective, then `prepare` it with the training set.
 
         Args:
@@ -86,15 +87,21 @@ class Objective:
         """
         name = type(self).__name__
         if self.needs_initial_weights and not has_initial_weights:
-            raise CaptionerError(f"{name} is a second training stage: start it from a cross-entropy model with "
-                                 "--model.init_checkpoint path/to/best.ckpt.")  # fmt: skip
+            raise CaptionerError(
+                f"{name} is a second training stage: start it from a cross-entropy model with "
+                "--model.init_checkpoint path/to/best.ckpt."
+            )
         if self.train_items == "images" and train_items != "images":
-            raise CaptionerError(f"{name} trains on whole images: set --data.train_items images (the config link "
-                                 "does this from --model.objective).")  # fmt: skip
+            raise CaptionerError(
+                f"{name} trains on whole images: set --data.needs.train_items images (the config link "
+                "does this from --model.objective)."
+            )
         if self.needs_references and references is None:
-            raise CaptionerError(f"{name} scores whole images against their references, which a streamed training "
-                                 "set does not hold: run it on a cached set (--data.feature_store cache), e.g. to "
-                                 "fine-tune on COCO after pre-training on shards.")  # fmt: skip
+            raise CaptionerError(
+                f"{name} scores whole images against their references, which a streamed training "
+                "set does not hold: run it on a cached set (--data.feature_store.kind cache), e.g. to "
+                "fine-tune on COCO after pre-training on shards."
+            )
         self.prepare(references or [], special)
 
     def __call__(
@@ -105,7 +112,7 @@ class Objective:
 
 def train_items_of(objective: Any) -> str:
     """What one training item is for a configured objective (an instance, or a config value with `class_path` and
-    `init_args`); for the config link to `data.train_items`."""
+    `init_args`); for the config link to `data.needs.train_items`."""
     if objective is None:
         return "captions"
     if isinstance(objective, Objective):

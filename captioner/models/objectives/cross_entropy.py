@@ -20,8 +20,12 @@ def caption_cross_entropy(
         pad_index: The padding token.
         label_smoothing: Share of the target's probability spread over the vocabulary.
     """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_index,
-                           label_smoothing=label_smoothing)  # fmt: skip
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=pad_index,
+        label_smoothing=label_smoothing,
+    )
 
 
 class CrossEntropy(Objective):

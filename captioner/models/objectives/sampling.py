@@ -42,8 +42,9 @@ class CaptionSample:
         return torch.arange(self.tokens.shape[1], device=self.tokens.device) < self.lengths.unsqueeze(1)
 
 
-def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, sequences: SequenceSpec,
-                    samples: int = 1) -> CaptionSample:  # fmt: skip
+def sample_captions(
+    decoder: CaptionDecoder, features: torch.Tensor, sequences: SequenceSpec, samples: int = 1
+) -> CaptionSample:
     """Draw `samples` captions per image from the model's distribution, keeping the graph (for policy gradients).
 
     Rows are image-major (image 0's samples first). The logits rules are the ones decoding applies

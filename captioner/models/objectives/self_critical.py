@@ -18,8 +18,9 @@ from captioner.models.stepping import decode_with
 GREEDY = DecodingConfig(num_beams=1)
 
 
-def greedy_captions(decoder: CaptionDecoder, features: torch.Tensor, max_length: int,
-                    special: SpecialTokens) -> CaptionSample:  # fmt: skip
+def greedy_captions(
+    decoder: CaptionDecoder, features: torch.Tensor, max_length: int, special: SpecialTokens
+) -> CaptionSample:
     """The baseline captions: the model's own best guess, word by word (the same search inference runs)."""
     return CaptionSample.best_of(decode_with(decoder, features, GREEDY, special, max_length))
 
@@ -89,8 +90,10 @@ class SelfCritical(Objective):
         """CIDEr-D of each caption of `result` against the references of its training image (`images[i]`)."""
         if self.cider is None:
             raise CaptionerError("SelfCritical.prepare() was not called with the training references.")
-        scores = [self.cider.score_vectors(with_end(row, special), self.reference_vectors[image])
-                  for row, image in zip(result.tokens.tolist(), images)]  # fmt: skip
+        scores = [
+            self.cider.score_vectors(with_end(row, special), self.reference_vectors[image])
+            for row, image in zip(result.tokens.tolist(), images)
+        ]
         return torch.tensor(scores, dtype=torch.float32, device=result.tokens.device)
 
     def advantages(self, rewards: torch.Tensor, baseline_rewards: torch.Tensor | None) -> torch.Tensor:
