@@ -205,3 +205,18 @@ def test_the_batcher_answers_each_request_with_its_own_result_or_error():
     assert first[2:] == ["caption of c", "caption of d", "caption of e"]
     assert [len(batch) for batch in batches[:2]] == [4, 1]  # five at once: a full batch, then the rest
     assert all(isinstance(answer, RuntimeError) for answer in second)  # the batch failed: both are told
+
+
+def test_serve_builds_its_server_on_the_async_api_with_its_own_batcher(tmp_path):
+    """What isolates each request: LitServe hands requests one by one to an async API (its public API: no private
+    loop to subclass) and the API's RequestBatcher makes the batches."""
+    from litserve.loops.simple_loops import SingleLoop
+
+    from captioner.serve import build_server
+
+    server = build_server(tmp_path / "model.ckpt", accelerator="cpu", max_batch_size=8, batch_timeout=0.05)
+    (api,) = list(server.litapi_connector)
+    assert isinstance(api, CaptionAPI) and api.enable_async and api.max_batch_size == 1
+    assert isinstance(api.loop, SingleLoop)  # LitServe's own loop, one request per call
+    api.attach(transformer_captioner())
+    assert isinstance(api.batcher, RequestBatcher) and api.batcher.max_size == 8 and api.batcher.timeout == 0.05
