@@ -485,6 +485,13 @@ def test_64_uploads_at_the_pixel_limit_stay_within_the_memory_bound_and_a_key_is
         assert wrong.status_code == 401
         key = {"X-API-Key": "s3cret"}
         assert httpx.post(f"{url}/predict", files={"image": ("a.png", big)}, headers=key, timeout=60).status_code == 200
+        import openai  # OpenAI's clients send the key as a bearer token
+
+        small = f"data:image/png;base64,{base64.b64encode(image_bytes((64, 48))).decode()}"
+        chat = {"model": "m", "messages": chat_messages(small)}
+        assert openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret").chat.completions.create(**chat).choices
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0).chat.completions.create(**chat)
         time.sleep(1)
         idle = server_memory_mb(process)
         peak, done = [idle], threading.Event()
@@ -691,3 +698,186 @@ def test_every_entry_point_gives_the_same_rows_fields_and_errors(
         assert all(row["constraints_met"] for row in reference.values() if row["caption"])
     else:
         assert all(row["constraints_met"] is None for row in reference.values())
+
+
+# The OpenAI chat API (captioner.serve.openai): what the captioning tools send, through the official client.
+
+
+def data_url(path: Path) -> str:
+    return f"data:image/jpeg;base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def chat_messages(url: str, text: str = "Describe this image in one sentence.") -> list[dict]:
+    return [
+        {"role": "system", "content": "You are an image captioner."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+        },
+    ]
+
+
+def test_the_openai_client_gets_the_python_apis_captions_among_concurrent_mixed_requests(
+    server, pictures, expected, trained
+):
+    """Chat requests through the official `openai` client, good and bad, ranked (n=3) and plain, with /predict
+    requests among them: each good one gets the caption `Captioner` gives, each bad one its own OpenAI-shaped error."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    (model,) = client.models.list().data
+    assert model.id == httpx.get(f"{server}/info").json()["openai"]["model"] == trained[0].stem
+    captioner = Captioner.from_checkpoint(trained[0], device="cpu")
+    ranked = {}
+    for picture in pictures[:12:3]:
+        (row,) = captioner.describe([picture], num_beams=3, num_return=3)
+        ranked[picture] = [alternative["caption"] for alternative in row["alternatives"]]
+    corrupt = pictures[1].read_bytes()[:300]
+    bad = {
+        "corrupt": (
+            openai.UnprocessableEntityError,
+            "truncated or corrupt",
+            {"messages": chat_messages("data:image/jpeg;base64," + base64.b64encode(corrupt).decode())},
+        ),
+        "url": (openai.BadRequestError, "--allow_url_fetch", {"messages": chat_messages("http://127.0.0.1:9/x.jpg")}),
+        "top_k": (
+            openai.BadRequestError,
+            "top_k",
+            {"messages": chat_messages(data_url(pictures[0])), "extra_body": {"top_k": 10**6}},
+        ),
+        "no image": (openai.BadRequestError, "No image", {"messages": [{"role": "user", "content": "a caption?"}]}),
+        "n sampled": (
+            openai.BadRequestError,
+            "'n' > 1 with sampling",
+            {"messages": chat_messages(data_url(pictures[0])), "n": 2, "temperature": 0.8},
+        ),
+    }
+    jobs = []
+    for index, picture in enumerate(pictures[:12]):
+        jobs.append(("ranked" if index % 3 == 0 else "chat", picture))
+        if index % 2 == 0:
+            jobs.append(("predict", picture))
+        if index % 2 == 1 and index // 2 < len(bad):
+            jobs.append(("bad", list(bad)[index // 2]))
+
+    def send(job):
+        kind, what = job
+        try:
+            if kind == "predict":
+                return post(server, what)
+            if kind == "bad":
+                return client.chat.completions.create(model="any", **bad[what][2])
+            n = 3 if kind == "ranked" else None
+            return client.chat.completions.create(
+                model="gpt-4o", messages=chat_messages(data_url(what)), max_tokens=300, temperature=0, n=n
+            )
+        except openai.APIStatusError as error:
+            return error
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for (kind, what), answer in zip(jobs, answers):
+        if kind == "bad":
+            error_class, says, _ = bad[what]
+            assert isinstance(answer, error_class) and says in answer.body["message"], (what, answer)
+            assert answer.body["type"] == "invalid_request_error"
+        elif kind == "predict":
+            assert answer.json()["caption"] == expected[what]
+        else:
+            captions = [choice.message.content for choice in answer.choices]
+            assert captions == (ranked[what] if kind == "ranked" else [expected[what]]), (kind, what)
+            assert answer.model == model.id and answer.object == "chat.completion"
+            assert answer.usage.completion_tokens == sum(len(caption.split()) for caption in captions)
+
+
+def test_max_tokens_caps_a_chat_caption_and_a_seeded_temperature_samples_the_python_apis_caption(
+    server, pictures, trained
+):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    captioner = Captioner.from_checkpoint(trained[0], device="cpu")
+    picture = pictures[4]
+
+    def chat(**fields) -> str:
+        answer = client.chat.completions.create(model="m", messages=chat_messages(data_url(picture)), **fields)
+        return answer.choices[0].message.content
+
+    assert chat(max_tokens=3) == captioner.caption([picture], max_length=3)[0]
+    assert len(chat(max_tokens=3).split()) <= 3 < len(chat(max_tokens=1000).split())
+    sampled = [chat(temperature=3.0, seed=seed) for seed in range(4)]
+    assert len(set(sampled)) > 1  # sampled, not searched
+    for seed, caption in enumerate(sampled):
+        assert caption == captioner.caption([picture], do_sample=True, temperature=3.0, seed=seed)[0]
+    assert (
+        chat(temperature=3.0, top_p=0.5, seed=1, extra_body={"top_k": 5})
+        == captioner.caption([picture], do_sample=True, temperature=3.0, top_p=0.5, top_k=5, seed=1)[0]
+    )
+
+
+def test_chat_requests_the_model_cannot_read_get_openai_shaped_errors_and_predict_keeps_its_own(server, pictures):
+    chat = f"{server}/v1/chat/completions"
+    good = {"model": "m", "messages": chat_messages(data_url(pictures[0]))}
+    cases = [
+        (httpx.post(chat, content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        (httpx.post(chat, json=[good]), 400, "must be an object"),
+        (httpx.post(chat, files={"image": ("a.jpg", pictures[0].read_bytes())}), 415, "as JSON"),
+        (httpx.post(chat, json={**good, "stream": True}), 400, "'stream' is not supported"),
+        (httpx.post(chat, json={**good, "max_tokens": 0}), 400, "'max_tokens'"),
+        (httpx.post(chat, json={"model": "m", "messages": chat_messages("data:image/png,raw")}), 400, "base64"),
+        (httpx.post(chat, json={**good, "messages": "hello"}), 400, "'messages' must be a list"),
+        (httpx.post(chat, json={**good, "num_beams": 3, "num_beam_groups": 2}), 400, "divisor"),
+        (httpx.get(chat), 405, "Method Not Allowed"),
+    ]
+    for response, status, says in cases:
+        assert response.status_code == status, (says, response.text)
+        error = response.json()["error"]
+        assert says in error["message"] and error["code"] == str(status), (says, error)
+    assert httpx.post(f"{server}/predict", json={"image": "%%"}).json()["detail"] == "'image' is not valid base64."
+    assert httpx.post(chat, json=good).status_code == 200  # and the server still answers
+
+
+def test_a_chat_image_url_is_fetched_only_where_allowed_within_the_upload_limit():
+    """The fetch a chat request's http(s) image URL asks for, against a local HTTP server (no network)."""
+    import asyncio
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fastapi import HTTPException
+
+    from captioner.serve.api import CaptionAPI
+
+    picture = image_bytes((64, 48), "JPEG")
+
+    class Pictures(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            body = {"/a.jpg": picture, "/big.jpg": b"x" * 5000}.get(self.path)
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    host = ThreadingHTTPServer(("127.0.0.1", 0), Pictures)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{host.server_address[1]}"
+
+    def fetch(url: str, allow: bool = True) -> bytes | HTTPException:
+        api = CaptionAPI("model.ckpt", allow_url_fetch=allow, max_fetch_bytes=4096, fetch_timeout=5)
+        try:
+            return asyncio.run(api.chat_image(url))
+        except HTTPException as error:
+            return error
+
+    try:
+        assert fetch(f"{base}/a.jpg") == picture
+        assert fetch(f"data:image/jpeg;base64,{base64.b64encode(picture).decode()}", allow=False) == picture
+        refused = fetch(f"{base}/a.jpg", allow=False)
+        assert refused.status_code == 400 and "--allow_url_fetch" in refused.detail
+        too_big = fetch(f"{base}/big.jpg")
+        assert too_big.status_code == 413 and "--max_upload_mb" in too_big.detail
+        missing = fetch(f"{base}/none.jpg")
+        assert missing.status_code == 400 and "answered 404" in missing.detail
+        assert fetch("ftp://127.0.0.1/a.jpg").status_code == 400
+    finally:
+        host.shutdown()

@@ -135,8 +135,11 @@ def test_every_command_refuses_a_file_that_would_run_code_in_one_line_before_it_
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("**/lightning_logs"))  # nothing started
 
 
-PARTS = {"encoder": ("encoder", "class_path"), "decoder": ("decoder", "class_path"),
-         "tokenizer": ("vocabulary", "class_path")}  # fmt: skip
+PARTS = {
+    "encoder": ("encoder", "class_path"),
+    "decoder": ("decoder", "class_path"),
+    "tokenizer": ("vocabulary", "class_path"),
+}
 
 
 def tampered(entry: dict, part: str) -> dict:
@@ -168,8 +171,9 @@ def published(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("part", sorted(PARTS))
-def test_each_class_path_of_a_published_config_is_refused_without_importing_it(part, published, tmp_path,
-                                                                                foreign_module):  # fmt: skip
+def test_each_class_path_of_a_published_config_is_refused_without_importing_it(
+    part, published, tmp_path, foreign_module
+):
     import shutil
 
     copy = Path(shutil.copytree(published, tmp_path / "copy"))
@@ -196,7 +200,8 @@ def test_an_exports_part_class_paths_describe_it_and_are_never_imported(part, tr
 
 
 def test_an_objective_a_run_config_names_is_never_imported_when_a_checkpoint_is_published(
-        trained, tmp_path, foreign_module):  # fmt: skip
+    trained, tmp_path, foreign_module
+):
     """Objectives are never read from a file to be imported: `publish` reads the run's config for the card only."""
     import shutil
 

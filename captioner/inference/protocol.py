@@ -10,6 +10,7 @@ runs one conformance suite on both; the server, `caption`, `caption-set` and `pu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -137,10 +138,10 @@ class ImageCaptioner:
         return captions_or_error(self.predict(_one_or_many(images), **overrides))
 
     def describe(self, images: Sequence[Any], attention: bool = False, **overrides: Any) -> list[dict[str, Any]]:
-        """Everything the model can say about decoded images, one dict per image (what the server returns).
+        """Everything the model can say about images, one dict per image (what the server returns).
 
         Args:
-            images: Decoded PIL images (any mode), or their `pixels_from_bytes` inputs.
+            images: Paths, bytes, decoded PIL images (any mode), arrays or tensors, or `pixels_from_bytes` inputs.
             attention: Also return, for decoders that attend over a grid of regions, where each word looked.
             overrides: Decoding settings for this call (`num_return=3` for ranked alternatives, ...).
 
@@ -151,8 +152,13 @@ class ImageCaptioner:
         """
         config = self.settings(**overrides)
         decoder = self.pixel_decoder()
-        pixels = decoder.stack([image if _is_pixels(image, self) else decoder.host(image) for image in images])
+        pixels = decoder.stack([image if _is_pixels(image, self) else decoder.host(_read(image)) for image in images])
         return [attention_as_lists(row) for row in self.describe_pixels(pixels, config, attention)]
+
+
+def _read(image: Any) -> Any:
+    """A path's bytes (an image file is read as the server reads an upload); anything else as it is."""
+    return Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else image
 
 
 def _is_pixels(image: Any, captioner: ImageCaptioner) -> bool:

@@ -2,7 +2,9 @@
 
     python -m captioner serve --ckpt_path best.ckpt --port 8000
 
-`POST /predict` captions one image (see `captioner.serve.api`), `GET /health`
+`POST /predict` captions one image (see `captioner.serve.api`), `POST /v1/chat/completions` does the same for
+the tools that speak the OpenAI chat API (and `GET /v1/models` names the model; see `captioner.serve.openai`),
+`GET /health`
 answers once the model is loaded, `GET /info` says what the server accepts
 (formats, limits, whether it needs an API key), `GET /` is a page to try
 pictures on. What a hostile client can do is bounded: see
@@ -49,6 +51,8 @@ def build_server(
     api_key: str | None = None,
     decode_memory_mb: float = 1024.0,
     rerank_clip: str | None = None,
+    model_name: str | None = None,
+    allow_url_fetch: bool = False,
 ):
     """The LitServer for a model, with the request guard, the page and its files.
 
@@ -70,13 +74,19 @@ def build_server(
         decode_memory_mb: Memory for full-size decodes at once in a worker; sets how many run together.
         rerank_clip: A CLIP model reordering the beam's alternatives by CLIPScore (`captioner.evaluation.clip_rerank`;
             a checkpoint or published folder, not an exported one).
+        model_name: The model's name in the OpenAI API (None: the checkpoint's or the folder's name).
+        allow_url_fetch: Fetch an http(s) image URL of a chat request (within the upload limit and body timeout);
+            off, only `data:` URLs are read (a server that fetches can be pointed at the operator's own network).
     """
     import litserve as ls
-    from fastapi.responses import FileResponse
+    from fastapi.exception_handlers import http_exception_handler
+    from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException
 
+    from captioner.serve import openai
     from captioner.serve.api import CaptionAPI
-    from captioner.serve.guard import RequestGuard
+    from captioner.serve.guard import RequestGuard, is_openai_path
 
     api = CaptionAPI(
         model_path,
@@ -86,6 +96,10 @@ def build_server(
         batch_timeout,
         decodes_within(decode_memory_mb, max_pixels),
         rerank_clip,
+        model_name,
+        allow_url_fetch,
+        int(max_upload_mb * 2**20),
+        body_timeout,
     )
     guard = {
         "max_bytes": int(max_upload_mb * 2**20),
@@ -107,6 +121,7 @@ def build_server(
         "max_upload_mb": max_upload_mb,
         "max_pixels": max_pixels,
         "body_timeout_s": body_timeout,
+        "openai": {"chat": openai.CHAT_PATH, "model": api.model_name, "fetches_urls": allow_url_fetch},
     }
 
     # The page replaces LitServe's own "litserve running" answer at "/", and /info says what this server accepts.
@@ -116,6 +131,18 @@ def build_server(
     server.app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
     server.app.add_api_route("/info", lambda: info, methods=["GET"], include_in_schema=False)
     server.app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # The chat endpoint is /predict's own handler at a second path: one queue, one batcher, one decode.
+    (predict,) = [route for route in server.app.router.routes if getattr(route, "path", None) == "/predict"]
+    server.app.add_api_route(openai.CHAT_PATH, predict.endpoint, methods=["POST"], dependencies=predict.dependencies)
+    server.app.add_api_route(openai.MODELS_PATH, lambda: openai.models_list(api.model_name), methods=["GET"])
+
+    async def errors(request, error: HTTPException):
+        if not is_openai_path(request.url.path):
+            return await http_exception_handler(request, error)
+        return JSONResponse(openai.error_body(error.status_code, str(error.detail)), error.status_code, error.headers)
+
+    server.app.add_exception_handler(HTTPException, errors)
     return server
 
 
@@ -161,6 +188,15 @@ def serve_parser() -> argparse.ArgumentParser:
         help=f"require this key in the X-API-Key header (default: ${API_KEY_VARIABLE}, else none); "
         "use one on any host other than 127.0.0.1",
     )
+    parser.add_argument(
+        "--model_name", default=None, help="the model's name in the OpenAI API (default: the checkpoint's file name)"
+    )
+    parser.add_argument(
+        "--allow_url_fetch",
+        action="store_true",
+        help="fetch http(s) image URLs of chat requests (off: data: URLs only; a fetching server can reach your "
+        "network)",
+    )
     decoding_config.add_arguments(parser)
     add_allow_argument(parser)
     parser.add_argument("--beams", type=int, default=None, help="deprecated: --num_return (0: the best caption only)")
@@ -192,6 +228,8 @@ def serve_command(argv: list[str]) -> int:
         api_key=api_key,
         decode_memory_mb=options.decode_memory_mb,
         rerank_clip=options.rerank_clip,
+        model_name=options.model_name,
+        allow_url_fetch=options.allow_url_fetch,
     )
     if api_key is None and options.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
@@ -200,7 +238,7 @@ def serve_command(argv: list[str]) -> int:
             API_KEY_VARIABLE,
         )
     log.info(
-        "Serving %s on http://%s:%d (page at /, API at POST /predict%s)",
+        "Serving %s on http://%s:%d (page at /, API at POST /predict, OpenAI API at /v1%s)",
         path,
         options.host,
         options.port,

@@ -18,6 +18,9 @@ is the row every output shares (`captioner.decoding.answers.ROW_FIELDS`: image,
 caption, score, confidence, alternatives, constraints_met, clip_score, error),
 with `time_ms` and, on request, `attention`.
 
+The same requests in the OpenAI chat API's shape (`POST /v1/chat/completions`, the image as an `image_url` part)
+take the same path, read and answered by `captioner.serve.openai`.
+
 Memory: an image is brought to the encoder's input size as soon as it is
 decoded (the encoder's one preprocessing definition), so a request waiting for
 its batch holds kilobytes of pixels, not its full-size bitmap; at most
@@ -47,6 +50,7 @@ from captioner.core.pixels import ACCEPTED_NAMES, DECODE_ERRORS, TooManyPixelsEr
 from captioner.decoding.answers import Prediction
 from captioner.decoding.config import DecodingConfig, ModelLimits, request_ranges
 from captioner.inference.protocol import attention_as_lists
+from captioner.serve import openai
 from captioner.serve.batching import RequestBatcher
 
 log = logging.getLogger("captioner")
@@ -209,6 +213,10 @@ class CaptionAPI(ls.LitAPI):
         batch_timeout: Seconds to wait for more requests to fill a batch.
         max_decodes: Full-size decodes at once in a worker (each up to `max_pixels` x 12 bytes with its copies).
         rerank_clip: A CLIP model reordering the beam's alternatives by CLIPScore (None: the model's ranking).
+        model_name: The model's name in the OpenAI API's answers (None: the checkpoint's or the folder's name).
+        allow_url_fetch: Fetch an http(s) `image_url` of a chat request (else only `data:` URLs are read).
+        max_fetch_bytes: The largest image fetched.
+        fetch_timeout: Seconds a fetch may take.
     """
 
     def __init__(
@@ -220,9 +228,15 @@ class CaptionAPI(ls.LitAPI):
         batch_timeout: float = 0.01,
         max_decodes: int = 2,
         rerank_clip: str | None = None,
+        model_name: str | None = None,
+        allow_url_fetch: bool = False,
+        max_fetch_bytes: int = 20 * 2**20,
+        fetch_timeout: float = 30.0,
     ) -> None:
         super().__init__(max_batch_size=1, api_path="/predict", enable_async=True)
         self.model_path, self.overrides, self.max_pixels = str(model_path), dict(decoding or {}), max_pixels
+        self.model_name = model_name or Path(model_path).stem
+        self.allow_url_fetch, self.max_fetch_bytes, self.fetch_timeout = allow_url_fetch, max_fetch_bytes, fetch_timeout
         self.max_decodes, self.rerank_clip = max(1, max_decodes), rerank_clip
         self.batch_size, self.batch_timeout_s = max_batch_size, batch_timeout
 
@@ -247,18 +261,56 @@ class CaptionAPI(ls.LitAPI):
             HTTPException: 4xx saying what is wrong with this request (it alone is answered so).
         """
         started = time.perf_counter()
-        decoding = request_decoding(request, self.captioner.decoding, self.captioner.limits)  # cheap: first
-        attention = _flag(request.get("attention"), "attention")
-        data, name = image_bytes(request)
+        chat = openai.is_chat(request)
+        if chat:
+            longest = self.captioner.decoding.max_words(self.captioner.limits.default_max_words)
+            url, fields = openai.chat_fields(request, longest, self.styles)
+            decoding = request_decoding(fields, self.captioner.decoding, self.captioner.limits)  # cheap: first
+            data, name, attention = await self.chat_image(url), "image_url", False
+        else:
+            decoding = request_decoding(request, self.captioner.decoding, self.captioner.limits)
+            attention = _flag(request.get("attention"), "attention")
+            data, name = image_bytes(request)
         pixels = await asyncio.get_running_loop().run_in_executor(self.decodes, self.decode_image, data)
         return {
             "image": name,
             "pixels": pixels,
             "decoding": decoding,
             "attention": attention,
+            "chat": chat,
             "started": started,
             "decode_ms": 1000 * (time.perf_counter() - started),
         }
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """The caption styles the model was trained on (none for a model of one style)."""
+        return tuple(getattr(self.captioner.limits, "styles", ()) or ())
+
+    async def chat_image(self, url: str) -> bytes:
+        """A chat request's image: a `data:` URL's bytes, or an http(s) URL's where this server fetches.
+
+        Raises:
+            HTTPException: 400 when it cannot be read or this server does not fetch URLs, 413/408 for a fetch over
+                the size or the time.
+        """
+        data = openai.data_url_bytes(url)
+        if data is None:
+            if not self.allow_url_fetch:
+                raise HTTPException(
+                    400,
+                    "This server does not fetch image URLs: send the image as a data: URL "
+                    "(data:image/jpeg;base64,...), or start serve with --allow_url_fetch.",
+                )
+            data = await openai.fetched(url, self.max_fetch_bytes, self.fetch_timeout)
+        if not data:
+            raise HTTPException(400, "The image is empty (0 bytes).")
+        return data
+
+    def count_tokens(self, caption: str) -> int:
+        """The tokens a caption is (between the start and the end token), for a chat answer's `usage`."""
+        tokenizer = self.captioner.limits.tokenizer
+        return max(0, len(tokenizer.encode(caption)) - 2) if tokenizer is not None else len(caption.split())
 
     def decode_image(self, data: bytes) -> Any:
         """The encoder's input from an upload's bytes.
@@ -315,6 +367,8 @@ class CaptionAPI(ls.LitAPI):
         """The row (`captioner.decoding.answers.ROW_FIELDS`, scores rounded), the attention when asked for, and where
         the time went."""
         request, prediction = output["request"], output["prediction"]
+        if request["chat"]:
+            return openai.completion(prediction, self.model_name, self.count_tokens)
         response = prediction.row()
         response["score"] = round(prediction.score, 5)
         if prediction.alternatives is not None:

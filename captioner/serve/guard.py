@@ -2,12 +2,15 @@
 
 In order, for every POST:
 
-- a missing or wrong API key (when one is set) gets 401, before a byte of the body is read;
+- a missing or wrong API key (when one is set) gets 401, before a byte of the body is read (the key in `X-API-Key`,
+  or as OpenAI's clients send it, `Authorization: Bearer <key>`);
 - more bodies being received at once than `max_bodies` gets 503 with `Retry-After`;
 - a body over the size limit gets 413, whether it declares its length or streams it;
 - a body not received in full within `body_timeout` seconds (a slow or stalled client) gets 408;
-- a request to the caption endpoint that is neither multipart nor JSON gets 415;
+- a request to `/predict` that is neither multipart nor JSON, or to the chat endpoint that is not JSON, gets 415;
 - malformed JSON gets 400 (the body is buffered, checked, and replayed to the app).
+
+Refusals of the OpenAI API's paths (`/v1/...`) have OpenAI's error shape (`captioner.serve.openai.error_body`).
 
 Every refusal closes the connection (`Connection: close`), so a client that was
 cut off mid-body cannot keep the socket and its buffer. Uploads stay in memory:
@@ -26,6 +29,8 @@ from typing import Any
 
 from starlette.formparsers import MultiPartParser
 
+from captioner.serve.openai import CHAT_PATH, error_body
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -33,9 +38,17 @@ Send = Callable[[Message], Awaitable[None]]
 API_KEY_HEADER = "x-api-key"
 
 
-async def send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    """A JSON error response `{"detail": ...}`, as FastAPI writes them, closing the connection."""
-    body = json.dumps({"detail": detail}).encode()
+def is_openai_path(path: str) -> bool:
+    """Whether a path is the OpenAI API's (its errors have OpenAI's shape)."""
+    return path.startswith("/v1/")
+
+
+async def send_json(
+    send: Send, status: int, detail: str, headers: dict[str, str] | None = None, path: str = ""
+) -> None:
+    """A JSON error response, closing the connection: `{"detail": ...}` as FastAPI writes them, or OpenAI's shape on
+    its paths."""
+    body = json.dumps(error_body(status, detail) if is_openai_path(path) else {"detail": detail}).encode()
     fields = {
         "content-type": "application/json",
         "content-length": str(len(body)),
@@ -62,10 +75,11 @@ class RequestGuard:
     Args:
         app: The ASGI app it guards.
         max_bytes: The largest request body accepted.
-        api_path: The caption endpoint, whose content types (and key) are checked.
+        api_path: The caption endpoint, whose content types (and key) are checked, as the chat endpoint's.
         body_timeout: Seconds a client has to send its whole body.
         max_bodies: Bodies received at once, beyond which requests are turned away (503).
-        api_key: Required in the `X-API-Key` header of the caption endpoint (None: no key).
+        api_key: Required in the `X-API-Key` (or `Authorization: Bearer`) header of the caption endpoints (None: no
+            key).
     """
 
     def __init__(
@@ -87,27 +101,31 @@ class RequestGuard:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if scope["path"] == self.api_path and self.api_key is not None:
-            given = headers.get(API_KEY_HEADER, "")
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return await send_json(
-                    send,
-                    401,
-                    "This server needs an API key: send it in the X-API-Key header.",
-                    {"www-authenticate": "X-API-Key"},
-                )
+        path = scope["path"]
+        captions = path in (self.api_path, CHAT_PATH)
+
+        async def refuse(status: int, detail: str, extra: dict[str, str] | None = None) -> None:
+            await send_json(send, status, detail, extra, path)
+
+        if captions and self.api_key is not None and not self._key_matches(headers):
+            return await refuse(
+                401,
+                "This server needs an API key: send it in the X-API-Key header (or as Authorization: Bearer <key>).",
+                {"www-authenticate": "X-API-Key, Bearer"},
+            )
         limit = f"over the {self.max_bytes / 2**20:g} MB limit (--max_upload_mb)"
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await send_json(send, 413, f"The request is {int(declared) / 2**20:.1f} MB, {limit}.")
+            return await refuse(413, f"The request is {int(declared) / 2**20:.1f} MB, {limit}.")
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if scope["path"] == self.api_path and content_type not in ("multipart/form-data", "application/json"):
-            return await send_json(
-                send, 415, 'Send the image as multipart/form-data (field \'image\') or as JSON {"image": "<base64>"}.'
+        if path == self.api_path and content_type not in ("multipart/form-data", "application/json"):
+            return await refuse(
+                415, 'Send the image as multipart/form-data (field \'image\') or as JSON {"image": "<base64>"}.'
             )
+        if path == CHAT_PATH and content_type != "application/json":
+            return await refuse(415, "Send the chat request as JSON (Content-Type: application/json).")
         if self.receiving >= self.max_bodies:
-            return await send_json(
-                send,
+            return await refuse(
                 503,
                 f"The server is receiving {self.receiving} uploads already (--max_bodies); try again shortly.",
                 {"retry-after": "1"},
@@ -116,25 +134,25 @@ class RequestGuard:
         try:
             body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
         except asyncio.TimeoutError:
-            return await send_json(
-                send,
+            return await refuse(
                 408,
                 f"The body was not received within {self.body_timeout:g} s "
                 "(--body_timeout): send it faster, or a smaller image.",
             )
         except _BodyTooLargeError:
-            return await send_json(send, 413, f"The request is over {self.max_bytes / 2**20:g} MB, {limit}.")
+            return await refuse(413, f"The request is over {self.max_bytes / 2**20:g} MB, {limit}.")
         finally:
             self.receiving -= 1
         if body is None:  # the client went away
             return None
-        if scope["path"] == self.api_path and content_type == "application/json":
+        if captions and content_type == "application/json":
             try:
                 payload = json.loads(body)
             except (ValueError, UnicodeDecodeError) as error:
-                return await send_json(send, 400, f"The body is not valid JSON ({error}).")
+                return await refuse(400, f"The body is not valid JSON ({error}).")
             if not isinstance(payload, dict):
-                return await send_json(send, 400, 'The JSON body must be an object: {"image": "<base64>"}.')
+                shape = '{"model": ..., "messages": [...]}' if path == CHAT_PATH else '{"image": "<base64>"}'
+                return await refuse(400, f"The JSON body must be an object: {shape}.")
         replayed = False
 
         async def replay() -> Message:
@@ -145,6 +163,12 @@ class RequestGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    def _key_matches(self, headers: dict[str, str]) -> bool:
+        """Whether the request carries the key, in `X-API-Key` or as `Authorization: Bearer <key>`."""
+        bearer = headers.get("authorization", "")
+        given = bearer[7:].strip() if bearer[:7].lower() == "bearer " else headers.get(API_KEY_HEADER, "")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole (limited) body: its length may not be declared, or may be a lie."""
