@@ -11,7 +11,7 @@ this map):
     compat                  older versions' names, options and files, read into today's
     jobs                    the part engine: claims with leases, a job's state
     sources                 where images and captions are read from: records, image folders, shards, parts
-    text                    tokenizers: words, BPE, a pretrained language model's
+    text                    tokenizers: words, BPE, a pretrained language model's; caption styles
     decoding                the one search, its rules and settings, answers, the confidence
     encoders                image encoders and their one preprocessing definition
     evaluation              metrics, CHAIR, CLIPScore, the test report

@@ -7,6 +7,7 @@
     python scripts/demo_check.py --all --json out.json  # also every figure as JSON
     python scripts/demo_check.py --scst                 # adds self-critical stages (both baselines) on the LSTM
     python scripts/demo_check.py --finetune             # a random ResNet18 frozen, fine-tuned, frozen then fine-tuned
+    python scripts/demo_check.py --styles               # one LSTM on scenes captioned short, long and as tags
 
 Prints the test metrics (pycocoevalcap) of each model, how often the
 generated caption names the main object's colour correctly, how often the
@@ -25,6 +26,10 @@ differs: frozen for 12 epochs (features cached once); fine-tuned end to end
 from the images for 12 epochs (every block, its own learning rate); and, from
 the frozen run's best checkpoint, 6 more epochs either still frozen or with
 the last two blocks fine-tuned (the recipe of configs/encoders/finetune.yaml).
+With --styles, configs/demo_styles.yaml as shipped: one pooled LSTM on the
+scenes captioned in three styles, each style's held-out scores against its own
+references, beside the same model asked for each other style against those
+references (the baseline: what the style changes).
 """
 
 from __future__ import annotations
@@ -213,6 +218,38 @@ def scores(folder: Path, captions_file: Path, fit_seconds: float) -> dict:
     }
 
 
+def styles_run(extra: list[str]) -> dict:
+    """configs/demo_styles.yaml: each style's held-out scores (the test report's, against its own references), and
+    the same model's captions in each other style against those references (pycocoevalcap, the same scorer)."""
+    from captioner import Captioner
+    from captioner.data.splits import load_splits
+    from captioner.evaluation.metrics import coco_caption_scores
+
+    cli = main(["fit", "--config", "configs/demo_styles.yaml", "--trainer.enable_progress_bar", "false", *extra])
+    report = json.loads((run_dir(cli.trainer) / "test_metrics.json").read_text())
+    captioner = Captioner.from_checkpoint(cli.trainer.checkpoint_callback.best_model_path)
+    test = load_splits(cli.datamodule.preparation.prepared().splits_file)[0]["test"]
+    images = [cli.datamodule.images_dir / record.file_name for record in test]
+    styles = captioner.limits.styles
+    written = {style: captioner.caption(images, style=style) for style in styles}
+    results = {}
+    for style in styles:
+        references = {str(i): list(record.captions_in(style)) for i, record in enumerate(test)}
+        others = {
+            other: coco_caption_scores(dict(zip(references, written[other])), references)["scores"]["CIDEr"]
+            for other in styles
+            if other != style
+        }
+        own = report["styles"][style]
+        results[f"style {style}"] = {
+            **own["scores"],
+            "CHAIR-i": own["chair"]["CHAIR-i"] if own.get("chair") else float("nan"),
+            "CIDEr, asked for another style (best)": max(others.values()),
+            "mean words": sum(len(caption.split()) for caption in written[style]) / len(images),
+        }
+    return results
+
+
 def streamed(extra: list[str], processes: int) -> dict:
     """The demo's scenes as WebDataset shards (the COCO set rewritten), trained with configs/demo.yaml as shipped,
     only `data_dir` changed, by `processes` processes streaming their features (a separate `python -m captioner
@@ -250,9 +287,9 @@ def streamed(extra: list[str], processes: int) -> dict:
 
 if __name__ == "__main__":
     everything, scst, finetune = "--all" in sys.argv, "--scst" in sys.argv, "--finetune" in sys.argv
-    prefix, shards = "--prefix" in sys.argv, "--shards" in sys.argv
+    prefix, shards, styles = "--prefix" in sys.argv, "--shards" in sys.argv, "--styles" in sys.argv
     json_path = Path(sys.argv[sys.argv.index("--json") + 1]) if "--json" in sys.argv else None
-    flags = ("--all", "--scst", "--json", "--finetune", "--prefix", "--shards")
+    flags = ("--all", "--scst", "--json", "--finetune", "--prefix", "--shards", "--styles")
     extra = [a for i, a in enumerate(sys.argv[1:], 1) if a not in flags and sys.argv[i - 1] != "--json"]
     chosen = RUNS if everything else {name: RUNS[name] for name in ("pooled LSTM", "blind baseline")}
     if prefix:
@@ -261,6 +298,8 @@ if __name__ == "__main__":
         chosen = {"blind baseline": RUNS["blind baseline"], **FINETUNE}
     if shards:  # the demo config as shipped, from the COCO folder and from shards: only data_dir differs
         chosen = {"blind baseline": RUNS["blind baseline"], "COCO, 1 process": []}
+    if styles:  # its baseline is the same model asked for another style (the blind one knows no styles)
+        chosen = {}
     start: dict = {}
     first = "ResNet18 frozen" if finetune else "COCO, 1 process" if shards else "pooled LSTM"
     results = {name: run([*extra, *args], start if name == first else None) for name, args in chosen.items()}
@@ -270,6 +309,8 @@ if __name__ == "__main__":
     if shards:
         results["shards, 1 process"] = streamed(extra, 1)
         results["shards, 2 processes"] = streamed(extra, 2)
+    if styles:
+        results.update(styles_run(extra))
     if scst:
         for baseline in ("greedy", "mean"):
             results[f"SCST, {baseline}"] = run(
@@ -280,9 +321,9 @@ if __name__ == "__main__":
         print(f"{metric:<32}" + "".join(f"{r[metric]:>20.2f}" for r in results.values()))
     if json_path:
         json_path.write_text(json.dumps(results, indent=1))
-    blind = results["blind baseline"]
+    blind = results.get("blind baseline")
     for name, result in results.items():
-        if name != "blind baseline":
+        if blind is not None and name != "blind baseline":
             print(f"{name} BLEU-4 gain over the blind baseline: {result['BLEU-4'] - blind['BLEU-4']:.2f}")
     if "prefix GPT-2 (BPE)" in results:
         print(

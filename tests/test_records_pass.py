@@ -25,7 +25,7 @@ if sys.argv[3] == "all":  # no Lightning to import for the baseline
     from captioner.data.formats import WebDataset
 else:
     from captioner.data.datamodule import CaptionDataModule
-from captioner.data.options import Captions, Splits
+    from captioner.data.options import Captions, Splits
     from captioner.encoders.torchvision_models import TorchvisionEncoder
 
 def high_water():

@@ -75,19 +75,24 @@ EVERY_SETTING = {
     "top_k": (5, 5),
     "top_p": ("0.9", 0.9),
     "seed": ("7", 7),
+    "style": ("tags", "tags"),  # this model has no styles: refused (tests/test_styles.py asks a model with some)
 }
 
 
 def test_a_request_may_set_every_decoding_setting_for_itself(api):
     names = {field.name for field in dataclasses.fields(DecodingConfig)}
     assert set(request_bounds(api.captioner.limits)) == names == set(EVERY_SETTING)
-    together = {name: value for name, value in EVERY_SETTING.items() if name != "force_words"}  # not with groups
+    together = {name: value for name, value in EVERY_SETTING.items() if name not in ("force_words", "style")}
     request = decoded(api, {"image": jpeg(), **{name: sent for name, (sent, _) in together.items()}})
     assert request["decoding"] == DecodingConfig(**{name: meant for name, (_, meant) in together.items()})
     assert request["pixels"].shape == (3, 32, 32)
     # Each setting alone, on top of the server's own.
     for name, (sent, meant) in EVERY_SETTING.items():
         request = {"image": jpeg(), name: sent, **({"num_beams": 4} if name in ("num_beam_groups",) else {})}
+        if name == "style":
+            with pytest.raises(HTTPException, match="trained without caption styles"):
+                decoded(api, request)
+            continue
         assert getattr(decoded(api, request)["decoding"], name) == meant, name
 
 

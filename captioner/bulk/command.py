@@ -179,9 +179,24 @@ def caption_set_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trainer.devices", dest="devices", default="1", help="processes per node (GPUs), or auto")
     parser.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
     parser.add_argument("--trainer.strategy", dest="strategy", default=None, help="auto, ddp, ... (Lightning's)")
+    parser.add_argument(
+        "--styles",
+        type=style_list,
+        default=(),
+        help="caption styles to write for each image, comma-separated (a model trained on several: short,tags): "
+        "each image encoded once; the .txt holds one per line, JSONL/Parquet/shards a caption_<style> column each",
+    )
     decoding_config.add_arguments(parser)
     add_allow_argument(parser)
     return parser
+
+
+def style_list(text: str) -> tuple[str, ...]:
+    """`--styles short,tags` as a tuple of names."""
+    styles = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not styles:
+        raise argparse.ArgumentTypeError("name at least one style: --styles short,tags")
+    return styles
 
 
 def caption_set_command(argv: list[str]) -> dict[str, Any]:

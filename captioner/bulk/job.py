@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.bulk.inputs import InputPart, input_parts
-from captioner.bulk.outputs import Output, output_for
+from captioner.bulk.outputs import Output, output_for, output_row
 from captioner.bulk.quality import CaptionTally
 from captioner.bulk.review import gathered_review, review_row, write_part_review, write_review
 from captioner.core.errors import CaptionerError
@@ -47,6 +47,7 @@ from captioner.core.version import __version__
 from captioner.decoding import config as decoding_config
 from captioner.jobs.claims import Claims, new_worker_id, work_through
 from captioner.jobs.state import PARTS_DIR, JobState, fingerprint_digest
+from captioner.text.styles import style_of
 
 log = logging.getLogger("captioner")
 STATE_DIR = ".captioner-job"
@@ -89,6 +90,7 @@ def job_fingerprint(options: argparse.Namespace, captioner: Any, parts: list[Inp
     return {
         "model": model_identity(options.ckpt_path),
         "decoding": captioner.decoding.to_dict(),
+        **({"styles": list(options.styles)} if options.styles else {}),
         "rerank_clip": options.rerank_clip,
         "format": options.format,
         "input": input_identity(options.input, parts),
@@ -143,8 +145,10 @@ def caption_part(
     review_below: float | None = None,
     progress: Progress | None = None,
     still_held: Any = lambda: True,
+    styles: tuple[str, ...] = (),
 ) -> tuple[CaptionTally, list[dict[str, Any]]] | None:
-    """Caption one part's images through the engine and put its output in place whole.
+    """Caption one part's images through the engine and put its output in place whole (`styles`: the caption styles
+    each image is written in, encoded once; `caption-set --styles`).
 
     Returns:
         The part's tally and its rows to review, or None when the part was given up (`still_held()` said another
@@ -153,8 +157,8 @@ def caption_part(
     tally, review = CaptionTally(), []
     written = output.begin(part, provenance)
     try:
-        for batch in engine.batches(_samples(part, output, replace, tally), config):
-            rows = [prediction.row() for _, prediction in batch]
+        for batch in engine.batches(_samples(part, output, replace, tally), config, styles=styles):
+            rows = [output_row(prediction) for _, prediction in batch]
             for (item, _), row in zip(batch, rows):
                 tally.add(item.name, row["caption"], row["confidence"], row["error"])
                 if review_below is not None and row["confidence"] is not None and row["confidence"] < review_below:
@@ -193,7 +197,11 @@ class Worker:
         self.output = output_for(options.format, options.output, self.parts)
         self.state = JobState(self.output.folder / STATE_DIR, "captions")
         settings = decoding_config.overrides_from(options)
+        if options.styles:  # the first style is each row's caption; the others are written beside it
+            settings["style"] = options.styles[0]
         self.captioner = load_captioner(options.ckpt_path, device, options.rerank_clip, **settings)
+        for style in options.styles:
+            style_of(style, self.captioner.limits.styles)  # one line naming the model's styles, before any work
         self.fingerprint = job_fingerprint(options, self.captioner, self.parts)
         self.digest = fingerprint_digest(self.fingerprint)
 
@@ -264,7 +272,16 @@ class Worker:
                 provenance = self.provenance(part)
                 waited, busy = engine.stats.waited_s, engine.stats.busy_s
                 result = caption_part(
-                    engine, config, part, self.output, provenance, replaces, options.review_below, progress, lease.held
+                    engine,
+                    config,
+                    part,
+                    self.output,
+                    provenance,
+                    replaces,
+                    options.review_below,
+                    progress,
+                    lease.held,
+                    tuple(options.styles),
                 )
                 if result is not None:
                     tally, review = result

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +125,34 @@ class JsonlOutput(Output):
         self.provenance_path(part).unlink(missing_ok=True)
 
 
-def row_schema(provenance: dict[str, Any] | None = None) -> Any:
-    """The Arrow schema of rows (`captioner.decoding.answers.ROW_FIELDS`), with the provenance as key-value metadata:
-    the columns of every Parquet output (`caption-set --format parquet`, the Ray Data path)."""
+STYLE_COLUMN = "caption_"  # + a style's name: its caption (caption-set --styles)
+
+
+def output_row(prediction: Any) -> dict[str, Any]:
+    """A prediction as an output row: the shared row (`captioner.decoding.answers.ROW_FIELDS`), and with several
+    caption styles asked for (`--styles`), a `caption_<style>` column for each (`caption` is the first style's)."""
+    row = prediction.row()
+    for style, caption in (prediction.styles or {}).items():
+        row[f"{STYLE_COLUMN}{style}"] = caption
+    return row
+
+
+def style_columns(row: dict[str, Any]) -> list[str]:
+    """A row's `caption_<style>` columns, in the order the styles were asked for."""
+    return [name for name in row if name.startswith(STYLE_COLUMN)]
+
+
+def caption_lines(row: dict[str, Any]) -> str:
+    """A row's captions as a `.txt` holds them: one per line, each style's in the order asked for (sd-scripts and
+    the LoRA trainers that read multi-line captions pick one line per epoch), or the one caption."""
+    columns = style_columns(row)
+    return "\n".join(row[name] for name in columns) if columns else row["caption"]
+
+
+def row_schema(provenance: dict[str, Any] | None = None, styles: Sequence[str] = ()) -> Any:
+    """The Arrow schema of rows (`captioner.decoding.answers.ROW_FIELDS`, then a `caption_<style>` column per style
+    asked for), with the provenance as key-value metadata: the columns of every Parquet output (`caption-set --format
+    parquet`, the Ray Data path)."""
     pa = require_library("pyarrow", "bulk", "Parquet output")
     alternative = pa.struct(
         [
@@ -146,6 +172,7 @@ def row_schema(provenance: dict[str, Any] | None = None) -> Any:
             ("constraints_met", pa.bool_()),
             ("clip_score", pa.float64()),
             ("error", pa.string()),
+            *((f"{STYLE_COLUMN}{style}", pa.string()) for style in styles),
         ],
         metadata=None if provenance is None else {PROVENANCE_KEY: json.dumps(provenance)},
     )
@@ -154,7 +181,8 @@ def row_schema(provenance: dict[str, Any] | None = None) -> Any:
 def rows_table(rows: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> Any:
     """Rows as an Arrow table of `row_schema`."""
     pa = require_library("pyarrow", "bulk", "Parquet output")
-    schema = row_schema(provenance)
+    styles = [name[len(STYLE_COLUMN) :] for name in style_columns(rows[0])] if rows else []
+    schema = row_schema(provenance, styles)
     return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema)
 
 
@@ -201,7 +229,7 @@ class _Tar(PartOutput):
             members = dict(sample.members) or {Path(sample.name).suffix.lstrip(".").lower() or "jpg": sample.data}
             if "txt" in members:
                 members["original.txt"] = members.pop("txt")
-            members["txt"] = row["caption"].encode()
+            members["txt"] = caption_lines(row).encode()
             metadata = json.loads(members["json"]) if "json" in members else {}
             metadata.update(
                 {name: value for name, value in row.items() if name not in ("image", "error")},
@@ -246,7 +274,7 @@ class _Sidecars(PartOutput):
         for row, sample in zip(rows, samples, strict=True):
             if row["caption"] is not None:
                 with atomic_open(self.output.sidecar(self.part, sample)) as handle:
-                    handle.write(row["caption"] + "\n")
+                    handle.write(caption_lines(row) + "\n")
 
     def finish(self) -> None:
         pass

@@ -48,6 +48,7 @@ class CaptionBatches:
         rerank_clip: A CLIP model reordering the beam's alternatives.
         provenance: What each output file records in its metadata.
         allowed_modules: Modules the checkpoint may name besides captioner's (`--allow_module`).
+        styles: Caption styles each image is written in (`--styles`; the first is `caption`).
     """
 
     def __init__(
@@ -60,20 +61,22 @@ class CaptionBatches:
         rerank_clip: str | None = None,
         provenance: dict[str, Any] | None = None,
         allowed_modules: tuple[str, ...] = (),
+        styles: tuple[str, ...] = (),
     ) -> None:
         from captioner.inference.loading import load_captioner
 
         allow_modules(*allowed_modules)
         self.captioner = load_captioner(ckpt_path, device, rerank_clip, **(settings or {}))
         self.engine = self.captioner.engine(batch_size=batch_size, decode_threads=decode_threads, prefetch=1)
-        self.provenance = provenance
+        self.provenance, self.styles = provenance, styles
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        from captioner.bulk.outputs import rows_table
+        from captioner.bulk.outputs import output_row, rows_table
         from captioner.core.pipeline import ImageInput
 
         inputs = [ImageInput(name, data) for name, data in images_of(batch)]
-        rows = [prediction.row() for group in self.engine.batches(inputs) for _, prediction in group]
+        groups = self.engine.batches(inputs, styles=self.styles)
+        rows = [output_row(prediction) for group in groups for _, prediction in group]
         return rows_table(rows, self.provenance)
 
 
@@ -154,6 +157,7 @@ def caption_with_ray(options: argparse.Namespace) -> dict[str, Any]:
         "rerank_clip": options.rerank_clip,
         "provenance": provenance,
         "allowed_modules": tuple(options.allow_module),
+        "styles": tuple(options.styles),
     }
     captioned = dataset.map_batches(
         CaptionBatches,

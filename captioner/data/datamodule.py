@@ -36,6 +36,7 @@ from captioner.sources.parts import indexed_parts
 from captioner.sources.records import CaptionRecord, DataReport
 from captioner.sources.shards import SHARD_SEPARATOR
 from captioner.text.base import TokenizerRecipe
+from captioner.text.styles import captions_in_style, default_references, training_texts
 from captioner.text.words import Words
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class CaptionDataModule(LightningDataModule):
             self.shuffle_seed,
             self.loading.train_crop,
             extraction.part_size,
+            styles=tuple(getattr(self.vocabulary, "styles", ())),
         )
 
     def _report_once(self, root: Path, undecodable: dict[str, str]) -> None:
@@ -263,8 +265,11 @@ class CaptionDataModule(LightningDataModule):
         return self.materialize(batch)  # on the training device: the gather runs there
 
     def _dataset(self, name: str, records: list[CaptionRecord], reader, row_of: dict[str, int]):
+        styles = tuple(
+            getattr(self.vocabulary, "styles", ())
+        )  # a model of several caption styles learns each caption with its marker
         if name == "train" and self.needs.train_items == "captions":
-            captions = [c for r in records for c in r.captions]
+            captions = [c for r in records for c in training_texts(r, styles)]
             rows = np.array([row_of[r.file_name] for r in records for _ in r.captions], dtype=np.int64)
             return TrainCaptions(reader, rows, self.vocabulary.encode_batch(captions), self.vocabulary.pad_index)
         rows = np.array([row_of[r.file_name] for r in records], dtype=np.int64)
@@ -272,9 +277,11 @@ class CaptionDataModule(LightningDataModule):
             reader,
             rows,
             [r.file_name for r in records],
-            [r.captions for r in records],
+            [default_references(r, styles) for r in records],
             self.vocabulary,
             [r.key for r in records],
+            texts=[training_texts(r, styles) for r in records] if styles else None,
+            style_references={style: [captions_in_style(r, style, styles) for r in records] for style in styles[1:]},
         )
 
     def _setup_predict(self) -> None:

@@ -82,7 +82,10 @@ class ImageCaptions(Dataset):
     training), `raw_references` (as written, for the COCO caption evaluation,
     which tokenises them itself), `file_names`, `image_ids` (the source's ids,
     else the file names) and `index` (dataset positions, to count each image once
-    across ranks).
+    across ranks). For a model of several caption styles (`captioner.text.styles`),
+    `tokens` are every caption as the model learns it (its style's marker first), the
+    references those of the default style, and `style_references` each style's, as
+    written (None for an image without a caption of that style).
     """
 
     def __init__(
@@ -93,16 +96,23 @@ class ImageCaptions(Dataset):
         captions: list[tuple[str, ...]],
         vocabulary: Any,
         image_ids: list[int | str] | None = None,
+        texts: list[tuple[str, ...]] | None = None,
+        style_references: dict[str, list[tuple[str, ...]]] | None = None,
     ) -> None:
+        texts = captions if texts is None else texts
         self.features = reader
         self.augmented = reader.augmented
         self.rows, self.file_names = rows, file_names
         self.image_ids = list(image_ids) if image_ids is not None else list(file_names)
         self.raw_references = [list(image_captions) for image_captions in captions]
         self.references = [[" ".join(normalize(c)) for c in image_captions] for image_captions in captions]
-        counts = torch.tensor([len(c) for c in captions])
+        self.style_references = {
+            style: [list(image_captions) or None for image_captions in references]
+            for style, references in (style_references or {}).items()
+        }
+        counts = torch.tensor([len(c) for c in texts])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-        self.tokens = vocabulary.encode_batch([c for image_captions in captions for c in image_captions])
+        self.tokens = vocabulary.encode_batch([c for image_texts in texts for c in image_texts])
         self.pad_index = vocabulary.pad_index
         # The words of every reference, as ids: CIDEr-D (self-critical rewards, val/cider) scores these.
         self.reference_ids = [[vocabulary.reference_words(c) for c in image_captions] for image_captions in captions]
@@ -124,6 +134,9 @@ class ImageCaptions(Dataset):
             "file_names": [self.file_names[i] for i in indices],
             "image_ids": [self.image_ids[i] for i in indices],
             "index": torch.as_tensor(index),
+            "style_references": {
+                style: [references[i] for i in indices] for style, references in self.style_references.items()
+            },
         }
 
     def __getitem__(self, index: int) -> dict:

@@ -46,7 +46,11 @@ def download_from_kaggle(dataset: str, version: int | None) -> Path:
 
 
 def resolve_dataset(
-    data_dir: str | None, kaggle_dataset: str, kaggle_version: int | None, synthetic_images: int = 0
+    data_dir: str | None,
+    kaggle_dataset: str,
+    kaggle_version: int | None,
+    synthetic_images: int = 0,
+    synthetic_styles: bool = False,
 ) -> Path:
     """The folder holding the captions and the images, fetched or generated if need be.
 
@@ -56,6 +60,7 @@ def resolve_dataset(
         kaggle_version: Pinned dataset version, or None for the latest (needs the network every time).
         synthetic_images: When > 0 and `data_dir` is missing or empty, generate that many scenes there. A folder
             that already holds anything is never written to.
+        synthetic_styles: Generate captions in three styles (short, long, tags).
 
     Raises:
         CaptionerError: When `data_dir` is not a folder.
@@ -65,7 +70,7 @@ def resolve_dataset(
     root = Path(data_dir).expanduser()
     if synthetic_images > 0 and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
         log.info("Generating %d synthetic scenes in %s", synthetic_images, root)
-        write_synthetic_dataset(root, synthetic_images)
+        write_synthetic_dataset(root, synthetic_images, styles=synthetic_styles)
     if not root.is_dir():
         raise CaptionerError(f"--data.data_dir {root} is not a folder. Point it at the folder holding the captions.")
     return root

@@ -21,11 +21,14 @@ class Origin:
         kaggle_version: Its pinned version (null: the latest, which needs the network on every run).
         synthetic_images: Generate this many synthetic scenes into `data_dir` when it is missing or empty (the
             offline demo); a folder that holds anything is never written to.
+        synthetic_styles: The generated scenes' captions come in three styles, short, long and tags
+            (`captioner.text.styles`), for a model that writes each as it is asked.
     """
 
     kaggle_dataset: str = KAGGLE_DATASET
     kaggle_version: int | None = 1
     synthetic_images: int = 0
+    synthetic_styles: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from captioner.data.splits import (
     records_fingerprint,
     save_splits,
 )
-from captioner.sources.records import DataReport
-from captioner.text.base import TokenizerRecipe, tokenizer_from_dict
+from captioner.sources.records import CaptionRecord, DataReport
+from captioner.text.base import TokenizerRecipe, tokenizer_from_dict, tokenizer_to_dict
+from captioner.text.styles import all_training_texts, dataset_styles
 from captioner.text.words import Words, normalize
 
 log = logging.getLogger("captioner.data.datamodule")
@@ -89,6 +91,8 @@ class Preparation:
             "min_word_count": self.captions.min_word_count,
             "max_caption_length": self.captions.max_length,
         }
+        if self.origin.synthetic_styles:  # only where asked for: older data keeps its key
+            settings["synthetic_styles"] = True
         if not isinstance(self.tokenizer, Words) or self.tokenizer.min_count is not None:
             settings["tokenizer"] = self.tokenizer.describe()  # the default word vocabulary: older data's keys
         return settings
@@ -96,8 +100,16 @@ class Preparation:
     def prepared(self) -> PreparedData:
         return PreparedData.for_settings(self.work_dir, self.settings())
 
-    def _build_tokenizer(self, captions: Any) -> Any:
-        return self.tokenizer.build(captions, self.captions.max_length, self.captions.min_word_count)
+    def _build_tokenizer(self, train_records: Callable[[], Iterable[CaptionRecord]]) -> Any:
+        """The tokenizer of the training captions, with their styles (`captioner.text.styles`): a styled dataset's
+        captions are learnt with their style's marker, and the tokenizer keeps the styles (the default first)."""
+        styles = dataset_styles(train_records())
+        texts = all_training_texts(train_records(), styles)
+        tokenizer = self.tokenizer.build(texts, self.captions.max_length, self.captions.min_word_count)
+        if styles:
+            tokenizer.styles = styles
+            log.info("Caption styles: %s (the default first).", ", ".join(styles))
+        return tokenizer
 
     def run(self) -> DataReport:
         """Fetch, read, split and build the tokenizer (each step skipped if done).
@@ -108,7 +120,13 @@ class Preparation:
         settings = self.settings()
         prepared = PreparedData.for_settings(self.work_dir, settings)
         origin = self.origin
-        root = resolve_dataset(self.data_dir, origin.kaggle_dataset, origin.kaggle_version, origin.synthetic_images)
+        root = resolve_dataset(
+            self.data_dir,
+            origin.kaggle_dataset,
+            origin.kaggle_version,
+            origin.synthetic_images,
+            origin.synthetic_styles,
+        )
         caption_format, source = find_caption_set(root, self.caption_format)
         if getattr(caption_format, "streams", False):
             return self._run_sharded(prepared, root, source, caption_format, settings)
@@ -123,8 +141,8 @@ class Preparation:
                 records, self.splits.val_size, self.splits.test_size, self.splits.seed, self.splits.restval
             )
             save_splits(prepared.splits_file, splits, settings)
-            tokenizer = self._build_tokenizer(c for r in splits["train"] for c in r.captions)
-            write_json(prepared.vocab_file, tokenizer.to_dict())
+            tokenizer = self._build_tokenizer(lambda: splits["train"])
+            write_json(prepared.vocab_file, tokenizer_to_dict(tokenizer))
             prepared.write_dataset(root, images_dir, caption_format.describe(), fingerprint)  # marks it complete
         splits, _ = load_splits(prepared.splits_file)
         vocabulary = load_tokenizer(prepared.vocab_file)
@@ -176,8 +194,8 @@ class Preparation:
                 if record.split != "train":
                     evaluated[record.split].append(record)
             save_splits(prepared.splits_file, evaluated, settings)  # training records stay in the shard index
-            tokenizer = self._build_tokenizer(sharded.captions("train"))
-            write_json(prepared.vocab_file, tokenizer.to_dict())
+            tokenizer = self._build_tokenizer(lambda: sharded.records("train"))
+            write_json(prepared.vocab_file, tokenizer_to_dict(tokenizer))
             prepared.write_dataset(
                 root, source, caption_format.describe(), shards_fingerprint(source, caption_format), sharded=True
             )

@@ -174,8 +174,8 @@ class ShardedRecords:
             with path.open(encoding="utf-8") as handle:
                 rows = [json.loads(line) for line in handle]
             return [
-                CaptionRecord(str(name), tuple(map(str, captions)), None, self.split_of(name))
-                for name, captions in rows
+                CaptionRecord(str(name), tuple(map(str, captions)), None, self.split_of(name), _styles(styles))
+                for name, captions, *styles in rows
             ]
         except (OSError, ValueError, TypeError) as error:
             raise CaptionerError(
@@ -187,11 +187,6 @@ class ShardedRecords:
         """Every record (of one split), a shard at a time."""
         for shard in range(len(self.shards)):
             yield from (record for record in self.shard_records(shard) if split is None or record.split == split)
-
-    def captions(self, split: str) -> Iterator[str]:
-        """Every caption of a split, a shard at a time (the text side learns from this pass)."""
-        for record in self.records(split):
-            yield from record.captions
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -251,7 +246,8 @@ def index_shards(
                     report.count("duplicate keys", record.file_name)
                     continue
                 draw.add(key_hash(image_key(record.file_name), seed))
-                handle.write(json.dumps([record.file_name, list(record.captions)], ensure_ascii=False) + "\n")
+                line = [record.file_name, list(record.captions)] + ([list(record.styles)] if record.styles else [])
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
                 images += 1
     if not images:
         raise CaptionerError(f"No usable image in the shards: {report.summary()}.")
@@ -276,3 +272,8 @@ def shards_fingerprint(source: Path, caption_format: Any) -> str:
             json.dumps([location, stat.st_size if stat else None, stat.st_mtime_ns if stat else None]).encode()
         )
     return digest.hexdigest()
+
+
+def _styles(rest: list) -> tuple[str | None, ...]:
+    """An index line's styles (its third element, written where the record has any)."""
+    return tuple(rest[0]) if rest else ()

@@ -23,7 +23,7 @@ from typing import Literal
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys, write_json
 from captioner.data.formats.karpathy import read_karpathy_entries
-from captioner.sources.records import CaptionRecord, DataReport
+from captioner.sources.records import STYLE_NAME, CaptionRecord, DataReport
 from captioner.sources.shards import SHARD_SEPARATOR, split_member
 
 SPLITS = ("train", "val", "test")
@@ -48,6 +48,8 @@ def records_fingerprint(records: list[CaptionRecord]) -> str:
     digest = hashlib.sha256()
     for record in sorted(records, key=lambda r: r.file_name):
         entry = [record.file_name, list(record.captions), record.image_id, record.split]
+        if record.styles:  # unstyled data keeps the digest it had before styles existed
+            entry.append(list(record.styles))
         digest.update(json.dumps(entry, ensure_ascii=False, default=str).encode())
     return digest.hexdigest()
 
@@ -113,7 +115,7 @@ def label_from_split_file(records: list[CaptionRecord], path: str | Path, report
             report.count("images the split file does not name (left out)", record.file_name)
             continue
         seen.add(name)
-        labelled.append(CaptionRecord(record.file_name, record.captions, record.image_id, label_of[name]))
+        labelled.append(record.with_split(label_of[name]))
     missing = [name for name in label_of if name not in seen]
     if missing:
         report.count("images the split file names that the data lacks", missing[0], times=len(missing))
@@ -148,9 +150,27 @@ def save_splits(path: str | Path, splits: dict[str, list[CaptionRecord]], settin
         {
             "version": SPLITS_VERSION,
             "settings": settings,
-            "splits": {name: [[r.file_name, list(r.captions), r.image_id] for r in splits[name]] for name in SPLITS},
+            "splits": {name: [_entry(record) for record in splits[name]] for name in SPLITS},
         },
     )
+
+
+def _entry(record: CaptionRecord) -> list:
+    """A record in a splits file: file name, captions, id, and the captions' styles where it has any."""
+    entry = [record.file_name, list(record.captions), record.image_id]
+    return entry + [list(record.styles)] if record.styles else entry
+
+
+def _record(entry: list, split: str) -> CaptionRecord:
+    """A splits file's entry read back, its styles checked (one per caption, each a name or null)."""
+    captions = tuple(map(str, entry[1]))
+    styles = tuple(entry[3]) if len(entry) > 3 else ()
+    if styles and (
+        len(styles) != len(captions)
+        or not all(style is None or (isinstance(style, str) and STYLE_NAME.fullmatch(style)) for style in styles)
+    ):
+        raise ValueError(f"the styles of {entry[0]} are not one name (or null) per caption")
+    return CaptionRecord(str(entry[0]), captions, entry[2], split, styles)
 
 
 def load_splits(path: str | Path) -> tuple[dict[str, list[CaptionRecord]], dict]:
@@ -167,13 +187,7 @@ def load_splits(path: str | Path) -> tuple[dict[str, list[CaptionRecord]], dict]
     if payload["version"] != SPLITS_VERSION:
         raise CaptionerError(f"Splits file {path} has version {payload['version']}, expected {SPLITS_VERSION}.")
     try:
-        splits = {
-            name: [
-                CaptionRecord(str(entry[0]), tuple(map(str, entry[1])), entry[2], name)
-                for entry in payload["splits"][name]
-            ]
-            for name in SPLITS
-        }
+        splits = {name: [_record(entry, name) for entry in payload["splits"][name]] for name in SPLITS}
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise CaptionerError(f"Splits file {path} is malformed ({error!r}); delete it to make it again.") from error
     return splits, payload["settings"]

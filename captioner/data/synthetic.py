@@ -5,7 +5,10 @@ colour, a size and a position) on a plain or textured background, sometimes
 with a smaller second object. Five captions per image are drawn from varied
 templates that all describe the scene truthfully. The scene's attributes are
 stored in `images[].scene` (ignored by the parser) so evaluations can check
-what the model says against the truth.
+what the model says against the truth. With `styles`, each scene's captions
+come in three styles instead (`captioner.text.styles`), two of each: short
+("a small yellow square"), long (every attribute in a sentence) and tags
+("yellow, square, small, top, dotted background").
 """
 
 from __future__ import annotations
@@ -127,8 +130,35 @@ def describe_scene(scene: dict, rng: random.Random, count: int = 5) -> list[str]
     return [caption[0].upper() + caption[1:] + rng.choice([".", "", " ."]) for caption in chosen]
 
 
+def styled_captions(scene: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """Two true captions of a scene in each of three styles, as (style, caption): short, long and tags."""
+    c, s, z, bg = scene["colour"], scene["shape"], scene["size"], scene["background"]
+    where = POSITIONS[scene["position"]][1]
+    second = scene["second"]
+    short = rng.sample([f"a {c} {s}", f"a {z} {c} {s}", f"the {c} {s}"], 2)
+    long = [
+        f"a {z} {c} {s} {where} of the picture, on a {bg} background",
+        f"there is a {z} {c} {s} {where}, drawn on a {bg} background",
+    ]
+    tags = [c, s, z, scene["position"], f"{bg} background"]
+    if second is not None:
+        long = [f"{caption}, with a small {second['colour']} {second['shape']}" for caption in long]
+        tags.append(f"{second['colour']} {second['shape']}")
+    reordered = [s, c, *tags[2:]]
+    return (
+        [("short", caption) for caption in short]
+        + [("long", caption) for caption in long]
+        + [("tags", ", ".join(tags)), ("tags", ", ".join(reordered))]
+    )
+
+
 def write_synthetic_dataset(
-    root: str | Path, num_images: int = 1000, seed: int = 0, width: int = 160, height: int = 120
+    root: str | Path,
+    num_images: int = 1000,
+    seed: int = 0,
+    width: int = 160,
+    height: int = 120,
+    styles: bool = False,
 ) -> Path:
     """Write `num_images` scenes as `root/captions.json` and `root/Images/*.jpg`.
 
@@ -141,6 +171,7 @@ def write_synthetic_dataset(
         seed: Makes the set reproducible.
         width: Image width in pixels.
         height: Image height in pixels.
+        styles: Write captions in three styles, each annotation with its `style` (short, long, tags).
 
     Returns:
         `root`.
@@ -164,6 +195,11 @@ def write_synthetic_dataset(
                     "objects": scene_objects(scene),
                 }
             )
+            if styles:
+                for style, caption in styled_captions(scene, rng):
+                    annotation = {"id": len(annotations) + 1, "image_id": image_id, "caption": caption, "style": style}
+                    annotations.append(annotation)
+                continue
             for caption in describe_scene(scene, rng):
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
         with (tmp / CAPTION_FILE).open("w", encoding="utf-8") as handle:

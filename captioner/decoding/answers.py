@@ -45,6 +45,8 @@ class Prediction:
         constraints_met: With `force_words`, whether the caption holds every forced word.
         clip_score: With a CLIP reranker, the caption's CLIP-S.
         attention: Where each word looked (decoders that attend, on request); not a column of the outputs.
+        styles: With several caption styles asked for at once (`caption-set --styles`), the caption in each, the
+            first being `caption`'s; `caption-set` writes them as `caption_<style>` columns (not a row field).
     """
 
     image: str
@@ -56,6 +58,7 @@ class Prediction:
     constraints_met: bool | None = None
     clip_score: float | None = None
     attention: Any = field(default=None, compare=False, repr=False)
+    styles: dict[str, str] | None = None
 
     @property
     def source(self) -> str:
@@ -76,6 +79,7 @@ class Prediction:
             answer.get("constraints_met"),
             answer.get("clip_score"),
             answer.get("attention"),
+            answer.get("styles"),
         )
 
     @classmethod
@@ -134,7 +138,12 @@ class ModelSide(Protocol):
 
 
 def describe(
-    side: ModelSide, pixels: Any, config: DecodingConfig, attention: bool = False, reranker: Any = None
+    side: ModelSide,
+    pixels: Any,
+    config: DecodingConfig,
+    attention: bool = False,
+    reranker: Any = None,
+    styles: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Everything captioning tells about a `(B, 3, S, S)` uint8 batch of preprocessed images, one dict per image.
 
@@ -143,7 +152,9 @@ def describe(
     `attention` (per-word maps, only when asked for and the decoder attends; else None). Sampling draws each image's
     words from a stream seeded by its pixels (`captioner.core.pixels.image_places`): the same caption whatever its
     batch-mates and whichever side runs it. A `reranker` (`captioner.evaluation.clip_rerank.ClipReranker`) reorders
-    all `num_beams` alternatives before the best is taken.
+    all `num_beams` alternatives before the best is taken. With `styles` (a model of several caption styles,
+    `captioner.text.styles`), the images are encoded once and captioned in each style too: `styles` holds
+    `{style: caption}`, `config.style`'s (the row's caption) first.
     """
     features = side.encode(pixels)
     searched = config if reranker is None else dataclasses.replace(config, num_return=max(config.num_beams, 1))
@@ -162,6 +173,14 @@ def describe(
     maps = side.attention(features, decoded) if attention else None
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None
+    if styles:
+        by_style = {config.style or side.vocabulary.styles[0]: [row["caption"] for row in rows]}
+        for style in (style for style in styles if style != config.style):
+            restyled = dataclasses.replace(config, style=style, num_return=1)
+            found = side.search(features, restyled, image_places(pixels) if config.do_sample else None)
+            by_style[style] = side.vocabulary.decode_batch(found.best_tokens)
+        for index, row in enumerate(rows):
+            row["styles"] = {style: captions[index] for style, captions in by_style.items()}
     return rows
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from captioner.compat.names import RENAMED, upgraded
 from captioner.core.errors import CaptionerError
+from captioner.text.styles import style_of
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class ModelLimits:
     decoder: str = "the decoder"
     word_ids: Mapping[str, int] | None = None
     tokenizer: Any = None
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """The caption styles the model was trained on, the default first (none for a model of one style)."""
+        return tuple(getattr(self.tokenizer, "styles", ()) or ())
 
 
 # The most a single server request may ask for, whatever the model could do (a request's work is bounded).
@@ -155,6 +161,12 @@ class DecodingConfig:
     )
     bad_words: tuple[str, ...] = setting(
         (), "Words or phrases no caption may hold (the last token of a phrase is refused after the others).", "phrases"
+    )
+    style: str | None = setting(
+        None,
+        "The caption style, for a model trained on captions of several (short, long, tags; captioner.text.styles): "
+        "its marker is forced as the first token and left out of the caption (None: the model's default style).",
+        "phrase",
     )
     early_stopping: bool | Literal["never"] = setting(
         False,
@@ -311,6 +323,11 @@ class DecodingConfig:
                     "tokenizer, so it could never end on them as words"
                 )
         problems += self._phrase_problems(limits.tokenizer, words)
+        if self.style is not None and limits.tokenizer is not None:
+            try:
+                style_of(self.style, limits.styles)
+            except CaptionerError as error:
+                problems.append(str(error).rstrip("."))
         if problems:
             raise CaptionerError("Decoding settings this model cannot run: " + "; ".join(problems) + ".")
         return self

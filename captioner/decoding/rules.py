@@ -14,6 +14,7 @@ from typing import Any
 
 from captioner.core.errors import CaptionerError
 from captioner.decoding.config import DecodingConfig, SpecialTokens
+from captioner.text.styles import marker, style_of
 
 Array = Any
 NEVER = float("-inf")
@@ -214,8 +215,11 @@ def rules_for(
     rules: list[Rule] = [BanTokens(tuple(special.banned))]
     if max_words is not None:
         rules.append(MaxLength(max_words, special.end))
-    if config.prefix:
-        rules.append(ForcedPrefix(tuple(_phrases(vocabulary, config.prefix, prefix=True)[0])))
+    # A model of several caption styles starts every caption with its style's marker (captioner.text.styles).
+    style = style_of(config.style, tuple(getattr(vocabulary, "styles", ()) or ()))
+    forced = " ".join(part for part in (marker(style) if style else None, config.prefix) if part)
+    if forced:
+        rules.append(ForcedPrefix(tuple(_phrases(vocabulary, forced, prefix=True)[0])))
     if config.min_length:
         rules.append(MinLength(config.min_length, special.end))
     if config.no_repeat_ngram_size:

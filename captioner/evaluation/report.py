@@ -121,6 +121,12 @@ def format_table(report: dict) -> str:
         f"{'vocabulary used':<22}{diversity['vocabulary_used']:>9d}  distinct words in all captions",
         f"{'mean caption length':<22}{diversity['mean_length']:>9.2f}  words",
     ]
+    for style, scores in report.get("styles", {}).items():
+        shown = {name: scores["scores"][name] for name in ("BLEU-4", "METEOR", "CIDEr") if name in scores["scores"]}
+        if scores.get("chair"):
+            shown["CHAIR-i"] = scores["chair"]["CHAIR-i"]
+        text = ", ".join(f"{name} {value:.2f}" for name, value in shown.items())
+        lines.append(f"{'style ' + style:<22}{text}  (against its own references)")
     return "\n".join(lines)
 
 
@@ -154,6 +160,8 @@ def finished_test(
     calibrators: dict[str, Any],
     broadcast: Any,
     is_global_zero: bool,
+    style_rows: Sequence[dict] = (),
+    styles: Sequence[str] = (),
     **report: Any,
 ) -> tuple[dict, list[dict], dict[str, float]]:
     """A test's end, every rank calling it: its rows gathered (one per image), the COCO suite and the extra metrics
@@ -166,6 +174,9 @@ def finished_test(
         calibrators: `{"confidence": calibrator, "confidence_clip": calibrator}` where fitted (None: leave out).
         broadcast: Rank 0's object to every rank (`strategy.broadcast`).
         is_global_zero: Whether this is rank 0.
+        style_rows: This rank's rows of captions in the other styles of a model of several (each with its
+            `style`; `captioner.models.captioning.style_test_rows`).
+        styles: The model's caption styles, the default (the style of `rows`) first; none for a model of one.
         report: `test_report`'s remaining arguments (decoding, checkpoint, split_sizes, blind).
 
     Returns:
@@ -184,4 +195,31 @@ def finished_test(
         **{f"test/{name}": value for name, value in bleu.items()},
         **loggable(evaluation),
     }
-    return test_report(bleu, evaluation, extra=extra, **report), rows, logged
+    result = test_report(bleu, evaluation, extra=extra, **report)
+    if styles:
+        by_style = style_scores(gathered(list(style_rows)), extra_scores, broadcast, is_global_zero)
+        default = {"scores": evaluation["scores"], "diversity": evaluation["diversity"], "chair": extra.get("chair")}
+        result["styles"] = {styles[0]: default, **by_style}
+        for style, scores in result["styles"].items():
+            logged.update(loggable(scores, f"test/{style}/"))
+            logged.update(loggable_extra({"chair": scores["chair"]} if scores["chair"] else {}, f"test/{style}/"))
+    return result, rows, logged
+
+
+def style_scores(rows: Sequence[dict], extra_scores: Any, broadcast: Any, is_global_zero: bool) -> dict[str, dict]:
+    """Each style's COCO caption metrics and CHAIR against its own references, computed on rank 0 and shared: the
+    rows hold `style` (the captions a model of several styles wrote in it)."""
+    if not is_global_zero:
+        return broadcast(None)
+    styles: dict[str, list[dict]] = {}
+    for row in rows:
+        styles.setdefault(row["style"], []).append(row)
+    scores = {}
+    for style, chosen in styles.items():
+        evaluation = evaluate_captions(chosen)
+        scores[style] = {
+            "scores": evaluation["scores"],
+            "diversity": evaluation["diversity"],
+            "chair": extra_scores(unique_by_file(chosen)).get("chair"),
+        }
+    return broadcast(scores)

@@ -63,6 +63,8 @@ class StoreRun:
         parts: The parts to extract, when the data gives them (the shards of a sharded set); None: built from the
             splits' images.
         identity: What a streamed set's key is drawn from (None: the splits' image names).
+        styles: The caption styles of the model (`captioner.text.styles`): a streamed set stores each training
+            caption as the model learns it, its style's marker first.
     """
 
     work_dir: Path
@@ -82,6 +84,7 @@ class StoreRun:
     per_part: int = IMAGES_PER_FOLDER_PART
     parts: list | None = None
     identity: list[str] | None = None
+    styles: tuple[str, ...] = ()
 
     def names(self, splits: tuple[str, ...] = SPLITS) -> list[str]:
         """Every image of these splits, sorted."""
@@ -280,6 +283,7 @@ class StreamStore(FeatureStore):
             threads=run.threads,
             cache_dir=self.cache_dir(run),
             identity=run.identity,
+            styles=run.styles,
         )
         self.failed = self.features.failed
         names = [

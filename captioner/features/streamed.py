@@ -40,6 +40,7 @@ from captioner.features.extraction import extract_parts
 from captioner.features.keys import FeatureSpec, cache_key, extraction_method
 from captioner.sources.parts import ImagePart
 from captioner.sources.records import CaptionRecord
+from captioner.text.styles import training_texts
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,25 @@ class _StreamPartWriter:
 class StreamSink:
     """Extraction's writer of a streamed set (see `captioner.features.extraction.FeatureSink`)."""
 
-    def __init__(self, directory: Path, key: str, spec: FeatureSpec, splits: dict[str, list[CaptionRecord]]) -> None:
-        self.directory, self.key, self.spec = directory, key, spec
+    def __init__(
+        self,
+        directory: Path,
+        key: str,
+        spec: FeatureSpec,
+        splits: dict[str, list[CaptionRecord]],
+        styles: tuple[str, ...] = (),
+    ) -> None:
+        self.directory, self.key, self.spec, self.styles = directory, key, spec, styles
         self.folder = directory
         # Images of parts that do not know their records (runs of a folder's files); a shard's index knows its own.
-        self.destination = {
-            record.file_name: (split, record.captions) for split in SPLIT_NAMES for record in splits[split]
-        }
+        self.destination = dict(self._stored(record, split) for split in SPLIT_NAMES for record in splits[split])
+
+    def _stored(self, record: CaptionRecord, split: str | None) -> tuple[str, tuple[str, tuple[str, ...]]]:
+        """An image's split and the captions its item holds: training captions as the model learns them (with their
+        style's marker, `captioner.text.styles`), references as written."""
+        split = split or record.split
+        texts = training_texts(record, self.styles) if split == "train" else record.captions
+        return record.file_name, (split, texts)
 
     def _folder(self, part: ImagePart) -> Path:
         return self.directory / PARTS_DIR / part.name
@@ -212,7 +225,7 @@ class StreamSink:
         records = part.records()
         if records is None:
             return _StreamPartWriter(self._folder(part), self.destination)
-        return _StreamPartWriter(self._folder(part), {r.file_name: (r.split, r.captions) for r in records})
+        return _StreamPartWriter(self._folder(part), dict(self._stored(record, None) for record in records))
 
     def assemble(self, parts: Sequence[ImagePart]) -> None:
         folders = [self._folder(part) for part in parts]
@@ -278,6 +291,7 @@ def prepare_streamed(
     threads: int = 4,
     cache_dir: str | None = None,
     identity: list[str] | None = None,
+    styles: tuple[str, ...] = (),
 ) -> StreamedFeatures:
     """The streamed feature set of these splits, extracted first where it is missing (every rank its share).
 
@@ -293,6 +307,7 @@ def prepare_streamed(
         threads: Images decoded at once.
         cache_dir: Where LitData keeps the chunks of a remote set (a bounded cache).
         identity: What the set's key is drawn from (None: the split-tagged names of `splits`' records).
+        styles: The model's caption styles: training captions are stored with their style's marker.
 
     Raises:
         CaptionerError: When a set at a URL is missing, a complete set there is another one, or no image at all
@@ -301,6 +316,8 @@ def prepare_streamed(
     device = torch.device(device)
     if identity is None:
         identity = [f"{split}:{record.file_name}" for split in SPLIT_NAMES for record in splits[split]]
+    if styles:  # the stored training captions carry the styles' markers: another set
+        identity = [*identity, f"styles:{','.join(styles)}"]
     key = stream_key(spec, identity, device)
     location = f"{root.rstrip('/')}/{spec.folder_name(key)}"
     if "://" in root:
@@ -313,7 +330,7 @@ def prepare_streamed(
     extract_parts(
         parts,
         spec,
-        StreamSink(directory, key, spec, splits),
+        StreamSink(directory, key, spec, splits, styles),
         device,
         batch_size,
         threads,

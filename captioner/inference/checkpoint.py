@@ -119,10 +119,12 @@ class Captioner(ImageCaptioner):
         return TorchPixels(self.preprocessing, self.device, self.device_decode)
 
     def describe_pixels(
-        self, pixels: torch.Tensor, config: DecodingConfig, attention: bool = False
+        self, pixels: torch.Tensor, config: DecodingConfig, attention: bool = False, styles: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
         with torch.no_grad(), self._autocast():
-            return captioning.describe(self.model, pixels, config, attention, self.compile_search, self.reranker)
+            return captioning.describe(
+                self.model, pixels, config, attention, self.compile_search, self.reranker, styles
+            )
 
     def caption_tensor(self, images: torch.Tensor, **overrides) -> tuple[list[str], list[float]]:
         """Captions and scores for a `(B, 3, S, S)` uint8 batch already resized to the model's image size."""

@@ -46,7 +46,9 @@ class Captioning(Protocol):
     def pixel_decoder(self) -> PixelDecoder:
         """How images become the model's input."""
 
-    def describe_pixels(self, pixels: Any, config: DecodingConfig, attention: bool = False) -> list[dict[str, Any]]:
+    def describe_pixels(
+        self, pixels: Any, config: DecodingConfig, attention: bool = False, styles: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
         """`captioner.decoding.answers.describe` over a stacked batch."""
 
 
@@ -70,7 +72,11 @@ class CaptioningEngine:
     stats: PipelineStats = field(default_factory=PipelineStats)
 
     def batches(
-        self, inputs: Iterable[ImageInput], config: DecodingConfig | None = None, attention: bool = False
+        self,
+        inputs: Iterable[ImageInput],
+        config: DecodingConfig | None = None,
+        attention: bool = False,
+        styles: tuple[str, ...] = (),
     ) -> Iterator[list[tuple[ImageInput, Prediction]]]:
         """Each batch's images with their rows, in order.
 
@@ -78,12 +84,18 @@ class CaptioningEngine:
             inputs: The images (`as_inputs` turns paths, bytes and images into them).
             config: Decoding settings, already checked against the model (None: the captioner's own).
             attention: Rows also carry where each word looked (decoders that attend).
+            styles: Caption styles each image is also captioned in, encoded once (`Prediction.styles`; a model of
+                several styles, `config.style` being the first).
         """
         config = config or self.captioner.decoding
         captioner = self.captioner
 
         def describe(pixels: Any) -> list[dict[str, Any]]:
-            return captioner.describe_pixels(pixels, config, attention)
+            return (
+                captioner.describe_pixels(pixels, config, attention, styles)
+                if styles
+                else (captioner.describe_pixels(pixels, config, attention))
+            )
 
         for batch in decoded_batches(
             inputs,

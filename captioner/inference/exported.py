@@ -204,8 +204,8 @@ class OnnxCaptioner(ImageCaptioner):
         )
 
     def describe_pixels(
-        self, pixels: np.ndarray, config: DecodingConfig, attention: bool = False
+        self, pixels: np.ndarray, config: DecodingConfig, attention: bool = False, styles: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
         """`captioner.decoding.answers.describe` over the export's graphs (attention maps need the checkpoint: None
         here)."""
-        return describe(ExportSide(self), np.ascontiguousarray(pixels), config)
+        return describe(ExportSide(self), np.ascontiguousarray(pixels), config, styles=styles)

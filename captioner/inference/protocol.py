@@ -82,9 +82,11 @@ class ImageCaptioner:
         """How images become this model's input (`captioner.inference.engine.PixelDecoder`)."""
         raise NotImplementedError
 
-    def describe_pixels(self, pixels: Any, config: DecodingConfig, attention: bool = False) -> list[dict[str, Any]]:
+    def describe_pixels(
+        self, pixels: Any, config: DecodingConfig, attention: bool = False, styles: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
         """`captioner.decoding.answers.describe` over a `(B, 3, S, S)` uint8 batch on the model's device, with
-        settings already checked."""
+        settings already checked (`styles`: caption styles each image is also captioned in)."""
         raise NotImplementedError
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int | None = None) -> Any:

@@ -225,8 +225,9 @@ def model_limits(model: Any) -> ModelLimits:
 
 def test_facts(model: Any) -> dict[str, Any]:
     """What a test report says of how the model was tested: its decoding (the longest caption resolved), the
-    checkpoint, the splits' sizes, whether it is the blind baseline."""
+    checkpoint, the splits' sizes, whether it is the blind baseline, its caption styles."""
     return {
+        "styles": tuple(getattr(model.vocabulary, "styles", ()) or ()),
         "decoding": {**model.decoding.to_dict(), "max_length": sequence_spec(model).max_length},
         "checkpoint": model.trainer.ckpt_path,
         "split_sizes": getattr(model.data, "split_sizes", {}),

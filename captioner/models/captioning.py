@@ -123,10 +123,12 @@ def describe(
     attention: bool = False,
     compiled: bool | None = None,
     reranker: Any = None,
+    styles: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """`captioner.decoding.answers.describe` of a `(B, 3, S, S)` uint8 batch of preprocessed images with `model`
-    (its own decoding settings unless `config` is given)."""
-    return answers.describe(CheckpointSide(model, compiled), images, config or model.decoding, attention, reranker)
+    (its own decoding settings unless `config` is given; `styles`: caption styles each image is also captioned in)."""
+    side = CheckpointSide(model, compiled)
+    return answers.describe(side, images, config or model.decoding, attention, reranker, styles)
 
 
 @torch.no_grad()
@@ -142,3 +144,20 @@ def prediction_rows(model: CaptioningModel, batch: dict, attention: bool = False
     the attention maps the writer draws)."""
     decoded = DecodedBatch(batch["paths"], batch["images"], batch["ok"], batch["errors"])
     return caption_decoded(lambda pixels: describe(model, pixels, attention=attention), decoded)
+
+
+@torch.no_grad()
+def style_test_rows(model: CaptioningModel, batch: dict, features: torch.Tensor) -> list[dict]:
+    """A test batch's captions in each style but the default (`captioner.text.styles`), each against its style's
+    references (images without a caption of that style left out): `test`'s per-style scores. None for a model
+    without styles."""
+    rows = []
+    for style, references in batch.get("style_references", {}).items():
+        decoded = decode_features(model, features, model.decoding.with_overrides(style=style))
+        captions = model.vocabulary.decode_batch(decoded.best_tokens)
+        for name, image_id, caption, refs in zip(batch["file_names"], batch["image_ids"], captions, references):
+            if refs:
+                rows.append(
+                    {"style": style, "file_name": name, "image_id": image_id, "caption": caption, "references": refs}
+                )
+    return rows

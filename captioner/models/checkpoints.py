@@ -29,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from captioner.compat.checkpoints import CAPTIONER_KEY, CHECKPOINT_VERSION
 from captioner.core.errors import CaptionerError
 from captioner.core.files import atomic_open, jsonable
+from captioner.text.base import tokenizer_to_dict
 
 __all__ = ["CAPTIONER_KEY", "CHECKPOINT_VERSION", "AtomicCheckpointIO", "meta_of", "read_checkpoint"]
 
@@ -94,7 +95,7 @@ def meta_of(model: Any) -> dict[str, Any]:
         "encoder": jsonable(model.encoder.spec()),
         "trainable_encoder_blocks": model.hparams.trainable_encoder_blocks,
         "preprocessing": model.preprocessing.to_dict(),
-        "vocabulary": model.vocabulary.to_dict(),
+        "vocabulary": tokenizer_to_dict(model.vocabulary),
         "blind": model.hparams.blind,
         "decoding": model.decoding.to_dict(),
         "confidence": _saved(model.confidence.calibrator),

@@ -98,8 +98,7 @@ class CaptionModel(LightningModule):
         self.decoder: CaptionDecoder | None = None
         self.vocabulary: Any = None  # the tokenizer (captioner.text): a word vocabulary or subwords
         self.scores = CaptionScores()  # BLEU for validation and test, CIDEr-D for validation
-        self._test_rows: list[dict] = []
-        self.test_results: dict[str, Any] | None = None  # the last test's report and rows, for TestReport
+        self._test_rows, self._style_rows, self.test_results = [], [], None  # test_results: the report, for TestReport
         self.predict_attention = False  # rows carry where each word looked (set by a writer that draws it)
         self.confidence = ConfidenceCalibration(confidence_threshold, self.extra_metrics.clip_model)
 
@@ -217,7 +216,7 @@ class CaptionModel(LightningModule):
         self.confidence.fit()
 
     def on_test_epoch_start(self) -> None:
-        self._test_rows, self.test_results = [], None
+        self._test_rows, self._style_rows, self.test_results = [], [], None
         self.confidence.start_test(self.data)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -225,16 +224,17 @@ class CaptionModel(LightningModule):
         rows = test_rows(batch, self.vocabulary.decode_batch(decoded.best_tokens))
         self.confidence.annotate(self, batch, features, decoded, rows)
         self._test_rows.extend(rows)
+        self._style_rows.extend(captioning.style_test_rows(self, batch, features))  # a model of several styles
 
     def on_test_epoch_end(self) -> None:
-        trainer = self.trainer
         report, rows, logged = finished_test(
             self._test_rows,
             self.scores.test(),
             self._extra_scores,
             self.confidence.calibrators(),
-            trainer.strategy.broadcast,
-            trainer.is_global_zero,
+            self.trainer.strategy.broadcast,
+            self.trainer.is_global_zero,
+            self._style_rows,
             **building.test_facts(self),
         )
         self.log_dict(logged, sync_dist=True)

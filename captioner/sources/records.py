@@ -9,6 +9,7 @@ checks the image files and counts every oddity once, for one summary.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from captioner.core.errors import CaptionerError
 
 SPLIT_LABELS = ("train", "val", "test", "restval")
+STYLE_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")  # a caption style's name (captioner.text.styles): it becomes a word
 
 
 @dataclass(frozen=True)
@@ -27,17 +29,32 @@ class CaptionRecord:
         captions: The image's captions as written in the source (whitespace folded), duplicates removed.
         image_id: The source's id of the image (COCO and Karpathy files have one), else None.
         split: The split the source assigns ("train", "val", "test" or "restval"), else None.
+        styles: Each caption's style (`captioner.text.styles`; None for a caption without one), or empty when no
+            caption of the image has a style.
     """
 
     file_name: str
     captions: tuple[str, ...]
     image_id: int | str | None = None
     split: str | None = None
+    styles: tuple[str | None, ...] = ()
 
     @property
     def key(self) -> int | str:
         """The id results files use: the source's image id, else the file name."""
         return self.image_id if self.image_id is not None else self.file_name
+
+    def style_of(self, index: int) -> str | None:
+        """The style of the caption at `index` (None: it has none)."""
+        return self.styles[index] if self.styles else None
+
+    def captions_in(self, style: str | None, default: str | None = None) -> tuple[str, ...]:
+        """The captions of one style (those without a style count as `default`'s)."""
+        return tuple(c for i, c in enumerate(self.captions) if (self.style_of(i) or default) == style)
+
+    def with_split(self, split: str | None) -> CaptionRecord:
+        """The same record in another split."""
+        return CaptionRecord(self.file_name, self.captions, self.image_id, split, self.styles)
 
 
 @dataclass
@@ -103,7 +120,7 @@ class RecordBuilder:
 
     def __init__(self, images_dir: Path, report: DataReport, sizes: dict[str, int] | None = None) -> None:
         self.images_dir, self.report, self.sizes = Path(images_dir), report, sizes
-        self._captions: dict[str, dict[str, None]] = {}  # insertion-ordered, deduplicated
+        self._captions: dict[str, dict[tuple[str | None, str], None]] = {}  # (style, text): ordered, deduplicated
         self._ids: dict[str, int | str | None] = {}
         self._splits: dict[str, str | None] = {}
 
@@ -114,6 +131,7 @@ class RecordBuilder:
         image_id: int | str | None = None,
         split: str | None = None,
         where: str | None = None,
+        style: str | None = None,
     ) -> None:
         """Note an image, with one caption (None or empty: the image is listed without one here).
 
@@ -123,18 +141,26 @@ class RecordBuilder:
             image_id: The source's id for it.
             split: The split the source assigns it.
             where: Where in the source this came from ("line 12"), for examples in the summary.
+            style: The caption's style (`captioner.text.styles`), None for none; an empty one is none too.
         """
         name = self._relative(image)
         captions = self._captions.setdefault(name, {})
         self._ids.setdefault(name, image_id)
         self._splits.setdefault(name, split)
         text = _folded(caption)
+        if style is not None and not isinstance(style, str):
+            self.report.count("captions whose style is not a name", where)
+            return
+        style = style.strip().lower() or None if style is not None else None
+        if style is not None and not STYLE_NAME.fullmatch(style):
+            self.report.count("captions whose style is not lowercase letters and digits", where)
+            return
         if caption is not None and not text:
             self.report.count("empty captions", where)
-        elif text in captions:
+        elif (style, text) in captions:
             self.report.count("duplicate captions", where)
         elif text:
-            captions[text] = None
+            captions[(style, text)] = None
 
     def _relative(self, image: str) -> str:
         if self.sizes is not None:  # names the format made (inside shards): as they are, without pathlib, which
@@ -160,7 +186,9 @@ class RecordBuilder:
         listing: dict[Path, dict[str, int]] = {}
         records = []
         for name in sorted(self._captions):
-            captions = tuple(self._captions[name])
+            styled = tuple(self._captions[name])
+            captions = tuple(text for _, text in styled)
+            styles = tuple(style for style, _ in styled) if any(style for style, _ in styled) else ()
             if not captions:
                 self.report.count("images without captions", name)
                 continue
@@ -170,7 +198,7 @@ class RecordBuilder:
             elif size == 0:
                 self.report.count("image files empty (0 bytes)", name)
             else:
-                records.append(CaptionRecord(name, captions, self._ids[name], self._splits[name]))
+                records.append(CaptionRecord(name, captions, self._ids[name], self._splits[name], styles))
                 self.report.images += 1
                 self.report.captions += len(captions)
         if not records and require_some:

@@ -28,7 +28,10 @@ checkpoints and exports use:
   tokens a phrase is written as inside a caption and at its start (decoding
   constraints);
 - `to_dict()` (with its `class_path`) and `from_dict(payload, source)`;
-  `tokenizer_from_dict` reads any of them back.
+  `tokenizer_from_dict` reads any of them back;
+- `styles`: the caption styles it was built for (`captioner.text.styles`, the default first; empty for a model
+  without styles), set by data preparation and saved beside its `to_dict()` by `tokenizer_to_dict`. Its `decode`
+  gives captions without their style's marker (`captioner.text.styles.plain_caption`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.core.errors import CaptionerError
 from captioner.core.parts import import_trusted_class
+from captioner.text.styles import checked_style
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +69,7 @@ class TokenSequences:
     start_index: int
     end_index: int
     max_length: int
+    styles: tuple[str, ...] = ()  # the caption styles it was built for (captioner.text.styles)
 
     def encode(self, caption: str) -> list[int]:
         raise NotImplementedError
@@ -126,7 +131,22 @@ def tokenizer_from_dict(payload: dict, source: str = "tokenizer", built_in_only:
     cls = import_trusted_class(path, object, "tokenizer", source, built_in_only)
     if not hasattr(cls, "from_dict"):
         raise CaptionerError(f"The tokenizer class {path} in {source} has no from_dict.")
-    return cls.from_dict(payload, source)
+    tokenizer = cls.from_dict({key: value for key, value in payload.items() if key != "styles"}, source)
+    styles = payload.get("styles") or []
+    if not isinstance(styles, list):
+        raise CaptionerError(f"The tokenizer's styles in {source} are malformed: {styles!r} (a list of names).")
+    styles = tuple(checked_style(style, f"the tokenizer of {source}") for style in styles)
+    if styles:
+        tokenizer.styles = styles
+    return tokenizer
+
+
+def tokenizer_to_dict(tokenizer: Any) -> dict:
+    """A tokenizer's `to_dict()`, with the caption styles it was built for where it has any (what checkpoints,
+    exports and prepared data save; `tokenizer_from_dict` reads both back)."""
+    payload = tokenizer.to_dict()
+    styles = tuple(getattr(tokenizer, "styles", ()) or ())
+    return {**payload, "styles": list(styles)} if styles else payload
 
 
 def same_tokenizer_message(saved: Any, configured: Any) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.core.errors import CaptionerError
 from captioner.text.base import TokenizerRecipe, TokenSequences
+from captioner.text.styles import plain_caption
 from captioner.text.words import normalize
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class SubwordTokenizer(TokenSequences):
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of the tokens up to the end token."""
-        return self.tokenizer.decode(self._caption_ids(ids), skip_special_tokens=True).strip()
+        return plain_caption(self.tokenizer.decode(self._caption_ids(ids), skip_special_tokens=True).strip())
 
     def phrase_tokens(self, text: str) -> list[list[int]]:
         """As written first in a caption and after a space (byte-level BPE writes `Ġword` there): either form counts."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from captioner.core.errors import CaptionerError
 from captioner.core.files import read_json, require_keys, write_json
 from captioner.text.base import TokenizerRecipe, TokenSequences
+from captioner.text.styles import is_markup, plain_caption
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -79,8 +80,9 @@ class Vocabulary(TokenSequences):
         if min_count < 1:
             raise CaptionerError(f"--data.captions.min_word_count must be at least 1, got {min_count}.")
         counts = Counter(word for caption in captions for word in normalize(caption))
-        kept = sorted(
-            (w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w)
+        kept = sorted(  # a style's marker is kept however rare the style (captioner.text.styles)
+            (w for w, c in counts.items() if (c >= min_count or is_markup(w)) and w not in SPECIAL_TOKENS),
+            key=lambda w: (-counts[w], w),
         )
         return cls(kept, max_length=max_length, min_count=min_count)
 
@@ -90,13 +92,21 @@ class Vocabulary(TokenSequences):
         return [self.start_index, *ids, self.end_index]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Words up to the first `<end>`, with `<start>` and `<pad>` left out."""
-        return " ".join(self.itos[index] for index in self._caption_ids(ids))
+        """Words up to the first `<end>`, with `<start>` and `<pad>` left out (and a style's marker: commas back)."""
+        return plain_caption(" ".join(self.itos[index] for index in self._caption_ids(ids)))
 
     def words_of(self, ids: torch.Tensor) -> list[list[int]]:
-        """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials left out: what CIDEr-D
-        scores (validation, self-critical rewards)."""
-        return [self._caption_ids(row) for row in ids.tolist()]
+        """The word ids of each row of a `(B, T)` tensor, up to the first `<end>`, specials and a style's markup
+        left out: what CIDEr-D scores (validation, self-critical rewards)."""
+        markup = self._markup_ids
+        return [[index for index in self._caption_ids(row) if index not in markup] for row in ids.tolist()]
+
+    @property
+    def _markup_ids(self) -> frozenset[int]:
+        """The ids of style markers and the separator (`captioner.text.styles`): none for a model without styles."""
+        if not hasattr(self, "_markup"):
+            self._markup = frozenset(index for word, index in self.stoi.items() if is_markup(word))
+        return self._markup
 
     def reference_words(self, caption: str) -> list[int]:
         """A reference caption's word ids, as `words_of` gives a generated caption's."""

@@ -1,7 +1,8 @@
 """COCO caption format: a JSON file with `images` (`id`, `file_name`) and `annotations` (`image_id`, `caption`).
 
 Mini-COCO's layout is `captions.json` and the images in `Images/`. Records are
-joined on `images[].file_name`; names are never rebuilt from ids.
+joined on `images[].file_name`; names are never rebuilt from ids. An
+annotation's optional `style` gives its caption's style (`captioner.text.styles`).
 """
 
 from __future__ import annotations
@@ -60,5 +61,6 @@ class Coco(CaptionFormat):
             if file_name is None:
                 report.count("captions whose image_id matches no image", f"annotations[{position}]")
                 continue
-            builder.add(file_name, annotation["caption"], where=f"annotations[{position}]")
+            where = f"annotations[{position}]"
+            builder.add(file_name, annotation["caption"], where=where, style=annotation.get("style"))
         return builder.build(source), images_dir

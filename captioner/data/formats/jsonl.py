@@ -15,7 +15,9 @@ class Jsonl(CaptionFormat):
 
     Image paths are relative to the file's folder, or absolute. Blank lines are
     ignored; lines that are not JSON objects with both fields are counted and
-    skipped. A file where no line can be read stops with its first error.
+    skipped. A file where no line can be read stops with its first error. An
+    optional `style` field gives the line's captions their style
+    (`captioner.text.styles`: short, long, tags).
 
     Args:
         file: The file, relative to the data folder (None: the one *.jsonl there).
@@ -52,9 +54,8 @@ class Jsonl(CaptionFormat):
                     read += 1
                     captions = item[self.caption_key]
                     for caption in captions if isinstance(captions, list) else [captions]:
-                        builder.add(
-                            item[self.image_key], caption if caption is not None else "", where=f"line {number}"
-                        )
+                        text = caption if caption is not None else ""
+                        builder.add(item[self.image_key], text, where=f"line {number}", style=item.get("style"))
         except UnicodeDecodeError as error:
             raise CaptionerError(f"{source} is not UTF-8 text ({error}); save it as UTF-8.") from error
         if not read:

@@ -9,6 +9,8 @@ from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat, single_file
 from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder
 
+STYLE_COLUMN = "style"  # an optional column: each caption's style (captioner.text.styles); empty for none
+
 
 class Csv(CaptionFormat):
     """`image,caption` rows (several rows per image allowed), comma- or tab-separated.
@@ -17,7 +19,8 @@ class Csv(CaptionFormat):
     UTF-8 with or without a byte-order mark, with Windows or Unix line ends, and
     quoted fields may hold commas, quotes and line breaks. Blank lines are
     ignored; empty captions, duplicate rows and rows with a missing image are
-    counted and skipped.
+    counted and skipped. An optional `style` column gives each caption's style
+    (`captioner.text.styles`: short, long, tags; empty for none).
 
     Args:
         file: The file, relative to the data folder (None: the one *.csv or *.tsv there).
@@ -63,6 +66,7 @@ class Csv(CaptionFormat):
                         "--data.format.caption_column."
                     )
                 image_at, caption_at = columns.index(self.image_column), columns.index(self.caption_column)
+                style_at = columns.index(STYLE_COLUMN) if STYLE_COLUMN in columns else None
                 for row in reader:
                     line = reader.line_num
                     if not any(field.strip() for field in row):
@@ -74,7 +78,8 @@ class Csv(CaptionFormat):
                     if not image:
                         report.count("rows without an image path", f"line {line}")
                         continue
-                    builder.add(image, row[caption_at], where=f"line {line}")
+                    style = row[style_at] if style_at is not None else None
+                    builder.add(image, row[caption_at], where=f"line {line}", style=style)
         except UnicodeDecodeError as error:
             raise CaptionerError(f"{source} is not UTF-8 text ({error}); save it as UTF-8.") from error
         except csv.Error as error:

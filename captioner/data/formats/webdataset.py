@@ -1,6 +1,7 @@
 """WebDataset tar shards, as img2dataset writes them: `00000.tar` holding `<key>.jpg`, `<key>.txt` (the caption)
-and `<key>.json` (metadata, with a `caption` field), in a folder, by a brace pattern or at an object-store URL.
-Read as a stream (`pip install 'captioner[shards]'`), never unpacked to disk.
+and `<key>.json` (metadata, with a `caption` field), in a folder, by a brace pattern or at an object-store URL;
+`<key>.<style>.txt` members hold captions of a style (`captioner.text.styles`: `<key>.tags.txt`). Read as a stream
+(`pip install 'captioner[shards]'`), never unpacked to disk.
 
 Records name an image as `<shard>#<member>` (`00003.tar#000030012.jpg`): the
 shard relative to the data folder (or its URL) and the image's name inside it.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat
-from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.records import STYLE_NAME, CaptionRecord, DataReport, RecordBuilder
 from captioner.sources.shards import (
     IMAGE_MEMBERS,
     SHARD_SEPARATOR,
@@ -31,12 +32,34 @@ __all__ = [
     "IMAGE_MEMBERS",
     "SHARD_SEPARATOR",
     "WebDataset",
+    "CaptionMembers",
     "captions_of",
+    "styled_captions_of",
     "is_url",
     "shard_locations",
     "shard_path",
     "shard_samples",
 ]
+
+
+class CaptionMembers:
+    """The members a sample's records are read from: its image, `.txt`, `.json`, and `.<style>.txt` members (captions
+    of a style, `captioner.text.styles`); `in` tells whether an extension is one of them."""
+
+    def __contains__(self, extension: object) -> bool:
+        if extension in {*IMAGE_MEMBERS, "txt", "json"}:
+            return True
+        return isinstance(extension, str) and extension.endswith(".txt") and bool(STYLE_NAME.fullmatch(extension[:-4]))
+
+
+def styled_captions_of(members: dict[str, bytes]) -> list[tuple[str, str]]:
+    """A sample's captions of a style: the non-empty lines of each `<key>.<style>.txt` member, as (style, caption)."""
+    found = []
+    for extension in sorted(members):
+        if extension.endswith(".txt") and STYLE_NAME.fullmatch(extension[:-4]):
+            text = members[extension].decode("utf-8", errors="replace")
+            found += [(extension[:-4], line) for line in text.splitlines() if line.strip()]
+    return found
 
 
 def captions_of(members: dict[str, bytes], caption_field: str) -> list[str] | None:
@@ -108,7 +131,7 @@ class WebDataset(CaptionFormat):
         locations = shard_locations(source, self.shards)
         if not locations:
             raise CaptionerError(f"No shard matches {self.shards or '*.tar'} in {source}.")
-        wanted = {*IMAGE_MEMBERS, "txt", "json"}
+        wanted = CaptionMembers()
         for location in locations:
             sizes: dict[str, int] = {}
             builder, keys = RecordBuilder(source, report, sizes=sizes), set()
@@ -119,9 +142,9 @@ class WebDataset(CaptionFormat):
                     continue
                 keys.add(key)
                 image = next((extension for extension in IMAGE_MEMBERS if extension in members), None)
-                captions = captions_of(members, self.caption_field)
+                captions, styled = captions_of(members, self.caption_field), styled_captions_of(members)
                 if image is None:
-                    if captions is not None:
+                    if captions is not None or styled:
                         report.count("captions without an image", where)
                     continue
                 name = f"{location}{SHARD_SEPARATOR}{key}.{image}"
@@ -129,4 +152,6 @@ class WebDataset(CaptionFormat):
                 builder.add(name, where=where)
                 for caption in captions or ():
                     builder.add(name, caption, where=where)
+                for style, caption in styled:
+                    builder.add(name, caption, where=where, style=style)
             yield location, builder.build(source, require_some=False)
