@@ -49,7 +49,7 @@ class Throughput(Callback):
     def on_predict_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        rate = self._rate(len(batch["positions"]))
+        rate = self._rate(len(outputs))  # one row per image of the batch, read or not
         bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)  # TQDMProgressBar's
         if rate is not None and bar is not None:
             bar.set_postfix({"images/s": f"{rate:.1f}"}, refresh=False)

@@ -239,17 +239,9 @@ def _configure_logging() -> None:
         log.setLevel(logging.INFO)
 
 
-def caption_command(argv: list[str]) -> int:
-    """`python -m captioner caption FILE... --ckpt_path CKPT`: print a caption per file (with `--num_return N`, the N
-    ranked alternatives with their scores; with `--json`, one row per file: `captioner.decoding.answers.ROW_FIELDS`).
-
-    Returns:
-        0 when every file was captioned, 1 when some could not be read.
-    """
-    from captioner.decoding.answers import Prediction
+def caption_parser() -> argparse.ArgumentParser:
+    """The options of `python -m captioner caption`."""
     from captioner.inference.engine import DEFAULT_DECODE_THREADS
-    from captioner.inference.loading import load_captioner
-    from captioner.sources.images import IMAGE_EXTENSIONS, files_and_folders
 
     parser = argparse.ArgumentParser(prog="python -m captioner caption", description="Caption a few image files.")
     parser.add_argument(
@@ -273,7 +265,21 @@ def caption_command(argv: list[str]) -> int:
     )
     decoding.add_arguments(parser)
     add_allow_argument(parser)
-    options = parser.parse_args(argv)
+    return parser
+
+
+def caption_command(argv: list[str]) -> int:
+    """`python -m captioner caption FILE... --ckpt_path CKPT`: print a caption per file (with `--num_return N`, the N
+    ranked alternatives with their scores; with `--json`, one row per file: `captioner.decoding.answers.ROW_FIELDS`).
+
+    Returns:
+        0 when every file was captioned, 1 when some could not be read.
+    """
+    from captioner.decoding.answers import Prediction
+    from captioner.inference.loading import load_captioner
+    from captioner.sources.images import IMAGE_EXTENSIONS, files_and_folders
+
+    options = caption_parser().parse_args(argv)
     allow_modules(*options.allow_module)
     captioner = load_captioner(
         options.ckpt_path, options.device, options.rerank_clip, **decoding.overrides_from(options)
@@ -306,7 +312,8 @@ def shown(prediction) -> str:
     return f"{prediction.image}: {prediction.caption}{marked({'constraints_met': prediction.constraints_met})}"
 
 
-# The commands of captioner's own (name: module, function, what it does); any other goes to LightningCLI.
+# The commands of captioner's own (name: module, function, what it does); any other goes to LightningCLI. Each
+# module also has `<name>_parser()`, its options (`command_parser`; the manual's reference is made from them).
 COMMANDS = {
     "caption": ("captioner.cli", "caption_command", "caption image files or folders, printed (or --json)"),
     "caption-set": (
@@ -324,6 +331,14 @@ COMMANDS = {
     "evaluate": ("captioner.evaluation.evaluate", "evaluate_command", "score a captions file against references"),
     "configs": ("captioner.shipped", "configs_command", "list the shipped configs (--config demo, ...)"),
 }
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The options of one of captioner's own commands (`COMMANDS`), from its module's `<name>_parser()`."""
+    module, _, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), f"{name.replace('-', '_')}_parser")()
+
+
 LIGHTNING_COMMANDS = {
     "fit": "train (then test the best checkpoint)",
     "validate": "score a checkpoint on the validation images",

@@ -370,8 +370,8 @@ def model_card(
     return ModelCard("\n".join(lines))
 
 
-def publish_command(argv: list[str]) -> None:
-    """`python -m captioner publish ...` (see the module docstring)."""
+def publish_parser() -> argparse.ArgumentParser:
+    """The options of `python -m captioner publish`."""
     parser = argparse.ArgumentParser(prog="python -m captioner publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
     parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
@@ -392,7 +392,12 @@ def publish_command(argv: list[str]) -> None:
     parser.add_argument("--license", default=None, help="a license id for the card (mit, apache-2.0, ...)")
     parser.add_argument("--push_to_hub", default=None, metavar="USER/NAME", help="upload the folder there")
     parser.add_argument("--private", action="store_true", help="create the hub repository private")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def publish_command(argv: list[str]) -> None:
+    """`python -m captioner publish ...` (see the module docstring)."""
+    options = publish_parser().parse_args(argv)
     folder = publish(
         options.ckpt_path,
         options.output,

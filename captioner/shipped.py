@@ -7,6 +7,7 @@ second copy). A path that exists always wins over a shipped name.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from captioner.core.errors import CaptionerError
@@ -50,7 +51,9 @@ def resolve_config(value: str) -> str:
     Raises:
         CaptionerError: For a name that is neither, listing the shipped ones.
     """
-    if Path(value).expanduser().exists() or value.lstrip().startswith("{"):  # a file, or inline YAML/JSON
+    # Inline YAML or JSON as it is: a config this function expanded earlier is passed on as text, and a run of
+    # several processes starts the others with that command line.
+    if "\n" in value or value.lstrip().startswith("{") or Path(value).expanduser().exists():
         return value
     available = shipped_configs()
     name = value.removesuffix(".yaml").removesuffix(".yml").removeprefix("configs/")
@@ -126,8 +129,14 @@ def _expanded(value: str, names: list[str], flag: str, seen: tuple[str, ...] = (
     return [*out, flag, yaml.safe_dump(tree, sort_keys=False)]
 
 
+def configs_parser() -> argparse.ArgumentParser:
+    """The options of `python -m captioner configs` (none but --help)."""
+    return argparse.ArgumentParser(prog="python -m captioner configs", description="List the shipped configs.")
+
+
 def configs_command(argv: list[str]) -> int:
     """`python -m captioner configs`: list the shipped configs, with what each is for."""
+    configs_parser().parse_args(argv)
     available = shipped_configs()
     width = max(map(len, available))
     print(f"Shipped configs (in {configs_folder()}); use them by name, e.g. --config demo:")

@@ -56,6 +56,21 @@ from bench.training import GRID_REGIONS, ours_train, ours_train_encoder, ours_tr
 # ------------------------------------------------------------------ main
 SIZES = {
     # images generated and extracted; original_* the (slower) original side; train_* feature rows per training set
+    # smoke: the phases chosen with --only, at sizes that only show they run on this machine (the figures mean nothing)
+    "smoke": dict(
+        images=8,
+        original_images=2,
+        train_small=64,
+        train_large=128,
+        steps=2,
+        original_steps=1,
+        original_images_per_batch=2,
+        decode=32,
+        original_decode=1,
+        serve=8,
+        records=(1_000, 2_000),
+        bulk=16,
+    ),
     "quick": dict(
         images=32,
         original_images=8,

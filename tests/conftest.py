@@ -184,3 +184,35 @@ def write_gpt2_like_tokenizer(path: Path, captions: list[str]) -> None:
     )
     tokenizer.train_from_iterator(captions, trainer)
     tokenizer.save(str(path))
+
+
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def chromium() -> str | None:
+    """Debian's Chromium, where it and its chromedriver are installed (`.ci/run` installs them), else None."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    return found if found and CHROMEDRIVER.exists() else None
+
+
+def headless_chromium(profile: Path):
+    """A headless Chromium driven through Debian's chromedriver (Selenium Manager never runs: no network)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium()
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)

@@ -269,7 +269,7 @@ def yaml_of(path) -> dict:
 
 
 def test_a_0_4_config_and_command_line_run_with_one_deprecation_line_per_old_key(tmp_path, capsys):
-    """captioner 0.4's flat datamodule keys, its `feature_store: cache`, a CaptionWriter among the callbacks with its
+    """captioner 0.3's flat datamodule keys, its `feature_store: cache`, a CaptionWriter among the callbacks with its
     options set through the last callback's, and 0.2's `beam_size`, all in today's places."""
     from captioner.compat import configs as compat_configs
 

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,10 +19,9 @@ import pytest
 from PIL import Image
 
 from captioner import Captioner
-from tests.conftest import TESTS
+from tests.conftest import TESTS, chromium, headless_chromium
 
 ROOT = TESTS.parent
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 def free_port() -> int:
@@ -309,36 +307,12 @@ def test_every_bad_request_gets_a_4xx_that_says_why_and_the_server_keeps_serving
     assert response.status_code == 200 and response.json()["caption"] == expected[pictures[0]]
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(
-    chromium() is None or not CHROMEDRIVER.exists(),
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-)
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_the_page_captions_an_uploaded_picture_in_a_real_browser(server, pictures, expected, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium()
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,900",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)  # no Selenium Manager
+    browser = headless_chromium(tmp_path / "profile")
     try:
         browser.get(f"{server}/")
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in pictures[:2]))

@@ -4,7 +4,7 @@ deprecation line per old key:
 - captioner 0.2's `model.beam_size`, `model.length_penalty` and `model.max_decode_length` (now under
   `model.decoding`), and its `data.backbone`, `data.weights` and `data.image_size`, refused with the encoder config
   to write instead (the encoder is a part of the model since 0.3);
-- captioner 0.4's flat datamodule options, grouped into parts in 0.5 (`data.val_size` is `data.splits.val_size`,
+- captioner 0.3's flat datamodule options, grouped into parts in 0.4 (`data.val_size` is `data.splits.val_size`,
   `data.batch_size` is `data.loading.batch_size`, `data.feature_store: cache` is `data.feature_store.kind: cache`,
   ...), and `data.object_annotations` (now `model.extra_metrics.objects`);
 - class paths that moved (`captioner.compat.checkpoints.AtomicCheckpointIO`).
@@ -26,7 +26,7 @@ MOVED_KEYS = {
     "model.beam_size": "model.decoding.num_beams",
     "model.length_penalty": "model.decoding.length_penalty",
     "model.max_decode_length": "model.decoding.max_length",
-    # captioner 0.4: the datamodule's options, grouped into parts
+    # captioner 0.3: the datamodule's options, grouped into parts
     "data.kaggle_dataset": "data.origin.kaggle_dataset",
     "data.kaggle_version": "data.origin.kaggle_version",
     "data.synthetic_images": "data.origin.synthetic_images",
@@ -54,14 +54,14 @@ MOVED_KEYS = {
     "data.train_crop": "data.loading.train_crop",
     "data.object_annotations": "model.extra_metrics.objects",
 }
-STORE_KINDS = ("auto", "cache", "stream")  # 0.4's `data.feature_store` values, now `data.feature_store.kind`
+STORE_KINDS = ("auto", "cache", "stream")  # 0.3's `data.feature_store` values, now `data.feature_store.kind`
 DEFAULT_STORE = "captioner.features.stores.DefaultStore"
 MOVED_CLASSES = {
     "captioner.compat.checkpoints.AtomicCheckpointIO": "captioner.models.checkpoints.AtomicCheckpointIO",
 }
 REMOVED_KEYS = ("data.backbone", "data.weights", "data.image_size")
 # The predictions writer is installed by the command line with its own keys (`--predictions.write_images`); configs
-# of 0.4 listed it among the callbacks, last, and set its options through the last callback's.
+# of 0.3 listed it among the callbacks, last, and set its options through the last callback's.
 WRITER = "captioner.callbacks.CaptionWriter"
 WRITER_NAMES = (WRITER, "captioner.callbacks.writer.CaptionWriter", "callbacks.CaptionWriter")
 WRITER_OPTIONS = ("output_dir", "write_images", "image_width", "attention_maps")
@@ -112,7 +112,7 @@ def _renamed_classes(tree: Any) -> tuple[Any, bool]:
 
 
 def _store(tree: dict[str, Any]) -> dict[str, Any]:
-    """The data section's `feature_store` as a `DefaultStore` entry (a 0.4 string, or nothing yet), to add to."""
+    """The data section's `feature_store` as a `DefaultStore` entry (a 0.3 string, or nothing yet), to add to."""
     store = tree.get("feature_store")
     if store is None or isinstance(store, str):
         if isinstance(store, str):

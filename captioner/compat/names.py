@@ -5,7 +5,7 @@
   `captioner.core`), `captioner.checkpointing` (now `captioner.models.checkpoints`,
   as configs name `captioner.checkpointing.AtomicCheckpointIO`), `captioner.metrics`,
   `captioner.cider`, `captioner.evaluation`'s functions (now `captioner.evaluation.*`),
-  `captioner.quantization`, `captioner.encoders.hub`, `captioner.models.search`, and the Python API's 0.4 modules
+  `captioner.quantization`, `captioner.encoders.hub`, `captioner.models.search`, and the Python API's 0.3 modules
   `captioner.runtime`, `captioner.predictions` and `captioner.captioners` (now in `captioner.inference`).
 - Configs that say `callbacks.CaptionWriter` (captioner 0.2 installed its
   callbacks as a top-level package, `callbacks`; they are `captioner.callbacks` now).

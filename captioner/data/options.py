@@ -1,5 +1,5 @@
 """The datamodule's options, grouped into parts (each a dataclass: `--data.splits.val_size 500` on the command line,
-`splits: {val_size: 500}` in YAML). Keys of captioner 0.4 and older (`--data.val_size`, `--data.batch_size`, ...)
+`splits: {val_size: 500}` in YAML). Keys of captioner 0.3 and older (`--data.val_size`, `--data.batch_size`, ...)
 are rewritten into these by `captioner.compat.configs`, with one deprecation line each."""
 
 from __future__ import annotations

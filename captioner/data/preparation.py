@@ -67,7 +67,7 @@ class Preparation:
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes the prepared splits and vocabulary: the prepared folder's key (the same keys as
-        captioner 0.4 wrote, so its prepared data is found again)."""
+        captioner 0.3 wrote, so its prepared data is found again)."""
         source = (
             str(Path(self.data_dir).expanduser().resolve())
             if self.data_dir is not None

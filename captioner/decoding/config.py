@@ -141,12 +141,12 @@ class DecodingConfig:
     max_length: int | None = setting(
         None, "Most words per caption (None: the tokenizer's longest caption).", "int", low=1, request=(1, "longest")
     )
-    min_length: int = setting(0, "<end> is not allowed before this many words.", "int", low=0, request=(0, "longest"))
+    min_length: int = setting(0, "`<end>` is not allowed before this many words.", "int", low=0, request=(0, "longest"))
     no_repeat_ngram_size: int = setting(
         0, "No n-gram of this size appears twice in a caption (0: off).", "int", low=0, request=(0, 10)
     )
     bad_endings: tuple[str, ...] = setting(
-        (), "Words a caption may not end on (a, with, ...): <end> is not allowed right after them.", "words"
+        (), "Words a caption may not end on (a, with, ...): `<end>` is not allowed right after them.", "words"
     )
     prefix: str | None = setting(
         None, "Every caption starts with these words (a trigger word, 'a photo of'), forced token by token.", "phrase"

@@ -129,8 +129,8 @@ def evaluate_results(
     }
 
 
-def evaluate_command(argv: list[str]) -> None:
-    """`python -m captioner evaluate ...` (see the module docstring)."""
+def evaluate_parser() -> argparse.ArgumentParser:
+    """The options of `python -m captioner evaluate`."""
     parser = argparse.ArgumentParser(prog="python -m captioner evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "results",
@@ -156,7 +156,12 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--cache_dir", default=None, help="keep CLIP image embeddings here between evaluations")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="write the report here as JSON")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def evaluate_command(argv: list[str]) -> None:
+    """`python -m captioner evaluate ...` (see the module docstring)."""
+    options = evaluate_parser().parse_args(argv)
     settings = ExtraMetrics(
         clip_model=options.clip_model,
         chair=options.objects is not None,

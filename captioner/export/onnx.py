@@ -263,9 +263,8 @@ white), then {preprocessing} (`captioner.core.pixels.preprocess_array`); the enc
 """
 
 
-def export_command(argv: list[str]) -> int:
-    """`python -m captioner export --ckpt_path CKPT --output FOLDER [--quantize int8] [--quantize_encoder]
-    [--calibration_dir FOLDER]`."""
+def export_parser() -> argparse.ArgumentParser:
+    """The options of `python -m captioner export`."""
     parser = argparse.ArgumentParser(prog="python -m captioner export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
     parser.add_argument("--output", required=True, help="the folder to write (new or empty)")
@@ -276,7 +275,13 @@ def export_command(argv: list[str]) -> int:
     )
     parser.add_argument("--calibration_images", type=int, default=64, help="the most sample pictures used")
     add_allow_argument(parser)
-    options = parser.parse_args(argv)
+    return parser
+
+
+def export_command(argv: list[str]) -> int:
+    """`python -m captioner export --ckpt_path CKPT --output FOLDER [--quantize int8] [--quantize_encoder]
+    [--calibration_dir FOLDER]`."""
+    options = export_parser().parse_args(argv)
     allow_modules(*options.allow_module)
     model = CaptionModel.from_checkpoint(options.ckpt_path)
     if options.calibration_dir and not (options.quantize and options.quantize_encoder):

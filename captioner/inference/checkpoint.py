@@ -72,7 +72,7 @@ class Captioner(ImageCaptioner):
         rerank_clip: Any = None,
         device_decode: bool | None = None,
         num_workers: int | None = None,
-        **overrides,
+        **overrides: Any,
     ) -> None:
         if model.vocabulary is None:
             raise CaptionerError("This model has no vocabulary: load it from a checkpoint or train it first.")

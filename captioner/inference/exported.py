@@ -144,7 +144,7 @@ class OnnxCaptioner(ImageCaptioner):
         threads: int | None = None,
         decoding: DecodingConfig | None = None,
         decode_threads: int = DEFAULT_DECODE_THREADS,
-        **overrides,
+        **overrides: Any,
     ) -> None:
         import onnxruntime
 
