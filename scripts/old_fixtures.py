@@ -3,6 +3,7 @@
     python scripts/old_fixtures.py 0.1 f712408    # the last commit of captioner 0.1 (decoders named by a string)
     python scripts/old_fixtures.py 0.2 882b838    # the last commit of captioner 0.2 (a torchvision ResNet by name)
     python scripts/old_fixtures.py 0.2 882b838 --export_only    # add 0.2's export of the frozen checkpoint
+    python scripts/old_fixtures.py 0.2 882b838 --recaption      # more images, captions and scores, same files
 
 Checks the commit out in a temporary git worktree, trains the tiny test config with *that* version's code (today's
 installed libraries), captions a few of its scenes with that version's `Captioner`; where that version could
@@ -14,8 +15,11 @@ export (0.2), exports the checkpoint with its `export` command and captions the 
     export/           the folder that version exported, its encoder.onnx without the initializers' bytes (the same
                       45 MB, folded by the ONNX exporter)
     frozen.json       the commit, what was left out (names, shapes, dtypes, SHA-256 of the bytes, so a test checks
-                      that what it rebuilds is what was written), and that version's captions of the images
-    images/           the images captioned
+                      that what it rebuilds is what was written), and that version's captions of the images, with
+                      its score of each (the caption's log-probability)
+    images/           the images captioned: the first of the scenes it trained on, and with `--recaption` more
+                      scenes it never saw (written by today's generator), captioned by that version from the
+                      frozen checkpoint and export
 
 `tests/test_old_files.py` puts everything back, checks every digest, and captions with today's code.
 """
@@ -49,6 +53,24 @@ captioner = Captioner.from_checkpoint(sys.argv[1], device="cpu")
 paths = sorted(Path(sys.argv[2]).iterdir())
 print(json.dumps(dict(zip([p.name for p in paths], captioner.caption(paths)))))
 """
+# With the score of each caption (`Prediction(source, caption, score, error)` in 0.1 and 0.2).
+PREDICT = """
+import json, sys
+from pathlib import Path
+from captioner.inference import Captioner
+captioner = Captioner.from_checkpoint(sys.argv[1], device="cpu")
+paths = sorted(Path(sys.argv[2]).iterdir())
+print(json.dumps({p.name: [row.caption, row.score] for p, row in zip(paths, captioner.predict(paths))}))
+"""
+PREDICT_EXPORTED = """
+import json, sys
+from pathlib import Path
+from captioner.runtime import OnnxCaptioner
+captioner = OnnxCaptioner(sys.argv[1])
+paths = sorted(Path(sys.argv[2]).iterdir())
+print(json.dumps({p.name: [row.caption, row.score] for p, row in zip(paths, captioner.predict(paths))}))
+"""
+MORE_IMAGES = 12
 CAPTION_EXPORTED = """
 import json, sys
 from pathlib import Path
@@ -163,6 +185,31 @@ def export_and_caption(target: Path, checkpoint: Path, code: Path, env: dict[str
     print(f"{target / 'export'}: {len(left_out)} encoder graph tensors left out, captions {captions}")
 
 
+def recaption(target: Path, code: Path, env: dict[str, str], tmp: Path) -> None:
+    """More images in `target` (scenes that version never saw), and that version's captions and scores of every
+    image from the frozen checkpoint (and export), as it wrote them: the tests then compare scores too."""
+    from captioner.data.synthetic import write_synthetic_dataset
+
+    scenes = write_synthetic_dataset(tmp / "more", MORE_IMAGES, seed=11)
+    for index, path in enumerate(sorted((scenes / "Images").iterdir())):
+        shutil.copy(path, target / "images" / f"unseen_{index:02d}.jpg")
+    checkpoint = tmp / "old.ckpt"
+    torch.save(rebuilt_checkpoint(target), checkpoint)
+    frozen = json.loads((target / "frozen.json").read_text())
+    rows = run_json(PREDICT, [str(checkpoint), str(target / "images")], tmp, env)
+    frozen["captions"] = {name: caption for name, (caption, _) in rows.items()}
+    frozen["scores"] = {name: score for name, (_, score) in rows.items()}
+    if "export" in frozen:
+        from tests.old_files import rebuilt_export
+
+        folder = rebuilt_export(target, tmp / "export")
+        rows = run_json(PREDICT_EXPORTED, [str(folder), str(target / "images")], tmp, env)
+        frozen["export"]["captions"] = {name: caption for name, (caption, _) in rows.items()}
+        frozen["export"]["scores"] = {name: score for name, (_, score) in rows.items()}
+    (target / "frozen.json").write_text(json.dumps(frozen, indent=1) + "\n")
+    print(f"{target}: {len(rows)} images captioned and scored by {frozen['version']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("version", help="the version's name, the fixture's folder (0.1, 0.2)")
@@ -172,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="export the checkpoint already frozen for that version instead of training anew",
     )
+    parser.add_argument(
+        "--recaption",
+        action="store_true",
+        help=f"add {MORE_IMAGES} unseen scenes and record that version's captions and scores of every image",
+    )
     options = parser.parse_args(argv)
     target = OLD / options.version
     with (
@@ -179,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         checked_out(options.commit, Path(tmp)) as (code, env),
     ):
         tmp = Path(tmp)
+        if options.recaption:
+            recaption(target, code, env, tmp)
+            return
         if options.export_only:
             checkpoint = tmp / "old.ckpt"
             torch.save(rebuilt_checkpoint(target), checkpoint)

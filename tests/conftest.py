@@ -34,10 +34,12 @@ def pytest_configure(config: pytest.Config) -> None:
 # order collected (with --no-loadscope-reorder: by default xdist 3.8 orders files by their number of tests instead),
 # so a long file collected last leaves the other worker idle at the end (longest first: the tail is the shortest
 # file). Every file over about 10 s is listed, by its measured sum on 2 cores (seconds, one loaded run):
-# resume 177, serve 76, shards 68, evaluation 57, export 43, cli 36, distributed 36, metrics 33, faults 32, records
-# pass 27, bulk 25, gpu check 23, features 20, encoders 20, packaging 17, protocol 15, predict 13, prefix LM 13.
+# resume 177, docs 95, serve 76, shards 68, evaluation 57, export 43, cli 36, distributed 36, metrics 33, faults 32,
+# records pass 27, bulk 25, gpu check 23, features 20, encoders 20, styles 20, packaging 17, protocol 15, predict 13,
+# prefix LM 13.
 LONGEST_FIRST = [
     "test_resume.py",
+    "test_docs.py",
     "test_serve.py",
     "test_shards.py",
     "test_evaluation.py",
@@ -51,6 +53,7 @@ LONGEST_FIRST = [
     "test_gpu_check.py",
     "test_features.py",
     "test_encoders.py",
+    "test_styles.py",
     "test_packaging.py",
     "test_captioner_protocol.py",
     "test_predict.py",

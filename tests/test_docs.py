@@ -45,6 +45,10 @@ TITLE = re.compile(r'title="([^"]+)"')
 SHELL, PYTHON = ("bash", "sh", "shell"), ("python",)
 NOT_CODE = ("text", "json", "yaml", "toml", "jsonl", "csv", "html", "mermaid")
 LIGHTNING = ("fit", "validate", "test", "predict")
+# What the pages' commands built or started that other pages and tests reuse (one site build, one server per command
+# line: the pages' `best.ckpt` files are copies of one checkpoint).
+BUILT: dict[str, Path] = {}
+SERVERS: dict[tuple[str, ...], subprocess.Popen] = {}
 
 
 @dataclass
@@ -89,7 +93,6 @@ class Page:
 
     def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.folder, self.monkeypatch, self.namespace = folder, monkeypatch, {"__name__": "__docs__"}
-        self.servers: list[subprocess.Popen] = []
 
     def python(self, block: Block) -> None:
         if block.title:  # a file the page's commands use (a module of the reader's own)
@@ -111,6 +114,8 @@ class Page:
             elif words[:2] == ["python", "scripts/demo_check.py"]:
                 self.script(words[1], [*words[2:], "--config", str(TINY)], where)
             else:
+                if words[:2] == ["mkdocs", "build"]:
+                    BUILT["site"] = self.folder / "site"
                 if words[:3] == ["python", "-m", "captioner"]:  # several processes: a command of its own
                     command = shlex.join([sys.executable, "-m", "captioner", *tiny(words[3:])])
                 result = subprocess.run(
@@ -139,28 +144,32 @@ class Page:
         return None
 
     def serve(self, args: list[str]) -> None:
-        """A server in its own process (it runs until the page ends), ready before the next line runs."""
+        """A server in its own process (it runs until the tests of the manual end; a page that starts the same one
+        finds it running), ready before the next line runs."""
+        if tuple(args) in SERVERS and SERVERS[tuple(args)].poll() is None:
+            return
         port = args[args.index("--port") + 1] if "--port" in args else "8000"
         log = (self.folder / "server.log").open("w")
         command = [sys.executable, "-m", "captioner", *args, "--device", "cpu"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.servers.append(
-            subprocess.Popen(
-                command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        server = subprocess.Popen(
+            command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        SERVERS[tuple(args)] = server
         for _ in range(240):
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).text == "ok":
                     return
-            assert self.servers[-1].poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            assert server.poll() is None, (self.folder / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         pytest.fail(f"the page's server did not start:\n{(self.folder / 'server.log').read_text()[-3000:]}")
 
-    def close(self) -> None:
-        for server in self.servers:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
+
+def stop_servers() -> None:
+    for server in SERVERS.values():
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    SERVERS.clear()
 
 
 def tiny(args: list[str]) -> list[str]:
@@ -170,6 +179,13 @@ def tiny(args: list[str]) -> list[str]:
         return args
     last = len(args) - 1 - args[::-1].index("--config")
     return [*args[: last + 2], "--config", str(TINY), *args[last + 2 :]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def servers():
+    """The pages' servers, stopped when the manual's tests end."""
+    yield
+    stop_servers()
 
 
 @pytest.fixture(scope="module")
@@ -203,16 +219,12 @@ def test_every_block_of_the_page_runs(page, shared, tmp_path, monkeypatch):
     shutil.copy(next((shared / "photos").iterdir()), tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # the page's own modules (a block with a title)
-    monkeypatch.setenv("WANDB_MODE", "offline")
     runner = Page(tmp_path, monkeypatch)
-    try:
-        for block in blocks_of(page):
-            if block.skipped is None and block.language in SHELL:
-                runner.shell(block)
-            elif block.skipped is None and block.language in PYTHON:
-                runner.python(block)
-    finally:
-        runner.close()
+    for block in blocks_of(page):
+        if block.skipped is None and block.language in SHELL:
+            runner.shell(block)
+        elif block.skipped is None and block.language in PYTHON:
+            runner.python(block)
 
 
 def test_every_block_is_tagged_and_only_the_network_or_a_gpu_skips_one():
@@ -270,7 +282,10 @@ def test_the_readmes_links_lead_to_files_that_exist():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The manual built as CI builds it: `mkdocs build --strict` (a broken link or anchor fails it)."""
+    """The manual built as CI builds it: `mkdocs build --strict` (a broken link or anchor fails it); the build the
+    development page ran, when it ran."""
+    if "site" in BUILT and (BUILT["site"] / "index.html").is_file():
+        return BUILT["site"]
     folder = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(folder)],

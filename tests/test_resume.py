@@ -59,7 +59,7 @@ def history_steps(save_dir: Path) -> tuple[set[str], list[int]]:
 
 
 # The shipped demo config as users run it (every callback, 2 loader workers, the W&B logger), at small sizes: fewer
-# scenes and epochs, smaller decoders, no test at the end. Each variant is killed with SIGKILL at a point the test
+# scenes and epochs, a small random encoder at 32 px, smaller decoders, no test at the end. Each variant is killed with SIGKILL at a point the test
 # draws, resumed with `--ckpt_path last`, and compared with the uninterrupted run.
 DEMO = [
     "--data.origin.synthetic_images",
@@ -78,6 +78,10 @@ DEMO = [
     "false",
     "--model.warmup_steps",
     "5",
+    "--model.encoder.model",
+    "resnet18",
+    "--model.encoder.image_size",
+    "32",
 ]
 SMALL_DECODERS = {
     "lstm": ["--model.decoder.embed_dim", "32", "--model.decoder.hidden_dim", "48"],
