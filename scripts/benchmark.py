@@ -56,21 +56,6 @@ from bench.training import GRID_REGIONS, ours_train, ours_train_encoder, ours_tr
 # ------------------------------------------------------------------ main
 SIZES = {
     # images generated and extracted; original_* the (slower) original side; train_* feature rows per training set
-    # smoke: the phases chosen with --only, at sizes that only show they run on this machine (the figures mean nothing)
-    "smoke": dict(
-        images=8,
-        original_images=2,
-        train_small=64,
-        train_large=128,
-        steps=2,
-        original_steps=1,
-        original_images_per_batch=2,
-        decode=32,
-        original_decode=1,
-        serve=8,
-        records=(1_000, 2_000),
-        bulk=16,
-    ),
     "quick": dict(
         images=32,
         original_images=8,
@@ -451,8 +436,9 @@ def main() -> None:
             **{k: v for k, v in train.items() if k != "workers"},
             workers=train["workers"],
         )
-        # The prefix LM (GPT-2 small's shape): a fraction of the steps and images, rates only.
+        # The prefix LM (GPT-2 small's shape): a fraction of the steps and images, rates only (a dry run's: tiny).
         prefix_share = 4 if cuda else 16
+        dry = "-dry" if profile == "dry" else ""
         for name in ("prefix-frozen", "prefix-trained"):
             measure(
                 r,
@@ -461,7 +447,7 @@ def main() -> None:
                 ours_train,
                 features_file=str(small),
                 images=sizes["train_small"],
-                decoder=name,
+                decoder=name + dry,
                 **{
                     **train,
                     "steps": max(3, train["steps"] // prefix_share),
@@ -478,7 +464,7 @@ def main() -> None:
             device=device,
             beam_size=3,
             batch_size=decode_batch // 16,
-            decoder="prefix-frozen",
+            decoder="prefix-frozen" + dry,
         )
         # The encoder fine-tuned from the images (online features) against the same encoder frozen on its cache.
         tuning = dict(

@@ -68,3 +68,11 @@ PREFIX_GPT2 = {
     "feature_tokens": 40,
 }
 GPT2_TOKENS = 50_259
+# The dry run's prefix LM (`--sizes dry`): the same decoder at the least size it runs with, so that every phase runs
+# within a dry run's time box on a CPU (GPT-2 small's shape took 138 s of it there); its figures mean nothing.
+PREFIX_DRY = {
+    "lm": None,
+    "lm_config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 64, "n_head": 2, "n_positions": 64},
+    "prefix_length": 4,
+    "mapper": "mlp",
+}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import VOCAB_SIZE
-from bench.data import GPT2_TOKENS, PREFIX_GPT2, _caption_tokens, _vocabulary, make_captions
+from bench.data import GPT2_TOKENS, PREFIX_DRY, PREFIX_GPT2, _caption_tokens, _vocabulary, make_captions
 from bench.harness import timed_fit
 
 
@@ -45,6 +45,8 @@ DECODERS = {
     "transformer-512": ("grid", "TransformerDecoder", {"width": 512, "layers": 3, "heads": 8, "ffn_dim": 2048}),
     "prefix-frozen": ("pooled", "PrefixLMDecoder", {**PREFIX_GPT2, "train_lm": False}),
     "prefix-trained": ("pooled", "PrefixLMDecoder", {**PREFIX_GPT2, "train_lm": True}),
+    "prefix-frozen-dry": ("pooled", "PrefixLMDecoder", {**PREFIX_DRY, "train_lm": False}),
+    "prefix-trained-dry": ("pooled", "PrefixLMDecoder", {**PREFIX_DRY, "train_lm": True}),
 }
 GRID_REGIONS = 49
 
