@@ -59,8 +59,8 @@ def history_steps(save_dir: Path) -> tuple[set[str], list[int]]:
 
 
 # The shipped demo config as users run it (every callback, 2 loader workers, the W&B logger), at small sizes: fewer
-# scenes and epochs, a small random encoder at 32 px, smaller decoders, no test at the end. Each variant is killed with SIGKILL at a point the test
-# draws, resumed with `--ckpt_path last`, and compared with the uninterrupted run.
+# scenes and epochs, a small random encoder at 32 px, smaller decoders, no test at the end. Each variant is killed
+# with SIGKILL at a point the test draws, resumed with `--ckpt_path last`, and compared with the uninterrupted run.
 DEMO = [
     "--data.origin.synthetic_images",
     "100",
