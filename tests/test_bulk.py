@@ -29,6 +29,25 @@ def slow(self, *args, **kwargs):
 Captioner.describe = slow
 """
 
+# With SLOW_CAPTIONING: the workers make their first claims together, once all have started (a worker that starts
+# seconds after the others, on a loaded machine, could otherwise find every part taken).
+TOGETHER = """
+import os, time
+from pathlib import Path
+from captioner.jobs.claims import Claims
+claim_next = Claims.claim_next
+def together(self, *args, **kwargs):
+    if not getattr(Claims, "started", False):
+        Claims.started = True
+        ready = Path(os.environ["CAPTIONER_TEST_READY"])
+        (ready / str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(list(ready.iterdir())) < int(os.environ["CAPTIONER_TEST_WORKERS"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return claim_next(self, *args, **kwargs)
+Claims.claim_next = together
+"""
+
 
 def job(checkpoint: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "captioner", "caption-set", "--ckpt_path", str(checkpoint), *args]
@@ -75,12 +94,13 @@ def test_two_processes_killed_and_run_again_caption_every_image_once(trained, sh
         "cpu",
     ]
     process = job(checkpoint, *args, env={"PYTHONPATH": f"{slow}{os.pathsep}{ROOT}"})
-    deadline = time.monotonic() + 180
-    while len(list(output.glob("*.jsonl"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+    deadline, parts = time.monotonic() + 180, output / ".captioner-job" / "parts"
+    # A part is done once its record is written, just after its output is put in place: wait for three records.
+    while len(list(parts.glob("*.json"))) < 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = len(list((output / ".captioner-job" / "parts").glob("*.json")))
+    done = len(list(parts.glob("*.json")))
     assert 3 <= done < 13, done  # killed part-way: some shards written whole, none in part
     assert len(list(output.glob("*.jsonl"))) >= done
     assert all(path.read_text().endswith("\n") for path in output.glob("*.jsonl"))  # whole, or not there
@@ -212,7 +232,8 @@ def test_three_independent_workers_one_killed_mid_part_caption_every_image_once(
     checkpoint, output = trained[0], tmp_path / "captions"
     slow = tmp_path / "slow"
     slow.mkdir()
-    (slow / "sitecustomize.py").write_text(SLOW_CAPTIONING)
+    (slow / "sitecustomize.py").write_text(SLOW_CAPTIONING + TOGETHER)
+    (ready := tmp_path / "ready").mkdir()
     args = [
         "--input",
         str(shards),
@@ -225,11 +246,16 @@ def test_three_independent_workers_one_killed_mid_part_caption_every_image_once(
         "--launcher",
         "none",
         "--lease_seconds",
-        "4",
+        "30",  # the killed worker's part is taken over at once (its process is gone); live ones renew theirs
         "--trainer.accelerator",
         "cpu",
     ]
-    env = {"PYTHONPATH": f"{slow}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    env = {
+        "PYTHONPATH": f"{slow}{os.pathsep}{ROOT}",
+        "OMP_NUM_THREADS": "1",
+        "CAPTIONER_TEST_READY": str(ready),
+        "CAPTIONER_TEST_WORKERS": "3",
+    }
     workers = [job(checkpoint, *args, env=env) for _ in range(3)]
     victim = workers[0]
     deadline = time.monotonic() + 180
@@ -241,6 +267,7 @@ def test_three_independent_workers_one_killed_mid_part_caption_every_image_once(
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     errors = [finished(worker) for worker in workers[1:]]
+    assert len(list(ready.iterdir())) == 3  # all three made their first claims together
     rows = read_rows(output)
     names = [row["image"] for row in rows]
     assert len(names) == len(set(names)) == 124  # 120 scenes, the key met twice, the junk: each exactly once

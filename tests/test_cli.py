@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ from captioner.cli import main
 from captioner.decoding import DecodingConfig
 from captioner.decoding.answers import ROW_FIELDS
 from captioner.runs import run_dir
-from tests.conftest import TESTS, TINY_CONFIG, predict_args, tiny_args, wandb_logger_args
+from tests.conftest import TESTS, TINY_CONFIG, predict_args, tiny_args
 
 ROOT = TESTS.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [TINY_CONFIG]
@@ -128,24 +125,6 @@ def test_training_beats_the_untrained_model_and_test_writes_metrics(scenes, tmp_
             )
         )
     assert exit_info.value.code == 2
-
-
-def test_wandb_without_credentials_goes_offline_without_prompting(scenes, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
-    command = [
-        sys.executable,
-        "-m",
-        "captioner",
-        *tiny_args("fit", scenes, tmp_path / "work", tmp_path, "--trainer.limit_train_batches", "2"),
-        *wandb_logger_args(tmp_path / "runs"),
-    ]
-    result = subprocess.run(
-        command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "logging offline" in result.stderr
-    assert list(Path(tmp_path / "runs" / "wandb").glob("offline-run-*"))
 
 
 def test_attention_decoder_trains_on_grid_features_and_checkpoints_say_which_decoder(scenes, tmp_path, capsys):

@@ -13,9 +13,12 @@ from tests.wandb_log import history_keys, read_records
 ROOT = TESTS.parent
 
 
-def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
+def test_a_wandb_run_without_credentials_goes_offline_without_prompting_and_holds_metrics_config_and_samples(
+    scenes, tmp_path
+):
+    """No W&B key anywhere (no variable, no netrc) and no terminal: the run logs offline, says so, and asks nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
     command = [
         sys.executable,
         "-m",
@@ -41,6 +44,7 @@ def test_offline_wandb_run_holds_metrics_config_and_samples(scenes, tmp_path):
     ]
     result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "logging offline" in result.stderr
     assert "Run summary" in result.stdout and "best checkpoint:" in result.stdout
     # W&B's two start-up warnings of every run (the anonymous setting, a missing git root) are gone.
     assert "anonymous" not in result.stderr and "git root" not in result.stderr, result.stderr[-3000:]
