@@ -18,15 +18,14 @@ ROOT = TESTS.parent
 EPOCHS = "4"
 
 
+# W&B's offline writer flushes on a timer (15 s by default): flush often, so what a SIGKILL interrupts is on disk.
+WANDB_OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "0.2"}
+
+
 def run(args, cwd, expect=0):
-    # W&B's offline writer flushes on a timer (15 s by default): flush often, so what a SIGKILL interrupts is on disk.
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "0.2",
-    }
+    # A command of its own, as a user's: not attached to the W&B service a run in this process started.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONPATH=str(ROOT), **WANDB_OFFLINE)
     result = subprocess.run(
         [sys.executable, "-m", "captioner", *args],
         env=env,
@@ -142,13 +141,19 @@ def killed_and_resumed(
     *extra: str,
     config: Path = DEMO_CONFIG,
     in_process: bool = False,
+    wandb: pytest.MonkeyPatch | None = None,
 ) -> tuple[Path, Path]:
     """The uninterrupted run's folder, and the folder of the run killed by `kill` and resumed.
 
-    The killed run is a process of its own (SIGKILL); with `in_process` the two others run in this one (the same
-    code and threads, without a process's start-up), with W&B off.
+    The killed run is a process of its own (SIGKILL) with W&B offline. With `in_process` the two others run in this
+    one (the same code and threads, without a process's start-up), with W&B off, or offline too when `wandb` (a
+    monkeypatch to set its variables with) is given.
     """
     whole, broken = tmp_path / "whole", tmp_path / "broken"
+    if wandb is not None:
+        for name, value in WANDB_OFFLINE.items():
+            wandb.setenv(name, value)
+        wandb.delenv("WANDB_SERVICE", raising=False)  # the service W&B starts here is forgotten when the test ends
     launch = (lambda args: main(args)) if in_process else (lambda args: run(args, tmp_path))
     launch(demo_args(scenes, whole, decoder, *extra, config=config))
     killer = ["--trainer.callbacks+=tests.plugins.SignalAt", *kill, "--trainer.callbacks.init_args.delay_s", "1"]
@@ -176,10 +181,14 @@ def demo_scenes(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_the_demo_config_killed_at_an_epoch_boundary_resumes_into_the_same_run_and_model(demo_scenes, tmp_path):
+def test_the_demo_config_killed_at_an_epoch_boundary_resumes_into_the_same_run_and_model(
+    demo_scenes, tmp_path, monkeypatch
+):
     # Two epochs, killed as the second starts (after the first epoch's checkpoint).
     kill = ["--trainer.callbacks.init_args.epoch_start", "1"]
-    whole_run, broken_run = killed_and_resumed(demo_scenes, tmp_path, "lstm", kill, "--trainer.max_epochs", "2")
+    whole_run, broken_run = killed_and_resumed(
+        demo_scenes, tmp_path, "lstm", kill, "--trainer.max_epochs", "2", in_process=True, wandb=monkeypatch
+    )
     assert_same_model(whole_run, broken_run)
     assert (broken_run / "config.yaml").is_file() and list(broken_run.glob("config.resumed-*.yaml"))
     ids, steps = history_steps(tmp_path / "broken" / "runs")
