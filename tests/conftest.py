@@ -33,32 +33,31 @@ def pytest_configure(config: pytest.Config) -> None:
 # The files that take longest, started first: pytest-xdist hands each worker a whole file (--dist loadfile) in the
 # order collected (with --no-loadscope-reorder: by default xdist 3.8 orders files by their number of tests instead),
 # so a long file collected last leaves the other worker idle at the end (longest first: the tail is the shortest
-# file). Every file over about 10 s is listed, by its measured sum on 2 cores (seconds, one loaded run):
-# resume 177, docs 95, serve 76, shards 68, evaluation 57, export 43, cli 36, distributed 36, metrics 33, faults 32,
-# records pass 27, bulk 25, gpu check 23, features 20, encoders 20, styles 20, packaging 17, protocol 15, predict 13,
-# prefix LM 13.
+# file). Every file over about 10 s is listed, by its measured sum on 2 cores (seconds, one heavily loaded run: the
+# order is what counts): docs 116, resume 95, shards 74, serve 61, bulk 50, distributed 40, evaluation 37, cli 33,
+# export 32, records pass 23, gpu check 23, encoders 18, faults 17, packaging 15, prefix LM 14, tracking 12, styles 11,
+# plugins 10, features 10, metrics 9.
 LONGEST_FIRST = [
-    "test_resume.py",
     "test_docs.py",
-    "test_serve.py",
+    "test_resume.py",
     "test_shards.py",
-    "test_evaluation.py",
-    "test_export.py",
-    "test_cli.py",
-    "test_distributed.py",
-    "test_metrics.py",
-    "test_faults.py",
-    "test_records_pass.py",
+    "test_serve.py",
     "test_bulk.py",
+    "test_distributed.py",
+    "test_evaluation.py",
+    "test_cli.py",
+    "test_export.py",
+    "test_records_pass.py",
     "test_gpu_check.py",
-    "test_features.py",
     "test_encoders.py",
-    "test_styles.py",
+    "test_faults.py",
     "test_packaging.py",
-    "test_captioner_protocol.py",
-    "test_predict.py",
     "test_prefix_lm.py",
     "test_tracking.py",
+    "test_styles.py",
+    "test_plugins.py",
+    "test_features.py",
+    "test_metrics.py",
 ]
 
 
