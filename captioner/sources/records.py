@@ -20,6 +20,13 @@ SPLIT_LABELS = ("train", "val", "test", "restval")
 STYLE_NAME = re.compile(r"[a-z][a-z0-9]{0,31}")  # a caption style's name (captioner.text.styles): it becomes a word
 
 
+def text_style(name: str) -> str | None:
+    """The style a caption file's name ends with: `tags.txt` (of `photo.tags.txt`, or a shard's `<key>.tags.txt`
+    member) gives `tags`; None when the name is not `<style>.txt`."""
+    style = name[: -len(".txt")] if name.endswith(".txt") else ""
+    return style if STYLE_NAME.fullmatch(style) else None
+
+
 @dataclass(frozen=True)
 class CaptionRecord:
     """One image and its reference captions.

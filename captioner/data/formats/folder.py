@@ -8,7 +8,7 @@ from pathlib import Path
 from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat
 from captioner.sources.images import find_images
-from captioner.sources.records import STYLE_NAME, CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder, text_style
 
 
 def caption_files(image: Path, listing: set[str]) -> list[tuple[str | None, Path]]:
@@ -17,8 +17,8 @@ def caption_files(image: Path, listing: set[str]) -> list[tuple[str | None, Path
     found = [(None, image.with_suffix(".txt"))] if f"{image.stem}.txt" in listing else []
     head = f"{image.stem}."
     for name in sorted(listing):
-        style = name[len(head) : -len(".txt")] if name.startswith(head) and name.endswith(".txt") else ""
-        if STYLE_NAME.fullmatch(style):
+        style = text_style(name[len(head) :]) if name.startswith(head) else None
+        if style is not None:
             found.append((style, image.with_name(name)))
     return found
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from captioner.core.errors import CaptionerError
 from captioner.data.formats.base import CaptionFormat
-from captioner.sources.records import STYLE_NAME, CaptionRecord, DataReport, RecordBuilder
+from captioner.sources.records import CaptionRecord, DataReport, RecordBuilder, text_style
 from captioner.sources.shards import (
     IMAGE_MEMBERS,
     SHARD_SEPARATOR,
@@ -49,16 +49,17 @@ class CaptionMembers:
     def __contains__(self, extension: object) -> bool:
         if extension in {*IMAGE_MEMBERS, "txt", "json"}:
             return True
-        return isinstance(extension, str) and extension.endswith(".txt") and bool(STYLE_NAME.fullmatch(extension[:-4]))
+        return isinstance(extension, str) and text_style(extension) is not None
 
 
 def styled_captions_of(members: dict[str, bytes]) -> list[tuple[str, str]]:
     """A sample's captions of a style: the non-empty lines of each `<key>.<style>.txt` member, as (style, caption)."""
     found = []
     for extension in sorted(members):
-        if extension.endswith(".txt") and STYLE_NAME.fullmatch(extension[:-4]):
+        style = text_style(extension)
+        if style is not None:
             text = members[extension].decode("utf-8", errors="replace")
-            found += [(extension[:-4], line) for line in text.splitlines() if line.strip()]
+            found += [(style, line) for line in text.splitlines() if line.strip()]
     return found
 
 
