@@ -61,7 +61,7 @@ class RecordingCaptioner:
         decoder.host = noting
         return decoder
 
-    def describe_pixels(self, pixels, config, attention=False):
+    def describe_pixels(self, pixels, config, attention=False, styles=()):
         first = int(pixels[0, 0, 0, 0])
         with self.lock:
             self.events.append(("caption starts", first))

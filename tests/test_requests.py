@@ -147,7 +147,7 @@ class SlowCaptioner:
             self.running -= 1
         return self.inner.pixels_from_bytes(data, max_pixels)
 
-    def describe_pixels(self, pixels, config, attention=False):
+    def describe_pixels(self, pixels, config, attention=False, styles=()):
         return self.inner.describe_pixels(pixels, config, attention)
 
 

@@ -174,8 +174,9 @@ def describe(
     for index, row in enumerate(rows):
         row["attention"] = maps[index] if maps is not None else None
     if styles:
-        by_style = {config.style or side.vocabulary.styles[0]: [row["caption"] for row in rows]}
-        for style in (style for style in styles if style != config.style):
+        first = config.style or side.vocabulary.styles[0]  # the rows' own captions (reranked, if a reranker ran)
+        by_style = {first: [row["caption"] for row in rows]}
+        for style in (style for style in styles if style != first):
             restyled = dataclasses.replace(config, style=style, num_return=1)
             found = side.search(features, restyled, image_places(pixels) if config.do_sample else None)
             by_style[style] = side.vocabulary.decode_batch(found.best_tokens)

@@ -91,11 +91,7 @@ class CaptioningEngine:
         captioner = self.captioner
 
         def describe(pixels: Any) -> list[dict[str, Any]]:
-            return (
-                captioner.describe_pixels(pixels, config, attention, styles)
-                if styles
-                else (captioner.describe_pixels(pixels, config, attention))
-            )
+            return captioner.describe_pixels(pixels, config, attention, styles)
 
         for batch in decoded_batches(
             inputs,
